@@ -1,0 +1,2 @@
+from .flow_block import AutoregressiveFlowBlock, FlowKVCache
+from .transformer_starflow import StarFlowTransformerModel, StarFlowTransformerOutput

@@ -1,0 +1,497 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""The autoregressive flow block shared by every STARFlow / STARFlow2 model.
+
+One block is a causal Transformer that reads the tokens of a latent grid in a fixed scan order and predicts, for
+each token, the affine parameters ``(mu, sigma)`` of the *next* token.  Forward (data -> noise) is one parallel
+pass: ``z_i = (x_i - mu_i) / sigma_i`` with ``log|det| = -sum log sigma``.  Reverse (noise -> data) runs one token at a
+time through a key/value cache: ``x_i = mu_i + sigma_i * z_i``.
+
+The arithmetic is the TARFlow / STARFlow one (including RoPE position layout, soft clipping and the softplus
+offset), so converted reference checkpoints reproduce the reference outputs.  The inverse-affine step and the
+guidance rule are not written here: they belong to :class:`~diffusers_starflow2.TarFlowScheduler`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# softplus(a + INV_SOFTPLUS_1) == 1 at a == 0, so a zero-initialised output projection starts as the identity map.
+INV_SOFTPLUS_1 = 0.541324854612918
+ROPE_THETA = 10000
+# Number of rotary frequencies given to the text axis of 3-axis positions (the reference's fixed split).
+TEXT_AXIS_FREQS = 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Normalisation and rotary embeddings
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a unit offset (``y = x / rms(x) * (1 + w)``, ``w`` zero-initialised), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1 + self.weight.float())).type_as(x)
+
+
+def make_norm(norm_type: str, dim: int) -> nn.Module:
+    if norm_type == "layer_norm":
+        return nn.LayerNorm(dim)
+    if norm_type == "rms_norm":
+        return RMSNorm(dim)
+    if norm_type == "none":
+        return nn.Identity()
+    raise ValueError(f"norm_type must be one of 'layer_norm', 'rms_norm', 'none'; got {norm_type!r}")
+
+
+def rope_positions(height: int, width: int, text_length: int, pt_seq_len: float, mode: str) -> torch.Tensor:
+    """Positions of ``text_length`` text tokens followed by a ``height x width`` grid in raster order.
+
+    ``mode="1d"``: one index per token, text first.  ``"2d"``: (row, col) of the grid scaled so that the grid's
+    geometric-mean side equals ``pt_seq_len`` (no text).  ``"3d"``: (row, col, text) - text tokens sit at the grid
+    origin and walk the third axis over ``[0, pt_seq_len)``; grid tokens have text coordinate 0.
+    Returns ``(T, n_axes)`` float positions.
+    """
+    if mode == "1d":
+        return torch.arange(text_length + height * width).float().unsqueeze(-1)
+    mean_side = math.sqrt(height * width)
+    rows = torch.arange(height) / mean_side * pt_seq_len
+    cols = torch.arange(width) / mean_side * pt_seq_len
+    rows, cols = (p.reshape(-1) for p in torch.meshgrid(rows, cols, indexing="ij"))
+    if mode == "2d":
+        return torch.stack([rows, cols], dim=-1)
+    if mode != "3d":
+        raise ValueError(f"rope mode must be '1d', '2d' or '3d'; got {mode!r}")
+    text_pos = torch.arange(text_length) / max(text_length, 1) * pt_seq_len
+    zeros = torch.zeros(text_length)
+    axes = [torch.cat([zeros, rows]), torch.cat([zeros, cols]), torch.cat([text_pos, torch.zeros_like(rows)])]
+    return torch.stack(axes, dim=-1)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rotation angles ``(T, head_dim)`` for ``(T, n_axes)`` positions (each angle repeated for its pair).
+
+    One axis: the standard language-model RoPE.  Two axes: half the frequencies per grid axis.  Three axes: the
+    text axis takes ``TEXT_AXIS_FREQS`` frequencies and the two grid axes share the rest.
+    """
+
+    def inv_freq(dim: int) -> torch.Tensor:
+        return 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+
+    half = head_dim // 2
+    if positions.shape[-1] == 1:
+        angles = positions[..., 0:1] * inv_freq(head_dim)
+    else:
+        grid_dim = half - TEXT_AXIS_FREQS if positions.shape[-1] == 3 else half
+        parts = [positions[..., 0:1] * inv_freq(grid_dim), positions[..., 1:2] * inv_freq(grid_dim)]
+        if positions.shape[-1] == 3:
+            text_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, TEXT_AXIS_FREQS).float() / TEXT_AXIS_FREQS))
+            parts.append(positions[..., 2:3] * text_freq)
+        angles = torch.cat(parts, dim=-1)
+    return angles.repeat_interleave(2, dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor, hf_style: bool = False) -> torch.Tensor:
+    """Rotate ``x (..., T, D)`` by ``angles (T, D)``; ``hf_style`` pairs channel ``i`` with ``i + D/2``."""
+    if hf_style:  # regroup halves into adjacent pairs, rotate, and restore the layout
+        x = x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+        out = x * angles.cos() + _rotate_pairs(x) * angles.sin()
+        return out.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+    return x * angles.cos() + _rotate_pairs(x) * angles.sin()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FlowKVCache:
+    """Pre-allocated keys and values for all layers of one flow block.
+
+    ``update`` writes the new keys/values of one layer at the current length and returns everything up to them;
+    ``advance`` commits the new positions once every layer has been run.  Keys are stored after RoPE, which is
+    exact because the rotation of a key depends only on its own position.  A CFG pair is the batch
+    ``[conditional; unconditional]``; ``keep_first_half`` drops the unconditional half when it is no longer needed.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch_size, num_kv_heads, max(max_length, 1), head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def _grow(self, needed: int) -> None:
+        new_cap = max(needed, 2 * self.capacity)
+        pad = list(self.keys.shape)
+        pad[3] = new_cap - self.capacity
+        self.keys = torch.cat([self.keys, self.keys.new_zeros(pad)], dim=3)
+        self.values = torch.cat([self.values, self.values.new_zeros(pad)], dim=3)
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # key, value: (B, H_kv, T_new, D)
+        end = self.length + key.shape[2]
+        if end > self.capacity:
+            self._grow(end)
+        self.keys[layer, :, :, self.length:end] = key
+        self.values[layer, :, :, self.length:end] = value
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, num_positions: int) -> None:
+        self.length += num_positions
+
+    def crop(self, length: int) -> None:
+        """Forget every position at or after ``length``."""
+        self.length = min(self.length, length)
+
+    def keep_first_half(self) -> None:
+        half = self.batch_size // 2
+        self.keys, self.values = self.keys[:, :half], self.values[:, :half]
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[:, index], self.values[:, index]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transformer layer
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FlowAttention(nn.Module):
+    """Pre-norm causal self-attention with grouped-query heads, optional QK-norm and post-norm."""
+
+    def __init__(self, dim: int, head_dim: int, num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None,
+                 norm_type: str = "layer_norm", qk_norm: bool = False, post_norm: bool = False, bias: bool = True,
+                 hf_style_rope: bool = False, causal: bool = True):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = num_heads or dim // head_dim
+        self.num_kv_heads = num_kv_heads or self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        self.hf_style_rope = hf_style_rope
+        self.causal = causal
+        self.norm = make_norm(norm_type, dim)
+        q_size, kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.to_qkv = nn.Linear(dim, q_size + 2 * kv_size, bias=bias)
+        self.to_out = nn.Linear(q_size, dim, bias=bias)
+        self.norm_q = RMSNorm(head_dim) if qk_norm else None
+        self.norm_k = RMSNorm(head_dim) if qk_norm else None
+        self.norm_post = RMSNorm(dim) if post_norm else None
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, cache: Optional[FlowKVCache] = None,
+                layer_idx: int = 0, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x: (B, T, C); rope: (T, head_dim) angles of the new positions; key_padding_mask: (B, T_k) True = attend
+        B, T, _ = x.shape
+        q, k, v = self.to_qkv(self.norm(x)).split(self.split_sizes, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        if rope is not None:
+            q = apply_rope(q, rope, self.hf_style_rope).to(x.dtype)
+            k = apply_rope(k, rope, self.hf_style_rope).to(x.dtype)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, H_kv, T_k, D)
+        if self.num_kv_heads != self.num_heads:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+
+        T_k = k.shape[2]
+        mask, is_causal = None, self.causal
+        if self.causal and (T < T_k or key_padding_mask is not None):
+            # queries are the last T of T_k positions
+            mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(diagonal=T_k - T)
+            is_causal = False
+        if key_padding_mask is not None:
+            pad = key_padding_mask[:, None, None, :].bool()  # (B, 1, 1, T_k)
+            mask = pad if mask is None else mask & pad
+            is_causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             scale=self.head_dim ** -0.5)
+        out = self.to_out(out.transpose(1, 2).reshape(B, T, -1))
+        return self.norm_post(out) if self.norm_post is not None else out
+
+
+class FlowFeedForward(nn.Module):
+    """Pre-norm MLP: ``Linear-GELU-Linear`` or the gated form ``down(gelu_tanh(gate(x)) * up(x))``."""
+
+    def __init__(self, dim: int, expansion: float = 4.0, gated: bool = False, norm_type: str = "layer_norm",
+                 post_norm: bool = False, bias: bool = True):
+        super().__init__()
+        hidden = int(dim * expansion)
+        self.norm = make_norm(norm_type, dim)
+        self.gated = gated
+        if gated:
+            self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+            self.up_proj = nn.Linear(dim, hidden, bias=bias)
+            self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        else:
+            self.fc1 = nn.Linear(dim, hidden, bias=bias)
+            self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.norm_post = RMSNorm(dim) if post_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.gated:
+            x = self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        else:
+            x = self.fc2(F.gelu(self.fc1(x)))
+        return self.norm_post(x) if self.norm_post is not None else x
+
+
+class FlowTransformerLayer(nn.Module):
+    """``x + attn(x)`` then ``x + mlp(x)``."""
+
+    def __init__(self, dim: int, head_dim: int, expansion: float = 4.0, num_heads: Optional[int] = None,
+                 num_kv_heads: Optional[int] = None, norm_type: str = "layer_norm", gated_mlp: bool = False,
+                 qk_norm: bool = False, post_norm: bool = False, bias: bool = True, hf_style_rope: bool = False,
+                 causal: bool = True):
+        super().__init__()
+        self.attn = FlowAttention(dim, head_dim, num_heads, num_kv_heads, norm_type, qk_norm, post_norm, bias,
+                                  hf_style_rope, causal)
+        self.mlp = FlowFeedForward(dim, expansion, gated_mlp, norm_type, post_norm, bias)
+
+    def forward(self, x, rope=None, cache=None, layer_idx=0, key_padding_mask=None):
+        x = x + self.attn(x, rope, cache, layer_idx, key_padding_mask)
+        return x + self.mlp(x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The flow block
+# --------------------------------------------------------------------------------------------------------------
+
+
+class AutoregressiveFlowBlock(nn.Module):
+    r"""One autoregressive affine flow over a token sequence (TARFlow's ``MetaBlock``).
+
+    Args:
+        in_channels: channels of one token (latent channels x patch_size**2).
+        channels: Transformer width.
+        num_layers: Transformer layers.
+        head_dim: channels per attention head.
+        num_heads / num_kv_heads: attention heads and key/value heads (grouped-query attention); default
+            ``channels // head_dim`` and ``num_heads``.
+        expansion: MLP width multiplier.
+        text_dim: width of the conditioning text features (0 = unconditional block).
+        project_text: learn a ``text_dim -> channels`` projection (otherwise ``text_dim`` must equal ``channels``).
+        rope: ``"1d"``, ``"2d"``, ``"3d"`` (rotary positions, see :func:`rope_positions`) or ``"none"`` (learned
+            absolute position embedding over ``num_positions`` tokens).
+        pt_seq_len: grid side the rotary positions are normalised to.
+        num_positions: grid tokens of the learned position embedding (only with ``rope="none"``).
+        use_sos: predict the first token from a learned start token; otherwise the first token is passed through
+            unchanged and the sequence is shifted by one.
+        use_softplus: ``sigma = softplus(a + 0.5413)``; otherwise ``sigma = exp(a)``.
+        gated_mlp, qk_norm, post_norm, final_norm, bias, norm_type, hf_style_rope: Transformer variants.
+        soft_clip: if > 0, the output projection is squashed by ``c * tanh(. / c)``.
+        flip: scan the tokens in reverse raster order.
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_layers: int, head_dim: int = 64,
+                 num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None, expansion: float = 4.0,
+                 text_dim: int = 0, project_text: bool = True, rope: str = "3d", pt_seq_len: float = 16,
+                 num_positions: int = 0, use_sos: bool = True, use_softplus: bool = True, gated_mlp: bool = False,
+                 qk_norm: bool = False, post_norm: bool = False, final_norm: bool = False, bias: bool = True,
+                 norm_type: str = "layer_norm", hf_style_rope: bool = False, soft_clip: float = 0.0,
+                 flip: bool = False):
+        super().__init__()
+        self.in_channels = in_channels
+        self.rope = rope
+        self.pt_seq_len = pt_seq_len
+        self.head_dim = head_dim
+        self.use_sos = use_sos
+        self.use_softplus = use_softplus
+        self.soft_clip = soft_clip
+        self.flip = flip
+        self.text_dim = text_dim
+        self.gradient_checkpointing = False
+
+        self.proj_in = nn.Linear(in_channels, channels)
+        self.proj_out = nn.Linear(channels, 2 * in_channels)
+        nn.init.zeros_(self.proj_out.weight)  # start as the identity flow
+        self.sos_embed = nn.Parameter(torch.randn(1, 1, in_channels)) if use_sos else None
+        self.pos_embed = nn.Parameter(torch.randn(num_positions, channels) * 1e-2) if rope == "none" else None
+        if text_dim > 0:
+            if not project_text and text_dim != channels:
+                raise ValueError(f"text_dim ({text_dim}) must equal channels ({channels}) without a projection")
+            self.proj_txt = nn.Linear(text_dim, channels) if project_text else nn.Identity()
+        else:
+            self.proj_txt = None
+        self.layers = nn.ModuleList([
+            FlowTransformerLayer(channels, head_dim, expansion, num_heads, num_kv_heads, norm_type, gated_mlp,
+                                 qk_norm, post_norm, bias, hf_style_rope)
+            for _ in range(num_layers)
+        ])
+        self.final_norm = RMSNorm(channels) if final_norm else None
+        self.num_kv_heads = self.layers[0].attn.num_kv_heads if num_layers else 0
+
+    @property
+    def is_identity(self) -> bool:
+        return len(self.layers) == 0
+
+    # -- sequence order -------------------------------------------------------------------------------------------
+
+    def permute(self, x: torch.Tensor) -> torch.Tensor:
+        """Raster order <-> scan order along dim 1 (the flip is its own inverse)."""
+        return x.flip(1) if self.flip else x
+
+    def rotary_angles(self, height: int, width: int, text_length: int) -> Optional[torch.Tensor]:
+        """``(text_length + height*width, head_dim)`` angles; ``None`` with learned position embeddings."""
+        if self.rope == "none":
+            return None
+        mode = self.rope
+        if mode == "2d" and text_length:
+            raise ValueError("a 2d-RoPE flow block cannot take text; use rope='3d'")
+        text_length = text_length if (self.text_dim > 0 or mode == "1d") else 0
+        return rope_angles(rope_positions(height, width, text_length, self.pt_seq_len, mode), self.head_dim)
+
+    # -- the three stages of a step: inputs -> Transformer -> affine parameters ------------------------------------
+
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Project input tokens ``(B, T, C_in)`` at scan positions ``start..start+T`` into the Transformer width."""
+        h = self.proj_in(tokens)
+        if self.pos_embed is not None:
+            h = h + self.permute(self.pos_embed)[start:start + tokens.shape[1]]
+        return h
+
+    def transformer(self, h: torch.Tensor, rope: Optional[torch.Tensor] = None, cache: Optional[FlowKVCache] = None,
+                    key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the layers over new positions ``h (B, T, C)``, appending them to ``cache`` when given."""
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                h = self._gradient_checkpointing_func(layer, h, rope, None, i, key_padding_mask)
+            else:
+                h = layer(h, rope, cache, i, key_padding_mask)
+        if cache is not None:
+            cache.advance(h.shape[1])
+        return h
+
+    def affine(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Affine parameters ``(mu, sigma)``, float32, of the tokens that the hidden states ``h`` predict."""
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        out = self.proj_out(h)
+        if self.soft_clip > 0:
+            out = self.soft_clip * torch.tanh(out / self.soft_clip)
+        a, b = out.float().chunk(2, dim=-1)
+        sigma = F.softplus(a + INV_SOFTPLUS_1) if self.use_softplus else a.exp()
+        return b, sigma
+
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype, device) -> FlowKVCache:
+        return FlowKVCache(len(self.layers), batch_size, self.num_kv_heads, self.head_dim, max_length, dtype, device)
+
+    def encode_text(self, text: torch.Tensor, rope: Optional[torch.Tensor], cache: Optional[FlowKVCache] = None,
+                    key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Push text features through the layers (filling ``cache``), as the prefix of the token sequence."""
+        return self.transformer(self.proj_txt(text), rope, cache, key_padding_mask)
+
+    # -- data -> noise ---------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, grid: Tuple[int, int], text: Optional[torch.Tensor] = None,
+                text_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Data -> noise.
+
+        Args:
+            x: ``(B, N, C_in)`` tokens in raster order, ``N = height * width``.
+            grid: ``(height, width)`` of the token grid.
+            text: ``(B, L, text_dim)`` conditioning features (ignored by unconditional blocks).
+            text_mask: ``(B, L)`` True for real text tokens (padding is never attended to).
+        Returns:
+            ``z`` ``(B, N, C_in)`` in raster order and ``logdet`` ``(B, N, C_in)`` in this block's scan order.
+        """
+        if self.is_identity:
+            return x, x.new_zeros(x.shape[0])
+        text = text if self.proj_txt is not None else None
+        L = text.shape[1] if text is not None else 0
+        x = self.permute(x)
+        inputs = torch.cat([self.sos_embed.expand(x.shape[0], -1, -1), x[:, :-1]], dim=1) if self.use_sos else x
+        h = self.embed(inputs)
+        key_padding_mask = None
+        if text is not None:
+            h = torch.cat([self.proj_txt(text), h], dim=1)  # (B, L + N, C)
+            if text_mask is not None:
+                key_padding_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2]).bool()], dim=1)
+        h = self.transformer(h, self.rotary_angles(*grid, L), key_padding_mask=key_padding_mask)[:, L:]
+        mu, sigma = self.affine(h)
+        if not self.use_sos:  # token i is predicted from token i-1; the first passes through (mu=0, sigma=1)
+            mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)
+            sigma = torch.cat([torch.ones_like(sigma[:, :1]), sigma[:, :-1]], dim=1)
+        z = (x.float() - mu) / sigma
+        return self.permute(z).to(x.dtype), -torch.log(sigma)
+
+    # -- noise -> data ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reverse(self, z: torch.Tensor, grid: Tuple[int, int], scheduler, text: Optional[torch.Tensor] = None,
+                guidance_scale: float = 0.0, text_mask: Optional[torch.Tensor] = None,
+                progress_bar=None) -> torch.Tensor:
+        """Noise -> data, one token at a time through a KV cache.
+
+        Args:
+            z: ``(B, N, C_in)`` noise in raster order.
+            scheduler: a :class:`TarFlowScheduler` (inverse-affine step and guidance rule).
+            text: ``(B, L, D)``, or ``(2B, L, D)`` = ``[conditional; unconditional]`` when ``guidance_scale > 0``.
+        Returns:
+            ``x`` ``(B, N, C_in)`` in raster order, float32.
+        """
+        if self.is_identity:
+            return z
+        B, N, _ = z.shape
+        text = text if self.proj_txt is not None else None
+        guided = guidance_scale > 0 and text is not None
+        branches = 2 if guided else 1
+        L = text.shape[1] if text is not None else 0
+        dtype = self.proj_in.weight.dtype
+        rope = self.rotary_angles(*grid, L)
+        cache = self.new_cache(B * branches, L + N, dtype, z.device)
+        pad_mask = None
+        if text is not None:
+            if text_mask is not None:
+                pad_mask = torch.cat([text_mask.bool(), text_mask.new_ones(B * branches, N).bool()], dim=1)
+            self.encode_text(text.to(dtype), rope[:L] if rope is not None else None, cache,
+                             pad_mask[:, :L] if pad_mask is not None else None)
+
+        z = self.permute(z.float())
+        x = z.clone()
+        first = 0 if self.use_sos else 1  # without SOS the first token is its own noise
+        for t in range(first, N):
+            prev = self.sos_embed.expand(B, -1, -1) if t == 0 else x[:, t - 1:t]
+            h = self.embed(prev.to(dtype).repeat(branches, 1, 1), start=t - first)
+            pos = L + t - first
+            h = self.transformer(h, rope[pos:pos + 1] if rope is not None else None, cache,
+                                 pad_mask[:, :pos + 1] if pad_mask is not None else None)
+            mu, sigma = self.affine(h)  # (branches * B, 1, C)
+            if guided:
+                mu, sigma = scheduler.guide(mu, sigma, guidance_scale)
+            x[:, t] = scheduler.inverse_affine(z[:, t], mu[:, 0], sigma[:, 0])
+            if progress_bar is not None:
+                progress_bar.update()
+        return self.permute(x)

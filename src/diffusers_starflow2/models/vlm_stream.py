@@ -1,0 +1,180 @@
+"""The VLM stream of STARFlow2: a frozen (M-)RoPE causal language model run on an interleaved text/image sequence.
+
+STARFlow2 feeds one sequence of text tokens and image-latent spans
+
+    ... text ... <|vision_start|> x_0 ... x_{N-1} <|vision_end|> ... text ...
+
+through a pretrained VLM. Image latents bypass the VLM's vision tower: an adapter maps them to `inputs_embeds`, and
+they receive exactly the 3-axis M-RoPE position ids Qwen2.5-VL assigns to an image grid, so the frozen VLM sees
+them where it is used to seeing images. Text logits come from the VLM's own LM head.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import Cache, DynamicCache, PreTrainedModel
+
+
+# Model types whose language model uses Qwen's 3-axis multimodal RoPE and assigns image positions as below.
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def build_position_ids(
+    segments: Sequence[tuple],
+    mrope: bool = True,
+    start: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.LongTensor, int]:
+    """
+    Position ids for an interleaved text/image layout, continuing from position `start`.
+
+    `segments` is a sequence of `("text", n_tokens)` and `("image", grid_h, grid_w)` entries, where the image grid is
+    the LLM-side grid (after Qwen's 2x2 spatial merge, i.e. `image_grid_thw = (1, 2 * grid_h, 2 * grid_w)`) visited
+    in raster order. `<|vision_start|>` / `<|vision_end|>` are ordinary text tokens and belong to text segments.
+
+    With `mrope=True` this reproduces Qwen2.5-VL's `get_rope_index` for still images:
+
+    - a text token at position `p` gets `(p, p, p)`; the next token gets `p + 1`;
+    - an image starting at `p` (the position right after `<|vision_start|>`) gets `(p, p + row, p + col)` for each
+      grid cell, and the token after the image continues at `p + max(grid_h, grid_w)` (= max id + 1).
+
+    With `mrope=False` (plain causal LMs) every token, image cells included, takes the next 1-D position.
+
+    Generation appends tokens step by step: call again with `start` set to the returned next position, and slice an
+    image's ids (`ids[..., i : i + 1]`) to feed its cells one at a time.
+
+    Args:
+        segments (`Sequence[tuple]`): The layout, e.g. `[("text", 5), ("image", 3, 4), ("text", 2)]`.
+        mrope (`bool`, defaults to `True`): Build 3-axis M-RoPE ids instead of 1-D ids.
+        start (`int`, defaults to 0): First free position (the returned `next_position` of a previous call).
+        device (`torch.device` or `str`, *optional*): Device of the returned tensor.
+
+    Returns:
+        `tuple[torch.LongTensor, int]`: position ids of shape `(3, T)` (`mrope=True`) or `(T,)`, and the next free
+        position.
+    """
+    if start < 0:
+        raise ValueError(f"`start` must be >= 0, got {start}.")
+    chunks = []
+    for segment in segments:
+        kind, *sizes = segment
+        if kind not in ("text", "image") or len(sizes) != (1 if kind == "text" else 2):
+            raise ValueError(
+                f"`segments` entries must be ('text', n_tokens) or ('image', grid_h, grid_w), got {segment!r}."
+            )
+        if any(not isinstance(size, int) or size < 1 for size in sizes):
+            raise ValueError(f"`segments` sizes must be positive integers, got {segment!r}.")
+
+        if kind == "text" or not mrope:
+            length = sizes[0] if kind == "text" else sizes[0] * sizes[1]
+            positions = torch.arange(start, start + length, device=device)  # (L,)
+            chunks.append(positions.expand(3, -1) if mrope else positions)
+            start += length
+        else:
+            grid_h, grid_w = sizes
+            rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w)  # (h*w,) raster order
+            cols = torch.arange(grid_w, device=device).repeat(grid_h)  # (h*w,)
+            chunks.append(torch.stack([torch.zeros_like(rows), rows, cols]) + start)  # (3, h*w): t, h, w
+            # The image spans max(h, w) positions on the text axis, whatever its number of cells.
+            start += max(grid_h, grid_w)
+
+    if not chunks:
+        return torch.empty((3, 0) if mrope else (0,), dtype=torch.long, device=device), start
+    return torch.cat(chunks, dim=-1), start
+
+
+class VLMStream(nn.Module):
+    """
+    Runs the language model of a (vision-)language model on precomputed `inputs_embeds` with explicit positions.
+
+    Wraps a [`~transformers.Qwen2_5_VLForConditionalGeneration`] (M-RoPE) or any causal LM exposing the usual
+    `get_decoder()` / `get_input_embeddings()` / `get_output_embeddings()` accessors (1-D RoPE). The vision tower is
+    never used: STARFlow2 supplies image embeddings itself. The wrapper owns no parameters besides `vlm`'s and does
+    not freeze it; freezing (or LoRA) is the caller's decision.
+
+    Args:
+        vlm ([`~transformers.PreTrainedModel`]): The causal (vision-)language model.
+    """
+
+    def __init__(self, vlm: PreTrainedModel):
+        super().__init__()
+        self.vlm = vlm
+        self.uses_mrope = vlm.config.model_type in MROPE_MODEL_TYPES
+        self.hidden_size = vlm.config.get_text_config().hidden_size
+
+    @property
+    def decoder(self) -> PreTrainedModel:
+        """The bare decoder stack (for Qwen2.5-VL: `vlm.model.language_model`), ending with the final norm."""
+        # A property rather than an attribute so the decoder's weights are not registered twice in `state_dict`.
+        return self.vlm.get_decoder()
+
+    def embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings `(B, T, D)` of `input_ids` `(B, T)` from the VLM's input embedding table."""
+        return self.vlm.get_input_embeddings()(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits `(B, T, V)` from final-norm hidden states `(B, T, D)` via the VLM's LM head."""
+        return self.vlm.get_output_embeddings()(hidden)
+
+    def build_position_ids(self, segments: Sequence[tuple], start: int = 0) -> tuple[torch.LongTensor, int]:
+        """[`build_position_ids`] with this model's RoPE flavour, on the model's device."""
+        return build_position_ids(segments, mrope=self.uses_mrope, start=start, device=self.vlm.device)
+
+    def _expand_position_ids(self, position_ids: torch.LongTensor, batch_size: int, seq_len: int) -> torch.Tensor:
+        """Broadcast shared position ids over the batch: `(3, B, T)` for M-RoPE models, `(B, T)` otherwise."""
+        if self.uses_mrope:
+            valid = position_ids.ndim in (2, 3) and position_ids.shape[0] == 3
+            expected = "(3, T) or (3, B, T)"
+        else:
+            valid = position_ids.ndim in (1, 2)
+            expected = "(T,) or (B, T)"
+        if not valid or position_ids.shape[-1] != seq_len:
+            raise ValueError(
+                f"`position_ids` must have shape {expected} with T={seq_len}, got {tuple(position_ids.shape)}."
+            )
+        if self.uses_mrope and position_ids.ndim == 2:
+            position_ids = position_ids[:, None]  # (3, 1, T)
+        elif not self.uses_mrope and position_ids.ndim == 1:
+            position_ids = position_ids[None]  # (1, T)
+        return position_ids.expand(*position_ids.shape[:-2], batch_size, seq_len)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Cache]:
+        """
+        Run the language model on `inputs_embeds`, appending to `past_key_values`.
+
+        Args:
+            inputs_embeds (`torch.Tensor` of shape `(B, T, D)`): Text embeddings and/or adapted image latents.
+            position_ids (`torch.LongTensor`):
+                `(3, T)` or `(3, B, T)` M-RoPE ids for M-RoPE models, `(T,)` or `(B, T)` otherwise; see
+                [`build_position_ids`]. They must continue the positions already in the cache.
+            past_key_values ([`~transformers.Cache`], *optional*):
+                Cache of the preceding tokens; a new [`~transformers.DynamicCache`] is created when `None`. It is
+                updated in place (use `crop(n)` to roll it back).
+            attention_mask (`torch.Tensor` of shape `(B, T_past + T)`, *optional*): 1 for real tokens, 0 for padding.
+
+        Returns:
+            `tuple[torch.Tensor, Cache]`: hidden states `(B, T, D)` after the final norm, and the updated cache.
+        """
+        batch_size, seq_len, _ = inputs_embeds.shape
+        position_ids = self._expand_position_ids(position_ids, batch_size, seq_len)
+        if past_key_values is None:
+            # Always run with a cache: besides enabling incremental decoding, transformers only reinterprets
+            # non-contiguous position ids as packed sequences when there is neither a cache nor a mask.
+            past_key_values = DynamicCache(config=self.decoder.config)
+        # Calling the decoder directly (not `vlm.model`) bypasses Qwen2.5-VL's vision-token merging and its stateful
+        # `rope_deltas`: positions come from the caller only.
+        outputs = self.decoder(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            use_cache=True,
+        )
+        return outputs.last_hidden_state, outputs.past_key_values

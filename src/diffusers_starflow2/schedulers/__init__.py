@@ -1,0 +1,1 @@
+from .scheduling_tarflow import TarFlowScheduler, TarFlowSchedulerOutput

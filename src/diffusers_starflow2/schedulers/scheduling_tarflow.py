@@ -1,0 +1,142 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""TarFlowScheduler: the sampling arithmetic of autoregressive flows.
+
+An autoregressive flow samples in a single pass, so this "scheduler" has no diffusion loop.  It owns the four pieces
+of arithmetic that every sampler, the training scripts and the converters share:
+
+* the inverse-affine step ``x = mu + sigma * z`` (one token or many),
+* the classifier-free guidance rule for Gaussians (STARFlow),
+* noise levels: ``x = z + t * eps`` with a fixed ``t`` or ``t ~ U[t0, t1]`` per sample,
+* the denoising schedule that removes the sampling noise after the flow pass (Tweedie steps on the flow's own
+  score, iterated with Euler updates; one step is STARFlow's self-denoising).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+
+@dataclass
+class TarFlowSchedulerOutput(BaseOutput):
+    """
+    Args:
+        prev_sample: ``(B, ...)`` the sample at the next (lower) noise level.
+        pred_original_sample: ``(B, ...)`` the Tweedie estimate of the clean sample at the current level.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+
+class TarFlowScheduler(SchedulerMixin, ConfigMixin):
+    r"""Inverse-affine sampling, guidance, noise levels and the denoising schedule of TARFlow-style models.
+
+    Args:
+        noise_level: the noise level ``t`` images are sampled at (STARFlow: 0.3).
+        min_noise_level: ``t0``, lower end of the training noise range and last level of the denoising schedule.
+        max_noise_level: ``t1``, upper end of the training noise range.
+        num_denoising_steps: default number of denoising steps after sampling (0 disables denoising).
+    """
+
+    config_name = "scheduler_config.json"
+    order = 1
+
+    @register_to_config
+    def __init__(self, noise_level: float = 0.3, min_noise_level: float = 0.01, max_noise_level: float = 0.3,
+                 num_denoising_steps: int = 1):
+        if not 0 <= min_noise_level <= max_noise_level:
+            raise ValueError(f"need 0 <= min_noise_level <= max_noise_level; got {min_noise_level}, {max_noise_level}")
+        if noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0; got {noise_level}")
+        self.timesteps = torch.tensor([])
+        self.sigmas = torch.tensor([])
+
+    # -- the flow step -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def inverse_affine(noise: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Noise -> data for one or many tokens: ``x = mu + sigma * z``."""
+        return noise * sigma + mu
+
+    @staticmethod
+    def guide(mu: torch.Tensor, sigma: torch.Tensor, guidance_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        r"""Combine a conditional and an unconditional Gaussian per token (STARFlow's guidance rule).
+
+        ``mu`` and ``sigma`` are batches ``[conditional; unconditional]`` of size ``2B``; returns the guided
+        ``(mu, sigma)`` of size ``B``.  With ``w`` the scale and ``s = min(sigma_c / sigma_u, 1)^2``:
+        ``sigma = sigma_c / sqrt(1 + w - w s)`` and ``mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)``, which is the
+        Gaussian of ``p_c^{1+w} / p_u^{w}`` with the unconditional variance capped so the result stays proper.
+        """
+        mu_c, mu_u = mu.chunk(2, dim=0)
+        sigma_c, sigma_u = sigma.chunk(2, dim=0)
+        w = guidance_scale
+        s = (sigma_c / sigma_u).clip(max=1.0).square()
+        denom = 1 + w - w * s
+        return ((1 + w) * mu_c - (w * s) * mu_u) / denom, sigma_c / denom.sqrt()
+
+    # -- noise levels --------------------------------------------------------------------------------------------
+
+    def sample_noise_levels(self, batch_size: int, generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+                            device=None) -> torch.Tensor:
+        """``t ~ U[min_noise_level, max_noise_level]``, shape ``(batch_size,)``."""
+        t0, t1 = self.config.min_noise_level, self.config.max_noise_level
+        u = torch.rand(batch_size, generator=generator, device=device) if not isinstance(generator, list) else \
+            torch.stack([torch.rand((), generator=g, device=device) for g in generator])
+        return t0 + (t1 - t0) * u
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  noise_levels: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
+        """``x = z + t * eps``; ``noise_levels`` is a float, a ``(B,)`` tensor, or None for ``config.noise_level``."""
+        if noise_levels is None:
+            noise_levels = self.config.noise_level
+        t = torch.as_tensor(noise_levels, dtype=original_samples.dtype, device=original_samples.device)
+        if t.ndim == 1:
+            t = t.view(-1, *([1] * (original_samples.ndim - 1)))
+        return original_samples + t * noise
+
+    # -- denoising schedule --------------------------------------------------------------------------------------
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
+                      noise_level: Optional[float] = None) -> None:
+        """Denoising levels ``linspace(noise_level, min_noise_level, n)`` followed by 0.
+
+        ``timesteps`` holds the ``n`` levels at which a step is taken, ``sigmas`` the ``n + 1`` levels including the
+        final 0.  ``n = 0`` gives no steps.
+        """
+        n = self.config.num_denoising_steps if num_inference_steps is None else num_inference_steps
+        if n < 0:
+            raise ValueError(f"num_denoising_steps must be >= 0; got {n}")
+        start = self.config.noise_level if noise_level is None else noise_level
+        levels = torch.linspace(start, self.config.min_noise_level, n) if n > 1 else torch.tensor([start] * n)
+        self.timesteps = levels.to(device=device, dtype=torch.float32)
+        self.sigmas = torch.cat([self.timesteps, self.timesteps.new_zeros(1)])
+        self.num_inference_steps = n
+
+    def step(self, model_output: torch.Tensor, timestep: Union[float, torch.Tensor], sample: torch.Tensor,
+             return_dict: bool = True) -> Union[TarFlowSchedulerOutput, Tuple[torch.Tensor]]:
+        r"""One denoising step.
+
+        Args:
+            model_output: ``\nabla_x NLL(x | context, t)``, the gradient of the flow's negative log-likelihood summed
+                over each sample's dimensions (the negative score).
+            timestep: the current noise level ``t`` (one of ``self.timesteps``).
+            sample: the current noisy sample ``x``.
+        Returns:
+            ``prev_sample = x - (x - x0) / t * (t - t_next)`` with the Tweedie estimate ``x0 = x - t^2 * grad``.
+        """
+        t = float(timestep)
+        idx = int(torch.argmin((self.timesteps - t).abs())) if len(self.timesteps) else None
+        if idx is None or abs(float(self.timesteps[idx]) - t) > 1e-6:
+            raise ValueError(f"timestep {t} is not in the schedule; call set_timesteps first")
+        t_next = float(self.sigmas[idx + 1])
+        x0 = sample - t * t * model_output
+        prev = x0 if t_next == 0 else sample - (sample - x0) / t * (t - t_next)
+        if not return_dict:
+            return (prev, x0)
+        return TarFlowSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
