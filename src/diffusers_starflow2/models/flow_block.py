@@ -159,6 +159,14 @@ class FlowKVCache:
         end = self.length + key.shape[2]
         if end > self.capacity:
             self._grow(end)
+        if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+            # Differentiable pass over a cached context (e.g. denoising): keep the buffer out of the autograd graph,
+            # since in-place writes of later layers would invalidate tensors saved for backward.
+            k_all = torch.cat([self.keys[layer, :, :, :self.length], key], dim=2)
+            v_all = torch.cat([self.values[layer, :, :, :self.length], value], dim=2)
+            self.keys[layer, :, :, self.length:end] = key.detach()
+            self.values[layer, :, :, self.length:end] = value.detach()
+            return k_all, v_all
         self.keys[layer, :, :, self.length:end] = key
         self.values[layer, :, :, self.length:end] = value
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
@@ -208,7 +216,8 @@ class FlowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, cache: Optional[FlowKVCache] = None,
                 layer_idx: int = 0, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # x: (B, T, C); rope: (T, head_dim) angles of the new positions; key_padding_mask: (B, T_k) True = attend
+        # x: (B, T, C); rope: (T, head_dim) or per-sample (B, 1, T, head_dim) angles of the new positions;
+        # key_padding_mask: (B, T_k) True = attend
         B, T, _ = x.shape
         q, k, v = self.to_qkv(self.norm(x)).split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -234,6 +243,9 @@ class FlowAttention(nn.Module):
         if key_padding_mask is not None:
             pad = key_padding_mask[:, None, None, :].bool()  # (B, 1, 1, T_k)
             mask = pad if mask is None else mask & pad
+            # a padded query would see no key at all (NaN); let every query see itself, real ones never see padding
+            own = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(T_k - T).triu(T_k - T)
+            mask = mask | own
             is_causal = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              scale=self.head_dim ** -0.5)
@@ -313,6 +325,8 @@ class AutoregressiveFlowBlock(nn.Module):
         gated_mlp, qk_norm, post_norm, final_norm, bias, norm_type, hf_style_rope: Transformer variants.
         soft_clip: if > 0, the output projection is squashed by ``c * tanh(. / c)``.
         flip: scan the tokens in reverse raster order.
+        cond_dim: width of a per-sample conditioning vector (e.g. a noise-level embedding) projected and added to
+            every position; 0 = none.
     """
 
     def __init__(self, in_channels: int, channels: int, num_layers: int, head_dim: int = 64,
@@ -321,7 +335,7 @@ class AutoregressiveFlowBlock(nn.Module):
                  num_positions: int = 0, use_sos: bool = True, use_softplus: bool = True, gated_mlp: bool = False,
                  qk_norm: bool = False, post_norm: bool = False, final_norm: bool = False, bias: bool = True,
                  norm_type: str = "layer_norm", hf_style_rope: bool = False, soft_clip: float = 0.0,
-                 flip: bool = False):
+                 flip: bool = False, cond_dim: int = 0):
         super().__init__()
         self.in_channels = in_channels
         self.rope = rope
@@ -351,6 +365,7 @@ class AutoregressiveFlowBlock(nn.Module):
             for _ in range(num_layers)
         ])
         self.final_norm = RMSNorm(channels) if final_norm else None
+        self.proj_cond = nn.Linear(cond_dim, channels) if cond_dim > 0 else None
         self.num_kv_heads = self.layers[0].attn.num_kv_heads if num_layers else 0
 
     @property
@@ -375,12 +390,18 @@ class AutoregressiveFlowBlock(nn.Module):
 
     # -- the three stages of a step: inputs -> Transformer -> affine parameters ------------------------------------
 
-    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, start: int = 0, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Project input tokens ``(B, T, C_in)`` at scan positions ``start..start+T`` into the Transformer width."""
         h = self.proj_in(tokens)
         if self.pos_embed is not None:
             h = h + self.permute(self.pos_embed)[start:start + tokens.shape[1]]
-        return h
+        return self.add_cond(h, cond)
+
+    def add_cond(self, h: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """Add the projected conditioning vector ``cond (B, cond_dim)`` to every position of ``h (B, T, C)``."""
+        if self.proj_cond is None or cond is None:
+            return h
+        return h + self.proj_cond(cond.to(h.dtype))[:, None]
 
     def transformer(self, h: torch.Tensor, rope: Optional[torch.Tensor] = None, cache: Optional[FlowKVCache] = None,
                     key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -409,14 +430,15 @@ class AutoregressiveFlowBlock(nn.Module):
         return FlowKVCache(len(self.layers), batch_size, self.num_kv_heads, self.head_dim, max_length, dtype, device)
 
     def encode_text(self, text: torch.Tensor, rope: Optional[torch.Tensor], cache: Optional[FlowKVCache] = None,
-                    key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    key_padding_mask: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Push text features through the layers (filling ``cache``), as the prefix of the token sequence."""
-        return self.transformer(self.proj_txt(text), rope, cache, key_padding_mask)
+        return self.transformer(self.add_cond(self.proj_txt(text), cond), rope, cache, key_padding_mask)
 
     # -- data -> noise ---------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, grid: Tuple[int, int], text: Optional[torch.Tensor] = None,
-                text_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                text_mask: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Data -> noise.
 
         Args:
@@ -424,6 +446,7 @@ class AutoregressiveFlowBlock(nn.Module):
             grid: ``(height, width)`` of the token grid.
             text: ``(B, L, text_dim)`` conditioning features (ignored by unconditional blocks).
             text_mask: ``(B, L)`` True for real text tokens (padding is never attended to).
+            cond: ``(B, cond_dim)`` conditioning vector (blocks built with ``cond_dim > 0``).
         Returns:
             ``z`` ``(B, N, C_in)`` in raster order and ``logdet`` ``(B, N, C_in)`` in this block's scan order.
         """
@@ -433,10 +456,10 @@ class AutoregressiveFlowBlock(nn.Module):
         L = text.shape[1] if text is not None else 0
         x = self.permute(x)
         inputs = torch.cat([self.sos_embed.expand(x.shape[0], -1, -1), x[:, :-1]], dim=1) if self.use_sos else x
-        h = self.embed(inputs)
+        h = self.embed(inputs, cond=cond)
         key_padding_mask = None
         if text is not None:
-            h = torch.cat([self.proj_txt(text), h], dim=1)  # (B, L + N, C)
+            h = torch.cat([self.add_cond(self.proj_txt(text), cond), h], dim=1)  # (B, L + N, C)
             if text_mask is not None:
                 key_padding_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2]).bool()], dim=1)
         h = self.transformer(h, self.rotary_angles(*grid, L), key_padding_mask=key_padding_mask)[:, L:]
@@ -452,7 +475,7 @@ class AutoregressiveFlowBlock(nn.Module):
     @torch.no_grad()
     def reverse(self, z: torch.Tensor, grid: Tuple[int, int], scheduler, text: Optional[torch.Tensor] = None,
                 guidance_scale: float = 0.0, text_mask: Optional[torch.Tensor] = None,
-                progress_bar=None) -> torch.Tensor:
+                progress_bar=None, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Noise -> data, one token at a time through a KV cache.
 
         Args:
@@ -468,6 +491,7 @@ class AutoregressiveFlowBlock(nn.Module):
         text = text if self.proj_txt is not None else None
         guided = guidance_scale > 0 and text is not None
         branches = 2 if guided else 1
+        cond = cond.repeat(branches, 1) if cond is not None else None
         L = text.shape[1] if text is not None else 0
         dtype = self.proj_in.weight.dtype
         rope = self.rotary_angles(*grid, L)
@@ -477,14 +501,14 @@ class AutoregressiveFlowBlock(nn.Module):
             if text_mask is not None:
                 pad_mask = torch.cat([text_mask.bool(), text_mask.new_ones(B * branches, N).bool()], dim=1)
             self.encode_text(text.to(dtype), rope[:L] if rope is not None else None, cache,
-                             pad_mask[:, :L] if pad_mask is not None else None)
+                             pad_mask[:, :L] if pad_mask is not None else None, cond)
 
         z = self.permute(z.float())
         x = z.clone()
         first = 0 if self.use_sos else 1  # without SOS the first token is its own noise
         for t in range(first, N):
             prev = self.sos_embed.expand(B, -1, -1) if t == 0 else x[:, t - 1:t]
-            h = self.embed(prev.to(dtype).repeat(branches, 1, 1), start=t - first)
+            h = self.embed(prev.to(dtype).repeat(branches, 1, 1), start=t - first, cond=cond)
             pos = L + t - first
             h = self.transformer(h, rope[pos:pos + 1] if rope is not None else None, cache,
                                  pad_mask[:, :pos + 1] if pad_mask is not None else None)

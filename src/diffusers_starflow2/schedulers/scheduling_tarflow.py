@@ -80,6 +80,26 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         denom = 1 + w - w * s
         return ((1 + w) * mu_c - (w * s) * mu_u) / denom, sigma_c / denom.sqrt()
 
+    @classmethod
+    def guide_text_and_image(cls, mu: torch.Tensor, sigma: torch.Tensor, guidance_scale: float,
+                             image_guidance_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        r"""Three-branch guidance for editing (text and image scales, as InstructPix2Pix).
+
+        ``mu``/``sigma`` stack ``[text+image; image only; neither]`` (``3B``).  The result is the Gaussian of
+        ``p_c^{1+w_t} p_i^{w_i - w_t} p_u^{-w_i}`` with ``w_t = guidance_scale`` and
+        ``w_i = image_guidance_scale - 1``, formed as the product of the text-guided ``a = guide(c, i; w_t)`` and the
+        image-guided ``b = guide(i, u; w_i)`` divided by ``p_i`` (each with the variance cap of :meth:`guide`):
+        precisions add, so the result is always proper.  ``image_guidance_scale = 1`` gives ``guide(c, i; w_t)``;
+        with equal variances the mean is InstructPix2Pix's ``mu_u + s_i (mu_i - mu_u) + s_t' (mu_c - mu_i)``.
+        """
+        mu_c, mu_i, mu_u = mu.chunk(3, dim=0)
+        sigma_c, sigma_i, sigma_u = sigma.chunk(3, dim=0)
+        mu_a, sigma_a = cls.guide(torch.cat([mu_c, mu_i]), torch.cat([sigma_c, sigma_i]), guidance_scale)
+        mu_b, sigma_b = cls.guide(torch.cat([mu_i, mu_u]), torch.cat([sigma_i, sigma_u]), image_guidance_scale - 1)
+        lam_a, lam_b, lam_i = sigma_a.pow(-2), sigma_b.pow(-2), sigma_i.pow(-2)
+        lam = lam_a + lam_b - lam_i
+        return (lam_a * mu_a + lam_b * mu_b - lam_i * mu_i) / lam, lam.rsqrt()
+
     # -- noise levels --------------------------------------------------------------------------------------------
 
     def sample_noise_levels(self, batch_size: int, generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,

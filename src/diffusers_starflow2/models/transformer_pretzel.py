@@ -1,0 +1,530 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""PretzelModel: the trainable part of STARFlow2 and the one Pretzel step every pipeline and the training use.
+
+The Pretzel runs two causal streams over one interleaved sequence of text tokens and image-latent spans
+``<|vision_start|> x~_0 ... x~_{N-1} <|vision_end|>``:
+
+* the frozen **VLM stream** (a transformers causal LM, see :mod:`.vlm_stream`) reads text embeddings and, at latent
+  positions, the visual adapter ``A(x~_i, t)``; it yields hidden states ``h_i``;
+* the **TARFlow stream** (the deep autoregressive flow block) reads ``P_txt(h_i)`` at text positions and
+  ``proj_in(x~_i) + W_v h_i`` at latent positions (``<|vision_start|>`` also carries the start token), plus the
+  noise-level embedding everywhere; its outputs ``g_i`` give the affine parameters of the next latent, and the text
+  logits are ``LM_head(h_i + W_t g_i)``.
+
+``W_v`` and ``W_t`` are zero-initialised, so at initialisation the text logits are exactly the VLM's.  Shallow,
+visual-only flow blocks map noisy FAE latents ``x`` to ``x~`` before the Pretzel sees them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .flow_block import AutoregressiveFlowBlock, FlowKVCache, rope_angles
+from .transformer_starflow import LOG_2PI, bits_per_dim
+from .vlm_stream import VLMStream
+
+# Noise levels live in [0, ~0.3]; the sinusoidal embedding is laid out for diffusion-style timesteps in [0, 1000].
+NOISE_LEVEL_SCALE = 1000.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small parts
+# --------------------------------------------------------------------------------------------------------------
+
+
+class VisualAdapter(nn.Module):
+    """``A(x~, t)``: maps latents into the VLM's embedding space (MLP, then LayerNorm modulated by the noise level).
+
+    The output projection is zero-initialised, so before stage 2 latents enter the VLM as zero embeddings.
+    """
+
+    def __init__(self, in_channels: int, hidden_size: int, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_channels, hidden_size), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.film = nn.Linear(cond_dim, 2 * hidden_size)
+        self.proj_out = nn.Linear(hidden_size, hidden_size)
+        for layer in (self.film, self.proj_out):  # identity modulation, zero output
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # latents: (B, T, C); cond: (B, E) -> (B, T, D)
+        scale, shift = self.film(F.silu(cond))[:, None].chunk(2, dim=-1)
+        return self.proj_out(self.norm(self.mlp(latents)) * (1 + scale) + shift)
+
+
+@dataclass
+class PretzelCache:
+    """Both streams' KV caches plus the position cursors of an interleaved sequence being generated.
+
+    ``vlm`` is a transformers ``Cache``; ``flow`` the deep block's :class:`FlowKVCache` (None for one-shot
+    teacher-forced passes).  Position ids are assigned per sample as positions arrive: the VLM gets its own scheme
+    (Qwen2.5-VL M-RoPE for image grids), the TARFlow stream one index per real position; left padding gets no
+    position.  ``cond`` is the noise-level embedding of each sample.
+    """
+
+    vlm: object
+    flow: Optional[FlowKVCache]
+    cond: torch.Tensor  # (B, E)
+    noise_level: torch.Tensor  # (B,)
+    grid: Tuple[int, int]
+    mrope: bool
+    attention_mask: torch.Tensor  # (B, T_seen) bool
+    vlm_next: List[int] = field(default_factory=list)
+    flow_next: List[int] = field(default_factory=list)
+    image_start: List[int] = field(default_factory=list)
+    image_cell: int = 0  # cells of the currently open image span already seen (same for every sample)
+    last_flow_hidden: Optional[torch.Tensor] = None  # (B, 1, C) TARFlow output of the latest position
+    last_hidden: Optional[torch.Tensor] = None  # (B, 1, D) VLM output of the latest position
+
+    @property
+    def batch_size(self) -> int:
+        return self.cond.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    @property
+    def in_image(self) -> bool:
+        return self.image_cell > 0
+
+    def assign_positions(self, latent_mask: torch.Tensor, attention_mask: torch.Tensor):
+        """Position ids of new positions; advances the cursors.
+
+        Returns VLM ids ``(3, B, T)`` (M-RoPE) or ``(B, T)``, and TARFlow ids ``(B, T)``.
+        """
+        gh, gw = self.grid
+        cells = gh * gw
+        lat, real = latent_mask.tolist(), attention_mask.tolist()
+        B, T = latent_mask.shape
+        vlm_ids = [[[0] * T for _ in range(B)] for _ in range(3)]
+        flow_ids = [[0] * T for _ in range(B)]
+        cell_after = self.image_cell
+        for b in range(B):
+            cell = self.image_cell
+            for j in range(T):
+                flow_ids[b][j] = self.flow_next[b]
+                if not real[b][j]:
+                    for a in range(3):
+                        vlm_ids[a][b][j] = self.vlm_next[b]
+                    continue
+                self.flow_next[b] += 1
+                if lat[b][j]:
+                    if cell == 0:
+                        self.image_start[b] = self.vlm_next[b]
+                    if self.mrope:
+                        p = self.image_start[b]
+                        vlm_ids[0][b][j], vlm_ids[1][b][j], vlm_ids[2][b][j] = p, p + cell // gw, p + cell % gw
+                    else:
+                        vlm_ids[0][b][j] = self.vlm_next[b]
+                        self.vlm_next[b] += 1
+                    cell += 1
+                    if cell == cells:  # the span is complete: text continues after the grid's extent
+                        cell = 0
+                        if self.mrope:
+                            self.vlm_next[b] = self.image_start[b] + max(gh, gw)
+                else:
+                    if cell:
+                        raise ValueError(f"a text token arrived inside an image span after {cell} of {cells} latents")
+                    for a in range(3):
+                        vlm_ids[a][b][j] = self.vlm_next[b]
+                    self.vlm_next[b] += 1
+            if b and cell != cell_after:
+                raise ValueError("every sample of a batch must have the same number of latents in an open span")
+            cell_after = cell
+        self.image_cell = cell_after
+        device = latent_mask.device
+        vlm_ids = torch.tensor(vlm_ids if self.mrope else vlm_ids[0], device=device)
+        return vlm_ids, torch.tensor(flow_ids, device=device)
+
+    def snapshot(self) -> dict:
+        return dict(length=self.length, flow_length=self.flow.length if self.flow is not None else 0,
+                    vlm_next=list(self.vlm_next), flow_next=list(self.flow_next), image_start=list(self.image_start),
+                    image_cell=self.image_cell, last_flow_hidden=self.last_flow_hidden, last_hidden=self.last_hidden)
+
+    def restore(self, snap: dict) -> None:
+        """Forget every position added since ``snap`` (both caches are cropped, nothing is recomputed)."""
+        removed = self.length - snap["length"]
+        if removed:  # a negative count removes positions in every transformers version
+            self.vlm.crop(-removed)
+        if self.flow is not None:
+            self.flow.crop(snap["flow_length"])
+        self.attention_mask = self.attention_mask[:, :snap["length"]]
+        for key in ("vlm_next", "flow_next", "image_start", "image_cell", "last_flow_hidden", "last_hidden"):
+            setattr(self, key, snap[key])
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the samples ``index`` (e.g. drop the unconditional branch of a CFG batch)."""
+        self.vlm.batch_select_indices(index)
+        if self.flow is not None:
+            self.flow.select_batch(index)
+        idx = index.tolist()
+        self.cond, self.noise_level = self.cond[index], self.noise_level[index]
+        self.attention_mask = self.attention_mask[index]
+        self.vlm_next = [self.vlm_next[i] for i in idx]
+        self.flow_next = [self.flow_next[i] for i in idx]
+        self.image_start = [self.image_start[i] for i in idx]
+        if self.last_flow_hidden is not None:
+            self.last_flow_hidden, self.last_hidden = self.last_flow_hidden[index], self.last_hidden[index]
+
+
+@dataclass
+class PretzelStepOutput(BaseOutput):
+    """
+    Args:
+        hidden_states: ``(B, T, D)`` VLM stream outputs ``h`` (after its final norm).
+        flow_hidden_states: ``(B, T, C)`` TARFlow stream outputs ``g`` (before the flow's final norm).
+    """
+
+    hidden_states: torch.Tensor
+    flow_hidden_states: torch.Tensor
+
+
+@dataclass
+class PretzelOutput(BaseOutput):
+    """
+    Args:
+        loss: ``flow_loss + text_loss_weight * text_loss`` (terms that have no target count as 0).
+        flow_loss: mean over scored images of the NLL per dimension (no Gaussian constant).
+        text_loss: mean next-token cross-entropy over scored text positions.
+        image_nll: ``(M,)`` NLL in nats per dimension of every image span (Gaussian constant included).
+        bits_per_dim: ``(M,)`` the same in bits.
+    """
+
+    loss: torch.Tensor
+    flow_loss: torch.Tensor
+    text_loss: torch.Tensor
+    image_nll: torch.Tensor
+    bits_per_dim: torch.Tensor
+
+
+def pretzel_paper_config() -> dict:
+    """STARFlow2 as in the paper: Qwen2.5-VL-7B (width 3584), FAE 16x16x32 latents, 24-layer deep + 2x4 shallow."""
+    return dict(latent_channels=32, sample_size=16, vlm_hidden_size=3584, num_shallow_blocks=2, shallow_layers=4,
+                shallow_channels=3072, deep_layers=24, deep_channels=3072, head_dim=64,
+                vision_start_token_id=151652)
+
+
+def pretzel_tiny_config(vlm_hidden_size: int = 64, vision_start_token_id: int = 3) -> dict:
+    """A tiny Pretzel for tests: 4x4 grids of 4-channel latents."""
+    return dict(latent_channels=4, sample_size=4, vlm_hidden_size=vlm_hidden_size, num_shallow_blocks=2,
+                shallow_layers=1, shallow_channels=32, deep_layers=2, deep_channels=32, head_dim=16,
+                noise_embed_dim=32, vision_start_token_id=vision_start_token_id)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""The trainable STARFlow2 Transformer: shallow flows, deep TARFlow stream, visual adapter and skip projections.
+
+    The frozen VLM is not part of this model (it is the pipeline's ``vlm`` component); every method that runs the
+    Pretzel takes a :class:`~diffusers_starflow2.models.vlm_stream.VLMStream`.
+
+    Args:
+        latent_channels: channels ``C`` of an FAE latent.
+        sample_size: side of the latent grid (``N = sample_size**2`` positions per image).
+        vlm_hidden_size: width ``D`` of the VLM.
+        num_shallow_blocks, shallow_layers, shallow_channels: the visual-only shallow flows (alternating scan
+            direction, 2-D RoPE over the grid).
+        deep_layers, deep_channels: the deep TARFlow stream (1-D RoPE over the interleaved sequence).
+        head_dim, num_heads, num_kv_heads, expansion, norm_type, gated_mlp, qk_norm, final_norm: Transformer
+            variants shared by all flow blocks (see :class:`AutoregressiveFlowBlock`).
+        use_softplus, soft_clip: affine parametrisation of all flow blocks.
+        noise_embed_dim: width of the noise-level embedding fed to every flow block and the adapter.
+        vision_start_token_id: the token whose TARFlow position carries the start input (predicts latent 0).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AutoregressiveFlowBlock"]
+    _skip_layerwise_casting_patterns = ["noise_embed"]
+
+    @register_to_config
+    def __init__(self, latent_channels: int = 32, sample_size: int = 16, vlm_hidden_size: int = 3584,
+                 num_shallow_blocks: int = 2, shallow_layers: int = 4, shallow_channels: int = 3072,
+                 deep_layers: int = 24, deep_channels: int = 3072, head_dim: int = 64,
+                 num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None, expansion: float = 4.0,
+                 norm_type: str = "layer_norm", gated_mlp: bool = False, qk_norm: bool = False,
+                 final_norm: bool = True, use_softplus: bool = True, soft_clip: float = 4.0,
+                 noise_embed_dim: int = 256, vision_start_token_id: int = 151652):
+        super().__init__()
+        common = dict(in_channels=latent_channels, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                      expansion=expansion, norm_type=norm_type, gated_mlp=gated_mlp, qk_norm=qk_norm,
+                      final_norm=final_norm, use_softplus=use_softplus, soft_clip=soft_clip, use_sos=True,
+                      cond_dim=noise_embed_dim)
+        self.noise_proj = Timesteps(noise_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.noise_embed = TimestepEmbedding(noise_embed_dim, noise_embed_dim)
+        # The shallow block next to the deep stream scans in reverse, so directions alternate along the stack.
+        self.shallow = nn.ModuleList([
+            AutoregressiveFlowBlock(channels=shallow_channels, num_layers=shallow_layers, rope="2d",
+                                    pt_seq_len=sample_size, flip=(num_shallow_blocks - 1 - i) % 2 == 0, **common)
+            for i in range(num_shallow_blocks)
+        ])
+        self.deep = AutoregressiveFlowBlock(channels=deep_channels, num_layers=deep_layers, rope="1d",
+                                            text_dim=vlm_hidden_size, **common)
+        self.adapter = VisualAdapter(latent_channels, vlm_hidden_size, noise_embed_dim)
+        self.skip_v = nn.Linear(vlm_hidden_size, deep_channels, bias=False)  # W_v
+        self.skip_t = nn.Linear(deep_channels, vlm_hidden_size, bias=False)  # W_t
+        nn.init.zeros_(self.skip_v.weight)
+        nn.init.zeros_(self.skip_t.weight)
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return self.config.sample_size, self.config.sample_size
+
+    @property
+    def num_latents(self) -> int:
+        return self.config.sample_size ** 2
+
+    def noise_embedding(self, noise_level: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` noise levels -> ``(B, E)`` embedding."""
+        t = self.noise_proj(noise_level.float() * NOISE_LEVEL_SCALE)
+        return self.noise_embed(t.to(self.noise_embed.linear_1.weight.dtype))
+
+    # -- shallow flows (visual only) -------------------------------------------------------------------------------
+
+    def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(B, C, h, w)`` -> ``(B, N, C)`` raster order, checking the grid."""
+        if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels or latents.shape[2:] != self.grid:
+            raise ValueError(f"latents must have shape (B, {self.config.latent_channels}, {self.grid[0]}, "
+                             f"{self.grid[1]}); got {tuple(latents.shape)}")
+        return latents.flatten(2).transpose(1, 2)
+
+    def tokens_to_latents(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.transpose(1, 2).unflatten(2, self.grid)
+
+    def shallow_forward(self, latents: torch.Tensor, noise_level: torch.Tensor):
+        """Noisy FAE latents ``(B, C, h, w)`` -> intermediate tokens ``x~ (B, N, C)`` and the shallow logdets."""
+        x, cond = self.latents_to_tokens(latents), self.noise_embedding(noise_level)
+        logdets = []
+        for block in self.shallow:
+            x, logdet = block(x, self.grid, cond=cond)
+            logdets.append(logdet)
+        return x, logdets
+
+    @torch.no_grad()
+    def shallow_reverse(self, tokens: torch.Tensor, noise_level: torch.Tensor, scheduler) -> torch.Tensor:
+        """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse)."""
+        cond = self.noise_embedding(noise_level)
+        for block in reversed(self.shallow):
+            tokens = block.reverse(tokens, self.grid, scheduler, cond=cond)
+        return self.tokens_to_latents(tokens)
+
+    # -- the Pretzel step ------------------------------------------------------------------------------------------
+
+    def new_cache(self, vlm: VLMStream, noise_level: torch.Tensor, use_flow_cache: bool = True,
+                  max_length: int = 256) -> PretzelCache:
+        """Empty caches for a batch whose samples sit at ``noise_level (B,)``."""
+        from transformers import DynamicCache
+
+        B = noise_level.shape[0]
+        flow = self.deep.new_cache(B, max_length, self.dtype, self.device) if use_flow_cache else None
+        return PretzelCache(vlm=DynamicCache(config=vlm.decoder.config), flow=flow,
+                            cond=self.noise_embedding(noise_level.to(self.device)),
+                            noise_level=noise_level.to(self.device), grid=self.grid, mrope=vlm.uses_mrope,
+                            attention_mask=torch.ones(B, 0, dtype=torch.bool, device=self.device),
+                            vlm_next=[0] * B, flow_next=[0] * B, image_start=[0] * B)
+
+    def step(self, vlm: VLMStream, cache: PretzelCache, input_ids: Optional[torch.Tensor] = None,
+             latents: Optional[torch.Tensor] = None, latent_mask: Optional[torch.Tensor] = None,
+             attention_mask: Optional[torch.Tensor] = None) -> PretzelStepOutput:
+        """Run new positions through the VLM stream, then the TARFlow stream, appending them to both caches.
+
+        Args:
+            input_ids: ``(B, T)`` token ids (any id at latent positions); None for a latents-only step.
+            latents: ``(B, T, C)`` intermediate latents ``x~`` (values at non-latent positions are ignored).
+            latent_mask: ``(B, T)`` True at latent positions; default: all latents iff ``input_ids`` is None.
+            attention_mask: ``(B, T)`` False at (left) padding.
+        """
+        if input_ids is None and latents is None:
+            raise ValueError("step needs input_ids or latents")
+        B, T = (input_ids if input_ids is not None else latents).shape[:2]
+        if B != cache.batch_size:
+            raise ValueError(f"batch of {B} does not match the cache's batch of {cache.batch_size}")
+        device = self.device
+        if latent_mask is None:
+            latent_mask = torch.full((B, T), input_ids is None, dtype=torch.bool, device=device)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        attention_mask, latent_mask = attention_mask.bool().to(device), latent_mask.to(device)
+        vlm_pos, flow_pos = cache.assign_positions(latent_mask, attention_mask)
+        full_mask = torch.cat([cache.attention_mask, attention_mask], dim=1)  # (B, T_seen + T)
+
+        # VLM stream: text embeddings, adapted latents at latent positions
+        vlm_dtype = vlm.vlm.dtype
+        embeds = vlm.embed_tokens(input_ids.to(device)) if input_ids is not None else None
+        if latents is not None:
+            latents = latents.to(device=device, dtype=self.dtype)
+            adapted = self.adapter(latents, cache.cond).to(vlm_dtype)
+            embeds = adapted if embeds is None else torch.where(latent_mask[..., None], adapted, embeds)
+        h, _ = vlm(embeds.to(vlm_dtype), vlm_pos, cache.vlm, attention_mask=full_mask.long())  # (B, T, D)
+
+        # TARFlow stream: P_txt(h) at text, proj_in(x~) + W_v h at latents, start input at <|vision_start|>
+        deep = self.deep
+        h_flow = h.to(self.dtype)
+        flow_in = deep.proj_txt(h_flow)
+        if latents is not None:
+            flow_in = torch.where(latent_mask[..., None], deep.proj_in(latents) + self.skip_v(h_flow), flow_in)
+        if input_ids is not None:
+            is_start = (input_ids.to(device) == self.config.vision_start_token_id) & ~latent_mask
+            flow_in = flow_in + is_start[..., None].to(flow_in.dtype) * deep.proj_in(deep.sos_embed)
+        flow_in = deep.add_cond(flow_in, cache.cond)
+        rope = rope_angles(flow_pos[..., None].float(), deep.head_dim)[:, None]  # (B, 1, T, head_dim)
+        g = deep.transformer(flow_in, rope, cache.flow, key_padding_mask=full_mask)
+
+        cache.attention_mask = full_mask
+        cache.last_flow_hidden, cache.last_hidden = g[:, -1:], h[:, -1:]
+        return PretzelStepOutput(hidden_states=h, flow_hidden_states=g)
+
+    def text_logits(self, vlm: VLMStream, hidden_states: torch.Tensor, flow_hidden_states: torch.Tensor):
+        """``LM_head(h + W_t g)`` for ``(B, T, D)`` / ``(B, T, C)`` stream outputs."""
+        g = self.deep.final_norm(flow_hidden_states) if self.deep.final_norm is not None else flow_hidden_states
+        fused = hidden_states + self.skip_t(g).to(hidden_states.dtype)
+        return vlm.logits(fused)
+
+    def latent_params(self, flow_hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Affine parameters ``(mu, sigma)`` (float32) of the latent that each TARFlow output predicts."""
+        return self.deep.affine(flow_hidden_states)
+
+    # -- whole images through the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_image_tokens(self, vlm: VLMStream, cache: PretzelCache, noise: torch.Tensor, scheduler,
+                            guidance_scale: float = 0.0, image_guidance_scale: float = 1.0,
+                            callback=None) -> torch.Tensor:
+        """Sample one image span ``x~ (B, N, C)`` left to right; every latent enters both caches as it is made.
+
+        The cache must end with ``<|vision_start|>``.  Its batch holds the guidance branches stacked along the
+        batch: ``[cond]``, ``[cond; uncond]`` (``guidance_scale > 0``) or ``[cond; image-only; uncond]``
+        (``image_guidance_scale != 1``, editing).  ``noise`` is ``(B, N, C)``.  ``callback(i, x_i)`` runs after
+        each latent (``i`` = index) and may return a replacement for it.
+        """
+        B, N, _ = noise.shape
+        branches = cache.batch_size // B
+        if branches * B != cache.batch_size:
+            raise ValueError(f"cache batch {cache.batch_size} is not a multiple of the noise batch {B}")
+        tokens = []
+        mu, sigma = self.latent_params(cache.last_flow_hidden)  # (branches * B, 1, C)
+        for i in range(N):
+            if branches == 3:
+                mu, sigma = scheduler.guide_text_and_image(mu, sigma, guidance_scale, image_guidance_scale)
+            elif branches == 2:
+                mu, sigma = scheduler.guide(mu, sigma, guidance_scale)
+            x_i = scheduler.inverse_affine(noise[:, i:i + 1].float(), mu, sigma)  # (B, 1, C)
+            if callback is not None:
+                x_i = callback(i, x_i)
+            tokens.append(x_i)
+            out = self.step(vlm, cache, latents=x_i.repeat(branches, 1, 1))
+            mu, sigma = self.latent_params(out.flow_hidden_states)
+        return torch.cat(tokens, dim=1)
+
+    def image_nll_in_context(self, vlm: VLMStream, cache: PretzelCache, latents: torch.Tensor,
+                             branch_batch: Optional[int] = None) -> torch.Tensor:
+        """NLL (nats per dimension, Gaussian constant included) of noisy latents ``(B, C, h, w)`` as the next image
+        of the sequence in ``cache`` (which must end with ``<|vision_start|>``).  The cache is left unchanged.
+
+        With a guidance-branch cache (batch ``k * B``) the latents are scored under every branch and the first
+        ``B`` rows are the conditional ones; gradients flow only through those.
+        """
+        B = latents.shape[0]
+        branches = cache.batch_size // B
+        x_rep = torch.cat([latents] + [latents.detach()] * (branches - 1)) if branches > 1 else latents
+        tokens, shallow_logdets = self.shallow_forward(x_rep, cache.noise_level)
+        snap = cache.snapshot()
+        try:
+            out = self.step(vlm, cache, latents=tokens[:, :-1])
+            g = torch.cat([snap["last_flow_hidden"], out.flow_hidden_states], dim=1)  # predicts latents 0..N-1
+        finally:
+            cache.restore(snap)
+        mu, sigma = self.latent_params(g)
+        z = (tokens.float() - mu) / sigma
+        nll = 0.5 * z.pow(2).flatten(1).mean(1) + torch.log(sigma).flatten(1).mean(1)
+        for logdet in shallow_logdets:
+            nll = nll - logdet.flatten(1).mean(1)
+        return (nll + 0.5 * LOG_2PI)[:B]
+
+    def denoise_image(self, vlm: VLMStream, cache: PretzelCache, latents: torch.Tensor, scheduler,
+                      num_steps: Optional[int] = None, noise_level: Optional[float] = None) -> torch.Tensor:
+        """Tweedie denoising of sampled latents ``(B, C, h, w)`` under the context in ``cache``."""
+        scheduler.set_timesteps(num_steps, noise_level=noise_level)
+        x = latents.float()
+        dims = x[0].numel()
+        for t in scheduler.timesteps:
+            with torch.enable_grad():
+                x_req = x.detach().requires_grad_(True)
+                nll_sum = self.image_nll_in_context(vlm, cache, x_req).sum() * dims
+                grad = torch.autograd.grad(nll_sum, [x_req])[0]
+            x = scheduler.step(grad, t, x).prev_sample
+        return x
+
+    # -- teacher-forced training pass -----------------------------------------------------------------------------
+
+    def forward(self, vlm: VLMStream, input_ids: torch.Tensor, latent_mask: torch.Tensor, images: torch.Tensor,
+                noise_level: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                image_loss_mask: Optional[torch.Tensor] = None, text_loss_mask: Optional[torch.Tensor] = None,
+                text_loss_weight: float = 1.0, return_dict: bool = True):
+        """One teacher-forced pass over whole interleaved sequences; returns the STARFlow2 losses.
+
+        Args:
+            input_ids: ``(B, T)`` tokens; latent positions hold any id (e.g. ``<|image_pad|>``).
+            latent_mask: ``(B, T)`` True at latent positions; each run of ``N`` is one image span, preceded by
+                ``<|vision_start|>``.
+            images: ``(M, C, h, w)`` noisy FAE latents of all spans, sample-major then in sequence order.
+            noise_level: ``(B,)`` the noise level of each sample's images.
+            attention_mask: ``(B, T)`` False at padding.
+            image_loss_mask: ``(M,)`` which images are scored by the flow loss (default all).
+            text_loss_mask: ``(B, T)`` True at tokens predicted by the text loss (from the previous position).
+        """
+        B, T = input_ids.shape
+        N = self.num_latents
+        counts = latent_mask.sum(1)
+        if int(counts.sum()) != images.shape[0] * N or bool((counts % N).any()):
+            raise ValueError(f"latent_mask marks {counts.tolist()} latent positions; expected multiples of {N} "
+                             f"summing to {images.shape[0]} images x {N}")
+        owner = torch.repeat_interleave(torch.arange(B, device=counts.device), counts // N)  # (M,) sample of image
+        tokens, shallow_logdets = self.shallow_forward(images, noise_level.to(images.device)[owner])  # (M, N, C)
+        latents = torch.zeros(B, T, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
+        latents[latent_mask] = tokens.reshape(-1, tokens.shape[-1])
+
+        cache = self.new_cache(vlm, noise_level, use_flow_cache=False)
+        out = self.step(vlm, cache, input_ids, latents, latent_mask, attention_mask)
+        h, g = out.hidden_states, out.flow_hidden_states
+
+        # flow: the output at position p predicts the latent at p + 1
+        target = latent_mask[:, 1:]
+        mu, sigma = self.latent_params(g[:, :-1][target])  # (M*N, C)
+        z = (latents[:, 1:][target].float() - mu) / sigma
+        z, log_sigma = z.view(-1, N, z.shape[-1]), torch.log(sigma).view(-1, N, z.shape[-1])
+        nll = 0.5 * z.pow(2).flatten(1).mean(1) + log_sigma.flatten(1).mean(1)
+        for logdet in shallow_logdets:
+            nll = nll - logdet.flatten(1).mean(1)
+        scored = image_loss_mask if image_loss_mask is not None else torch.ones_like(nll, dtype=torch.bool)
+        flow_loss = nll[scored].mean() if scored.any() else nll.sum() * 0
+
+        # text: next-token cross-entropy at the requested positions
+        if text_loss_mask is not None and text_loss_mask[:, 1:].any():
+            sel = text_loss_mask[:, 1:].to(h.device)
+            logits = self.text_logits(vlm, h[:, :-1][sel], g[:, :-1][sel])
+            text_loss = F.cross_entropy(logits.float(), input_ids[:, 1:].to(h.device)[sel])
+        else:
+            text_loss = g.sum() * 0
+        loss = flow_loss + text_loss_weight * text_loss
+        result = PretzelOutput(loss=loss, flow_loss=flow_loss, text_loss=text_loss,
+                               image_nll=(nll + 0.5 * LOG_2PI).detach(), bits_per_dim=bits_per_dim(nll).detach())
+        return result if return_dict else result.to_tuple()

@@ -1,0 +1,186 @@
+import string
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from diffusers_starflow2.models.vlm_stream import VLMStream, build_position_ids
+from diffusers_starflow2.utils.tiny_vlm import (
+    QWEN_SPECIAL_TOKENS,
+    build_tiny_causal_lm,
+    build_tiny_qwen2_5_vl,
+    build_tiny_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def qwen_vl(tokenizer):
+    return build_tiny_qwen2_5_vl(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def causal_lm(tokenizer):
+    return build_tiny_causal_lm(tokenizer)
+
+
+@pytest.fixture(scope="module", params=["qwen_vl", "causal_lm"])
+def vlm(request):
+    return request.getfixturevalue(request.param)
+
+
+def _layout(tokenizer, grids, n_text=4, seed=0):
+    """Random text + one `<|vision_start|> image <|vision_end|>` span per grid: (segments, input_ids with pads)."""
+    generator = torch.Generator().manual_seed(seed)
+    first_plain_id = len(QWEN_SPECIAL_TOKENS)
+
+    def text(n):
+        return torch.randint(first_plain_id, len(tokenizer), (n,), generator=generator).tolist()
+
+    vision_start, vision_end, image_pad = tokenizer.convert_tokens_to_ids(
+        ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    )
+    segments, ids = [("text", n_text + 1)], text(n_text) + [vision_start]
+    for i, (grid_h, grid_w) in enumerate(grids):
+        last = i == len(grids) - 1
+        segments += [("image", grid_h, grid_w), ("text", 1 + n_text + (not last))]
+        ids += [image_pad] * (grid_h * grid_w) + [vision_end] + text(n_text) + ([] if last else [vision_start])
+    return segments, torch.tensor([ids])
+
+
+@torch.no_grad()
+def test_text_logits_match_vlm(vlm):
+    stream = VLMStream(vlm)
+    input_ids = torch.randint(0, vlm.config.get_text_config().vocab_size, (2, 12))
+    position_ids, _ = stream.build_position_ids([("text", 12)])
+    hidden, cache = stream(stream.embed_tokens(input_ids), position_ids)
+    assert hidden.shape == (2, 12, stream.hidden_size)
+    assert cache.get_seq_length() == 12
+    torch.testing.assert_close(stream.logits(hidden), vlm(input_ids=input_ids).logits, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_cached_incremental_pass_matches_full_pass(vlm, tokenizer):
+    stream = VLMStream(vlm)
+    segments, input_ids = _layout(tokenizer, [(3, 4)])
+    position_ids, _ = stream.build_position_ids(segments)
+    # Image cells get random embeddings, as adapted latents would be; text gets its token embeddings.
+    embeds = stream.embed_tokens(input_ids.expand(2, -1)).clone()
+    image_cells = input_ids[0] == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    embeds[:, image_cells] = torch.randn(2, int(image_cells.sum()), stream.hidden_size)
+
+    full, _ = stream(embeds, position_ids)
+    prefix = 7
+    hidden, cache = stream(embeds[:, :prefix], position_ids[..., :prefix])
+    steps = [hidden]
+    for t in range(prefix, embeds.shape[1]):
+        hidden, cache = stream(embeds[:, t : t + 1], position_ids[..., t : t + 1], past_key_values=cache)
+        steps.append(hidden)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("grids", [[(3, 4)], [(4, 3)], [(1, 5), (2, 2)]])
+def test_mrope_position_ids_match_get_rope_index(qwen_vl, tokenizer, grids):
+    segments, input_ids = _layout(tokenizer, grids)
+    merge = qwen_vl.config.vision_config.spatial_merge_size
+    expected, _ = qwen_vl.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=(input_ids == qwen_vl.config.image_token_id).int(),
+        image_grid_thw=torch.tensor([[1, merge * h, merge * w] for h, w in grids]),
+    )
+    position_ids, next_position = build_position_ids(segments)
+    assert torch.equal(position_ids, expected[:, 0])
+    assert next_position == expected.max() + 1
+
+
+@pytest.mark.parametrize("mrope", [True, False])
+def test_incremental_position_ids_match_one_shot(mrope):
+    segments = [("text", 6), ("image", 3, 4), ("text", 2), ("image", 5, 2), ("text", 3)]
+    one_shot, one_shot_next = build_position_ids(segments, mrope=mrope)
+    chunks, start = [], 0
+    for segment in segments:
+        ids, start = build_position_ids([segment], mrope=mrope, start=start)
+        chunks.append(ids)
+    assert torch.equal(torch.cat(chunks, dim=-1), one_shot)
+    assert start == one_shot_next
+    assert one_shot.shape == ((3, 33) if mrope else (33,))
+
+
+def test_invalid_inputs_raise(qwen_vl):
+    for bad in [("video", 3), ("image", 3), ("text", 0), ("text", 2, 2)]:
+        with pytest.raises(ValueError, match="segments"):
+            build_position_ids([bad])
+    with pytest.raises(ValueError, match="start"):
+        build_position_ids([("text", 1)], start=-1)
+    with pytest.raises(ValueError, match="position_ids"):
+        VLMStream(qwen_vl)(torch.zeros(1, 4, 64), torch.arange(4))
+
+
+@torch.no_grad()
+def test_stream_positions_reproduce_vlm_image_forward(qwen_vl, tokenizer):
+    """Image embeddings at our positions give the logits of Qwen2.5-VL's own multimodal forward."""
+    stream = VLMStream(qwen_vl)
+    grids = [(3, 4)]
+    segments, input_ids = _layout(tokenizer, grids)
+    vision = qwen_vl.config.vision_config
+    grid_thw = torch.tensor([[1, 2 * h, 2 * w] for h, w in grids])
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixel_values = torch.randn(int(grid_thw.prod(-1).sum()), patch_dim)
+    expected = qwen_vl(
+        input_ids=input_ids,
+        pixel_values=pixel_values,
+        image_grid_thw=grid_thw,
+        mm_token_type_ids=(input_ids == qwen_vl.config.image_token_id).int(),
+    ).logits
+
+    image_embeds = torch.cat(qwen_vl.model.get_image_features(pixel_values, grid_thw).pooler_output)
+    embeds = stream.embed_tokens(input_ids).clone()
+    embeds[input_ids == qwen_vl.config.image_token_id] = image_embeds
+    hidden, _ = stream(embeds, stream.build_position_ids(segments)[0])
+    torch.testing.assert_close(stream.logits(hidden), expected, rtol=0, atol=1e-6)
+
+
+def test_tokenizer_round_trip(tokenizer, tmp_path):
+    assert build_tiny_tokenizer().backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+
+    text = "Hello, World! " + string.printable
+    ids = tokenizer(text).input_ids
+    assert loaded(text).input_ids == ids
+    assert loaded.decode(ids) == text
+    for i, token in enumerate(QWEN_SPECIAL_TOKENS):
+        assert loaded.convert_tokens_to_ids(token) == i
+        assert token in loaded.all_special_tokens
+    assert loaded(" <|vision_start|><|image_pad|><|vision_end|>").input_ids[-3:] == [3, 5, 4]
+    assert (loaded.pad_token, loaded.eos_token) == ("<|endoftext|>", "<|im_end|>")
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a red cat"}]}]
+    assert loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>a red cat<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_tiny_qwen_vl_config(qwen_vl, tokenizer):
+    config = qwen_vl.config
+    assert config.get_text_config().vocab_size == len(tokenizer)
+    assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert config.vision_end_token_id == tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+    assert sum(config.text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    assert VLMStream(qwen_vl).uses_mrope and not VLMStream(build_tiny_causal_lm(tokenizer)).uses_mrope
+
+
+@torch.no_grad()
+def test_save_load_round_trip(vlm, tmp_path):
+    vlm.save_pretrained(tmp_path)
+    loaded = type(vlm).from_pretrained(tmp_path).eval()
+    input_ids = torch.randint(0, vlm.config.get_text_config().vocab_size, (1, 9))
+    assert torch.equal(loaded(input_ids=input_ids).logits, vlm(input_ids=input_ids).logits)
