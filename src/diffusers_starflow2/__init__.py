@@ -3,7 +3,16 @@
 Everything public is imported eagerly: diffusers resolves pipeline components through this module.
 """
 
-from .models import AutoregressiveFlowBlock, FlowKVCache, StarFlowTransformerModel, StarFlowTransformerOutput
+from .models import (
+    AutoencoderFAE,
+    AutoregressiveFlowBlock,
+    FlowKVCache,
+    PretzelModel,
+    StarFlowTransformerModel,
+    StarFlowTransformerOutput,
+    VLMStream,
+)
+from .pipelines import StarFlow2Pipeline, StarFlow2PipelineOutput, StarFlowPipeline, StarFlowPipelineOutput
 from .schedulers import TarFlowScheduler, TarFlowSchedulerOutput
 
 __version__ = "0.1.0"

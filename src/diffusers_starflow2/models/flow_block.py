@@ -178,6 +178,13 @@ class FlowKVCache:
         """Forget every position at or after ``length``."""
         self.length = min(self.length, length)
 
+    def fork(self, length: int) -> "FlowKVCache":
+        """An independent cache holding a copy of the first ``length`` positions."""
+        other = FlowKVCache.__new__(FlowKVCache)
+        other.keys, other.values = self.keys[:, :, :, :length].clone(), self.values[:, :, :, :length].clone()
+        other.length = length
+        return other
+
     def keep_first_half(self) -> None:
         half = self.batch_size // 2
         self.keys, self.values = self.keys[:, :half], self.values[:, :half]

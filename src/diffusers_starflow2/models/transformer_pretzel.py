@@ -167,6 +167,27 @@ class PretzelCache:
         for key in ("vlm_next", "flow_next", "image_start", "image_cell", "last_flow_hidden", "last_hidden"):
             setattr(self, key, snap[key])
 
+    def fork(self, snap: dict) -> "PretzelCache":
+        """An independent cache of the sequence as it was at ``snap`` (both streams' keys/values are shared or
+        copied up to that length; this cache is not modified)."""
+        import copy
+
+        vlm = copy.copy(self.vlm)
+        vlm.layers = [copy.copy(layer) for layer in self.vlm.layers]
+        for layer in vlm.layers:  # transformers caches grow by concatenation, so views of the prefix stay valid
+            if getattr(layer, "keys", None) is not None:
+                layer.keys = layer.keys[..., :snap["length"], :]
+                layer.values = layer.values[..., :snap["length"], :]
+        fork = copy.copy(self)
+        fork.vlm = vlm
+        fork.flow = self.flow.fork(snap["flow_length"]) if self.flow is not None else None
+        fork.attention_mask = self.attention_mask[:, :snap["length"]]
+        for key in ("vlm_next", "flow_next", "image_start"):
+            setattr(fork, key, list(snap[key]))
+        fork.image_cell, fork.last_flow_hidden, fork.last_hidden = (snap["image_cell"], snap["last_flow_hidden"],
+                                                                   snap["last_hidden"])
+        return fork
+
     def select(self, index: torch.Tensor) -> None:
         """Keep only the samples ``index`` (e.g. drop the unconditional branch of a CFG batch)."""
         self.vlm.batch_select_indices(index)
@@ -434,18 +455,12 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             mu, sigma = self.latent_params(out.flow_hidden_states)
         return torch.cat(tokens, dim=1)
 
-    def image_nll_in_context(self, vlm: VLMStream, cache: PretzelCache, latents: torch.Tensor,
-                             branch_batch: Optional[int] = None) -> torch.Tensor:
+    def image_nll_in_context(self, vlm: VLMStream, cache: PretzelCache, latents: torch.Tensor) -> torch.Tensor:
         """NLL (nats per dimension, Gaussian constant included) of noisy latents ``(B, C, h, w)`` as the next image
-        of the sequence in ``cache`` (which must end with ``<|vision_start|>``).  The cache is left unchanged.
-
-        With a guidance-branch cache (batch ``k * B``) the latents are scored under every branch and the first
-        ``B`` rows are the conditional ones; gradients flow only through those.
-        """
-        B = latents.shape[0]
-        branches = cache.batch_size // B
-        x_rep = torch.cat([latents] + [latents.detach()] * (branches - 1)) if branches > 1 else latents
-        tokens, shallow_logdets = self.shallow_forward(x_rep, cache.noise_level)
+        of the sequence in ``cache`` (which must end with ``<|vision_start|>``).  The cache is left unchanged."""
+        if cache.batch_size != latents.shape[0]:
+            raise ValueError(f"latents batch {latents.shape[0]} does not match the cache batch {cache.batch_size}")
+        tokens, shallow_logdets = self.shallow_forward(latents, cache.noise_level)
         snap = cache.snapshot()
         try:
             out = self.step(vlm, cache, latents=tokens[:, :-1])
@@ -457,7 +472,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nll = 0.5 * z.pow(2).flatten(1).mean(1) + torch.log(sigma).flatten(1).mean(1)
         for logdet in shallow_logdets:
             nll = nll - logdet.flatten(1).mean(1)
-        return (nll + 0.5 * LOG_2PI)[:B]
+        return nll + 0.5 * LOG_2PI
 
     def denoise_image(self, vlm: VLMStream, cache: PretzelCache, latents: torch.Tensor, scheduler,
                       num_steps: Optional[int] = None, noise_level: Optional[float] = None) -> torch.Tensor:

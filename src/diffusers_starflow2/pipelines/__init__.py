@@ -1,0 +1,2 @@
+from .pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
+from .pipeline_starflow2 import StarFlow2Pipeline, StarFlow2PipelineOutput

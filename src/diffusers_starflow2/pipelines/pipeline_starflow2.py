@@ -1,0 +1,261 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""StarFlow2Pipeline: text -> image with STARFlow2, and the base shared by the editing and interleaved pipelines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from ..models.autoencoder_fae import AutoencoderFAE
+from ..models.transformer_pretzel import PretzelCache, PretzelModel
+from ..models.vlm_stream import VLMStream
+from ..schedulers.scheduling_tarflow import TarFlowScheduler
+from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
+from .pipeline_utils import (
+    check_generator,
+    check_guidance_scale,
+    check_output_type,
+    check_prompt,
+    postprocess_images,
+    prepare_noise,
+    resolve_callback_tensor_inputs,
+)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_starflow2 import StarFlow2Pipeline
+
+        >>> pipe = StarFlow2Pipeline.from_pretrained("path/to/starflow2")  # e.g. the folder of make_tiny_starflow2.py
+        >>> image = pipe("a red circle on the left", guidance_scale=2.0,
+        ...              generator=torch.Generator().manual_seed(0)).images[0]
+        >>> image.save("circle.png")
+        ```
+"""
+
+
+@dataclass
+class StarFlow2PipelineOutput(BaseOutput):
+    """
+    Args:
+        images: list of PIL images, a ``(B, H, W, 3)`` numpy array or a ``(B, 3, H, W)`` tensor in ``[0, 1]``, or
+            the ``(B, C, h, w)`` scaled FAE latents for ``output_type="latent"``.
+    """
+
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+
+
+class StarFlow2BasePipeline(DiffusionPipeline):
+    """Components and the image-generation core shared by the STARFlow2 pipelines.
+
+    Components:
+        vlm: the frozen VLM (``Qwen2_5_VLForConditionalGeneration`` or any transformers causal LM).
+        tokenizer: its tokenizer (with the Qwen special tokens and chat template).
+        transformer: :class:`PretzelModel`.
+        vae: :class:`AutoencoderFAE`.
+        scheduler: :class:`TarFlowScheduler`.
+    """
+
+    model_cpu_offload_seq = "vlm->transformer->vae"
+    _callback_tensor_inputs = ["latents"]
+    _optional_components: List[str] = []
+
+    def __init__(self, vlm, tokenizer, transformer: PretzelModel, vae: AutoencoderFAE, scheduler: TarFlowScheduler):
+        super().__init__()
+        self.register_modules(vlm=vlm, tokenizer=tokenizer, transformer=transformer, vae=vae, scheduler=scheduler)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=vae.config.out_patch_size if vae else 16)
+
+    @property
+    def vlm_stream(self) -> VLMStream:
+        return VLMStream(self.vlm)
+
+    @property
+    def image_size(self) -> int:
+        """Side of generated images: the FAE output of one latent grid."""
+        return self.transformer.config.sample_size * self.vae.config.out_patch_size
+
+    def _check_size(self, height: Optional[int], width: Optional[int]) -> None:
+        size = self.image_size
+        if (height or size, width or size) != (size, size):
+            raise ValueError(f"`height` and `width` must be {size} (the FAE output of the model's "
+                             f"{self.transformer.config.sample_size}x{self.transformer.config.sample_size} latent "
+                             f"grid); got {height} and {width}")
+
+    def _batch(self, layouts: Sequence[TokenLayout]):
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return pad_layouts(layouts, pad, side="left", device=self._execution_device)
+
+    def _new_cache(self, batch_size: int, noise_level: float) -> PretzelCache:
+        levels = torch.full((batch_size,), float(noise_level), device=self._execution_device)
+        return self.transformer.new_cache(self.vlm_stream, levels)
+
+    def _run_text(self, cache: PretzelCache, layouts: Sequence[TokenLayout], images: Optional[torch.Tensor] = None):
+        """Push (left-padded) token layouts into ``cache``; latent positions take ``images`` ``(M, N, C)`` in order."""
+        ids, latent_mask, attention_mask, _ = self._batch(layouts)
+        latents = None
+        if latent_mask.any():
+            latents = torch.zeros(*ids.shape, self.transformer.config.latent_channels, device=ids.device,
+                                  dtype=self.transformer.dtype)
+            latents[latent_mask] = images.reshape(-1, latents.shape[-1]).to(latents.dtype)
+        return self.transformer.step(self.vlm_stream, cache, ids, latents, latent_mask, attention_mask)
+
+    def _check_noise_level(self, noise_level: float) -> float:
+        if not noise_level >= 0:
+            raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
+        return float(noise_level)
+
+    def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance_scale: float,
+                       image_guidance_scale: float = 1.0, num_denoising_steps: int = 1,
+                       callback_on_step_end: Optional[Callable] = None, callback_tensor_inputs: Sequence[str] = (),
+                       step_offset: int = 0):
+        """Sample one image span in ``cache`` (which ends with ``<|vision_start|>``) and denoise it.
+
+        Returns ``(tokens, latents)``: the intermediate latents ``x~ (B, N, C)`` now in both caches, and the
+        denoised FAE latents ``(B, C, h, w)``.  ``callback_on_step_end`` runs after every latent position (step
+        ``step_offset + i``) and may replace ``latents`` (the ``(B, 1, C)`` latent just sampled, before it enters the
+        caches).
+        """
+        vlm, transformer = self.vlm_stream, self.transformer
+        B = noise.shape[0]
+        snap = cache.snapshot()
+        with self.progress_bar(total=noise.shape[1]) as progress_bar:
+            def on_latent(i, x_i):
+                if callback_on_step_end is not None:
+                    local = {"latents": x_i}
+                    kwargs = {k: local[k] for k in callback_tensor_inputs}
+                    out = callback_on_step_end(self, step_offset + i, cache.noise_level[0], kwargs) or {}
+                    x_i = out.get("latents", x_i)
+                progress_bar.update()
+                return x_i
+
+            tokens = transformer.sample_image_tokens(vlm, cache, noise, self.scheduler, guidance_scale,
+                                                     image_guidance_scale, callback=on_latent)
+        noise_level = cache.noise_level[:B]
+        latents = transformer.shallow_reverse(tokens, noise_level, self.scheduler)
+        if num_denoising_steps > 0:
+            context = cache.fork(snap)  # the conditional context before the image, without guidance branches
+            context.select(torch.arange(B, device=cache.cond.device))
+            latents = transformer.denoise_image(vlm, context, latents, self.scheduler, num_denoising_steps,
+                                                float(noise_level[0]))
+        return tokens, latents
+
+    def decode(self, latents: torch.Tensor, output_type: str):
+        """Scaled FAE latents -> images of ``output_type``."""
+        if output_type == "latent":
+            return latents
+        images = self.vae.decode_latents(latents.to(self.vae.dtype)).float().clamp(-1, 1)
+        return postprocess_images(images, output_type, self.image_processor)
+
+
+class StarFlow2Pipeline(StarFlow2BasePipeline):
+    r"""Text -> image with STARFlow2.
+
+    The prompt is rendered with the VLM's chat template as a user turn, followed by the assistant header and
+    ``<|vision_start|>``; the Pretzel then samples the image's latents left to right in one pass (classifier-free
+    guidance against the negative prompt, the empty prompt by default), the shallow flows are inverted, the sampling
+    noise is removed by Tweedie denoising and the FAE decodes the latents.
+
+    Quality knobs: ``guidance_scale`` (prompt adherence vs diversity; 0 disables guidance), ``noise_level`` (the
+    noise level the flow samples at, default the scheduler's, usually the training level), ``num_denoising_steps``
+    (denoising steps after sampling; 0 returns the noisy sample).
+    """
+
+    def encode_prompt(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
+                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
+                      max_sequence_length: int = 256) -> List[TokenLayout]:
+        """Token layouts of the conditional batch (each prompt repeated ``num_images_per_prompt`` times), followed
+        by the unconditional batch when guidance is on."""
+        prompts = check_prompt(prompt)
+        negatives = check_prompt(negative_prompt if negative_prompt is not None else "", "negative_prompt",
+                                 allow_empty=True)
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"`negative_prompt` has {len(negatives)} entries for {len(prompts)} prompts")
+        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+            for text in texts:
+                n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if n > max_sequence_length:
+                    raise ValueError(f"`{name}` has {n} tokens, more than max_sequence_length={max_sequence_length}")
+        n = self.transformer.num_latents
+
+        def layout(text: str) -> TokenLayout:
+            return encode_conversation(self.tokenizer, [{"role": "user", "content": text}], n,
+                                       add_generation_prompt=True, open_image=True)
+
+        cond = [layout(p) for p in prompts for _ in range(num_images_per_prompt)]
+        uncond = [layout(p) for p in negatives for _ in range(num_images_per_prompt)]
+        return cond + uncond if do_classifier_free_guidance else cond
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
+                 height: Optional[int] = None, width: Optional[int] = None, guidance_scale: float = 2.0,
+                 num_images_per_prompt: int = 1,
+                 generator: Union[torch.Generator, List[torch.Generator], None] = None,
+                 latents: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
+                 num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
+                 callback_on_step_end_tensor_inputs: List[str] = ["latents"], max_sequence_length: int = 256):
+        r"""Generate images from text.
+
+        Args:
+            prompt: a prompt or a list of prompts.
+            negative_prompt: the unconditional branch of guidance (default ``""``).
+            height, width: must be the model's image size (default), the FAE output of its latent grid.
+            guidance_scale: guidance weight ``w`` (0 = conditional only).
+            num_images_per_prompt: images per prompt.
+            generator: a ``torch.Generator`` or one per image, for reproducible noise.
+            latents: ``(B, N, C)`` standard-normal noise of the flow (replaces sampling from ``generator``).
+            noise_level: noise level of the flow sample (default ``scheduler.config.noise_level``).
+            num_denoising_steps: Tweedie denoising steps (default ``scheduler.config.num_denoising_steps``).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict: return a :class:`StarFlow2PipelineOutput` instead of a tuple.
+            callback_on_step_end: ``callback(pipe, step, noise_level, callback_kwargs) -> dict`` called once per
+                latent position (the documented unit of a flow pass); ``callback_kwargs["latents"]`` is the
+                ``(B, 1, C)`` latent just sampled and may be replaced by returning ``{"latents": new}``.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback (``["latents"]``).
+            max_sequence_length: maximum number of tokens of a prompt.
+
+        Examples:
+        """
+        self._check_size(height, width)
+        check_guidance_scale(guidance_scale)
+        check_output_type(output_type)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
+        tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                                       self._callback_tensor_inputs)
+        noise_level = self._check_noise_level(self.scheduler.config.noise_level if noise_level is None
+                                              else noise_level)
+        steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
+        if steps < 0:
+            raise ValueError(f"`num_denoising_steps` must be >= 0; got {steps}")
+        cfg = guidance_scale > 0
+        layouts = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, cfg, max_sequence_length)
+        batch_size = len(layouts) // (2 if cfg else 1)
+        check_generator(generator, batch_size)
+
+        transformer = self.transformer
+        noise = prepare_noise((batch_size, transformer.num_latents, transformer.config.latent_channels), generator,
+                              self._execution_device, torch.float32, latents)
+        cache = self._new_cache(len(layouts), noise_level)
+        self._run_text(cache, layouts)
+        _, image_latents = self.generate_image(cache, noise, guidance_scale, 1.0, steps, callback_on_step_end,
+                                               tensor_inputs)
+        images = self.decode(image_latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return StarFlow2PipelineOutput(images=images)
+
+
+StarFlow2Pipeline.__call__.__doc__ = StarFlow2Pipeline.__call__.__doc__.replace("        Examples:\n",
+                                                                                  EXAMPLE_DOC_STRING)

@@ -1,0 +1,103 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""Interleaved text/image sequences: chat messages -> token ids with latent spans, and batching.
+
+One layout is used by every pipeline and by training, so what the model sees at sampling time is what it was trained
+on.  A conversation is rendered with the tokenizer's chat template (Qwen2.5-VL's: an image renders as
+``<|vision_start|><|image_pad|><|vision_end|>``); each ``<|image_pad|>`` is then expanded into the ``N`` latent
+positions of one image span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+Message = Dict[str, Union[str, List[dict]]]
+
+
+@dataclass
+class TokenLayout:
+    """One sample: token ids (``<|image_pad|>`` at latent positions), which positions are latents, and which tokens
+    belong to assistant turns (the targets of the text loss)."""
+
+    input_ids: List[int]
+    latent_mask: List[bool]
+    assistant_mask: List[bool] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def special_id(tokenizer, token: str) -> int:
+    idx = tokenizer.convert_tokens_to_ids(token)
+    if idx is None or idx == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {token} token")
+    return idx
+
+
+def user_message(*parts) -> Message:
+    """A user turn from strings and images (anything that is not a string becomes an image slot)."""
+    return {"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
+                                        for p in parts]}
+
+
+def encode_conversation(tokenizer, messages: Sequence[Message], num_latents: int,
+                        add_generation_prompt: bool = False, open_image: bool = False) -> TokenLayout:
+    """Render ``messages`` and expand each image into ``num_latents`` latent positions.
+
+    ``add_generation_prompt`` appends the assistant header; ``open_image`` then also appends ``<|vision_start|>``
+    so that the next positions are the latents of an image to generate.
+    """
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if open_image:
+        ids = ids + [special_id(tokenizer, VISION_START)]
+    pad, im_start, im_end = (special_id(tokenizer, t) for t in (IMAGE_PAD, IM_START, IM_END))
+    out, latent, assistant = [], [], []
+    role, in_header = None, False
+    for i, tok in enumerate(ids):
+        if tok == im_start:
+            role, in_header = "", True
+        elif in_header:
+            piece = tokenizer.decode([tok])
+            role += piece.split("\n")[0]
+            in_header = "\n" not in piece
+        is_assistant = role == "assistant" and not in_header and tok != im_start
+        if tok == pad:
+            out += [pad] * num_latents
+            latent += [True] * num_latents
+            assistant += [is_assistant] * num_latents
+        else:
+            out.append(tok)
+            latent.append(False)
+            assistant.append(is_assistant)
+        if tok == im_end:
+            role = None
+    return TokenLayout(out, latent, assistant)
+
+
+def pad_layouts(layouts: Sequence[TokenLayout], pad_token_id: int, side: str = "left",
+                device=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack layouts into ``input_ids``, ``latent_mask``, ``attention_mask``, ``assistant_mask``, all ``(B, T)``.
+
+    Prompts are padded on the left so that every sample's next position is the same column.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right'; got {side!r}")
+    T = max(len(l) for l in layouts)
+    rows = []
+    for l in layouts:
+        n = T - len(l)
+        parts = [l.input_ids, l.latent_mask, [True] * len(l), l.assistant_mask or [False] * len(l)]
+        fills = [pad_token_id, False, False, False]
+        rows.append([([f] * n + p) if side == "left" else (p + [f] * n) for p, f in zip(parts, fills)])
+    ids, lat, att, asst = (torch.tensor([r[k] for r in rows], device=device) for k in range(4))
+    return ids, lat.bool(), att.bool(), asst.bool()
