@@ -1,2 +1,3 @@
 from .pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
 from .pipeline_starflow2 import StarFlow2Pipeline, StarFlow2PipelineOutput
+from .pipeline_starflow2_interleaved import IMAGE_PLACEHOLDER, StarFlow2InterleavedOutput, StarFlow2InterleavedPipeline

@@ -107,6 +107,33 @@ class StarFlow2BasePipeline(DiffusionPipeline):
             latents[latent_mask] = images.reshape(-1, latents.shape[-1]).to(latents.dtype)
         return self.transformer.step(self.vlm_stream, cache, ids, latents, latent_mask, attention_mask)
 
+    def encode_context_images(self, images: Sequence, noise_level: float,
+                              generator: Union[torch.Generator, List[torch.Generator], None] = None,
+                              name: str = "image") -> torch.Tensor:
+        """Images the model should read (PIL, numpy, torch) -> intermediate latents ``x~ (M, N, C)``.
+
+        Each image is FAE-encoded (posterior mode), noised to ``noise_level`` exactly as sampled images are, and
+        pushed through the shallow flows forward, so a given image enters the context as a generated one would.
+        """
+        for img in images:
+            if not isinstance(img, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+                raise ValueError(f"`{name}` must be PIL images, numpy arrays or torch tensors; got {type(img).__name__}")
+            if isinstance(img, PIL.Image.Image):
+                continue  # any PIL mode converts to RGB
+            channels = 1 if img.ndim < 3 else img.shape[-1] if isinstance(img, np.ndarray) else img.shape[-3]
+            if channels != 3:
+                raise ValueError(f"`{name}` must have 3 channels (RGB, HWC numpy or CHW torch); got shape "
+                                 f"{tuple(img.shape)}")
+        pixels = self.image_processor.preprocess(
+            [img.convert("RGB") if isinstance(img, PIL.Image.Image) else img for img in images],
+            height=self.vae.config.image_size, width=self.vae.config.image_size)
+        latents = self.vae.encode_latents(pixels.to(self._execution_device, self.vae.dtype), sample=False)
+        noise = prepare_noise(tuple(latents.shape), generator, self._execution_device, torch.float32)
+        levels = torch.full((latents.shape[0],), noise_level, device=self._execution_device)
+        noisy = self.scheduler.add_noise(latents.float(), noise, levels)
+        tokens, _ = self.transformer.shallow_forward(noisy.to(self.transformer.dtype), levels)
+        return tokens
+
     def _check_noise_level(self, noise_level: float) -> float:
         if not noise_level >= 0:
             raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
