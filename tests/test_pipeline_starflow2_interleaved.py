@@ -1,0 +1,190 @@
+"""StarFlow2InterleavedPipeline: segment order, cache reuse (no re-encoding), understanding, streaming, bad inputs."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffusers_starflow2 import StarFlow2Pipeline
+from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
+from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts, user_message
+from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = StarFlow2InterleavedPipeline(**build_tiny_starflow2_components(seed=0))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def red_square():
+    img = PIL.Image.new("RGB", (32, 32), (255, 255, 255))
+    img.paste((220, 40, 40), (8, 8, 24, 24))
+    return img
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_forced_images_come_in_the_order_asked(pipe):
+    out = pipe(["two shapes", IMAGE_PLACEHOLDER, " and another", IMAGE_PLACEHOLDER], max_new_tokens=0,
+               generator=gen(), output_type="pt")
+    assert len(out.segments) == 2 and all(s.shape == (3, 32, 32) for s in out.segments)
+    assert out.text == "" and len(out.images) == 2
+    # the second image is conditioned on the first: it is not a copy of it
+    assert not torch.allclose(out.segments[0], out.segments[1])
+
+
+def test_free_generation_text_image_text_order(pipe, monkeypatch):
+    """Force the LM to emit: two words, <|vision_start|>, one word, <|im_end|>."""
+    tok = pipe.tokenizer
+    words = tok(" hello", add_special_tokens=False)["input_ids"]
+    script = iter(words + [tok.convert_tokens_to_ids("<|vision_start|>")] + words + [tok.eos_token_id])
+    monkeypatch.setattr(pipe, "_next_token", lambda *a, **k: next(script))
+    out = pipe("say something", max_new_tokens=20, generator=gen(), output_type="np")
+    kinds = ["text" if isinstance(s, str) else "image" for s in out.segments]
+    assert kinds == ["text", "image", "text"]
+    assert out.segments[0] == out.segments[2] == " hello"
+
+
+def count_positions(pipe):
+    """Forward hooks counting (batch x positions) through the VLM decoder and the TARFlow stream."""
+    counts = {"vlm": 0, "flow": 0}
+    hooks = [
+        pipe.vlm.get_decoder().register_forward_hook(
+            lambda m, args, kwargs, out: counts.__setitem__("vlm", counts["vlm"] + kwargs["inputs_embeds"].shape[0]
+                                                            * kwargs["inputs_embeds"].shape[1]), with_kwargs=True),
+        pipe.transformer.deep.layers[0].register_forward_hook(
+            lambda m, args, out: counts.__setitem__("flow", counts["flow"] + out.shape[0] * out.shape[1])),
+    ]
+    return counts, hooks
+
+
+@pytest.mark.parametrize("guidance_scale, branches", [(0.0, 1), (2.0, 2)])
+def test_every_position_passes_each_stream_once(pipe, monkeypatch, guidance_scale, branches):
+    """text -> image -> text: positions through each stream == sequence length x guidance branches."""
+    caches = []
+    step = pipe.transformer.step
+
+    def recording_step(vlm, cache, *args, **kwargs):
+        if not caches or caches[-1] is not cache:
+            caches.append(cache)
+        return step(vlm, cache, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "step", recording_step)
+    counts, hooks = count_positions(pipe)
+    try:
+        out = pipe(["a red shape", IMAGE_PLACEHOLDER, " that was it"], max_new_tokens=3, temperature=1.0,
+                   guidance_scale=guidance_scale, num_denoising_steps=0, generator=gen(), output_type="latent")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(caches) == 1, "one cache for the whole conversation"
+    cache = caches[0]
+    assert cache.batch_size == branches
+    assert out.images, "an image was generated"
+    n = pipe.transformer.num_latents
+    assert cache.length > n + 2 + 3
+    assert counts["vlm"] == cache.length * branches
+    assert counts["flow"] == cache.length * branches
+
+
+def test_denoising_does_not_touch_the_caches(pipe, monkeypatch):
+    caches = []
+    step = pipe.transformer.step
+    monkeypatch.setattr(pipe.transformer, "step",
+                        lambda vlm, cache, *a, **k: (caches.append(cache), step(vlm, cache, *a, **k))[1])
+    pipe(["a red shape", IMAGE_PLACEHOLDER, " done"], max_new_tokens=0, num_denoising_steps=2, generator=gen(),
+         output_type="latent")
+    main = caches[0]
+    seq = encode_conversation(pipe.tokenizer, [user_message("a red shape")], pipe.transformer.num_latents, True)
+    expected = len(seq) + 1 + pipe.transformer.num_latents + 1 + len(pipe.tokenizer(" done")["input_ids"])
+    assert main.length == expected
+
+
+def test_understanding_equals_greedy_teacher_forced_decoding(pipe, monkeypatch):
+    generated = []
+    original = pipe._next_token
+    monkeypatch.setattr(pipe, "_next_token", lambda *a, **k: generated.append(original(*a, **k)) or generated[-1])
+    image, question = red_square(), "What color is the shape?"
+    out = pipe([image, question], max_new_tokens=6, temperature=0.0, guidance_scale=0.0, generator=gen(3))
+    assert out.images == [] and isinstance(out.text, str)
+    stop = {pipe.tokenizer.eos_token_id, pipe.tokenizer.pad_token_id}
+    answer = [t for t in generated if t not in stop]
+    assert answer, "the tiny model produced no token"
+
+    # teacher-forced: one pass over prompt + answer, argmax at every answer position
+    t = pipe.transformer
+    n = t.num_latents
+    layout = encode_conversation(pipe.tokenizer, [user_message(image, question)], n, add_generation_prompt=True)
+    ids, latent_mask, attention_mask, _ = pad_layouts([layout], pipe.tokenizer.pad_token_id)
+    ids = torch.cat([ids, torch.tensor([answer])], 1)
+    latent_mask = torch.cat([latent_mask, torch.zeros(1, len(answer), dtype=torch.bool)], 1)
+    tokens = pipe.encode_context_images([image], pipe.scheduler.config.noise_level, gen(3))
+    latents = torch.zeros(*ids.shape, t.config.latent_channels)
+    latents[latent_mask] = tokens.reshape(-1, t.config.latent_channels)
+    with torch.no_grad():
+        cache = t.new_cache(pipe.vlm_stream, torch.full((1,), pipe.scheduler.config.noise_level),
+                            use_flow_cache=False)
+        o = t.step(pipe.vlm_stream, cache, ids, latents, latent_mask)
+        logits = t.text_logits(pipe.vlm_stream, o.hidden_states, o.flow_hidden_states)[0].float()
+    banned = [pipe.tokenizer.convert_tokens_to_ids(x) for x in ("<|image_pad|>", "<|vision_end|>")]
+    logits[:, banned] = -float("inf")
+    L = len(layout)
+    predicted = logits[L - 1:L - 1 + len(generated)].argmax(-1).tolist()
+    assert predicted == generated
+
+
+def test_identical_seeds_identical_outputs(pipe):
+    kwargs = dict(max_new_tokens=4, temperature=1.0, top_k=50, top_p=0.9, output_type="np")
+    a = pipe(["a blue circle", IMAGE_PLACEHOLDER], generator=gen(7), **kwargs).segments
+    b = pipe(["a blue circle", IMAGE_PLACEHOLDER], generator=gen(7), **kwargs).segments
+    c = pipe(["a blue circle", IMAGE_PLACEHOLDER], generator=gen(8), **kwargs).segments
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x == y if isinstance(x, str) else np.array_equal(x, y)
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_stream_and_segment_callback_match_call(pipe):
+    seen = []
+    kwargs = dict(max_new_tokens=3, temperature=1.0, output_type="np")
+    out = pipe(["hi", IMAGE_PLACEHOLDER], generator=gen(1), callback_on_segment=seen.append, **kwargs)
+    streamed = list(pipe.stream(["hi", IMAGE_PLACEHOLDER], generator=gen(1), **kwargs))
+    assert len(seen) == len(out.segments) == len(streamed)
+    for a, b in zip(out.segments, streamed):
+        assert a == b if isinstance(a, str) else np.array_equal(a, b)
+
+
+def test_chat_messages_input(pipe):
+    messages = [{"role": "user", "content": [{"type": "image", "image": red_square()},
+                                             {"type": "text", "text": "Redraw it."}]},
+                {"role": "assistant", "content": f"Sure: {IMAGE_PLACEHOLDER}"}]
+    out = pipe(messages, max_new_tokens=0, generator=gen(), output_type="latent")
+    assert len(out.segments) == 1 and out.segments[0].shape == (4, 4, 4)
+
+
+def test_loads_from_a_starflow2_pipeline_folder(tmp_path):
+    StarFlow2Pipeline(**build_tiny_starflow2_components(seed=1)).save_pretrained(tmp_path)
+    p = StarFlow2InterleavedPipeline.from_pretrained(tmp_path)
+    p.set_progress_bar_config(disable=True)
+    assert len(p(["x", IMAGE_PLACEHOLDER], max_new_tokens=0, output_type="latent").images) == 1
+
+
+@pytest.mark.parametrize("prompt, kwargs, name", [
+    (["look", None], {}, "prompt"),
+    (["look", 3], {}, "prompt"),
+    ([np.zeros((32, 32, 4), dtype=np.uint8), "what?"], {}, "prompt"),
+    ([torch.zeros(1, 32, 32), "what?"], {}, "prompt"),
+    ("hi", {"max_new_tokens": -1}, "max_new_tokens"),
+    (["a", IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER], {"max_images": 1}, "max_images"),
+    ("hi", {"guidance_scale": -1.0}, "guidance_scale"),
+    ("hi", {"output_type": "jpeg"}, "output_type"),
+    ([IMAGE_PLACEHOLDER], {}, "prompt"),
+    ([], {}, "prompt"),
+])
+def test_bad_inputs(pipe, prompt, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        pipe(prompt, max_new_tokens=kwargs.pop("max_new_tokens", 0), **kwargs)
