@@ -463,10 +463,11 @@ class AutoregressiveFlowBlock(nn.Module):
         L = text.shape[1] if text is not None else 0
         x = self.permute(x)
         inputs = torch.cat([self.sos_embed.expand(x.shape[0], -1, -1), x[:, :-1]], dim=1) if self.use_sos else x
-        h = self.embed(inputs, cond=cond)
+        dtype = self.proj_in.weight.dtype  # the flow arithmetic stays float32; the layers run in the model dtype
+        h = self.embed(inputs.to(dtype), cond=cond)
         key_padding_mask = None
         if text is not None:
-            h = torch.cat([self.add_cond(self.proj_txt(text), cond), h], dim=1)  # (B, L + N, C)
+            h = torch.cat([self.add_cond(self.proj_txt(text.to(dtype)), cond), h], dim=1)  # (B, L + N, C)
             if text_mask is not None:
                 key_padding_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2]).bool()], dim=1)
         h = self.transformer(h, self.rotary_angles(*grid, L), key_padding_mask=key_padding_mask)[:, L:]

@@ -1,0 +1,297 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""StarFlowPipeline: text-to-image with converted STARFlow (v1) checkpoints.
+
+Sampling follows apple/ml-starflow: T5 features of the prompt (padding zeroed, no attention mask given to the flow),
+Gaussian noise in VAE-latent space, one reverse pass through the flow stack (deep block first, guided against the
+empty prompt), self-denoising with the flow's own score, VAE decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from transformers import PreTrainedTokenizerBase, T5EncoderModel
+
+from ..models.transformer_starflow import StarFlowTransformerModel, patchify, unpatchify
+from ..schedulers.scheduling_tarflow import TarFlowScheduler
+from .pipeline_utils import (
+    check_generator,
+    check_guidance_scale,
+    check_image_size,
+    check_output_type,
+    check_prompt,
+    postprocess_images,
+    prepare_noise,
+    resolve_callback_tensor_inputs,
+)
+
+logger = logging.get_logger(__name__)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_starflow2 import StarFlowPipeline
+
+        >>> # a folder written by `conversion/convert_starflow_to_diffusers.py --save_full_pipeline`
+        >>> pipe = StarFlowPipeline.from_pretrained("./starflow-3b-t2i-256").to("cuda")
+        >>> image = pipe(
+        ...     "a film still of a cat playing piano",
+        ...     guidance_scale=3.6,
+        ...     generator=torch.Generator("cuda").manual_seed(999),
+        ... ).images[0]
+        >>> image.save("cat.png")
+        ```
+"""
+
+
+@dataclass
+class StarFlowPipelineOutput(BaseOutput):
+    """
+    Args:
+        images: a list of PIL images, a ``(B, H, W, 3)`` numpy array or ``(B, 3, H, W)`` tensor in ``[0, 1]``, or
+            with ``output_type="latent"`` the ``(B, C, H/f, W/f)`` latents (scaled as the transformer sees them).
+    """
+
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+
+
+class StarFlowPipeline(DiffusionPipeline):
+    r"""Text-to-image generation with a STARFlow deep-shallow autoregressive flow.
+
+    Args:
+        text_encoder: FLAN-T5 encoder (``T5EncoderModel``) whose ``d_model`` is the transformer's ``text_dim``.
+        tokenizer: the text encoder's tokenizer.
+        transformer: the flow, :class:`StarFlowTransformerModel`.
+        vae: ``AutoencoderKL``; the flow models its latents times ``vae.config.scaling_factor``.
+        scheduler: :class:`TarFlowScheduler` (guidance rule, noise level and denoising schedule).
+
+    Generation has two kinds of steps, which are the unit of ``callback_on_step_end``:
+
+    1. one step per flow block, in sampling order (the deep, text-reading block first; identity blocks included).
+       Each block inverts its autoregression token by token; the progress bar advances once per token.
+    2. ``num_denoising_steps`` denoising steps (one progress-bar tick each), which remove the Gaussian noise of
+       standard deviation ``noise_level`` that the flow was trained on.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, text_encoder: T5EncoderModel, tokenizer: PreTrainedTokenizerBase,
+                 transformer: StarFlowTransformerModel, vae: AutoencoderKL, scheduler: TarFlowScheduler):
+        super().__init__()
+        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                              scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the last call: flow blocks plus denoising steps."""
+        return self._num_timesteps
+
+    # -- text ------------------------------------------------------------------------------------------------------
+
+    def _encode(self, texts: List[str], max_sequence_length: int, device) -> torch.Tensor:
+        """T5 features ``(len(texts), max_sequence_length, d_model)`` with padding positions zeroed (as in training)."""
+        tokens = self.tokenizer(texts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                                return_tensors="pt")
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+        if max(lengths) > max_sequence_length:
+            logger.warning(f"A prompt has {max(lengths)} tokens; only the first {max_sequence_length} are used "
+                           f"(max_sequence_length).")
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        features = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return (features * mask[..., None].to(features.dtype)).to(self.transformer.dtype)
+
+    def encode_prompt(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
+                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1, device=None,
+                      max_sequence_length: Optional[int] = None):
+        r"""Encode the prompts and, for guidance, the negative prompts.
+
+        Args:
+            prompt: prompt or prompts.
+            negative_prompt: the unconditional branch of guidance, one for all or one per prompt; ``None`` is the
+                empty prompt ``""`` that STARFlow was trained to drop captions to.
+            do_classifier_free_guidance: also encode ``negative_prompt``.
+            num_images_per_prompt: repeat each prompt's features this many times (consecutively).
+            device: where to put the features (default: the execution device).
+            max_sequence_length: text tokens (default and maximum: the transformer's ``max_text_length``).
+
+        Returns:
+            ``(prompt_embeds, negative_prompt_embeds)``, each ``(B * num_images_per_prompt, L, d_model)`` in the
+            transformer's dtype; ``negative_prompt_embeds`` is ``None`` without guidance.
+        """
+        device = device or self._execution_device
+        if max_sequence_length is None:
+            max_sequence_length = self.transformer.config.max_text_length
+        prompts = check_prompt(prompt)
+        prompt_embeds = self._encode(prompts, max_sequence_length, device)
+        negative_prompt_embeds = None
+        if do_classifier_free_guidance:
+            negatives = check_prompt("" if negative_prompt is None else negative_prompt, "negative_prompt",
+                                     allow_empty=True)
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+            elif len(negatives) != len(prompts):
+                raise ValueError(f"`negative_prompt` has {len(negatives)} entries for {len(prompts)} prompts")
+            negative_prompt_embeds = self._encode(negatives, max_sequence_length, device)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0), negative_prompt_embeds
+
+    # -- checks and latents ----------------------------------------------------------------------------------------
+
+    def check_inputs(self, prompt, negative_prompt, height: int, width: int, guidance_scale: float,
+                     num_images_per_prompt: int, output_type: str, max_sequence_length: int,
+                     noise_level: float, num_denoising_steps: int, callback_on_step_end: Optional[Callable],
+                     callback_on_step_end_tensor_inputs: List[str]) -> List[str]:
+        """Validate the call; returns the callback tensor names to pass."""
+        check_prompt(prompt)
+        if negative_prompt is not None:
+            check_prompt(negative_prompt, "negative_prompt", allow_empty=True)
+        cfg = self.transformer.config
+        check_image_size(height, width, self.vae_scale_factor * cfg.patch_size)
+        if not cfg.use_rope and (height, width) != (self.default_size,) * 2:
+            raise ValueError(f"`height` and `width` must be {self.default_size} for a transformer without RoPE")
+        check_guidance_scale(guidance_scale)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be a positive integer; got {num_images_per_prompt}")
+        check_output_type(output_type)
+        if not 1 <= max_sequence_length <= cfg.max_text_length:
+            raise ValueError(f"`max_sequence_length` must be between 1 and the transformer's max_text_length "
+                             f"({cfg.max_text_length}); got {max_sequence_length}")
+        if noise_level < 0:
+            raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
+        if num_denoising_steps < 0:
+            raise ValueError(f"`num_denoising_steps` must be >= 0; got {num_denoising_steps}")
+        return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                              self._callback_tensor_inputs)
+
+    @property
+    def default_size(self) -> int:
+        """Image side the transformer was trained at (``sample_size`` latents times the VAE factor)."""
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
+    def prepare_latents(self, batch_size: int, height: int, width: int, generator, device,
+                        latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Float32 standard-normal noise ``(batch_size, C, height / f, width / f)``, or ``latents`` (shape checked)."""
+        shape = (batch_size, self.transformer.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        return prepare_noise(shape, generator, device, torch.float32, latents)
+
+    # -- sampling --------------------------------------------------------------------------------------------------
+
+    def _num_flow_ticks(self, num_tokens: int) -> int:
+        """Progress-bar ticks of one flow pass: the tokens each non-identity block generates."""
+        return sum(num_tokens - (0 if block.use_sos else 1) for block in self.transformer.blocks
+                   if not block.is_identity)
+
+    def _callback(self, callback: Optional[Callable], tensor_inputs: List[str], step: int, t: torch.Tensor,
+                  latents: torch.Tensor) -> torch.Tensor:
+        if callback is None:
+            return latents
+        callback_kwargs = {name: value for name, value in {"latents": latents}.items() if name in tensor_inputs}
+        outputs = callback(self, step, t, callback_kwargs) or {}
+        return outputs.pop("latents", latents)
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
+                 height: Optional[int] = None, width: Optional[int] = None, guidance_scale: float = 3.6,
+                 num_images_per_prompt: int = 1,
+                 generator: Union[torch.Generator, List[torch.Generator], None] = None,
+                 latents: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
+                 num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callable[["StarFlowPipeline", int, torch.Tensor, Dict], Dict]] = None,
+                 callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+                 max_sequence_length: Optional[int] = None):
+        r"""Generate images from text.
+
+        Args:
+            prompt: prompt or list of prompts.
+            negative_prompt: the unconditional branch of guidance (default ``""``, as in training); ignored when
+                ``guidance_scale == 0``.
+            height, width: image size in pixels, multiples of the VAE factor times the patch size (default: the
+                training resolution, ``transformer.config.sample_size`` times the VAE factor).
+            guidance_scale: STARFlow's guidance weight ``w``: every token's Gaussian is ``p_cond^(1+w) / p_uncond^w``
+                (see :meth:`TarFlowScheduler.guide`), i.e. a classifier-free-guidance scale of ``1 + w``. ``0``
+                disables guidance (conditional model only, half the compute). Default 3.6, as in the reference
+                sampling script.
+            num_images_per_prompt: images per prompt.
+            generator: a generator, or one per image (``len(prompt) * num_images_per_prompt``).
+            latents: the initial noise ``(B * num_images_per_prompt, C, height / f, width / f)`` instead of sampling
+                it with ``generator``.
+            noise_level: standard deviation of the Gaussian noise the flow was trained on and samples carry
+                (default ``scheduler.config.noise_level``, 0.3 for STARFlow); the denoising schedule starts there.
+            num_denoising_steps: Tweedie steps on the flow's own score that remove that noise (default
+                ``scheduler.config.num_denoising_steps``; 1 is STARFlow's self-denoising, 0 keeps the noisy sample).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (skip VAE decoding).
+            return_dict: return a :class:`StarFlowPipelineOutput` instead of a tuple.
+            callback_on_step_end: ``callback(pipe, step_index, noise_level, callback_kwargs) -> dict`` called after each
+                flow block and each denoising step (see the class docstring); ``noise_level`` is a tensor with the
+                level of the latents the step started from. Returning ``{"latents": ...}`` replaces the latents.
+            callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (a subset of
+                ``_callback_tensor_inputs``).
+            max_sequence_length: text tokens; prompts are padded to it and longer prompts truncated, as in
+                training (default and maximum: the transformer's ``max_text_length``).
+
+        Examples:
+
+        Returns:
+            :class:`StarFlowPipelineOutput`, or a tuple with the images.
+        """
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        if max_sequence_length is None:
+            max_sequence_length = self.transformer.config.max_text_length
+        noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
+        if num_denoising_steps is None:
+            num_denoising_steps = self.scheduler.config.num_denoising_steps
+        tensor_inputs = self.check_inputs(prompt, negative_prompt, height, width, guidance_scale,
+                                          num_images_per_prompt, output_type, max_sequence_length, noise_level,
+                                          num_denoising_steps, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        batch_size = len(check_prompt(prompt)) * num_images_per_prompt
+        check_generator(generator, batch_size)
+        device = self._execution_device
+        guided = guidance_scale > 0
+
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, negative_prompt, guided,
+                                                                   num_images_per_prompt, device, max_sequence_length)
+        text = torch.cat([prompt_embeds, negative_prompt_embeds]) if guided else prompt_embeds
+        latents = self.prepare_latents(batch_size, height, width, generator, device, latents)
+
+        p = self.transformer.config.patch_size
+        grid = (latents.shape[2] // p, latents.shape[3] // p)
+        self.scheduler.set_timesteps(num_denoising_steps, device=device, noise_level=noise_level)
+        blocks = list(reversed(self.transformer.blocks))
+        self._num_timesteps = len(blocks) + len(self.scheduler.timesteps)
+        level = torch.tensor(noise_level, device=device)
+        with self.progress_bar(total=self._num_flow_ticks(grid[0] * grid[1]) + num_denoising_steps) as progress_bar:
+            for i, block in enumerate(blocks):
+                tokens = patchify(latents.float(), p).flatten(1, 2)
+                tokens = block.reverse(tokens, grid, self.scheduler, text, guidance_scale, progress_bar=progress_bar)
+                latents = unpatchify(tokens.unflatten(1, grid), p)
+                latents = self._callback(callback_on_step_end, tensor_inputs, i, level, latents)
+            for i, t in enumerate(self.scheduler.timesteps, start=len(blocks)):
+                score = self.transformer.nll_gradient(latents, prompt_embeds)
+                latents = self.scheduler.step(score, t, latents).prev_sample
+                progress_bar.update()
+                latents = self._callback(callback_on_step_end, tensor_inputs, i, t, latents)
+
+        if output_type == "latent":
+            images = latents
+        else:
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None) is not None:
+                latents = latents + self.vae.config.shift_factor
+            images = postprocess_images(self.vae.decode(latents, return_dict=False)[0], output_type,
+                                        self.image_processor)
+        self.maybe_free_model_hooks()
+        return StarFlowPipelineOutput(images=images) if return_dict else (images,)

@@ -1,0 +1,292 @@
+"""Fast tests of StarFlowPipeline with tiny components built from configs (no downloads)."""
+
+import json
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerModel, tiny_starflow_config
+from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
+from diffusers_starflow2.pipelines.starflow_assembly import save_starflow_pipeline
+from diffusers_starflow2.schedulers.scheduling_tarflow import TarFlowScheduler
+
+WORDS = "a an the photo painting of cat dog bird red blue green small big on in chair tree house sky".split()
+VAE_CHANNELS = (8, 16)
+FACTOR = 2 ** (len(VAE_CHANNELS) - 1)  # the VAE downsampling factor
+SIZE = 4 * FACTOR  # pixels: 4x4 latents, 16 tokens per flow block
+LATENT = SIZE // FACTOR
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level T5-style tokenizer: pad=0, eos=1 appended to every text, unk=2."""
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_components():
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                                           num_heads=2, pad_token_id=0, eos_token_id=1)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=VAE_CHANNELS, layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+    transformer = StarFlowTransformerModel(**tiny_starflow_config()).eval()
+    for block in transformer.blocks:  # the output projection starts at zero (identity flow): make the flow non-trivial
+        torch.nn.init.normal_(block.proj_out.weight, std=0.05)
+    return dict(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+                scheduler=TarFlowScheduler())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The models are tiny: intra-op threads only add overhead (and contend with other jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def components():
+    return build_components()
+
+
+@pytest.fixture(scope="module")
+def pipe(components):
+    pipe = StarFlowPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, prompt="a photo of a cat", seed=0, **kwargs):
+    kwargs.setdefault("height", SIZE)
+    kwargs.setdefault("width", SIZE)
+    kwargs.setdefault("output_type", "np")
+    if "generator" not in kwargs and "latents" not in kwargs:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return pipe(prompt, **kwargs).images
+
+
+def test_vae_factor_and_default_size(pipe):
+    assert pipe.vae_scale_factor == FACTOR == 2
+    assert pipe.default_size == tiny_starflow_config()["sample_size"] * FACTOR
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
+def test_output_types(pipe, output_type):
+    height, width = 2 * SIZE, SIZE
+    out = pipe(["a cat", "a dog"], height=height, width=width, output_type=output_type,
+               generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, StarFlowPipelineOutput)
+    images = out.images
+    if output_type == "pil":
+        assert len(images) == 2 and all(isinstance(im, PIL.Image.Image) and im.size == (width, height) for im in images)
+    elif output_type == "np":
+        assert isinstance(images, np.ndarray) and images.shape == (2, height, width, 3)
+        assert images.min() >= 0 and images.max() <= 1
+    elif output_type == "pt":
+        assert isinstance(images, torch.Tensor) and images.shape == (2, 3, height, width)
+    else:
+        assert isinstance(images, torch.Tensor) and images.shape == (2, 4, height // FACTOR, width // FACTOR)
+
+
+def test_tuple_output_and_default_size(pipe):
+    images, = pipe("a cat", output_type="np", return_dict=False, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, pipe.default_size, pipe.default_size, 3)
+
+
+def test_fixed_generator_is_deterministic(pipe):
+    a, b, c = run(pipe, seed=0), run(pipe, seed=0), run(pipe, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_prompt_changes_image(pipe):
+    assert np.abs(run(pipe, "a red cat") - run(pipe, "a blue dog on the tree")).max() > 1e-3
+
+
+def test_encode_prompt_zeroes_padding(pipe):
+    embeds, negative = pipe.encode_prompt(["a cat", "a big blue dog"], do_classifier_free_guidance=True,
+                                          num_images_per_prompt=2)
+    assert embeds.shape == negative.shape == (4, tiny_starflow_config()["max_text_length"], 32)
+    # "a cat" + eos = 3 tokens, "a big blue dog" + eos = 5 tokens; the rest is padding
+    assert embeds[0, 3:].abs().max() == 0 and embeds[0, :3].abs().min() > 0
+    assert embeds[2, 5:].abs().max() == 0
+    torch.testing.assert_close(embeds[0], embeds[1])
+    torch.testing.assert_close(negative[0], negative[3])  # all the empty prompt: only eos
+    assert negative[0, 1:].abs().max() == 0
+    short, none = pipe.encode_prompt("a cat", do_classifier_free_guidance=False, max_sequence_length=4)
+    assert short.shape == (1, 4, 32) and none is None
+    torch.testing.assert_close(short[0], embeds[0, :4])
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
+def test_matches_transformer_sample_and_denoise(pipe, guidance_scale):
+    """The pipeline's block-by-block loop reproduces StarFlowTransformerModel.sample + denoise."""
+    noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))
+    latents = run(pipe, "a small bird", latents=noise, guidance_scale=guidance_scale, output_type="latent")
+    y, y_null = pipe.encode_prompt("a small bird", do_classifier_free_guidance=True)
+    expected = pipe.transformer.sample(noise, encoder_hidden_states=y, negative_encoder_hidden_states=y_null,
+                                       guidance_scale=guidance_scale, scheduler=pipe.scheduler)
+    expected = pipe.transformer.denoise(expected, encoder_hidden_states=y, noise_std=0.3, num_steps=1)
+    torch.testing.assert_close(latents, expected)
+
+
+def test_guidance_zero_is_conditional_only(pipe):
+    plain = run(pipe, guidance_scale=0.0)
+    np.testing.assert_array_equal(plain, run(pipe, guidance_scale=0.0, negative_prompt="a red dog"))
+    guided = run(pipe, guidance_scale=2.0)
+    assert np.abs(plain - guided).max() > 1e-3
+    assert np.abs(guided - run(pipe, guidance_scale=2.0, negative_prompt="a red dog")).max() > 1e-3
+
+
+def test_batch_equals_single_calls(pipe):
+    prompts, negatives = ["a red cat", "a dog in the house"], ["", "a bird"]
+    batch = run(pipe, prompts, negative_prompt=negatives, generator=[torch.Generator().manual_seed(s) for s in (4, 5)])
+    for i, seed in enumerate((4, 5)):
+        single = run(pipe, prompts[i], negative_prompt=negatives[i], seed=seed)
+        np.testing.assert_allclose(batch[i], single[0], atol=1e-5)
+
+
+def test_num_images_per_prompt(pipe):
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    images = run(pipe, ["a cat", "a dog"], num_images_per_prompt=2, generator=generators)
+    assert images.shape == (4, SIZE, SIZE, 3)
+    assert np.abs(images[0] - images[1]).max() > 1e-3
+    np.testing.assert_allclose(images[2], run(pipe, "a dog", seed=2)[0], atol=1e-5)
+
+
+def test_latents_override(pipe):
+    noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(run(pipe, latents=noise), run(pipe, seed=0))
+
+
+def test_callbacks_and_progress_bar(pipe):
+    num_blocks = len(pipe.transformer.blocks)
+    calls = []
+
+    def record(p, step, t, kwargs):
+        calls.append((step, float(t), sorted(kwargs)))
+        return kwargs
+
+    run(pipe, callback_on_step_end=record, num_denoising_steps=2, noise_level=0.2)
+    assert [c[0] for c in calls] == list(range(num_blocks + 2))
+    assert all(c[2] == ["latents"] for c in calls)
+    assert [c[1] for c in calls] == pytest.approx([0.2] * num_blocks + [0.2, 0.01])
+    assert pipe.num_timesteps == num_blocks + 2
+
+    ticks = {}
+
+    class Bar:
+        def __init__(self, total):
+            ticks.update(total=total, n=0)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+        def update(self, n=1):
+            ticks["n"] += n
+
+    pipe.progress_bar = Bar
+    try:
+        run(pipe, num_denoising_steps=2)
+    finally:
+        del pipe.progress_bar
+    assert ticks["n"] == ticks["total"] == num_blocks * LATENT ** 2 + 2  # one tick per token of every block + denoising
+
+
+def test_callback_replaces_latents(pipe):
+    last = len(pipe.transformer.blocks)  # the (only) denoising step
+
+    def zero_last(p, step, t, kwargs):
+        return {"latents": torch.zeros_like(kwargs["latents"])} if step == last else {}
+
+    def zero_first(p, step, t, kwargs):
+        return {"latents": torch.zeros_like(kwargs["latents"])} if step == 0 else {}
+
+    assert run(pipe, output_type="latent", callback_on_step_end=zero_last).abs().max() == 0
+    assert np.abs(run(pipe, callback_on_step_end=zero_first) - run(pipe)).max() > 1e-3
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StarFlowPipeline"
+    assert index["transformer"] == ["diffusers_starflow2.models.transformer_starflow", "StarFlowTransformerModel"]
+    assert index["scheduler"] == ["diffusers_starflow2.schedulers.scheduling_tarflow", "TarFlowScheduler"]
+    assert index["text_encoder"] == ["transformers", "T5EncoderModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    loaded = StarFlowPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(loaded, guidance_scale=2.0), run(pipe, guidance_scale=2.0))
+
+
+@pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated")
+@pytest.mark.parametrize("dtype_arg, dtype", [("torch_dtype", torch.float16), ("dtype", torch.bfloat16)],
+                         ids=["torch_dtype-float16", "dtype-bfloat16"])
+def test_load_in_half_precision(pipe, tmp_path, dtype_arg, dtype):
+    pipe.save_pretrained(tmp_path)
+    loaded = StarFlowPipeline.from_pretrained(tmp_path, **{dtype_arg: dtype})
+    assert loaded.transformer.dtype == loaded.text_encoder.dtype == loaded.vae.dtype == dtype
+    loaded.set_progress_bar_config(disable=True)
+    # TODO: drop num_denoising_steps=0 once StarFlowTransformerModel.nll_gradient supports half precision
+    images = run(loaded, num_denoising_steps=0)
+    assert images.shape == (1, SIZE, SIZE, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(height=SIZE - 1), "height"),
+    (dict(width=SIZE + 1), "width"),
+    (dict(height=0), "height"),
+    (dict(prompt=""), "prompt"),
+    (dict(prompt=["a cat", "  "]), "prompt"),
+    (dict(prompt=[]), "prompt"),
+    (dict(negative_prompt=["", ""]), "negative_prompt"),
+    (dict(max_sequence_length=9), "max_sequence_length"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(output_type="jpeg"), "output_type"),
+    (dict(generator=[torch.Generator(), torch.Generator()]), "generator"),
+    (dict(latents=torch.zeros(1, 4, 2 * LATENT, LATENT)), "latents"),
+    (dict(num_denoising_steps=-1), "num_denoising_steps"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
+])
+def test_bad_inputs(pipe, kwargs, name):
+    kwargs = {"prompt": "a cat", "height": SIZE, "width": SIZE, **kwargs}
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        pipe(**kwargs)
+
+
+def test_save_starflow_pipeline_from_local_folders(pipe, components, tmp_path):
+    te_dir, vae_dir, out = tmp_path / "t5", tmp_path / "vae", tmp_path / "pipe"
+    components["text_encoder"].save_pretrained(te_dir)
+    components["tokenizer"].save_pretrained(te_dir)
+    components["vae"].save_pretrained(vae_dir)
+    assert save_starflow_pipeline(components["transformer"], te_dir, vae_dir, out) == str(out)
+    assert sorted(os.listdir(tmp_path)) == ["pipe", "t5", "vae"]  # no temporary folders left behind
+    loaded = StarFlowPipeline.from_pretrained(out)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(loaded), run(pipe))
+
+    with pytest.raises(FileExistsError):
+        save_starflow_pipeline(components["transformer"], te_dir, vae_dir, out)
+    save_starflow_pipeline(components["transformer"], te_dir, vae_dir, out, tokenizer_dir=te_dir, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["pipe", "t5", "vae"]
+    with pytest.raises(ValueError, match="text_encoder_dir"):
+        save_starflow_pipeline(components["transformer"], tmp_path / "missing", vae_dir, tmp_path / "other")
+    wide = StarFlowTransformerModel(**{**tiny_starflow_config(), "text_dim": 64})
+    with pytest.raises(ValueError, match="text_dim"):
+        save_starflow_pipeline(wide, te_dir, vae_dir, tmp_path / "other")

@@ -1,0 +1,315 @@
+"""Dataset formats and readers for STARFlow2 training (no model code here).
+
+Every dataset is a folder in the datasets "imagefolder" convention: images plus a ``metadata.jsonl``
+whose rows name them by paths relative to the folder. One row per line, four kinds:
+
+=============  ==================================================================================
+kind           row
+=============  ==================================================================================
+caption        ``{"file_name": str, "text": str}``
+understanding  ``{"file_name": str, "prompt": str, "response": str}``
+edit           ``{"source_file_name": str, "instruction": str, "target_file_name": str}``
+interleaved    ``{"segments": [{"text": str} | {"file_name": str}, ...]}``
+=============  ==================================================================================
+
+Extra keys are allowed and passed through (e.g. the shapes world's ``"attributes"``). Text values
+must be non-empty; file names must be relative, stay inside the folder and exist.
+:func:`load_metadata` validates every row and raises ``ValueError("<file>:<line>: ...")`` for the first
+problem: nothing is skipped silently (blank lines are not rows and are ignored).
+
+Readers (``torch.utils.data.Dataset``; images are returned as RGB PIL images):
+
+* :class:`CaptionDataset`       -> ``{"kind": "caption", "image", "text"}``
+* :class:`UnderstandingDataset` -> ``{"kind": "understanding", "image", "prompt", "response"}``
+* :class:`EditDataset`          -> ``{"kind": "edit", "source_image", "instruction", "target_image"}``
+* :class:`InterleavedDataset`   -> ``{"kind": "interleaved", "segments": [str | PIL.Image, ...]}``
+
+Stage-3 mixtures: ``--mixture "understanding=DIR:0.3,generation=DIR:0.4,editing=DIR:0.2,interleaved=DIR:0.1"``
+is parsed by :func:`parse_mixture`; :func:`mixture` turns it into a reproducible :class:`MixtureSampler`.
+Names are kinds or their aliases (:data:`KIND_ALIASES`, e.g. generation -> caption, editing -> edit).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+METADATA = "metadata.jsonl"
+#: Required keys per kind: "text" (non-empty string), "file" (existing image path) or "segments".
+SCHEMAS: dict[str, dict[str, str]] = {
+    "caption": {"file_name": "file", "text": "text"},
+    "understanding": {"file_name": "file", "prompt": "text", "response": "text"},
+    "edit": {"source_file_name": "file", "instruction": "text", "target_file_name": "file"},
+    "interleaved": {"segments": "segments"},
+}
+KINDS = tuple(SCHEMAS)
+#: Names accepted in a mixture spec (and by :func:`open_dataset`) and the kind they read.
+KIND_ALIASES = {
+    "caption": "caption", "captions": "caption", "generation": "caption", "t2i": "caption",
+    "understanding": "understanding", "vqa": "understanding",
+    "edit": "edit", "editing": "edit",
+    "interleaved": "interleaved",
+}
+
+PathLike = Union[str, os.PathLike]
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+def _check_file(folder: Path, value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key!r} must be a non-empty string, got {value!r}")
+    rel = PurePosixPath(value.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or (len(value) > 1 and value[1] == ":"):
+        raise ValueError(f"{key!r} must be a path relative to the dataset folder, got {value!r}")
+    if not (folder / rel).is_file():
+        raise ValueError(f"{key!r}: image file {str(folder / rel)!r} does not exist")
+    return value
+
+
+def _check_text(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{key!r} is empty")
+    return value
+
+
+def _check_segments(folder: Path, value: Any) -> None:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"'segments' must be a non-empty list, got {value!r}")
+    for i, seg in enumerate(value):
+        if not isinstance(seg, dict) or len(seg) != 1 or next(iter(seg)) not in ("text", "file_name"):
+            raise ValueError(f"segments[{i}] must be {{'text': str}} or {{'file_name': str}}, got {seg!r}")
+        if "text" in seg:
+            _check_text(seg["text"], f"segments[{i}].text")
+        else:
+            _check_file(folder, seg["file_name"], f"segments[{i}].file_name")
+
+
+def validate_row(row: Any, kind: str, folder: PathLike) -> None:
+    """Raise ``ValueError`` (without location) if ``row`` is not a valid ``kind`` row of ``folder``."""
+    folder = Path(folder)
+    if not isinstance(row, dict):
+        raise ValueError(f"row must be a JSON object, got {type(row).__name__}")
+    for key, check in SCHEMAS[kind].items():
+        if key not in row:
+            raise ValueError(f"missing key {key!r} (a {kind} row needs {sorted(SCHEMAS[kind])})")
+        if check == "file":
+            _check_file(folder, row[key], key)
+        elif check == "text":
+            _check_text(row[key], key)
+        else:
+            _check_segments(folder, row[key])
+
+
+def load_metadata(folder: PathLike, kind: str) -> list[dict]:
+    """Read and validate ``folder/metadata.jsonl`` as rows of ``kind`` (see the module docstring).
+    Raises ``ValueError`` naming the file and line number of the first malformed row (bad JSON,
+    missing or wrongly typed key, empty text, missing image), or if there are no rows at all."""
+    kind = _kind(kind)
+    folder = Path(folder)
+    path = folder / METADATA
+    if not path.is_file():
+        raise ValueError(f"{path}: metadata file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                validate_row(row, kind, folder)
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}:{lineno}: invalid {kind} row: {e}") from None
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _kind(name: str) -> str:
+    try:
+        return KIND_ALIASES[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset kind {name!r}; expected one of {sorted(KIND_ALIASES)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# readers
+def _open_image(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class _FolderDataset(Dataset):
+    kind = ""
+
+    def __init__(self, folder: PathLike):
+        self.folder = Path(folder)
+        self.rows = load_metadata(self.folder, self.kind)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image(self, name: str) -> Image.Image:
+        return _open_image(self.folder / name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.folder)!r}, rows={len(self)})"
+
+
+class CaptionDataset(_FolderDataset):
+    """Image-caption pairs: ``{"kind", "image", "text"}``."""
+
+    kind = "caption"
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        return {"kind": self.kind, "image": self.image(row["file_name"]), "text": row["text"]}
+
+
+class UnderstandingDataset(_FolderDataset):
+    """Visual QA: ``{"kind", "image", "prompt", "response"}``."""
+
+    kind = "understanding"
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        return {"kind": self.kind, "image": self.image(row["file_name"]), "prompt": row["prompt"], "response": row["response"]}
+
+
+class EditDataset(_FolderDataset):
+    """Edit triplets: ``{"kind", "source_image", "instruction", "target_image"}``."""
+
+    kind = "edit"
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        return {
+            "kind": self.kind,
+            "source_image": self.image(row["source_file_name"]),
+            "instruction": row["instruction"],
+            "target_image": self.image(row["target_file_name"]),
+        }
+
+
+class InterleavedDataset(_FolderDataset):
+    """Interleaved documents: ``{"kind", "segments"}`` with each segment a ``str`` or a PIL image."""
+
+    kind = "interleaved"
+
+    def __getitem__(self, i: int) -> dict:
+        segments = [seg["text"] if "text" in seg else self.image(seg["file_name"]) for seg in self.rows[i]["segments"]]
+        return {"kind": self.kind, "segments": segments}
+
+
+DATASET_CLASSES = {cls.kind: cls for cls in (CaptionDataset, UnderstandingDataset, EditDataset, InterleavedDataset)}
+
+
+def open_dataset(folder: PathLike, kind: str) -> _FolderDataset:
+    """The reader for ``kind`` (or an alias such as "generation") over ``folder``."""
+    return DATASET_CLASSES[_kind(kind)](folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# mixtures
+@dataclass(frozen=True)
+class MixtureEntry:
+    name: str  # as written in the spec, e.g. "generation"
+    kind: str  # resolved kind, e.g. "caption"
+    path: str
+    weight: float
+
+
+def parse_mixture(spec: str) -> list[MixtureEntry]:
+    """Parse ``"name=DIR:weight,name=DIR:weight,..."`` (weights > 0, need not sum to 1; names are
+    kinds or aliases, each at most once; DIR may not contain commas). Raises ``ValueError``
+    mentioning ``--mixture`` for a malformed spec."""
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"--mixture {spec!r}: {msg}; expected 'name=DIR:weight,...', e.g. 'generation=data/caption:0.4,editing=data/edit:0.6'")
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise bad("empty spec")
+    entries, seen = [], set()
+    for part in spec.split(","):
+        part = part.strip()
+        name, eq, rest = part.partition("=")
+        path, colon, weight_text = rest.rpartition(":")
+        name, path = name.strip(), path.strip()
+        if not eq or not colon or not name or not path:
+            raise bad(f"entry {part!r} is not name=DIR:weight")
+        if name not in KIND_ALIASES:
+            raise bad(f"unknown name {name!r} (known: {', '.join(sorted(KIND_ALIASES))})")
+        if name in seen:
+            raise bad(f"name {name!r} given twice")
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise bad(f"weight {weight_text!r} of {name!r} is not a number") from None
+        if not math.isfinite(weight) or weight <= 0:
+            raise bad(f"weight of {name!r} must be a positive number, got {weight_text!r}")
+        seen.add(name)
+        entries.append(MixtureEntry(name, KIND_ALIASES[name], path, weight))
+    return entries
+
+
+class MixtureSampler(IterableDataset):
+    """Endless stream of examples drawn from several datasets with the given weights.
+
+    Each step picks a dataset with probability proportional to its weight, then its next example
+    in a per-dataset shuffled order (reshuffled after every pass). The stream is fully determined by
+    ``seed`` (each ``iter()`` restarts it; DataLoader workers get disjoint seeds). Every example dict
+    gets ``"source"``: the dataset's name. ``num_samples`` bounds the stream if given."""
+
+    def __init__(self, datasets: Mapping[str, Dataset], weights: Mapping[str, float], seed: int = 0, num_samples: int | None = None):
+        if not datasets or set(datasets) != set(weights):
+            raise ValueError(f"datasets and weights need the same non-empty names, got {sorted(datasets)} and {sorted(weights)}")
+        if any(len(d) == 0 for d in datasets.values()):
+            raise ValueError("every dataset of a mixture needs at least one example")
+        w = np.array([float(weights[n]) for n in datasets])
+        if not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise ValueError(f"mixture weights must be positive, got {dict(weights)}")
+        self.names = list(datasets)
+        self.datasets = dict(datasets)
+        self.probs = w / w.sum()
+        self.seed = seed
+        self.num_samples = num_samples
+
+    def indices(self) -> Iterator[tuple[str, int]]:
+        """The ``(dataset name, example index)`` stream, without loading anything."""
+        worker = get_worker_info()
+        rng = np.random.default_rng([self.seed] if worker is None else [self.seed, worker.id])
+        orders: dict[str, list[int]] = {n: [] for n in self.names}
+        count = 0
+        while self.num_samples is None or count < self.num_samples:
+            name = self.names[int(rng.choice(len(self.names), p=self.probs))]
+            if not orders[name]:
+                orders[name] = rng.permutation(len(self.datasets[name])).tolist()[::-1]
+            yield name, orders[name].pop()
+            count += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        for name, index in self.indices():
+            yield {**self.datasets[name][index], "source": name}
+
+    def sample(self, n: int) -> list[dict]:
+        """The first ``n`` examples of the stream."""
+        return list(itertools.islice(iter(self), n))
+
+
+def mixture(spec: Union[str, Sequence[MixtureEntry]], seed: int = 0, num_samples: int | None = None) -> MixtureSampler:
+    """Open the datasets of a ``--mixture`` spec (or parsed entries) as a :class:`MixtureSampler`."""
+    entries = parse_mixture(spec) if isinstance(spec, str) else list(spec)
+    datasets = {e.name: open_dataset(e.path, e.kind) for e in entries}
+    return MixtureSampler(datasets, {e.name: e.weight for e in entries}, seed=seed, num_samples=num_samples)
