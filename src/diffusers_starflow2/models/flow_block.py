@@ -344,6 +344,11 @@ class AutoregressiveFlowBlock(nn.Module):
                  norm_type: str = "layer_norm", hf_style_rope: bool = False, soft_clip: float = 0.0,
                  flip: bool = False, cond_dim: int = 0):
         super().__init__()
+        if rope == "3d" and (head_dim % 4 or head_dim < 2 * TEXT_AXIS_FREQS):
+            raise ValueError(f"head_dim must be a multiple of 4 and >= {2 * TEXT_AXIS_FREQS} with 3-axis RoPE; "
+                             f"got {head_dim}")
+        if (rope == "2d" and head_dim % 4) or (rope == "1d" and head_dim % 2):
+            raise ValueError(f"head_dim={head_dim} is incompatible with rope={rope!r}")
         self.in_channels = in_channels
         self.rope = rope
         self.pt_seq_len = pt_seq_len
@@ -458,7 +463,7 @@ class AutoregressiveFlowBlock(nn.Module):
             ``z`` ``(B, N, C_in)`` in raster order and ``logdet`` ``(B, N, C_in)`` in this block's scan order.
         """
         if self.is_identity:
-            return x, x.new_zeros(x.shape[0])
+            return x, torch.zeros_like(x, dtype=torch.float32)
         text = text if self.proj_txt is not None else None
         L = text.shape[1] if text is not None else 0
         x = self.permute(x)

@@ -1,0 +1,40 @@
+"""Shared test helpers: reference fixtures, the converter CLI module, deterministic seeds."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "reference-tarflow"
+REFERENCE_FILES = ("config.json", "reference_model.pth", "io.safetensors")
+# One folder per reference case holding all of REFERENCE_FILES (empty when the fixtures are absent).
+reference_cases = sorted(
+    p.name for p in (REFERENCE_DIR.iterdir() if REFERENCE_DIR.is_dir() else ())
+    if p.is_dir() and all((p / f).is_file() for f in REFERENCE_FILES)
+)
+CONVERTER_PATH = REPO_ROOT / "conversion" / "convert_starflow_to_diffusers.py"
+
+
+def load_converter():
+    """The converter script as a module (``conversion/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location("convert_starflow_to_diffusers", CONVERTER_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def converter():
+    return load_converter()
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    return REFERENCE_DIR
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
