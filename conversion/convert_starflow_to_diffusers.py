@@ -18,9 +18,7 @@ import argparse
 import json
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -31,6 +29,8 @@ from diffusers_starflow2.loaders.single_file_starflow import (
     load_checkpoint,
     load_reference_config,
 )
+from diffusers_starflow2.pipelines.starflow_assembly import build_starflow_pipeline
+from diffusers_starflow2.utils.io import atomic_output_dir, check_output_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,7 +42,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
-    return parser.parse_args(argv)
+    parser.add_argument("--save_full_pipeline", action="store_true",
+                        help="write a complete StarFlowPipeline folder (needs --text_encoder and --vae)")
+    parser.add_argument("--text_encoder", help="local T5 encoder folder (FLAN-T5-XL for the released model)")
+    parser.add_argument("--tokenizer", help="local tokenizer folder (default: --text_encoder)")
+    parser.add_argument("--vae", help="local diffusers AutoencoderKL folder (sd-vae-ft-ema for the released model)")
+    args = parser.parse_args(argv)
+    if args.save_full_pipeline and not (args.text_encoder and args.vae):
+        parser.error("--save_full_pipeline needs --text_encoder DIR and --vae DIR")
+    return args
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -87,60 +95,19 @@ def convert(checkpoint: str, config: str, dtype: str = "float32") -> Tuple[StarF
 # --------------------------------------------------------------------------------------------------------------
 
 
-def save_extra_components(args: argparse.Namespace, staging_dir: str) -> None:
-    """Extension point for ``--save_full_pipeline --text_encoder DIR --vae DIR`` (not implemented yet).
-
-    Called after the transformer has been written into ``staging_dir`` and before the folder is renamed into place;
-    anything written here is published atomically with the transformer, and an exception aborts the whole output.
-    """
-
-
-def _check_output(output: str, overwrite: bool) -> None:
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise ValueError(f"--output {output!r} exists and is not a folder")
-    if os.path.isdir(output) and os.listdir(output) and not overwrite:
-        raise ValueError(f"--output {output!r} exists and is not empty; pass --overwrite to replace it")
-
-
-def _publish(staging: str, output: str) -> None:
-    """Rename the complete ``staging`` folder to ``output``, replacing an existing folder only at the last moment."""
-    backup = None
-    if os.path.isdir(output):
-        if os.listdir(output):
-            backup = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old-", dir=os.path.dirname(output))
-            os.rmdir(backup)
-            os.rename(output, backup)
-        else:
-            os.rmdir(output)
-    try:
-        os.rename(staging, output)
-    except BaseException:
-        if backup is not None:
-            os.rename(backup, output)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def write_output(model: StarFlowTransformerModel, args: argparse.Namespace) -> None:
-    output = os.path.abspath(args.output)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        save_extra_components(args, staging)
-        _check_output(output, args.overwrite)  # the folder may have appeared meanwhile
-        _publish(staging, output)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+    """The transformer folder, or with ``--save_full_pipeline`` a complete ``StarFlowPipeline`` folder."""
+    target = model
+    if args.save_full_pipeline:
+        target = build_starflow_pipeline(model, args.text_encoder, args.vae, args.tokenizer)
+    with atomic_output_dir(args.output, args.overwrite) as staging:
+        target.save_pretrained(staging, safe_serialization=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        _check_output(os.path.abspath(args.output), args.overwrite)  # fail before the (slow) conversion
+        check_output_dir(args.output, args.overwrite)  # fail before the (slow) conversion
         model, config = convert(args.checkpoint, args.config, args.dtype)
         write_output(model, args)
     except (ValueError, OSError, pickle.UnpicklingError) as err:

@@ -281,7 +281,7 @@ def test_save_starflow_pipeline_from_local_folders(pipe, components, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(loaded), run(pipe))
 
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ValueError, match="output_dir"):
         save_starflow_pipeline(components["transformer"], te_dir, vae_dir, out)
     save_starflow_pipeline(components["transformer"], te_dir, vae_dir, out, tokenizer_dir=te_dir, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["pipe", "t5", "vae"]
@@ -290,3 +290,27 @@ def test_save_starflow_pipeline_from_local_folders(pipe, components, tmp_path):
     wide = StarFlowTransformerModel(**{**tiny_starflow_config(), "text_dim": 64})
     with pytest.raises(ValueError, match="text_dim"):
         save_starflow_pipeline(wide, te_dir, vae_dir, tmp_path / "other")
+
+
+def test_converter_writes_a_full_pipeline(pipe, components, tmp_path, converter):
+    """``convert_starflow_to_diffusers.py --save_full_pipeline`` from a reference-layout checkpoint."""
+    from test_converter_cli import to_reference_key
+
+    te_dir, vae_dir, out = tmp_path / "t5", tmp_path / "vae", tmp_path / "full"
+    components["text_encoder"].save_pretrained(te_dir)
+    components["tokenizer"].save_pretrained(te_dir)
+    components["vae"].save_pretrained(vae_dir)
+    cfg = components["transformer"].config
+    kwargs = dict(in_channels=cfg.in_channels, img_size=cfg.sample_size, patch_size=cfg.patch_size,
+                  channels=cfg.channels, num_blocks=len(cfg.layers_per_block), layers_per_block=list(cfg.layers_per_block),
+                  head_dim=cfg.head_dim, rope=int(cfg.use_rope), sos=int(cfg.use_sos), txt_size=cfg.max_text_length,
+                  txt_dim=cfg.text_dim, cond_top_only=int(cfg.cond_top_only), use_softplus=int(cfg.use_softplus),
+                  use_final_norm=int(cfg.final_norm), soft_clip=cfg.soft_clip, seq_order=cfg.seq_order)
+    (tmp_path / "config.json").write_text(__import__("json").dumps({"model_kwargs": kwargs}))
+    ckpt = tmp_path / "model.pth"
+    torch.save({to_reference_key(k): v for k, v in components["transformer"].state_dict().items()}, ckpt)
+    assert converter.main(["--checkpoint", str(ckpt), "--config", str(tmp_path / "config.json"), "--output", str(out),
+                           "--save_full_pipeline", "--text_encoder", str(te_dir), "--vae", str(vae_dir)]) == 0
+    loaded = StarFlowPipeline.from_pretrained(out)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(loaded), run(pipe))

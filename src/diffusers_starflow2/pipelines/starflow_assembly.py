@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Optional, Union
 
 from diffusers import AutoencoderKL
@@ -13,6 +11,7 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from ..models.transformer_starflow import StarFlowTransformerModel
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
+from ..utils.io import atomic_output_dir
 from .pipeline_starflow import StarFlowPipeline
 
 PathLike = Union[str, os.PathLike]
@@ -24,13 +23,10 @@ def _local_dir(path: PathLike, name: str) -> str:
     return os.fspath(path)
 
 
-def save_starflow_pipeline(transformer: StarFlowTransformerModel, text_encoder_dir: PathLike, vae_dir: PathLike,
-                           output_dir: PathLike, tokenizer_dir: Optional[PathLike] = None,
-                           scheduler: Optional[TarFlowScheduler] = None, overwrite: bool = False) -> str:
-    r"""Write a ``StarFlowPipeline.from_pretrained``-loadable folder.
-
-    The text encoder, tokenizer and VAE are loaded from local folders only (no hub access); the folder is written
-    to a temporary sibling of ``output_dir`` and renamed into place, so ``output_dir`` is never half-written.
+def build_starflow_pipeline(transformer: StarFlowTransformerModel, text_encoder_dir: PathLike, vae_dir: PathLike,
+                            tokenizer_dir: Optional[PathLike] = None,
+                            scheduler: Optional[TarFlowScheduler] = None) -> StarFlowPipeline:
+    """A ``StarFlowPipeline`` from a converted transformer and LOCAL text-encoder / tokenizer / VAE folders.
 
     Args:
         transformer: the converted flow.
@@ -38,23 +34,9 @@ def save_starflow_pipeline(transformer: StarFlowTransformerModel, text_encoder_d
             loads its encoder). Its ``d_model`` must equal ``transformer.config.text_dim``.
         vae_dir: a diffusers ``AutoencoderKL`` folder (``config.json`` + weights, e.g. ``sd-vae-ft-ema``) with
             ``latent_channels == transformer.config.in_channels``.
-        output_dir: the pipeline folder to create.
         tokenizer_dir: tokenizer folder (default ``text_encoder_dir``).
         scheduler: default ``TarFlowScheduler()`` (noise level 0.3, one denoising step).
-        overwrite: replace an existing ``output_dir``; otherwise an existing one raises ``FileExistsError``.
-
-    Returns:
-        ``output_dir``.
-
-    Example:
-        ```py
-        >>> save_starflow_pipeline(transformer, "ckpts/flan-t5-xl", "ckpts/sd-vae-ft-ema", "starflow-3b-t2i-256")
-        >>> pipe = StarFlowPipeline.from_pretrained("starflow-3b-t2i-256")
-        ```
     """
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass overwrite=True to replace it")
     text_encoder = T5EncoderModel.from_pretrained(_local_dir(text_encoder_dir, "text_encoder_dir"),
                                                   local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(_local_dir(tokenizer_dir or text_encoder_dir, "tokenizer_dir"),
@@ -66,25 +48,25 @@ def save_starflow_pipeline(transformer: StarFlowTransformerModel, text_encoder_d
     if vae.config.latent_channels != transformer.config.in_channels:
         raise ValueError(f"`vae_dir` has {vae.config.latent_channels} latent channels, but the transformer has "
                          f"in_channels {transformer.config.in_channels}")
-    pipe = StarFlowPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+    return StarFlowPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
                             scheduler=scheduler or TarFlowScheduler())
 
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    old_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-", dir=parent)
-    backup = os.path.join(old_dir, "previous")
-    try:
-        pipe.save_pretrained(tmp_dir)
-        if os.path.exists(output_dir):
-            os.replace(output_dir, backup)
-        try:
-            os.replace(tmp_dir, output_dir)
-        except OSError:
-            if os.path.exists(backup):
-                os.replace(backup, output_dir)
-            raise
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        shutil.rmtree(old_dir, ignore_errors=True)
-    return output_dir
+
+def save_starflow_pipeline(transformer: StarFlowTransformerModel, text_encoder_dir: PathLike, vae_dir: PathLike,
+                           output_dir: PathLike, tokenizer_dir: Optional[PathLike] = None,
+                           scheduler: Optional[TarFlowScheduler] = None, overwrite: bool = False) -> str:
+    r"""Write a ``StarFlowPipeline.from_pretrained``-loadable folder (see :func:`build_starflow_pipeline`).
+
+    The folder is written next to ``output_dir`` and renamed into place, so ``output_dir`` is never half-written; an
+    existing non-empty ``output_dir`` raises ``ValueError`` unless ``overwrite``.
+
+    Example:
+        ```py
+        >>> save_starflow_pipeline(transformer, "ckpts/flan-t5-xl", "ckpts/sd-vae-ft-ema", "starflow-3b-t2i-256")
+        >>> pipe = StarFlowPipeline.from_pretrained("starflow-3b-t2i-256")
+        ```
+    """
+    pipe = build_starflow_pipeline(transformer, text_encoder_dir, vae_dir, tokenizer_dir, scheduler)
+    with atomic_output_dir(output_dir, overwrite, name="output_dir") as staging:
+        pipe.save_pretrained(staging)
+    return os.path.abspath(output_dir)
