@@ -114,11 +114,14 @@ def test_checkpoint_mismatch_fails_without_output(converter, reference, tmp_path
 def test_failure_while_writing_leaves_nothing(converter, reference, tmp_path, monkeypatch, capsys):
     _, _, checkpoint, config = reference
 
-    def fail(args, staging_dir):
+    save = converter.StarFlowTransformerModel.save_pretrained
+
+    def fail(self, staging_dir, **kwargs):
+        save(self, staging_dir, **kwargs)
         assert (Path(staging_dir) / "config.json").is_file()  # the transformer is already staged
         raise OSError("disk full")
 
-    monkeypatch.setattr(converter, "save_extra_components", fail)
+    monkeypatch.setattr(converter.StarFlowTransformerModel, "save_pretrained", fail)
     assert run(converter, checkpoint, config, tmp_path / "out") != 0
     assert "disk full" in capsys.readouterr().err
     assert leftovers(tmp_path, ["model.pth", "config.json"]) == []
