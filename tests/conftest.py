@@ -16,6 +16,9 @@ reference_cases = sorted(
 )
 CONVERTER_PATH = REPO_ROOT / "conversion" / "convert_starflow_to_diffusers.py"
 
+# The test models are tiny: one thread per process is faster than two and never oversubscribes a shared machine.
+torch.set_num_threads(1)
+
 
 def load_converter():
     """The converter script as a module (``conversion/`` is not a package)."""

@@ -13,14 +13,6 @@ from diffusers_starflow2.models.autoencoder_fae import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # the models are tiny: extra intra-op threads only add contention (10x slower on a busy 2-core runner)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_model(**overrides) -> AutoencoderFAE:
     torch.manual_seed(0)

@@ -47,14 +47,6 @@ def build_components():
                 scheduler=TarFlowScheduler())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The models are tiny: intra-op threads only add overhead (and contend with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def components():

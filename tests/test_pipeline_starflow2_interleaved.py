@@ -122,7 +122,7 @@ def test_understanding_equals_greedy_teacher_forced_decoding(pipe, monkeypatch):
     ids, latent_mask, attention_mask, _ = pad_layouts([layout], pipe.tokenizer.pad_token_id)
     ids = torch.cat([ids, torch.tensor([answer])], 1)
     latent_mask = torch.cat([latent_mask, torch.zeros(1, len(answer), dtype=torch.bool)], 1)
-    tokens = pipe.encode_context_images([image], pipe.scheduler.config.noise_level, gen(3))
+    tokens = pipe.encode_image(pipe.preprocess_image(image), pipe.scheduler.config.noise_level, gen(3))
     latents = torch.zeros(*ids.shape, t.config.latent_channels)
     latents[latent_mask] = tokens.reshape(-1, t.config.latent_channels)
     with torch.no_grad():

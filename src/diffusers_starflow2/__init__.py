@@ -12,7 +12,18 @@ from .models import (
     StarFlowTransformerOutput,
     VLMStream,
 )
-from .pipelines import StarFlow2Pipeline, StarFlow2PipelineOutput, StarFlowPipeline, StarFlowPipelineOutput
+from .pipelines import (
+    IMAGE_PLACEHOLDER,
+    StarFlow2EditPipeline,
+    StarFlow2EditPipelineOutput,
+    StarFlow2EditState,
+    StarFlow2InterleavedOutput,
+    StarFlow2InterleavedPipeline,
+    StarFlow2Pipeline,
+    StarFlow2PipelineOutput,
+    StarFlowPipeline,
+    StarFlowPipelineOutput,
+)
 from .schedulers import TarFlowScheduler, TarFlowSchedulerOutput
 
 __version__ = "0.1.0"

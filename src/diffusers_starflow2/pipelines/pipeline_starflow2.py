@@ -12,6 +12,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.autoencoder_fae import AutoencoderFAE
 from ..models.transformer_pretzel import PretzelCache, PretzelModel
@@ -107,31 +108,46 @@ class StarFlow2BasePipeline(DiffusionPipeline):
             latents[latent_mask] = images.reshape(-1, latents.shape[-1]).to(latents.dtype)
         return self.transformer.step(self.vlm_stream, cache, ids, latents, latent_mask, attention_mask)
 
-    def encode_context_images(self, images: Sequence, noise_level: float,
-                              generator: Union[torch.Generator, List[torch.Generator], None] = None,
-                              name: str = "image") -> torch.Tensor:
-        """Images the model should read (PIL, numpy, torch) -> intermediate latents ``x~ (M, N, C)``.
+    def preprocess_image(self, image, name: str = "image") -> torch.Tensor:
+        """Source images -> ``(M, 3, S, S)`` in ``[-1, 1]`` at the model's image size ``S``.
 
-        Each image is FAE-encoded (posterior mode), noised to ``noise_level`` exactly as sampled images are, and
-        pushed through the shallow flows forward, so a given image enters the context as a generated one would.
+        Accepts what ``VaeImageProcessor.preprocess`` accepts: PIL images (converted to RGB), numpy ``(H, W, 3)`` /
+        ``(B, H, W, 3)`` arrays (uint8, or float in ``[0, 1]``), torch ``(3, H, W)`` / ``(B, 3, H, W)`` tensors in
+        ``[0, 1]`` or ``[-1, 1]``, or a list of one kind.  Other sizes are resized (a rectangular image is squashed).
         """
-        for img in images:
-            if not isinstance(img, (PIL.Image.Image, np.ndarray, torch.Tensor)):
-                raise ValueError(f"`{name}` must be PIL images, numpy arrays or torch tensors; got {type(img).__name__}")
-            if isinstance(img, PIL.Image.Image):
-                continue  # any PIL mode converts to RGB
-            channels = 1 if img.ndim < 3 else img.shape[-1] if isinstance(img, np.ndarray) else img.shape[-3]
-            if channels != 3:
-                raise ValueError(f"`{name}` must have 3 channels (RGB, HWC numpy or CHW torch); got shape "
-                                 f"{tuple(img.shape)}")
-        pixels = self.image_processor.preprocess(
-            [img.convert("RGB") if isinstance(img, PIL.Image.Image) else img for img in images],
-            height=self.vae.config.image_size, width=self.vae.config.image_size)
-        latents = self.vae.encode_latents(pixels.to(self._execution_device, self.vae.dtype), sample=False)
-        noise = prepare_noise(tuple(latents.shape), generator, self._execution_device, torch.float32)
-        levels = torch.full((latents.shape[0],), noise_level, device=self._execution_device)
-        noisy = self.scheduler.add_noise(latents.float(), noise, levels)
-        tokens, _ = self.transformer.shallow_forward(noisy.to(self.transformer.dtype), levels)
+        items = list(image) if isinstance(image, (list, tuple)) else [image]
+        kinds = {PIL.Image.Image if isinstance(i, PIL.Image.Image) else type(i) for i in items}
+        if not items or len(kinds) != 1 or not kinds <= {PIL.Image.Image, np.ndarray, torch.Tensor}:
+            raise ValueError(f"`{name}` must be a PIL image, a numpy array or a torch tensor, or a non-empty list of "
+                             f"one of these; got {type(image).__name__} of {sorted(k.__name__ for k in kinds)}")
+        converted = []
+        for item in items:
+            if isinstance(item, PIL.Image.Image):
+                converted.append(item.convert("RGB"))
+                continue
+            channels = item.shape[-1] if isinstance(item, np.ndarray) else item.shape[-3] if item.ndim > 2 else 0
+            if item.ndim not in (3, 4) or channels != 3:
+                layout = "(H, W, 3) or (B, H, W, 3)" if isinstance(item, np.ndarray) else "(3, H, W) or (B, 3, H, W)"
+                raise ValueError(f"`{name}` must be an RGB image of shape {layout}; got {tuple(item.shape)}")
+            converted.append(item.astype(np.float32) / 255 if item.dtype == np.uint8 else item)
+        size = self.image_size
+        return self.image_processor.preprocess(converted if isinstance(image, (list, tuple)) else converted[0],
+                                               height=size, width=size)
+
+    def encode_image(self, images: torch.Tensor, noise_level: float,
+                     generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+        """``(B, 3, S, S)`` images in ``[-1, 1]`` -> their intermediate latents ``x~ (B, N, C)`` at ``noise_level``.
+
+        The FAE posterior mean is noised with ``noise_level * eps`` (``eps`` drawn from ``generator``, one per image)
+        as the model saw context images in training, then mapped by the shallow flows.
+        """
+        vae, transformer = self.vae, self.transformer
+        device = self._execution_device
+        latents = vae.encode_latents(images.to(device=device, dtype=vae.dtype), sample=False).float()
+        eps = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        noisy = self.scheduler.add_noise(latents, eps, noise_level)
+        levels = torch.full((latents.shape[0],), noise_level, device=device)
+        tokens, _ = transformer.shallow_forward(noisy.to(transformer.dtype), levels)
         return tokens
 
     def _check_noise_level(self, noise_level: float) -> float:

@@ -153,8 +153,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         if cfg:
             layouts.append(encode_conversation(tokenizer, [{"role": "user", "content": negative_prompt}], N,
                                                add_generation_prompt=True))
-        given = (self.encode_context_images(context_images, noise_level, generator, "prompt")
-                 if context_images else None)
+        given = torch.cat([self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generator)
+                           for img in context_images]) if context_images else None
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts, given)
 
@@ -176,7 +176,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             elif isinstance(part, str):
                 self._append_ids(cache, tokenizer(part, add_special_tokens=False)["input_ids"])
             else:
-                self._append_images(cache, self.encode_context_images([part], noise_level, generator, "prompt"))
+                self._append_images(cache, self.encode_image(self.preprocess_image(part, "prompt"), noise_level,
+                                                             generator))
 
         processors = None
         if temperature > 0:

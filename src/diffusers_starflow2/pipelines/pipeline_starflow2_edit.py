@@ -1,0 +1,269 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""StarFlow2EditPipeline: instruction-based image editing with STARFlow2, one or several turns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+
+from ..models.transformer_pretzel import PretzelCache
+from ..utils.sequence import TokenLayout, encode_conversation, user_message
+from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2PipelineOutput
+from .pipeline_utils import (
+    check_generator,
+    check_guidance_scale,
+    check_output_type,
+    check_prompt,
+    prepare_noise,
+    resolve_callback_tensor_inputs,
+)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from PIL import Image
+        >>> from diffusers_starflow2.pipelines.pipeline_starflow2_edit import StarFlow2EditPipeline
+
+        >>> pipe = StarFlow2EditPipeline.from_pretrained("path/to/starflow2")  # a saved StarFlow2Pipeline folder
+        >>> out = pipe(Image.open("circle.png"), "make the circle blue", guidance_scale=2.0,
+        ...            image_guidance_scale=1.5, generator=torch.Generator().manual_seed(0))
+        >>> out.images[0].save("blue_circle.png")
+        >>> # a second turn of the same conversation: the first turn's caches are reused, nothing is re-encoded
+        >>> out = pipe(prompt="now make it smaller", state=out.state, generator=torch.Generator().manual_seed(1))
+        >>> out.images[0].save("small_blue_circle.png")
+        ```
+"""
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray],
+                   List[torch.Tensor]]
+
+
+@dataclass
+class StarFlow2EditState:
+    r"""Where an edit conversation stands after a call: enough to continue it with another instruction.
+
+    The guidance branches are stacked along the batch, ``[image+instruction; image+negative; no image+negative]``
+    (the first ``num_branches`` of them, ``batch_size`` samples each), and each keeps its own context across turns:
+    every turn appends the new instruction to the first branch and the negative prompt to the others, and the
+    generated image is appended to all branches (it is the image the next instruction refers to).  In later turns
+    the image branch therefore contrasts contexts with and without the *source* image; all of them hold the previous
+    outputs.  Images in the context are the intermediate latents ``x~`` at ``noise_level``, as sampled (not the
+    denoised outputs), which is what the model was trained on.
+
+    A state is never modified: each call continuing it works on a fork of ``cache``, so one state can be continued
+    with several instructions.
+
+    Args:
+        cache: both streams' KV caches of all branches, ending right after the last generated image span (still
+            open: ``<|vision_end|>`` comes with the next turn).
+        batch_size: conversations per branch ``B`` (prompts x ``num_images_per_prompt`` of the first turn).
+        num_branches: guidance branches held in ``cache`` (1, 2 or 3); later turns may use fewer, not more.
+        noise_level: the noise level of every image in the conversation (later turns must sample at it).
+        num_latents: latent positions ``N`` of an image span.
+        image_tokens: ``(B, N, C)`` the intermediate latents ``x~`` of the last generated image (the end of
+            ``cache``).
+    """
+
+    cache: PretzelCache
+    batch_size: int
+    num_branches: int
+    noise_level: float
+    num_latents: int
+    image_tokens: torch.Tensor
+
+
+@dataclass
+class StarFlow2EditPipelineOutput(StarFlow2PipelineOutput):
+    """
+    Args:
+        images: as in :class:`StarFlow2PipelineOutput`.
+        state: the :class:`StarFlow2EditState` to pass as ``state`` to continue the conversation.
+    """
+
+    state: Optional[StarFlow2EditState] = None
+
+
+def num_guidance_branches(guidance_scale: float, image_guidance_scale: float) -> int:
+    """1 (conditional only), 2 (``[image+instruction; image+negative]``) or 3 (plus ``no image+negative``)."""
+    if image_guidance_scale != 1:
+        return 3
+    return 2 if guidance_scale > 0 else 1
+
+
+def _broadcast(name: str, items: list, size: int) -> list:
+    if len(items) not in (1, size):
+        raise ValueError(f"`{name}` has {len(items)} entries; expected 1 or {size}")
+    return items * size if len(items) == 1 else items
+
+
+class StarFlow2EditPipeline(StarFlow2BasePipeline):
+    r"""Instruction-based image editing with STARFlow2 (InstructPix2Pix-style guidance), with multi-turn editing.
+
+    The source image is FAE-encoded (posterior mean), noised to the sampling noise level, mapped to intermediate
+    latents ``x~`` by the shallow flows and placed as a latent span in a user turn ``<image> instruction``, rendered
+    with the VLM's chat template and followed by the assistant header and ``<|vision_start|>``; the Pretzel then
+    samples the edited image's latents left to right, the shallow flows are inverted, the sampling noise is removed
+    by Tweedie denoising and the FAE decodes the latents.
+
+    Guidance uses up to three branches stacked along the batch, ``[image+instruction; image+negative prompt;
+    no image+negative prompt]``, combined by :meth:`TarFlowScheduler.guide_text_and_image`: ``guidance_scale`` is the
+    text weight (0 = no text guidance) and ``image_guidance_scale`` the image weight (1 = no image guidance, which
+    drops the third branch; with ``guidance_scale=0`` too only the conditional branch runs).
+
+    Every output carries a :class:`StarFlow2EditState`; ``pipe(prompt=..., state=out.state)`` continues the same
+    conversation with a new instruction (see the state for how the guidance branches continue).
+    """
+
+    def first_turn_layout(self, text: str, with_image: bool) -> TokenLayout:
+        """A user turn ``[<image>] text``, the assistant header and ``<|vision_start|>``."""
+        message = user_message(None, text) if with_image else user_message(text)  # None: the image slot
+        return encode_conversation(self.tokenizer, [message], self.transformer.num_latents,
+                                   add_generation_prompt=True, open_image=True)
+
+    def next_turn_layout(self, text: str) -> TokenLayout:
+        """What follows a generated image span: ``<|vision_end|><|im_end|>``, a user turn ``text``, the assistant
+        header and ``<|vision_start|>`` (rendered by the chat template after an assistant image)."""
+        n = self.transformer.num_latents
+        messages = [{"role": "assistant", "content": [{"type": "image"}]}, user_message(text)]
+        full = encode_conversation(self.tokenizer, messages, n, add_generation_prompt=True, open_image=True)
+        end = full.latent_mask.index(True) + n
+        return TokenLayout(full.input_ids[end:], full.latent_mask[end:], full.assistant_mask[end:])
+
+    def _check_texts(self, prompt, negative_prompt, size: int, max_sequence_length: int):
+        prompts = check_prompt(prompt)
+        negatives = check_prompt(negative_prompt if negative_prompt is not None else "", "negative_prompt",
+                                 allow_empty=True)
+        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+            for text in texts:
+                n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if n > max_sequence_length:
+                    raise ValueError(f"`{name}` has {n} tokens, more than max_sequence_length={max_sequence_length}")
+        return _broadcast("prompt", prompts, size), _broadcast("negative_prompt", negatives, size)
+
+    def _check_state(self, state, image, num_images_per_prompt: int, branches: int):
+        if image is not None:
+            raise ValueError("`image` must be None when `state` is given: the conversation already holds its image")
+        if not isinstance(state, StarFlow2EditState):
+            raise ValueError(f"`state` must be a StarFlow2EditState (the `state` of a previous output); got "
+                             f"{type(state).__name__}")
+        if num_images_per_prompt != 1:
+            raise ValueError(f"`num_images_per_prompt` must be 1 when continuing a `state` (each conversation "
+                             f"continues with one image); got {num_images_per_prompt}")
+        if branches > state.num_branches:
+            name = "image_guidance_scale" if branches == 3 else "guidance_scale"
+            raise ValueError(f"`{name}` needs {branches} guidance branches but `state` holds {state.num_branches}; "
+                             f"use the guidance of every later turn already in the first turn")
+
+    @torch.no_grad()
+    def __call__(self, image: Optional[ImageInput] = None, prompt: Union[str, List[str]] = None,
+                 negative_prompt: Union[str, List[str], None] = None, guidance_scale: float = 2.0,
+                 image_guidance_scale: float = 1.5, num_images_per_prompt: int = 1,
+                 generator: Union[torch.Generator, List[torch.Generator], None] = None,
+                 latents: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
+                 num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
+                 callback_on_step_end_tensor_inputs: List[str] = ["latents"], max_sequence_length: int = 256,
+                 state: Optional[StarFlow2EditState] = None):
+        r"""Edit images following instructions, or continue an edit conversation (``state``).
+
+        Args:
+            image: the source image(s): PIL, numpy ``(H, W, 3)``/``(B, H, W, 3)`` (uint8 or float in ``[0, 1]``),
+                torch ``(3, H, W)``/``(B, 3, H, W)`` in ``[0, 1]`` or ``[-1, 1]``, or a list; resized to the model's
+                image size.  One image is shared by all prompts, one prompt by all images.  Must be None with
+                ``state``.
+            prompt: the instruction or a list of instructions.
+            negative_prompt: the text of the guidance branches without the instruction (default ``""``).
+            guidance_scale: text guidance weight ``w_t`` (0 = no text guidance).
+            image_guidance_scale: image guidance ``s_i >= 1`` (1 = no image guidance); see
+                :meth:`TarFlowScheduler.guide_text_and_image`.
+            num_images_per_prompt: images per (image, prompt) pair (must be 1 with ``state``).
+            generator: a ``torch.Generator`` or one per generated image; it draws the source image's noise first,
+                then the flow noise.
+            latents: ``(B, N, C)`` standard-normal noise of the flow (replaces drawing it from ``generator``).
+            noise_level: noise level of the source image and the flow sample (default
+                ``scheduler.config.noise_level``; with ``state`` it must be the state's, the default).
+            num_denoising_steps: Tweedie denoising steps (default ``scheduler.config.num_denoising_steps``).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict: return a :class:`StarFlow2EditPipelineOutput` instead of a tuple ``(images, state)``.
+            callback_on_step_end: ``callback(pipe, step, noise_level, callback_kwargs) -> dict`` called once per
+                latent position; ``callback_kwargs["latents"]`` is the ``(B, 1, C)`` latent just sampled and may be
+                replaced by returning ``{"latents": new}``.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback (``["latents"]``).
+            max_sequence_length: maximum number of tokens of a prompt.
+            state: the ``state`` of a previous output, to append a new turn ``prompt`` to that conversation and
+                edit its last image, reusing its caches.
+
+        Examples:
+        """
+        check_guidance_scale(guidance_scale)
+        if not image_guidance_scale >= 1:  # also rejects NaN
+            raise ValueError(f"`image_guidance_scale` must be >= 1 (1 = no image guidance); got "
+                             f"{image_guidance_scale}")
+        check_output_type(output_type)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
+        tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                                       self._callback_tensor_inputs)
+        steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
+        if steps < 0:
+            raise ValueError(f"`num_denoising_steps` must be >= 0; got {steps}")
+        branches = num_guidance_branches(guidance_scale, image_guidance_scale)
+        transformer = self.transformer
+
+        if state is None:
+            if image is None:
+                raise ValueError("`image` is required (the image to edit) unless `state` continues a conversation")
+            noise_level = self._check_noise_level(self.scheduler.config.noise_level if noise_level is None
+                                                  else noise_level)
+            images = self.preprocess_image(image)
+            pairs = max(len(images), len(check_prompt(prompt)))
+            prompts, negatives = self._check_texts(prompt, negative_prompt, pairs, max_sequence_length)
+            if len(images) not in (1, pairs):
+                raise ValueError(f"`image` has {len(images)} images for {pairs} prompts; expected 1 or {pairs}")
+            batch_size = pairs * num_images_per_prompt
+            check_generator(generator, batch_size)
+            images = images.expand(pairs, -1, -1, -1).repeat_interleave(num_images_per_prompt, dim=0)
+            source = self.encode_image(images, noise_level, generator)
+            n = num_images_per_prompt
+            layouts = ([self.first_turn_layout(p, True) for p in prompts for _ in range(n)]
+                       + [self.first_turn_layout(p, True) for p in negatives for _ in range(n)]
+                       + [self.first_turn_layout(p, False) for p in negatives for _ in range(n)])
+            layouts = layouts[:branches * batch_size]
+            cache = self._new_cache(len(layouts), noise_level)
+            self._run_text(cache, layouts, source.repeat(min(branches, 2), 1, 1))  # the branches with an image
+        else:
+            self._check_state(state, image, num_images_per_prompt, branches)
+            if noise_level is not None and noise_level != state.noise_level:
+                raise ValueError(f"`noise_level` must be the conversation's {state.noise_level} when continuing "
+                                 f"a `state`; got {noise_level}")
+            noise_level, batch_size = state.noise_level, state.batch_size
+            prompts, negatives = self._check_texts(prompt, negative_prompt, batch_size, max_sequence_length)
+            check_generator(generator, batch_size)
+            cache = state.cache.fork(state.cache.snapshot())
+            if branches < state.num_branches:
+                cache.select(torch.arange(branches * batch_size, device=cache.cond.device))
+            layouts = ([self.next_turn_layout(p) for p in prompts]
+                       + [self.next_turn_layout(p) for p in negatives] * (branches - 1))
+            self._run_text(cache, layouts)
+
+        noise = prepare_noise((batch_size, transformer.num_latents, transformer.config.latent_channels), generator,
+                              self._execution_device, torch.float32, latents)
+        tokens, image_latents = self.generate_image(cache, noise, guidance_scale, image_guidance_scale, steps,
+                                                    callback_on_step_end, tensor_inputs)
+        new_state = StarFlow2EditState(cache=cache, batch_size=batch_size, num_branches=branches,
+                                       noise_level=noise_level, num_latents=transformer.num_latents,
+                                       image_tokens=tokens)
+        images = self.decode(image_latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, new_state
+        return StarFlow2EditPipelineOutput(images=images, state=new_state)
+
+
+StarFlow2EditPipeline.__call__.__doc__ = StarFlow2EditPipeline.__call__.__doc__.replace("        Examples:\n",
+                                                                                        EXAMPLE_DOC_STRING)
