@@ -206,11 +206,12 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
                negative_encoder_hidden_states: Optional[torch.Tensor] = None, guidance_scale: float = 0.0,
                encoder_attention_mask: Optional[torch.Tensor] = None,
                negative_encoder_attention_mask: Optional[torch.Tensor] = None,
-               scheduler: Optional[TarFlowScheduler] = None, progress_bar=None) -> torch.Tensor:
+               scheduler: Optional[TarFlowScheduler] = None, progress_bar=None, callback=None) -> torch.Tensor:
         """Noise ``(B, C, H, W)`` -> latents: the deep block first (guided), then the shallow blocks in reverse.
 
         ``guidance_scale > 0`` needs ``negative_encoder_hidden_states`` (the unconditional branch, e.g. the
-        encoded empty prompt).  Shallow blocks that do not read text are never guided.
+        encoded empty prompt).  Shallow blocks that do not read text are never guided.  ``callback(i, latents)``
+        runs after the ``i``-th block (deep block first) and may return replacement latents.
         """
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale}")
@@ -229,8 +230,10 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
                                   negative_encoder_attention_mask if negative_encoder_attention_mask is not None else ones])
         scheduler = scheduler or TarFlowScheduler()
         x, grid = self._tokens(noise.float())
-        for block in reversed(self.blocks):
+        for i, block in enumerate(reversed(self.blocks)):
             x = block.reverse(x, grid, scheduler, text, guidance_scale, mask, progress_bar)
+            if callback is not None:
+                x = self._tokens(callback(i, self._image(x, grid)).float())[0]
         return self._image(x, grid).to(noise.dtype)
 
     def nll_gradient(self, latents: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -244,11 +247,18 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                 noise_std: Optional[float] = None, num_steps: int = 1, encoder_attention_mask: Optional[torch.Tensor] = None,
-                scheduler: Optional[TarFlowScheduler] = None) -> torch.Tensor:
-        """Remove the sampling noise with Tweedie steps on the flow's own score; one step is ``x - t^2 grad NLL``."""
+                scheduler: Optional[TarFlowScheduler] = None, progress_bar=None, callback=None) -> torch.Tensor:
+        """Remove the sampling noise with Tweedie steps on the flow's own score; one step is ``x - t^2 grad NLL``.
+
+        ``callback(i, t, latents)`` runs after step ``i`` (noise level ``t``) and may return replacement latents.
+        """
         scheduler = scheduler or TarFlowScheduler()
-        scheduler.set_timesteps(num_steps, noise_level=noise_std)
+        scheduler.set_timesteps(num_steps, device=latents.device, noise_level=noise_std)
         x = latents
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             x = scheduler.step(self.nll_gradient(x, encoder_hidden_states, encoder_attention_mask), t, x).prev_sample
+            if progress_bar is not None:
+                progress_bar.update()
+            if callback is not None:
+                x = callback(i, t, x)
         return x.to(latents.dtype)

@@ -19,7 +19,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
-from ..models.transformer_starflow import StarFlowTransformerModel, patchify, unpatchify
+from ..models.transformer_starflow import StarFlowTransformerModel
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
 from .pipeline_utils import (
     check_generator,
@@ -268,22 +268,19 @@ class StarFlowPipeline(DiffusionPipeline):
         latents = self.prepare_latents(batch_size, height, width, generator, device, latents)
 
         p = self.transformer.config.patch_size
-        grid = (latents.shape[2] // p, latents.shape[3] // p)
-        self.scheduler.set_timesteps(num_denoising_steps, device=device, noise_level=noise_level)
-        blocks = list(reversed(self.transformer.blocks))
-        self._num_timesteps = len(blocks) + len(self.scheduler.timesteps)
+        num_tokens = (latents.shape[2] // p) * (latents.shape[3] // p)
+        num_blocks = len(self.transformer.blocks)
+        self._num_timesteps = num_blocks + num_denoising_steps
         level = torch.tensor(noise_level, device=device)
-        with self.progress_bar(total=self._num_flow_ticks(grid[0] * grid[1]) + num_denoising_steps) as progress_bar:
-            for i, block in enumerate(blocks):
-                tokens = patchify(latents.float(), p).flatten(1, 2)
-                tokens = block.reverse(tokens, grid, self.scheduler, text, guidance_scale, progress_bar=progress_bar)
-                latents = unpatchify(tokens.unflatten(1, grid), p)
-                latents = self._callback(callback_on_step_end, tensor_inputs, i, level, latents)
-            for i, t in enumerate(self.scheduler.timesteps, start=len(blocks)):
-                score = self.transformer.nll_gradient(latents, prompt_embeds)
-                latents = self.scheduler.step(score, t, latents).prev_sample
-                progress_bar.update()
-                latents = self._callback(callback_on_step_end, tensor_inputs, i, t, latents)
+        with self.progress_bar(total=self._num_flow_ticks(num_tokens) + num_denoising_steps) as progress_bar:
+            latents = self.transformer.sample(
+                latents, prompt_embeds, negative_prompt_embeds, guidance_scale, scheduler=self.scheduler,
+                progress_bar=progress_bar,
+                callback=lambda i, x: self._callback(callback_on_step_end, tensor_inputs, i, level, x))
+            latents = self.transformer.denoise(
+                latents, prompt_embeds, noise_level, num_denoising_steps, scheduler=self.scheduler,
+                progress_bar=progress_bar,
+                callback=lambda i, t, x: self._callback(callback_on_step_end, tensor_inputs, num_blocks + i, t, x))
 
         if output_type == "latent":
             images = latents
