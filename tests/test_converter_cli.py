@@ -31,7 +31,7 @@ _LAYER_NAMES = {"attn.to_qkv": "attention.qkv", "attn.to_out": "attention.proj",
 
 
 def to_reference_key(key):
-    match = re.match(r"^(blocks\.\d+)\.layers\.(\d+)\.(attn|mlp)\.([a-z_]+)\.(.+)$", key)
+    match = re.match(r"^(blocks\.\d+)\.layers\.(\d+)\.(attn|mlp)\.([a-z_0-9]+)\.(.+)$", key)
     if not match:
         return key
     block, layer, part, name, rest = match.groups()

@@ -3,6 +3,7 @@
 Everything public is imported eagerly: diffusers resolves pipeline components through this module.
 """
 
+from .loaders import StarFlow2LoraLoaderMixin
 from .models import (
     AutoencoderFAE,
     AutoregressiveFlowBlock,

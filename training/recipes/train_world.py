@@ -182,10 +182,64 @@ def step_lm(work: Path, steps: int, batch_size: int = 32) -> None:
     tokenizer.save_pretrained(work / "lm")
 
 
+def step_init(work: Path) -> None:
+    """A pipeline folder: the trained FAE and language model, a freshly initialised Pretzel, the scheduler."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from diffusers_starflow2 import AutoencoderFAE, PretzelModel, StarFlow2Pipeline, TarFlowScheduler
+
+    torch.manual_seed(SEED)
+    tokenizer = AutoTokenizer.from_pretrained(work / "lm")
+    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(work / "lm")
+    transformer = PretzelModel(**pretzel_world_config(vlm.config.get_text_config().hidden_size,
+                                                      tokenizer.convert_tokens_to_ids("<|vision_start|>")))
+    pipe = StarFlow2Pipeline(vlm=vlm, tokenizer=tokenizer, transformer=transformer,
+                             vae=AutoencoderFAE.from_pretrained(work / "fae"),
+                             scheduler=TarFlowScheduler(noise_level=0.3, min_noise_level=0.05, max_noise_level=0.3))
+    pipe.save_pretrained(work / "init")
+
+
+STAGES = {
+    # stage: (input folder, data arguments, steps, batch size, learning rate)
+    1: ("init", lambda w: ["--train_data_dir", str(w / "world" / "caption")], 3000, 32, 1e-3),
+    2: ("stage1", lambda w: ["--train_data_dir", str(w / "world" / "understanding")], 1500, 32, 1e-3),
+    3: ("stage2", lambda w: ["--mixture", ",".join([
+        f"understanding={w / 'world' / 'understanding'}:0.3", f"generation={w / 'world' / 'caption'}:0.35",
+        f"editing={w / 'world' / 'edit'}:0.25", f"interleaved={w / 'world' / 'interleaved'}:0.1"])], 3000, 32, 5e-4),
+}
+
+
+def step_stage(work: Path, stage: int, steps: int | None = None) -> None:
+    from training.train_starflow2 import cli
+
+    source, data, default_steps, batch, lr = STAGES[stage]
+    argv = ["--stage", str(stage), "--pretrained_model_name_or_path", str(work / source),
+            "--output_dir", str(work / f"stage{stage}"), *data(work), "--max_train_steps", str(steps or default_steps),
+            "--train_batch_size", str(batch), "--learning_rate", str(lr), "--lr_scheduler", "cosine",
+            "--lr_warmup_steps", "100", "--seed", str(SEED), "--logging_steps", "50",
+            "--checkpointing_steps", "1000"]
+    if cli(argv) != 0:
+        raise RuntimeError(f"stage {stage} failed")
+
+
+def step_export(work: Path) -> None:
+    """Copy the final pipeline into the package as the embedded default model (atomically)."""
+    from diffusers_starflow2 import StarFlow2Pipeline
+    from diffusers_starflow2.cli import DEFAULT_MODEL
+    from diffusers_starflow2.utils.io import atomic_output_dir
+
+    pipe = StarFlow2Pipeline.from_pretrained(work / "stage3")
+    with atomic_output_dir(DEFAULT_MODEL, overwrite=True) as staging:
+        pipe.save_pretrained(staging)
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
+    print(f"embedded model: {DEFAULT_MODEL} ({size / 2**20:.1f} MB)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--steps", nargs="+", default=["world", "fae", "lm"])
+    parser.add_argument("--steps", nargs="+", default=["world", "fae", "lm", "init", "stage1", "stage2", "stage3"],
+                        help="steps to run, in order (add 'export' to replace the embedded default model)")
     parser.add_argument("--num_images", type=int, default=3000)
     parser.add_argument("--fae_steps", type=int, default=1500)
     parser.add_argument("--lm_steps", type=int, default=800)
@@ -203,6 +257,14 @@ def main(argv=None) -> int:
             step_fae(work, args.fae_steps)
         elif name == "lm":
             step_lm(work, args.lm_steps)
+        elif name == "init":
+            step_init(work)
+        elif name.startswith("stage"):
+            step_stage(work, int(name[5:]))
+        elif name == "export":
+            step_export(work)
+        else:
+            parser.error(f"--steps: unknown step {name!r}")
         print(f"[{name}] {time.time() - start:.0f} s", flush=True)
     return 0
 

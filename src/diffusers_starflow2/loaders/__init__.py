@@ -1,0 +1,3 @@
+from .lora import StarFlow2LoraLoaderMixin
+
+__all__ = ["StarFlow2LoraLoaderMixin"]

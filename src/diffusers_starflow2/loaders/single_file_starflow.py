@@ -57,7 +57,7 @@ _RENAMES = [
     (r"\.attn_blocks\.(\d+)\.mlp\.(norm|gate_proj|up_proj|down_proj)\.", r".layers.\1.mlp.\2."),
 ]
 _BLOCK_KEYS = re.compile(r"^blocks\.\d+\.(sos_embed|pos_embed|proj_in\.(weight|bias)|proj_out\.(weight|bias)|"
-                         r"proj_txt\.(weight|bias)|final_norm\.weight|layers\.\d+\..+)$")
+                         r"proj_txt\.(weight|bias)|proj_cond\.(weight|bias)|final_norm\.weight|layers\.\d+\..+)$")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -100,19 +100,23 @@ def convert_starflow_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, 
 
     Known-unused buffers are dropped; any other key that has no counterpart raises ``ValueError`` listing them.
     """
-    converted, unmapped = {}, []
+    converted, unmapped, duplicates = {}, [], []
     for key, value in state.items():
         if _DROPPED_KEYS.match(key):
             continue
         new = key
         for pattern, repl in _RENAMES:
             new = re.sub(pattern, repl, new)
-        if _BLOCK_KEYS.match(new):
-            converted[new] = value
-        else:
+        if not _BLOCK_KEYS.match(new):
             unmapped.append(key)
+        elif new in converted:  # the same tensor under the reference and our naming
+            duplicates.append(key)
+        else:
+            converted[new] = value
     if unmapped:
         raise ValueError(f"{len(unmapped)} checkpoint keys have no counterpart: {sorted(unmapped)}")
+    if duplicates:
+        raise ValueError(f"checkpoint keys map onto the same parameter twice: {sorted(duplicates)}")
     return converted
 
 

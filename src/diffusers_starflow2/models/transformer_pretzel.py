@@ -226,11 +226,12 @@ class PretzelOutput(BaseOutput):
         bits_per_dim: ``(M,)`` the same in bits.
     """
 
-    loss: torch.Tensor
-    flow_loss: torch.Tensor
-    text_loss: torch.Tensor
-    image_nll: torch.Tensor
-    bits_per_dim: torch.Tensor
+    # defaults let accelerate's mixed-precision wrapper rebuild the output from a dict
+    loss: torch.Tensor = None
+    flow_loss: torch.Tensor = None
+    text_loss: torch.Tensor = None
+    image_nll: torch.Tensor = None
+    bits_per_dim: torch.Tensor = None
 
 
 def pretzel_paper_config() -> dict:

@@ -14,6 +14,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..loaders.lora import StarFlow2LoraLoaderMixin
 from ..models.autoencoder_fae import AutoencoderFAE
 from ..models.transformer_pretzel import PretzelCache, PretzelModel
 from ..models.vlm_stream import VLMStream
@@ -54,8 +55,8 @@ class StarFlow2PipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class StarFlow2BasePipeline(DiffusionPipeline):
-    """Components and the image-generation core shared by the STARFlow2 pipelines.
+class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
+    """Components, the image-generation core and LoRA loading shared by the STARFlow2 pipelines.
 
     Components:
         vlm: the frozen VLM (``Qwen2_5_VLForConditionalGeneration`` or any transformers causal LM).
@@ -85,7 +86,7 @@ class StarFlow2BasePipeline(DiffusionPipeline):
 
     def _check_size(self, height: Optional[int], width: Optional[int]) -> None:
         size = self.image_size
-        if (height or size, width or size) != (size, size):
+        if (size if height is None else height, size if width is None else width) != (size, size):
             raise ValueError(f"`height` and `width` must be {size} (the FAE output of the model's "
                              f"{self.transformer.config.sample_size}x{self.transformer.config.sample_size} latent "
                              f"grid); got {height} and {width}")

@@ -33,6 +33,9 @@ def atomic_output_dir(output: PathLike, overwrite: bool = False, name: str = "--
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp folders are private; the published folder should not be
     try:
         yield staging
         check_output_dir(output, overwrite, name)  # the folder may have appeared meanwhile

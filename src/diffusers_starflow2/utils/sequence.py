@@ -63,14 +63,15 @@ def encode_conversation(tokenizer, messages: Sequence[Message], num_latents: int
     pad, im_start, im_end = (special_id(tokenizer, t) for t in (IMAGE_PAD, IM_START, IM_END))
     out, latent, assistant = [], [], []
     role, in_header = None, False
-    for i, tok in enumerate(ids):
+    for tok in ids:
+        header_token = tok == im_start or in_header  # "<|im_start|>role\n" belongs to no turn's content
         if tok == im_start:
             role, in_header = "", True
         elif in_header:
             piece = tokenizer.decode([tok])
             role += piece.split("\n")[0]
             in_header = "\n" not in piece
-        is_assistant = role == "assistant" and not in_header and tok != im_start
+        is_assistant = role == "assistant" and not header_token
         if tok == pad:
             out += [pad] * num_latents
             latent += [True] * num_latents

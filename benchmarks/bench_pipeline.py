@@ -1,0 +1,193 @@
+"""StarFlow2Pipeline text -> image: seconds per image and peak memory, with and without guidance and denoising.
+
+    python benchmarks/bench_pipeline.py [--quick] [--configs tiny,mid] [--threads 1] [--repeats 3]
+
+Configurations (random weights, built offline):
+
+* ``tiny``: ``build_tiny_starflow2_components`` (4x4x4 latents, 32-px images, 2x64 VLM, 2x32 deep stream).
+* ``mid``: 16x16x16 latents (256 positions per image) -> 128-px images; VLM: tiny Qwen2.5-VL with 4 layers x 512
+  (8 heads, 4 KV heads); Pretzel: deep stream 8 layers x 512, two shallow flows of 2 layers x 256; FAE: DINOv2
+  2x64 on 128 px with patch 8 (16x16 grid), 2-layer x 128 feature and pixel decoders, 8-px output patches.
+
+Each (configuration, guidance) pair runs in its own subprocess, which builds the pipeline, warms up, then times
+``num_denoising_steps`` 0 and 1 (the difference is the cost of one Tweedie denoising step: a teacher-forced pass of
+the image through the Pretzel plus its backward).  Times are medians over the repeats with intra-op threads fixed by
+``--threads``; besides wall time the CPU time of the subprocess is reported, which is far less sensitive to other
+jobs on a shared machine (with one thread, CPU time ~ wall time on an idle machine), so the denoising cost and
+``positions/s`` (latent positions sampled per CPU second, ``N / CPU s``; guidance runs two branches per position)
+use it.
+
+Memory is the resident set size (RSS) of the subprocess, which covers torch's CPU allocations (``tracemalloc`` would
+only see Python objects).  Before every timed call the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``,
+Linux >= 4.0), so ``peak RSS`` is the high-water mark of the call alone; where the reset is unavailable it is
+``getrusage`` ``ru_maxrss`` (peak since the subprocess started).  ``+RSS`` is that peak minus the RSS right after the
+pipeline was built (before any call): the memory generation needs on top of weights and runtime, including what the
+allocator keeps from earlier calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT = "a red circle on the left of a blue square"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Worker (one configuration and guidance setting per process)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_pipeline(config: str):
+    import torch
+
+    from diffusers_starflow2 import AutoencoderFAE, PretzelModel, StarFlow2Pipeline, TarFlowScheduler
+    from diffusers_starflow2.utils.sequence import VISION_START
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.utils.tiny_vlm import build_tiny_qwen2_5_vl, build_tiny_tokenizer
+
+    if config == "tiny":
+        pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+    elif config == "mid":
+        tokenizer = build_tiny_tokenizer()
+        vlm = build_tiny_qwen2_5_vl(tokenizer, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4)
+        torch.manual_seed(0)
+        transformer = PretzelModel(latent_channels=16, sample_size=16, vlm_hidden_size=512, num_shallow_blocks=2,
+                                   shallow_layers=2, shallow_channels=256, deep_layers=8, deep_channels=512,
+                                   head_dim=64, noise_embed_dim=128,
+                                   vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START))
+        dinov2 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, image_size=128,
+                      patch_size=8, num_channels=3)
+        vae = AutoencoderFAE(dinov2_config=dinov2, image_size=128, sample_size=128, latent_channels=16,
+                             encoder_num_heads=4, decoder_dim=128, decoder_layers=2, decoder_num_heads=4,
+                             pixel_decoder_dim=128, pixel_decoder_layers=2, pixel_decoder_num_heads=4,
+                             out_patch_size=8)
+        pipe = StarFlow2Pipeline(vlm=vlm.eval(), tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
+                                 scheduler=TarFlowScheduler())
+    else:
+        raise ValueError(f"unknown configuration {config!r}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_kb(reset_ok: bool) -> int:
+    if reset_ok:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    pipe = build_pipeline(args.config)
+    gc.collect()
+    built = rss_kb()  # weights + runtime, before any call
+    params = sum(p.numel() for name in ("vlm", "transformer", "vae") for p in getattr(pipe, name).parameters())
+
+    def call(seed: int, steps: int):
+        return pipe(PROMPT, guidance_scale=args.guidance, num_denoising_steps=steps, output_type="np",
+                    generator=torch.Generator().manual_seed(seed)).images
+
+    if args.warmup:
+        call(0, 1)
+    results = {}
+    for steps in (0, 1):
+        wall, cpu, peaks = [], [], []
+        for seed in range(args.repeats):
+            gc.collect()
+            reset_ok = reset_peak()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            call(seed, steps)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+            peaks.append(peak_kb(reset_ok))
+        results[steps] = dict(seconds=statistics.median(wall), cpu_seconds=statistics.median(cpu),
+                              peak_mb=max(peaks) / 1024, delta_mb=(max(peaks) - built) / 1024,
+                              per_call_peak=reset_ok)
+    print(json.dumps(dict(config=args.config, guidance=args.guidance, params=params,
+                          positions=pipe.transformer.num_latents, image_size=pipe.image_size, results=results)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_worker(config: str, guidance: float, repeats: int, warmup: bool, threads: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--guidance", str(guidance),
+           "--repeats", str(repeats), "--threads", str(threads)] + (["--warmup"] if warmup else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid")
+    parser.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the CFG-on rows")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default tiny 3, mid 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--quick", action="store_true", help="one timed call per setting, no warm-up for mid")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    start = time.perf_counter()
+    rows = []
+    for config in args.configs.split(","):
+        repeats = args.repeats or (1 if args.quick else 2 if config == "mid" else 5)
+        warmup = not (args.quick and config == "mid")
+        for guidance in (args.guidance, 0.0):
+            print(f"running {config}, guidance {guidance} ...", file=sys.stderr, flush=True)
+            rows.append(run_worker(config, guidance, repeats, warmup, args.threads))
+
+    per_call = all(r["results"]["0"]["per_call_peak"] for r in rows)
+    print(f"\nStarFlow2Pipeline, CPU, {args.threads} thread(s), prompt {PROMPT!r}, batch 1, random weights; "
+          f"peak RSS {'per call (VmHWM reset)' if per_call else 'since process start (ru_maxrss)'}; "
+          f"total benchmark time {time.perf_counter() - start:.0f} s\n")
+    print("| config | params | image | CFG | denoise steps | s/image (wall) | CPU s/image | peak RSS MB | "
+          "+RSS MB | positions/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for steps in ("0", "1"):
+            res = r["results"][steps]
+            cfg = f"on (w={r['guidance']:g})" if r["guidance"] > 0 else "off"
+            print(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['image_size']}px, {r['positions']} latents | "
+                  f"{cfg} | {steps} | {res['seconds']:.3f} | {res['cpu_seconds']:.3f} | {res['peak_mb']:.0f} | "
+                  f"{res['delta_mb']:.0f} | {r['positions'] / res['cpu_seconds']:.0f} |")
+    print("\n| config | CFG | one denoising step (CPU s) | share of a 1-step image |")
+    print("|---|---|---|---|")
+    for r in rows:
+        t0, t1 = r["results"]["0"]["cpu_seconds"], r["results"]["1"]["cpu_seconds"]
+        cfg = "on" if r["guidance"] > 0 else "off"
+        print(f"| {r['config']} | {cfg} | {t1 - t0:.3f} | {(t1 - t0) / t1:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Quality report of a STARFlow2 trained on the synthetic shapes world (default: the embedded model).
+
+Measures, on held-out material of the world (fresh jitters and wordings never seen in training):
+
+* prompt adherence of generated images: colour / shape / position accuracy of the drawn shape, read by the
+  deterministic analyser ``diffusers_starflow2.utils.shape_analysis`` (guidance on and off);
+* understanding accuracy: single-word answers to held-out questions about held-out images;
+* colour-edit success: the edited image has the requested colour (and keeps its shape);
+* bits/dim of held-out images under their captions (the flow's exact likelihood of noisy FAE latents).
+
+Prints a markdown table and writes a grid of samples (PNG).
+
+    python benchmarks/eval_world.py [--model DIR] [--seeds 2] [--grid benchmarks/world_samples.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline  # noqa: E402
+from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
+from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts  # noqa: E402
+from diffusers_starflow2.utils.shape_analysis import analyze_shape  # noqa: E402
+from training.synthetic_world import (  # noqa: E402
+    COLORS,
+    all_combinations,
+    canonical_caption,
+    make_edit,
+    questions,
+    random_scene,
+    render,
+)
+
+HELDOUT_SEED = 12345
+
+
+def generation_accuracy(pipe, guidance_scale: float, seeds: int, keep: list) -> dict:
+    hits = {"color": 0, "shape": 0, "position": 0}
+    total = 0
+    rng = np.random.default_rng(HELDOUT_SEED)
+    for color, shape, position in all_combinations():
+        scene = random_scene(rng, color, shape, position)
+        prompt = canonical_caption(scene)
+        gens = [torch.Generator().manual_seed(HELDOUT_SEED + s) for s in range(seeds)]
+        images = pipe([prompt] * seeds, guidance_scale=guidance_scale, generator=gens).images
+        for image in images:
+            report = analyze_shape(image).attributes
+            for key, want in (("color", color), ("shape", shape), ("position", position)):
+                hits[key] += report[key] == want
+            total += 1
+        if len(keep) < 12 and guidance_scale > 0:
+            keep.append((prompt, images[0]))
+    return {k: v / total for k, v in hits.items()}
+
+
+def understanding_accuracy(pipe, n: int, image_size: int) -> float:
+    rng = np.random.default_rng(HELDOUT_SEED + 1)
+    right = total = 0
+    for i in range(n):
+        scene = random_scene(rng)
+        image = render(scene, image_size)
+        for _, question, answer in questions(scene, rng, split="heldout"):
+            text = pipe([image, question], max_new_tokens=4, guidance_scale=0.0).text.strip().lower()
+            right += text.split(" ")[0].strip(".") == answer
+            total += 1
+    return right / total
+
+
+def edit_success(pipe, n: int, image_size: int, keep: list) -> float:
+    rng = np.random.default_rng(HELDOUT_SEED + 2)
+    right = 0
+    for i in range(n):
+        scene = random_scene(rng)
+        target, instruction, info = make_edit(scene, rng, split="heldout", attribute="color")
+        out = pipe(image=render(scene, image_size), prompt=instruction,
+                   generator=torch.Generator().manual_seed(HELDOUT_SEED + i)).images[0]
+        report = analyze_shape(out).attributes
+        right += report["color"] == target.color and report["shape"] == target.shape
+        if len(keep) < 4:
+            keep.append((f"{canonical_caption(scene)} -> {instruction}", out))
+    return right / n
+
+
+@torch.no_grad()
+def heldout_bits_per_dim(pipe, n: int, image_size: int) -> float:
+    """Mean bits/dim of held-out images (FAE latents at the sampling noise level) given their captions."""
+    rng = np.random.default_rng(HELDOUT_SEED + 3)
+    t, vae, tok = pipe.transformer, pipe.vae, pipe.tokenizer
+    level = pipe.scheduler.config.noise_level
+    bpd = []
+    for i in range(n):
+        scene = random_scene(rng)
+        pixels = pipe.preprocess_image(render(scene, image_size))
+        latents = vae.encode_latents(pixels, sample=False)
+        noisy = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(i)),
+                                         level)
+        layout = encode_conversation(tok, [{"role": "user", "content": canonical_caption(scene)},
+                                           {"role": "assistant", "content": [{"type": "image"}]}], t.num_latents)
+        ids, lat_mask, att, _ = pad_layouts([layout], tok.pad_token_id)
+        out = t(pipe.vlm_stream, ids, lat_mask, noisy, torch.full((1,), level), att)
+        bpd.append(float(out.bits_per_dim[0]))
+    return float(np.mean(bpd))
+
+
+def save_grid(items, path: Path, scale: int = 3) -> None:
+    tiles = [np.asarray(img.convert("RGB")) for _, img in items]
+    h, w, _ = tiles[0].shape
+    cols = 8
+    rows = (len(tiles) + cols - 1) // cols
+    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, cols)
+        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--seeds", type=int, default=2, help="images per held-out prompt")
+    parser.add_argument("--understanding", type=int, default=60, help="held-out images for QA (3 questions each)")
+    parser.add_argument("--edits", type=int, default=60)
+    parser.add_argument("--bpd", type=int, default=60)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--grid", default=str(REPO / "benchmarks" / "world_samples.png"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    start = time.time()
+    pipe = StarFlow2Pipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.image_size
+    kept, kept_edits = [], []
+    gen_cfg = generation_accuracy(pipe, args.guidance_scale, args.seeds, kept)
+    gen_plain = generation_accuracy(pipe, 0.0, args.seeds, [])
+    chat = StarFlow2InterleavedPipeline.from_pretrained(args.model)
+    chat.set_progress_bar_config(disable=True)
+    qa = understanding_accuracy(chat, args.understanding, size)
+    edit = StarFlow2EditPipeline.from_pretrained(args.model)
+    edit.set_progress_bar_config(disable=True)
+    edits = edit_success(edit, args.edits, size, kept_edits)
+    bpd = heldout_bits_per_dim(pipe, args.bpd, size)
+
+    n = 60 * args.seeds
+    print(f"model: {args.model}; held-out prompts: 60 x {args.seeds} images; {args.understanding * 3} questions; "
+          f"{args.edits} colour edits; {args.bpd} images for bits/dim; {time.time() - start:.0f} s")
+    print("| metric | guidance 2.0 | guidance 0 | target |")
+    print("|---|---|---|---|")
+    for key, target in (("color", 0.90), ("shape", 0.75), ("position", 0.75)):
+        print(f"| {key} accuracy ({n} images) | {gen_cfg[key]:.1%} | {gen_plain[key]:.1%} | >= {target:.0%} |")
+    print(f"| understanding accuracy | {qa:.1%} | | >= 90% |")
+    print(f"| colour-edit success | {edits:.1%} | | >= 75% |")
+    print(f"| held-out bits/dim (noisy FAE latents) | {bpd:.3f} | | |")
+    if args.grid:
+        save_grid(kept + kept_edits, Path(args.grid))
+        print(f"samples: {args.grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
