@@ -44,13 +44,19 @@ def _generator(seed: Optional[int]):
     return torch.Generator().manual_seed(seed) if seed is not None else None
 
 
-def _save(image, path: str) -> None:
+def _check_output(path: str) -> Path:
     out = Path(path)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise CLIError(f"--output {path!r} must end in .png, .jpg, .jpeg, .webp or .bmp")
-    if out.parent and not out.parent.exists():
+    if not out.resolve().parent.is_dir():
         raise CLIError(f"--output folder {str(out.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(suffix=out.suffix, dir=str(out.parent or "."))
+    return out
+
+
+def _save(image, path: str) -> None:
+    """Write through a temporary file in the same folder, so a failed write leaves no partial image."""
+    out = _check_output(path)
+    fd, tmp = tempfile.mkstemp(suffix=out.suffix, dir=str(out.resolve().parent))
     os.close(fd)
     try:
         image.save(tmp)
@@ -72,6 +78,7 @@ def _open_image(path: str):
 
 
 def cmd_generate(args) -> None:
+    _check_output(args.output)
     pipe = _load("StarFlow2Pipeline", args.model)
     image = pipe(args.prompt, guidance_scale=args.guidance_scale, generator=_generator(args.seed),
                  num_denoising_steps=args.denoising_steps).images[0]
@@ -80,6 +87,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_edit(args) -> None:
+    _check_output(args.output)
     source = _open_image(args.image)
     pipe = _load("StarFlow2EditPipeline", args.model)
     image = pipe(image=source, prompt=args.instruction, guidance_scale=args.guidance_scale,
@@ -113,17 +121,19 @@ def cmd_chat(args) -> None:
     print()
 
 
-def cmd_convert(args) -> None:
+def cmd_convert(args) -> int:
+    import importlib.util
+
     scripts = Path(__file__).resolve().parents[2] / "conversion"
     target = {"starflow": "convert_starflow_to_diffusers.py", "tiny": "make_tiny_starflow2.py",
               "assemble": "assemble_starflow2.py"}[args.kind]
     script = scripts / target
     if not script.is_file():
         raise CLIError(f"converter {target} not found (it ships with the source checkout, under conversion/)")
-    import runpy
-
-    sys.argv = [str(script)] + args.rest
-    runpy.run_path(str(script), run_name="__main__")
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,11 +189,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (CLIError, ValueError) as err:
         print(f"starflow2 {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
