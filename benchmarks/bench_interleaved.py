@@ -24,7 +24,7 @@ from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_compone
 
 def run(pipe, prompt: str, text_tokens: int, reencode: bool, seed: int = 0):
     """One text -> image -> text generation; returns (positions through the VLM stream, seconds)."""
-    t, vlm, tok = pipe.transformer, pipe.vlm_stream, pipe.tokenizer
+    t, tok = pipe.transformer, pipe.tokenizer
     counted = {"n": 0}
     hook = pipe.vlm.get_decoder().register_forward_hook(
         lambda m, a, kw, o: counted.__setitem__("n", counted["n"] + kw["inputs_embeds"].shape[:2].numel()),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
 from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts  # noqa: E402
 from diffusers_starflow2.utils.shape_analysis import analyze_shape  # noqa: E402
 from training.synthetic_world import (  # noqa: E402
-    COLORS,
     all_combinations,
     canonical_caption,
     make_edit,

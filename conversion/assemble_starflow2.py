@@ -59,7 +59,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from diffusers_starflow2 import AutoencoderFAE, PretzelModel, StarFlow2Pipeline, TarFlowScheduler
-from diffusers_starflow2.utils.io import atomic_output_dir, check_output_dir
+from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
 from diffusers_starflow2.loaders.single_file_starflow import convert_starflow_state_dict, load_checkpoint
 from diffusers_starflow2.utils.sequence import VISION_START, special_id
 
@@ -223,19 +223,13 @@ def assemble(args: argparse.Namespace) -> StarFlow2Pipeline:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def write_pipeline(pipe, output: str, overwrite: bool = False) -> None:
-    """``pipe.save_pretrained`` into a staging folder next to ``output``, then rename it into place."""
-    with atomic_output_dir(output, overwrite) as staging:
-        pipe.save_pretrained(staging, safe_serialization=True)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     output = os.path.abspath(args.output)
     try:
         check_output_dir(output, args.overwrite)  # fail before loading anything
         pipe = assemble(args)
-        write_pipeline(pipe, output, args.overwrite)
+        save_pretrained_atomic(pipe, output, args.overwrite)
     except (ValueError, OSError, pickle.UnpicklingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

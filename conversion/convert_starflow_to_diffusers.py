@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
 import sys
 from typing import Dict, Optional, Sequence, Tuple
@@ -30,7 +29,7 @@ from diffusers_starflow2.loaders.single_file_starflow import (
     load_reference_config,
 )
 from diffusers_starflow2.pipelines.starflow_assembly import build_starflow_pipeline
-from diffusers_starflow2.utils.io import atomic_output_dir, check_output_dir
+from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -100,8 +99,7 @@ def write_output(model: StarFlowTransformerModel, args: argparse.Namespace) -> N
     target = model
     if args.save_full_pipeline:
         target = build_starflow_pipeline(model, args.text_encoder, args.vae, args.tokenizer)
-    with atomic_output_dir(args.output, args.overwrite) as staging:
-        target.save_pretrained(staging, safe_serialization=True)
+    save_pretrained_atomic(target, args.output, args.overwrite)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

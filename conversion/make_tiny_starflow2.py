@@ -18,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from diffusers_starflow2 import StarFlow2Pipeline
-from diffusers_starflow2.utils.io import atomic_output_dir, check_output_dir
+from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 
@@ -32,12 +32,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_pipeline(pipe, output: str, overwrite: bool = False) -> None:
-    """``pipe.save_pretrained`` into a staging folder next to ``output``, then rename it into place."""
-    with atomic_output_dir(output, overwrite) as staging:
-        pipe.save_pretrained(staging, safe_serialization=True)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     output = os.path.abspath(args.output)
@@ -45,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_output_dir(output, args.overwrite)  # fail before building anything
         print(f"building tiny STARFlow2 components (seed {args.seed}) ...")
         pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=args.seed, perturb=args.perturb))
-        write_pipeline(pipe, output, args.overwrite)
+        save_pretrained_atomic(pipe, output, args.overwrite)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

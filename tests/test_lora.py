@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
 
@@ -12,23 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
-from diffusers_starflow2.loaders import StarFlow2LoraLoaderMixin  # noqa: E402
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
 from training import train_starflow2 as train  # noqa: E402
 from training.synthetic_world import write_world  # noqa: E402
 
-# Until the pipelines list the mixin among their bases, mix it in here.
-LoraPipeline = StarFlow2Pipeline if issubclass(StarFlow2Pipeline, StarFlow2LoraLoaderMixin) else \
-    type("LoraStarFlow2Pipeline", (StarFlow2LoraLoaderMixin, StarFlow2Pipeline), {})
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +55,16 @@ def add_random_lora(components, vlm=True):
 def test_save_load_switch_fuse_unload(tmp_path):
     source = build_tiny_starflow2_components(seed=0, perturb=0.05)
     add_random_lora(source)
-    expected = sample(LoraPipeline(**source))
-    LoraPipeline.save_lora_weights(
+    expected = sample(StarFlow2Pipeline(**source))
+    StarFlow2Pipeline.save_lora_weights(
         tmp_path, transformer_lora_layers=get_peft_model_state_dict(source["transformer"]),
         vlm_lora_layers=get_peft_model_state_dict(source["vlm"]),
         transformer_lora_adapter_metadata=source["transformer"].peft_config["default"].to_dict(),
         vlm_lora_adapter_metadata=source["vlm"].peft_config["default"].to_dict())
-    state_dict = LoraPipeline.lora_state_dict(tmp_path)
+    state_dict = StarFlow2Pipeline.lora_state_dict(tmp_path)
     assert {k.split(".")[0] for k in state_dict} == {"transformer", "vlm"}
 
-    pipe = LoraPipeline(**build_tiny_starflow2_components(seed=0, perturb=0.05))
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=0.05))
     base = sample(pipe)
     pipe.load_lora_weights(tmp_path, adapter_name="shapes")
     assert pipe.get_list_adapters() == {"transformer": ["shapes"], "vlm": ["shapes"]}
@@ -101,15 +91,15 @@ def test_transformer_only_lora_and_bad_files(tmp_path):
     source = build_tiny_starflow2_components(seed=0, perturb=0.05)
     add_random_lora(source, vlm=False)
     layers = get_peft_model_state_dict(source["transformer"])
-    LoraPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers)  # no metadata: ranks from the weights
-    pipe = LoraPipeline(**build_tiny_starflow2_components(seed=0, perturb=0.05))
+    StarFlow2Pipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers)  # no metadata: ranks from the weights
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=0.05))
     pipe.load_lora_weights(tmp_path)
     assert pipe.get_list_adapters() == {"transformer": ["default_0"]}
 
     with pytest.raises(ValueError, match="transformer"):  # keys without a component prefix
         pipe.load_lora_weights(dict(layers))
     with pytest.raises(ValueError, match="at least one"):
-        LoraPipeline.save_lora_weights(tmp_path)
+        StarFlow2Pipeline.save_lora_weights(tmp_path)
 
 
 def test_lora_training_writes_a_loadable_file(work, tmp_path):
@@ -120,11 +110,11 @@ def test_lora_training_writes_a_loadable_file(work, tmp_path):
     train.main(train.parse_args(argv))
     lora_file = out / "pytorch_lora_weights.safetensors"
     assert lora_file.is_file()
-    state_dict = LoraPipeline.lora_state_dict(out)
+    state_dict = StarFlow2Pipeline.lora_state_dict(out)
     assert all("lora_" in k for k in state_dict) and {k.split(".")[0] for k in state_dict} == {"transformer", "vlm"}
     assert all(k.startswith("transformer.deep.layers.") for k in state_dict if k.startswith("transformer."))
 
-    pipe = LoraPipeline.from_pretrained(work / "pipe")
+    pipe = StarFlow2Pipeline.from_pretrained(work / "pipe")
     base = sample(pipe)
     pipe.load_lora_weights(out, adapter_name="trained")
     with_lora = sample(pipe)

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 import torch
 from safetensors.torch import load_file
 
@@ -22,15 +24,6 @@ from training.synthetic_world import write_world  # noqa: E402
 SCRIPT = REPO / "training" / "train_starflow2.py"
 GROUPS = ("shallow", "deep", "noise_embed", "adapter", "skip_v", "skip_t")
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps its state in process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -30,9 +30,7 @@ def _model_dir(path: Optional[str]) -> str:
 
 
 def _load(cls_name: str, model: Optional[str]):
-    import torch  # noqa: F401  (imported late: --help stays fast)
-
-    import diffusers_starflow2 as pkg
+    import diffusers_starflow2 as pkg  # imported late: --help stays fast
 
     pipe = getattr(pkg, cls_name).from_pretrained(_model_dir(model))
     return pipe

@@ -18,10 +18,6 @@ Steps (each writes into ``--workdir``; a finished step is skipped when re-run, s
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from training.data import CaptionDataset, EditDataset, InterleavedDataset, UnderstandingDataset  # noqa: E402
+from training.data import CaptionDataset, EditDataset, InterleavedDataset  # noqa: E402
 from training.synthetic_world import write_world  # noqa: E402
 
 IMAGE_SIZE = 32
@@ -226,11 +222,9 @@ def step_export(work: Path) -> None:
     """Copy the final pipeline into the package as the embedded default model (atomically)."""
     from diffusers_starflow2 import StarFlow2Pipeline
     from diffusers_starflow2.cli import DEFAULT_MODEL
-    from diffusers_starflow2.utils.io import atomic_output_dir
+    from diffusers_starflow2.utils.io import save_pretrained_atomic
 
-    pipe = StarFlow2Pipeline.from_pretrained(work / "stage3")
-    with atomic_output_dir(DEFAULT_MODEL, overwrite=True) as staging:
-        pipe.save_pretrained(staging)
+    save_pretrained_atomic(StarFlow2Pipeline.from_pretrained(work / "stage3"), DEFAULT_MODEL, overwrite=True)
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
     print(f"embedded model: {DEFAULT_MODEL} ({size / 2**20:.1f} MB)")
 

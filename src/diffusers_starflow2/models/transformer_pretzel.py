@@ -17,9 +17,8 @@ visual-only flow blocks map noisy FAE latents ``x`` to ``x~`` before the Pretzel
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -264,7 +264,6 @@ class StarFlowPipeline(DiffusionPipeline):
 
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, negative_prompt, guided,
                                                                    num_images_per_prompt, device, max_sequence_length)
-        text = torch.cat([prompt_embeds, negative_prompt_embeds]) if guided else prompt_embeds
         latents = self.prepare_latents(batch_size, height, width, generator, device, latents)
 
         p = self.transformer.config.patch_size

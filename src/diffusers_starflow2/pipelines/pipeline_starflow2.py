@@ -151,10 +151,19 @@ class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
         tokens, _ = transformer.shallow_forward(noisy.to(transformer.dtype), levels)
         return tokens
 
-    def _check_noise_level(self, noise_level: float) -> float:
+    def _check_noise_level(self, noise_level: Optional[float]) -> float:
+        """``noise_level`` or the scheduler's default, checked."""
+        noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
         if not noise_level >= 0:
             raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
         return float(noise_level)
+
+    def _check_denoising_steps(self, num_denoising_steps: Optional[int]) -> int:
+        """``num_denoising_steps`` or the scheduler's default, checked."""
+        steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
+        if steps < 0:
+            raise ValueError(f"`num_denoising_steps` must be >= 0; got {steps}")
+        return steps
 
     def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance_scale: float,
                        image_guidance_scale: float = 1.0, num_denoising_steps: int = 1,
@@ -277,11 +286,8 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
             raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
         tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                                        self._callback_tensor_inputs)
-        noise_level = self._check_noise_level(self.scheduler.config.noise_level if noise_level is None
-                                              else noise_level)
-        steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
-        if steps < 0:
-            raise ValueError(f"`num_denoising_steps` must be >= 0; got {steps}")
+        noise_level = self._check_noise_level(noise_level)
+        steps = self._check_denoising_steps(num_denoising_steps)
         cfg = guidance_scale > 0
         layouts = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, cfg, max_sequence_length)
         batch_size = len(layouts) // (2 if cfg else 1)

@@ -209,17 +209,14 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
         tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                                        self._callback_tensor_inputs)
-        steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
-        if steps < 0:
-            raise ValueError(f"`num_denoising_steps` must be >= 0; got {steps}")
+        steps = self._check_denoising_steps(num_denoising_steps)
         branches = num_guidance_branches(guidance_scale, image_guidance_scale)
         transformer = self.transformer
 
         if state is None:
             if image is None:
                 raise ValueError("`image` is required (the image to edit) unless `state` continues a conversation")
-            noise_level = self._check_noise_level(self.scheduler.config.noise_level if noise_level is None
-                                                  else noise_level)
+            noise_level = self._check_noise_level(noise_level)
             images = self.preprocess_image(image)
             pairs = max(len(images), len(check_prompt(prompt)))
             prompts, negatives = self._check_texts(prompt, negative_prompt, pairs, max_sequence_length)

@@ -238,11 +238,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             generator = generator[0]
         tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, list(callback_on_step_end_tensor_inputs),
                                                        self._callback_tensor_inputs)
-        noise_level = self._check_noise_level(self.scheduler.config.noise_level if noise_level is None
-                                              else noise_level)
-        steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
-        if steps < 0:
-            raise ValueError(f"`num_denoising_steps` must be >= 0; got {steps}")
+        noise_level = self._check_noise_level(noise_level)
+        steps = self._check_denoising_steps(num_denoising_steps)
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         return self._generate(prompt, negative_prompt or "", guidance_scale, max_new_tokens, max_images,
                               temperature, top_k, top_p, stop, generator, noise_level, steps, output_type,

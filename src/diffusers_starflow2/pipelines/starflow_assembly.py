@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from ..models.transformer_starflow import StarFlowTransformerModel
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
-from ..utils.io import atomic_output_dir
+from ..utils.io import save_pretrained_atomic
 from .pipeline_starflow import StarFlowPipeline
 
 PathLike = Union[str, os.PathLike]
@@ -67,6 +67,4 @@ def save_starflow_pipeline(transformer: StarFlowTransformerModel, text_encoder_d
         ```
     """
     pipe = build_starflow_pipeline(transformer, text_encoder_dir, vae_dir, tokenizer_dir, scheduler)
-    with atomic_output_dir(output_dir, overwrite, name="output_dir") as staging:
-        pipe.save_pretrained(staging)
-    return os.path.abspath(output_dir)
+    return save_pretrained_atomic(pipe, output_dir, overwrite, name="output_dir")

@@ -54,3 +54,10 @@ def atomic_output_dir(output: PathLike, overwrite: bool = False, name: str = "--
             shutil.rmtree(backup, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_pretrained_atomic(obj, output: PathLike, overwrite: bool = False, name: str = "--output") -> str:
+    """``obj.save_pretrained`` (a model or pipeline, safetensors) into ``output`` through :func:`atomic_output_dir`."""
+    with atomic_output_dir(output, overwrite, name) as staging:
+        obj.save_pretrained(staging, safe_serialization=True)
+    return os.path.abspath(os.fspath(output))
