@@ -31,12 +31,13 @@ import argparse
 import gc
 import json
 import os
-import re
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import peak_kb, reset_peak, rss_kb  # noqa: E402
 
 PROMPT = "a red circle on the left of a blue square"
 
@@ -76,27 +77,6 @@ def build_pipeline(config: str):
         raise ValueError(f"unknown configuration {config!r}")
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_kb(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as f:
-            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
 
 
 def worker(args: argparse.Namespace) -> None:

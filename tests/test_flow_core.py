@@ -125,13 +125,13 @@ def test_block_reverse_inverts_teacher_forced_forward(use_sos, flip):
 def test_kv_cache_one_token_at_a_time_equals_full_pass(text_len, num_kv_heads, capacity):
     block = make_block(text_dim=12 if text_len else 0, num_kv_heads=num_kv_heads)
     grid, N = (3, 4), 12
-    rope = block.rotary_angles(*grid, text_len)
+    rope = block.rotary(*grid, text_len)
     h = torch.randn(2, text_len + N, 32)
     with torch.no_grad():
         full = block.transformer(h, rope)
         cache = block.new_cache(2, capacity, torch.float32, "cpu")  # capacity 1: the cache has to grow
-        parts = [block.transformer(h[:, :text_len], rope[:text_len], cache)] if text_len else []
-        parts += [block.transformer(h[:, t:t + 1], rope[t:t + 1], cache) for t in range(text_len, text_len + N)]
+        parts = [block.transformer(h[:, :text_len], rope[:, :text_len], cache)] if text_len else []
+        parts += [block.transformer(h[:, t:t + 1], rope[:, t:t + 1], cache) for t in range(text_len, text_len + N)]
     assert cache.length == text_len + N
     assert_close(torch.cat(parts, dim=1), full, 1e-5)
 

@@ -35,7 +35,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
-from .flow_block import FlowAttention, FlowTransformerLayer, RMSNorm, rope_angles, rope_positions
+from .flow_block import FlowAttention, FlowTransformerLayer, RMSNorm, rope_angles, rope_positions, rope_tables
 from .transformer_starflow import unpatchify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -99,8 +99,8 @@ def fae_tiny_config() -> dict:
 
 
 def _grid_rope(height: int, width: int, pt_seq_len: float, head_dim: int, device) -> torch.Tensor:
-    # (h*w, head_dim) angles; positions are normalised to pt_seq_len so rectangular grids stay in the trained range
-    return rope_angles(rope_positions(height, width, 0, pt_seq_len, "2d"), head_dim).to(device)
+    # (2, h*w, head_dim) cos/sin; positions are normalised to pt_seq_len so rectangular grids stay in the trained range
+    return rope_tables(rope_angles(rope_positions(height, width, 0, pt_seq_len, "2d"), head_dim)).to(device)
 
 
 def _head_dim(dim: int, num_heads: int, name: str) -> int:

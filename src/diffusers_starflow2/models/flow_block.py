@@ -103,19 +103,28 @@ def rope_angles(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
     return angles.repeat_interleave(2, dim=-1)
 
 
+def rope_tables(angles: torch.Tensor) -> torch.Tensor:
+    """``(2, ..., T, D)``: cosines and sines of ``angles (..., T, D)``, computed once and shared by all layers."""
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+_PAIR_SIGN = torch.tensor([-1.0, 1.0])
+
+
 def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...); flip + sign, no concatenation
+    pairs = x.unflatten(-1, (-1, 2)).flip(-1)
+    return (pairs * _PAIR_SIGN.to(device=x.device, dtype=x.dtype)).flatten(-2)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor, hf_style: bool = False) -> torch.Tensor:
-    """Rotate ``x (..., T, D)`` by ``angles (T, D)``; ``hf_style`` pairs channel ``i`` with ``i + D/2``."""
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, hf_style: bool = False) -> torch.Tensor:
+    """Rotate ``x (..., T, D)`` by ``rope = rope_tables(angles)``; ``hf_style`` pairs channel ``i`` with ``i + D/2``."""
+    cos, sin = rope[0], rope[1]
     if hf_style:  # regroup halves into adjacent pairs, rotate, and restore the layout
         x = x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
-        out = x * angles.cos() + _rotate_pairs(x) * angles.sin()
+        out = x * cos + _rotate_pairs(x) * sin
         return out.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-    return x * angles.cos() + _rotate_pairs(x) * angles.sin()
+    return x * cos + _rotate_pairs(x) * sin
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -223,7 +232,7 @@ class FlowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, cache: Optional[FlowKVCache] = None,
                 layer_idx: int = 0, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # x: (B, T, C); rope: (T, head_dim) or per-sample (B, 1, T, head_dim) angles of the new positions;
+        # x: (B, T, C); rope: rope_tables of the new positions, (2, T, head_dim) or per-sample (2, B, 1, T, head_dim);
         # key_padding_mask: (B, T_k) True = attend
         B, T, _ = x.shape
         q, k, v = self.to_qkv(self.norm(x)).split(self.split_sizes, dim=-1)
@@ -243,7 +252,9 @@ class FlowAttention(nn.Module):
 
         T_k = k.shape[2]
         mask, is_causal = None, self.causal
-        if self.causal and (T < T_k or key_padding_mask is not None):
+        if self.causal and T == 1 and key_padding_mask is None:
+            is_causal = False  # one new query may see every cached key: no mask at all
+        elif self.causal and (T < T_k or key_padding_mask is not None):
             # queries are the last T of T_k positions
             mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(diagonal=T_k - T)
             is_causal = False
@@ -390,15 +401,16 @@ class AutoregressiveFlowBlock(nn.Module):
         """Raster order <-> scan order along dim 1 (the flip is its own inverse)."""
         return x.flip(1) if self.flip else x
 
-    def rotary_angles(self, height: int, width: int, text_length: int) -> Optional[torch.Tensor]:
-        """``(text_length + height*width, head_dim)`` angles; ``None`` with learned position embeddings."""
+    def rotary(self, height: int, width: int, text_length: int) -> Optional[torch.Tensor]:
+        """``rope_tables`` ``(2, text_length + height*width, head_dim)``; ``None`` with learned position embeddings."""
         if self.rope == "none":
             return None
         mode = self.rope
         if mode == "2d" and text_length:
             raise ValueError("a 2d-RoPE flow block cannot take text; use rope='3d'")
         text_length = text_length if (self.text_dim > 0 or mode == "1d") else 0
-        return rope_angles(rope_positions(height, width, text_length, self.pt_seq_len, mode), self.head_dim)
+        return rope_tables(rope_angles(rope_positions(height, width, text_length, self.pt_seq_len, mode),
+                                       self.head_dim))
 
     # -- the three stages of a step: inputs -> Transformer -> affine parameters ------------------------------------
 
@@ -475,7 +487,7 @@ class AutoregressiveFlowBlock(nn.Module):
             h = torch.cat([self.add_cond(self.proj_txt(text.to(dtype)), cond), h], dim=1)  # (B, L + N, C)
             if text_mask is not None:
                 key_padding_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2]).bool()], dim=1)
-        h = self.transformer(h, self.rotary_angles(*grid, L), key_padding_mask=key_padding_mask)[:, L:]
+        h = self.transformer(h, self.rotary(*grid, L), key_padding_mask=key_padding_mask)[:, L:]
         mu, sigma = self.affine(h)
         if not self.use_sos:  # token i is predicted from token i-1; the first passes through (mu=0, sigma=1)
             mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)
@@ -507,13 +519,13 @@ class AutoregressiveFlowBlock(nn.Module):
         cond = cond.repeat(branches, 1) if cond is not None else None
         L = text.shape[1] if text is not None else 0
         dtype = self.proj_in.weight.dtype
-        rope = self.rotary_angles(*grid, L)
+        rope = self.rotary(*grid, L)
         cache = self.new_cache(B * branches, L + N, dtype, z.device)
         pad_mask = None
         if text is not None:
             if text_mask is not None:
                 pad_mask = torch.cat([text_mask.bool(), text_mask.new_ones(B * branches, N).bool()], dim=1)
-            self.encode_text(text.to(dtype), rope[:L] if rope is not None else None, cache,
+            self.encode_text(text.to(dtype), rope[:, :L] if rope is not None else None, cache,
                              pad_mask[:, :L] if pad_mask is not None else None, cond)
 
         z = self.permute(z.float())
@@ -523,7 +535,7 @@ class AutoregressiveFlowBlock(nn.Module):
             prev = self.sos_embed.expand(B, -1, -1) if t == 0 else x[:, t - 1:t]
             h = self.embed(prev.to(dtype).repeat(branches, 1, 1), start=t - first, cond=cond)
             pos = L + t - first
-            h = self.transformer(h, rope[pos:pos + 1] if rope is not None else None, cache,
+            h = self.transformer(h, rope[:, pos:pos + 1] if rope is not None else None, cache,
                                  pad_mask[:, :pos + 1] if pad_mask is not None else None)
             mu, sigma = self.affine(h)  # (branches * B, 1, C)
             if guided:

@@ -29,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .flow_block import AutoregressiveFlowBlock, FlowKVCache, rope_angles
+from .flow_block import AutoregressiveFlowBlock, FlowKVCache, rope_angles, rope_tables
 from .transformer_starflow import LOG_2PI, bits_per_dim
 from .vlm_stream import VLMStream
 
@@ -406,7 +406,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             is_start = (input_ids.to(device) == self.config.vision_start_token_id) & ~latent_mask
             flow_in = flow_in + is_start[..., None].to(flow_in.dtype) * deep.proj_in(deep.sos_embed)
         flow_in = deep.add_cond(flow_in, cache.cond)
-        rope = rope_angles(flow_pos[..., None].float(), deep.head_dim)[:, None]  # (B, 1, T, head_dim)
+        rope = rope_tables(rope_angles(flow_pos[..., None].float(), deep.head_dim))[:, :, None]  # (2, B, 1, T, Dh)
         g = deep.transformer(flow_in, rope, cache.flow, key_padding_mask=full_mask)
 
         cache.attention_mask = full_mask
