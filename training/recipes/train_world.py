@@ -201,7 +201,7 @@ STAGES = {
     2: ("stage1", lambda w: ["--train_data_dir", str(w / "world" / "understanding")], 1500, 32, 1e-3),
     3: ("stage2", lambda w: ["--mixture", ",".join([
         f"understanding={w / 'world' / 'understanding'}:0.3", f"generation={w / 'world' / 'caption'}:0.35",
-        f"editing={w / 'world' / 'edit'}:0.25", f"interleaved={w / 'world' / 'interleaved'}:0.1"])], 3000, 32, 5e-4),
+        f"editing={w / 'world' / 'edit'}:0.25", f"interleaved={w / 'world' / 'interleaved'}:0.1"])], 2000, 32, 5e-4),
 }
 
 
