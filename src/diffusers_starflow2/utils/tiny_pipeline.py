@@ -20,8 +20,7 @@ def build_tiny_starflow2_components(seed: int = 0, perturb: float = 0.05) -> dic
     """
     tokenizer = build_tiny_tokenizer()
     vlm = build_tiny_qwen2_5_vl(tokenizer, seed=seed)
-    generator_state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
         torch.manual_seed(seed)
         transformer = PretzelModel(**pretzel_tiny_config(vlm.config.get_text_config().hidden_size,
                                                          tokenizer.convert_tokens_to_ids(VISION_START)))
@@ -30,7 +29,5 @@ def build_tiny_starflow2_components(seed: int = 0, perturb: float = 0.05) -> dic
             with torch.no_grad():
                 for p in transformer.parameters():
                     p.add_(torch.randn_like(p) * perturb)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return dict(vlm=vlm.eval(), tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
                 scheduler=TarFlowScheduler())
