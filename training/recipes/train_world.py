@@ -235,8 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", nargs="+", default=["world", "fae", "lm", "init", "stage1", "stage2", "stage3"],
                         help="steps to run, in order (add 'export' to replace the embedded default model)")
     parser.add_argument("--num_images", type=int, default=3000)
-    parser.add_argument("--fae_steps", type=int, default=1500)
-    parser.add_argument("--lm_steps", type=int, default=800)
+    parser.add_argument("--fae_steps", type=int, default=1200)
+    parser.add_argument("--lm_steps", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 avoids oversubscription when other jobs share the cores)")
     args = parser.parse_args(argv)
