@@ -138,7 +138,7 @@ class FlowKVCache:
     ``update`` writes the new keys/values of one layer at the current length and returns everything up to them;
     ``advance`` commits the new positions once every layer has been run.  Keys are stored after RoPE, which is
     exact because the rotation of a key depends only on its own position.  A CFG pair is the batch
-    ``[conditional; unconditional]``; ``keep_first_half`` drops the unconditional half when it is no longer needed.
+    ``[conditional; unconditional]``; ``select_batch`` keeps some rows (e.g. drops the unconditional branch).
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
@@ -193,10 +193,6 @@ class FlowKVCache:
         other.keys, other.values = self.keys[:, :, :, :length].clone(), self.values[:, :, :, :length].clone()
         other.length = length
         return other
-
-    def keep_first_half(self) -> None:
-        half = self.batch_size // 2
-        self.keys, self.values = self.keys[:, :half], self.values[:, :half]
 
     def select_batch(self, index: torch.Tensor) -> None:
         self.keys, self.values = self.keys[:, index], self.values[:, index]

@@ -97,10 +97,6 @@ class PretzelCache:
     def length(self) -> int:
         return self.attention_mask.shape[1]
 
-    @property
-    def in_image(self) -> bool:
-        return self.image_cell > 0
-
     def assign_positions(self, latent_mask: torch.Tensor, attention_mask: torch.Tensor):
         """Position ids of new positions; advances the cursors.
 
