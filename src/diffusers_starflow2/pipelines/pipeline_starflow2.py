@@ -151,6 +151,18 @@ class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
         tokens, _ = transformer.shallow_forward(noisy.to(transformer.dtype), levels)
         return tokens
 
+    def _check_texts(self, prompt, negative_prompt, max_sequence_length: int):
+        """``(prompts, negative prompts)`` as lists; the negative defaults to ``""``; each within the token limit."""
+        prompts = check_prompt(prompt)
+        negatives = check_prompt(negative_prompt if negative_prompt is not None else "", "negative_prompt",
+                                 allow_empty=True)
+        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+            for text in texts:
+                n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if n > max_sequence_length:
+                    raise ValueError(f"`{name}` has {n} tokens, more than max_sequence_length={max_sequence_length}")
+        return prompts, negatives
+
     def _check_noise_level(self, noise_level: Optional[float]) -> float:
         """``noise_level`` or the scheduler's default, checked."""
         noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
@@ -226,18 +238,11 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
                       max_sequence_length: int = 256) -> List[TokenLayout]:
         """Token layouts of the conditional batch (each prompt repeated ``num_images_per_prompt`` times), followed
         by the unconditional batch when guidance is on."""
-        prompts = check_prompt(prompt)
-        negatives = check_prompt(negative_prompt if negative_prompt is not None else "", "negative_prompt",
-                                 allow_empty=True)
+        prompts, negatives = self._check_texts(prompt, negative_prompt, max_sequence_length)
         if len(negatives) == 1:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"`negative_prompt` has {len(negatives)} entries for {len(prompts)} prompts")
-        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
-            for text in texts:
-                n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                if n > max_sequence_length:
-                    raise ValueError(f"`{name}` has {n} tokens, more than max_sequence_length={max_sequence_length}")
         n = self.transformer.num_latents
 
         def layout(text: str) -> TokenLayout:

@@ -134,15 +134,8 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         end = full.latent_mask.index(True) + n
         return TokenLayout(full.input_ids[end:], full.latent_mask[end:], full.assistant_mask[end:])
 
-    def _check_texts(self, prompt, negative_prompt, size: int, max_sequence_length: int):
-        prompts = check_prompt(prompt)
-        negatives = check_prompt(negative_prompt if negative_prompt is not None else "", "negative_prompt",
-                                 allow_empty=True)
-        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
-            for text in texts:
-                n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                if n > max_sequence_length:
-                    raise ValueError(f"`{name}` has {n} tokens, more than max_sequence_length={max_sequence_length}")
+    def _broadcast_texts(self, prompt, negative_prompt, size: int, max_sequence_length: int):
+        prompts, negatives = self._check_texts(prompt, negative_prompt, max_sequence_length)
         return _broadcast("prompt", prompts, size), _broadcast("negative_prompt", negatives, size)
 
     def _check_state(self, state, image, num_images_per_prompt: int, branches: int):
@@ -219,7 +212,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             noise_level = self._check_noise_level(noise_level)
             images = self.preprocess_image(image)
             pairs = max(len(images), len(check_prompt(prompt)))
-            prompts, negatives = self._check_texts(prompt, negative_prompt, pairs, max_sequence_length)
+            prompts, negatives = self._broadcast_texts(prompt, negative_prompt, pairs, max_sequence_length)
             if len(images) not in (1, pairs):
                 raise ValueError(f"`image` has {len(images)} images for {pairs} prompts; expected 1 or {pairs}")
             batch_size = pairs * num_images_per_prompt
@@ -239,7 +232,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                 raise ValueError(f"`noise_level` must be the conversation's {state.noise_level} when continuing "
                                  f"a `state`; got {noise_level}")
             noise_level, batch_size = state.noise_level, state.batch_size
-            prompts, negatives = self._check_texts(prompt, negative_prompt, batch_size, max_sequence_length)
+            prompts, negatives = self._broadcast_texts(prompt, negative_prompt, batch_size, max_sequence_length)
             check_generator(generator, batch_size)
             cache = state.cache.fork(state.cache.snapshot())
             if branches < state.num_branches:
