@@ -78,7 +78,7 @@ def test_cached_incremental_pass_matches_full_pass(vlm, tokenizer):
     hidden, cache = stream(embeds[:, :prefix], position_ids[..., :prefix])
     steps = [hidden]
     for t in range(prefix, embeds.shape[1]):
-        hidden, cache = stream(embeds[:, t : t + 1], position_ids[..., t : t + 1], past_key_values=cache)
+        hidden, cache = stream(embeds[:, t : t + 1], position_ids[..., t : t + 1], cache=cache)
         steps.append(hidden)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 

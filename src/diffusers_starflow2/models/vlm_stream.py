@@ -9,11 +9,20 @@ they receive exactly the 3-axis M-RoPE position ids Qwen2.5-VL assigns to an ima
 them where it is used to seeing images. Text logits come from the VLM's own LM head.
 """
 
+import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel
+
+
+@functools.cache
+def _cache_argument(decoder_cls: type) -> str:
+    # transformers renamed the decoder's cache argument from `past_key_values` to `cache` (5.24; the old name is
+    # removed in 5.40): pass whichever name this version's decoder takes.
+    return "cache" if "cache" in inspect.signature(decoder_cls.forward).parameters else "past_key_values"
 
 
 # Model types whose language model uses Qwen's 3-axis multimodal RoPE and assigns image positions as below.
@@ -143,18 +152,18 @@ class VLMStream(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Cache]:
         """
-        Run the language model on `inputs_embeds`, appending to `past_key_values`.
+        Run the language model on `inputs_embeds`, appending to `cache`.
 
         Args:
             inputs_embeds (`torch.Tensor` of shape `(B, T, D)`): Text embeddings and/or adapted image latents.
             position_ids (`torch.LongTensor`):
                 `(3, T)` or `(3, B, T)` M-RoPE ids for M-RoPE models, `(T,)` or `(B, T)` otherwise; see
                 [`build_position_ids`]. They must continue the positions already in the cache.
-            past_key_values ([`~transformers.Cache`], *optional*):
+            cache ([`~transformers.Cache`], *optional*):
                 Cache of the preceding tokens; a new [`~transformers.DynamicCache`] is created when `None`. It is
                 updated in place (use `crop(n)` to roll it back).
             attention_mask (`torch.Tensor` of shape `(B, T_past + T)`, *optional*): 1 for real tokens, 0 for padding.
@@ -164,17 +173,17 @@ class VLMStream(nn.Module):
         """
         batch_size, seq_len, _ = inputs_embeds.shape
         position_ids = self._expand_position_ids(position_ids, batch_size, seq_len)
-        if past_key_values is None:
+        if cache is None:
             # Always run with a cache: besides enabling incremental decoding, transformers only reinterprets
             # non-contiguous position ids as packed sequences when there is neither a cache nor a mask.
-            past_key_values = DynamicCache(config=self.decoder.config)
+            cache = DynamicCache(config=self.decoder.config)
         # Calling the decoder directly (not `vlm.model`) bypasses Qwen2.5-VL's vision-token merging and its stateful
         # `rope_deltas`: positions come from the caller only.
         outputs = self.decoder(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             attention_mask=attention_mask,
             use_cache=True,
+            **{_cache_argument(type(self.decoder)): cache},
         )
-        return outputs.last_hidden_state, outputs.past_key_values
+        return outputs.last_hidden_state, cache
