@@ -1,6 +1,5 @@
 """Shared test helpers: reference fixtures, the converter CLI module, deterministic seeds."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,16 @@ reference_cases = sorted(
     p.name for p in (REFERENCE_DIR.iterdir() if REFERENCE_DIR.is_dir() else ())
     if p.is_dir() and all((p / f).is_file() for f in REFERENCE_FILES)
 )
-CONVERTER_PATH = REPO_ROOT / "conversion" / "convert_starflow_to_diffusers.py"
 
 # The test models are tiny: one thread per process is faster than two and never oversubscribes a shared machine.
 torch.set_num_threads(1)
 
 
-def load_converter():
-    """The converter script as a module (``conversion/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location("convert_starflow_to_diffusers", CONVERTER_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def converter():
-    return load_converter()
+    from diffusers_starflow2.conversion import convert_starflow_to_diffusers
+
+    return convert_starflow_to_diffusers
 
 
 @pytest.fixture(scope="session")

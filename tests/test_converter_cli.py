@@ -15,9 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import CONVERTER_PATH
 from diffusers_starflow2 import StarFlowTransformerModel
 from diffusers_starflow2.loaders.single_file_starflow import config_from_reference_kwargs
+
+# the thin top-level entry point a source checkout runs
+CONVERTER_SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_starflow_to_diffusers.py"
 
 REFERENCE_KWARGS = dict(in_channels=4, img_size=4, patch_size=1, channels=32, num_blocks=2, layers_per_block=[1, 2],
                         head_dim=16, num_heads=2, num_kv_heads=1, rope=1, sos=1, txt_size=5, txt_dim=12,
@@ -148,7 +150,7 @@ def test_existing_output(converter, reference, tmp_path, capsys):
 
 
 def test_command_line_exit_status(tmp_path):
-    result = subprocess.run([sys.executable, str(CONVERTER_PATH), "--checkpoint", str(tmp_path / "missing.pth"),
+    result = subprocess.run([sys.executable, str(CONVERTER_SCRIPT), "--checkpoint", str(tmp_path / "missing.pth"),
                              "--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0

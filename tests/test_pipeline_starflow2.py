@@ -22,7 +22,6 @@ from diffusers_starflow2.models.autoencoder_fae import fae_tiny_config
 from diffusers_starflow2.models.transformer_pretzel import pretzel_tiny_config
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
-CONVERSION_DIR = Path(__file__).resolve().parents[1] / "conversion"
 PROMPT, OTHER = "a red circle on the left", "blue"
 NOISE_LEVEL = 0.3
 GUIDANCE = 1.5
@@ -33,10 +32,7 @@ REFERENCE_LAYER_NAMES = {"attn.to_qkv": "attention.qkv", "attn.to_out": "attenti
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, CONVERSION_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"diffusers_starflow2.conversion.{name}")
 
 
 def gen(seed):

@@ -13,7 +13,7 @@ from PIL import ImageFilter
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.synthetic_world import (  # noqa: E402
+from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
     CAPTION_TEMPLATES,
     COLORS,
     KINDS,
@@ -34,9 +34,9 @@ from training.synthetic_world import (  # noqa: E402
 
 
 def load_analyser():
-    """``diffusers_starflow2.utils.shape_analysis`` loaded from its file: it is self-contained, and this
+    """``diffusers_starflow2.world.shape_analysis`` loaded from its file: it is self-contained, and this
     keeps these tests from paying for the package's (diffusers / transformers) import time."""
-    spec = importlib.util.spec_from_file_location("_shape_analysis", REPO / "src/diffusers_starflow2/utils/shape_analysis.py")
+    spec = importlib.util.spec_from_file_location("_shape_analysis", REPO / "src/diffusers_starflow2/world/shape_analysis.py")
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -194,7 +194,7 @@ def test_cli_writes_a_world(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["caption", "edit", "world.json"]
     # as a script from the repo root, held-out split
     out = tmp_path / "s"
-    cmd = [sys.executable, "training/synthetic_world.py", "--output", str(out), "--num_images", "2", "--seed", "5", "--split", "heldout"]
+    cmd = [sys.executable, "-m", "diffusers_starflow2.world.synthetic_world", "--output", str(out), "--num_images", "2", "--seed", "5", "--split", "heldout"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     info = json.loads((out / "world.json").read_text())
     assert info["split"] == "heldout" and info["image_size"] == 64 and sorted(info["kinds"]) == sorted(KINDS)

@@ -18,8 +18,8 @@ sys.path.insert(0, str(REPO))
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
-from training import train_starflow2 as train  # noqa: E402
-from training.synthetic_world import write_world  # noqa: E402
+from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
+from diffusers_starflow2.world.synthetic_world import write_world  # noqa: E402
 
 SCRIPT = REPO / "training" / "train_starflow2.py"
 GROUPS = ("shallow", "deep", "noise_embed", "adapter", "skip_v", "skip_t")

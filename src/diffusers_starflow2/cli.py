@@ -2,7 +2,7 @@
 """The ``starflow2`` command: generate, edit, describe, chat and convert with a STARFlow2 pipeline folder.
 
 Without ``--model`` the commands use the embedded default model shipped inside the package (a tiny STARFlow2
-trained on the synthetic shapes world, see ``training/recipes/train_world.py``).
+trained on the synthetic shapes world, see ``diffusers_starflow2.world.train_world``).
 """
 
 from __future__ import annotations
@@ -120,18 +120,11 @@ def cmd_chat(args) -> None:
 
 
 def cmd_convert(args) -> int:
-    import importlib.util
+    import importlib
 
-    scripts = Path(__file__).resolve().parents[2] / "conversion"
-    target = {"starflow": "convert_starflow_to_diffusers.py", "tiny": "make_tiny_starflow2.py",
-              "assemble": "assemble_starflow2.py"}[args.kind]
-    script = scripts / target
-    if not script.is_file():
-        raise CLIError(f"converter {target} not found (it ships with the source checkout, under conversion/)")
-    spec = importlib.util.spec_from_file_location(script.stem, script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(args.rest)
+    module = {"starflow": "convert_starflow_to_diffusers", "tiny": "make_tiny_starflow2",
+              "assemble": "assemble_starflow2"}[args.kind]
+    return importlib.import_module(f"diffusers_starflow2.conversion.{module}").main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:

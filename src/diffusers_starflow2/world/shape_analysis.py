@@ -27,6 +27,8 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+# The world's colours and shape centres (x, y as fractions of the side, before jitter): the world draws with
+# these and the analyser judges against them.
 PALETTE = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 ANCHORS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "center": (0.5, 0.5)}
 #: Decision rule on :func:`shape_features`: triangle if tri > TRIANGLE_HARMONIC (clean world triangles
@@ -48,7 +50,7 @@ class ShapeReport:
 
     @property
     def attributes(self) -> dict[str, str]:
-        """``{"color", "shape", "position"}``, comparable with ``training.synthetic_world.Scene.attributes``."""
+        """``{"color", "shape", "position"}``, comparable with ``diffusers_starflow2.world.synthetic_world.Scene.attributes``."""
         return {"color": self.color, "shape": self.shape, "position": self.position}
 
 

@@ -1,0 +1,122 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""Convert an original STARFlow checkpoint (apple/ml-starflow ``transformer_flow.Model``) to a diffusers folder.
+
+    python conversion/convert_starflow_to_diffusers.py --checkpoint starflow_3B_t2i_256x256.pth \
+        --config configs/starflow_3B_t2i_256x256.yaml --output starflow-3b-t2i [--dtype bfloat16]
+
+``--config`` is the reference training YAML (``arguments: [...]``; the text width is read from the checkpoint) or a
+JSON file holding the reference constructor's ``model_kwargs``.  The weights are loaded strictly: any missing,
+unexpected or mis-shaped key ends the run with the list of offending keys.  The output folder is written next to its
+final place and renamed into it only when complete, so a failed run never leaves a half-written folder.
+
+The conversion itself lives in :mod:`diffusers_starflow2.loaders.single_file_starflow`; this script is CLI glue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from diffusers_starflow2 import StarFlowTransformerModel
+from diffusers_starflow2.loaders.single_file_starflow import (
+    convert_starflow_state_dict,
+    load_checkpoint,
+    load_reference_config,
+)
+from diffusers_starflow2.pipelines.starflow_assembly import build_starflow_pipeline
+from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Convert a reference STARFlow checkpoint to a diffusers folder.")
+    parser.add_argument("--checkpoint", required=True, help="reference .pth/.pt/.bin (weights_only) or .safetensors")
+    parser.add_argument("--config", required=True, help="reference training YAML, or JSON with 'model_kwargs'")
+    parser.add_argument("--output", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    parser.add_argument("--save_full_pipeline", action="store_true",
+                        help="write a complete StarFlowPipeline folder (needs --text_encoder and --vae)")
+    parser.add_argument("--text_encoder", help="local T5 encoder folder (FLAN-T5-XL for the released model)")
+    parser.add_argument("--tokenizer", help="local tokenizer folder (default: --text_encoder)")
+    parser.add_argument("--vae", help="local diffusers AutoencoderKL folder (sd-vae-ft-ema for the released model)")
+    args = parser.parse_args(argv)
+    if args.save_full_pipeline and not (args.text_encoder and args.vae):
+        parser.error("--save_full_pipeline needs --text_encoder DIR and --vae DIR")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model``; missing, unexpected or mis-shaped keys raise ``ValueError`` listing them."""
+    expected = model.state_dict()
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                    for k, v in expected.items() if k in state and state[k].shape != v.shape)
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {missing}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {unexpected}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {shapes}")
+    if problems:
+        raise ValueError("the checkpoint does not match the config:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def convert(checkpoint: str, config: str, dtype: str = "float32") -> Tuple[StarFlowTransformerModel, dict]:
+    """Build the diffusers model described by ``config`` and load the converted ``checkpoint`` into it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    state = load_checkpoint(checkpoint)
+    model_config, _ = load_reference_config(config, state)
+    model = StarFlowTransformerModel(**model_config)
+    load_strict(model, convert_starflow_state_dict(state))
+    if dtype != "float32":  # nn.Module.to: ModelMixin.to warns about fp32-pinned modules even when there are none
+        torch.nn.Module.to(model, DTYPES[dtype])
+    return model.eval(), model_config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def write_output(model: StarFlowTransformerModel, args: argparse.Namespace) -> None:
+    """The transformer folder, or with ``--save_full_pipeline`` a complete ``StarFlowPipeline`` folder."""
+    target = model
+    if args.save_full_pipeline:
+        target = build_starflow_pipeline(model, args.text_encoder, args.vae, args.tokenizer)
+    save_pretrained_atomic(target, args.output, args.overwrite)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_output_dir(args.output, args.overwrite)  # fail before the (slow) conversion
+        model, config = convert(args.checkpoint, args.config, args.dtype)
+        write_output(model, args)
+    except (ValueError, OSError, pickle.UnpicklingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.checkpoint} -> {args.output}")
+    print(f"  {num_params:,} parameters, {args.dtype}, {len(config['layers_per_block'])} flow blocks")
+    print("  config: " + json.dumps(config, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

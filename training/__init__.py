@@ -1,1 +1,0 @@
-"""Training-side helpers for STARFlow2: the synthetic shapes world and dataset readers."""
