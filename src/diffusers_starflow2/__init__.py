@@ -3,6 +3,8 @@
 Everything public is imported eagerly: diffusers resolves pipeline components through this module.
 """
 
+import sys
+
 from .loaders import StarFlow2LoraLoaderMixin
 from .models import (
     AutoencoderFAE,
@@ -27,4 +29,8 @@ from .pipelines import (
 )
 from .schedulers import TarFlowScheduler, TarFlowSchedulerOutput
 
+from .utils.hub import register_with_diffusers
+
 __version__ = "0.1.0"
+
+register_with_diffusers(sys.modules[__name__])

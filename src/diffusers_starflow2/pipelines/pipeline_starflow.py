@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..models.transformer_starflow import StarFlowTransformerModel
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
+from ..utils.hub import StarFlowHubMixin
 from .pipeline_utils import (
     check_generator,
     check_guidance_scale,
@@ -63,7 +64,7 @@ class StarFlowPipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class StarFlowPipeline(DiffusionPipeline):
+class StarFlowPipeline(StarFlowHubMixin, DiffusionPipeline):
     r"""Text-to-image generation with a STARFlow deep-shallow autoregressive flow.
 
     Args:

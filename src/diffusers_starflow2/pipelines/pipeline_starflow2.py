@@ -19,6 +19,7 @@ from ..models.autoencoder_fae import AutoencoderFAE
 from ..models.transformer_pretzel import PretzelCache, PretzelModel
 from ..models.vlm_stream import VLMStream
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
+from ..utils.hub import StarFlowHubMixin
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
 from .pipeline_utils import (
     check_generator,
@@ -55,7 +56,7 @@ class StarFlow2PipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
+class StarFlow2BasePipeline(StarFlowHubMixin, DiffusionPipeline, StarFlow2LoraLoaderMixin):
     """Components, the image-generation core and LoRA loading shared by the STARFlow2 pipelines.
 
     Components:
