@@ -472,6 +472,3 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         loss = feature_weight * feature_loss + pixel_weight * pixel_loss + beta * kl_loss
         return FAELossOutput(loss=loss, feature_loss=feature_loss, pixel_loss=pixel_loss, kl_loss=kl_loss,
                              reconstruction=reconstruction, latents=z)
-
-    # ``model.loss(images, beta=...)`` reads naturally in training recipes
-    loss = compute_loss

@@ -71,13 +71,6 @@ class StarFlowTransformerOutput(BaseOutput):
     block_inputs: Tuple[torch.Tensor, ...] = ()
 
 
-def starflow_3b_t2i_config() -> dict:
-    """The released STARFlow 3B text-to-image model (256 px, SD-VAE latents 32x32x4, FLAN-T5-XL text)."""
-    return dict(in_channels=4, sample_size=32, patch_size=1, channels=3072, layers_per_block=[2, 2, 2, 2, 2, 24],
-                head_dim=64, use_rope=True, use_sos=True, max_text_length=128, text_dim=2048, cond_top_only=True,
-                use_softplus=True, final_norm=True, soft_clip=4.0, seq_order="L2R")
-
-
 def tiny_starflow_config() -> dict:
     """A few-hundred-kB model for tests and examples."""
     return dict(in_channels=4, sample_size=8, patch_size=1, channels=32, layers_per_block=[1, 1, 2], head_dim=16,
