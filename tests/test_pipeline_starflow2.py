@@ -362,3 +362,70 @@ def test_assemble_round_trip(tmp_path, capsys):
                 "fae.dinov2.embeddings.cls_token", "shallow.1.layers.0.attn.to_qkv.weight"):
         assert key in err, err
     assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Denoising at every level, likelihood and denoising as pipeline methods
+# --------------------------------------------------------------------------------------------------------------
+
+
+def teacher_forced_image_nll(pipe, ids, attention_mask, x, level):
+    """Image NLL from one teacher-forced pass over prompt + image with every position at ``level``."""
+    B, T = ids.shape
+    N = pipe.transformer.num_latents
+    full_ids = torch.cat([ids, ids.new_zeros(B, N)], dim=1)
+    latent_mask = torch.cat([torch.zeros(B, T, dtype=torch.bool), torch.ones(B, N, dtype=torch.bool)], dim=1)
+    mask = torch.cat([attention_mask, torch.ones(B, N, dtype=torch.bool)], dim=1)
+    return pipe.transformer(pipe.vlm_stream, full_ids, latent_mask, x, torch.full((B,), level),
+                            attention_mask=mask).image_nll
+
+
+@torch.no_grad()
+def test_context_at_another_noise_level_matches_a_pass_at_that_level(pipe):
+    transformer = pipe.transformer
+    cache, ids, attention_mask, _ = prompt_cache(pipe, [PROMPT, OTHER])
+    x = 0.7 * torch.randn(2, 4, 4, 4, generator=gen(2))
+    moved = transformer.at_noise_level(cache, torch.full((2,), 0.1))
+    assert moved is not cache and float(cache.noise_level[0]) == pytest.approx(NOISE_LEVEL)  # cache untouched
+    expected = teacher_forced_image_nll(pipe, ids, attention_mask, x, 0.1)
+    assert torch.allclose(transformer.image_nll_in_context(pipe.vlm_stream, moved, x), expected, atol=1e-5)
+    # the context at the sampling level scores differently: the level matters, so the check bites
+    stale = transformer.image_nll_in_context(pipe.vlm_stream, cache, x)
+    assert (stale - expected).abs().min() > 1e-4
+    assert transformer.at_noise_level(cache, torch.full((2,), NOISE_LEVEL)) is cache
+
+
+@torch.no_grad()
+def test_log_likelihood_is_the_flow_density(pipe):
+    images = torch.rand(2, 3, 32, 32, generator=gen(3))
+    bpd = pipe.log_likelihood(images, [PROMPT, OTHER], generator=[gen(4), gen(5)])
+    assert bpd.shape == (2,) and bpd.dtype == torch.float32
+    # independent reference: the same noisy latents through a teacher-forced pass
+    noisy = torch.cat([pipe.noisy_latents(pipe.preprocess_image(images[i:i + 1]), NOISE_LEVEL, g)
+                       for i, g in enumerate((gen(4), gen(5)))])
+    cache, ids, attention_mask, _ = prompt_cache(pipe, [PROMPT, OTHER])
+    expected = teacher_forced_image_nll(pipe, ids, attention_mask, noisy, NOISE_LEVEL) / math.log(2)
+    assert torch.allclose(bpd, expected, atol=1e-5)
+    assert torch.equal(pipe.log_likelihood(images, [PROMPT, OTHER], generator=[gen(4), gen(5)]), bpd)
+    one = pipe.log_likelihood(images[1], OTHER, generator=gen(5))
+    assert torch.allclose(one, bpd[1:], atol=1e-5)
+    assert not torch.allclose(pipe.log_likelihood(images, PROMPT, generator=[gen(4), gen(5)])[1], bpd[1])
+    with pytest.raises(ValueError, match="`prompt` has 3 entries for 2 images"):
+        pipe.log_likelihood(images, [PROMPT] * 3)
+    with pytest.raises(ValueError, match="`noise_level` must be >= 0; got -1"):
+        pipe.log_likelihood(images, PROMPT, noise_level=-1.0)
+
+
+@torch.no_grad()
+def test_call_denoises_with_denoise_latents(pipe):
+    noisy = generate(pipe, seed=0, output_type="latent")
+    assert noisy.shape == (1, 4, 4, 4)
+    for steps in (1, 3):
+        denoised = generate(pipe, seed=0, output_type="latent", num_denoising_steps=steps)
+        assert torch.allclose(pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=steps), denoised, atol=1e-6)
+        assert not torch.allclose(denoised, noisy, atol=1e-3)
+    assert torch.equal(pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=0), noisy)
+    with pytest.raises(ValueError, match=r"`latents` must be scaled FAE latents of shape \(B, 4, 4, 4\); got"):
+        pipe.denoise_latents(noisy[:, :2], PROMPT)
+    with pytest.raises(ValueError, match="`num_denoising_steps` must be >= 0; got -2"):
+        pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=-2)

@@ -88,6 +88,10 @@ class PretzelCache:
     image_cell: int = 0  # cells of the currently open image span already seen (same for every sample)
     last_flow_hidden: Optional[torch.Tensor] = None  # (B, 1, C) TARFlow output of the latest position
     last_hidden: Optional[torch.Tensor] = None  # (B, 1, D) VLM output of the latest position
+    # Level-independent TARFlow-stream inputs and position ids of every cached position, kept (as chunks, one per
+    # step) so that the stream can be rebuilt at another noise level without running the VLM again.
+    flow_inputs: List[torch.Tensor] = field(default_factory=list)  # [(B, T_k, C)]
+    flow_positions: List[torch.Tensor] = field(default_factory=list)  # [(B, T_k)]
 
     @property
     def batch_size(self) -> int:
@@ -149,7 +153,8 @@ class PretzelCache:
     def snapshot(self) -> dict:
         return dict(length=self.length, flow_length=self.flow.length if self.flow is not None else 0,
                     vlm_next=list(self.vlm_next), flow_next=list(self.flow_next), image_start=list(self.image_start),
-                    image_cell=self.image_cell, last_flow_hidden=self.last_flow_hidden, last_hidden=self.last_hidden)
+                    image_cell=self.image_cell, last_flow_hidden=self.last_flow_hidden, last_hidden=self.last_hidden,
+                    num_flow_chunks=len(self.flow_inputs))
 
     def restore(self, snap: dict) -> None:
         """Forget every position added since ``snap`` (both caches are cropped, nothing is recomputed)."""
@@ -161,6 +166,7 @@ class PretzelCache:
         self.attention_mask = self.attention_mask[:, :snap["length"]]
         for key in ("vlm_next", "flow_next", "image_start", "image_cell", "last_flow_hidden", "last_hidden"):
             setattr(self, key, snap[key])
+        del self.flow_inputs[snap["num_flow_chunks"]:], self.flow_positions[snap["num_flow_chunks"]:]
 
     def fork(self, snap: dict) -> "PretzelCache":
         """An independent cache of the sequence as it was at ``snap`` (both streams' keys/values are shared or
@@ -181,6 +187,8 @@ class PretzelCache:
             setattr(fork, key, list(snap[key]))
         fork.image_cell, fork.last_flow_hidden, fork.last_hidden = (snap["image_cell"], snap["last_flow_hidden"],
                                                                    snap["last_hidden"])
+        fork.flow_inputs = self.flow_inputs[:snap["num_flow_chunks"]]
+        fork.flow_positions = self.flow_positions[:snap["num_flow_chunks"]]
         return fork
 
     def select(self, index: torch.Tensor) -> None:
@@ -196,6 +204,8 @@ class PretzelCache:
         self.image_start = [self.image_start[i] for i in idx]
         if self.last_flow_hidden is not None:
             self.last_flow_hidden, self.last_hidden = self.last_flow_hidden[index], self.last_hidden[index]
+        self.flow_inputs = [chunk[index] for chunk in self.flow_inputs]
+        self.flow_positions = [chunk[index] for chunk in self.flow_positions]
 
 
 @dataclass
@@ -401,13 +411,44 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if input_ids is not None:
             is_start = (input_ids.to(device) == self.config.vision_start_token_id) & ~latent_mask
             flow_in = flow_in + is_start[..., None].to(flow_in.dtype) * deep.proj_in(deep.sos_embed)
-        flow_in = deep.add_cond(flow_in, cache.cond)
-        rope = rope_tables(rope_angles(flow_pos[..., None].float(), deep.head_dim))[:, :, None]  # (2, B, 1, T, Dh)
-        g = deep.transformer(flow_in, rope, cache.flow, key_padding_mask=full_mask)
+        if cache.flow is not None:
+            cache.flow_inputs.append(flow_in)
+            cache.flow_positions.append(flow_pos)
+        g = self._flow_stream(flow_in, flow_pos, cache.cond, cache.flow, full_mask)
 
         cache.attention_mask = full_mask
         cache.last_flow_hidden, cache.last_hidden = g[:, -1:], h[:, -1:]
         return PretzelStepOutput(hidden_states=h, flow_hidden_states=g)
+
+    def _flow_stream(self, flow_in: torch.Tensor, positions: torch.Tensor, cond: torch.Tensor,
+                     flow_cache: Optional[FlowKVCache], key_padding_mask: torch.Tensor) -> torch.Tensor:
+        """The deep TARFlow stream over new positions: level-independent inputs ``(B, T, C)`` plus the noise-level
+        embedding, 1-D RoPE at ``positions (B, T)``; appends to ``flow_cache``."""
+        deep = self.deep
+        rope = rope_tables(rope_angles(positions[..., None].float(), deep.head_dim))[:, :, None]  # (2, B, 1, T, Dh)
+        return deep.transformer(deep.add_cond(flow_in, cond), rope, flow_cache, key_padding_mask=key_padding_mask)
+
+    def at_noise_level(self, cache: PretzelCache, noise_level: torch.Tensor) -> PretzelCache:
+        """The sequence in ``cache`` as the model sees it when its next image is at ``noise_level (B,)``.
+
+        The noise level conditions the TARFlow stream at every position (and the shallow flows), so that stream is
+        rebuilt from the kept level-independent inputs; the VLM stream, whose only dependence on the level is the
+        adapter's reading of context images at the level they really carry, is shared.  ``cache`` is unchanged; at
+        the cache's own level it is returned as is.
+        """
+        noise_level = noise_level.to(cache.noise_level)
+        if torch.equal(noise_level, cache.noise_level):
+            return cache
+        if cache.flow is None:
+            raise ValueError("at_noise_level needs a cache with a flow stream (use_flow_cache=True)")
+        moved = cache.fork(cache.snapshot())
+        moved.noise_level, moved.cond = noise_level, self.noise_embedding(noise_level)
+        moved.flow = self.deep.new_cache(cache.batch_size, cache.flow.length, self.dtype, self.device)
+        if cache.flow_inputs:
+            g = self._flow_stream(torch.cat(cache.flow_inputs, 1), torch.cat(cache.flow_positions, 1), moved.cond,
+                                  moved.flow, cache.attention_mask)
+            moved.last_flow_hidden = g[:, -1:]
+        return moved
 
     def text_logits(self, vlm: VLMStream, hidden_states: torch.Tensor, flow_hidden_states: torch.Tensor):
         """``LM_head(h + W_t g)`` for ``(B, T, D)`` / ``(B, T, C)`` stream outputs."""
@@ -469,20 +510,6 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for logdet in shallow_logdets:
             nll = nll - logdet.flatten(1).mean(1)
         return nll + 0.5 * LOG_2PI
-
-    def denoise_image(self, vlm: VLMStream, cache: PretzelCache, latents: torch.Tensor, scheduler,
-                      num_steps: Optional[int] = None, noise_level: Optional[float] = None) -> torch.Tensor:
-        """Tweedie denoising of sampled latents ``(B, C, h, w)`` under the context in ``cache``."""
-        scheduler.set_timesteps(num_steps, noise_level=noise_level)
-        x = latents.float()
-        dims = x[0].numel()
-        for t in scheduler.timesteps:
-            with torch.enable_grad():
-                x_req = x.detach().requires_grad_(True)
-                nll_sum = self.image_nll_in_context(vlm, cache, x_req).sum() * dims
-                grad = torch.autograd.grad(nll_sum, [x_req])[0]
-            x = scheduler.step(grad, t, x).prev_sample
-        return x
 
     # -- teacher-forced training pass -----------------------------------------------------------------------------
 

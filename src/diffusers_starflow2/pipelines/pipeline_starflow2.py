@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -18,6 +19,7 @@ from ..loaders.lora import StarFlow2LoraLoaderMixin
 from ..models.autoencoder_fae import AutoencoderFAE
 from ..models.transformer_pretzel import PretzelCache, PretzelModel
 from ..models.vlm_stream import VLMStream
+from ..sampling import tweedie_denoise
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
 from .pipeline_utils import (
@@ -142,14 +144,19 @@ class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
         The FAE posterior mean is noised with ``noise_level * eps`` (``eps`` drawn from ``generator``, one per image)
         as the model saw context images in training, then mapped by the shallow flows.
         """
-        vae, transformer = self.vae, self.transformer
-        device = self._execution_device
-        latents = vae.encode_latents(images.to(device=device, dtype=vae.dtype), sample=False).float()
-        eps = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        noisy = self.scheduler.add_noise(latents, eps, noise_level)
-        levels = torch.full((latents.shape[0],), noise_level, device=device)
-        tokens, _ = transformer.shallow_forward(noisy.to(transformer.dtype), levels)
+        noisy = self.noisy_latents(images, noise_level, generator)
+        levels = torch.full((noisy.shape[0],), noise_level, device=noisy.device)
+        tokens, _ = self.transformer.shallow_forward(noisy.to(self.transformer.dtype), levels)
         return tokens
+
+    def noisy_latents(self, images: torch.Tensor, noise_level: float,
+                      generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+        """``(B, 3, S, S)`` images in ``[-1, 1]`` -> scaled FAE latents (posterior mean) ``(B, C, h, w)`` plus
+        ``noise_level * eps``, float32, ``eps`` drawn from ``generator`` (one per image)."""
+        device = self._execution_device
+        latents = self.vae.encode_latents(images.to(device=device, dtype=self.vae.dtype), sample=False).float()
+        eps = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        return self.scheduler.add_noise(latents, eps, noise_level)
 
     def _check_texts(self, prompt, negative_prompt, max_sequence_length: int):
         """``(prompts, negative prompts)`` as lists; the negative defaults to ``""``; each within the token limit."""
@@ -208,9 +215,21 @@ class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
         if num_denoising_steps > 0:
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
             context.select(torch.arange(B, device=cache.cond.device))
-            latents = transformer.denoise_image(vlm, context, latents, self.scheduler, num_denoising_steps,
-                                                float(noise_level[0]))
+            latents = self._denoise_in_context(context, latents, num_denoising_steps, float(noise_level[0]))
         return tokens, latents
+
+    def _denoise_in_context(self, context: PretzelCache, latents: torch.Tensor, num_denoising_steps: int,
+                            noise_level: float) -> torch.Tensor:
+        """Tweedie denoising of FAE latents ``(B, C, h, w)`` at ``noise_level`` as the next image of ``context``,
+        each step conditioned on its own level."""
+        vlm, transformer = self.vlm_stream, self.transformer
+        dims = latents[0].numel()
+
+        def nll(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            at_t = transformer.at_noise_level(context, t.expand(x.shape[0]))
+            return transformer.image_nll_in_context(vlm, at_t, x) * dims
+
+        return tweedie_denoise(nll, latents, self.scheduler, num_denoising_steps, noise_level)
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """Scaled FAE latents -> images of ``output_type``."""
@@ -252,6 +271,79 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         cond = [layout(p) for p in prompts for _ in range(num_images_per_prompt)]
         uncond = [layout(p) for p in negatives for _ in range(num_images_per_prompt)]
         return cond + uncond if do_classifier_free_guidance else cond
+
+    def _prompt_context(self, prompt: Union[str, List[str]], batch_size: int, noise_level: float,
+                        max_sequence_length: int = 256) -> PretzelCache:
+        """A cache holding each prompt's conditional context (one prompt, or one per sample), ending with
+        ``<|vision_start|>``, at ``noise_level``."""
+        layouts = self.encode_prompt(prompt, None, 1, False, max_sequence_length)
+        if len(layouts) not in (1, batch_size):
+            raise ValueError(f"`prompt` has {len(layouts)} entries for {batch_size} images; expected 1 or "
+                             f"{batch_size}")
+        layouts = layouts * batch_size if len(layouts) == 1 else layouts
+        cache = self._new_cache(batch_size, noise_level)
+        self._run_text(cache, layouts)
+        return cache
+
+    def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        t = self.transformer
+        shape = (t.config.latent_channels, *t.grid)
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"`latents` must be scaled FAE latents of shape (B, {shape[0]}, {shape[1]}, {shape[2]}); "
+                             f"got {got}")
+        return latents.to(self._execution_device, torch.float32)
+
+    @torch.no_grad()
+    def denoise_latents(self, latents: torch.Tensor, prompt: Union[str, List[str]],
+                        noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
+                        max_sequence_length: int = 256) -> torch.Tensor:
+        r"""Remove Gaussian noise of level ``noise_level`` from scaled FAE latents under their prompt.
+
+        Args:
+            latents: ``(B, C, h, w)`` scaled FAE latents carrying noise of std ``noise_level`` (as the flow samples
+                them, before denoising; ``output_type="latent"`` with ``num_denoising_steps=0`` returns these).
+            prompt: the caption of each image: one string, or one per image.
+            noise_level: the noise level of ``latents`` (default ``scheduler.config.noise_level``).
+            num_denoising_steps: Tweedie steps (default ``scheduler.config.num_denoising_steps``); each step is
+                conditioned on its own level of ``linspace(noise_level, min_noise_level)``, then 0.
+            max_sequence_length: maximum number of tokens of a prompt.
+        Returns:
+            ``(B, C, h, w)`` float32 denoised latents.
+        """
+        latents = self._check_latents(latents)
+        noise_level = self._check_noise_level(noise_level)
+        steps = self._check_denoising_steps(num_denoising_steps)
+        if steps == 0:
+            return latents
+        context = self._prompt_context(prompt, latents.shape[0], noise_level, max_sequence_length)
+        return self._denoise_in_context(context, latents, steps, noise_level)
+
+    @torch.no_grad()
+    def log_likelihood(self, image, prompt: Union[str, List[str]], noise_level: Optional[float] = None,
+                       generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+        r"""Exact likelihood of images under their prompts, in bits per dimension (lower = more likely).
+
+        Each image is FAE-encoded (posterior mean), noised at ``noise_level`` with noise from ``generator`` and
+        scored by the flow (shallow flows + deep stream, change of variables) as the image that follows its prompt.
+
+        Args:
+            image: images as accepted by :meth:`preprocess_image` (PIL, numpy, torch, or a list).
+            prompt: one string for all images, or one per image.
+            noise_level: the noise level the latents are scored at (default ``scheduler.config.noise_level``).
+            generator: one ``torch.Generator`` or one per image, for the noise.
+        Returns:
+            ``(B,)`` float32 bits per dimension of each image's noisy FAE latents.
+        """
+        noise_level = self._check_noise_level(noise_level)
+        pixels = self.preprocess_image(image)
+        batch_size = pixels.shape[0]
+        check_generator(generator, batch_size)
+        noisy = self.noisy_latents(pixels, noise_level, generator)
+        context = self._prompt_context(prompt, batch_size, noise_level)
+        nll = self.transformer.image_nll_in_context(self.vlm_stream, context, noisy)  # nats/dim
+        self.maybe_free_model_hooks()
+        return (nll / math.log(2)).float()
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
@@ -303,8 +395,10 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
                               self._execution_device, torch.float32, latents)
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts)
-        _, image_latents = self.generate_image(cache, noise, guidance_scale, 1.0, steps, callback_on_step_end,
+        _, image_latents = self.generate_image(cache, noise, guidance_scale, 1.0, 0, callback_on_step_end,
                                                tensor_inputs)
+        prompts = [p for p in check_prompt(prompt) for _ in range(num_images_per_prompt)]
+        image_latents = self.denoise_latents(image_latents, prompts, noise_level, steps, max_sequence_length)
         images = self.decode(image_latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
