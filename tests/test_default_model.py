@@ -65,3 +65,14 @@ def test_iterative_denoising_improves_on_held_out_images(pipe):
     assert mse[3] < 0.8 * mse[1], mse
     # 10 steps approach the flow's ODE solution; on this tiny model that is within 5 % of 3 steps (it used to triple)
     assert mse[10] <= 1.05 * mse[3], mse
+
+
+def test_likelihood_classifies_held_out_images(pipe):
+    """log_likelihood as a zero-shot classifier: the true caption of held-out scenes scores best among all 60."""
+    import sys
+
+    sys.path.insert(0, str(DEFAULT_MODEL.parents[2] / "benchmarks"))
+    from eval_likelihood_classifier import classifier_accuracy
+
+    accuracy = classifier_accuracy(pipe, 8)
+    assert accuracy["caption"] >= 0.75, accuracy  # chance: 1/60

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerModel, tiny_starflow_config
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
 from diffusers_starflow2.pipelines.starflow_assembly import save_starflow_pipeline
+from diffusers_starflow2.sampling import denoise_starflow, sample_starflow
 from diffusers_starflow2.schedulers.scheduling_tarflow import TarFlowScheduler
 
 WORDS = "a an the photo painting of cat dog bird red blue green small big on in chair tree house sky".split()
@@ -124,13 +125,13 @@ def test_encode_prompt_zeroes_padding(pipe):
 
 @pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
 def test_matches_transformer_sample_and_denoise(pipe, guidance_scale):
-    """The pipeline's block-by-block loop reproduces StarFlowTransformerModel.sample + denoise."""
+    """The pipeline's block-by-block loop reproduces sampling.sample_starflow + denoise_starflow."""
     noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))
     latents = run(pipe, "a small bird", latents=noise, guidance_scale=guidance_scale, output_type="latent")
     y, y_null = pipe.encode_prompt("a small bird", do_classifier_free_guidance=True)
-    expected = pipe.transformer.sample(noise, encoder_hidden_states=y, negative_encoder_hidden_states=y_null,
+    expected = sample_starflow(pipe.transformer, noise, encoder_hidden_states=y, negative_encoder_hidden_states=y_null,
                                        guidance_scale=guidance_scale, scheduler=pipe.scheduler)
-    expected = pipe.transformer.denoise(expected, encoder_hidden_states=y, noise_std=0.3, num_steps=1)
+    expected = denoise_starflow(pipe.transformer, expected, encoder_hidden_states=y, noise_level=0.3, num_steps=1)
     torch.testing.assert_close(latents, expected)
 
 
@@ -306,3 +307,21 @@ def test_converter_writes_a_full_pipeline(pipe, components, tmp_path, converter)
     loaded = StarFlowPipeline.from_pretrained(out)
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(loaded), run(pipe))
+
+
+@torch.no_grad()
+def test_log_likelihood_is_the_flow_density(pipe):
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    bpd = pipe.log_likelihood(images, ["a red cat", "a blue dog"], generator=generators)
+    assert bpd.shape == (2,) and bpd.dtype == torch.float32
+    # independent reference: encode, noise and score by hand
+    latents = pipe.vae.encode(images * 2 - 1).latent_dist.mode() * pipe.vae.config.scaling_factor
+    eps = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    y, _ = pipe.encode_prompt(["a red cat", "a blue dog"], do_classifier_free_guidance=False)
+    expected = pipe.transformer(latents + 0.3 * eps, encoder_hidden_states=y).bits_per_dim
+    torch.testing.assert_close(bpd, expected, atol=1e-5, rtol=0)
+    other = pipe.log_likelihood(images, "a red cat", generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert torch.allclose(other[0], bpd[0]) and not torch.allclose(other[1], bpd[1])
+    with pytest.raises(ValueError, match="`prompt` has 3 entries for 2 images"):
+        pipe.log_likelihood(images, ["a", "b", "c"])

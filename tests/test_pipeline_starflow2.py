@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusers_starflow2 import StarFlow2Pipeline, VLMStream
+from diffusers_starflow2 import GuidanceSpec, StarFlow2Pipeline, VLMStream
 from diffusers_starflow2.models.autoencoder_fae import fae_tiny_config
 from diffusers_starflow2.models.transformer_pretzel import pretzel_tiny_config
+from diffusers_starflow2.sampling import sample_image_tokens, shallow_reverse
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 CONVERSION_DIR = Path(__file__).resolve().parents[1] / "conversion"
@@ -123,7 +124,8 @@ def test_cached_sampling_matches_teacher_forced_pass(pipe):
     assert attention_mask.sum(1).tolist()[0] != attention_mask.sum(1).tolist()[1]
     N, C = pipe.transformer.num_latents, pipe.transformer.config.latent_channels
     noise = torch.randn(1, N, C, generator=gen(0))
-    tokens = pipe.transformer.sample_image_tokens(pipe.vlm_stream, cache, noise, pipe.scheduler, GUIDANCE)
+    tokens = sample_image_tokens(pipe.transformer, pipe.vlm_stream, cache, noise, pipe.scheduler,
+                                 GuidanceSpec(GUIDANCE))
     assert tokens.shape == (1, N, C) and cache.flow.length == ids.shape[1] + N
 
     mu, sigma = teacher_forced_params(pipe, ids, attention_mask, tokens.repeat(2, 1, 1), levels)
@@ -142,7 +144,7 @@ def test_image_nll_is_shallow_plus_deep_terms(pipe):
     assert (cache.length, cache.flow.length) == length  # the cache is left as it was
 
     tokens, logdets = transformer.shallow_forward(x, levels)
-    assert torch.allclose(transformer.shallow_reverse(tokens, levels, pipe.scheduler), x, atol=1e-4)
+    assert torch.allclose(shallow_reverse(transformer, tokens, levels, pipe.scheduler), x, atol=1e-4)
     mu, sigma = teacher_forced_params(pipe, ids, attention_mask, tokens, levels)
     deep = (0.5 * ((tokens - mu) / sigma).pow(2) + sigma.log()).flatten(1).mean(1)
     shallow = sum(logdet.flatten(1).mean(1) for logdet in logdets)
@@ -222,7 +224,8 @@ def test_callback_runs_once_per_latent_and_can_replace_latents(pipe):
     assert not torch.allclose(plain, zeroed, atol=1e-3)
     assert torch.equal(zeroed, zeroed_other_seed)  # the noise no longer matters
     # every x~_i forced to zero: the image is the shallow inverse of an all-zero token sequence
-    expected = pipe.transformer.shallow_reverse(torch.zeros(1, N, 4), torch.full((1,), NOISE_LEVEL), pipe.scheduler)
+    expected = shallow_reverse(pipe.transformer, torch.zeros(1, N, 4), torch.full((1,), NOISE_LEVEL),
+                               pipe.scheduler)
     assert torch.allclose(zeroed, expected, atol=1e-5)
 
 

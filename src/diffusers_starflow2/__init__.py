@@ -25,6 +25,6 @@ from .pipelines import (
     StarFlowPipeline,
     StarFlowPipelineOutput,
 )
-from .schedulers import TarFlowScheduler, TarFlowSchedulerOutput
+from .schedulers import GuidanceSpec, TarFlowScheduler, TarFlowSchedulerOutput
 
 __version__ = "0.1.0"

@@ -29,8 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .flow_block import AutoregressiveFlowBlock, FlowKVCache, rope_angles, rope_tables
-from .transformer_starflow import LOG_2PI, bits_per_dim
+from .flow_block import LOG_2PI, AutoregressiveFlowBlock, FlowKVCache, bits_per_dim, flow_nll, rope_angles, rope_tables
 from .vlm_stream import VLMStream
 
 # Noise levels live in [0, ~0.3]; the sinusoidal embedding is laid out for diffusion-style timesteps in [0, 1000].
@@ -345,14 +344,6 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             logdets.append(logdet)
         return x, logdets
 
-    @torch.no_grad()
-    def shallow_reverse(self, tokens: torch.Tensor, noise_level: torch.Tensor, scheduler) -> torch.Tensor:
-        """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse)."""
-        cond = self.noise_embedding(noise_level)
-        for block in reversed(self.shallow):
-            tokens = block.reverse(tokens, self.grid, scheduler, cond=cond)
-        return self.tokens_to_latents(tokens)
-
     # -- the Pretzel step ------------------------------------------------------------------------------------------
 
     def new_cache(self, vlm: VLMStream, noise_level: torch.Tensor, use_flow_cache: bool = True,
@@ -462,36 +453,6 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # -- whole images through the step ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def sample_image_tokens(self, vlm: VLMStream, cache: PretzelCache, noise: torch.Tensor, scheduler,
-                            guidance_scale: float = 0.0, image_guidance_scale: float = 1.0,
-                            callback=None) -> torch.Tensor:
-        """Sample one image span ``x~ (B, N, C)`` left to right; every latent enters both caches as it is made.
-
-        The cache must end with ``<|vision_start|>``.  Its batch holds the guidance branches stacked along the
-        batch: ``[cond]``, ``[cond; uncond]`` (``guidance_scale > 0``) or ``[cond; image-only; uncond]``
-        (``image_guidance_scale != 1``, editing).  ``noise`` is ``(B, N, C)``.  ``callback(i, x_i)`` runs after
-        each latent (``i`` = index) and may return a replacement for it.
-        """
-        B, N, _ = noise.shape
-        branches = cache.batch_size // B
-        if branches * B != cache.batch_size:
-            raise ValueError(f"cache batch {cache.batch_size} is not a multiple of the noise batch {B}")
-        tokens = []
-        mu, sigma = self.latent_params(cache.last_flow_hidden)  # (branches * B, 1, C)
-        for i in range(N):
-            if branches == 3:
-                mu, sigma = scheduler.guide_text_and_image(mu, sigma, guidance_scale, image_guidance_scale)
-            elif branches == 2:
-                mu, sigma = scheduler.guide(mu, sigma, guidance_scale)
-            x_i = scheduler.inverse_affine(noise[:, i:i + 1].float(), mu, sigma)  # (B, 1, C)
-            if callback is not None:
-                x_i = callback(i, x_i)
-            tokens.append(x_i)
-            out = self.step(vlm, cache, latents=x_i.repeat(branches, 1, 1))
-            mu, sigma = self.latent_params(out.flow_hidden_states)
-        return torch.cat(tokens, dim=1)
-
     def image_nll_in_context(self, vlm: VLMStream, cache: PretzelCache, latents: torch.Tensor) -> torch.Tensor:
         """NLL (nats per dimension, Gaussian constant included) of noisy latents ``(B, C, h, w)`` as the next image
         of the sequence in ``cache`` (which must end with ``<|vision_start|>``).  The cache is left unchanged."""
@@ -506,10 +467,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             cache.restore(snap)
         mu, sigma = self.latent_params(g)
         z = (tokens.float() - mu) / sigma
-        nll = 0.5 * z.pow(2).flatten(1).mean(1) + torch.log(sigma).flatten(1).mean(1)
-        for logdet in shallow_logdets:
-            nll = nll - logdet.flatten(1).mean(1)
-        return nll + 0.5 * LOG_2PI
+        return flow_nll(z, [-torch.log(sigma), *shallow_logdets]) + 0.5 * LOG_2PI
 
     # -- teacher-forced training pass -----------------------------------------------------------------------------
 
@@ -547,11 +505,8 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # flow: the output at position p predicts the latent at p + 1
         target = latent_mask[:, 1:]
         mu, sigma = self.latent_params(g[:, :-1][target])  # (M*N, C)
-        z = (latents[:, 1:][target].float() - mu) / sigma
-        z, log_sigma = z.view(-1, N, z.shape[-1]), torch.log(sigma).view(-1, N, z.shape[-1])
-        nll = 0.5 * z.pow(2).flatten(1).mean(1) + log_sigma.flatten(1).mean(1)
-        for logdet in shallow_logdets:
-            nll = nll - logdet.flatten(1).mean(1)
+        z = ((latents[:, 1:][target].float() - mu) / sigma).view(-1, N, mu.shape[-1])  # (M, N, C)
+        nll = flow_nll(z, [-torch.log(sigma).view(z.shape), *shallow_logdets])
         scored = image_loss_mask if image_loss_mask is not None else torch.ones_like(nll, dtype=torch.bool)
         flow_loss = nll[scored].mean() if scored.any() else nll.sum() * 0
 

@@ -20,6 +20,7 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..models.transformer_starflow import StarFlowTransformerModel
+from ..sampling import denoise_starflow, sample_starflow
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
 from .pipeline_utils import (
     check_generator,
@@ -202,6 +203,45 @@ class StarFlowPipeline(DiffusionPipeline):
         return outputs.pop("latents", latents)
 
     @torch.no_grad()
+    def log_likelihood(self, image, prompt: Union[str, List[str]], noise_level: Optional[float] = None,
+                       generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+        r"""Exact likelihood of images under their prompts, in bits per dimension (lower = more likely).
+
+        Each image is VAE-encoded (posterior mode, scaled as the transformer sees latents), noised at
+        ``noise_level`` with noise from ``generator`` and mapped to noise by the flow (change of variables).
+
+        Args:
+            image: what ``VaeImageProcessor.preprocess`` accepts (PIL, numpy, torch, or a list); the side must
+                be a multiple of the VAE factor times the patch size.
+            prompt: one string for all images, or one per image.
+            noise_level: the noise level the latents are scored at (default ``scheduler.config.noise_level``).
+            generator: one ``torch.Generator`` or one per image, for the noise.
+        Returns:
+            ``(B,)`` float32 bits per dimension of each image's noisy latents.
+        """
+        noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
+        if not noise_level >= 0:
+            raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
+        device = self._execution_device
+        pixels = self.image_processor.preprocess(image).to(device=device, dtype=self.vae.dtype)
+        check_image_size(pixels.shape[2], pixels.shape[3], self.vae_scale_factor * self.transformer.config.patch_size)
+        batch_size = pixels.shape[0]
+        check_generator(generator, batch_size)
+        prompts = check_prompt(prompt)
+        if len(prompts) not in (1, batch_size):
+            raise ValueError(f"`prompt` has {len(prompts)} entries for {batch_size} images; expected 1 or "
+                             f"{batch_size}")
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = ((latents - shift) * self.vae.config.scaling_factor).float()
+        eps = prepare_noise(latents.shape, generator, device)
+        noisy = self.scheduler.add_noise(latents, eps, noise_level)
+        prompt_embeds, _ = self.encode_prompt(prompts * (batch_size // len(prompts)), None, False)
+        out = self.transformer(noisy.to(self.transformer.dtype), encoder_hidden_states=prompt_embeds)
+        self.maybe_free_model_hooks()
+        return out.bits_per_dim.float()
+
+    @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
                  height: Optional[int] = None, width: Optional[int] = None, guidance_scale: float = 3.6,
@@ -272,14 +312,17 @@ class StarFlowPipeline(DiffusionPipeline):
         self._num_timesteps = num_blocks + num_denoising_steps
         level = torch.tensor(noise_level, device=device)
         with self.progress_bar(total=self._num_flow_ticks(num_tokens) + num_denoising_steps) as progress_bar:
-            latents = self.transformer.sample(
-                latents, prompt_embeds, negative_prompt_embeds, guidance_scale, scheduler=self.scheduler,
-                progress_bar=progress_bar,
+            latents = sample_starflow(
+                self.transformer, latents, prompt_embeds, negative_prompt_embeds, guidance_scale,
+                scheduler=self.scheduler, progress_bar=progress_bar,
                 callback=lambda i, x: self._callback(callback_on_step_end, tensor_inputs, i, level, x))
-            latents = self.transformer.denoise(
-                latents, prompt_embeds, noise_level, num_denoising_steps, scheduler=self.scheduler,
-                progress_bar=progress_bar,
-                callback=lambda i, t, x: self._callback(callback_on_step_end, tensor_inputs, num_blocks + i, t, x))
+
+            def on_denoising_step(i, t, x):
+                progress_bar.update()
+                return self._callback(callback_on_step_end, tensor_inputs, num_blocks + i, t, x)
+
+            latents = denoise_starflow(self.transformer, latents, prompt_embeds, noise_level, num_denoising_steps,
+                                       scheduler=self.scheduler, callback=on_denoising_step)
 
         if output_type == "latent":
             images = latents

@@ -19,8 +19,8 @@ from ..loaders.lora import StarFlow2LoraLoaderMixin
 from ..models.autoencoder_fae import AutoencoderFAE
 from ..models.transformer_pretzel import PretzelCache, PretzelModel
 from ..models.vlm_stream import VLMStream
-from ..sampling import tweedie_denoise
-from ..schedulers.scheduling_tarflow import TarFlowScheduler
+from ..sampling import sample_image_tokens, shallow_reverse, tweedie_denoise
+from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
 from .pipeline_utils import (
     check_generator,
@@ -184,8 +184,8 @@ class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
             raise ValueError(f"`num_denoising_steps` must be >= 0; got {steps}")
         return steps
 
-    def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance_scale: float,
-                       image_guidance_scale: float = 1.0, num_denoising_steps: int = 1,
+    def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance: GuidanceSpec,
+                       num_denoising_steps: int = 1,
                        callback_on_step_end: Optional[Callable] = None, callback_tensor_inputs: Sequence[str] = (),
                        step_offset: int = 0):
         """Sample one image span in ``cache`` (which ends with ``<|vision_start|>``) and denoise it.
@@ -208,10 +208,9 @@ class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
                 progress_bar.update()
                 return x_i
 
-            tokens = transformer.sample_image_tokens(vlm, cache, noise, self.scheduler, guidance_scale,
-                                                     image_guidance_scale, callback=on_latent)
+            tokens = sample_image_tokens(transformer, vlm, cache, noise, self.scheduler, guidance, on_latent)
         noise_level = cache.noise_level[:B]
-        latents = transformer.shallow_reverse(tokens, noise_level, self.scheduler)
+        latents = shallow_reverse(transformer, tokens, noise_level, self.scheduler)
         if num_denoising_steps > 0:
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
             context.select(torch.arange(B, device=cache.cond.device))
@@ -385,9 +384,10 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
                                                        self._callback_tensor_inputs)
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
-        cfg = guidance_scale > 0
-        layouts = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, cfg, max_sequence_length)
-        batch_size = len(layouts) // (2 if cfg else 1)
+        guidance = GuidanceSpec(guidance_scale)
+        layouts = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance.num_branches > 1,
+                                     max_sequence_length)
+        batch_size = len(layouts) // guidance.num_branches
         check_generator(generator, batch_size)
 
         transformer = self.transformer
@@ -395,8 +395,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
                               self._execution_device, torch.float32, latents)
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts)
-        _, image_latents = self.generate_image(cache, noise, guidance_scale, 1.0, 0, callback_on_step_end,
-                                               tensor_inputs)
+        _, image_latents = self.generate_image(cache, noise, guidance, 0, callback_on_step_end, tensor_inputs)
         prompts = [p for p in check_prompt(prompt) for _ in range(num_images_per_prompt)]
         image_latents = self.denoise_latents(image_latents, prompts, noise_level, steps, max_sequence_length)
         images = self.decode(image_latents, output_type)

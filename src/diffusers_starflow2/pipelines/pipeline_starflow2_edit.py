@@ -11,11 +11,11 @@ import PIL.Image
 import torch
 
 from ..models.transformer_pretzel import PretzelCache
+from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils.sequence import TokenLayout, encode_conversation, user_message
 from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2PipelineOutput
 from .pipeline_utils import (
     check_generator,
-    check_guidance_scale,
     check_output_type,
     check_prompt,
     prepare_noise,
@@ -86,13 +86,6 @@ class StarFlow2EditPipelineOutput(StarFlow2PipelineOutput):
     """
 
     state: Optional[StarFlow2EditState] = None
-
-
-def num_guidance_branches(guidance_scale: float, image_guidance_scale: float) -> int:
-    """1 (conditional only), 2 (``[image+instruction; image+negative]``) or 3 (plus ``no image+negative``)."""
-    if image_guidance_scale != 1:
-        return 3
-    return 2 if guidance_scale > 0 else 1
 
 
 def _broadcast(name: str, items: list, size: int) -> list:
@@ -193,17 +186,14 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
 
         Examples:
         """
-        check_guidance_scale(guidance_scale)
-        if not image_guidance_scale >= 1:  # also rejects NaN
-            raise ValueError(f"`image_guidance_scale` must be >= 1 (1 = no image guidance); got "
-                             f"{image_guidance_scale}")
+        guidance = GuidanceSpec(guidance_scale, image_guidance_scale)  # checks both scales
         check_output_type(output_type)
         if num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
         tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                                        self._callback_tensor_inputs)
         steps = self._check_denoising_steps(num_denoising_steps)
-        branches = num_guidance_branches(guidance_scale, image_guidance_scale)
+        branches = guidance.num_branches
         transformer = self.transformer
 
         if state is None:
@@ -243,8 +233,8 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
 
         noise = prepare_noise((batch_size, transformer.num_latents, transformer.config.latent_channels), generator,
                               self._execution_device, torch.float32, latents)
-        tokens, image_latents = self.generate_image(cache, noise, guidance_scale, image_guidance_scale, steps,
-                                                    callback_on_step_end, tensor_inputs)
+        tokens, image_latents = self.generate_image(cache, noise, guidance, steps, callback_on_step_end,
+                                                    tensor_inputs)
         new_state = StarFlow2EditState(cache=cache, batch_size=batch_size, num_branches=branches,
                                        noise_level=noise_level, num_latents=transformer.num_latents,
                                        image_tokens=tokens)

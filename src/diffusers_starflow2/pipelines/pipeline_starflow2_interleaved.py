@@ -20,6 +20,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from ..models.transformer_pretzel import PretzelCache
 from ..utils.sequence import IMAGE_PAD, VISION_END, VISION_START, encode_conversation, special_id, user_message
 from .pipeline_starflow2 import StarFlow2BasePipeline
+from ..schedulers.scheduling_tarflow import GuidanceSpec
 from .pipeline_utils import check_guidance_scale, check_output_type, prepare_noise, resolve_callback_tensor_inputs
 
 # In the input, this string means "generate an image here".
@@ -148,9 +149,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
         N, C = transformer.num_latents, transformer.config.latent_channels
 
-        cfg = guidance_scale > 0
+        guidance = GuidanceSpec(guidance_scale)
         layouts = [encode_conversation(tokenizer, messages, N, add_generation_prompt=True)]
-        if cfg:
+        if guidance.num_branches > 1:
             layouts.append(encode_conversation(tokenizer, [{"role": "user", "content": negative_prompt}], N,
                                                add_generation_prompt=True))
         given = torch.cat([self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generator)
@@ -164,7 +165,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             nonlocal made
             self._append_ids(cache, [vs])
             noise = prepare_noise((1, N, C), generator, self._execution_device)
-            _, latents = self.generate_image(cache, noise, guidance_scale, 1.0, num_denoising_steps,
+            _, latents = self.generate_image(cache, noise, guidance, num_denoising_steps,
                                              callback_on_step_end, tensor_inputs, step_offset=made * N)
             self._append_ids(cache, [ve])
             made += 1
