@@ -4,7 +4,7 @@ Held-out scenes of the synthetic shapes world are FAE-encoded (posterior mean), 
 denoised under their caption with ``StarFlow2Pipeline.denoise_latents``; prints the mean squared error to the clean
 latents per step count (the noisy input's error is the first row).
 
-    python benchmarks/eval_denoise.py [--model DIR] [--images 32] [--steps 1 2 3 5 10]
+    python benchmarks/eval_denoise.py [--model DIR] [--device cpu] [--images 32] [--steps 1 2 3 5 10]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def heldout_batch(pipe, n: int, seed: int = HELDOUT_SEED):
     with torch.no_grad():
         clean = pipe.vae.encode_latents(pixels, sample=False).float()
     level = pipe.scheduler.config.noise_level
-    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(clean.device)
     return clean, pipe.scheduler.add_noise(clean, noise, level), [canonical_caption(s) for s in scenes]
 
 
@@ -50,12 +50,13 @@ def denoising_errors(pipe, n: int, steps) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 5, 10])
     args = parser.parse_args(argv)
-    pipe = StarFlow2Pipeline.from_pretrained(args.model)
+    pipe = StarFlow2Pipeline.from_pretrained(args.model).to(args.device)
     errors = denoising_errors(pipe, args.images, args.steps)
-    print(f"model: {args.model}; {args.images} held-out images at noise level {pipe.scheduler.config.noise_level}")
+    print(f"model: {args.model} on {args.device}; {args.images} held-out images at noise level {pipe.scheduler.config.noise_level}")
     print("| denoising steps | MSE to clean latents |")
     print("|---|---|")
     for k, mse in errors.items():

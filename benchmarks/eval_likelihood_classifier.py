@@ -4,7 +4,7 @@ For each held-out scene of the synthetic shapes world, ``StarFlow2Pipeline.log_l
 every canonical caption (all 60 colour x shape x position combinations, the same noise for every caption) and the
 caption with the lowest bits/dim is the prediction.  Prints the accuracy of the whole caption and of each attribute.
 
-    python benchmarks/eval_likelihood_classifier.py [--model DIR] [--images 60]
+    python benchmarks/eval_likelihood_classifier.py [--model DIR] [--device cpu] [--images 60]
 """
 
 from __future__ import annotations
@@ -61,14 +61,15 @@ def classifier_accuracy(pipe, n: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=60)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.time()
-    pipe = StarFlow2Pipeline.from_pretrained(args.model)
+    pipe = StarFlow2Pipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     acc = classifier_accuracy(pipe, args.images)
-    print(f"model: {args.model}; {args.images} held-out images x 60 candidate captions; {time.time() - start:.0f} s")
+    print(f"model: {args.model} on {args.device}; {args.images} held-out images x 60 candidate captions; {time.time() - start:.0f} s")
     print("| zero-shot likelihood classifier | accuracy | chance |")
     print("|---|---|---|")
     sizes = {"caption": len(all_combinations()), "color": len(COLORS), "shape": len(SHAPES),
