@@ -432,3 +432,41 @@ def test_call_denoises_with_denoise_latents(pipe):
         pipe.denoise_latents(noisy[:, :2], PROMPT)
     with pytest.raises(ValueError, match="`num_denoising_steps` must be >= 0; got -2"):
         pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=-2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The call contract: callbacks, properties, interruption
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_callback_counts_latent_positions_then_denoising_steps(pipe):
+    calls = []
+
+    def record(p, step, noise_level, kwargs):
+        calls.append((step, tuple(kwargs["latents"].shape), float(noise_level), p.guidance_scale, p.num_timesteps))
+        return {}
+
+    generate(pipe, PROMPT, guidance_scale=1.5, num_denoising_steps=2, callback_on_step_end=record)
+    N = pipe.transformer.num_latents
+    assert [c[0] for c in calls] == list(range(N + 2))
+    assert {c[1] for c in calls[:N]} == {(1, 1, 4)} and {c[1] for c in calls[N:]} == {(1, 4, 4, 4)}
+    assert [c[2] for c in calls] == pytest.approx([NOISE_LEVEL] * N + [NOISE_LEVEL, 0.01])
+    assert {(c[3], c[4]) for c in calls} == {(1.5, N + 2)}
+
+
+def test_interrupt_returns_what_was_made(pipe):
+    made = []
+
+    def stop_after_4(p, step, noise_level, kwargs):
+        made.append(kwargs["latents"])
+        p._interrupt = step == 3
+        return {}
+
+    noise = torch.randn(1, pipe.transformer.num_latents, 4, generator=gen(6))
+    out = pipe(PROMPT, latents=noise, num_denoising_steps=2, output_type="latent",
+               callback_on_step_end=stop_after_4).images
+    assert len(made) == 4 and not pipe.interrupt
+    # the 4 latents made, the rest still noise, no denoising: the shallow inverse of that token sequence
+    tokens = torch.cat([torch.cat(made, dim=1), noise[:, 4:]], dim=1)
+    expected = shallow_reverse(pipe.transformer, tokens, torch.full((1,), NOISE_LEVEL), pipe.scheduler)
+    assert torch.allclose(out, expected, atol=1e-5)

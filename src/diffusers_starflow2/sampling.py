@@ -44,13 +44,14 @@ NLLFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: torch.Tensor,
                           scheduler: TarFlowScheduler, guidance: GuidanceSpec,
                           callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                          feed_last: bool = False) -> torch.Tensor:
-    """Noise ``(B, N, C)`` -> tokens ``(B, N, C)``, one position at a time.
+                          feed_last: bool = False, stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Noise ``(B, N, C)`` -> tokens ``(B, n, C)``, one position at a time (``n = N`` unless stopped).
 
     ``params`` predict token 0 (its guidance branches stacked along the batch).  After token ``i`` is made,
     ``step_fn(x_i, i + 1)`` feeds it back and returns the parameters of token ``i + 1`` (the branches share the
     token: ``x_i`` is repeated ``guidance.num_branches`` times); ``feed_last`` also feeds the last token (so it enters
-    the caches).  ``callback(i, x_i)`` runs after each token and may return a replacement.
+    the caches).  ``callback(i, x_i)`` runs after each token and may return a replacement; when ``stop()`` is then
+    true the loop ends and returns the tokens made so far.
     """
     branches = guidance.num_branches
     if params[0].shape[0] != branches * noise.shape[0]:
@@ -63,6 +64,8 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
         if callback is not None:
             x_i = callback(i, x_i)
         tokens.append(x_i)
+        if stop is not None and stop():
+            break
         if i + 1 < N or feed_last:
             params = step_fn(x_i.repeat(branches, 1, 1), i + 1)
     return torch.cat(tokens, dim=1)
@@ -77,11 +80,15 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
 def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid: Tuple[int, int],
                       scheduler: TarFlowScheduler, guidance: Optional[GuidanceSpec] = None,
                       text: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None,
-                      cond: Optional[torch.Tensor] = None, progress_bar=None) -> torch.Tensor:
+                      cond: Optional[torch.Tensor] = None,
+                      callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                      stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Invert one flow block: noise ``(B, N, C_in)`` in raster order -> data, float32.
 
     ``text`` ``(branches * B, L, D)`` stacks the guidance branches (``guidance``); blocks that read no text are
     never guided.  ``text_mask`` ``(branches * B, L)`` is True at real text tokens; ``cond`` ``(B, cond_dim)``.
+    ``callback`` and ``stop`` are :func:`sample_autoregressive`'s (scan order); tokens not made when stopped keep
+    their noise.
     """
     if block.is_identity:
         return noise
@@ -105,15 +112,10 @@ def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid:
     def step_fn(inputs: torch.Tensor, index: int) -> AffineParams:
         return block.decode_step(inputs, index, L, rope, cache, pad_mask, cond)
 
-    def on_token(i: int, x_i: torch.Tensor) -> torch.Tensor:
-        if progress_bar is not None:
-            progress_bar.update()
-        return x_i
-
     start = block.sos_embed.expand(B, -1, -1) if block.use_sos else z[:, :1]
     x = sample_autoregressive(step_fn, step_fn(start.repeat(branches, 1, 1), 0), z[:, first:], scheduler,
-                              guidance, on_token)
-    return block.permute(torch.cat([z[:, :first], x], dim=1))
+                              guidance, callback, stop=stop)
+    return block.permute(torch.cat([z[:, :first], x, z[:, first + x.shape[1]:]], dim=1))
 
 
 def _stack_branches(text: Optional[torch.Tensor], negative: Optional[torch.Tensor],
@@ -138,12 +140,15 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
                     negative_encoder_hidden_states: Optional[torch.Tensor] = None, guidance_scale: float = 0.0,
                     encoder_attention_mask: Optional[torch.Tensor] = None,
                     negative_encoder_attention_mask: Optional[torch.Tensor] = None,
-                    scheduler: Optional[TarFlowScheduler] = None, progress_bar=None,
-                    callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                    scheduler: Optional[TarFlowScheduler] = None,
+                    callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                    stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Noise ``(B, C, H, W)`` -> latents with a STARFlow (v1) stack: the deep block first (guided against
     ``negative_encoder_hidden_states`` when ``guidance_scale > 0``), then the shallow blocks in reverse.
 
-    ``callback(i, latents)`` runs after the ``i``-th block (deep block first) and may return replacement latents.
+    ``callback(i, x_i)`` runs after every token of every block (``i`` counts them all, deep block first;
+    ``x_i (B, 1, C p p)`` is the token just made, in its block's scan order) and may return a replacement; once
+    ``stop()`` is true the remaining tokens and blocks are skipped.
     """
     guidance = GuidanceSpec(guidance_scale)
     model.check_inputs(noise, encoder_hidden_states, name="noise")
@@ -151,10 +156,17 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
                                  negative_encoder_attention_mask, guidance)
     scheduler = scheduler or TarFlowScheduler()
     x, grid = model.to_tokens(noise.float())
-    for i, block in enumerate(reversed(model.blocks)):
-        x = sample_flow_block(block, x, grid, scheduler, guidance, text, mask, progress_bar=progress_bar)
-        if callback is not None:
-            x = model.to_tokens(callback(i, model.to_latents(x, grid)).float())[0]
+    made = 0
+
+    def on_token(i: int, x_i: torch.Tensor) -> torch.Tensor:
+        nonlocal made
+        made += 1
+        return callback(made - 1, x_i) if callback is not None else x_i
+
+    for block in reversed(model.blocks):
+        x = sample_flow_block(block, x, grid, scheduler, guidance, text, mask, callback=on_token, stop=stop)
+        if stop is not None and stop():
+            break
     return model.to_latents(x, grid).to(noise.dtype)
 
 
@@ -166,10 +178,12 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
 @torch.no_grad()
 def sample_image_tokens(transformer: PretzelModel, vlm: VLMStream, cache: PretzelCache, noise: torch.Tensor,
                         scheduler: TarFlowScheduler, guidance: Optional[GuidanceSpec] = None,
-                        callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
-    """Sample one image span ``x~ (B, N, C)`` left to right; every latent enters both caches as it is made.
+                        callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                        stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Sample one image span ``x~ (B, n, C)`` left to right; every latent enters both caches as it is made.
 
     The cache must end with ``<|vision_start|>`` and hold ``guidance.branches`` stacked along its batch.
+    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).
     """
     guidance = guidance or GuidanceSpec()
     branches = guidance.num_branches
@@ -181,7 +195,7 @@ def sample_image_tokens(transformer: PretzelModel, vlm: VLMStream, cache: Pretze
         raise ValueError(f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
                          f"{guidance.branches} of {noise.shape[0]} samples")
     return sample_autoregressive(step_fn, transformer.latent_params(cache.last_flow_hidden), noise, scheduler,
-                                 guidance, callback, feed_last=True)
+                                 guidance, callback, feed_last=True, stop=stop)
 
 
 @torch.no_grad()
@@ -201,12 +215,13 @@ def shallow_reverse(transformer: PretzelModel, tokens: torch.Tensor, noise_level
 
 def tweedie_denoise(nll: NLLFunction, sample: torch.Tensor, scheduler: TarFlowScheduler,
                     num_steps: Optional[int] = None, noise_level: Optional[float] = None,
-                    callback: Optional[Callable] = None) -> torch.Tensor:
+                    callback: Optional[Callable] = None, stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """Remove the sampling noise of ``sample`` with the scheduler's denoising schedule.
 
     Each step at level ``t`` takes the gradient of ``nll(x, t)``: the model is conditioned on the level of the step
     (iTARFlow's multi-noise recipe), not on the level the sample was drawn at.  ``callback(i, t, x)`` runs after
-    step ``i`` and may return a replacement for ``x``.  Returns float32 latents of ``sample``'s shape.
+    step ``i`` and may return a replacement for ``x``; once ``stop()`` is true the remaining steps are skipped.
+    Returns float32 latents of ``sample``'s shape.
     """
     scheduler.set_timesteps(num_steps, device=sample.device, noise_level=noise_level)
     x = sample.float()
@@ -217,6 +232,8 @@ def tweedie_denoise(nll: NLLFunction, sample: torch.Tensor, scheduler: TarFlowSc
         x = scheduler.step(grad, t, x).prev_sample
         if callback is not None:
             x = callback(i, t, x)
+        if stop is not None and stop():
+            break
     return x
 
 
@@ -224,13 +241,13 @@ def tweedie_denoise(nll: NLLFunction, sample: torch.Tensor, scheduler: TarFlowSc
 def denoise_starflow(model: StarFlowTransformerModel, latents: torch.Tensor,
                      encoder_hidden_states: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
                      num_steps: int = 1, encoder_attention_mask: Optional[torch.Tensor] = None,
-                     scheduler: Optional[TarFlowScheduler] = None, callback: Optional[Callable] = None
-                     ) -> torch.Tensor:
+                     scheduler: Optional[TarFlowScheduler] = None, callback: Optional[Callable] = None,
+                     stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """:func:`tweedie_denoise` with a STARFlow (v1) stack (one fixed noise level: the model takes no level);
     one step at 0.3 is STARFlow's self-denoising ``x - t^2 grad NLL``."""
 
     def nll(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model(x, encoder_hidden_states, encoder_attention_mask).loss * x.numel()
 
-    x = tweedie_denoise(nll, latents, scheduler or TarFlowScheduler(), num_steps, noise_level, callback)
+    x = tweedie_denoise(nll, latents, scheduler or TarFlowScheduler(), num_steps, noise_level, callback, stop)
     return x.to(latents.dtype)

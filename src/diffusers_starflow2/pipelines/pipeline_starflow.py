@@ -23,6 +23,7 @@ from ..models.transformer_starflow import StarFlowTransformerModel
 from ..sampling import denoise_starflow, sample_starflow
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
 from .pipeline_utils import (
+    FlowPipelineMixin,
     check_generator,
     check_guidance_scale,
     check_image_size,
@@ -64,7 +65,7 @@ class StarFlowPipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class StarFlowPipeline(DiffusionPipeline):
+class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
     r"""Text-to-image generation with a STARFlow deep-shallow autoregressive flow.
 
     Args:
@@ -74,12 +75,13 @@ class StarFlowPipeline(DiffusionPipeline):
         vae: ``AutoencoderKL``; the flow models its latents times ``vae.config.scaling_factor``.
         scheduler: :class:`TarFlowScheduler` (guidance rule, noise level and denoising schedule).
 
-    Generation has two kinds of steps, which are the unit of ``callback_on_step_end``:
+    Generation has two kinds of steps, which are the unit of ``callback_on_step_end`` and of the progress bar
+    (see :class:`FlowPipelineMixin`):
 
-    1. one step per flow block, in sampling order (the deep, text-reading block first; identity blocks included).
-       Each block inverts its autoregression token by token; the progress bar advances once per token.
-    2. ``num_denoising_steps`` denoising steps (one progress-bar tick each), which remove the Gaussian noise of
-       standard deviation ``noise_level`` that the flow was trained on.
+    1. one step per latent position of every flow block, in sampling order (the deep, text-reading block first);
+       the callback's ``latents`` is the ``(B, 1, C p p)`` token just made, in its block's scan order.
+    2. ``num_denoising_steps`` denoising steps, which remove the Gaussian noise of standard deviation
+       ``noise_level`` that the flow was trained on; the callback's ``latents`` are the whole latents.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -92,11 +94,6 @@ class StarFlowPipeline(DiffusionPipeline):
                               scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-
-    @property
-    def num_timesteps(self) -> int:
-        """Steps of the last call: flow blocks plus denoising steps."""
-        return self._num_timesteps
 
     # -- text ------------------------------------------------------------------------------------------------------
 
@@ -194,14 +191,6 @@ class StarFlowPipeline(DiffusionPipeline):
         return sum(num_tokens - (0 if block.use_sos else 1) for block in self.transformer.blocks
                    if not block.is_identity)
 
-    def _callback(self, callback: Optional[Callable], tensor_inputs: List[str], step: int, t: torch.Tensor,
-                  latents: torch.Tensor) -> torch.Tensor:
-        if callback is None:
-            return latents
-        callback_kwargs = {name: value for name, value in {"latents": latents}.items() if name in tensor_inputs}
-        outputs = callback(self, step, t, callback_kwargs) or {}
-        return outputs.pop("latents", latents)
-
     @torch.no_grad()
     def log_likelihood(self, image, prompt: Union[str, List[str]], noise_level: Optional[float] = None,
                        generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
@@ -275,8 +264,8 @@ class StarFlowPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (skip VAE decoding).
             return_dict: return a :class:`StarFlowPipelineOutput` instead of a tuple.
             callback_on_step_end: ``callback(pipe, step_index, noise_level, callback_kwargs) -> dict`` called after each
-                flow block and each denoising step (see the class docstring); ``noise_level`` is a tensor with the
-                level of the latents the step started from. Returning ``{"latents": ...}`` replaces the latents.
+                latent position and each denoising step (see the class docstring); ``noise_level`` is a tensor with
+                the level of the latents the step started from. Returning ``{"latents": ...}`` replaces them.
             callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (a subset of
                 ``_callback_tensor_inputs``).
             max_sequence_length: text tokens; prompts are padded to it and longer prompts truncated, as in
@@ -308,21 +297,25 @@ class StarFlowPipeline(DiffusionPipeline):
 
         p = self.transformer.config.patch_size
         num_tokens = (latents.shape[2] // p) * (latents.shape[3] // p)
-        num_blocks = len(self.transformer.blocks)
-        self._num_timesteps = num_blocks + num_denoising_steps
+        num_flow_steps = self._num_flow_ticks(num_tokens)
+        self._begin_call(guidance_scale, num_flow_steps + num_denoising_steps, callback_on_step_end, tensor_inputs)
         level = torch.tensor(noise_level, device=device)
-        with self.progress_bar(total=self._num_flow_ticks(num_tokens) + num_denoising_steps) as progress_bar:
-            latents = sample_starflow(
-                self.transformer, latents, prompt_embeds, negative_prompt_embeds, guidance_scale,
-                scheduler=self.scheduler, progress_bar=progress_bar,
-                callback=lambda i, x: self._callback(callback_on_step_end, tensor_inputs, i, level, x))
+        with self.progress_bar(total=num_flow_steps + num_denoising_steps) as progress_bar:
+            def on_token(i, x_i):
+                progress_bar.update()
+                return self._step_end(level, x_i)
 
             def on_denoising_step(i, t, x):
                 progress_bar.update()
-                return self._callback(callback_on_step_end, tensor_inputs, num_blocks + i, t, x)
+                return self._step_end(t, x)
 
-            latents = denoise_starflow(self.transformer, latents, prompt_embeds, noise_level, num_denoising_steps,
-                                       scheduler=self.scheduler, callback=on_denoising_step)
+            stop = lambda: self.interrupt  # noqa: E731
+            latents = sample_starflow(self.transformer, latents, prompt_embeds, negative_prompt_embeds,
+                                      guidance_scale, scheduler=self.scheduler, callback=on_token, stop=stop)
+            if not self.interrupt:
+                latents = denoise_starflow(self.transformer, latents, prompt_embeds, noise_level,
+                                           num_denoising_steps, scheduler=self.scheduler, callback=on_denoising_step,
+                                           stop=stop)
 
         if output_type == "latent":
             images = latents
@@ -332,5 +325,5 @@ class StarFlowPipeline(DiffusionPipeline):
                 latents = latents + self.vae.config.shift_factor
             images = postprocess_images(self.vae.decode(latents, return_dict=False)[0], output_type,
                                         self.image_processor)
-        self.maybe_free_model_hooks()
+        self._end_call()
         return StarFlowPipelineOutput(images=images) if return_dict else (images,)

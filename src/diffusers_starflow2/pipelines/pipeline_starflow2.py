@@ -23,6 +23,7 @@ from ..sampling import sample_image_tokens, shallow_reverse, tweedie_denoise
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
 from .pipeline_utils import (
+    FlowPipelineMixin,
     check_generator,
     check_guidance_scale,
     check_output_type,
@@ -57,7 +58,7 @@ class StarFlow2PipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
+class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraLoaderMixin):
     """Components, the image-generation core and LoRA loading shared by the STARFlow2 pipelines.
 
     Components:
@@ -185,33 +186,31 @@ class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
         return steps
 
     def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance: GuidanceSpec,
-                       num_denoising_steps: int = 1,
-                       callback_on_step_end: Optional[Callable] = None, callback_tensor_inputs: Sequence[str] = (),
-                       step_offset: int = 0):
+                       num_denoising_steps: int = 1):
         """Sample one image span in ``cache`` (which ends with ``<|vision_start|>``) and denoise it.
 
         Returns ``(tokens, latents)``: the intermediate latents ``x~ (B, N, C)`` now in both caches, and the
-        denoised FAE latents ``(B, C, h, w)``.  ``callback_on_step_end`` runs after every latent position (step
-        ``step_offset + i``) and may replace ``latents`` (the ``(B, 1, C)`` latent just sampled, before it enters the
-        caches).
+        denoised FAE latents ``(B, C, h, w)``.  Every latent position and denoising step is a step of the running
+        call (:class:`FlowPipelineMixin`): its ``callback_on_step_end`` sees the ``(B, 1, C)`` latent just sampled
+        (before it enters the caches) and may replace it.  When the call is interrupted, positions not sampled keep
+        their noise (and are not in the caches) and denoising is skipped.
         """
         vlm, transformer = self.vlm_stream, self.transformer
-        B = noise.shape[0]
+        B, N = noise.shape[:2]
         snap = cache.snapshot()
-        with self.progress_bar(total=noise.shape[1]) as progress_bar:
+        level = cache.noise_level[0]
+        with self.progress_bar(total=N) as progress_bar:
             def on_latent(i, x_i):
-                if callback_on_step_end is not None:
-                    local = {"latents": x_i}
-                    kwargs = {k: local[k] for k in callback_tensor_inputs}
-                    out = callback_on_step_end(self, step_offset + i, cache.noise_level[0], kwargs) or {}
-                    x_i = out.get("latents", x_i)
+                x_i = self._step_end(level, x_i)
                 progress_bar.update()
                 return x_i
 
-            tokens = sample_image_tokens(transformer, vlm, cache, noise, self.scheduler, guidance, on_latent)
+            tokens = sample_image_tokens(transformer, vlm, cache, noise, self.scheduler, guidance, on_latent,
+                                         stop=lambda: self.interrupt)
+        tokens = torch.cat([tokens, noise[:, tokens.shape[1]:].to(tokens.dtype)], dim=1)  # (B, N, C)
         noise_level = cache.noise_level[:B]
         latents = shallow_reverse(transformer, tokens, noise_level, self.scheduler)
-        if num_denoising_steps > 0:
+        if num_denoising_steps > 0 and not self.interrupt:
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
             context.select(torch.arange(B, device=cache.cond.device))
             latents = self._denoise_in_context(context, latents, num_denoising_steps, float(noise_level[0]))
@@ -220,7 +219,7 @@ class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
     def _denoise_in_context(self, context: PretzelCache, latents: torch.Tensor, num_denoising_steps: int,
                             noise_level: float) -> torch.Tensor:
         """Tweedie denoising of FAE latents ``(B, C, h, w)`` at ``noise_level`` as the next image of ``context``,
-        each step conditioned on its own level."""
+        each step conditioned on its own level; every step is a step of the running call."""
         vlm, transformer = self.vlm_stream, self.transformer
         dims = latents[0].numel()
 
@@ -228,7 +227,14 @@ class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
             at_t = transformer.at_noise_level(context, t.expand(x.shape[0]))
             return transformer.image_nll_in_context(vlm, at_t, x) * dims
 
-        return tweedie_denoise(nll, latents, self.scheduler, num_denoising_steps, noise_level)
+        with self.progress_bar(total=num_denoising_steps) as progress_bar:
+            def on_step(i, t, x):
+                x = self._step_end(t, x)
+                progress_bar.update()
+                return x
+
+            return tweedie_denoise(nll, latents, self.scheduler, num_denoising_steps, noise_level, on_step,
+                                   stop=lambda: self.interrupt)
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """Scaled FAE latents -> images of ``output_type``."""
@@ -395,11 +401,13 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
                               self._execution_device, torch.float32, latents)
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts)
-        _, image_latents = self.generate_image(cache, noise, guidance, 0, callback_on_step_end, tensor_inputs)
-        prompts = [p for p in check_prompt(prompt) for _ in range(num_images_per_prompt)]
-        image_latents = self.denoise_latents(image_latents, prompts, noise_level, steps, max_sequence_length)
+        self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
+        _, image_latents = self.generate_image(cache, noise, guidance, 0)
+        if not self.interrupt:
+            prompts = [p for p in check_prompt(prompt) for _ in range(num_images_per_prompt)]
+            image_latents = self.denoise_latents(image_latents, prompts, noise_level, steps, max_sequence_length)
         images = self.decode(image_latents, output_type)
-        self.maybe_free_model_hooks()
+        self._end_call()
         if not return_dict:
             return (images,)
         return StarFlow2PipelineOutput(images=images)

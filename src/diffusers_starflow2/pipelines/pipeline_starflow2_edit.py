@@ -82,7 +82,8 @@ class StarFlow2EditPipelineOutput(StarFlow2PipelineOutput):
     """
     Args:
         images: as in :class:`StarFlow2PipelineOutput`.
-        state: the :class:`StarFlow2EditState` to pass as ``state`` to continue the conversation.
+        state: the :class:`StarFlow2EditState` to pass as ``state`` to continue the conversation (None when the
+            call was interrupted).
     """
 
     state: Optional[StarFlow2EditState] = None
@@ -233,13 +234,15 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
 
         noise = prepare_noise((batch_size, transformer.num_latents, transformer.config.latent_channels), generator,
                               self._execution_device, torch.float32, latents)
-        tokens, image_latents = self.generate_image(cache, noise, guidance, steps, callback_on_step_end,
-                                                    tensor_inputs)
-        new_state = StarFlow2EditState(cache=cache, batch_size=batch_size, num_branches=branches,
-                                       noise_level=noise_level, num_latents=transformer.num_latents,
-                                       image_tokens=tokens)
+        self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
+        tokens, image_latents = self.generate_image(cache, noise, guidance, steps)
+        new_state = None
+        if not self.interrupt:  # an interrupted image is not in the caches as a whole: nothing to continue
+            new_state = StarFlow2EditState(cache=cache, batch_size=batch_size, num_branches=branches,
+                                           noise_level=noise_level, num_latents=transformer.num_latents,
+                                           image_tokens=tokens)
         images = self.decode(image_latents, output_type)
-        self.maybe_free_model_hooks()
+        self._end_call()
         if not return_dict:
             return images, new_state
         return StarFlow2EditPipelineOutput(images=images, state=new_state)

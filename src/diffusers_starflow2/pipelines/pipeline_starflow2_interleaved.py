@@ -165,15 +165,19 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             nonlocal made
             self._append_ids(cache, [vs])
             noise = prepare_noise((1, N, C), generator, self._execution_device)
-            _, latents = self.generate_image(cache, noise, guidance, num_denoising_steps,
-                                             callback_on_step_end, tensor_inputs, step_offset=made * N)
-            self._append_ids(cache, [ve])
+            _, latents = self.generate_image(cache, noise, guidance, num_denoising_steps)
+            if not self.interrupt:  # an interrupted span stays open: the answer ends with it
+                self._append_ids(cache, [ve])
             made += 1
             return self.decode(latents, output_type)[0]
 
+        self._begin_call(guidance_scale, N + num_denoising_steps, callback_on_step_end, tensor_inputs)
         for part in answer:
             if isinstance(part, str) and part == IMAGE_PLACEHOLDER:
                 yield image()
+                if self.interrupt:
+                    self._end_call()
+                    return
             elif isinstance(part, str):
                 self._append_ids(cache, tokenizer(part, add_special_tokens=False)["input_ids"])
             else:
@@ -200,6 +204,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                     yield tokenizer.decode(text_ids, skip_special_tokens=True)
                     text_ids = []
                 yield image()  # appends <|vision_start|> itself
+                if self.interrupt:
+                    break
                 continue
             self._append_ids(cache, [token])
             text_ids.append(token)
@@ -212,6 +218,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 break
         if text_ids:
             yield tokenizer.decode(text_ids, skip_special_tokens=True)
+        self._end_call()
 
     # -- public API ----------------------------------------------------------------------------------------------------
 
@@ -290,7 +297,6 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             segments.append(segment)
             if callback_on_segment is not None:
                 callback_on_segment(segment)
-        self.maybe_free_model_hooks()
         if not return_dict:
             return (segments,)
         return StarFlow2InterleavedOutput(segments=segments)

@@ -93,3 +93,56 @@ def postprocess_images(images: torch.Tensor, output_type: str = "pil",
     check_output_type(output_type)
     image_processor = image_processor or VaeImageProcessor()
     return image_processor.postprocess(images, output_type=output_type)
+
+
+class FlowPipelineMixin:
+    """The call contract every STARFlow pipeline shares.
+
+    * ``callback_on_step_end(pipe, step, noise_level, callback_kwargs)`` runs once per latent position while an
+      image is sampled and once per denoising step; ``step`` counts both, in call order, across all images of the
+      call.  ``callback_kwargs["latents"]`` is what the step just made (the latent(s) of the position, or the whole
+      latents after a denoising step); returning ``{"latents": new}`` replaces it.
+    * ``guidance_scale``, ``num_timesteps`` (steps of one image: latent positions plus denoising steps) and
+      ``interrupt`` describe the running call; setting ``pipe._interrupt = True`` in a callback stops the call
+      cleanly: positions not sampled yet keep their noise, the remaining denoising steps are skipped, and what was
+      made is returned.
+    """
+
+    _guidance_scale: float = 0.0
+    _num_timesteps: int = 0
+    _interrupt: bool = False
+    _step_callback: Optional[Callable] = None
+    _step_callback_inputs: Sequence[str] = ()
+    _step_index: int = 0
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def _begin_call(self, guidance_scale: float, num_timesteps: int, callback_on_step_end: Optional[Callable],
+                    callback_tensor_inputs: Sequence[str]) -> None:
+        self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_timesteps, False
+        self._step_callback, self._step_callback_inputs = callback_on_step_end, list(callback_tensor_inputs)
+        self._step_index = 0
+
+    def _end_call(self) -> None:
+        # the call's callback and interruption end with it (a later denoise_latents must not see them)
+        self._step_callback, self._interrupt = None, False
+        self.maybe_free_model_hooks()
+
+    def _step_end(self, noise_level: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Count one step and run ``callback_on_step_end`` on it; returns ``latents`` or their replacement."""
+        step, self._step_index = self._step_index, self._step_index + 1
+        if self._step_callback is None:
+            return latents
+        kwargs = {name: value for name, value in {"latents": latents}.items() if name in self._step_callback_inputs}
+        outputs = self._step_callback(self, step, noise_level, kwargs) or {}
+        return outputs.get("latents", latents)
