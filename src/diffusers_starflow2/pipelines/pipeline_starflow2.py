@@ -12,7 +12,7 @@ import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..loaders.lora import StarFlow2LoraLoaderMixin
@@ -25,7 +25,6 @@ from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
 from .pipeline_utils import (
     FlowPipelineMixin,
     check_generator,
-    check_guidance_scale,
     check_output_type,
     check_prompt,
     postprocess_images,
@@ -258,7 +257,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
     """
 
     def encode_prompt(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
-                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
+                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
                       max_sequence_length: int = 256) -> List[TokenLayout]:
         """Token layouts of the conditional batch (each prompt repeated ``num_images_per_prompt`` times), followed
         by the unconditional batch when guidance is on."""
@@ -281,7 +280,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
                         max_sequence_length: int = 256) -> PretzelCache:
         """A cache holding each prompt's conditional context (one prompt, or one per sample), ending with
         ``<|vision_start|>``, at ``noise_level``."""
-        layouts = self.encode_prompt(prompt, None, 1, False, max_sequence_length)
+        layouts = self.encode_prompt(prompt, None, False, 1, max_sequence_length)
         if len(layouts) not in (1, batch_size):
             raise ValueError(f"`prompt` has {len(layouts)} entries for {batch_size} images; expected 1 or "
                              f"{batch_size}")
@@ -350,7 +349,24 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         self.maybe_free_model_hooks()
         return (nll / math.log(2)).float()
 
+    def check_inputs(self, prompt, negative_prompt, height: Optional[int], width: Optional[int],
+                     guidance_scale: float, num_images_per_prompt: int, output_type: str, max_sequence_length: int,
+                     noise_level: float, num_denoising_steps: int, callback_on_step_end: Optional[Callable],
+                     callback_on_step_end_tensor_inputs: List[str]) -> List[str]:
+        """Validate the call (the same arguments as :meth:`StarFlowPipeline.check_inputs`); returns the callback
+        tensor names to pass.  Prompts are checked (token limit included) by :meth:`encode_prompt`."""
+        self._check_size(height, width)
+        GuidanceSpec(guidance_scale)  # checks the scale
+        check_output_type(output_type)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
+        self._check_noise_level(noise_level)
+        self._check_denoising_steps(num_denoising_steps)
+        return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                              self._callback_tensor_inputs)
+
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
                  height: Optional[int] = None, width: Optional[int] = None, guidance_scale: float = 2.0,
                  num_images_per_prompt: int = 1,
@@ -374,24 +390,22 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`StarFlow2PipelineOutput` instead of a tuple.
             callback_on_step_end: ``callback(pipe, step, noise_level, callback_kwargs) -> dict`` called once per
-                latent position (the documented unit of a flow pass); ``callback_kwargs["latents"]`` is the
-                ``(B, 1, C)`` latent just sampled and may be replaced by returning ``{"latents": new}``.
+                latent position, then once per denoising step (``step`` counts both; see
+                :class:`FlowPipelineMixin`): ``callback_kwargs["latents"]`` is the ``(B, 1, C)`` latent just sampled,
+                or the ``(B, C, h, w)`` latents after a denoising step, and may be replaced by returning
+                ``{"latents": new}``.  Setting ``pipe._interrupt = True`` stops the call.
             callback_on_step_end_tensor_inputs: tensors passed to the callback (``["latents"]``).
             max_sequence_length: maximum number of tokens of a prompt.
 
         Examples:
         """
-        self._check_size(height, width)
-        check_guidance_scale(guidance_scale)
-        check_output_type(output_type)
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
-        tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                                       self._callback_tensor_inputs)
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
+        tensor_inputs = self.check_inputs(prompt, negative_prompt, height, width, guidance_scale,
+                                          num_images_per_prompt, output_type, max_sequence_length, noise_level,
+                                          steps, callback_on_step_end, callback_on_step_end_tensor_inputs)
         guidance = GuidanceSpec(guidance_scale)
-        layouts = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance.num_branches > 1,
+        layouts = self.encode_prompt(prompt, negative_prompt, guidance.num_branches > 1, num_images_per_prompt,
                                      max_sequence_length)
         batch_size = len(layouts) // guidance.num_branches
         check_generator(generator, batch_size)
@@ -413,5 +427,3 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         return StarFlow2PipelineOutput(images=images)
 
 
-StarFlow2Pipeline.__call__.__doc__ = StarFlow2Pipeline.__call__.__doc__.replace("        Examples:\n",
-                                                                                  EXAMPLE_DOC_STRING)
