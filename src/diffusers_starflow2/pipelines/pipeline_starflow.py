@@ -310,6 +310,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                 return self._step_end(t, x)
 
             stop = lambda: self.interrupt  # noqa: E731
+            self._onload(self.transformer)  # sampling runs the flow blocks, not the transformer's forward
             latents = sample_starflow(self.transformer, latents, prompt_embeds, negative_prompt_embeds,
                                       guidance_scale, scheduler=self.scheduler, callback=on_token, stop=stop)
             if not self.interrupt:

@@ -97,12 +97,18 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return pad_layouts(layouts, pad, side="left", device=self._execution_device)
 
+    def _onload_pretzel(self) -> None:
+        """The VLM and the Pretzel run together: both on the execution device (see :meth:`_onload`)."""
+        self._onload(self.transformer, self.vlm)
+
     def _new_cache(self, batch_size: int, noise_level: float) -> PretzelCache:
+        self._onload_pretzel()
         levels = torch.full((batch_size,), float(noise_level), device=self._execution_device)
         return self.transformer.new_cache(self.vlm_stream, levels)
 
     def _run_text(self, cache: PretzelCache, layouts: Sequence[TokenLayout], images: Optional[torch.Tensor] = None):
         """Push (left-padded) token layouts into ``cache``; latent positions take ``images`` ``(M, N, C)`` in order."""
+        self._onload_pretzel()
         ids, latent_mask, attention_mask, _ = self._batch(layouts)
         latents = None
         if latent_mask.any():
@@ -145,6 +151,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         as the model saw context images in training, then mapped by the shallow flows.
         """
         noisy = self.noisy_latents(images, noise_level, generator)
+        self._onload_pretzel()
         levels = torch.full((noisy.shape[0],), noise_level, device=noisy.device)
         tokens, _ = self.transformer.shallow_forward(noisy.to(self.transformer.dtype), levels)
         return tokens
@@ -154,6 +161,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         """``(B, 3, S, S)`` images in ``[-1, 1]`` -> scaled FAE latents (posterior mean) ``(B, C, h, w)`` plus
         ``noise_level * eps``, float32, ``eps`` drawn from ``generator`` (one per image)."""
         device = self._execution_device
+        self._onload(self.vae)
         latents = self.vae.encode_latents(images.to(device=device, dtype=self.vae.dtype), sample=False).float()
         eps = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         return self.scheduler.add_noise(latents, eps, noise_level)
@@ -194,6 +202,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         (before it enters the caches) and may replace it.  When the call is interrupted, positions not sampled keep
         their noise (and are not in the caches) and denoising is skipped.
         """
+        self._onload_pretzel()
         vlm, transformer = self.vlm_stream, self.transformer
         B, N = noise.shape[:2]
         snap = cache.snapshot()
@@ -239,6 +248,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         """Scaled FAE latents -> images of ``output_type``."""
         if output_type == "latent":
             return latents
+        self._onload(self.vae)
         images = self.vae.decode_latents(latents.to(self.vae.dtype)).float().clamp(-1, 1)
         return postprocess_images(images, output_type, self.image_processor)
 
@@ -344,7 +354,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         batch_size = pixels.shape[0]
         check_generator(generator, batch_size)
         noisy = self.noisy_latents(pixels, noise_level, generator)
-        context = self._prompt_context(prompt, batch_size, noise_level)
+        context = self._prompt_context(prompt, batch_size, noise_level)  # onloads the VLM and the Pretzel
         nll = self.transformer.image_nll_in_context(self.vlm_stream, context, noisy)  # nats/dim
         self.maybe_free_model_hooks()
         return (nll / math.log(2)).float()

@@ -135,6 +135,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
     # -- generation core -----------------------------------------------------------------------------------------------
 
     def _append_ids(self, cache: PretzelCache, ids: List[int]) -> None:
+        self._onload_pretzel()  # decoding an image onloads the FAE, which offloads the Pretzel
         input_ids = torch.tensor([ids] * cache.batch_size, device=self._execution_device)
         self.transformer.step(self.vlm_stream, cache, input_ids=input_ids)
 
@@ -149,6 +150,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
     def _next_token(self, cache: PretzelCache, generated: List[int], processors, banned: List[int],
                     generator: Optional[torch.Generator]) -> int:
         """Sample the next text token from the conditional branch: ``LM_head(h + W_t g)`` at the last position."""
+        self._onload_pretzel()
         logits = self.transformer.text_logits(self.vlm_stream, cache.last_hidden[:1],
                                               cache.last_flow_hidden[:1])[:, -1].float()  # (1, V)
         logits[:, banned] = -float("inf")

@@ -138,6 +138,24 @@ class FlowPipelineMixin:
         self._step_callback, self._interrupt = None, False
         self.maybe_free_model_hooks()
 
+    def _onload(self, *modules: torch.nn.Module) -> None:
+        """Fire the ``enable_model_cpu_offload`` hooks of ``modules``, in order, where they are not on the execution
+        device yet.  Sampling runs models through methods other than ``forward`` (a Pretzel step, a flow block's
+        decode step), which accelerate's hooks do not see; a hook moves its model in and the previous model of
+        ``model_cpu_offload_seq`` out, so models used together are onloaded last-first."""
+        device = self._execution_device
+        for module in modules:
+            hook = getattr(module, "_hf_hook", None)
+            param = next(module.parameters(), None) if hook is not None else None
+            if param is not None and param.device != device:
+                hook.pre_forward(module)
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        raise ValueError("enable_sequential_cpu_offload() cannot run the STARFlow pipelines: sampling reads "
+                         "parameters outside module forward calls (start tokens, position embeddings, KV-cache "
+                         "shapes), which sequential offload keeps on the `meta` device; use "
+                         "enable_model_cpu_offload() instead")
+
     def _step_end(self, noise_level: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Count one step and run ``callback_on_step_end`` on it; returns ``latents`` or their replacement."""
         step, self._step_index = self._step_index, self._step_index + 1
