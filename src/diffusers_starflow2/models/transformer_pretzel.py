@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .flow_block import LOG_2PI, AutoregressiveFlowBlock, FlowKVCache, bits_per_dim, flow_nll, rope_angles, rope_tables
-from .vlm_stream import VLMStream
+from .vlm_stream import VLMStream, position_ids
 
 # Noise levels live in [0, ~0.3]; the sinusoidal embedding is laid out for diffusion-style timesteps in [0, 1000].
 NOISE_LEVEL_SCALE = 1000.0
@@ -81,9 +81,8 @@ class PretzelCache:
     grid: Tuple[int, int]
     mrope: bool
     attention_mask: torch.Tensor  # (B, T_seen) bool
-    vlm_next: List[int] = field(default_factory=list)
-    flow_next: List[int] = field(default_factory=list)
-    image_start: List[int] = field(default_factory=list)
+    vlm_next: torch.Tensor = None  # (B,) next free VLM position of each sample
+    flow_next: torch.Tensor = None  # (B,) next free TARFlow position of each sample
     image_cell: int = 0  # cells of the currently open image span already seen (same for every sample)
     last_flow_hidden: Optional[torch.Tensor] = None  # (B, 1, C) TARFlow output of the latest position
     last_hidden: Optional[torch.Tensor] = None  # (B, 1, D) VLM output of the latest position
@@ -103,55 +102,18 @@ class PretzelCache:
     def assign_positions(self, latent_mask: torch.Tensor, attention_mask: torch.Tensor):
         """Position ids of new positions; advances the cursors.
 
-        Returns VLM ids ``(3, B, T)`` (M-RoPE) or ``(B, T)``, and TARFlow ids ``(B, T)``.
+        Returns VLM ids ``(3, B, T)`` (M-RoPE) or ``(B, T)``, and TARFlow ids ``(B, T)`` (one per real position).
         """
-        gh, gw = self.grid
-        cells = gh * gw
-        lat, real = latent_mask.tolist(), attention_mask.tolist()
-        B, T = latent_mask.shape
-        vlm_ids = [[[0] * T for _ in range(B)] for _ in range(3)]
-        flow_ids = [[0] * T for _ in range(B)]
-        cell_after = self.image_cell
-        for b in range(B):
-            cell = self.image_cell
-            for j in range(T):
-                flow_ids[b][j] = self.flow_next[b]
-                if not real[b][j]:
-                    for a in range(3):
-                        vlm_ids[a][b][j] = self.vlm_next[b]
-                    continue
-                self.flow_next[b] += 1
-                if lat[b][j]:
-                    if cell == 0:
-                        self.image_start[b] = self.vlm_next[b]
-                    if self.mrope:
-                        p = self.image_start[b]
-                        vlm_ids[0][b][j], vlm_ids[1][b][j], vlm_ids[2][b][j] = p, p + cell // gw, p + cell % gw
-                    else:
-                        vlm_ids[0][b][j] = self.vlm_next[b]
-                        self.vlm_next[b] += 1
-                    cell += 1
-                    if cell == cells:  # the span is complete: text continues after the grid's extent
-                        cell = 0
-                        if self.mrope:
-                            self.vlm_next[b] = self.image_start[b] + max(gh, gw)
-                else:
-                    if cell:
-                        raise ValueError(f"a text token arrived inside an image span after {cell} of {cells} latents")
-                    for a in range(3):
-                        vlm_ids[a][b][j] = self.vlm_next[b]
-                    self.vlm_next[b] += 1
-            if b and cell != cell_after:
-                raise ValueError("every sample of a batch must have the same number of latents in an open span")
-            cell_after = cell
-        self.image_cell = cell_after
-        device = latent_mask.device
-        vlm_ids = torch.tensor(vlm_ids if self.mrope else vlm_ids[0], device=device)
-        return vlm_ids, torch.tensor(flow_ids, device=device)
+        vlm_ids, self.vlm_next, self.image_cell = position_ids(latent_mask, attention_mask, self.grid, self.mrope,
+                                                               self.vlm_next, self.image_cell)
+        real = attention_mask.long()
+        flow_ids = self.flow_next[:, None] + real.cumsum(1) - real  # padding takes the current position
+        self.flow_next = self.flow_next + real.sum(1)
+        return vlm_ids, flow_ids
 
     def snapshot(self) -> dict:
         return dict(length=self.length, flow_length=self.flow.length if self.flow is not None else 0,
-                    vlm_next=list(self.vlm_next), flow_next=list(self.flow_next), image_start=list(self.image_start),
+                    vlm_next=self.vlm_next, flow_next=self.flow_next,
                     image_cell=self.image_cell, last_flow_hidden=self.last_flow_hidden, last_hidden=self.last_hidden,
                     num_flow_chunks=len(self.flow_inputs))
 
@@ -163,7 +125,7 @@ class PretzelCache:
         if self.flow is not None:
             self.flow.crop(snap["flow_length"])
         self.attention_mask = self.attention_mask[:, :snap["length"]]
-        for key in ("vlm_next", "flow_next", "image_start", "image_cell", "last_flow_hidden", "last_hidden"):
+        for key in ("vlm_next", "flow_next", "image_cell", "last_flow_hidden", "last_hidden"):
             setattr(self, key, snap[key])
         del self.flow_inputs[snap["num_flow_chunks"]:], self.flow_positions[snap["num_flow_chunks"]:]
 
@@ -182,8 +144,7 @@ class PretzelCache:
         fork.vlm = vlm
         fork.flow = self.flow.fork(snap["flow_length"]) if self.flow is not None else None
         fork.attention_mask = self.attention_mask[:, :snap["length"]]
-        for key in ("vlm_next", "flow_next", "image_start"):
-            setattr(fork, key, list(snap[key]))
+        fork.vlm_next, fork.flow_next = snap["vlm_next"], snap["flow_next"]
         fork.image_cell, fork.last_flow_hidden, fork.last_hidden = (snap["image_cell"], snap["last_flow_hidden"],
                                                                    snap["last_hidden"])
         fork.flow_inputs = self.flow_inputs[:snap["num_flow_chunks"]]
@@ -195,12 +156,9 @@ class PretzelCache:
         self.vlm.batch_select_indices(index)
         if self.flow is not None:
             self.flow.select_batch(index)
-        idx = index.tolist()
         self.cond, self.noise_level = self.cond[index], self.noise_level[index]
         self.attention_mask = self.attention_mask[index]
-        self.vlm_next = [self.vlm_next[i] for i in idx]
-        self.flow_next = [self.flow_next[i] for i in idx]
-        self.image_start = [self.image_start[i] for i in idx]
+        self.vlm_next, self.flow_next = self.vlm_next[index], self.flow_next[index]
         if self.last_flow_hidden is not None:
             self.last_flow_hidden, self.last_hidden = self.last_flow_hidden[index], self.last_hidden[index]
         self.flow_inputs = [chunk[index] for chunk in self.flow_inputs]
@@ -357,7 +315,8 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                             cond=self.noise_embedding(noise_level.to(self.device)),
                             noise_level=noise_level.to(self.device), grid=self.grid, mrope=vlm.uses_mrope,
                             attention_mask=torch.ones(B, 0, dtype=torch.bool, device=self.device),
-                            vlm_next=[0] * B, flow_next=[0] * B, image_start=[0] * B)
+                            vlm_next=torch.zeros(B, dtype=torch.long, device=self.device),
+                            flow_next=torch.zeros(B, dtype=torch.long, device=self.device))
 
     def step(self, vlm: VLMStream, cache: PretzelCache, input_ids: Optional[torch.Tensor] = None,
              latents: Optional[torch.Tensor] = None, latent_mask: Optional[torch.Tensor] = None,
