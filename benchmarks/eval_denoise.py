@@ -5,6 +5,10 @@ denoised under their caption with ``StarFlow2Pipeline.denoise_latents``; prints 
 latents per step count (the noisy input's error is the first row).
 
     python benchmarks/eval_denoise.py [--model DIR] [--device cpu] [--images 32] [--steps 1 2 3 5 10]
+                                      [--at_sampling_level]
+
+``--at_sampling_level`` conditions every step on the sampling level instead of its own (the loop this package used
+to run), for comparison.
 """
 
 from __future__ import annotations
@@ -53,10 +57,17 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 5, 10])
+    parser.add_argument("--at_sampling_level", action="store_true",
+                        help="condition every step on the sampling level (the former, wrong loop)")
     args = parser.parse_args(argv)
     pipe = StarFlow2Pipeline.from_pretrained(args.model).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    if args.at_sampling_level:  # the context is never moved to the step's level
+        pipe.transformer.at_noise_level = lambda cache, noise_level: cache
     errors = denoising_errors(pipe, args.images, args.steps)
-    print(f"model: {args.model} on {args.device}; {args.images} held-out images at noise level {pipe.scheduler.config.noise_level}")
+    mode = "every step at the sampling level" if args.at_sampling_level else "each step at its own level"
+    print(f"model: {args.model} on {args.device}; {args.images} held-out images at noise level "
+          f"{pipe.scheduler.config.noise_level}; {mode}")
     print("| denoising steps | MSE to clean latents |")
     print("|---|---|")
     for k, mse in errors.items():

@@ -166,11 +166,11 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         return t0 + (t1 - t0) * u
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
-                  noise_levels: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
-        """``x = z + t * eps``; ``noise_levels`` is a float, a ``(B,)`` tensor, or None for ``config.noise_level``."""
-        if noise_levels is None:
-            noise_levels = self.config.noise_level
-        t = torch.as_tensor(noise_levels, dtype=original_samples.dtype, device=original_samples.device)
+                  noise_level: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
+        """``x = z + t * eps``; ``noise_level`` is a float, a ``(B,)`` tensor, or None for ``config.noise_level``."""
+        if noise_level is None:
+            noise_level = self.config.noise_level
+        t = torch.as_tensor(noise_level, dtype=original_samples.dtype, device=original_samples.device)
         if t.ndim == 1:
             t = t.view(-1, *([1] * (original_samples.ndim - 1)))
         return original_samples + t * noise
