@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from diffusers_starflow2 import AutoregressiveFlowBlock, StarFlowTransformerModel, TarFlowScheduler
-from diffusers_starflow2.sampling import sample_flow_block, sample_starflow
+from diffusers_starflow2 import AutoregressiveFlowBlock, GuidanceSpec, StarFlowTransformerModel, TarFlowScheduler
+from diffusers_starflow2.sampling import sample_autoregressive, sample_flow_block, sample_starflow
 from diffusers_starflow2.loaders.single_file_starflow import (
     config_from_reference_kwargs,
     convert_starflow_state_dict,
@@ -144,6 +144,35 @@ def test_guide_scale_zero_is_conditional_branch():
     mu, sigma = torch.randn(6, 5, 4), torch.rand(6, 5, 4) + 0.1
     g_mu, g_sigma = TarFlowScheduler.guide(mu, sigma, 0.0)
     assert torch.equal(g_mu, mu[:3]) and torch.equal(g_sigma, sigma[:3])
+
+
+@pytest.mark.parametrize("scales, branches", [((0.0, 1.0), ("conditional",)),
+                                               ((2.0, 1.0), ("conditional", "unconditional")),
+                                               ((0.0, 1.5), ("conditional", "image", "unconditional")),
+                                               ((2.0, 1.5), ("conditional", "image", "unconditional"))])
+def test_guidance_spec_decides_branches_and_the_rule(scales, branches):
+    spec = GuidanceSpec(*scales)
+    assert spec.branches == branches and spec.num_branches == len(branches)
+    B, k = 3, len(branches)
+    mu, sigma, noise = torch.randn(k * B, 1, 4), torch.rand(k * B, 1, 4) + 0.1, torch.randn(B, 1, 4)
+    x = TarFlowScheduler().affine_step(noise, mu, sigma, spec)
+    if k == 1:
+        by_hand = mu, sigma
+    elif k == 2:
+        by_hand = TarFlowScheduler.guide(mu, sigma, scales[0])
+    else:
+        by_hand = TarFlowScheduler.guide_text_and_image(mu, sigma, *scales)
+    assert torch.equal(x, noise * by_hand[1] + by_hand[0])
+
+
+def test_guidance_spec_rejects_bad_scales():
+    with pytest.raises(ValueError, match="`guidance_scale` must be >= 0; got -1"):
+        GuidanceSpec(-1.0)
+    with pytest.raises(ValueError, match=r"`image_guidance_scale` must be >= 1 \(1 = no image guidance\); got 0.5"):
+        GuidanceSpec(1.0, 0.5)
+    with pytest.raises(ValueError, match="guidance"):
+        sample_autoregressive(lambda x, i: None, (torch.zeros(2, 1, 4), torch.ones(2, 1, 4)), torch.zeros(2, 3, 4),
+                              TarFlowScheduler(), GuidanceSpec(2.0))
 
 
 def fitted_gaussian(log_density, lo, hi):

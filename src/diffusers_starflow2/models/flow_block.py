@@ -4,7 +4,9 @@
 One block is a causal Transformer that reads the tokens of a latent grid in a fixed scan order and predicts, for
 each token, the affine parameters ``(mu, sigma)`` of the *next* token.  Forward (data -> noise) is one parallel
 pass: ``z_i = (x_i - mu_i) / sigma_i`` with ``log|det| = -sum log sigma``.  Reverse (noise -> data) runs one token at a
-time through a key/value cache: ``x_i = mu_i + sigma_i * z_i``.
+time through a key/value cache, ``x_i = mu_i + sigma_i * z_i``: the block exposes the per-position primitives
+(:meth:`~AutoregressiveFlowBlock.prefill`, :meth:`~AutoregressiveFlowBlock.decode_step`) and
+:mod:`diffusers_starflow2.sampling` runs the loop.
 
 The arithmetic is the TARFlow / STARFlow one (including RoPE position layout, soft clipping and the softplus
 offset), so converted reference checkpoints reproduce the reference outputs.  The inverse-affine step and the
