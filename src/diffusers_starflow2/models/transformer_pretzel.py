@@ -129,9 +129,10 @@ class PretzelCache:
             setattr(self, key, snap[key])
         del self.flow_inputs[snap["num_flow_chunks"]:], self.flow_positions[snap["num_flow_chunks"]:]
 
-    def fork(self, snap: dict) -> "PretzelCache":
+    def fork(self, snap: dict, copy_flow: bool = True) -> "PretzelCache":
         """An independent cache of the sequence as it was at ``snap`` (both streams' keys/values are shared or
-        copied up to that length; this cache is not modified)."""
+        copied up to that length; this cache is not modified).  ``copy_flow=False`` leaves the TARFlow cache out
+        (None), for a caller that rebuilds it."""
         import copy
 
         vlm = copy.copy(self.vlm)
@@ -142,7 +143,7 @@ class PretzelCache:
                 layer.values = layer.values[..., :snap["length"], :]
         fork = copy.copy(self)
         fork.vlm = vlm
-        fork.flow = self.flow.fork(snap["flow_length"]) if self.flow is not None else None
+        fork.flow = self.flow.fork(snap["flow_length"]) if self.flow is not None and copy_flow else None
         fork.attention_mask = self.attention_mask[:, :snap["length"]]
         fork.vlm_next, fork.flow_next = snap["vlm_next"], snap["flow_next"]
         fork.image_cell, fork.last_flow_hidden, fork.last_hidden = (snap["image_cell"], snap["last_flow_hidden"],
@@ -391,7 +392,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return cache
         if cache.flow is None:
             raise ValueError("at_noise_level needs a cache with a flow stream (use_flow_cache=True)")
-        moved = cache.fork(cache.snapshot())
+        moved = cache.fork(cache.snapshot(), copy_flow=False)
         moved.noise_level, moved.cond = noise_level, self.noise_embedding(noise_level)
         moved.flow = self.deep.new_cache(cache.batch_size, cache.flow.length, self.dtype, self.device)
         if cache.flow_inputs:
