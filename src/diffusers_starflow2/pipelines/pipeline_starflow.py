@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..models.transformer_starflow import StarFlowTransformerModel
 from ..sampling import denoise_starflow, sample_starflow
-from ..schedulers.scheduling_tarflow import TarFlowScheduler
+from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from .pipeline_utils import (
     FlowPipelineMixin,
     check_generator,
@@ -289,9 +289,9 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         batch_size = len(check_prompt(prompt)) * num_images_per_prompt
         check_generator(generator, batch_size)
         device = self._execution_device
-        guided = guidance_scale > 0
+        guidance = GuidanceSpec(guidance_scale)
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, negative_prompt, guided,
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, negative_prompt, guidance.num_branches > 1,
                                                                    num_images_per_prompt, device, max_sequence_length)
         latents = self.prepare_latents(batch_size, height, width, generator, device, latents)
 
