@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import peak_kb, reset_peak, rss_kb  # noqa: E402
 
 from diffusers_starflow2 import StarFlowTransformerModel  # noqa: E402
+from diffusers_starflow2.sampling import sample_starflow  # noqa: E402
 
 
 def scaled_3b_config() -> dict:
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
     y, y_null = torch.randn(B, cfg.max_text_length, cfg.text_dim), torch.zeros(B, cfg.max_text_length, cfg.text_dim)
     rows = []
     for guidance in (2.0, 0.0):
-        t, peak, extra = measure(lambda: model.sample(noise, y, y_null, guidance_scale=guidance), args.repeats)
+        t, peak, extra = measure(lambda: sample_starflow(model, noise, y, y_null, guidance_scale=guidance), args.repeats)
         rows.append((f"sample, batch {B}, " + (f"CFG {guidance} (deep batch {2 * B})" if guidance else "no CFG"),
                      t, B * n_tokens / t, B * n_tokens * blocks / t, peak, extra))
 

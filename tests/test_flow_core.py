@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from diffusers_starflow2 import AutoregressiveFlowBlock, StarFlowTransformerModel, TarFlowScheduler
+from diffusers_starflow2 import AutoregressiveFlowBlock, GuidanceSpec, StarFlowTransformerModel, TarFlowScheduler
+from diffusers_starflow2.sampling import sample_autoregressive, sample_flow_block, sample_starflow
 from diffusers_starflow2.loaders.single_file_starflow import (
     config_from_reference_kwargs,
     convert_starflow_state_dict,
@@ -65,9 +66,9 @@ def test_forward_reverse_identity(name):
     with torch.no_grad():
         z = model(x, encoder_hidden_states=y).z
         assert (z - x).abs().max() > 0.05  # a non-trivial flow
-        assert_close(model.sample(z, encoder_hidden_states=y), x, 1e-4)
+        assert_close(sample_starflow(model, z, encoder_hidden_states=y), x, 1e-4)
         eps = torch.randn_like(x)
-        assert_close(model(model.sample(eps, encoder_hidden_states=y), encoder_hidden_states=y).z, eps, 1e-4)
+        assert_close(model(sample_starflow(model, eps, encoder_hidden_states=y), encoder_hidden_states=y).z, eps, 1e-4)
 
 
 @pytest.mark.parametrize("name", ["base", "no_sos", "patch2_rect", "identity_block_wide_top"])
@@ -93,7 +94,7 @@ def test_text_padding_is_ignored():
         assert torch.allclose(z1, z2, atol=1e-6)
         assert (model(x, encoder_hidden_states=y2).z - z1).abs().max() > 1e-3  # without the mask it matters
         eps = torch.randn_like(x)
-        x1, x2 = (model.sample(eps, encoder_hidden_states=t, encoder_attention_mask=mask) for t in (y, y2))
+        x1, x2 = (sample_starflow(model, eps, encoder_hidden_states=t, encoder_attention_mask=mask) for t in (y, y2))
         assert torch.allclose(x1, x2, atol=1e-6)
         assert_close(model(x1, encoder_hidden_states=y, encoder_attention_mask=mask).z, eps, 1e-4)
 
@@ -113,7 +114,7 @@ def make_block(text_dim=12, num_kv_heads=None, **kwargs):
 def test_block_reverse_inverts_teacher_forced_forward(use_sos, flip):
     block = make_block(use_sos=use_sos, flip=flip)
     z, text, grid = torch.randn(2, 12, 4), torch.randn(2, 3, 12), (3, 4)
-    x = block.reverse(z, grid, TarFlowScheduler(), text)
+    x = sample_flow_block(block, z, grid, TarFlowScheduler(), text=text)
     with torch.no_grad():
         z2, logdet = block(x, grid, text)
     assert (x - z).abs().max() > 0.05
@@ -145,6 +146,35 @@ def test_guide_scale_zero_is_conditional_branch():
     assert torch.equal(g_mu, mu[:3]) and torch.equal(g_sigma, sigma[:3])
 
 
+@pytest.mark.parametrize("scales, branches", [((0.0, 1.0), ("conditional",)),
+                                               ((2.0, 1.0), ("conditional", "unconditional")),
+                                               ((0.0, 1.5), ("conditional", "image", "unconditional")),
+                                               ((2.0, 1.5), ("conditional", "image", "unconditional"))])
+def test_guidance_spec_decides_branches_and_the_rule(scales, branches):
+    spec = GuidanceSpec(*scales)
+    assert spec.branches == branches and spec.num_branches == len(branches)
+    B, k = 3, len(branches)
+    mu, sigma, noise = torch.randn(k * B, 1, 4), torch.rand(k * B, 1, 4) + 0.1, torch.randn(B, 1, 4)
+    x = TarFlowScheduler().affine_step(noise, mu, sigma, spec)
+    if k == 1:
+        by_hand = mu, sigma
+    elif k == 2:
+        by_hand = TarFlowScheduler.guide(mu, sigma, scales[0])
+    else:
+        by_hand = TarFlowScheduler.guide_text_and_image(mu, sigma, *scales)
+    assert torch.equal(x, noise * by_hand[1] + by_hand[0])
+
+
+def test_guidance_spec_rejects_bad_scales():
+    with pytest.raises(ValueError, match="`guidance_scale` must be >= 0; got -1"):
+        GuidanceSpec(-1.0)
+    with pytest.raises(ValueError, match=r"`image_guidance_scale` must be >= 1 \(1 = no image guidance\); got 0.5"):
+        GuidanceSpec(1.0, 0.5)
+    with pytest.raises(ValueError, match="guidance"):
+        sample_autoregressive(lambda x, i: None, (torch.zeros(2, 1, 4), torch.ones(2, 1, 4)), torch.zeros(2, 3, 4),
+                              TarFlowScheduler(), GuidanceSpec(2.0))
+
+
 def fitted_gaussian(log_density, lo, hi):
     """Mean and variance of a Gaussian given its unnormalised log-density, by a quadratic fit on a grid."""
     grid = np.linspace(lo, hi, 201)
@@ -170,13 +200,13 @@ def test_guide_is_tilted_gaussian(mu_c, s_c, mu_u, s_u, w):
 def test_guidance_with_identical_branches_is_no_guidance(name):
     model, _, y = make(name)
     eps = torch.randn(2, 4, 4, 4)
-    plain = model.sample(eps, encoder_hidden_states=y)
+    plain = sample_starflow(model, eps, encoder_hidden_states=y)
     other = torch.randn_like(y)
-    assert torch.equal(model.sample(eps, encoder_hidden_states=y, negative_encoder_hidden_states=other,
+    assert torch.equal(sample_starflow(model, eps, encoder_hidden_states=y, negative_encoder_hidden_states=other,
                                     guidance_scale=0.0), plain)
-    assert_close(model.sample(eps, encoder_hidden_states=y, negative_encoder_hidden_states=y.clone(),
+    assert_close(sample_starflow(model, eps, encoder_hidden_states=y, negative_encoder_hidden_states=y.clone(),
                               guidance_scale=3.0), plain, 1e-5)
-    guided = model.sample(eps, encoder_hidden_states=y, negative_encoder_hidden_states=other, guidance_scale=3.0)
+    guided = sample_starflow(model, eps, encoder_hidden_states=y, negative_encoder_hidden_states=other, guidance_scale=3.0)
     assert (guided - plain).abs().max() > 1e-3
 
 
@@ -263,7 +293,7 @@ def test_save_pretrained_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, encoder_hidden_states=y).z, model(x, encoder_hidden_states=y).z)
     eps = torch.randn_like(x)
-    assert torch.equal(loaded.sample(eps, encoder_hidden_states=y), model.sample(eps, encoder_hidden_states=y))
+    assert torch.equal(sample_starflow(loaded, eps, encoder_hidden_states=y), sample_starflow(model, eps, encoder_hidden_states=y))
 
 
 def test_invalid_model_inputs():
@@ -271,15 +301,15 @@ def test_invalid_model_inputs():
     with pytest.raises(ValueError, match="latents"):
         model(torch.randn(2, 3, 4, 4), encoder_hidden_states=y)
     with pytest.raises(ValueError, match="noise"):
-        model.sample(torch.randn(2, 5, 4, 4), encoder_hidden_states=y)
+        sample_starflow(model, torch.randn(2, 5, 4, 4), encoder_hidden_states=y)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         model(x, encoder_hidden_states=torch.randn(2, 6, 12))  # max_text_length is 5
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         model(x)
     with pytest.raises(ValueError, match="negative_encoder_hidden_states"):
-        model.sample(x, encoder_hidden_states=y, guidance_scale=2.0)
+        sample_starflow(model, x, encoder_hidden_states=y, guidance_scale=2.0)
     with pytest.raises(ValueError, match="guidance_scale"):
-        model.sample(x, encoder_hidden_states=y, negative_encoder_hidden_states=y, guidance_scale=-1.0)
+        sample_starflow(model, x, encoder_hidden_states=y, negative_encoder_hidden_states=y, guidance_scale=-1.0)
     patched, x2, y2 = make("patch2_rect")
     with pytest.raises(ValueError, match="latents.*patch_size"):
         patched(x2[..., :7], encoder_hidden_states=y2)

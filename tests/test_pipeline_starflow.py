@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerModel, tiny_starflow_config
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
 from diffusers_starflow2.pipelines.starflow_assembly import save_starflow_pipeline
+from diffusers_starflow2.sampling import denoise_starflow, sample_starflow
 from diffusers_starflow2.schedulers.scheduling_tarflow import TarFlowScheduler
 
 WORDS = "a an the photo painting of cat dog bird red blue green small big on in chair tree house sky".split()
@@ -124,13 +125,13 @@ def test_encode_prompt_zeroes_padding(pipe):
 
 @pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
 def test_matches_transformer_sample_and_denoise(pipe, guidance_scale):
-    """The pipeline's block-by-block loop reproduces StarFlowTransformerModel.sample + denoise."""
+    """The pipeline's block-by-block loop reproduces sampling.sample_starflow + denoise_starflow."""
     noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))
     latents = run(pipe, "a small bird", latents=noise, guidance_scale=guidance_scale, output_type="latent")
     y, y_null = pipe.encode_prompt("a small bird", do_classifier_free_guidance=True)
-    expected = pipe.transformer.sample(noise, encoder_hidden_states=y, negative_encoder_hidden_states=y_null,
+    expected = sample_starflow(pipe.transformer, noise, encoder_hidden_states=y, negative_encoder_hidden_states=y_null,
                                        guidance_scale=guidance_scale, scheduler=pipe.scheduler)
-    expected = pipe.transformer.denoise(expected, encoder_hidden_states=y, noise_std=0.3, num_steps=1)
+    expected = denoise_starflow(pipe.transformer, expected, encoder_hidden_states=y, noise_level=0.3, num_steps=1)
     torch.testing.assert_close(latents, expected)
 
 
@@ -164,18 +165,20 @@ def test_latents_override(pipe):
 
 
 def test_callbacks_and_progress_bar(pipe):
-    num_blocks = len(pipe.transformer.blocks)
+    num_tokens = len(pipe.transformer.blocks) * LATENT ** 2  # every block samples every token (start token on)
     calls = []
 
     def record(p, step, t, kwargs):
-        calls.append((step, float(t), sorted(kwargs)))
+        calls.append((step, float(t), tuple(kwargs["latents"].shape), p.guidance_scale))
         return kwargs
 
-    run(pipe, callback_on_step_end=record, num_denoising_steps=2, noise_level=0.2)
-    assert [c[0] for c in calls] == list(range(num_blocks + 2))
-    assert all(c[2] == ["latents"] for c in calls)
-    assert [c[1] for c in calls] == pytest.approx([0.2] * num_blocks + [0.2, 0.01])
-    assert pipe.num_timesteps == num_blocks + 2
+    run(pipe, callback_on_step_end=record, num_denoising_steps=2, noise_level=0.2, guidance_scale=1.5)
+    # once per latent position of every block, then once per denoising step; ``step`` counts both
+    assert [c[0] for c in calls] == list(range(num_tokens + 2))
+    assert {c[2] for c in calls[:num_tokens]} == {(1, 1, 4)} and {c[2] for c in calls[num_tokens:]} == {(1, 4, 4, 4)}
+    assert [c[1] for c in calls] == pytest.approx([0.2] * num_tokens + [0.2, 0.01])
+    assert {c[3] for c in calls} == {1.5}
+    assert pipe.num_timesteps == num_tokens + 2
 
     ticks = {}
 
@@ -197,11 +200,11 @@ def test_callbacks_and_progress_bar(pipe):
         run(pipe, num_denoising_steps=2)
     finally:
         del pipe.progress_bar
-    assert ticks["n"] == ticks["total"] == num_blocks * LATENT ** 2 + 2  # one tick per token of every block + denoising
+    assert ticks["n"] == ticks["total"] == num_tokens + 2  # one tick per token of every block + denoising
 
 
 def test_callback_replaces_latents(pipe):
-    last = len(pipe.transformer.blocks)  # the (only) denoising step
+    last = len(pipe.transformer.blocks) * LATENT ** 2  # the (only) denoising step
 
     def zero_last(p, step, t, kwargs):
         return {"latents": torch.zeros_like(kwargs["latents"])} if step == last else {}
@@ -306,3 +309,40 @@ def test_converter_writes_a_full_pipeline(pipe, components, tmp_path, converter)
     loaded = StarFlowPipeline.from_pretrained(out)
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(loaded), run(pipe))
+
+
+@torch.no_grad()
+def test_log_likelihood_is_the_flow_density(pipe):
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    bpd = pipe.log_likelihood(images, ["a red cat", "a blue dog"], generator=generators)
+    assert bpd.shape == (2,) and bpd.dtype == torch.float32
+    # independent reference: encode, noise and score by hand
+    latents = pipe.vae.encode(images * 2 - 1).latent_dist.mode() * pipe.vae.config.scaling_factor
+    eps = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    y, _ = pipe.encode_prompt(["a red cat", "a blue dog"], do_classifier_free_guidance=False)
+    expected = pipe.transformer(latents + 0.3 * eps, encoder_hidden_states=y).bits_per_dim
+    torch.testing.assert_close(bpd, expected, atol=1e-5, rtol=0)
+    other = pipe.log_likelihood(images, "a red cat", generator=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert torch.allclose(other[0], bpd[0]) and not torch.allclose(other[1], bpd[1])
+    with pytest.raises(ValueError, match="`prompt` has 3 entries for 2 images"):
+        pipe.log_likelihood(images, ["a", "b", "c"])
+
+
+def test_interrupt_stops_cleanly(pipe):
+    num_tokens = len(pipe.transformer.blocks) * LATENT ** 2
+    steps = []
+
+    def stop_at_5(p, step, t, kwargs):
+        steps.append(step)
+        p._interrupt = step == 5
+        return {}
+
+    noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))
+    out = run(pipe, latents=noise, output_type="latent", callback_on_step_end=stop_at_5)
+    assert steps == list(range(6)) and not pipe.interrupt  # the flag ends with the call
+    # the deep block made 6 tokens, the rest kept their noise; no other block and no denoising step ran
+    full = run(pipe, latents=noise, output_type="latent", num_denoising_steps=0)
+    assert out.shape == full.shape and not torch.allclose(out, full)
+    same = (out == noise).all(dim=1).flatten()  # (N,) positions still holding their noise
+    assert int(same.sum()) == LATENT ** 2 - 6 and num_tokens > 6

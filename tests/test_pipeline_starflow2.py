@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusers_starflow2 import StarFlow2Pipeline, VLMStream
+from diffusers_starflow2 import GuidanceSpec, StarFlow2Pipeline, VLMStream
 from diffusers_starflow2.models.autoencoder_fae import fae_tiny_config
 from diffusers_starflow2.models.transformer_pretzel import pretzel_tiny_config
+from diffusers_starflow2.sampling import sample_image_tokens, shallow_reverse
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 PROMPT, OTHER = "a red circle on the left", "blue"
@@ -119,7 +120,8 @@ def test_cached_sampling_matches_teacher_forced_pass(pipe):
     assert attention_mask.sum(1).tolist()[0] != attention_mask.sum(1).tolist()[1]
     N, C = pipe.transformer.num_latents, pipe.transformer.config.latent_channels
     noise = torch.randn(1, N, C, generator=gen(0))
-    tokens = pipe.transformer.sample_image_tokens(pipe.vlm_stream, cache, noise, pipe.scheduler, GUIDANCE)
+    tokens = sample_image_tokens(pipe.transformer, pipe.vlm_stream, cache, noise, pipe.scheduler,
+                                 GuidanceSpec(GUIDANCE))
     assert tokens.shape == (1, N, C) and cache.flow.length == ids.shape[1] + N
 
     mu, sigma = teacher_forced_params(pipe, ids, attention_mask, tokens.repeat(2, 1, 1), levels)
@@ -138,7 +140,7 @@ def test_image_nll_is_shallow_plus_deep_terms(pipe):
     assert (cache.length, cache.flow.length) == length  # the cache is left as it was
 
     tokens, logdets = transformer.shallow_forward(x, levels)
-    assert torch.allclose(transformer.shallow_reverse(tokens, levels, pipe.scheduler), x, atol=1e-4)
+    assert torch.allclose(shallow_reverse(transformer, tokens, levels, pipe.scheduler), x, atol=1e-4)
     mu, sigma = teacher_forced_params(pipe, ids, attention_mask, tokens, levels)
     deep = (0.5 * ((tokens - mu) / sigma).pow(2) + sigma.log()).flatten(1).mean(1)
     shallow = sum(logdet.flatten(1).mean(1) for logdet in logdets)
@@ -218,7 +220,8 @@ def test_callback_runs_once_per_latent_and_can_replace_latents(pipe):
     assert not torch.allclose(plain, zeroed, atol=1e-3)
     assert torch.equal(zeroed, zeroed_other_seed)  # the noise no longer matters
     # every x~_i forced to zero: the image is the shallow inverse of an all-zero token sequence
-    expected = pipe.transformer.shallow_reverse(torch.zeros(1, N, 4), torch.full((1,), NOISE_LEVEL), pipe.scheduler)
+    expected = shallow_reverse(pipe.transformer, torch.zeros(1, N, 4), torch.full((1,), NOISE_LEVEL),
+                               pipe.scheduler)
     assert torch.allclose(zeroed, expected, atol=1e-5)
 
 
@@ -358,3 +361,108 @@ def test_assemble_round_trip(tmp_path, capsys):
                 "fae.dinov2.embeddings.cls_token", "shallow.1.layers.0.attn.to_qkv.weight"):
         assert key in err, err
     assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Denoising at every level, likelihood and denoising as pipeline methods
+# --------------------------------------------------------------------------------------------------------------
+
+
+def teacher_forced_image_nll(pipe, ids, attention_mask, x, level):
+    """Image NLL from one teacher-forced pass over prompt + image with every position at ``level``."""
+    B, T = ids.shape
+    N = pipe.transformer.num_latents
+    full_ids = torch.cat([ids, ids.new_zeros(B, N)], dim=1)
+    latent_mask = torch.cat([torch.zeros(B, T, dtype=torch.bool), torch.ones(B, N, dtype=torch.bool)], dim=1)
+    mask = torch.cat([attention_mask, torch.ones(B, N, dtype=torch.bool)], dim=1)
+    return pipe.transformer(pipe.vlm_stream, full_ids, latent_mask, x, torch.full((B,), level),
+                            attention_mask=mask).image_nll
+
+
+@torch.no_grad()
+def test_context_at_another_noise_level_matches_a_pass_at_that_level(pipe):
+    transformer = pipe.transformer
+    cache, ids, attention_mask, _ = prompt_cache(pipe, [PROMPT, OTHER])
+    x = 0.7 * torch.randn(2, 4, 4, 4, generator=gen(2))
+    moved = transformer.at_noise_level(cache, torch.full((2,), 0.1))
+    assert moved is not cache and float(cache.noise_level[0]) == pytest.approx(NOISE_LEVEL)  # cache untouched
+    expected = teacher_forced_image_nll(pipe, ids, attention_mask, x, 0.1)
+    assert torch.allclose(transformer.image_nll_in_context(pipe.vlm_stream, moved, x), expected, atol=1e-5)
+    # the context at the sampling level scores differently: the level matters, so the check bites
+    stale = transformer.image_nll_in_context(pipe.vlm_stream, cache, x)
+    assert (stale - expected).abs().min() > 1e-4
+    assert transformer.at_noise_level(cache, torch.full((2,), NOISE_LEVEL)) is cache
+
+
+@torch.no_grad()
+def test_log_likelihood_is_the_flow_density(pipe):
+    images = torch.rand(2, 3, 32, 32, generator=gen(3))
+    bpd = pipe.log_likelihood(images, [PROMPT, OTHER], generator=[gen(4), gen(5)])
+    assert bpd.shape == (2,) and bpd.dtype == torch.float32
+    # independent reference: the same noisy latents through a teacher-forced pass
+    noisy = torch.cat([pipe.noisy_latents(pipe.preprocess_image(images[i:i + 1]), NOISE_LEVEL, g)
+                       for i, g in enumerate((gen(4), gen(5)))])
+    cache, ids, attention_mask, _ = prompt_cache(pipe, [PROMPT, OTHER])
+    expected = teacher_forced_image_nll(pipe, ids, attention_mask, noisy, NOISE_LEVEL) / math.log(2)
+    assert torch.allclose(bpd, expected, atol=1e-5)
+    assert torch.equal(pipe.log_likelihood(images, [PROMPT, OTHER], generator=[gen(4), gen(5)]), bpd)
+    one = pipe.log_likelihood(images[1], OTHER, generator=gen(5))
+    assert torch.allclose(one, bpd[1:], atol=1e-5)
+    assert not torch.allclose(pipe.log_likelihood(images, PROMPT, generator=[gen(4), gen(5)])[1], bpd[1])
+    with pytest.raises(ValueError, match="`prompt` has 3 entries for 2 images"):
+        pipe.log_likelihood(images, [PROMPT] * 3)
+    with pytest.raises(ValueError, match="`noise_level` must be >= 0; got -1"):
+        pipe.log_likelihood(images, PROMPT, noise_level=-1.0)
+
+
+@torch.no_grad()
+def test_call_denoises_with_denoise_latents(pipe):
+    noisy = generate(pipe, seed=0, output_type="latent")
+    assert noisy.shape == (1, 4, 4, 4)
+    for steps in (1, 3):
+        denoised = generate(pipe, seed=0, output_type="latent", num_denoising_steps=steps)
+        assert torch.allclose(pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=steps), denoised, atol=1e-6)
+        assert not torch.allclose(denoised, noisy, atol=1e-3)
+    assert torch.equal(pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=0), noisy)
+    with pytest.raises(ValueError, match=r"`latents` must be scaled FAE latents of shape \(B, 4, 4, 4\); got"):
+        pipe.denoise_latents(noisy[:, :2], PROMPT)
+    with pytest.raises(ValueError, match="`num_denoising_steps` must be >= 0; got -2"):
+        pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=-2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The call contract: callbacks, properties, interruption
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_callback_counts_latent_positions_then_denoising_steps(pipe):
+    calls = []
+
+    def record(p, step, noise_level, kwargs):
+        calls.append((step, tuple(kwargs["latents"].shape), float(noise_level), p.guidance_scale, p.num_timesteps))
+        return {}
+
+    generate(pipe, PROMPT, guidance_scale=1.5, num_denoising_steps=2, callback_on_step_end=record)
+    N = pipe.transformer.num_latents
+    assert [c[0] for c in calls] == list(range(N + 2))
+    assert {c[1] for c in calls[:N]} == {(1, 1, 4)} and {c[1] for c in calls[N:]} == {(1, 4, 4, 4)}
+    assert [c[2] for c in calls] == pytest.approx([NOISE_LEVEL] * N + [NOISE_LEVEL, 0.01])
+    assert {(c[3], c[4]) for c in calls} == {(1.5, N + 2)}
+
+
+def test_interrupt_returns_what_was_made(pipe):
+    made = []
+
+    def stop_after_4(p, step, noise_level, kwargs):
+        made.append(kwargs["latents"])
+        p._interrupt = step == 3
+        return {}
+
+    noise = torch.randn(1, pipe.transformer.num_latents, 4, generator=gen(6))
+    out = pipe(PROMPT, latents=noise, num_denoising_steps=2, output_type="latent",
+               callback_on_step_end=stop_after_4).images
+    assert len(made) == 4 and not pipe.interrupt
+    # the 4 latents made, the rest still noise, no denoising: the shallow inverse of that token sequence
+    tokens = torch.cat([torch.cat(made, dim=1), noise[:, 4:]], dim=1)
+    expected = shallow_reverse(pipe.transformer, tokens, torch.full((1,), NOISE_LEVEL), pipe.scheduler)
+    assert torch.allclose(out, expected, atol=1e-5)

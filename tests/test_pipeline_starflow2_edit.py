@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
-from diffusers_starflow2 import StarFlow2Pipeline
+from diffusers_starflow2 import GuidanceSpec, StarFlow2Pipeline
 from diffusers_starflow2.pipelines.pipeline_starflow2_edit import (
     StarFlow2EditPipeline,
     StarFlow2EditPipelineOutput,
@@ -74,7 +74,7 @@ def test_conditional_only_equals_single_branch_by_hand(pipe, source):
     cache = pipe._new_cache(1, 0.3)
     pipe._run_text(cache, [layout], tokens)
     noise = torch.randn(1, N, pipe.transformer.config.latent_channels, generator=generator)
-    expected_tokens, expected = pipe.generate_image(cache, noise, 0.0, 1.0, num_denoising_steps=1)
+    expected_tokens, expected = pipe.generate_image(cache, noise, GuidanceSpec(), num_denoising_steps=1)
     torch.testing.assert_close(out.state.image_tokens, expected_tokens, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=0)
     default_negative = pipe(PIL.Image.fromarray(source), PROMPT, guidance_scale=0.0, image_guidance_scale=1.0,
@@ -211,3 +211,18 @@ def test_from_pretrained_loads_a_saved_starflow2_pipeline(pipe, components, sour
     run = dict(guidance_scale=2.0, image_guidance_scale=1.0, **FAST)
     torch.testing.assert_close(loaded(source, PROMPT, generator=seeded(0), **run).images,
                                pipe(source, PROMPT, generator=seeded(0), **run).images, atol=1e-6, rtol=0)
+
+
+def test_interrupt_returns_the_partial_image_without_state(pipe, source):
+    steps = []
+
+    def stop_at_2(p, step, t, kwargs):
+        steps.append(step)
+        p._interrupt = step == 2
+        return {}
+
+    out = pipe(source, PROMPT, generator=seeded(0), callback_on_step_end=stop_at_2, num_denoising_steps=1,
+               output_type="latent")
+    full = pipe(source, PROMPT, generator=seeded(0), num_denoising_steps=0, output_type="latent")
+    assert steps == [0, 1, 2] and out.state is None and out.images.shape == full.images.shape
+    assert full.state is not None and pipe.num_timesteps == pipe.transformer.num_latents

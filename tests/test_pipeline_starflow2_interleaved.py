@@ -188,3 +188,21 @@ def test_loads_from_a_starflow2_pipeline_folder(tmp_path):
 def test_bad_inputs(pipe, prompt, kwargs, name):
     with pytest.raises(ValueError, match=name):
         pipe(prompt, max_new_tokens=kwargs.pop("max_new_tokens", 0), **kwargs)
+
+
+def test_callback_steps_count_across_images_and_interrupt_ends_the_answer(pipe):
+    N = pipe.transformer.num_latents
+    steps = []
+    kwargs = dict(max_new_tokens=0, generator=gen(2), output_type="latent", num_denoising_steps=1)
+    out = pipe(["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER],
+               callback_on_step_end=lambda p, step, t, kw: steps.append(step) or {}, **kwargs)
+    assert len(out.segments) == 2 and steps == list(range(2 * (N + 1)))
+    assert pipe.num_timesteps == N + 1
+
+    def stop_at_5(p, step, t, kw):
+        p._interrupt = step == 5
+        return {}
+
+    stopped = pipe(["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER], callback_on_step_end=stop_at_5,
+                   **kwargs)
+    assert len(stopped.segments) == 1 and stopped.segments[0].shape == out.segments[0].shape

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import REFERENCE_DIR, reference_cases
 from diffusers_starflow2 import StarFlowTransformerModel
+from diffusers_starflow2.sampling import denoise_starflow, sample_starflow
 
 pytestmark = pytest.mark.skipif(not reference_cases, reason=f"no reference fixtures under {REFERENCE_DIR}")
 ATOL = 1e-4
@@ -60,20 +61,21 @@ def test_forward_block_inputs(case):
 
 
 def test_reverse_without_guidance(case):
-    x = case.model.sample(case.io["reverse_noise"], encoder_hidden_states=case.io["y"])
+    x = sample_starflow(case.model, case.io["reverse_noise"], encoder_hidden_states=case.io["y"])
     assert_close(x, case.io["reverse_g0"], "reverse g=0")
 
 
 def test_reverse_with_guidance(case):
     io = case.io
     assert (io["reverse_cfg"] - io["reverse_g0"]).abs().max() > 1e-2  # guidance must matter for this test to bite
-    x = case.model.sample(io["reverse_noise"], encoder_hidden_states=io["y"],
+    x = sample_starflow(case.model, io["reverse_noise"], encoder_hidden_states=io["y"],
                           negative_encoder_hidden_states=io["y_null"], guidance_scale=case.meta["guidance"])
     assert_close(x, io["reverse_cfg"], f"reverse g={case.meta['guidance']}")
 
 
 def test_denoise_step(case):
-    x0 = case.model.denoise(case.io["denoise_in"], encoder_hidden_states=case.io["y"], noise_std=case.meta["noise_std"])
+    x0 = denoise_starflow(case.model, case.io["denoise_in"], encoder_hidden_states=case.io["y"],
+                          noise_level=case.meta["noise_std"])
     assert_close(x0, case.io["denoise_out"], "denoise")
 
 

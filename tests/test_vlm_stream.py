@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from diffusers_starflow2.models.vlm_stream import VLMStream, build_position_ids
+from diffusers_starflow2.models.vlm_stream import VLMStream, position_ids
 from diffusers_starflow2.utils.tiny_vlm import (
     QWEN_SPECIAL_TOKENS,
     build_tiny_causal_lm,
@@ -52,12 +52,20 @@ def _layout(tokenizer, grids, n_text=4, seed=0):
     return segments, torch.tensor([ids])
 
 
+def _positions(tokenizer, input_ids, grid, mrope=True):
+    """``position_ids`` of a whole unpadded layout whose images all have ``grid``."""
+    latent_mask = input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids, next_position, open_cells = position_ids(latent_mask, torch.ones_like(latent_mask), grid, mrope)
+    assert open_cells == 0
+    return ids, next_position
+
+
 @torch.no_grad()
 def test_text_logits_match_vlm(vlm):
     stream = VLMStream(vlm)
     input_ids = torch.randint(0, vlm.config.get_text_config().vocab_size, (2, 12))
-    position_ids, _ = stream.build_position_ids([("text", 12)])
-    hidden, cache = stream(stream.embed_tokens(input_ids), position_ids)
+    hidden, cache = stream(stream.embed_tokens(input_ids), torch.arange(12).expand(3, -1) if stream.uses_mrope
+                           else torch.arange(12))
     assert hidden.shape == (2, 12, stream.hidden_size)
     assert cache.get_seq_length() == 12
     torch.testing.assert_close(stream.logits(hidden), vlm(input_ids=input_ids).logits, rtol=0, atol=1e-6)
@@ -66,56 +74,70 @@ def test_text_logits_match_vlm(vlm):
 @torch.no_grad()
 def test_cached_incremental_pass_matches_full_pass(vlm, tokenizer):
     stream = VLMStream(vlm)
-    segments, input_ids = _layout(tokenizer, [(3, 4)])
-    position_ids, _ = stream.build_position_ids(segments)
+    _, input_ids = _layout(tokenizer, [(3, 4)])
+    ids, _ = _positions(tokenizer, input_ids, (3, 4), stream.uses_mrope)
     # Image cells get random embeddings, as adapted latents would be; text gets its token embeddings.
     embeds = stream.embed_tokens(input_ids.expand(2, -1)).clone()
     image_cells = input_ids[0] == tokenizer.convert_tokens_to_ids("<|image_pad|>")
     embeds[:, image_cells] = torch.randn(2, int(image_cells.sum()), stream.hidden_size)
 
-    full, _ = stream(embeds, position_ids)
+    full, _ = stream(embeds, ids)
     prefix = 7
-    hidden, cache = stream(embeds[:, :prefix], position_ids[..., :prefix])
+    hidden, cache = stream(embeds[:, :prefix], ids[..., :prefix])
     steps = [hidden]
     for t in range(prefix, embeds.shape[1]):
-        hidden, cache = stream(embeds[:, t : t + 1], position_ids[..., t : t + 1], cache=cache)
+        hidden, cache = stream(embeds[:, t : t + 1], ids[..., t : t + 1], cache=cache)
         steps.append(hidden)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("grids", [[(3, 4)], [(4, 3)], [(1, 5), (2, 2)]])
+@pytest.mark.parametrize("grids", [[(3, 4)], [(4, 3)], [(1, 5), (1, 5)]])
 def test_mrope_position_ids_match_get_rope_index(qwen_vl, tokenizer, grids):
-    segments, input_ids = _layout(tokenizer, grids)
+    _, input_ids = _layout(tokenizer, grids)
     merge = qwen_vl.config.vision_config.spatial_merge_size
     expected, _ = qwen_vl.model.get_rope_index(
         input_ids,
         mm_token_type_ids=(input_ids == qwen_vl.config.image_token_id).int(),
         image_grid_thw=torch.tensor([[1, merge * h, merge * w] for h, w in grids]),
     )
-    position_ids, next_position = build_position_ids(segments)
-    assert torch.equal(position_ids, expected[:, 0])
-    assert next_position == expected.max() + 1
+    ids, next_position = _positions(tokenizer, input_ids, grids[0])
+    assert torch.equal(ids[:, 0], expected[:, 0])
+    assert int(next_position) == expected.max() + 1
+
+
+def _pattern(pattern, grid=(3, 4)):
+    """Latent mask of a text ("t") / image ("i", one whole grid) pattern."""
+    cells = grid[0] * grid[1]
+    return torch.tensor([m for p in pattern for m in ([True] * cells if p == "i" else [False])])
 
 
 @pytest.mark.parametrize("mrope", [True, False])
-def test_incremental_position_ids_match_one_shot(mrope):
-    segments = [("text", 6), ("image", 3, 4), ("text", 2), ("image", 5, 2), ("text", 3)]
-    one_shot, one_shot_next = build_position_ids(segments, mrope=mrope)
-    chunks, start = [], 0
-    for segment in segments:
-        ids, start = build_position_ids([segment], mrope=mrope, start=start)
+def test_chunked_and_padded_position_ids_match_one_shot(mrope):
+    grid = (3, 4)
+    lat = _pattern("tttttttittittt", grid)  # 7 text, an image, 2 text, an image, 3 text
+    one_shot, one_shot_next, _ = position_ids(lat[None], torch.ones(1, len(lat), dtype=torch.bool), grid, mrope)
+    assert one_shot.shape == ((3, 1, 36) if mrope else (1, 36))
+    # chunks that split images anywhere (5 cells, then the rest) continue exactly
+    chunks, start, open_cells = [], None, 0
+    for a, b in [(0, 4), (4, 12), (12, 17), (17, 22), (22, 36)]:
+        ids, start, open_cells = position_ids(lat[None, a:b], torch.ones(1, b - a, dtype=torch.bool), grid, mrope,
+                                              start, open_cells)
         chunks.append(ids)
-    assert torch.equal(torch.cat(chunks, dim=-1), one_shot)
-    assert start == one_shot_next
-    assert one_shot.shape == ((3, 33) if mrope else (33,))
+    assert torch.equal(torch.cat(chunks, dim=-1), one_shot) and torch.equal(start, one_shot_next)
+    # a left-padded second sample gets the same ids after its padding, which takes position 0 and advances nothing
+    batch_lat = torch.stack([torch.cat([torch.zeros(3, dtype=torch.bool), lat]), torch.cat([lat[:3], lat])])
+    real = torch.ones_like(batch_lat)
+    real[0, :3] = False
+    ids, _, _ = position_ids(batch_lat, real, grid, mrope)
+    assert torch.equal(ids[..., 0, 3:], one_shot[..., 0, :]) and (ids[..., 0, :3] == 0).all()
 
 
 def test_invalid_inputs_raise(qwen_vl):
-    for bad in [("video", 3), ("image", 3), ("text", 0), ("text", 2, 2)]:
-        with pytest.raises(ValueError, match="segments"):
-            build_position_ids([bad])
-    with pytest.raises(ValueError, match="start"):
-        build_position_ids([("text", 1)], start=-1)
+    lat = _pattern("ti", (2, 2))
+    with pytest.raises(ValueError, match="text token arrived inside an image span after 2 of 4"):
+        position_ids(torch.cat([lat[:3], torch.tensor([False])])[None], torch.ones(1, 4, dtype=torch.bool), (2, 2))
+    with pytest.raises(ValueError, match="same number of latents in an open span"):
+        position_ids(torch.ones(2, 2, dtype=torch.bool), torch.tensor([[False, True], [True, True]]), (2, 2))
     with pytest.raises(ValueError, match="position_ids"):
         VLMStream(qwen_vl)(torch.zeros(1, 4, 64), torch.arange(4))
 
@@ -125,7 +147,7 @@ def test_stream_positions_reproduce_vlm_image_forward(qwen_vl, tokenizer):
     """Image embeddings at our positions give the logits of Qwen2.5-VL's own multimodal forward."""
     stream = VLMStream(qwen_vl)
     grids = [(3, 4)]
-    segments, input_ids = _layout(tokenizer, grids)
+    _, input_ids = _layout(tokenizer, grids)
     vision = qwen_vl.config.vision_config
     grid_thw = torch.tensor([[1, 2 * h, 2 * w] for h, w in grids])
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
@@ -140,7 +162,7 @@ def test_stream_positions_reproduce_vlm_image_forward(qwen_vl, tokenizer):
     image_embeds = torch.cat(qwen_vl.model.get_image_features(pixel_values, grid_thw).pooler_output)
     embeds = stream.embed_tokens(input_ids).clone()
     embeds[input_ids == qwen_vl.config.image_token_id] = image_embeds
-    hidden, _ = stream(embeds, stream.build_position_ids(segments)[0])
+    hidden, _ = stream(embeds, _positions(tokenizer, input_ids, grids[0])[0])
     torch.testing.assert_close(stream.logits(hidden), expected, rtol=0, atol=1e-6)
 
 

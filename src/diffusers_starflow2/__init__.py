@@ -27,7 +27,7 @@ from .pipelines import (
     StarFlowPipeline,
     StarFlowPipelineOutput,
 )
-from .schedulers import TarFlowScheduler, TarFlowSchedulerOutput
+from .schedulers import GuidanceSpec, TarFlowScheduler, TarFlowSchedulerOutput
 
 from .utils.hub import register_with_diffusers
 

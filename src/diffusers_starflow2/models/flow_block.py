@@ -4,7 +4,9 @@
 One block is a causal Transformer that reads the tokens of a latent grid in a fixed scan order and predicts, for
 each token, the affine parameters ``(mu, sigma)`` of the *next* token.  Forward (data -> noise) is one parallel
 pass: ``z_i = (x_i - mu_i) / sigma_i`` with ``log|det| = -sum log sigma``.  Reverse (noise -> data) runs one token at a
-time through a key/value cache: ``x_i = mu_i + sigma_i * z_i``.
+time through a key/value cache, ``x_i = mu_i + sigma_i * z_i``: the block exposes the per-position primitives
+(:meth:`~AutoregressiveFlowBlock.prefill`, :meth:`~AutoregressiveFlowBlock.decode_step`) and
+:mod:`diffusers_starflow2.sampling` runs the loop.
 
 The arithmetic is the TARFlow / STARFlow one (including RoPE position layout, soft clipping and the softplus
 offset), so converted reference checkpoints reproduce the reference outputs.  The inverse-affine step and the
@@ -14,17 +16,40 @@ guidance rule are not written here: they belong to :class:`~diffusers_starflow2.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+LOG_2PI = math.log(2 * math.pi)
 # softplus(a + INV_SOFTPLUS_1) == 1 at a == 0, so a zero-initialised output projection starts as the identity map.
 INV_SOFTPLUS_1 = 0.541324854612918
 ROPE_THETA = 10000
 # Number of rotary frequencies given to the text axis of 3-axis positions (the reference's fixed split).
 TEXT_AXIS_FREQS = 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The flow's negative log-likelihood (the one formula every model, pipeline and training script uses)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def flow_nll(z: torch.Tensor, logdets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sample NLL per dimension without the Gaussian constant: ``1/2 mean(z^2) - sum_blocks mean(logdet)``.
+
+    ``z (B, ...)`` is the data mapped to noise; ``logdets`` one ``(B, ...)`` tensor per flow step (an affine step
+    contributes ``-log sigma`` per dimension).  Returns ``(B,)`` float32.
+    """
+    per_sample = 0.5 * z.float().pow(2).flatten(1).mean(1)
+    for logdet in logdets:
+        per_sample = per_sample - logdet.reshape(logdet.shape[0], -1).mean(1)
+    return per_sample
+
+
+def bits_per_dim(nll: torch.Tensor) -> torch.Tensor:
+    """:func:`flow_nll` (nats/dim, no constant) -> bits/dim of the flow's density."""
+    return (nll + 0.5 * LOG_2PI) / math.log(2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -56,39 +81,42 @@ def make_norm(norm_type: str, dim: int) -> nn.Module:
     raise ValueError(f"norm_type must be one of 'layer_norm', 'rms_norm', 'none'; got {norm_type!r}")
 
 
-def rope_positions(height: int, width: int, text_length: int, pt_seq_len: float, mode: str) -> torch.Tensor:
+def rope_positions(height: int, width: int, text_length: int, pt_seq_len: float, mode: str,
+                   device: torch.device | str | None = None) -> torch.Tensor:
     """Positions of ``text_length`` text tokens followed by a ``height x width`` grid in raster order.
 
     ``mode="1d"``: one index per token, text first.  ``"2d"``: (row, col) of the grid scaled so that the grid's
     geometric-mean side equals ``pt_seq_len`` (no text).  ``"3d"``: (row, col, text) - text tokens sit at the grid
     origin and walk the third axis over ``[0, pt_seq_len)``; grid tokens have text coordinate 0.
-    Returns ``(T, n_axes)`` float positions.
+    Returns ``(T, n_axes)`` float positions on ``device``.
     """
     if mode == "1d":
-        return torch.arange(text_length + height * width).float().unsqueeze(-1)
+        return torch.arange(text_length + height * width, device=device).float().unsqueeze(-1)
     mean_side = math.sqrt(height * width)
-    rows = torch.arange(height) / mean_side * pt_seq_len
-    cols = torch.arange(width) / mean_side * pt_seq_len
+    rows = torch.arange(height, device=device) / mean_side * pt_seq_len
+    cols = torch.arange(width, device=device) / mean_side * pt_seq_len
     rows, cols = (p.reshape(-1) for p in torch.meshgrid(rows, cols, indexing="ij"))
     if mode == "2d":
         return torch.stack([rows, cols], dim=-1)
     if mode != "3d":
         raise ValueError(f"rope mode must be '1d', '2d' or '3d'; got {mode!r}")
-    text_pos = torch.arange(text_length) / max(text_length, 1) * pt_seq_len
-    zeros = torch.zeros(text_length)
+    text_pos = torch.arange(text_length, device=device) / max(text_length, 1) * pt_seq_len
+    zeros = torch.zeros(text_length, device=device)
     axes = [torch.cat([zeros, rows]), torch.cat([zeros, cols]), torch.cat([text_pos, torch.zeros_like(rows)])]
     return torch.stack(axes, dim=-1)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Rotation angles ``(T, head_dim)`` for ``(T, n_axes)`` positions (each angle repeated for its pair).
+    """Rotation angles ``(..., T, head_dim)`` for ``(..., T, n_axes)`` positions (each angle repeated for its pair),
+    on the positions' device.
 
     One axis: the standard language-model RoPE.  Two axes: half the frequencies per grid axis.  Three axes: the
     text axis takes ``TEXT_AXIS_FREQS`` frequencies and the two grid axes share the rest.
     """
+    device = positions.device
 
     def inv_freq(dim: int) -> torch.Tensor:
-        return 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+        return 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, device=device)[: dim // 2].float() / dim))
 
     half = head_dim // 2
     if positions.shape[-1] == 1:
@@ -97,7 +125,8 @@ def rope_angles(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
         grid_dim = half - TEXT_AXIS_FREQS if positions.shape[-1] == 3 else half
         parts = [positions[..., 0:1] * inv_freq(grid_dim), positions[..., 1:2] * inv_freq(grid_dim)]
         if positions.shape[-1] == 3:
-            text_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, TEXT_AXIS_FREQS).float() / TEXT_AXIS_FREQS))
+            text_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, TEXT_AXIS_FREQS, device=device).float()
+                                              / TEXT_AXIS_FREQS))
             parts.append(positions[..., 2:3] * text_freq)
         angles = torch.cat(parts, dim=-1)
     return angles.repeat_interleave(2, dim=-1)
@@ -386,6 +415,7 @@ class AutoregressiveFlowBlock(nn.Module):
         self.final_norm = RMSNorm(channels) if final_norm else None
         self.proj_cond = nn.Linear(cond_dim, channels) if cond_dim > 0 else None
         self.num_kv_heads = self.layers[0].attn.num_kv_heads if num_layers else 0
+        self._rope_cache: Dict[tuple, torch.Tensor] = {}  # (height, width, text_length, device) -> rope tables
 
     @property
     def is_identity(self) -> bool:
@@ -397,16 +427,22 @@ class AutoregressiveFlowBlock(nn.Module):
         """Raster order <-> scan order along dim 1 (the flip is its own inverse)."""
         return x.flip(1) if self.flip else x
 
-    def rotary(self, height: int, width: int, text_length: int) -> Optional[torch.Tensor]:
-        """``rope_tables`` ``(2, text_length + height*width, head_dim)``; ``None`` with learned position embeddings."""
+    def rotary(self, height: int, width: int, text_length: int,
+               device: torch.device | str | None = None) -> Optional[torch.Tensor]:
+        """``rope_tables`` ``(2, text_length + height*width, head_dim)`` on ``device`` (default: the block's),
+        computed once per shape and device; ``None`` with learned position embeddings."""
         if self.rope == "none":
             return None
         mode = self.rope
         if mode == "2d" and text_length:
             raise ValueError("a 2d-RoPE flow block cannot take text; use rope='3d'")
         text_length = text_length if (self.text_dim > 0 or mode == "1d") else 0
-        return rope_tables(rope_angles(rope_positions(height, width, text_length, self.pt_seq_len, mode),
-                                       self.head_dim))
+        device = torch.device(device) if device is not None else self.proj_in.weight.device
+        key = (height, width, text_length, device)
+        if key not in self._rope_cache:
+            positions = rope_positions(height, width, text_length, self.pt_seq_len, mode, device)
+            self._rope_cache[key] = rope_tables(rope_angles(positions, self.head_dim))
+        return self._rope_cache[key]
 
     # -- the three stages of a step: inputs -> Transformer -> affine parameters ------------------------------------
 
@@ -483,7 +519,7 @@ class AutoregressiveFlowBlock(nn.Module):
             h = torch.cat([self.add_cond(self.proj_txt(text.to(dtype)), cond), h], dim=1)  # (B, L + N, C)
             if text_mask is not None:
                 key_padding_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2]).bool()], dim=1)
-        h = self.transformer(h, self.rotary(*grid, L), key_padding_mask=key_padding_mask)[:, L:]
+        h = self.transformer(h, self.rotary(*grid, L, x.device), key_padding_mask=key_padding_mask)[:, L:]
         mu, sigma = self.affine(h)
         if not self.use_sos:  # token i is predicted from token i-1; the first passes through (mu=0, sigma=1)
             mu = torch.cat([torch.zeros_like(mu[:, :1]), mu[:, :-1]], dim=1)
@@ -491,52 +527,23 @@ class AutoregressiveFlowBlock(nn.Module):
         z = (x.float() - mu) / sigma
         return self.permute(z).to(x.dtype), -torch.log(sigma)
 
-    # -- noise -> data ---------------------------------------------------------------------------------------------
+    # -- noise -> data, one position at a time ------------------------------------------------------------------
 
-    @torch.no_grad()
-    def reverse(self, z: torch.Tensor, grid: Tuple[int, int], scheduler, text: Optional[torch.Tensor] = None,
-                guidance_scale: float = 0.0, text_mask: Optional[torch.Tensor] = None,
-                progress_bar=None, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Noise -> data, one token at a time through a KV cache.
+    def prefill(self, text: torch.Tensor, rope: Optional[torch.Tensor], cache: FlowKVCache,
+                key_padding_mask: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None) -> None:
+        """Fill ``cache`` with the text prefix ``(B, L, text_dim)`` of the token sequence (text-reading blocks)."""
+        self.encode_text(text.to(self.proj_in.weight.dtype), rope[:, :text.shape[1]] if rope is not None else None,
+                         cache, key_padding_mask[:, :text.shape[1]] if key_padding_mask is not None else None, cond)
 
-        Args:
-            z: ``(B, N, C_in)`` noise in raster order.
-            scheduler: a :class:`TarFlowScheduler` (inverse-affine step and guidance rule).
-            text: ``(B, L, D)``, or ``(2B, L, D)`` = ``[conditional; unconditional]`` when ``guidance_scale > 0``.
-        Returns:
-            ``x`` ``(B, N, C_in)`` in raster order, float32.
-        """
-        if self.is_identity:
-            return z
-        B, N, _ = z.shape
-        text = text if self.proj_txt is not None else None
-        guided = guidance_scale > 0 and text is not None
-        branches = 2 if guided else 1
-        cond = cond.repeat(branches, 1) if cond is not None else None
-        L = text.shape[1] if text is not None else 0
-        dtype = self.proj_in.weight.dtype
-        rope = self.rotary(*grid, L)
-        cache = self.new_cache(B * branches, L + N, dtype, z.device)
-        pad_mask = None
-        if text is not None:
-            if text_mask is not None:
-                pad_mask = torch.cat([text_mask.bool(), text_mask.new_ones(B * branches, N).bool()], dim=1)
-            self.encode_text(text.to(dtype), rope[:, :L] if rope is not None else None, cache,
-                             pad_mask[:, :L] if pad_mask is not None else None, cond)
-
-        z = self.permute(z.float())
-        x = z.clone()
-        first = 0 if self.use_sos else 1  # without SOS the first token is its own noise
-        for t in range(first, N):
-            prev = self.sos_embed.expand(B, -1, -1) if t == 0 else x[:, t - 1:t]
-            h = self.embed(prev.to(dtype).repeat(branches, 1, 1), start=t - first, cond=cond)
-            pos = L + t - first
-            h = self.transformer(h, rope[:, pos:pos + 1] if rope is not None else None, cache,
-                                 pad_mask[:, :pos + 1] if pad_mask is not None else None)
-            mu, sigma = self.affine(h)  # (branches * B, 1, C)
-            if guided:
-                mu, sigma = scheduler.guide(mu, sigma, guidance_scale)
-            x[:, t] = scheduler.inverse_affine(z[:, t], mu[:, 0], sigma[:, 0])
-            if progress_bar is not None:
-                progress_bar.update()
-        return self.permute(x)
+    def decode_step(self, inputs: torch.Tensor, index: int, text_length: int, rope: Optional[torch.Tensor],
+                    cache: FlowKVCache, key_padding_mask: Optional[torch.Tensor] = None,
+                    cond: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Affine parameters ``(mu, sigma)`` ``(B, T, C_in)`` predicted by the inputs ``(B, T, C_in)`` at input
+        positions ``index..index+T`` of the scan (input 0 is the start token, or the first token without one),
+        appended to ``cache``; ``rope`` and ``key_padding_mask`` cover the whole sequence, text prefix included."""
+        pos = text_length + index
+        T = inputs.shape[1]
+        h = self.embed(inputs.to(self.proj_in.weight.dtype), start=index, cond=cond)
+        h = self.transformer(h, rope[:, pos:pos + T] if rope is not None else None, cache,
+                             key_padding_mask[:, :pos + T] if key_padding_mask is not None else None)
+        return self.affine(h)

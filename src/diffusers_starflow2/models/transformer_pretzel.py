@@ -29,9 +29,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .flow_block import AutoregressiveFlowBlock, FlowKVCache, rope_angles, rope_tables
-from .transformer_starflow import LOG_2PI, bits_per_dim
-from .vlm_stream import VLMStream
+from .flow_block import LOG_2PI, AutoregressiveFlowBlock, FlowKVCache, bits_per_dim, flow_nll, rope_angles, rope_tables
+from .vlm_stream import VLMStream, position_ids
 
 # Noise levels live in [0, ~0.3]; the sinusoidal embedding is laid out for diffusion-style timesteps in [0, 1000].
 NOISE_LEVEL_SCALE = 1000.0
@@ -82,12 +81,15 @@ class PretzelCache:
     grid: Tuple[int, int]
     mrope: bool
     attention_mask: torch.Tensor  # (B, T_seen) bool
-    vlm_next: List[int] = field(default_factory=list)
-    flow_next: List[int] = field(default_factory=list)
-    image_start: List[int] = field(default_factory=list)
+    vlm_next: torch.Tensor = None  # (B,) next free VLM position of each sample
+    flow_next: torch.Tensor = None  # (B,) next free TARFlow position of each sample
     image_cell: int = 0  # cells of the currently open image span already seen (same for every sample)
     last_flow_hidden: Optional[torch.Tensor] = None  # (B, 1, C) TARFlow output of the latest position
     last_hidden: Optional[torch.Tensor] = None  # (B, 1, D) VLM output of the latest position
+    # Level-independent TARFlow-stream inputs and position ids of every cached position, kept (as chunks, one per
+    # step) so that the stream can be rebuilt at another noise level without running the VLM again.
+    flow_inputs: List[torch.Tensor] = field(default_factory=list)  # [(B, T_k, C)]
+    flow_positions: List[torch.Tensor] = field(default_factory=list)  # [(B, T_k)]
 
     @property
     def batch_size(self) -> int:
@@ -100,56 +102,20 @@ class PretzelCache:
     def assign_positions(self, latent_mask: torch.Tensor, attention_mask: torch.Tensor):
         """Position ids of new positions; advances the cursors.
 
-        Returns VLM ids ``(3, B, T)`` (M-RoPE) or ``(B, T)``, and TARFlow ids ``(B, T)``.
+        Returns VLM ids ``(3, B, T)`` (M-RoPE) or ``(B, T)``, and TARFlow ids ``(B, T)`` (one per real position).
         """
-        gh, gw = self.grid
-        cells = gh * gw
-        lat, real = latent_mask.tolist(), attention_mask.tolist()
-        B, T = latent_mask.shape
-        vlm_ids = [[[0] * T for _ in range(B)] for _ in range(3)]
-        flow_ids = [[0] * T for _ in range(B)]
-        cell_after = self.image_cell
-        for b in range(B):
-            cell = self.image_cell
-            for j in range(T):
-                flow_ids[b][j] = self.flow_next[b]
-                if not real[b][j]:
-                    for a in range(3):
-                        vlm_ids[a][b][j] = self.vlm_next[b]
-                    continue
-                self.flow_next[b] += 1
-                if lat[b][j]:
-                    if cell == 0:
-                        self.image_start[b] = self.vlm_next[b]
-                    if self.mrope:
-                        p = self.image_start[b]
-                        vlm_ids[0][b][j], vlm_ids[1][b][j], vlm_ids[2][b][j] = p, p + cell // gw, p + cell % gw
-                    else:
-                        vlm_ids[0][b][j] = self.vlm_next[b]
-                        self.vlm_next[b] += 1
-                    cell += 1
-                    if cell == cells:  # the span is complete: text continues after the grid's extent
-                        cell = 0
-                        if self.mrope:
-                            self.vlm_next[b] = self.image_start[b] + max(gh, gw)
-                else:
-                    if cell:
-                        raise ValueError(f"a text token arrived inside an image span after {cell} of {cells} latents")
-                    for a in range(3):
-                        vlm_ids[a][b][j] = self.vlm_next[b]
-                    self.vlm_next[b] += 1
-            if b and cell != cell_after:
-                raise ValueError("every sample of a batch must have the same number of latents in an open span")
-            cell_after = cell
-        self.image_cell = cell_after
-        device = latent_mask.device
-        vlm_ids = torch.tensor(vlm_ids if self.mrope else vlm_ids[0], device=device)
-        return vlm_ids, torch.tensor(flow_ids, device=device)
+        vlm_ids, self.vlm_next, self.image_cell = position_ids(latent_mask, attention_mask, self.grid, self.mrope,
+                                                               self.vlm_next, self.image_cell)
+        real = attention_mask.long()
+        flow_ids = self.flow_next[:, None] + real.cumsum(1) - real  # padding takes the current position
+        self.flow_next = self.flow_next + real.sum(1)
+        return vlm_ids, flow_ids
 
     def snapshot(self) -> dict:
         return dict(length=self.length, flow_length=self.flow.length if self.flow is not None else 0,
-                    vlm_next=list(self.vlm_next), flow_next=list(self.flow_next), image_start=list(self.image_start),
-                    image_cell=self.image_cell, last_flow_hidden=self.last_flow_hidden, last_hidden=self.last_hidden)
+                    vlm_next=self.vlm_next, flow_next=self.flow_next,
+                    image_cell=self.image_cell, last_flow_hidden=self.last_flow_hidden, last_hidden=self.last_hidden,
+                    num_flow_chunks=len(self.flow_inputs))
 
     def restore(self, snap: dict) -> None:
         """Forget every position added since ``snap`` (both caches are cropped, nothing is recomputed)."""
@@ -159,12 +125,14 @@ class PretzelCache:
         if self.flow is not None:
             self.flow.crop(snap["flow_length"])
         self.attention_mask = self.attention_mask[:, :snap["length"]]
-        for key in ("vlm_next", "flow_next", "image_start", "image_cell", "last_flow_hidden", "last_hidden"):
+        for key in ("vlm_next", "flow_next", "image_cell", "last_flow_hidden", "last_hidden"):
             setattr(self, key, snap[key])
+        del self.flow_inputs[snap["num_flow_chunks"]:], self.flow_positions[snap["num_flow_chunks"]:]
 
-    def fork(self, snap: dict) -> "PretzelCache":
+    def fork(self, snap: dict, copy_flow: bool = True) -> "PretzelCache":
         """An independent cache of the sequence as it was at ``snap`` (both streams' keys/values are shared or
-        copied up to that length; this cache is not modified)."""
+        copied up to that length; this cache is not modified).  ``copy_flow=False`` leaves the TARFlow cache out
+        (None), for a caller that rebuilds it."""
         import copy
 
         vlm = copy.copy(self.vlm)
@@ -175,12 +143,13 @@ class PretzelCache:
                 layer.values = layer.values[..., :snap["length"], :]
         fork = copy.copy(self)
         fork.vlm = vlm
-        fork.flow = self.flow.fork(snap["flow_length"]) if self.flow is not None else None
+        fork.flow = self.flow.fork(snap["flow_length"]) if self.flow is not None and copy_flow else None
         fork.attention_mask = self.attention_mask[:, :snap["length"]]
-        for key in ("vlm_next", "flow_next", "image_start"):
-            setattr(fork, key, list(snap[key]))
+        fork.vlm_next, fork.flow_next = snap["vlm_next"], snap["flow_next"]
         fork.image_cell, fork.last_flow_hidden, fork.last_hidden = (snap["image_cell"], snap["last_flow_hidden"],
                                                                    snap["last_hidden"])
+        fork.flow_inputs = self.flow_inputs[:snap["num_flow_chunks"]]
+        fork.flow_positions = self.flow_positions[:snap["num_flow_chunks"]]
         return fork
 
     def select(self, index: torch.Tensor) -> None:
@@ -188,14 +157,13 @@ class PretzelCache:
         self.vlm.batch_select_indices(index)
         if self.flow is not None:
             self.flow.select_batch(index)
-        idx = index.tolist()
         self.cond, self.noise_level = self.cond[index], self.noise_level[index]
         self.attention_mask = self.attention_mask[index]
-        self.vlm_next = [self.vlm_next[i] for i in idx]
-        self.flow_next = [self.flow_next[i] for i in idx]
-        self.image_start = [self.image_start[i] for i in idx]
+        self.vlm_next, self.flow_next = self.vlm_next[index], self.flow_next[index]
         if self.last_flow_hidden is not None:
             self.last_flow_hidden, self.last_hidden = self.last_flow_hidden[index], self.last_hidden[index]
+        self.flow_inputs = [chunk[index] for chunk in self.flow_inputs]
+        self.flow_positions = [chunk[index] for chunk in self.flow_positions]
 
 
 @dataclass
@@ -335,14 +303,6 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             logdets.append(logdet)
         return x, logdets
 
-    @torch.no_grad()
-    def shallow_reverse(self, tokens: torch.Tensor, noise_level: torch.Tensor, scheduler) -> torch.Tensor:
-        """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse)."""
-        cond = self.noise_embedding(noise_level)
-        for block in reversed(self.shallow):
-            tokens = block.reverse(tokens, self.grid, scheduler, cond=cond)
-        return self.tokens_to_latents(tokens)
-
     # -- the Pretzel step ------------------------------------------------------------------------------------------
 
     def new_cache(self, vlm: VLMStream, noise_level: torch.Tensor, use_flow_cache: bool = True,
@@ -356,7 +316,8 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                             cond=self.noise_embedding(noise_level.to(self.device)),
                             noise_level=noise_level.to(self.device), grid=self.grid, mrope=vlm.uses_mrope,
                             attention_mask=torch.ones(B, 0, dtype=torch.bool, device=self.device),
-                            vlm_next=[0] * B, flow_next=[0] * B, image_start=[0] * B)
+                            vlm_next=torch.zeros(B, dtype=torch.long, device=self.device),
+                            flow_next=torch.zeros(B, dtype=torch.long, device=self.device))
 
     def step(self, vlm: VLMStream, cache: PretzelCache, input_ids: Optional[torch.Tensor] = None,
              latents: Optional[torch.Tensor] = None, latent_mask: Optional[torch.Tensor] = None,
@@ -401,13 +362,44 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if input_ids is not None:
             is_start = (input_ids.to(device) == self.config.vision_start_token_id) & ~latent_mask
             flow_in = flow_in + is_start[..., None].to(flow_in.dtype) * deep.proj_in(deep.sos_embed)
-        flow_in = deep.add_cond(flow_in, cache.cond)
-        rope = rope_tables(rope_angles(flow_pos[..., None].float(), deep.head_dim))[:, :, None]  # (2, B, 1, T, Dh)
-        g = deep.transformer(flow_in, rope, cache.flow, key_padding_mask=full_mask)
+        if cache.flow is not None:
+            cache.flow_inputs.append(flow_in)
+            cache.flow_positions.append(flow_pos)
+        g = self._flow_stream(flow_in, flow_pos, cache.cond, cache.flow, full_mask)
 
         cache.attention_mask = full_mask
         cache.last_flow_hidden, cache.last_hidden = g[:, -1:], h[:, -1:]
         return PretzelStepOutput(hidden_states=h, flow_hidden_states=g)
+
+    def _flow_stream(self, flow_in: torch.Tensor, positions: torch.Tensor, cond: torch.Tensor,
+                     flow_cache: Optional[FlowKVCache], key_padding_mask: torch.Tensor) -> torch.Tensor:
+        """The deep TARFlow stream over new positions: level-independent inputs ``(B, T, C)`` plus the noise-level
+        embedding, 1-D RoPE at ``positions (B, T)``; appends to ``flow_cache``."""
+        deep = self.deep
+        rope = rope_tables(rope_angles(positions[..., None].float(), deep.head_dim))[:, :, None]  # (2, B, 1, T, Dh)
+        return deep.transformer(deep.add_cond(flow_in, cond), rope, flow_cache, key_padding_mask=key_padding_mask)
+
+    def at_noise_level(self, cache: PretzelCache, noise_level: torch.Tensor) -> PretzelCache:
+        """The sequence in ``cache`` as the model sees it when its next image is at ``noise_level (B,)``.
+
+        The noise level conditions the TARFlow stream at every position (and the shallow flows), so that stream is
+        rebuilt from the kept level-independent inputs; the VLM stream, whose only dependence on the level is the
+        adapter's reading of context images at the level they really carry, is shared.  ``cache`` is unchanged; at
+        the cache's own level it is returned as is.
+        """
+        noise_level = noise_level.to(cache.noise_level)
+        if torch.equal(noise_level, cache.noise_level):
+            return cache
+        if cache.flow is None:
+            raise ValueError("at_noise_level needs a cache with a flow stream (use_flow_cache=True)")
+        moved = cache.fork(cache.snapshot(), copy_flow=False)
+        moved.noise_level, moved.cond = noise_level, self.noise_embedding(noise_level)
+        moved.flow = self.deep.new_cache(cache.batch_size, cache.flow.length, self.dtype, self.device)
+        if cache.flow_inputs:
+            g = self._flow_stream(torch.cat(cache.flow_inputs, 1), torch.cat(cache.flow_positions, 1), moved.cond,
+                                  moved.flow, cache.attention_mask)
+            moved.last_flow_hidden = g[:, -1:]
+        return moved
 
     def text_logits(self, vlm: VLMStream, hidden_states: torch.Tensor, flow_hidden_states: torch.Tensor):
         """``LM_head(h + W_t g)`` for ``(B, T, D)`` / ``(B, T, C)`` stream outputs."""
@@ -420,36 +412,6 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return self.deep.affine(flow_hidden_states)
 
     # -- whole images through the step ----------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def sample_image_tokens(self, vlm: VLMStream, cache: PretzelCache, noise: torch.Tensor, scheduler,
-                            guidance_scale: float = 0.0, image_guidance_scale: float = 1.0,
-                            callback=None) -> torch.Tensor:
-        """Sample one image span ``x~ (B, N, C)`` left to right; every latent enters both caches as it is made.
-
-        The cache must end with ``<|vision_start|>``.  Its batch holds the guidance branches stacked along the
-        batch: ``[cond]``, ``[cond; uncond]`` (``guidance_scale > 0``) or ``[cond; image-only; uncond]``
-        (``image_guidance_scale != 1``, editing).  ``noise`` is ``(B, N, C)``.  ``callback(i, x_i)`` runs after
-        each latent (``i`` = index) and may return a replacement for it.
-        """
-        B, N, _ = noise.shape
-        branches = cache.batch_size // B
-        if branches * B != cache.batch_size:
-            raise ValueError(f"cache batch {cache.batch_size} is not a multiple of the noise batch {B}")
-        tokens = []
-        mu, sigma = self.latent_params(cache.last_flow_hidden)  # (branches * B, 1, C)
-        for i in range(N):
-            if branches == 3:
-                mu, sigma = scheduler.guide_text_and_image(mu, sigma, guidance_scale, image_guidance_scale)
-            elif branches == 2:
-                mu, sigma = scheduler.guide(mu, sigma, guidance_scale)
-            x_i = scheduler.inverse_affine(noise[:, i:i + 1].float(), mu, sigma)  # (B, 1, C)
-            if callback is not None:
-                x_i = callback(i, x_i)
-            tokens.append(x_i)
-            out = self.step(vlm, cache, latents=x_i.repeat(branches, 1, 1))
-            mu, sigma = self.latent_params(out.flow_hidden_states)
-        return torch.cat(tokens, dim=1)
 
     def image_nll_in_context(self, vlm: VLMStream, cache: PretzelCache, latents: torch.Tensor) -> torch.Tensor:
         """NLL (nats per dimension, Gaussian constant included) of noisy latents ``(B, C, h, w)`` as the next image
@@ -465,24 +427,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             cache.restore(snap)
         mu, sigma = self.latent_params(g)
         z = (tokens.float() - mu) / sigma
-        nll = 0.5 * z.pow(2).flatten(1).mean(1) + torch.log(sigma).flatten(1).mean(1)
-        for logdet in shallow_logdets:
-            nll = nll - logdet.flatten(1).mean(1)
-        return nll + 0.5 * LOG_2PI
-
-    def denoise_image(self, vlm: VLMStream, cache: PretzelCache, latents: torch.Tensor, scheduler,
-                      num_steps: Optional[int] = None, noise_level: Optional[float] = None) -> torch.Tensor:
-        """Tweedie denoising of sampled latents ``(B, C, h, w)`` under the context in ``cache``."""
-        scheduler.set_timesteps(num_steps, noise_level=noise_level)
-        x = latents.float()
-        dims = x[0].numel()
-        for t in scheduler.timesteps:
-            with torch.enable_grad():
-                x_req = x.detach().requires_grad_(True)
-                nll_sum = self.image_nll_in_context(vlm, cache, x_req).sum() * dims
-                grad = torch.autograd.grad(nll_sum, [x_req])[0]
-            x = scheduler.step(grad, t, x).prev_sample
-        return x
+        return flow_nll(z, [-torch.log(sigma), *shallow_logdets]) + 0.5 * LOG_2PI
 
     # -- teacher-forced training pass -----------------------------------------------------------------------------
 
@@ -520,11 +465,8 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # flow: the output at position p predicts the latent at p + 1
         target = latent_mask[:, 1:]
         mu, sigma = self.latent_params(g[:, :-1][target])  # (M*N, C)
-        z = (latents[:, 1:][target].float() - mu) / sigma
-        z, log_sigma = z.view(-1, N, z.shape[-1]), torch.log(sigma).view(-1, N, z.shape[-1])
-        nll = 0.5 * z.pow(2).flatten(1).mean(1) + log_sigma.flatten(1).mean(1)
-        for logdet in shallow_logdets:
-            nll = nll - logdet.flatten(1).mean(1)
+        z = ((latents[:, 1:][target].float() - mu) / sigma).view(-1, N, mu.shape[-1])  # (M, N, C)
+        nll = flow_nll(z, [-torch.log(sigma).view(z.shape), *shallow_logdets])
         scored = image_loss_mask if image_loss_mask is not None else torch.ones_like(nll, dtype=torch.bool)
         flow_loss = nll[scored].mean() if scored.any() else nll.sum() * 0
 

@@ -8,7 +8,6 @@ direction, followed by one deep block that reads the text features as a prefix. 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -17,11 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from ..schedulers.scheduling_tarflow import TarFlowScheduler
-from .flow_block import AutoregressiveFlowBlock
-
-LOG_2PI = math.log(2 * math.pi)
-
+from .flow_block import LOG_2PI, AutoregressiveFlowBlock, bits_per_dim, flow_nll
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """``(B, C, H, W)`` -> ``(B, H/p, W/p, p*p*C)``, channels of a patch ordered (row, col, channel)."""
@@ -35,19 +30,6 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
     B, h, w, D = x.shape
     C = D // (p * p)
     return x.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, w * p)
-
-
-def flow_loss(z: torch.Tensor, logdets: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-sample NLL per dimension without the Gaussian constant: ``1/2 mean(z^2) - sum_blocks mean(logdet)``."""
-    per_sample = 0.5 * z.float().pow(2).flatten(1).mean(1)
-    for logdet in logdets:
-        per_sample = per_sample - logdet.reshape(logdet.shape[0], -1).mean(1)
-    return per_sample  # (B,)
-
-
-def bits_per_dim(loss_per_sample: torch.Tensor) -> torch.Tensor:
-    """Convert :func:`flow_loss` (nats/dim, no constant) to bits/dim of the flow's density."""
-    return (loss_per_sample + 0.5 * LOG_2PI) / math.log(2)
 
 
 @dataclass
@@ -146,7 +128,7 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
-    def _check_inputs(self, latents: torch.Tensor, text: Optional[torch.Tensor], name: str = "latents") -> None:
+    def check_inputs(self, latents: torch.Tensor, text: Optional[torch.Tensor], name: str = "latents") -> None:
         cfg = self.config
         if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
             raise ValueError(f"{name} must have shape (B, {cfg.in_channels}, H, W); got {tuple(latents.shape)}")
@@ -165,11 +147,11 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
                 raise ValueError(f"encoder_hidden_states has {text.shape[1]} tokens, more than the model's "
                                  f"max_text_length={cfg.max_text_length}")
 
-    def _tokens(self, latents: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def to_tokens(self, latents: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x = patchify(latents, self.config.patch_size)  # (B, h, w, C p p)
         return x.flatten(1, 2), (x.shape[1], x.shape[2])
 
-    def _image(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    def to_latents(self, tokens: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         return unpatchify(tokens.unflatten(1, grid), self.config.patch_size)
 
     # -- data -> noise ---------------------------------------------------------------------------------------------
@@ -177,81 +159,17 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
     def forward(self, latents: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                 encoder_attention_mask: Optional[torch.Tensor] = None, return_dict: bool = True):
         """Map ``latents (B, C, H, W)`` to noise; see :class:`StarFlowTransformerOutput`."""
-        self._check_inputs(latents, encoder_hidden_states)
-        x, grid = self._tokens(latents)  # (B, N, D)
+        self.check_inputs(latents, encoder_hidden_states)
+        x, grid = self.to_tokens(latents)  # (B, N, D)
         logdets, inputs = [], []
         for block in self.blocks:
             inputs.append(x.unflatten(1, grid))
             x, logdet = block(x, grid, encoder_hidden_states, encoder_attention_mask)
             logdets.append(logdet)
         inputs.append(x.unflatten(1, grid))
-        z = self._image(x, grid)
-        per_sample = flow_loss(z, logdets)
+        z = self.to_latents(x, grid)
+        per_sample = flow_nll(z, logdets)
         out = StarFlowTransformerOutput(z=z, logdets=tuple(logdets), loss=per_sample.mean(),
                                         nll=per_sample + 0.5 * LOG_2PI, bits_per_dim=bits_per_dim(per_sample),
                                         block_inputs=tuple(inputs))
         return out if return_dict else out.to_tuple()
-
-    # -- noise -> data ---------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def sample(self, noise: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-               negative_encoder_hidden_states: Optional[torch.Tensor] = None, guidance_scale: float = 0.0,
-               encoder_attention_mask: Optional[torch.Tensor] = None,
-               negative_encoder_attention_mask: Optional[torch.Tensor] = None,
-               scheduler: Optional[TarFlowScheduler] = None, progress_bar=None, callback=None) -> torch.Tensor:
-        """Noise ``(B, C, H, W)`` -> latents: the deep block first (guided), then the shallow blocks in reverse.
-
-        ``guidance_scale > 0`` needs ``negative_encoder_hidden_states`` (the unconditional branch, e.g. the
-        encoded empty prompt).  Shallow blocks that do not read text are never guided.  ``callback(i, latents)``
-        runs after the ``i``-th block (deep block first) and may return replacement latents.
-        """
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale}")
-        self._check_inputs(noise, encoder_hidden_states, name="noise")
-        text, mask = encoder_hidden_states, encoder_attention_mask
-        if guidance_scale > 0 and text is not None:
-            if negative_encoder_hidden_states is None:
-                raise ValueError("guidance_scale > 0 requires negative_encoder_hidden_states")
-            if negative_encoder_hidden_states.shape != text.shape:
-                raise ValueError(f"negative_encoder_hidden_states must have shape {tuple(text.shape)}; got "
-                                 f"{tuple(negative_encoder_hidden_states.shape)}")
-            text = torch.cat([text, negative_encoder_hidden_states])
-            if mask is not None or negative_encoder_attention_mask is not None:
-                ones = text.new_ones(noise.shape[0], text.shape[1], dtype=torch.bool)
-                mask = torch.cat([mask if mask is not None else ones,
-                                  negative_encoder_attention_mask if negative_encoder_attention_mask is not None else ones])
-        scheduler = scheduler or TarFlowScheduler()
-        x, grid = self._tokens(noise.float())
-        for i, block in enumerate(reversed(self.blocks)):
-            x = block.reverse(x, grid, scheduler, text, guidance_scale, mask, progress_bar)
-            if callback is not None:
-                x = self._tokens(callback(i, self._image(x, grid)).float())[0]
-        return self._image(x, grid).to(noise.dtype)
-
-    def nll_gradient(self, latents: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-                     encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``d/dx`` of each sample's NLL summed over its dimensions (the negative score), same shape as ``latents``."""
-        with torch.enable_grad():
-            x = latents.detach().float().requires_grad_(True)
-            loss = self(x, encoder_hidden_states, encoder_attention_mask).loss * x.numel()
-            return torch.autograd.grad(loss, [x])[0]
-
-    @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-                noise_std: Optional[float] = None, num_steps: int = 1, encoder_attention_mask: Optional[torch.Tensor] = None,
-                scheduler: Optional[TarFlowScheduler] = None, progress_bar=None, callback=None) -> torch.Tensor:
-        """Remove the sampling noise with Tweedie steps on the flow's own score; one step is ``x - t^2 grad NLL``.
-
-        ``callback(i, t, latents)`` runs after step ``i`` (noise level ``t``) and may return replacement latents.
-        """
-        scheduler = scheduler or TarFlowScheduler()
-        scheduler.set_timesteps(num_steps, device=latents.device, noise_level=noise_std)
-        x = latents
-        for i, t in enumerate(scheduler.timesteps):
-            x = scheduler.step(self.nll_gradient(x, encoder_hidden_states, encoder_attention_mask), t, x).prev_sample
-            if progress_bar is not None:
-                progress_bar.update()
-            if callback is not None:
-                x = callback(i, t, x)
-        return x.to(latents.dtype)

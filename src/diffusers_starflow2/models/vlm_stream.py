@@ -11,7 +11,6 @@ them where it is used to seeing images. Text logits come from the VLM's own LM h
 
 import functools
 import inspect
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,18 +28,19 @@ def _cache_argument(decoder_cls: type) -> str:
 MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
-def build_position_ids(
-    segments: Sequence[tuple],
+def position_ids(
+    latent_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    grid: tuple[int, int],
     mrope: bool = True,
-    start: int = 0,
-    device: torch.device | str | None = None,
-) -> tuple[torch.LongTensor, int]:
+    start: torch.LongTensor | None = None,
+    open_cells: int = 0,
+) -> tuple[torch.LongTensor, torch.LongTensor, int]:
     """
-    Position ids for an interleaved text/image layout, continuing from position `start`.
+    Position ids of new positions of interleaved text/image sequences, for the whole batch at once.
 
-    `segments` is a sequence of `("text", n_tokens)` and `("image", grid_h, grid_w)` entries, where the image grid is
-    the LLM-side grid (after Qwen's 2x2 spatial merge, i.e. `image_grid_thw = (1, 2 * grid_h, 2 * grid_w)`) visited
-    in raster order. `<|vision_start|>` / `<|vision_end|>` are ordinary text tokens and belong to text segments.
+    Every image is a run of `grid_h * grid_w` latent positions in raster order (a run may be split over calls:
+    `open_cells` says how much of the current one came before). `<|vision_start|>` / `<|vision_end|>` are text.
 
     With `mrope=True` this reproduces Qwen2.5-VL's `get_rope_index` for still images:
 
@@ -48,49 +48,46 @@ def build_position_ids(
     - an image starting at `p` (the position right after `<|vision_start|>`) gets `(p, p + row, p + col)` for each
       grid cell, and the token after the image continues at `p + max(grid_h, grid_w)` (= max id + 1).
 
-    With `mrope=False` (plain causal LMs) every token, image cells included, takes the next 1-D position.
-
-    Generation appends tokens step by step: call again with `start` set to the returned next position, and slice an
-    image's ids (`ids[..., i : i + 1]`) to feed its cells one at a time.
+    With `mrope=False` (plain causal LMs) every position, image cells included, takes the next 1-D position.
+    Padding takes the current position of its sample and advances nothing.
 
     Args:
-        segments (`Sequence[tuple]`): The layout, e.g. `[("text", 5), ("image", 3, 4), ("text", 2)]`.
+        latent_mask (`torch.Tensor` of shape `(B, T)`): True at image-latent positions.
+        attention_mask (`torch.Tensor` of shape `(B, T)`): False at padding.
+        grid (`tuple[int, int]`): `(grid_h, grid_w)` of every image (the LLM-side grid).
         mrope (`bool`, defaults to `True`): Build 3-axis M-RoPE ids instead of 1-D ids.
-        start (`int`, defaults to 0): First free position (the returned `next_position` of a previous call).
-        device (`torch.device` or `str`, *optional*): Device of the returned tensor.
+        start (`torch.LongTensor` of shape `(B,)`, *optional*): First free position of each sample (default 0).
+        open_cells (`int`, defaults to 0): Cells of an unfinished image already placed (the same in every sample).
 
     Returns:
-        `tuple[torch.LongTensor, int]`: position ids of shape `(3, T)` (`mrope=True`) or `(T,)`, and the next free
-        position.
+        `tuple`: ids `(3, B, T)` (`mrope=True`) or `(B, T)`, the next free position of each sample `(B,)`, and the
+        cells of the image left unfinished.
     """
-    if start < 0:
-        raise ValueError(f"`start` must be >= 0, got {start}.")
-    chunks = []
-    for segment in segments:
-        kind, *sizes = segment
-        if kind not in ("text", "image") or len(sizes) != (1 if kind == "text" else 2):
-            raise ValueError(
-                f"`segments` entries must be ('text', n_tokens) or ('image', grid_h, grid_w), got {segment!r}."
-            )
-        if any(not isinstance(size, int) or size < 1 for size in sizes):
-            raise ValueError(f"`segments` sizes must be positive integers, got {segment!r}.")
+    grid_h, grid_w = grid
+    cells = grid_h * grid_w
+    real = attention_mask.bool()
+    latent = (latent_mask.bool() & real).long()  # (B, T)
+    if start is None:
+        start = torch.zeros(latent.shape[0], dtype=torch.long, device=latent.device)
+    cell = (open_cells + latent.cumsum(1) - latent) % cells  # (B, T) grid cell of (or before) each position
+    text = real & ~latent.bool()
+    if bool((text & (cell != 0)).any()):
+        bad = int(cell[text & (cell != 0)][0])
+        raise ValueError(f"a text token arrived inside an image span after {bad} of {cells} latents")
+    after = (open_cells + latent.sum(1)) % cells  # (B,)
+    if bool((after != after[:1]).any()):
+        raise ValueError("every sample of a batch must have the same number of latents in an open span")
 
-        if kind == "text" or not mrope:
-            length = sizes[0] if kind == "text" else sizes[0] * sizes[1]
-            positions = torch.arange(start, start + length, device=device)  # (L,)
-            chunks.append(positions.expand(3, -1) if mrope else positions)
-            start += length
-        else:
-            grid_h, grid_w = sizes
-            rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w)  # (h*w,) raster order
-            cols = torch.arange(grid_w, device=device).repeat(grid_h)  # (h*w,)
-            chunks.append(torch.stack([torch.zeros_like(rows), rows, cols]) + start)  # (3, h*w): t, h, w
-            # The image spans max(h, w) positions on the text axis, whatever its number of cells.
-            start += max(grid_h, grid_w)
-
-    if not chunks:
-        return torch.empty((3, 0) if mrope else (0,), dtype=torch.long, device=device), start
-    return torch.cat(chunks, dim=-1), start
+    if mrope:  # an image advances the text axis once, at its last cell, by its extent
+        advance = text.long() + latent * (cell == cells - 1).long() * max(grid_h, grid_w)
+    else:
+        advance = real.long()
+    base = start[:, None] + advance.cumsum(1) - advance  # (B, T) position before each one advances
+    if mrope:
+        ids = torch.stack([base, base + latent * (cell // grid_w), base + latent * (cell % grid_w)])  # (3, B, T)
+    else:
+        ids = base
+    return ids, start + advance.sum(1), int(after[0]) if len(after) else open_cells
 
 
 class VLMStream(nn.Module):
@@ -126,10 +123,6 @@ class VLMStream(nn.Module):
         """Next-token logits `(B, T, V)` from final-norm hidden states `(B, T, D)` via the VLM's LM head."""
         return self.vlm.get_output_embeddings()(hidden)
 
-    def build_position_ids(self, segments: Sequence[tuple], start: int = 0) -> tuple[torch.LongTensor, int]:
-        """[`build_position_ids`] with this model's RoPE flavour, on the model's device."""
-        return build_position_ids(segments, mrope=self.uses_mrope, start=start, device=self.vlm.device)
-
     def _expand_position_ids(self, position_ids: torch.LongTensor, batch_size: int, seq_len: int) -> torch.Tensor:
         """Broadcast shared position ids over the batch: `(3, B, T)` for M-RoPE models, `(B, T)` otherwise."""
         if self.uses_mrope:
@@ -162,7 +155,7 @@ class VLMStream(nn.Module):
             inputs_embeds (`torch.Tensor` of shape `(B, T, D)`): Text embeddings and/or adapted image latents.
             position_ids (`torch.LongTensor`):
                 `(3, T)` or `(3, B, T)` M-RoPE ids for M-RoPE models, `(T,)` or `(B, T)` otherwise; see
-                [`build_position_ids`]. They must continue the positions already in the cache.
+                [`position_ids`]. They must continue the positions already in the cache.
             cache ([`~transformers.Cache`], *optional*):
                 Cache of the preceding tokens; a new [`~transformers.DynamicCache`] is created when `None`. It is
                 updated in place (use `crop(n)` to roll it back).

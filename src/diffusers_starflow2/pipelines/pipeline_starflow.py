@@ -20,9 +20,10 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..models.transformer_starflow import StarFlowTransformerModel
-from ..schedulers.scheduling_tarflow import TarFlowScheduler
-from ..utils.hub import StarFlowHubMixin
+from ..sampling import denoise_starflow, sample_starflow
+from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from .pipeline_utils import (
+    FlowPipelineMixin,
     check_generator,
     check_guidance_scale,
     check_image_size,
@@ -64,7 +65,7 @@ class StarFlowPipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class StarFlowPipeline(StarFlowHubMixin, DiffusionPipeline):
+class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
     r"""Text-to-image generation with a STARFlow deep-shallow autoregressive flow.
 
     Args:
@@ -74,12 +75,13 @@ class StarFlowPipeline(StarFlowHubMixin, DiffusionPipeline):
         vae: ``AutoencoderKL``; the flow models its latents times ``vae.config.scaling_factor``.
         scheduler: :class:`TarFlowScheduler` (guidance rule, noise level and denoising schedule).
 
-    Generation has two kinds of steps, which are the unit of ``callback_on_step_end``:
+    Generation has two kinds of steps, which are the unit of ``callback_on_step_end`` and of the progress bar
+    (see :class:`FlowPipelineMixin`):
 
-    1. one step per flow block, in sampling order (the deep, text-reading block first; identity blocks included).
-       Each block inverts its autoregression token by token; the progress bar advances once per token.
-    2. ``num_denoising_steps`` denoising steps (one progress-bar tick each), which remove the Gaussian noise of
-       standard deviation ``noise_level`` that the flow was trained on.
+    1. one step per latent position of every flow block, in sampling order (the deep, text-reading block first);
+       the callback's ``latents`` is the ``(B, 1, C p p)`` token just made, in its block's scan order.
+    2. ``num_denoising_steps`` denoising steps, which remove the Gaussian noise of standard deviation
+       ``noise_level`` that the flow was trained on; the callback's ``latents`` are the whole latents.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -92,11 +94,6 @@ class StarFlowPipeline(StarFlowHubMixin, DiffusionPipeline):
                               scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-
-    @property
-    def num_timesteps(self) -> int:
-        """Steps of the last call: flow blocks plus denoising steps."""
-        return self._num_timesteps
 
     # -- text ------------------------------------------------------------------------------------------------------
 
@@ -194,13 +191,44 @@ class StarFlowPipeline(StarFlowHubMixin, DiffusionPipeline):
         return sum(num_tokens - (0 if block.use_sos else 1) for block in self.transformer.blocks
                    if not block.is_identity)
 
-    def _callback(self, callback: Optional[Callable], tensor_inputs: List[str], step: int, t: torch.Tensor,
-                  latents: torch.Tensor) -> torch.Tensor:
-        if callback is None:
-            return latents
-        callback_kwargs = {name: value for name, value in {"latents": latents}.items() if name in tensor_inputs}
-        outputs = callback(self, step, t, callback_kwargs) or {}
-        return outputs.pop("latents", latents)
+    @torch.no_grad()
+    def log_likelihood(self, image, prompt: Union[str, List[str]], noise_level: Optional[float] = None,
+                       generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+        r"""Exact likelihood of images under their prompts, in bits per dimension (lower = more likely).
+
+        Each image is VAE-encoded (posterior mode, scaled as the transformer sees latents), noised at
+        ``noise_level`` with noise from ``generator`` and mapped to noise by the flow (change of variables).
+
+        Args:
+            image: what ``VaeImageProcessor.preprocess`` accepts (PIL, numpy, torch, or a list); the side must
+                be a multiple of the VAE factor times the patch size.
+            prompt: one string for all images, or one per image.
+            noise_level: the noise level the latents are scored at (default ``scheduler.config.noise_level``).
+            generator: one ``torch.Generator`` or one per image, for the noise.
+        Returns:
+            ``(B,)`` float32 bits per dimension of each image's noisy latents.
+        """
+        noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
+        if not noise_level >= 0:
+            raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
+        device = self._execution_device
+        pixels = self.image_processor.preprocess(image).to(device=device, dtype=self.vae.dtype)
+        check_image_size(pixels.shape[2], pixels.shape[3], self.vae_scale_factor * self.transformer.config.patch_size)
+        batch_size = pixels.shape[0]
+        check_generator(generator, batch_size)
+        prompts = check_prompt(prompt)
+        if len(prompts) not in (1, batch_size):
+            raise ValueError(f"`prompt` has {len(prompts)} entries for {batch_size} images; expected 1 or "
+                             f"{batch_size}")
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = ((latents - shift) * self.vae.config.scaling_factor).float()
+        eps = prepare_noise(latents.shape, generator, device)
+        noisy = self.scheduler.add_noise(latents, eps, noise_level)
+        prompt_embeds, _ = self.encode_prompt(prompts * (batch_size // len(prompts)), None, False)
+        out = self.transformer(noisy.to(self.transformer.dtype), encoder_hidden_states=prompt_embeds)
+        self.maybe_free_model_hooks()
+        return out.bits_per_dim.float()
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -236,8 +264,8 @@ class StarFlowPipeline(StarFlowHubMixin, DiffusionPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (skip VAE decoding).
             return_dict: return a :class:`StarFlowPipelineOutput` instead of a tuple.
             callback_on_step_end: ``callback(pipe, step_index, noise_level, callback_kwargs) -> dict`` called after each
-                flow block and each denoising step (see the class docstring); ``noise_level`` is a tensor with the
-                level of the latents the step started from. Returning ``{"latents": ...}`` replaces the latents.
+                latent position and each denoising step (see the class docstring); ``noise_level`` is a tensor with
+                the level of the latents the step started from. Returning ``{"latents": ...}`` replaces them.
             callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (a subset of
                 ``_callback_tensor_inputs``).
             max_sequence_length: text tokens; prompts are padded to it and longer prompts truncated, as in
@@ -261,26 +289,34 @@ class StarFlowPipeline(StarFlowHubMixin, DiffusionPipeline):
         batch_size = len(check_prompt(prompt)) * num_images_per_prompt
         check_generator(generator, batch_size)
         device = self._execution_device
-        guided = guidance_scale > 0
+        guidance = GuidanceSpec(guidance_scale)
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, negative_prompt, guided,
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, negative_prompt, guidance.num_branches > 1,
                                                                    num_images_per_prompt, device, max_sequence_length)
         latents = self.prepare_latents(batch_size, height, width, generator, device, latents)
 
         p = self.transformer.config.patch_size
         num_tokens = (latents.shape[2] // p) * (latents.shape[3] // p)
-        num_blocks = len(self.transformer.blocks)
-        self._num_timesteps = num_blocks + num_denoising_steps
+        num_flow_steps = self._num_flow_ticks(num_tokens)
+        self._begin_call(guidance_scale, num_flow_steps + num_denoising_steps, callback_on_step_end, tensor_inputs)
         level = torch.tensor(noise_level, device=device)
-        with self.progress_bar(total=self._num_flow_ticks(num_tokens) + num_denoising_steps) as progress_bar:
-            latents = self.transformer.sample(
-                latents, prompt_embeds, negative_prompt_embeds, guidance_scale, scheduler=self.scheduler,
-                progress_bar=progress_bar,
-                callback=lambda i, x: self._callback(callback_on_step_end, tensor_inputs, i, level, x))
-            latents = self.transformer.denoise(
-                latents, prompt_embeds, noise_level, num_denoising_steps, scheduler=self.scheduler,
-                progress_bar=progress_bar,
-                callback=lambda i, t, x: self._callback(callback_on_step_end, tensor_inputs, num_blocks + i, t, x))
+        with self.progress_bar(total=num_flow_steps + num_denoising_steps) as progress_bar:
+            def on_token(i, x_i):
+                progress_bar.update()
+                return self._step_end(level, x_i)
+
+            def on_denoising_step(i, t, x):
+                progress_bar.update()
+                return self._step_end(t, x)
+
+            stop = lambda: self.interrupt  # noqa: E731
+            self._onload(self.transformer)  # sampling runs the flow blocks, not the transformer's forward
+            latents = sample_starflow(self.transformer, latents, prompt_embeds, negative_prompt_embeds,
+                                      guidance_scale, scheduler=self.scheduler, callback=on_token, stop=stop)
+            if not self.interrupt:
+                latents = denoise_starflow(self.transformer, latents, prompt_embeds, noise_level,
+                                           num_denoising_steps, scheduler=self.scheduler, callback=on_denoising_step,
+                                           stop=stop)
 
         if output_type == "latent":
             images = latents
@@ -290,5 +326,5 @@ class StarFlowPipeline(StarFlowHubMixin, DiffusionPipeline):
                 latents = latents + self.vae.config.shift_factor
             images = postprocess_images(self.vae.decode(latents, return_dict=False)[0], output_type,
                                         self.image_processor)
-        self.maybe_free_model_hooks()
+        self._end_call()
         return StarFlowPipelineOutput(images=images) if return_dict else (images,)

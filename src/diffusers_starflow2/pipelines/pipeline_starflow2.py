@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -11,19 +12,19 @@ import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..loaders.lora import StarFlow2LoraLoaderMixin
 from ..models.autoencoder_fae import AutoencoderFAE
 from ..models.transformer_pretzel import PretzelCache, PretzelModel
 from ..models.vlm_stream import VLMStream
-from ..schedulers.scheduling_tarflow import TarFlowScheduler
-from ..utils.hub import StarFlowHubMixin
+from ..sampling import sample_image_tokens, shallow_reverse, tweedie_denoise
+from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
 from .pipeline_utils import (
+    FlowPipelineMixin,
     check_generator,
-    check_guidance_scale,
     check_output_type,
     check_prompt,
     postprocess_images,
@@ -56,7 +57,7 @@ class StarFlow2PipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class StarFlow2BasePipeline(StarFlowHubMixin, DiffusionPipeline, StarFlow2LoraLoaderMixin):
+class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraLoaderMixin):
     """Components, the image-generation core and LoRA loading shared by the STARFlow2 pipelines.
 
     Components:
@@ -96,12 +97,18 @@ class StarFlow2BasePipeline(StarFlowHubMixin, DiffusionPipeline, StarFlow2LoraLo
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return pad_layouts(layouts, pad, side="left", device=self._execution_device)
 
+    def _onload_pretzel(self) -> None:
+        """The VLM and the Pretzel run together: both on the execution device (see :meth:`_onload`)."""
+        self._onload(self.transformer, self.vlm)
+
     def _new_cache(self, batch_size: int, noise_level: float) -> PretzelCache:
+        self._onload_pretzel()
         levels = torch.full((batch_size,), float(noise_level), device=self._execution_device)
         return self.transformer.new_cache(self.vlm_stream, levels)
 
     def _run_text(self, cache: PretzelCache, layouts: Sequence[TokenLayout], images: Optional[torch.Tensor] = None):
         """Push (left-padded) token layouts into ``cache``; latent positions take ``images`` ``(M, N, C)`` in order."""
+        self._onload_pretzel()
         ids, latent_mask, attention_mask, _ = self._batch(layouts)
         latents = None
         if latent_mask.any():
@@ -143,14 +150,21 @@ class StarFlow2BasePipeline(StarFlowHubMixin, DiffusionPipeline, StarFlow2LoraLo
         The FAE posterior mean is noised with ``noise_level * eps`` (``eps`` drawn from ``generator``, one per image)
         as the model saw context images in training, then mapped by the shallow flows.
         """
-        vae, transformer = self.vae, self.transformer
-        device = self._execution_device
-        latents = vae.encode_latents(images.to(device=device, dtype=vae.dtype), sample=False).float()
-        eps = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        noisy = self.scheduler.add_noise(latents, eps, noise_level)
-        levels = torch.full((latents.shape[0],), noise_level, device=device)
-        tokens, _ = transformer.shallow_forward(noisy.to(transformer.dtype), levels)
+        noisy = self.noisy_latents(images, noise_level, generator)
+        self._onload_pretzel()
+        levels = torch.full((noisy.shape[0],), noise_level, device=noisy.device)
+        tokens, _ = self.transformer.shallow_forward(noisy.to(self.transformer.dtype), levels)
         return tokens
+
+    def noisy_latents(self, images: torch.Tensor, noise_level: float,
+                      generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+        """``(B, 3, S, S)`` images in ``[-1, 1]`` -> scaled FAE latents (posterior mean) ``(B, C, h, w)`` plus
+        ``noise_level * eps``, float32, ``eps`` drawn from ``generator`` (one per image)."""
+        device = self._execution_device
+        self._onload(self.vae)
+        latents = self.vae.encode_latents(images.to(device=device, dtype=self.vae.dtype), sample=False).float()
+        eps = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        return self.scheduler.add_noise(latents, eps, noise_level)
 
     def _check_texts(self, prompt, negative_prompt, max_sequence_length: int):
         """``(prompts, negative prompts)`` as lists; the negative defaults to ``""``; each within the token limit."""
@@ -178,45 +192,63 @@ class StarFlow2BasePipeline(StarFlowHubMixin, DiffusionPipeline, StarFlow2LoraLo
             raise ValueError(f"`num_denoising_steps` must be >= 0; got {steps}")
         return steps
 
-    def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance_scale: float,
-                       image_guidance_scale: float = 1.0, num_denoising_steps: int = 1,
-                       callback_on_step_end: Optional[Callable] = None, callback_tensor_inputs: Sequence[str] = (),
-                       step_offset: int = 0):
+    def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance: GuidanceSpec,
+                       num_denoising_steps: int = 1):
         """Sample one image span in ``cache`` (which ends with ``<|vision_start|>``) and denoise it.
 
         Returns ``(tokens, latents)``: the intermediate latents ``x~ (B, N, C)`` now in both caches, and the
-        denoised FAE latents ``(B, C, h, w)``.  ``callback_on_step_end`` runs after every latent position (step
-        ``step_offset + i``) and may replace ``latents`` (the ``(B, 1, C)`` latent just sampled, before it enters the
-        caches).
+        denoised FAE latents ``(B, C, h, w)``.  Every latent position and denoising step is a step of the running
+        call (:class:`FlowPipelineMixin`): its ``callback_on_step_end`` sees the ``(B, 1, C)`` latent just sampled
+        (before it enters the caches) and may replace it.  When the call is interrupted, positions not sampled keep
+        their noise (and are not in the caches) and denoising is skipped.
         """
+        self._onload_pretzel()
         vlm, transformer = self.vlm_stream, self.transformer
-        B = noise.shape[0]
+        B, N = noise.shape[:2]
         snap = cache.snapshot()
-        with self.progress_bar(total=noise.shape[1]) as progress_bar:
+        level = cache.noise_level[0]
+        with self.progress_bar(total=N) as progress_bar:
             def on_latent(i, x_i):
-                if callback_on_step_end is not None:
-                    local = {"latents": x_i}
-                    kwargs = {k: local[k] for k in callback_tensor_inputs}
-                    out = callback_on_step_end(self, step_offset + i, cache.noise_level[0], kwargs) or {}
-                    x_i = out.get("latents", x_i)
+                x_i = self._step_end(level, x_i)
                 progress_bar.update()
                 return x_i
 
-            tokens = transformer.sample_image_tokens(vlm, cache, noise, self.scheduler, guidance_scale,
-                                                     image_guidance_scale, callback=on_latent)
+            tokens = sample_image_tokens(transformer, vlm, cache, noise, self.scheduler, guidance, on_latent,
+                                         stop=lambda: self.interrupt)
+        tokens = torch.cat([tokens, noise[:, tokens.shape[1]:].to(tokens.dtype)], dim=1)  # (B, N, C)
         noise_level = cache.noise_level[:B]
-        latents = transformer.shallow_reverse(tokens, noise_level, self.scheduler)
-        if num_denoising_steps > 0:
+        latents = shallow_reverse(transformer, tokens, noise_level, self.scheduler)
+        if num_denoising_steps > 0 and not self.interrupt:
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
             context.select(torch.arange(B, device=cache.cond.device))
-            latents = transformer.denoise_image(vlm, context, latents, self.scheduler, num_denoising_steps,
-                                                float(noise_level[0]))
+            latents = self._denoise_in_context(context, latents, num_denoising_steps, float(noise_level[0]))
         return tokens, latents
+
+    def _denoise_in_context(self, context: PretzelCache, latents: torch.Tensor, num_denoising_steps: int,
+                            noise_level: float) -> torch.Tensor:
+        """Tweedie denoising of FAE latents ``(B, C, h, w)`` at ``noise_level`` as the next image of ``context``,
+        each step conditioned on its own level; every step is a step of the running call."""
+        vlm, transformer = self.vlm_stream, self.transformer
+        dims = latents[0].numel()
+
+        def nll(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            at_t = transformer.at_noise_level(context, t.expand(x.shape[0]))
+            return transformer.image_nll_in_context(vlm, at_t, x) * dims
+
+        with self.progress_bar(total=num_denoising_steps) as progress_bar:
+            def on_step(i, t, x):
+                x = self._step_end(t, x)
+                progress_bar.update()
+                return x
+
+            return tweedie_denoise(nll, latents, self.scheduler, num_denoising_steps, noise_level, on_step,
+                                   stop=lambda: self.interrupt)
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """Scaled FAE latents -> images of ``output_type``."""
         if output_type == "latent":
             return latents
+        self._onload(self.vae)
         images = self.vae.decode_latents(latents.to(self.vae.dtype)).float().clamp(-1, 1)
         return postprocess_images(images, output_type, self.image_processor)
 
@@ -235,7 +267,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
     """
 
     def encode_prompt(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
-                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
+                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
                       max_sequence_length: int = 256) -> List[TokenLayout]:
         """Token layouts of the conditional batch (each prompt repeated ``num_images_per_prompt`` times), followed
         by the unconditional batch when guidance is on."""
@@ -254,7 +286,97 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         uncond = [layout(p) for p in negatives for _ in range(num_images_per_prompt)]
         return cond + uncond if do_classifier_free_guidance else cond
 
+    def _prompt_context(self, prompt: Union[str, List[str]], batch_size: int, noise_level: float,
+                        max_sequence_length: int = 256) -> PretzelCache:
+        """A cache holding each prompt's conditional context (one prompt, or one per sample), ending with
+        ``<|vision_start|>``, at ``noise_level``."""
+        layouts = self.encode_prompt(prompt, None, False, 1, max_sequence_length)
+        if len(layouts) not in (1, batch_size):
+            raise ValueError(f"`prompt` has {len(layouts)} entries for {batch_size} images; expected 1 or "
+                             f"{batch_size}")
+        layouts = layouts * batch_size if len(layouts) == 1 else layouts
+        cache = self._new_cache(batch_size, noise_level)
+        self._run_text(cache, layouts)
+        return cache
+
+    def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        t = self.transformer
+        shape = (t.config.latent_channels, *t.grid)
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"`latents` must be scaled FAE latents of shape (B, {shape[0]}, {shape[1]}, {shape[2]}); "
+                             f"got {got}")
+        return latents.to(self._execution_device, torch.float32)
+
     @torch.no_grad()
+    def denoise_latents(self, latents: torch.Tensor, prompt: Union[str, List[str]],
+                        noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
+                        max_sequence_length: int = 256) -> torch.Tensor:
+        r"""Remove Gaussian noise of level ``noise_level`` from scaled FAE latents under their prompt.
+
+        Args:
+            latents: ``(B, C, h, w)`` scaled FAE latents carrying noise of std ``noise_level`` (as the flow samples
+                them, before denoising; ``output_type="latent"`` with ``num_denoising_steps=0`` returns these).
+            prompt: the caption of each image: one string, or one per image.
+            noise_level: the noise level of ``latents`` (default ``scheduler.config.noise_level``).
+            num_denoising_steps: Tweedie steps (default ``scheduler.config.num_denoising_steps``); each step is
+                conditioned on its own level of ``linspace(noise_level, min_noise_level)``, then 0.
+            max_sequence_length: maximum number of tokens of a prompt.
+        Returns:
+            ``(B, C, h, w)`` float32 denoised latents.
+        """
+        latents = self._check_latents(latents)
+        noise_level = self._check_noise_level(noise_level)
+        steps = self._check_denoising_steps(num_denoising_steps)
+        if steps == 0:
+            return latents
+        context = self._prompt_context(prompt, latents.shape[0], noise_level, max_sequence_length)
+        return self._denoise_in_context(context, latents, steps, noise_level)
+
+    @torch.no_grad()
+    def log_likelihood(self, image, prompt: Union[str, List[str]], noise_level: Optional[float] = None,
+                       generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+        r"""Exact likelihood of images under their prompts, in bits per dimension (lower = more likely).
+
+        Each image is FAE-encoded (posterior mean), noised at ``noise_level`` with noise from ``generator`` and
+        scored by the flow (shallow flows + deep stream, change of variables) as the image that follows its prompt.
+
+        Args:
+            image: images as accepted by :meth:`preprocess_image` (PIL, numpy, torch, or a list).
+            prompt: one string for all images, or one per image.
+            noise_level: the noise level the latents are scored at (default ``scheduler.config.noise_level``).
+            generator: one ``torch.Generator`` or one per image, for the noise.
+        Returns:
+            ``(B,)`` float32 bits per dimension of each image's noisy FAE latents.
+        """
+        noise_level = self._check_noise_level(noise_level)
+        pixels = self.preprocess_image(image)
+        batch_size = pixels.shape[0]
+        check_generator(generator, batch_size)
+        noisy = self.noisy_latents(pixels, noise_level, generator)
+        context = self._prompt_context(prompt, batch_size, noise_level)  # onloads the VLM and the Pretzel
+        nll = self.transformer.image_nll_in_context(self.vlm_stream, context, noisy)  # nats/dim
+        self.maybe_free_model_hooks()
+        return (nll / math.log(2)).float()
+
+    def check_inputs(self, prompt, negative_prompt, height: Optional[int], width: Optional[int],
+                     guidance_scale: float, num_images_per_prompt: int, output_type: str, max_sequence_length: int,
+                     noise_level: float, num_denoising_steps: int, callback_on_step_end: Optional[Callable],
+                     callback_on_step_end_tensor_inputs: List[str]) -> List[str]:
+        """Validate the call (the same arguments as :meth:`StarFlowPipeline.check_inputs`); returns the callback
+        tensor names to pass.  Prompts are checked (token limit included) by :meth:`encode_prompt`."""
+        self._check_size(height, width)
+        GuidanceSpec(guidance_scale)  # checks the scale
+        check_output_type(output_type)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
+        self._check_noise_level(noise_level)
+        self._check_denoising_steps(num_denoising_steps)
+        return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                              self._callback_tensor_inputs)
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
                  height: Optional[int] = None, width: Optional[int] = None, guidance_scale: float = 2.0,
                  num_images_per_prompt: int = 1,
@@ -278,25 +400,24 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`StarFlow2PipelineOutput` instead of a tuple.
             callback_on_step_end: ``callback(pipe, step, noise_level, callback_kwargs) -> dict`` called once per
-                latent position (the documented unit of a flow pass); ``callback_kwargs["latents"]`` is the
-                ``(B, 1, C)`` latent just sampled and may be replaced by returning ``{"latents": new}``.
+                latent position, then once per denoising step (``step`` counts both; see
+                :class:`FlowPipelineMixin`): ``callback_kwargs["latents"]`` is the ``(B, 1, C)`` latent just sampled,
+                or the ``(B, C, h, w)`` latents after a denoising step, and may be replaced by returning
+                ``{"latents": new}``.  Setting ``pipe._interrupt = True`` stops the call.
             callback_on_step_end_tensor_inputs: tensors passed to the callback (``["latents"]``).
             max_sequence_length: maximum number of tokens of a prompt.
 
         Examples:
         """
-        self._check_size(height, width)
-        check_guidance_scale(guidance_scale)
-        check_output_type(output_type)
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
-        tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                                       self._callback_tensor_inputs)
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
-        cfg = guidance_scale > 0
-        layouts = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, cfg, max_sequence_length)
-        batch_size = len(layouts) // (2 if cfg else 1)
+        tensor_inputs = self.check_inputs(prompt, negative_prompt, height, width, guidance_scale,
+                                          num_images_per_prompt, output_type, max_sequence_length, noise_level,
+                                          steps, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        guidance = GuidanceSpec(guidance_scale)
+        layouts = self.encode_prompt(prompt, negative_prompt, guidance.num_branches > 1, num_images_per_prompt,
+                                     max_sequence_length)
+        batch_size = len(layouts) // guidance.num_branches
         check_generator(generator, batch_size)
 
         transformer = self.transformer
@@ -304,14 +425,15 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
                               self._execution_device, torch.float32, latents)
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts)
-        _, image_latents = self.generate_image(cache, noise, guidance_scale, 1.0, steps, callback_on_step_end,
-                                               tensor_inputs)
+        self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
+        _, image_latents = self.generate_image(cache, noise, guidance, 0)
+        if not self.interrupt:
+            prompts = [p for p in check_prompt(prompt) for _ in range(num_images_per_prompt)]
+            image_latents = self.denoise_latents(image_latents, prompts, noise_level, steps, max_sequence_length)
         images = self.decode(image_latents, output_type)
-        self.maybe_free_model_hooks()
+        self._end_call()
         if not return_dict:
             return (images,)
         return StarFlow2PipelineOutput(images=images)
 
 
-StarFlow2Pipeline.__call__.__doc__ = StarFlow2Pipeline.__call__.__doc__.replace("        Examples:\n",
-                                                                                  EXAMPLE_DOC_STRING)

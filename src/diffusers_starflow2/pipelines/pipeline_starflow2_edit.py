@@ -9,13 +9,14 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import PIL.Image
 import torch
+from diffusers.utils import replace_example_docstring
 
 from ..models.transformer_pretzel import PretzelCache
+from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils.sequence import TokenLayout, encode_conversation, user_message
 from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2PipelineOutput
 from .pipeline_utils import (
     check_generator,
-    check_guidance_scale,
     check_output_type,
     check_prompt,
     prepare_noise,
@@ -82,17 +83,11 @@ class StarFlow2EditPipelineOutput(StarFlow2PipelineOutput):
     """
     Args:
         images: as in :class:`StarFlow2PipelineOutput`.
-        state: the :class:`StarFlow2EditState` to pass as ``state`` to continue the conversation.
+        state: the :class:`StarFlow2EditState` to pass as ``state`` to continue the conversation (None when the
+            call was interrupted).
     """
 
     state: Optional[StarFlow2EditState] = None
-
-
-def num_guidance_branches(guidance_scale: float, image_guidance_scale: float) -> int:
-    """1 (conditional only), 2 (``[image+instruction; image+negative]``) or 3 (plus ``no image+negative``)."""
-    if image_guidance_scale != 1:
-        return 3
-    return 2 if guidance_scale > 0 else 1
 
 
 def _broadcast(name: str, items: list, size: int) -> list:
@@ -134,9 +129,51 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         end = full.latent_mask.index(True) + n
         return TokenLayout(full.input_ids[end:], full.latent_mask[end:], full.assistant_mask[end:])
 
-    def _broadcast_texts(self, prompt, negative_prompt, size: int, max_sequence_length: int):
+    def encode_prompt(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
+                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
+                      max_sequence_length: int = 256, do_image_guidance: bool = False,
+                      next_turn: bool = False) -> List[TokenLayout]:
+        """Token layouts of the guidance branches, stacked: ``image+instruction`` (each prompt repeated
+        ``num_images_per_prompt`` times), then ``image+negative`` with text or image guidance, then
+        ``no image+negative`` with image guidance (the order of :class:`GuidanceSpec`).  First-turn layouts hold an
+        image slot per image branch; ``next_turn`` layouts continue a conversation after its last image."""
         prompts, negatives = self._check_texts(prompt, negative_prompt, max_sequence_length)
-        return _broadcast("prompt", prompts, size), _broadcast("negative_prompt", negatives, size)
+        negatives = _broadcast("negative_prompt", negatives, len(prompts))
+
+        def turn(texts: List[str], with_image: bool) -> List[TokenLayout]:
+            return [self.next_turn_layout(t) if next_turn else self.first_turn_layout(t, with_image)
+                    for t in texts for _ in range(num_images_per_prompt)]
+
+        layouts = turn(prompts, True)
+        if do_classifier_free_guidance or do_image_guidance:
+            layouts += turn(negatives, True)
+        if do_image_guidance:
+            layouts += turn(negatives, False)
+        return layouts
+
+    def check_inputs(self, prompt, negative_prompt, image, guidance_scale: float, image_guidance_scale: float,
+                     num_images_per_prompt: int, output_type: str, max_sequence_length: int,
+                     noise_level: Optional[float], num_denoising_steps: int, callback_on_step_end: Optional[Callable],
+                     callback_on_step_end_tensor_inputs: List[str],
+                     state: Optional[StarFlow2EditState] = None) -> List[str]:
+        """Validate the call; returns the callback tensor names to pass.  Prompts are checked (token limit
+        included) by :meth:`encode_prompt`, images by :meth:`preprocess_image`."""
+        branches = GuidanceSpec(guidance_scale, image_guidance_scale).num_branches  # checks both scales
+        check_output_type(output_type)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
+        self._check_denoising_steps(num_denoising_steps)
+        if state is None:
+            if image is None:
+                raise ValueError("`image` is required (the image to edit) unless `state` continues a conversation")
+            self._check_noise_level(noise_level)
+        else:
+            self._check_state(state, image, num_images_per_prompt, branches)
+            if noise_level is not None and noise_level != state.noise_level:
+                raise ValueError(f"`noise_level` must be the conversation's {state.noise_level} when continuing "
+                                 f"a `state`; got {noise_level}")
+        return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                              self._callback_tensor_inputs)
 
     def _check_state(self, state, image, num_images_per_prompt: int, branches: int):
         if image is not None:
@@ -153,6 +190,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                              f"use the guidance of every later turn already in the first turn")
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(self, image: Optional[ImageInput] = None, prompt: Union[str, List[str]] = None,
                  negative_prompt: Union[str, List[str], None] = None, guidance_scale: float = 2.0,
                  image_guidance_scale: float = 1.5, num_images_per_prompt: int = 1,
@@ -183,9 +221,9 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             num_denoising_steps: Tweedie denoising steps (default ``scheduler.config.num_denoising_steps``).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`StarFlow2EditPipelineOutput` instead of a tuple ``(images, state)``.
-            callback_on_step_end: ``callback(pipe, step, noise_level, callback_kwargs) -> dict`` called once per
-                latent position; ``callback_kwargs["latents"]`` is the ``(B, 1, C)`` latent just sampled and may be
-                replaced by returning ``{"latents": new}``.
+            callback_on_step_end: as in :class:`StarFlow2Pipeline`: once per latent position, then once per
+                denoising step (``step`` counts both); ``pipe._interrupt = True`` stops the call (``state`` is then
+                None).
             callback_on_step_end_tensor_inputs: tensors passed to the callback (``["latents"]``).
             max_sequence_length: maximum number of tokens of a prompt.
             state: the ``state`` of a previous output, to append a new turn ``prompt`` to that conversation and
@@ -193,67 +231,53 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
 
         Examples:
         """
-        check_guidance_scale(guidance_scale)
-        if not image_guidance_scale >= 1:  # also rejects NaN
-            raise ValueError(f"`image_guidance_scale` must be >= 1 (1 = no image guidance); got "
-                             f"{image_guidance_scale}")
-        check_output_type(output_type)
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
-        tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                                       self._callback_tensor_inputs)
         steps = self._check_denoising_steps(num_denoising_steps)
-        branches = num_guidance_branches(guidance_scale, image_guidance_scale)
+        tensor_inputs = self.check_inputs(prompt, negative_prompt, image, guidance_scale, image_guidance_scale,
+                                          num_images_per_prompt, output_type, max_sequence_length, noise_level,
+                                          steps, callback_on_step_end, callback_on_step_end_tensor_inputs, state)
+        guidance = GuidanceSpec(guidance_scale, image_guidance_scale)
+        branches = guidance.num_branches
         transformer = self.transformer
 
         if state is None:
-            if image is None:
-                raise ValueError("`image` is required (the image to edit) unless `state` continues a conversation")
             noise_level = self._check_noise_level(noise_level)
             images = self.preprocess_image(image)
             pairs = max(len(images), len(check_prompt(prompt)))
-            prompts, negatives = self._broadcast_texts(prompt, negative_prompt, pairs, max_sequence_length)
+            prompts = _broadcast("prompt", check_prompt(prompt), pairs)
             if len(images) not in (1, pairs):
                 raise ValueError(f"`image` has {len(images)} images for {pairs} prompts; expected 1 or {pairs}")
             batch_size = pairs * num_images_per_prompt
             check_generator(generator, batch_size)
             images = images.expand(pairs, -1, -1, -1).repeat_interleave(num_images_per_prompt, dim=0)
             source = self.encode_image(images, noise_level, generator)
-            n = num_images_per_prompt
-            layouts = ([self.first_turn_layout(p, True) for p in prompts for _ in range(n)]
-                       + [self.first_turn_layout(p, True) for p in negatives for _ in range(n)]
-                       + [self.first_turn_layout(p, False) for p in negatives for _ in range(n)])
-            layouts = layouts[:branches * batch_size]
+            layouts = self.encode_prompt(prompts, negative_prompt, branches > 1, num_images_per_prompt,
+                                         max_sequence_length, branches == 3)
             cache = self._new_cache(len(layouts), noise_level)
             self._run_text(cache, layouts, source.repeat(min(branches, 2), 1, 1))  # the branches with an image
         else:
-            self._check_state(state, image, num_images_per_prompt, branches)
-            if noise_level is not None and noise_level != state.noise_level:
-                raise ValueError(f"`noise_level` must be the conversation's {state.noise_level} when continuing "
-                                 f"a `state`; got {noise_level}")
             noise_level, batch_size = state.noise_level, state.batch_size
-            prompts, negatives = self._broadcast_texts(prompt, negative_prompt, batch_size, max_sequence_length)
+            prompts = _broadcast("prompt", check_prompt(prompt), batch_size)
             check_generator(generator, batch_size)
             cache = state.cache.fork(state.cache.snapshot())
             if branches < state.num_branches:
                 cache.select(torch.arange(branches * batch_size, device=cache.cond.device))
-            layouts = ([self.next_turn_layout(p) for p in prompts]
-                       + [self.next_turn_layout(p) for p in negatives] * (branches - 1))
+            layouts = self.encode_prompt(prompts, negative_prompt, branches > 1, 1, max_sequence_length,
+                                         branches == 3, next_turn=True)
             self._run_text(cache, layouts)
 
         noise = prepare_noise((batch_size, transformer.num_latents, transformer.config.latent_channels), generator,
                               self._execution_device, torch.float32, latents)
-        tokens, image_latents = self.generate_image(cache, noise, guidance_scale, image_guidance_scale, steps,
-                                                    callback_on_step_end, tensor_inputs)
-        new_state = StarFlow2EditState(cache=cache, batch_size=batch_size, num_branches=branches,
-                                       noise_level=noise_level, num_latents=transformer.num_latents,
-                                       image_tokens=tokens)
+        self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
+        tokens, image_latents = self.generate_image(cache, noise, guidance, steps)
+        new_state = None
+        if not self.interrupt:  # an interrupted image is not in the caches as a whole: nothing to continue
+            new_state = StarFlow2EditState(cache=cache, batch_size=batch_size, num_branches=branches,
+                                           noise_level=noise_level, num_latents=transformer.num_latents,
+                                           image_tokens=tokens)
         images = self.decode(image_latents, output_type)
-        self.maybe_free_model_hooks()
+        self._end_call()
         if not return_dict:
             return images, new_state
         return StarFlow2EditPipelineOutput(images=images, state=new_state)
 
 
-StarFlow2EditPipeline.__call__.__doc__ = StarFlow2EditPipeline.__call__.__doc__.replace("        Examples:\n",
-                                                                                        EXAMPLE_DOC_STRING)

@@ -14,18 +14,42 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import PIL.Image
 import torch
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..models.transformer_pretzel import PretzelCache
-from ..utils.sequence import IMAGE_PAD, VISION_END, VISION_START, encode_conversation, special_id, user_message
+from ..schedulers.scheduling_tarflow import GuidanceSpec
+from ..utils.sequence import (
+    IMAGE_PAD,
+    VISION_END,
+    VISION_START,
+    TokenLayout,
+    encode_conversation,
+    special_id,
+    user_message,
+)
 from .pipeline_starflow2 import StarFlow2BasePipeline
-from .pipeline_utils import check_guidance_scale, check_output_type, prepare_noise, resolve_callback_tensor_inputs
+from .pipeline_utils import check_output_type, prepare_noise, resolve_callback_tensor_inputs
 
 # In the input, this string means "generate an image here".
 IMAGE_PLACEHOLDER = "<image>"
 
 Segment = Union[str, PIL.Image.Image, np.ndarray, torch.Tensor]
+
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_starflow2 import StarFlow2InterleavedPipeline
+
+        >>> pipe = StarFlow2InterleavedPipeline.from_pretrained("path/to/starflow2")  # a saved StarFlow2 folder
+        >>> out = pipe(["Draw a red circle on the left.", "<image>"], max_new_tokens=16,
+        ...            generator=torch.Generator().manual_seed(0))
+        >>> out.segments  # [<PIL.Image>, "..."]
+        >>> pipe([out.segments[0], "What color is the shape?"], max_new_tokens=4).text
+        ```
+"""
 
 
 @dataclass
@@ -111,6 +135,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
     # -- generation core -----------------------------------------------------------------------------------------------
 
     def _append_ids(self, cache: PretzelCache, ids: List[int]) -> None:
+        self._onload_pretzel()  # decoding an image onloads the FAE, which offloads the Pretzel
         input_ids = torch.tensor([ids] * cache.batch_size, device=self._execution_device)
         self.transformer.step(self.vlm_stream, cache, input_ids=input_ids)
 
@@ -125,6 +150,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
     def _next_token(self, cache: PretzelCache, generated: List[int], processors, banned: List[int],
                     generator: Optional[torch.Generator]) -> int:
         """Sample the next text token from the conditional branch: ``LM_head(h + W_t g)`` at the last position."""
+        self._onload_pretzel()
         logits = self.transformer.text_logits(self.vlm_stream, cache.last_hidden[:1],
                                               cache.last_flow_hidden[:1])[:, -1].float()  # (1, V)
         logits[:, banned] = -float("inf")
@@ -148,11 +174,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
         N, C = transformer.num_latents, transformer.config.latent_channels
 
-        cfg = guidance_scale > 0
-        layouts = [encode_conversation(tokenizer, messages, N, add_generation_prompt=True)]
-        if cfg:
-            layouts.append(encode_conversation(tokenizer, [{"role": "user", "content": negative_prompt}], N,
-                                               add_generation_prompt=True))
+        guidance = GuidanceSpec(guidance_scale)
+        layouts = self.encode_prompt(messages, negative_prompt, guidance.num_branches > 1)
         given = torch.cat([self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generator)
                            for img in context_images]) if context_images else None
         cache = self._new_cache(len(layouts), noise_level)
@@ -164,15 +187,19 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             nonlocal made
             self._append_ids(cache, [vs])
             noise = prepare_noise((1, N, C), generator, self._execution_device)
-            _, latents = self.generate_image(cache, noise, guidance_scale, 1.0, num_denoising_steps,
-                                             callback_on_step_end, tensor_inputs, step_offset=made * N)
-            self._append_ids(cache, [ve])
+            _, latents = self.generate_image(cache, noise, guidance, num_denoising_steps)
+            if not self.interrupt:  # an interrupted span stays open: the answer ends with it
+                self._append_ids(cache, [ve])
             made += 1
             return self.decode(latents, output_type)[0]
 
+        self._begin_call(guidance_scale, N + num_denoising_steps, callback_on_step_end, tensor_inputs)
         for part in answer:
             if isinstance(part, str) and part == IMAGE_PLACEHOLDER:
                 yield image()
+                if self.interrupt:
+                    self._end_call()
+                    return
             elif isinstance(part, str):
                 self._append_ids(cache, tokenizer(part, add_special_tokens=False)["input_ids"])
             else:
@@ -199,6 +226,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                     yield tokenizer.decode(text_ids, skip_special_tokens=True)
                     text_ids = []
                 yield image()  # appends <|vision_start|> itself
+                if self.interrupt:
+                    break
                 continue
             self._append_ids(cache, [token])
             text_ids.append(token)
@@ -211,17 +240,31 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 break
         if text_ids:
             yield tokenizer.decode(text_ids, skip_special_tokens=True)
+        self._end_call()
 
     # -- public API ----------------------------------------------------------------------------------------------------
 
-    def _checked_generate(self, prompt, negative_prompt=None, guidance_scale: float = 2.0,
-                          max_new_tokens: int = 64, max_images: int = 4, temperature: float = 0.0,
-                          top_k: Optional[int] = None, top_p: Optional[float] = None,
-                          stop: Union[str, Sequence[str], None] = None, generator=None,
-                          noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
-                          output_type: str = "pil", callback_on_step_end=None,
-                          callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> Iterator[Segment]:
-        check_guidance_scale(guidance_scale)
+    def encode_prompt(self, prompt: List[dict], negative_prompt: Optional[str] = None,
+                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1) -> List[TokenLayout]:
+        """Token layouts of the conversation ``prompt`` (chat messages, images as slots) and, for guidance, of the
+        unconditional branch (a user turn ``negative_prompt``, default ``""``), each ending with the assistant
+        header.  One conversation makes one answer, so ``num_images_per_prompt`` must be 1."""
+        if num_images_per_prompt != 1:
+            raise ValueError(f"`num_images_per_prompt` must be 1 (one conversation, one answer); got "
+                             f"{num_images_per_prompt}")
+        N = self.transformer.num_latents
+        layouts = [encode_conversation(self.tokenizer, prompt, N, add_generation_prompt=True)]
+        if do_classifier_free_guidance:
+            negative = [{"role": "user", "content": negative_prompt or ""}]
+            layouts.append(encode_conversation(self.tokenizer, negative, N, add_generation_prompt=True))
+        return layouts
+
+    def check_inputs(self, prompt, negative_prompt, guidance_scale: float, max_new_tokens: int, max_images: int,
+                     temperature: float, output_type: str, noise_level: float, num_denoising_steps: int,
+                     callback_on_step_end: Optional[Callable], callback_on_step_end_tensor_inputs: Sequence[str],
+                     generator=None) -> List[str]:
+        """Validate the call; returns the callback tensor names to pass.  ``prompt`` is checked as it is parsed."""
+        GuidanceSpec(guidance_scale)  # checks the scale
         check_output_type(output_type)
         if max_new_tokens < 0:
             raise ValueError(f"`max_new_tokens` must be >= 0; got {max_new_tokens}")
@@ -231,21 +274,34 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             raise ValueError(f"`temperature` must be >= 0; got {temperature}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"`negative_prompt` must be a string; got {type(negative_prompt).__name__}")
-        if isinstance(generator, list):
-            if len(generator) != 1:
-                raise ValueError(f"`generator` must be one generator (the pipeline makes one conversation); got "
-                                 f"{len(generator)}")
-            generator = generator[0]
-        tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, list(callback_on_step_end_tensor_inputs),
-                                                       self._callback_tensor_inputs)
+        if isinstance(generator, list) and len(generator) != 1:
+            raise ValueError(f"`generator` must be one generator (the pipeline makes one conversation); got "
+                             f"{len(generator)}")
+        self._check_noise_level(noise_level)
+        self._check_denoising_steps(num_denoising_steps)
+        return resolve_callback_tensor_inputs(callback_on_step_end, list(callback_on_step_end_tensor_inputs),
+                                              self._callback_tensor_inputs)
+
+    def _checked_generate(self, prompt, negative_prompt=None, guidance_scale: float = 2.0,
+                          max_new_tokens: int = 64, max_images: int = 4, temperature: float = 0.0,
+                          top_k: Optional[int] = None, top_p: Optional[float] = None,
+                          stop: Union[str, Sequence[str], None] = None, generator=None,
+                          noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
+                          output_type: str = "pil", callback_on_step_end=None,
+                          callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> Iterator[Segment]:
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
+        tensor_inputs = self.check_inputs(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images,
+                                          temperature, output_type, noise_level, steps, callback_on_step_end,
+                                          callback_on_step_end_tensor_inputs, generator)
+        generator = generator[0] if isinstance(generator, list) else generator
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         return self._generate(prompt, negative_prompt or "", guidance_scale, max_new_tokens, max_images,
                               temperature, top_k, top_p, stop, generator, noise_level, steps, output_type,
                               callback_on_step_end, tensor_inputs)
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(self, prompt, negative_prompt: Optional[str] = None, guidance_scale: float = 2.0,
                  max_new_tokens: int = 64, max_images: int = 4, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -270,16 +326,12 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             generator: one ``torch.Generator`` for image noise and text sampling.
             noise_level, num_denoising_steps, output_type, callback_on_step_end,
                 callback_on_step_end_tensor_inputs: as in :class:`StarFlow2Pipeline` (the callback's step counts
-                latent positions across all images of the answer).
+                latent positions and denoising steps across all images of the answer; an interruption ends the
+                answer with the image being made).
             callback_on_segment: called with each segment as soon as it is complete (streaming).
             return_dict: return a :class:`StarFlow2InterleavedOutput` instead of a tuple.
 
         Examples:
-            ```py
-            >>> out = pipe(["Draw a red circle on the left.", "<image>"], max_new_tokens=16)
-            >>> out.segments  # [<PIL.Image>, "..."]
-            >>> pipe([image, "What color is the shape?"], max_new_tokens=4).text
-            ```
         """
         segments = []
         for segment in self._checked_generate(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images,
@@ -289,7 +341,6 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             segments.append(segment)
             if callback_on_segment is not None:
                 callback_on_segment(segment)
-        self.maybe_free_model_hooks()
         if not return_dict:
             return (segments,)
         return StarFlow2InterleavedOutput(segments=segments)

@@ -14,6 +14,8 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..utils.hub import StarFlowHubMixin
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 Generator = Union[torch.Generator, List[torch.Generator], None]
@@ -93,3 +95,75 @@ def postprocess_images(images: torch.Tensor, output_type: str = "pil",
     check_output_type(output_type)
     image_processor = image_processor or VaeImageProcessor()
     return image_processor.postprocess(images, output_type=output_type)
+
+
+class FlowPipelineMixin(StarFlowHubMixin):
+    """The call contract every STARFlow pipeline shares (and, from :class:`StarFlowHubMixin`, ``push_to_hub`` with
+    a model card).
+
+    * ``callback_on_step_end(pipe, step, noise_level, callback_kwargs)`` runs once per latent position while an
+      image is sampled and once per denoising step; ``step`` counts both, in call order, across all images of the
+      call.  ``callback_kwargs["latents"]`` is what the step just made (the latent(s) of the position, or the whole
+      latents after a denoising step); returning ``{"latents": new}`` replaces it.
+    * ``guidance_scale``, ``num_timesteps`` (steps of one image: latent positions plus denoising steps) and
+      ``interrupt`` describe the running call; setting ``pipe._interrupt = True`` in a callback stops the call
+      cleanly: positions not sampled yet keep their noise, the remaining denoising steps are skipped, and what was
+      made is returned.
+    """
+
+    _guidance_scale: float = 0.0
+    _num_timesteps: int = 0
+    _interrupt: bool = False
+    _step_callback: Optional[Callable] = None
+    _step_callback_inputs: Sequence[str] = ()
+    _step_index: int = 0
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def _begin_call(self, guidance_scale: float, num_timesteps: int, callback_on_step_end: Optional[Callable],
+                    callback_tensor_inputs: Sequence[str]) -> None:
+        self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_timesteps, False
+        self._step_callback, self._step_callback_inputs = callback_on_step_end, list(callback_tensor_inputs)
+        self._step_index = 0
+
+    def _end_call(self) -> None:
+        # the call's callback and interruption end with it (a later denoise_latents must not see them)
+        self._step_callback, self._interrupt = None, False
+        self.maybe_free_model_hooks()
+
+    def _onload(self, *modules: torch.nn.Module) -> None:
+        """Fire the ``enable_model_cpu_offload`` hooks of ``modules``, in order, where they are not on the execution
+        device yet.  Sampling runs models through methods other than ``forward`` (a Pretzel step, a flow block's
+        decode step), which accelerate's hooks do not see; a hook moves its model in and the previous model of
+        ``model_cpu_offload_seq`` out, so models used together are onloaded last-first."""
+        device = self._execution_device
+        for module in modules:
+            hook = getattr(module, "_hf_hook", None)
+            param = next(module.parameters(), None) if hook is not None else None
+            if param is not None and param.device != device:
+                hook.pre_forward(module)
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        raise ValueError("enable_sequential_cpu_offload() cannot run the STARFlow pipelines: sampling reads "
+                         "parameters outside module forward calls (start tokens, position embeddings, KV-cache "
+                         "shapes), which sequential offload keeps on the `meta` device; use "
+                         "enable_model_cpu_offload() instead")
+
+    def _step_end(self, noise_level: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Count one step and run ``callback_on_step_end`` on it; returns ``latents`` or their replacement."""
+        step, self._step_index = self._step_index, self._step_index + 1
+        if self._step_callback is None:
+            return latents
+        kwargs = {name: value for name, value in {"latents": latents}.items() if name in self._step_callback_inputs}
+        outputs = self._step_callback(self, step, noise_level, kwargs) or {}
+        return outputs.get("latents", latents)

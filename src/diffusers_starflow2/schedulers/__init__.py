@@ -1,1 +1,1 @@
-from .scheduling_tarflow import TarFlowScheduler, TarFlowSchedulerOutput
+from .scheduling_tarflow import GuidanceSpec, TarFlowScheduler, TarFlowSchedulerOutput

@@ -22,6 +22,41 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 
+@dataclass(frozen=True)
+class GuidanceSpec:
+    r"""The guidance decision of one call, made once: which branches run, their order along the batch, their weights.
+
+    Every context that is sampled under guidance stacks its branches along the batch in :attr:`branches` order
+    (``B`` samples each), and :meth:`TarFlowScheduler.affine_step` combines them with the rule the spec selects.
+
+    Args:
+        guidance_scale: text guidance weight ``w`` (0 = no text guidance).
+        image_guidance_scale: image guidance ``s_i`` (1 = no image guidance; editing only).
+    """
+
+    guidance_scale: float = 0.0
+    image_guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        if not self.guidance_scale >= 0:  # also rejects NaN
+            raise ValueError(f"`guidance_scale` must be >= 0; got {self.guidance_scale}")
+        if not self.image_guidance_scale >= 1:
+            raise ValueError(f"`image_guidance_scale` must be >= 1 (1 = no image guidance); got "
+                             f"{self.image_guidance_scale}")
+
+    @property
+    def branches(self) -> Tuple[str, ...]:
+        """``("conditional",)``, ``+ ("unconditional",)`` with text guidance, ``("conditional", "image",
+        "unconditional")`` with image guidance (the image branch drops the text, the unconditional one both)."""
+        if self.image_guidance_scale != 1:
+            return ("conditional", "image", "unconditional")
+        return ("conditional", "unconditional") if self.guidance_scale > 0 else ("conditional",)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+
 @dataclass
 class TarFlowSchedulerOutput(BaseOutput):
     """
@@ -63,6 +98,26 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
     def inverse_affine(noise: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Noise -> data for one or many tokens: ``x = mu + sigma * z``."""
         return noise * sigma + mu
+
+    def affine_step(self, noise: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                    guidance: Optional[GuidanceSpec] = None) -> torch.Tensor:
+        """One sampling step of an autoregressive flow: the guided Gaussian of each token, then noise -> data.
+
+        ``mu``/``sigma`` stack ``guidance.num_branches`` branches along the batch (``(branches * B, T, C)``);
+        ``noise`` is ``(B, T, C)``; returns ``x (B, T, C)``.
+        """
+        mu, sigma = self.combine_branches(mu, sigma, guidance or GuidanceSpec())
+        return self.inverse_affine(noise, mu, sigma)
+
+    @classmethod
+    def combine_branches(cls, mu: torch.Tensor, sigma: torch.Tensor,
+                         guidance: GuidanceSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The guidance rule ``guidance`` selects: none, :meth:`guide` or :meth:`guide_text_and_image`."""
+        if guidance.num_branches == 3:
+            return cls.guide_text_and_image(mu, sigma, guidance.guidance_scale, guidance.image_guidance_scale)
+        if guidance.num_branches == 2:
+            return cls.guide(mu, sigma, guidance.guidance_scale)
+        return mu, sigma
 
     @staticmethod
     def guide(mu: torch.Tensor, sigma: torch.Tensor, guidance_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -111,11 +166,11 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         return t0 + (t1 - t0) * u
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
-                  noise_levels: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
-        """``x = z + t * eps``; ``noise_levels`` is a float, a ``(B,)`` tensor, or None for ``config.noise_level``."""
-        if noise_levels is None:
-            noise_levels = self.config.noise_level
-        t = torch.as_tensor(noise_levels, dtype=original_samples.dtype, device=original_samples.device)
+                  noise_level: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
+        """``x = z + t * eps``; ``noise_level`` is a float, a ``(B,)`` tensor, or None for ``config.noise_level``."""
+        if noise_level is None:
+            noise_level = self.config.noise_level
+        t = torch.as_tensor(noise_level, dtype=original_samples.dtype, device=original_samples.device)
         if t.ndim == 1:
             t = t.view(-1, *([1] * (original_samples.ndim - 1)))
         return original_samples + t * noise

@@ -1,0 +1,253 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""The sampling engine: the loops that drive every STARFlow / STARFlow2 model, written once.
+
+Models expose per-position primitives (a flow block's :meth:`~AutoregressiveFlowBlock.decode_step`, the Pretzel
+step over new positions, the NLL of an image given a context); the :class:`~diffusers_starflow2.TarFlowScheduler`
+owns the per-token arithmetic (guidance + inverse affine in :meth:`~TarFlowScheduler.affine_step`, the denoising
+schedule); a :class:`~diffusers_starflow2.GuidanceSpec` holds the guidance decision of a call.  This module joins
+them:
+
+* :func:`sample_autoregressive` - the one left-to-right loop over latent positions;
+* :func:`sample_flow_block`, :func:`sample_starflow` - a flow block / the STARFlow (v1) stack, noise -> data;
+* :func:`sample_image_tokens`, :func:`shallow_reverse` - an image span of the Pretzel and its shallow flows;
+* :func:`tweedie_denoise` (:func:`denoise_starflow`) - the one denoising loop, one noise level per step.
+
+The loop asks a ``step_fn`` for the affine parameters predicted by a run of ``K`` new inputs; sequential decoding
+uses ``K = 1``.  A block-parallel (Jacobi) mode or a compiled static-shape decode step plug in at that point: they
+change how ``step_fn`` is called, not the models or the scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .models.flow_block import AutoregressiveFlowBlock
+from .models.transformer_pretzel import PretzelCache, PretzelModel
+from .models.transformer_starflow import StarFlowTransformerModel
+from .models.vlm_stream import VLMStream
+from .schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
+
+AffineParams = Tuple[torch.Tensor, torch.Tensor]  # (mu, sigma), each (branches * B, K, C), float32
+# step_fn(inputs (B, K, C), index) -> the parameters the inputs predict: inputs sit at input positions index..index+K
+StepFunction = Callable[[torch.Tensor, int], AffineParams]
+# nll(x, noise_level) -> each sample's NLL summed over its dimensions, (B,) or already summed over the batch
+NLLFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The sampling loop
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: torch.Tensor,
+                          scheduler: TarFlowScheduler, guidance: GuidanceSpec,
+                          callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                          feed_last: bool = False, stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Noise ``(B, N, C)`` -> tokens ``(B, n, C)``, one position at a time (``n = N`` unless stopped).
+
+    ``params`` predict token 0 (its guidance branches stacked along the batch).  After token ``i`` is made,
+    ``step_fn(x_i, i + 1)`` feeds it back and returns the parameters of token ``i + 1`` (the branches share the
+    token: ``x_i`` is repeated ``guidance.num_branches`` times); ``feed_last`` also feeds the last token (so it enters
+    the caches).  ``callback(i, x_i)`` runs after each token and may return a replacement; when ``stop()`` is then
+    true the loop ends and returns the tokens made so far.
+    """
+    branches = guidance.num_branches
+    if params[0].shape[0] != branches * noise.shape[0]:
+        raise ValueError(f"the context holds {params[0].shape[0]} rows for {noise.shape[0]} samples; guidance "
+                         f"{guidance.branches} needs {branches * noise.shape[0]}")
+    N = noise.shape[1]
+    tokens = []
+    for i in range(N):
+        x_i = scheduler.affine_step(noise[:, i:i + 1].float(), *params, guidance)  # (B, 1, C)
+        if callback is not None:
+            x_i = callback(i, x_i)
+        tokens.append(x_i)
+        if stop is not None and stop():
+            break
+        if i + 1 < N or feed_last:
+            params = step_fn(x_i.repeat(branches, 1, 1), i + 1)
+    return torch.cat(tokens, dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flow blocks and the STARFlow (v1) stack
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid: Tuple[int, int],
+                      scheduler: TarFlowScheduler, guidance: Optional[GuidanceSpec] = None,
+                      text: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None,
+                      cond: Optional[torch.Tensor] = None,
+                      callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                      stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Invert one flow block: noise ``(B, N, C_in)`` in raster order -> data, float32.
+
+    ``text`` ``(branches * B, L, D)`` stacks the guidance branches (``guidance``); blocks that read no text are
+    never guided.  ``text_mask`` ``(branches * B, L)`` is True at real text tokens; ``cond`` ``(B, cond_dim)``.
+    ``callback`` and ``stop`` are :func:`sample_autoregressive`'s (scan order); tokens not made when stopped keep
+    their noise.
+    """
+    if block.is_identity:
+        return noise
+    B, N, _ = noise.shape
+    text = text if block.proj_txt is not None else None
+    guidance = guidance if text is not None and guidance is not None else GuidanceSpec()
+    branches = guidance.num_branches
+    cond = cond.repeat(branches, 1) if cond is not None else None
+    L = text.shape[1] if text is not None else 0
+    rope = block.rotary(*grid, L, noise.device)
+    cache = block.new_cache(B * branches, L + N, block.proj_in.weight.dtype, noise.device)
+    pad_mask = None
+    if text is not None:
+        if text_mask is not None:
+            pad_mask = torch.cat([text_mask.bool(), text_mask.new_ones(B * branches, N).bool()], dim=1)
+        block.prefill(text, rope, cache, pad_mask, cond)
+
+    z = block.permute(noise.float())
+    first = 0 if block.use_sos else 1  # without a start token the first token is its own noise
+
+    def step_fn(inputs: torch.Tensor, index: int) -> AffineParams:
+        return block.decode_step(inputs, index, L, rope, cache, pad_mask, cond)
+
+    start = block.sos_embed.expand(B, -1, -1) if block.use_sos else z[:, :1]
+    x = sample_autoregressive(step_fn, step_fn(start.repeat(branches, 1, 1), 0), z[:, first:], scheduler,
+                              guidance, callback, stop=stop)
+    return block.permute(torch.cat([z[:, :first], x, z[:, first + x.shape[1]:]], dim=1))
+
+
+def _stack_branches(text: Optional[torch.Tensor], negative: Optional[torch.Tensor],
+                    mask: Optional[torch.Tensor], negative_mask: Optional[torch.Tensor], guidance: GuidanceSpec):
+    """``[conditional; unconditional]`` text features and masks, as ``guidance`` asks."""
+    if guidance.num_branches == 1 or text is None:
+        return text, mask
+    if negative is None:
+        raise ValueError("guidance_scale > 0 requires negative_encoder_hidden_states")
+    if negative.shape != text.shape:
+        raise ValueError(f"negative_encoder_hidden_states must have shape {tuple(text.shape)}; got "
+                         f"{tuple(negative.shape)}")
+    if mask is not None or negative_mask is not None:
+        ones = text.new_ones(text.shape[:2], dtype=torch.bool)
+        mask = torch.cat([mask if mask is not None else ones, negative_mask if negative_mask is not None else ones])
+    return torch.cat([text, negative]), mask
+
+
+@torch.no_grad()
+def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
+                    encoder_hidden_states: Optional[torch.Tensor] = None,
+                    negative_encoder_hidden_states: Optional[torch.Tensor] = None, guidance_scale: float = 0.0,
+                    encoder_attention_mask: Optional[torch.Tensor] = None,
+                    negative_encoder_attention_mask: Optional[torch.Tensor] = None,
+                    scheduler: Optional[TarFlowScheduler] = None,
+                    callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                    stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Noise ``(B, C, H, W)`` -> latents with a STARFlow (v1) stack: the deep block first (guided against
+    ``negative_encoder_hidden_states`` when ``guidance_scale > 0``), then the shallow blocks in reverse.
+
+    ``callback(i, x_i)`` runs after every token of every block (``i`` counts them all, deep block first;
+    ``x_i (B, 1, C p p)`` is the token just made, in its block's scan order) and may return a replacement; once
+    ``stop()`` is true the remaining tokens and blocks are skipped.
+    """
+    guidance = GuidanceSpec(guidance_scale)
+    model.check_inputs(noise, encoder_hidden_states, name="noise")
+    text, mask = _stack_branches(encoder_hidden_states, negative_encoder_hidden_states, encoder_attention_mask,
+                                 negative_encoder_attention_mask, guidance)
+    scheduler = scheduler or TarFlowScheduler()
+    x, grid = model.to_tokens(noise.float())
+    made = 0
+
+    def on_token(i: int, x_i: torch.Tensor) -> torch.Tensor:
+        nonlocal made
+        made += 1
+        return callback(made - 1, x_i) if callback is not None else x_i
+
+    for block in reversed(model.blocks):
+        x = sample_flow_block(block, x, grid, scheduler, guidance, text, mask, callback=on_token, stop=stop)
+        if stop is not None and stop():
+            break
+    return model.to_latents(x, grid).to(noise.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Pretzel (STARFlow2)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_image_tokens(transformer: PretzelModel, vlm: VLMStream, cache: PretzelCache, noise: torch.Tensor,
+                        scheduler: TarFlowScheduler, guidance: Optional[GuidanceSpec] = None,
+                        callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                        stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Sample one image span ``x~ (B, n, C)`` left to right; every latent enters both caches as it is made.
+
+    The cache must end with ``<|vision_start|>`` and hold ``guidance.branches`` stacked along its batch.
+    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).
+    """
+    guidance = guidance or GuidanceSpec()
+    branches = guidance.num_branches
+
+    def step_fn(inputs: torch.Tensor, index: int) -> AffineParams:
+        return transformer.latent_params(transformer.step(vlm, cache, latents=inputs).flow_hidden_states)
+
+    if cache.batch_size != branches * noise.shape[0]:
+        raise ValueError(f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
+                         f"{guidance.branches} of {noise.shape[0]} samples")
+    return sample_autoregressive(step_fn, transformer.latent_params(cache.last_flow_hidden), noise, scheduler,
+                                 guidance, callback, feed_last=True, stop=stop)
+
+
+@torch.no_grad()
+def shallow_reverse(transformer: PretzelModel, tokens: torch.Tensor, noise_level: torch.Tensor,
+                    scheduler: TarFlowScheduler) -> torch.Tensor:
+    """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse)."""
+    cond = transformer.noise_embedding(noise_level)
+    for block in reversed(transformer.shallow):
+        tokens = sample_flow_block(block, tokens, transformer.grid, scheduler, cond=cond)
+    return transformer.tokens_to_latents(tokens)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Denoising
+# --------------------------------------------------------------------------------------------------------------
+
+
+def tweedie_denoise(nll: NLLFunction, sample: torch.Tensor, scheduler: TarFlowScheduler,
+                    num_steps: Optional[int] = None, noise_level: Optional[float] = None,
+                    callback: Optional[Callable] = None, stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """Remove the sampling noise of ``sample`` with the scheduler's denoising schedule.
+
+    Each step at level ``t`` takes the gradient of ``nll(x, t)``: the model is conditioned on the level of the step
+    (iTARFlow's multi-noise recipe), not on the level the sample was drawn at.  ``callback(i, t, x)`` runs after
+    step ``i`` and may return a replacement for ``x``; once ``stop()`` is true the remaining steps are skipped.
+    Returns float32 latents of ``sample``'s shape.
+    """
+    scheduler.set_timesteps(num_steps, device=sample.device, noise_level=noise_level)
+    x = sample.float()
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.enable_grad():
+            x_req = x.detach().requires_grad_(True)
+            grad = torch.autograd.grad(nll(x_req, t).sum(), [x_req])[0]
+        x = scheduler.step(grad, t, x).prev_sample
+        if callback is not None:
+            x = callback(i, t, x)
+        if stop is not None and stop():
+            break
+    return x
+
+
+@torch.no_grad()
+def denoise_starflow(model: StarFlowTransformerModel, latents: torch.Tensor,
+                     encoder_hidden_states: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
+                     num_steps: int = 1, encoder_attention_mask: Optional[torch.Tensor] = None,
+                     scheduler: Optional[TarFlowScheduler] = None, callback: Optional[Callable] = None,
+                     stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+    """:func:`tweedie_denoise` with a STARFlow (v1) stack (one fixed noise level: the model takes no level);
+    one step at 0.3 is STARFlow's self-denoising ``x - t^2 grad NLL``."""
+
+    def nll(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, encoder_hidden_states, encoder_attention_mask).loss * x.numel()
+
+    x = tweedie_denoise(nll, latents, scheduler or TarFlowScheduler(), num_steps, noise_level, callback, stop)
+    return x.to(latents.dtype)
