@@ -708,6 +708,26 @@ def log_validation(args, pipe, accelerator, step: int, output_dir: Path, tag: st
     return paths
 
 
+def check_distributed_setup(accelerator) -> None:
+    """Refuse an FSDP launch that accelerate quietly turned into something else.
+
+    accelerate shards with FSDP only on GPUs and other accelerators; launched with an FSDP config on CPU it sets up
+    plain data parallel (``MULTI_CPU``), every process holding every weight, which is not what was asked for.
+    """
+    from accelerate.utils import DistributedType
+
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
+    if fsdp_requested and accelerator.distributed_type != DistributedType.FSDP:
+        import accelerate
+
+        raise ArgumentError(
+            f"the accelerate config asks for FSDP (distributed_type: FSDP), but accelerate {accelerate.__version__} "
+            f"set up {accelerator.distributed_type.value} on {accelerator.device.type}: accelerate shards with FSDP "
+            "on GPUs and other accelerators only, and on CPU falls back to data parallel with every weight "
+            "replicated. On CPU launch data parallel instead (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N ...)")
+
+
 def main(args: argparse.Namespace) -> dict:
     """Train; returns ``{"global_step", "history": [per-step logs], "output_dir"}``."""
     from accelerate import Accelerator
@@ -734,6 +754,7 @@ def main(args: argparse.Namespace) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.stage == 3)])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_distributed_setup(accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         for path in remove_stale_staging(output_dir):
