@@ -15,11 +15,10 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from conftest import write_training_workdir  # noqa: E402
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
 from diffusers_starflow2.training.data import load_metadata  # noqa: E402
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
-from diffusers_starflow2.world.synthetic_world import write_world  # noqa: E402
 
 
 # -- the data loader ------------------------------------------------------------------------------------------------
@@ -98,10 +97,7 @@ def test_symlink_inside_the_folder_is_accepted(tmp_path):
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad-args")
-    StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=0)).save_pretrained(root / "pipe")
-    write_world(root / "world", num_images=2, seed=0, image_size=32, kinds=["caption"], progress=False)
-    return root
+    return write_training_workdir(tmp_path_factory.mktemp("bad-args"), num_images=2, kinds=["caption"])
 
 
 CAPTION = ["--train_data_dir", "WORLD/caption"]
@@ -141,6 +137,7 @@ ARGS_BAD = [  # (extra argv, text the message must hold: the argument and the va
     (["--push_to_hub", "--hub_model_id", "a/b/c"], "--hub_model_id 'a/b/c' is not a repository id"),
     (["--resume_from_checkpoint", "checkpoint-9"], "--resume_from_checkpoint 'checkpoint-9': no such checkpoint"),
     (["--stage", "2", "--validation_prompt", "x"], "--validation_prompt samples images; stage 2"),
+    (["--push_to_hub", "--hub_token", "hf_x", "--report_to", "wandb"], "--hub_token with --report_to wandb"),
 ]
 
 

@@ -242,6 +242,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--hub_model_id {args.hub_model_id!r} needs --push_to_hub")
     if args.hub_model_id is not None and not re.fullmatch(r"([\w.-]+/)?[\w.-]+", args.hub_model_id):
         raise ArgumentError(f"--hub_model_id {args.hub_model_id!r} is not a repository id ('name' or 'owner/name')")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ArgumentError("--hub_token with --report_to wandb would expose the token to wandb's run logs; log in "
+                            "with `hf auth login` instead")
     if args.report_to != "none":
         import importlib.util
 
@@ -844,8 +847,8 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         trim_log(log_path, global_step)
     if args.report_to != "none":
-        accelerator.init_trackers(args.tracker_project_name, config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(args.tracker_project_name, config={  # never the token
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
 
     def validate(step: int, tag: str) -> List[Path]:
         # the EMA weights stand in for the trained ones while sampling
