@@ -44,6 +44,9 @@ def test_stage1_lora_with_imagefolder_validation_ema_checkpoints_and_resume(work
     out = tmp_path / "full"
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["final_prompt0_0.png", "step-2_prompt0_0.png"]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]  # --checkpoints_total_limit 1
+    # the EMA is kept as safetensors, not as a pickle that resuming would have to unpickle
+    assert (out / "checkpoint-4" / train.EMA_WEIGHT_NAME).is_file()
+    assert not list((out / "checkpoint-4").glob("custom_checkpoint_*"))
 
     pipe = StarFlow2Pipeline.from_pretrained(work / "pipe")
     base = sample(pipe)

@@ -54,6 +54,7 @@ STAGE_DATA_KIND = {1: "caption", 2: "understanding"}
 DEEP_LORA_LINEARS = ("to_qkv", "to_out", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
 VLM_LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EMA_WEIGHT_NAME = "ema.safetensors"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -775,6 +776,7 @@ def main(args: argparse.Namespace) -> dict:
     # -- components ---------------------------------------------------------------------------------------------
     datasets, mixture_sampler = open_data(args)
     pipe = StarFlow2Pipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipe.set_progress_bar_config(disable=True)  # validation sampling inside the training's progress bar
     vlm, tokenizer, transformer, vae = pipe.vlm, pipe.tokenizer, pipe.transformer, pipe.vae
     t0 = pipe.scheduler.config.min_noise_level if args.noise_level_min is None else args.noise_level_min
     t1 = pipe.scheduler.config.max_noise_level if args.noise_level_max is None else args.noise_level_max
@@ -805,8 +807,6 @@ def main(args: argparse.Namespace) -> dict:
     if not params:
         raise ArgumentError("nothing to train (check --stage / --lora_target_modules)")
     ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
 
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -841,6 +841,8 @@ def main(args: argparse.Namespace) -> dict:
                 raise ArgumentError(f"--resume_from_checkpoint {str(path)!r} was written by a different setup "
                                     f"(checkpoint vs now): {mismatch}")
             accelerator.load_state(str(path))
+            if ema is not None:
+                load_ema(ema, path, state)
             global_step = state["global_step"]
             logger.info(f"resumed from {path} at step {global_step}")
     log_path = output_dir / "train_log.jsonl"
@@ -912,7 +914,7 @@ def main(args: argparse.Namespace) -> dict:
         if args.report_to != "none":
             accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=global_step)
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, trainer, output_dir, global_step, run_signature)
+            save_checkpoint(accelerator, args, trainer, ema, output_dir, global_step, run_signature)
         if (args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps
                 and accelerator.is_main_process):
             validate(global_step, f"step-{global_step}")
@@ -938,10 +940,10 @@ def main(args: argparse.Namespace) -> dict:
     return {"global_step": global_step, "history": history, "output_dir": str(output_dir)}
 
 
-def save_checkpoint(accelerator, args, trainer, output_dir: Path, step: int, run_signature: dict) -> None:
-    """``accelerator.save_state`` (model, optimizer, LR scheduler, EMA, every process's RNG states) into
+def save_checkpoint(accelerator, args, trainer, ema, output_dir: Path, step: int, run_signature: dict) -> None:
+    """``accelerator.save_state`` (model, optimizer, LR scheduler, every process's RNG states) into
     ``checkpoint-{step}``, written to a temporary folder first; LoRA runs add ``pytorch_lora_weights.safetensors``
-    so that ``pipe.load_lora_weights(checkpoint)`` works."""
+    so that ``pipe.load_lora_weights(checkpoint)`` works, EMA runs ``ema.safetensors``."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
@@ -953,13 +955,37 @@ def save_checkpoint(accelerator, args, trainer, output_dir: Path, step: int, run
     if accelerator.is_main_process:
         if args.lora_rank is not None:
             write_lora_file(args, accelerator.unwrap_model(trainer), tmp, state_dict)
-        write_json_atomic(tmp / "training_state.json", {"global_step": step, **run_signature})
+        extra = {}
+        if ema is not None:
+            extra["ema"] = save_ema(ema, tmp)
+        write_json_atomic(tmp / "training_state.json", {"global_step": step, **run_signature, **extra})
         replace_path(tmp, final)
         if args.checkpoints_total_limit:
             for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
                 shutil.rmtree(old)
         logger.info(f"saved {final}")
     accelerator.wait_for_everyone()
+
+
+def save_ema(ema, folder: Path) -> dict:
+    """The EMA's weights as safetensors (accelerate would pickle a registered object); returns its other state."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(folder / EMA_WEIGHT_NAME))
+    return state
+
+
+def load_ema(ema, folder: Path, training_state: dict) -> None:
+    from safetensors.torch import load_file
+
+    if "ema" not in training_state or not (folder / EMA_WEIGHT_NAME).is_file():
+        raise ArgumentError(f"--resume_from_checkpoint {str(folder)!r} holds no EMA state ({EMA_WEIGHT_NAME})")
+    shadow = load_file(str(folder / EMA_WEIGHT_NAME))
+    device = ema.shadow_params[0].device
+    ema.load_state_dict({**training_state["ema"],
+                         "shadow_params": [shadow[str(i)].to(device) for i in range(len(shadow))]})
 
 
 def save_final(args, trainer: PretzelTrainer, state_dict: dict, scheduler, output_dir: Path) -> None:
