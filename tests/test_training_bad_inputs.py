@@ -195,3 +195,26 @@ def test_incomplete_checkpoints_resume_logs_and_leftovers(work, tmp_path, caplog
     assert "left over by a killed run" in caplog.text
     StarFlow2Pipeline.from_pretrained(out)
     assert not [p for p in os.listdir(out) if p.startswith(".publish-")]
+
+
+def test_publish_into_is_all_or_nothing(tmp_path):
+    from diffusers_starflow2.utils.io import publish_into
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("old")
+    (folder / "transformer").mkdir()
+    (folder / "transformer" / "w").write_text("old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with publish_into(folder) as staging:
+            (Path(staging) / "transformer").mkdir()
+            (Path(staging) / "transformer" / "w").write_text("new")
+            raise RuntimeError("killed while saving")
+    assert (folder / "transformer" / "w").read_text() == "old" and (folder / "model_index.json").read_text() == "old"
+    assert sorted(os.listdir(folder)) == ["model_index.json", "transformer"]
+    with publish_into(folder) as staging:
+        (Path(staging) / "transformer").mkdir()
+        (Path(staging) / "transformer" / "w").write_text("new")
+        (Path(staging) / "model_index.json").write_text("new")
+    assert (folder / "transformer" / "w").read_text() == "new" and (folder / "model_index.json").read_text() == "new"
+    assert sorted(os.listdir(folder)) == ["model_index.json", "transformer"]

@@ -684,19 +684,17 @@ def log_validation(args, pipe, accelerator, step: int, output_dir: Path, tag: st
     was_training = pipe.transformer.training
     pipe.transformer.eval()
     folder = output_dir / "validation"
-    folder.mkdir(parents=True, exist_ok=True)
     paths, images = [], []
     # sampling must not consume the training's random state (resumed runs validate at other times)
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), accelerator.autocast():
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), accelerator.autocast(), \
+            publish_into(folder, last=None) as staging:
         for p_index, prompt in enumerate(args.validation_prompts):
             generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
             out = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generators).images
             for i, image in enumerate(out):
-                path = folder / f"{tag}_prompt{p_index}_{i}.png"
-                staging = path.with_name(f".{path.name}.tmp")
-                image.save(staging, format="PNG")
-                os.replace(staging, path)
-                paths.append(path)
+                name = f"{tag}_prompt{p_index}_{i}.png"
+                image.save(os.path.join(staging, name), format="PNG")
+                paths.append(folder / name)
                 images.append((prompt, image))
     pipe.transformer.train(was_training)
     for tracker in accelerator.trackers:

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -98,7 +98,7 @@ def write_text_atomic(path: PathLike, text: str) -> None:
 
 
 @contextmanager
-def publish_into(folder: PathLike, last: str = "model_index.json") -> Iterator[str]:
+def publish_into(folder: PathLike, last: Optional[str] = "model_index.json") -> Iterator[str]:
     """Yield a staging folder inside ``folder`` (a folder that holds other things, e.g. a training run's checkpoints
     and logs); when the block succeeds, move every entry written there into ``folder``, ``last`` at the very end.
 
