@@ -128,3 +128,30 @@ def test_image_and_caption_columns(work, tmp_path):
         train.main(train.parse_args(common + ["--caption_column", "caption", "--image_column", "picture"]))
     result = train.main(train.parse_args(common + ["--caption_column", "caption"]))
     assert result["global_step"] == 1 and "bits_per_dim" in result["history"][0]
+
+
+def test_readme_training_section_names_every_option_and_no_other():
+    import argparse
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Training\n"):readme.index("\n## ", readme.index("## Training\n") + 1)]
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", section))
+    options = set()
+    parse = argparse.ArgumentParser.parse_args
+
+    def record(parser, *args, **kwargs):
+        options.update(o for action in parser._actions for o in action.option_strings if o.startswith("--"))
+        return parse(parser, *args, **kwargs)
+
+    argparse.ArgumentParser.parse_args = record
+    try:
+        train.parse_args(["--stage", "1", "--pretrained_model_name_or_path", "-", "--output_dir", "-",
+                          "--max_train_steps", "1"])
+    finally:
+        argparse.ArgumentParser.parse_args = parse
+    # flags of other commands the section shows: accelerate launch, the world writer, the benchmark, iTARFlow's
+    others = {"--config_file", "--multi_gpu", "--num_processes", "--cpu", "--output", "--num_images", "--configs",
+              "--repeats", "--reweight"}
+    assert options - {"--help"} - named == set()
+    assert named - options - others == set()

@@ -9,11 +9,17 @@ Stage 2  image -> text: only the visual adapter learns, from the next-token loss
 Stage 3  everything of the Pretzel (flows, noise embedding, adapter, skips) on a weighted mixture of understanding,
          generation, editing and interleaved data with ``L = L_flow + λ·L_text``.
 
-Run it on one process (``python training/train_starflow2.py ...``) or on many with ``accelerate launch`` (DDP, FSDP,
-DeepSpeed: whatever the accelerate config says)::
+Run it on one process (``python training/train_starflow2.py ...``) or on many with ``accelerate launch`` (DDP; FSDP
+and DeepSpeed on GPUs, see ``training/accelerate_configs``)::
 
     accelerate launch training/train_starflow2.py --stage 1 --pretrained_model_name_or_path PIPE \\
-        --train_data_dir world/caption --output_dir runs/stage1 --max_train_steps 10000 --train_batch_size 16
+        --dataset_name my_images --output_dir runs/lora --rank 16 --max_train_steps 1000 --recipe paper \\
+        --validation_prompt "a red circle" --validation_steps 200 --use_ema --checkpointing_steps 200 \\
+        --checkpoints_total_limit 2 --report_to tensorboard
+
+The options follow diffusers' example scripts (``--dataset_name``/``--image_column``/``--caption_column``,
+``--validation_prompt``, ``--use_ema``, ``--checkpoints_total_limit``, ``--report_to``, ``--push_to_hub``, ``--rank``);
+``--recipe paper``, ``--image_loss_reweight`` and ``--distill_from_vlm_vision`` follow the paper and iTARFlow.
 
 Every sample's randomness (caption dropout, noise level, FAE posterior sample, flow noise) comes from generators
 seeded by ``(--seed, position of the sample in the data stream)``, and the stream itself is a fixed function of
