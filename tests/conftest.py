@@ -43,3 +43,15 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def write_training_workdir(root: Path, perturb: float = 0.0, num_images: int = 4, kinds=None) -> Path:
+    """A tiny pipeline folder ``root/pipe`` and a shapes world ``root/world`` for the training tests."""
+    from diffusers_starflow2 import StarFlow2Pipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.world.synthetic_world import write_world
+
+    StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=perturb)).save_pretrained(root / "pipe")
+    world_kinds = {} if kinds is None else {"kinds": kinds}  # default: all four
+    write_world(root / "world", num_images=num_images, seed=0, image_size=32, progress=False, **world_kinds)
+    return root

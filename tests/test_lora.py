@@ -13,10 +13,10 @@ from peft import LoraConfig, get_peft_model_state_dict
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from conftest import write_training_workdir  # noqa: E402
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
-from diffusers_starflow2.world.synthetic_world import write_world  # noqa: E402
 
 
 
@@ -24,10 +24,7 @@ from diffusers_starflow2.world.synthetic_world import write_world  # noqa: E402
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A "pretrained" base (perturbed init: LoRA fine-tuning starts from non-zero output projections) and data."""
-    root = tmp_path_factory.mktemp("lora")
-    StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=0.05)).save_pretrained(root / "pipe")
-    write_world(root / "world", num_images=4, seed=0, image_size=32, kinds=["caption"], progress=False)
-    return root
+    return write_training_workdir(tmp_path_factory.mktemp("lora"), perturb=0.05, kinds=["caption"])
 
 
 def sample(pipe):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from conftest import write_training_workdir  # noqa: E402
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
@@ -28,10 +29,7 @@ GROUPS = ("shallow", "deep", "noise_embed", "adapter", "skip_v", "skip_t")
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("training")
-    StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=0)).save_pretrained(root / "pipe")
-    write_world(root / "world", num_images=4, seed=0, image_size=32, progress=False)
-    return root
+    return write_training_workdir(tmp_path_factory.mktemp("training"))
 
 
 def data_args(work, stage):

@@ -187,6 +187,7 @@ class PretzelOutput(BaseOutput):
         text_loss: mean next-token cross-entropy over scored text positions.
         image_nll: ``(M,)`` NLL in nats per dimension of every image span (Gaussian constant included).
         bits_per_dim: ``(M,)`` the same in bits.
+        text_logits: ``(P, V)`` the logits at the scored text positions (row-major order), when there are any.
     """
 
     # defaults let accelerate's mixed-precision wrapper rebuild the output from a dict
@@ -195,6 +196,7 @@ class PretzelOutput(BaseOutput):
     text_loss: torch.Tensor = None
     image_nll: torch.Tensor = None
     bits_per_dim: torch.Tensor = None
+    text_logits: torch.Tensor = None
 
 
 def pretzel_paper_config() -> dict:
@@ -434,7 +436,8 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def forward(self, vlm: VLMStream, input_ids: torch.Tensor, latent_mask: torch.Tensor, images: torch.Tensor,
                 noise_level: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 image_loss_mask: Optional[torch.Tensor] = None, text_loss_mask: Optional[torch.Tensor] = None,
-                text_loss_weight: float = 1.0, return_dict: bool = True):
+                text_loss_weight: float = 1.0, image_loss_weight: Optional[torch.Tensor] = None,
+                return_dict: bool = True):
         """One teacher-forced pass over whole interleaved sequences; returns the STARFlow2 losses.
 
         Args:
@@ -446,6 +449,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             attention_mask: ``(B, T)`` False at padding.
             image_loss_mask: ``(M,)`` which images are scored by the flow loss (default all).
             text_loss_mask: ``(B, T)`` True at tokens predicted by the text loss (from the previous position).
+            image_loss_weight: ``(M,)`` multiplies each image's NLL in the flow loss (default 1).
         """
         B, T = input_ids.shape
         N = self.num_latents
@@ -468,7 +472,8 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         z = ((latents[:, 1:][target].float() - mu) / sigma).view(-1, N, mu.shape[-1])  # (M, N, C)
         nll = flow_nll(z, [-torch.log(sigma).view(z.shape), *shallow_logdets])
         scored = image_loss_mask if image_loss_mask is not None else torch.ones_like(nll, dtype=torch.bool)
-        flow_loss = nll[scored].mean() if scored.any() else nll.sum() * 0
+        weighted = nll if image_loss_weight is None else nll * image_loss_weight.to(nll)
+        flow_loss = weighted[scored].mean() if scored.any() else nll.sum() * 0
 
         # text: next-token cross-entropy at the requested positions
         if text_loss_mask is not None and text_loss_mask[:, 1:].any():
@@ -476,8 +481,9 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             logits = self.text_logits(vlm, h[:, :-1][sel], g[:, :-1][sel])
             text_loss = F.cross_entropy(logits.float(), input_ids[:, 1:].to(h.device)[sel])
         else:
-            text_loss = g.sum() * 0
+            logits, text_loss = None, g.sum() * 0
         loss = flow_loss + text_loss_weight * text_loss
         result = PretzelOutput(loss=loss, flow_loss=flow_loss, text_loss=text_loss,
-                               image_nll=(nll + 0.5 * LOG_2PI).detach(), bits_per_dim=bits_per_dim(nll).detach())
+                               image_nll=(nll + 0.5 * LOG_2PI).detach(), bits_per_dim=bits_per_dim(nll).detach(),
+                               text_logits=logits)
         return result if return_dict else result.to_tuple()

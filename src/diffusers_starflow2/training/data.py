@@ -13,7 +13,8 @@ interleaved    ``{"segments": [{"text": str} | {"file_name": str}, ...]}``
 =============  ==================================================================================
 
 Extra keys are allowed and passed through (e.g. the shapes world's ``"attributes"``). Text values
-must be non-empty; file names must be relative, stay inside the folder and exist.
+must be non-empty; file names must be relative and exist, resolve inside the folder (symlinks included) and
+be readable images (each is opened and verified when the folder is indexed).
 :func:`load_metadata` validates every row and raises ``ValueError("<file>:<line>: ...")`` for the first
 problem: nothing is skipped silently (blank lines are not rows and are ignored).
 
@@ -71,9 +72,23 @@ def _check_file(folder: Path, value: Any, key: str) -> str:
     rel = PurePosixPath(value.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts or (len(value) > 1 and value[1] == ":"):
         raise ValueError(f"{key!r} must be a path relative to the dataset folder, got {value!r}")
-    if not (folder / rel).is_file():
-        raise ValueError(f"{key!r}: image file {str(folder / rel)!r} does not exist")
+    path = folder / rel
+    if not path.is_file():
+        raise ValueError(f"{key!r}: image file {str(path)!r} does not exist")
+    # a symlink (of the file or of a folder on its way) may point anywhere: what is read must lie in the folder
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) != root:
+        raise ValueError(f"{key!r}: {value!r} resolves to {real!r}, outside the dataset folder {root!r}")
+    _verify_image(path, key)
     return value
+
+
+def _verify_image(path: Path, key: str) -> None:
+    try:
+        with Image.open(path) as im:
+            im.verify()  # header and integrity (PNG checksums, truncation) without decoding every pixel
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{key!r}: {str(path)!r} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _check_text(value: Any, key: str) -> str:
@@ -313,3 +328,52 @@ def mixture(spec: Union[str, Sequence[MixtureEntry]], seed: int = 0, num_samples
     entries = parse_mixture(spec) if isinstance(spec, str) else list(spec)
     datasets = {e.name: open_dataset(e.path, e.kind) for e in entries}
     return MixtureSampler(datasets, {e.name: e.weight for e in entries}, seed=seed, num_samples=num_samples)
+
+
+# ----------------------------------------------------------------------------------------------
+# 🤗 datasets
+class HubCaptionDataset(Dataset):
+    """Image-caption pairs of a 🤗 ``datasets.Dataset`` (a Hub dataset or a local imagefolder):
+    ``{"kind": "caption", "image", "text"}``. A caption column holding lists uses their first entry."""
+
+    kind = "caption"
+
+    def __init__(self, dataset, image_column: str = "image", caption_column: str = "text", name: str = "dataset"):
+        columns = list(dataset.column_names)
+        for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+            if column not in columns:
+                raise ValueError(f"{flag} {column!r} is not a column of {name}; its columns: {columns}")
+        if len(dataset) == 0:
+            raise ValueError(f"{name} has no rows")
+        for i, caption in enumerate(dataset[caption_column]):  # the text column is cheap to check up front
+            first = caption[0] if isinstance(caption, (list, tuple)) and caption else caption
+            if not isinstance(first, str) or not first.strip():
+                raise ValueError(f"{name} row {i}: --caption_column {caption_column!r} must hold non-empty text "
+                                 f"(or lists of it), got {caption!r}")
+        self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.dataset[i]
+        image, caption = row[self.image_column], row[self.caption_column]
+        if isinstance(image, str):
+            image = Image.open(image)
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"row {i}: --image_column {self.image_column!r} holds {type(image).__name__}, not an "
+                             "image (an Image feature or a path)")
+        caption = caption[0] if isinstance(caption, (list, tuple)) else caption
+        return {"kind": self.kind, "image": image.convert("RGB"), "text": caption}
+
+
+def open_hub_caption_dataset(name: str, config_name: str | None = None, image_column: str = "image",
+                             caption_column: str = "text", cache_dir: str | None = None) -> HubCaptionDataset:
+    """The ``train`` split of ``datasets.load_dataset(name)`` as a :class:`HubCaptionDataset` (a local folder of
+    images with a ``metadata.jsonl`` loads as an imagefolder)."""
+    from datasets import load_dataset
+
+    dataset = load_dataset(name, config_name, cache_dir=cache_dir)
+    if "train" not in dataset:
+        raise ValueError(f"--dataset_name {name!r} has no 'train' split; its splits: {list(dataset)}")
+    return HubCaptionDataset(dataset["train"], image_column, caption_column, name=f"--dataset_name {name!r}")

@@ -9,11 +9,17 @@ Stage 2  image -> text: only the visual adapter learns, from the next-token loss
 Stage 3  everything of the Pretzel (flows, noise embedding, adapter, skips) on a weighted mixture of understanding,
          generation, editing and interleaved data with ``L = L_flow + λ·L_text``.
 
-Run it on one process (``python training/train_starflow2.py ...``) or on many with ``accelerate launch`` (DDP, FSDP,
-DeepSpeed: whatever the accelerate config says)::
+Run it on one process (``python training/train_starflow2.py ...``) or on many with ``accelerate launch`` (DDP; FSDP
+and DeepSpeed on GPUs, see ``training/accelerate_configs``)::
 
     accelerate launch training/train_starflow2.py --stage 1 --pretrained_model_name_or_path PIPE \\
-        --train_data_dir world/caption --output_dir runs/stage1 --max_train_steps 10000 --train_batch_size 16
+        --dataset_name my_images --output_dir runs/lora --rank 16 --max_train_steps 1000 --recipe paper \\
+        --validation_prompt "a red circle" --validation_steps 200 --use_ema --checkpointing_steps 200 \\
+        --checkpoints_total_limit 2 --report_to tensorboard
+
+The options follow diffusers' example scripts (``--dataset_name``/``--image_column``/``--caption_column``,
+``--validation_prompt``, ``--use_ema``, ``--checkpoints_total_limit``, ``--report_to``, ``--push_to_hub``, ``--rank``);
+``--recipe paper``, ``--image_loss_reweight`` and ``--distill_from_vlm_vision`` follow the paper and iTARFlow.
 
 Every sample's randomness (caption dropout, noise level, FAE posterior sample, flow noise) comes from generators
 seeded by ``(--seed, position of the sample in the data stream)``, and the stream itself is a fixed function of
@@ -29,16 +35,18 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from huggingface_hub import create_repo, upload_folder
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import MixtureSampler, mixture, open_dataset, parse_mixture
+from ..utils.io import publish_into, remove_stale_staging, replace_path, write_json_atomic, write_text_atomic
+from .data import MixtureSampler, mixture, open_dataset, open_hub_caption_dataset, parse_mixture
 
 logger = logging.getLogger("train_starflow2")
 
@@ -52,6 +60,7 @@ STAGE_DATA_KIND = {1: "caption", 2: "understanding"}
 DEEP_LORA_LINEARS = ("to_qkv", "to_out", "fc1", "fc2", "gate_proj", "up_proj", "down_proj")
 VLM_LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EMA_WEIGHT_NAME = "ema.safetensors"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -60,12 +69,30 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# The optimiser of the paper's appendix C (shared by all stages): AdamW(0.9, 0.95), eps 1e-8, weight decay 1e-4,
+# cosine decay to a minimum learning rate of 1e-6, bf16 mixed precision. The per-stage peak learning rates did not
+# survive in our copy of the paper's text, so --learning_rate stays the user's.
+PAPER_RECIPE = dict(adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, adam_weight_decay=1e-4,
+                    lr_scheduler="cosine_with_min_lr", min_learning_rate=1e-6, mixed_precision="bf16")
+DEFAULTS = dict(adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, adam_weight_decay=1e-2, lr_scheduler="constant",
+                min_learning_rate=0.0, mixed_precision="no")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "cosine_with_min_lr")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="a STARFlow2 pipeline folder")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--train_data_dir", help="stage 1: caption folder, stage 2: understanding folder (metadata.jsonl)")
+    p.add_argument("--train_data_dir", help="stage 1: caption folder, stage 2: understanding folder (metadata.jsonl, "
+                                            "every row and image checked when the folder is indexed)")
+    p.add_argument("--dataset_name", help="stage 1: a 🤗 datasets dataset (a Hub id or a local folder, e.g. an "
+                                          "imagefolder with metadata.jsonl) with an image and a caption column")
+    p.add_argument("--dataset_config_name", default=None, help="the dataset's config (--dataset_name)")
+    p.add_argument("--image_column", default="image", help="--dataset_name: the column of the images")
+    p.add_argument("--caption_column", default="text", help="--dataset_name: the column of the captions")
+    p.add_argument("--cache_dir", default=None, help="where 🤗 datasets caches --dataset_name")
     p.add_argument("--mixture", help='stage 3: "understanding=DIR:0.3,generation=DIR:0.4,editing=DIR:0.2,'
                                      'interleaved=DIR:0.1"')
     p.add_argument("--interleaved_layout", choices=("user_first", "assistant"), default="user_first",
@@ -74,41 +101,74 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max_train_steps", type=int, required=True)
     p.add_argument("--train_batch_size", type=int, default=4, help="per process")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--recipe", choices=("default", "paper"), default="default",
+                   help="'paper': the optimiser of the paper's appendix C as defaults: AdamW betas (0.9, 0.95), eps "
+                        "1e-8, weight decay 1e-4, cosine to --min_learning_rate 1e-6, bf16 (flags given explicitly "
+                        "win)")
     p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--lr_scheduler", default="constant", help="a diffusers get_scheduler name")
+    p.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=None,
+                   help="default: constant ('paper': cosine_with_min_lr)")
+    p.add_argument("--min_learning_rate", type=float, default=None, help="cosine_with_min_lr: the final learning "
+                                                                          "rate (default 0, 'paper': 1e-6)")
     p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.999)
-    p.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--adam_beta1", type=float, default=None, help="default 0.9")
+    p.add_argument("--adam_beta2", type=float, default=None, help="default 0.999 ('paper': 0.95)")
+    p.add_argument("--adam_weight_decay", type=float, default=None, help="default 1e-2 ('paper': 1e-4)")
+    p.add_argument("--adam_epsilon", type=float, default=None, help="default 1e-8")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default="no")
+    p.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="default no ('paper': bf16)")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--noise_level_min", type=float, default=None, help="t0 (default: the scheduler's)")
     p.add_argument("--noise_level_max", type=float, default=None, help="t1 (default: the scheduler's)")
-    p.add_argument("--image_loss_reweight", nargs="?", const="inverse", default="none", choices=("none", "inverse"),
-                   help="'inverse' weights the per-image NLL by 1/t (normalised): t is drawn with density ∝ 1/t on "
-                        "[t0, t1], which is that weighting of the uniform-t objective in expectation")
+    p.add_argument("--image_loss_reweight", nargs="?", const="inverse", default="none",
+                   choices=("none", "inverse", "linear"),
+                   help="multi-noise weighting of the per-image NLL over noise levels t ~ U[t0, t1]:\n"
+                        "'linear' multiplies it by t (iTARFlow's --reweight t: mean of t * NLL);\n"
+                        "'inverse' weights it by 1/t (normalised), drawing t with density ∝ 1/t on [t0, t1]")
     p.add_argument("--latent_sample", choices=("sample", "mean"), default="sample",
                    help="FAE latents: a posterior sample (default) or the posterior mean")
     p.add_argument("--caption_dropout", type=float, default=0.1, help="probability of replacing a caption or edit "
                                                                         "instruction by '' (classifier-free guidance)")
     p.add_argument("--text_loss_weight", type=float, default=1.0, help="λ of stage 3")
+    p.add_argument("--distill_from_vlm_vision", action="store_true",
+                   help="stage 2: add KL(VLM with its own vision tower || VLM through the visual adapter) over the "
+                        "response tokens (skipped with a warning when the VLM has no vision tower)")
+    p.add_argument("--distill_weight", type=float, default=1.0, help="weight of the distillation KL")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--report_to", choices=("none", "tensorboard"), default="none")
+    p.add_argument("--report_to", choices=("none", "tensorboard", "wandb", "all"), default="none",
+                   help="accelerate trackers (logs under OUTPUT_DIR/logs)")
+    p.add_argument("--tracker_project_name", default="starflow2")
+    p.add_argument("--validation_prompt", "--validation_prompts", dest="validation_prompts", nargs="+", default=None,
+                   help="prompts sampled with the pipeline every --validation_steps and at the end (images under "
+                        "OUTPUT_DIR/validation/ and sent to the trackers)")
+    p.add_argument("--num_validation_images", type=int, default=4, help="images per validation prompt")
+    p.add_argument("--validation_steps", type=int, default=None, help="default: only at the end of training")
+    p.add_argument("--use_ema", action="store_true", help="keep an EMA of the trained weights (diffusers "
+                                                          "EMAModel), used for validation and the final save")
+    p.add_argument("--ema_decay", type=float, default=0.9999)
     p.add_argument("--checkpointing_steps", type=int, default=None)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
-    p.add_argument("--lora_rank", type=int, default=None, help="train a LoRA of this rank instead of full weights")
+    p.add_argument("--rank", "--lora_rank", dest="lora_rank", type=int, default=None,
+                   help="train a LoRA of this rank instead of full weights")
     p.add_argument("--lora_alpha", type=float, default=None, help="default: the rank")
     p.add_argument("--lora_target_modules", default=None,
                    help="comma-separated module names (suffixes) of the Pretzel; default: stage 1 the deep stream's "
                         "attention/MLP linears, stage 2 the adapter's linears, stage 3 both plus skip_v/skip_t")
     p.add_argument("--lora_vlm", action="store_true", help="also train a LoRA on the VLM's attention projections")
     p.add_argument("--save_fused", action="store_true", help="LoRA runs: also write a pipeline with fused weights")
-    return p.parse_args(argv)
+    p.add_argument("--push_to_hub", action="store_true", help="upload OUTPUT_DIR (with a model card) at the end")
+    p.add_argument("--hub_model_id", default=None, help="default: the name of OUTPUT_DIR")
+    p.add_argument("--hub_token", default=None)
+    args = p.parse_args(argv)
+    preset = PAPER_RECIPE if args.recipe == "paper" else DEFAULTS
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 class ArgumentError(ValueError):
@@ -116,58 +176,92 @@ class ArgumentError(ValueError):
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Raise :class:`ArgumentError` naming the offending argument."""
+    """Raise :class:`ArgumentError` naming the offending argument, its value and what is accepted."""
     pretrained = Path(args.pretrained_model_name_or_path)
     if not (pretrained / "model_index.json").is_file():
         raise ArgumentError(f"--pretrained_model_name_or_path {str(pretrained)!r} is not a pipeline folder "
-                         "(no model_index.json)")
+                            "(no model_index.json)")
     if args.stage == 3:
         if not args.mixture:
             raise ArgumentError("--stage 3 needs --mixture 'understanding=DIR:w,generation=DIR:w,editing=DIR:w,"
-                             "interleaved=DIR:w' (stage-3 training runs on a mixture)")
-        if args.train_data_dir:
-            raise ArgumentError("--train_data_dir is for stages 1 and 2; stage 3 reads --mixture")
+                                "interleaved=DIR:w' (stage-3 training runs on a mixture)")
+        for flag in ("train_data_dir", "dataset_name"):
+            if getattr(args, flag):
+                raise ArgumentError(f"--{flag} is for stages 1 and 2; stage 3 reads --mixture")
     else:
         if args.mixture:
             raise ArgumentError(f"--mixture is for stage 3; stage {args.stage} reads --train_data_dir")
-        if not args.train_data_dir:
-            raise ArgumentError(f"--stage {args.stage} needs --train_data_dir (a {STAGE_DATA_KIND[args.stage]} folder)")
-        if not Path(args.train_data_dir).is_dir():
+        if args.dataset_name and args.train_data_dir:
+            raise ArgumentError("give one of --dataset_name and --train_data_dir, not both")
+        if args.dataset_name and args.stage != 1:
+            raise ArgumentError(f"--dataset_name is for stage 1 (image and caption columns); stage {args.stage} "
+                                "reads --train_data_dir")
+        if not (args.train_data_dir or args.dataset_name):
+            raise ArgumentError(f"--stage {args.stage} needs --train_data_dir (a {STAGE_DATA_KIND[args.stage]} "
+                                "folder)" + (" or --dataset_name" if args.stage == 1 else ""))
+        if args.train_data_dir and not Path(args.train_data_dir).is_dir():
             raise ArgumentError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
-    positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps")
+    positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                "num_validation_images")
     for name in positive:
         if getattr(args, name) < 1:
-            raise ArgumentError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    for name in ("checkpointing_steps", "checkpoints_total_limit"):
+            raise ArgumentError(f"--{name} must be an integer >= 1; got {getattr(args, name)}")
+    for name in ("checkpointing_steps", "checkpoints_total_limit", "validation_steps", "lora_rank"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ArgumentError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    if not args.learning_rate > 0:
-        raise ArgumentError(f"--learning_rate must be > 0; got {args.learning_rate}")
-    if args.lr_warmup_steps < 0 or args.num_workers < 0 or args.max_grad_norm < 0:
-        raise ArgumentError("--lr_warmup_steps, --num_workers and --max_grad_norm must be >= 0")
-    if not 0 <= args.caption_dropout <= 1:
-        raise ArgumentError(f"--caption_dropout must be in [0, 1]; got {args.caption_dropout}")
-    if args.text_loss_weight < 0:
-        raise ArgumentError(f"--text_loss_weight must be >= 0; got {args.text_loss_weight}")
-    for name in ("noise_level_min", "noise_level_max"):
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:
-            raise ArgumentError(f"--{name} must be >= 0; got {getattr(args, name)}")
-    if args.lora_rank is not None and args.lora_rank <= 0:
-        raise ArgumentError(f"--lora_rank must be a positive integer; got {args.lora_rank}")
-    if args.lora_alpha is not None and not args.lora_alpha > 0:
-        raise ArgumentError(f"--lora_alpha must be > 0; got {args.lora_alpha}")
+            raise ArgumentError(f"--{name} must be an integer >= 1; got {getattr(args, name)}")
+    finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731
+    for name in ("learning_rate", "lora_alpha", "adam_epsilon"):
+        value = getattr(args, name)
+        if value is not None and not (finite(value) and value > 0):
+            raise ArgumentError(f"--{name} must be a finite number > 0; got {value}")
+    for name in ("max_grad_norm", "adam_weight_decay", "text_loss_weight", "distill_weight", "min_learning_rate",
+                 "noise_level_min", "noise_level_max"):
+        value = getattr(args, name)
+        if value is not None and not (finite(value) and value >= 0):
+            raise ArgumentError(f"--{name} must be a finite number >= 0; got {value}")
+    for name in ("lr_warmup_steps", "num_workers"):
+        if getattr(args, name) < 0:
+            raise ArgumentError(f"--{name} must be an integer >= 0; got {getattr(args, name)}")
+    for name in ("caption_dropout", "adam_beta1", "adam_beta2"):
+        value = getattr(args, name)
+        if not (finite(value) and 0 <= value <= 1) or (name != "caption_dropout" and value == 1):
+            accepted = "[0, 1]" if name == "caption_dropout" else "[0, 1)"
+            raise ArgumentError(f"--{name} must be in {accepted}; got {value}")
+    if not (finite(args.ema_decay) and 0 < args.ema_decay < 1):
+        raise ArgumentError(f"--ema_decay must be in (0, 1); got {args.ema_decay}")
+    if args.min_learning_rate > args.learning_rate:
+        raise ArgumentError(f"--min_learning_rate ({args.min_learning_rate}) must be <= --learning_rate "
+                            f"({args.learning_rate})")
     if args.lora_rank is None:
         for flag in ("lora_alpha", "lora_target_modules", "lora_vlm", "save_fused"):
             if getattr(args, flag) not in (None, False):
-                raise ArgumentError(f"--{flag} needs --lora_rank")
-    if args.report_to == "tensorboard":
+                raise ArgumentError(f"--{flag} needs --rank (--lora_rank)")
+    if args.distill_from_vlm_vision and args.stage != 2:
+        raise ArgumentError(f"--distill_from_vlm_vision is for stage 2 (the adapter learns understanding); got "
+                            f"--stage {args.stage}")
+    if args.validation_prompts is not None and not all(p.strip() for p in args.validation_prompts):
+        raise ArgumentError(f"--validation_prompt must be non-empty text; got {args.validation_prompts!r}")
+    if args.validation_prompts and args.stage == 2:
+        raise ArgumentError("--validation_prompt samples images; stage 2 does not train image generation")
+    if args.validation_steps is not None and not args.validation_prompts:
+        raise ArgumentError("--validation_steps needs --validation_prompt")
+    if args.hub_model_id is not None and not args.push_to_hub:
+        raise ArgumentError(f"--hub_model_id {args.hub_model_id!r} needs --push_to_hub")
+    if args.hub_model_id is not None and not re.fullmatch(r"([\w.-]+/)?[\w.-]+", args.hub_model_id):
+        raise ArgumentError(f"--hub_model_id {args.hub_model_id!r} is not a repository id ('name' or 'owner/name')")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise ArgumentError("--hub_token with --report_to wandb would expose the token to wandb's run logs; log in "
+                            "with `hf auth login` instead")
+    if args.report_to != "none":
         import importlib.util
 
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise ArgumentError("--report_to tensorboard needs the tensorboard package (pip install tensorboard)")
+        needed = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ()}[args.report_to]
+        for package in needed:
+            if importlib.util.find_spec(package) is None:
+                raise ArgumentError(f"--report_to {args.report_to} needs the {package} package "
+                                    f"(pip install {package}); accepted: none, tensorboard, wandb, all")
     if args.resume_from_checkpoint not in (None, "latest"):
-        if resolve_checkpoint(args) is None:
-            raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder")
+        resolve_checkpoint(args)  # raises for a missing or incomplete folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,11 +376,22 @@ def conversation(example: dict, drop_text: bool, interleaved_layout: str):
 class BatchBuilder:
     """Examples -> the keyword arguments of :meth:`PretzelModel.forward` (right-padded layouts, noisy FAE latents)."""
 
-    def __init__(self, args, tokenizer, vae, scheduler, num_latents: int, weight_dtype: torch.dtype):
+    def __init__(self, args, tokenizer, vae, scheduler, num_latents: int, weight_dtype: torch.dtype, teacher=None):
         self.args, self.tokenizer, self.vae, self.scheduler = args, tokenizer, vae, scheduler
         self.num_latents, self.weight_dtype = num_latents, weight_dtype
         self.use_flow, self.use_text = args.stage in (1, 3), args.stage in (2, 3)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.teacher = teacher  # the VLM with its own vision tower (--distill_from_vlm_vision)
+        if teacher is not None:
+            from transformers import Qwen2VLImageProcessorPil
+
+            vision = teacher.config.vision_config
+            factor = vision.patch_size * vision.spatial_merge_size
+            # keep the training image size (the processor's default minimum would upsample small images)
+            self.teacher_processor = Qwen2VLImageProcessorPil(
+                patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                merge_size=vision.spatial_merge_size, size={"shortest_edge": factor * factor,
+                                                            "longest_edge": 16384 * factor * factor})
 
     def noise_levels(self, generators: List[torch.Generator]) -> torch.Tensor:
         t = self.scheduler.sample_noise_levels(len(generators), generator=generators)  # U[t0, t1]
@@ -323,15 +428,46 @@ class BatchBuilder:
         text_mask &= torch.tensor(text_on)[:, None]
 
         t = self.noise_levels(gens)  # (B,)
+        owner_index = torch.tensor(owners, dtype=torch.long)
+        extra = {}
+        if self.args.image_loss_reweight == "linear":  # iTARFlow's --reweight t: the loss of each image times its t
+            extra["image_loss_weight"] = t[owner_index].to(device)
+        if self.teacher is not None:
+            extra["teacher_logits"] = self.teacher_logits(examples, images, text_mask, device)
         pixels = torch.stack(images).to(device=device, dtype=self.weight_dtype)
         batch_gen = torch.Generator().manual_seed(sample_seed(args.seed, examples[0]["position"], stream=1))
         latents = self.vae.encode_latents(pixels, generator=batch_gen, sample=args.latent_sample == "sample").float()
         eps = torch.stack([torch.randn(latents.shape[1:], generator=gens[b]) for b in owners]).to(device)
-        noisy = self.scheduler.add_noise(latents, eps, t.to(device)[torch.tensor(owners, device=device)])
+        noisy = self.scheduler.add_noise(latents, eps, t.to(device)[owner_index.to(device)])
         return dict(input_ids=ids.to(device), latent_mask=latent_mask.to(device), images=noisy,
                     noise_level=t.to(device), attention_mask=attention_mask.to(device),
                     image_loss_mask=torch.tensor(scored, dtype=torch.bool, device=device),
-                    text_loss_mask=text_mask.to(device) if self.use_text else None)
+                    text_loss_mask=text_mask.to(device) if self.use_text else None, **extra)
+
+    def teacher_logits(self, examples: List[dict], images: List[torch.Tensor], text_mask: torch.Tensor, device):
+        """``(P, V)`` logits of the VLM seeing each image through its own vision tower, at the positions the text
+        loss scores (the same tokens, in the same order, as the student's: only the image spans differ in length)."""
+        from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts
+
+        pixels = [((im.float() + 1) / 2).clamp(0, 1) for im in images]
+        vision = self.teacher_processor(images=pixels, do_rescale=False, return_tensors="pt")
+        grid = vision["image_grid_thw"]
+        merge = self.teacher.config.vision_config.spatial_merge_size
+        tokens = (grid.prod(-1) // merge ** 2).tolist()
+        if len(set(tokens)) != 1 or len(images) != len(examples):
+            raise ValueError("--distill_from_vlm_vision: one image per understanding example of one size expected")
+        layouts = [encode_conversation(self.tokenizer, conversation(ex, False, self.args.interleaved_layout)[0],
+                                       tokens[0]) for ex in examples]
+        ids, latent_mask, attention_mask, assistant = pad_layouts(layouts, self.pad_id, side="right")
+        teacher_mask = assistant & ~latent_mask
+        teacher_mask[:, 1:] &= ~latent_mask[:, :-1]
+        selected = teacher_mask[:, 1:]
+        if int(selected.sum()) != int(text_mask[:, 1:].sum()):
+            raise ValueError("--distill_from_vlm_vision: the teacher and the student score different tokens")
+        logits = self.teacher(input_ids=ids.to(device), attention_mask=attention_mask.long().to(device),
+                              pixel_values=vision["pixel_values"].to(device, self.weight_dtype),
+                              image_grid_thw=grid.to(device)).logits
+        return logits[:, :-1][selected.to(device)].float()
 
 
 class PretzelTrainer(nn.Module):
@@ -346,13 +482,24 @@ class PretzelTrainer(nn.Module):
         else:
             self.__dict__["frozen_vlm"] = vlm
 
-    def forward(self, **inputs):
+    def forward(self, teacher_logits: Optional[torch.Tensor] = None, distill_weight: float = 1.0, **inputs):
         from diffusers_starflow2.models.vlm_stream import VLMStream
 
         vlm = self._modules.get("vlm") or self.__dict__["frozen_vlm"]
         # a plain dict: accelerate's mixed-precision output conversion rebuilds mappings as type(out)({...}), which
         # PretzelOutput (all fields required) does not support
-        return dict(self.transformer(VLMStream(vlm), **inputs))
+        out = dict(self.transformer(VLMStream(vlm), **inputs))
+        student = out.pop("text_logits", None)
+        if teacher_logits is not None and student is not None:
+            out["distill_kl"] = distillation_kl(student, teacher_logits)
+            out["loss"] = out["loss"] + distill_weight * out["distill_kl"]
+        return out
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) between next-token distributions."""
+    return F.kl_div(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
+                    log_target=True, reduction="batchmean")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,50 +564,57 @@ def trainable_parameters(module: nn.Module) -> List[nn.Parameter]:
 
 
 def list_checkpoints(output_dir: Path) -> List[Path]:
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and CHECKPOINT_RE.search(p.name)]
+    """The complete ``checkpoint-N`` folders of a run, oldest first; incomplete ones (no ``training_state.json``,
+    written last) are skipped with a warning."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        if not (path.is_dir() and CHECKPOINT_RE.search(path.name)):
+            continue
+        if (path / "training_state.json").is_file():
+            found.append(path)
+        else:
+            logger.warning(f"skipping {path}: not a complete checkpoint (no training_state.json)")
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.search(p.name).group(1)))
 
 
 def resolve_checkpoint(args) -> Optional[Path]:
+    """The folder of ``--resume_from_checkpoint`` (``None`` for ``latest`` when the run has none)."""
     if args.resume_from_checkpoint == "latest":
         found = list_checkpoints(Path(args.output_dir))
         return found[-1] if found else None
     for path in (Path(args.resume_from_checkpoint), Path(args.output_dir) / args.resume_from_checkpoint):
-        if (path / "training_state.json").is_file():
+        if path.is_dir():
+            if not (path / "training_state.json").is_file():
+                raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {str(path)!r} is "
+                                    "not a complete checkpoint (no training_state.json: empty, or written by a "
+                                    "killed run)")
             return path
-    return None
+    raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder "
+                        "(accepted: a checkpoint-N folder, its name inside --output_dir, or 'latest')")
 
 
-def replace_path(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing it (folders: rename the old one away first, then delete it)."""
-    if dst.is_dir():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
-    else:
-        os.replace(src, dst)
+def lora_layers(args, trainer: "PretzelTrainer", state_dict: Optional[dict] = None) -> dict:
+    """The keyword arguments of ``save_lora_weights`` for the trained adapters (fp32, on the CPU)."""
+    from peft import get_peft_model_state_dict
+
+    part = lambda prefix: None if state_dict is None else {  # noqa: E731
+        k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    layers = {"transformer_lora_layers": get_peft_model_state_dict(trainer.transformer,
+                                                                   state_dict=part("transformer.")),
+              "transformer_lora_adapter_metadata": trainer.transformer.peft_config["default"].to_dict()}
+    if args.lora_vlm:
+        layers.update(vlm_lora_layers=get_peft_model_state_dict(trainer.vlm, state_dict=part("vlm.")),
+                      vlm_lora_adapter_metadata=trainer.vlm.peft_config["default"].to_dict())
+    return {k: ({n: t.detach().float().cpu().contiguous() for n, t in v.items()} if k.endswith("_layers") else v)
+            for k, v in layers.items()}
 
 
-def save_pipeline_atomically(pipe, output_dir: Path) -> None:
-    """``pipe.save_pretrained`` into a temporary folder next to ``output_dir``'s entries, then move the components
-    in, ``model_index.json`` last (a folder is a loadable pipeline exactly when that file is present)."""
-    tmp = Path(tempfile.mkdtemp(prefix=".pipeline-", dir=output_dir))
-    try:
-        pipe.save_pretrained(tmp)
-        (output_dir / "model_index.json").unlink(missing_ok=True)
-        for entry in sorted(tmp.iterdir()):
-            if entry.name != "model_index.json":
-                replace_path(entry, output_dir / entry.name)
-        os.replace(tmp / "model_index.json", output_dir / "model_index.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_lora_file(args, trainer: "PretzelTrainer", folder: Path, state_dict: Optional[dict] = None) -> None:
+    """``folder/pytorch_lora_weights.safetensors``, loadable with ``pipe.load_lora_weights(folder)``."""
+    from diffusers_starflow2.loaders import StarFlow2LoraLoaderMixin
 
-
-def write_json_atomically(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with publish_into(folder, last=LORA_WEIGHT_NAME) as staging:
+        StarFlow2LoraLoaderMixin.save_lora_weights(staging, **lora_layers(args, trainer, state_dict))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,6 +631,13 @@ def open_data(args):
             raise ArgumentError(f"--mixture: {e}") from None
         return sampler.datasets, sampler
     kind = STAGE_DATA_KIND[args.stage]
+    if args.dataset_name:
+        try:
+            return {kind: open_hub_caption_dataset(args.dataset_name, args.dataset_config_name, args.image_column,
+                                                   args.caption_column, args.cache_dir)}, None
+        except (ValueError, FileNotFoundError) as e:
+            message = str(e) if str(e).startswith("--") else f"--dataset_name {args.dataset_name!r}: {e}"
+            raise ArgumentError(message) from None
     try:
         return {kind: open_dataset(args.train_data_dir, kind)}, None
     except ValueError as e:
@@ -484,13 +645,103 @@ def open_data(args):
             from None
 
 
+def vision_teacher(args, vlm):
+    """The VLM as its own teacher for ``--distill_from_vlm_vision``, or ``None`` (with a warning) without a vision
+    tower."""
+    if not args.distill_from_vlm_vision:
+        return None
+    if getattr(getattr(vlm, "model", None), "visual", None) is None:
+        logger.warning(f"--distill_from_vlm_vision: the VLM ({type(vlm).__name__}) has no vision tower; training "
+                       "stage 2 without distillation")
+        return None
+    return vlm
+
+
+def make_lr_scheduler(args, optimizer, num_processes: int):
+    # accelerate steps a prepared scheduler once per process and step: the horizon counts every process
+    warmup, total = args.lr_warmup_steps * num_processes, args.max_train_steps * num_processes
+    if args.lr_scheduler == "cosine_with_min_lr":
+        from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr=args.min_learning_rate)
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def trim_log(log_path: Path, last_step: int) -> None:
+    """Keep the rows of ``train_log.jsonl`` up to ``last_step``: a resumed run rewrites what came after."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # the torn last line of a killed run
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line)
+    write_text_atomic(log_path, "".join(line + "\n" for line in kept))
+
+
+def log_validation(args, pipe, accelerator, step: int, output_dir: Path, tag: str) -> List[Path]:
+    """Sample ``--num_validation_images`` per ``--validation_prompt`` with the pipeline, save them under
+    ``output_dir/validation/`` and send them to the trackers."""
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    folder = output_dir / "validation"
+    paths, images = [], []
+    # sampling must not consume the training's random state (resumed runs validate at other times)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), accelerator.autocast(), \
+            publish_into(folder, last=None) as staging:
+        for p_index, prompt in enumerate(args.validation_prompts):
+            generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
+            out = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generators).images
+            for i, image in enumerate(out):
+                name = f"{tag}_prompt{p_index}_{i}.png"
+                image.save(os.path.join(staging, name), format="PNG")
+                paths.append(folder / name)
+                images.append((prompt, image))
+    pipe.transformer.train(was_training)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image.convert("RGB")) for _, image in images])
+            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(image, caption=f"{i}: {prompt}")
+                                        for i, (prompt, image) in enumerate(images)]}, step=step)
+    logger.info(f"validation images at step {step}: {', '.join(str(p) for p in paths)}")
+    return paths
+
+
+def check_distributed_setup(accelerator) -> None:
+    """Refuse an FSDP launch that accelerate quietly turned into something else.
+
+    accelerate shards with FSDP only on GPUs and other accelerators; launched with an FSDP config on CPU it sets up
+    plain data parallel (``MULTI_CPU``), every process holding every weight, which is not what was asked for.
+    """
+    from accelerate.utils import DistributedType
+
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
+    if fsdp_requested and accelerator.distributed_type != DistributedType.FSDP:
+        import accelerate
+
+        raise ArgumentError(
+            f"the accelerate config asks for FSDP (distributed_type: FSDP), but accelerate {accelerate.__version__} "
+            f"set up {accelerator.distributed_type.value} on {accelerator.device.type}: accelerate shards with FSDP "
+            "on GPUs and other accelerators only, and on CPU falls back to data parallel with every weight "
+            "replicated. On CPU launch data parallel instead (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+            "--num_processes N ...)")
+
+
 def main(args: argparse.Namespace) -> dict:
     """Train; returns ``{"global_step", "history": [per-step logs], "output_dir"}``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from diffusers.image_processor import VaeImageProcessor
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
+    from diffusers.training_utils import EMAModel, cast_training_params
     from tqdm.auto import tqdm
 
     from diffusers_starflow2 import StarFlow2Pipeline, TarFlowScheduler
@@ -511,18 +762,25 @@ def main(args: argparse.Namespace) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.stage == 3)])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_distributed_setup(accelerator)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_staging(output_dir):
+            logger.warning(f"removed {path}, left over by a killed run")
     accelerator.wait_for_everyone()
     set_seed(args.seed)
     if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         logger.warning("running ONE process although the launcher prepared a distributed run: `accelerate launch "
                        "--cpu --num_processes N` needs --mpirun_hostfile; for N CPU processes use "
                        "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`")
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = create_repo(repo_id=args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
 
     # -- components ---------------------------------------------------------------------------------------------
     datasets, mixture_sampler = open_data(args)
     pipe = StarFlow2Pipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipe.set_progress_bar_config(disable=True)  # validation sampling inside the training's progress bar
     vlm, tokenizer, transformer, vae = pipe.vlm, pipe.tokenizer, pipe.transformer, pipe.vae
     t0 = pipe.scheduler.config.min_noise_level if args.noise_level_min is None else args.noise_level_min
     t1 = pipe.scheduler.config.max_noise_level if args.noise_level_max is None else args.noise_level_max
@@ -552,12 +810,11 @@ def main(args: argparse.Namespace) -> dict:
     params = trainable_parameters(trainer)
     if not params:
         raise ArgumentError("nothing to train (check --stage / --lora_target_modules)")
+    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
 
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
 
     # -- data: a fixed stream of samples, sharded over processes by accelerate ------------------------------------
     image_size = transformer.config.sample_size * vae.config.out_patch_size
@@ -568,12 +825,14 @@ def main(args: argparse.Namespace) -> dict:
     dataloader = DataLoader(reader, batch_size=args.train_batch_size, sampler=stream, collate_fn=collate_examples,
                             num_workers=args.num_workers)
     trainer, optimizer, dataloader, lr_scheduler = accelerator.prepare(trainer, optimizer, dataloader, lr_scheduler)
-    build_batch = BatchBuilder(args, tokenizer, vae, scheduler, transformer.num_latents, weight_dtype)
+    build_batch = BatchBuilder(args, tokenizer, vae, scheduler, transformer.num_latents, weight_dtype,
+                               teacher=vision_teacher(args, vlm))
 
     # -- resume ---------------------------------------------------------------------------------------------------
     run_signature = dict(stage=args.stage, seed=args.seed, train_batch_size=args.train_batch_size,
                          gradient_accumulation_steps=args.gradient_accumulation_steps,
-                         num_processes=accelerator.num_processes, lora_rank=args.lora_rank, lora_vlm=args.lora_vlm)
+                         num_processes=accelerator.num_processes, lora_rank=args.lora_rank, lora_vlm=args.lora_vlm,
+                         use_ema=args.use_ema)
     global_step = 0
     if args.resume_from_checkpoint:
         path = resolve_checkpoint(args)
@@ -581,30 +840,46 @@ def main(args: argparse.Namespace) -> dict:
             logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run")
         else:
             state = json.loads((path / "training_state.json").read_text())
-            mismatch = {k: (state[k], v) for k, v in run_signature.items() if state.get(k) != v}
+            mismatch = {k: (state.get(k), v) for k, v in run_signature.items() if state.get(k) != v}
             if mismatch:
                 raise ArgumentError(f"--resume_from_checkpoint {str(path)!r} was written by a different setup "
-                                 f"(checkpoint vs now): {mismatch}")
+                                    f"(checkpoint vs now): {mismatch}")
             accelerator.load_state(str(path))
+            if ema is not None:
+                load_ema(ema, path, state)
             global_step = state["global_step"]
             logger.info(f"resumed from {path} at step {global_step}")
+    log_path = output_dir / "train_log.jsonl"
+    if accelerator.is_main_process:
+        trim_log(log_path, global_step)
     if args.report_to != "none":
-        accelerator.init_trackers("starflow2", config={k: v for k, v in vars(args).items()
-                                                       if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(args.tracker_project_name, config={  # never the token
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
+
+    def validate(step: int, tag: str) -> List[Path]:
+        # the EMA weights stand in for the trained ones while sampling
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            return log_validation(args, pipe, accelerator, step, output_dir, tag)
+        finally:
+            if ema is not None:
+                ema.restore(params)
 
     # -- loop -----------------------------------------------------------------------------------------------------
     history: List[dict] = []
-    log_path = output_dir / "train_log.jsonl"
     batches = accelerator.skip_first_batches(dataloader, global_step * args.gradient_accumulation_steps) \
         if global_step else dataloader
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc=f"stage {args.stage}",
                     disable=not accelerator.is_local_main_process)
-    sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)  # loss, micro, bpd, images, text, n_text
+    # loss, micro-batches, bits/dim sum, scored images, text CE sum, batches with text, distillation KL sum
+    sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     text_weight = args.text_loss_weight if args.stage == 3 else 1.0
     for examples in batches if global_step < args.max_train_steps else ():
         with accelerator.accumulate(trainer):
             inputs = build_batch(examples, accelerator.device)
-            out = trainer(**inputs, text_loss_weight=text_weight)
+            out = trainer(**inputs, text_loss_weight=text_weight, distill_weight=args.distill_weight)
             accelerator.backward(out["loss"])
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -614,11 +889,14 @@ def main(args: argparse.Namespace) -> dict:
         scored = inputs["image_loss_mask"]
         has_text = inputs["text_loss_mask"] is not None and bool(inputs["text_loss_mask"][:, 1:].any())
         sums += torch.tensor([out["loss"].item(), 1, out["bits_per_dim"][scored].sum().item(), scored.sum().item(),
-                              out["text_loss"].item() if has_text else 0.0, float(has_text)],
+                              out["text_loss"].item() if has_text else 0.0, float(has_text),
+                              out["distill_kl"].item() if "distill_kl" in out else 0.0],
                              dtype=torch.float64, device=accelerator.device)
         if not accelerator.sync_gradients:
             continue
         global_step += 1
+        if ema is not None:
+            ema.step(params)
         total_sums = accelerator.reduce(sums, reduction="sum").tolist()
         sums.zero_()
         logs = {"step": global_step, "loss": total_sums[0] / total_sums[1], "lr": lr_scheduler.get_last_lr()[0]}
@@ -626,6 +904,8 @@ def main(args: argparse.Namespace) -> dict:
             logs["bits_per_dim"] = total_sums[2] / total_sums[3]
         if total_sums[5]:
             logs["text_ce"] = total_sums[4] / total_sums[5]
+            if build_batch.teacher is not None:
+                logs["distill_kl"] = total_sums[6] / total_sums[5]
         history.append(logs)
         progress.update(1)
         progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "step"})
@@ -638,33 +918,51 @@ def main(args: argparse.Namespace) -> dict:
         if args.report_to != "none":
             accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=global_step)
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, args, output_dir, global_step, run_signature)
+            save_checkpoint(accelerator, args, trainer, ema, output_dir, global_step, run_signature)
+        if (args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps
+                and accelerator.is_main_process):
+            validate(global_step, f"step-{global_step}")
         if global_step >= args.max_train_steps:
             break
     progress.close()
 
     # -- final weights --------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(params)  # the final save (and the final validation) hold the EMA weights
     state_dict = accelerator.get_state_dict(trainer)  # gathered on every backend (DDP, FSDP, DeepSpeed)
     if accelerator.is_main_process:
         save_final(args, accelerator.unwrap_model(trainer), state_dict, scheduler, output_dir)
+        images = log_validation(args, pipe, accelerator, global_step, output_dir, "final") \
+            if args.validation_prompts else []
+        if args.push_to_hub:
+            write_model_card(args, repo_id, output_dir, images)
+            upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="End of training",
+                          token=args.hub_token, ignore_patterns=["checkpoint-*", "logs/*", ".*"])
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "history": history, "output_dir": str(output_dir)}
 
 
-def save_checkpoint(accelerator, args, output_dir: Path, step: int, run_signature: dict) -> None:
+def save_checkpoint(accelerator, args, trainer, ema, output_dir: Path, step: int, run_signature: dict) -> None:
     """``accelerator.save_state`` (model, optimizer, LR scheduler, every process's RNG states) into
-    ``checkpoint-{step}``, written to a temporary folder first."""
+    ``checkpoint-{step}``, written to a temporary folder first; LoRA runs add ``pytorch_lora_weights.safetensors``
+    so that ``pipe.load_lora_weights(checkpoint)`` works, EMA runs ``ema.safetensors``."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    state_dict = accelerator.get_state_dict(trainer) if args.lora_rank is not None else None
     accelerator.wait_for_everyone()  # every process has written its RNG states
     if accelerator.is_main_process:
-        write_json_atomically(tmp / "training_state.json", {"global_step": step, **run_signature})
+        if args.lora_rank is not None:
+            write_lora_file(args, accelerator.unwrap_model(trainer), tmp, state_dict)
+        extra = {}
+        if ema is not None:
+            extra["ema"] = save_ema(ema, tmp)
+        write_json_atomic(tmp / "training_state.json", {"global_step": step, **run_signature, **extra})
         replace_path(tmp, final)
         if args.checkpoints_total_limit:
             for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
@@ -673,36 +971,45 @@ def save_checkpoint(accelerator, args, output_dir: Path, step: int, run_signatur
     accelerator.wait_for_everyone()
 
 
+def save_ema(ema, folder: Path) -> dict:
+    """The EMA's weights as safetensors (accelerate would pickle a registered object); returns its other state."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(folder / EMA_WEIGHT_NAME))
+    return state
+
+
+def load_ema(ema, folder: Path, training_state: dict) -> None:
+    from safetensors.torch import load_file
+
+    if "ema" not in training_state or not (folder / EMA_WEIGHT_NAME).is_file():
+        raise ArgumentError(f"--resume_from_checkpoint {str(folder)!r} holds no EMA state ({EMA_WEIGHT_NAME})")
+    shadow = load_file(str(folder / EMA_WEIGHT_NAME))
+    device = ema.shadow_params[0].device
+    ema.load_state_dict({**training_state["ema"],
+                         "shadow_params": [shadow[str(i)].to(device) for i in range(len(shadow))]})
+
+
 def save_final(args, trainer: PretzelTrainer, state_dict: dict, scheduler, output_dir: Path) -> None:
     """Full runs: the pipeline folder (frozen components reloaded from the source folder, so they are bit-exact).
     LoRA runs: ``pytorch_lora_weights.safetensors`` (+ a fused pipeline with ``--save_fused``)."""
     from diffusers_starflow2 import PretzelModel, StarFlow2Pipeline
     from diffusers_starflow2.loaders import StarFlow2LoraLoaderMixin
 
-    part = lambda prefix: {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}  # noqa: E731
-    transformer_state = part("transformer.")
-    write_json_atomically(output_dir / "training_args.json", vars(args))
+    write_json_atomic(output_dir / "training_args.json", vars(args))
     if args.lora_rank is None:
+        transformer_state = {k[len("transformer."):]: v for k, v in state_dict.items() if k.startswith("transformer.")}
         transformer = PretzelModel.from_config(trainer.transformer.config)
         transformer.load_state_dict({k: v.float() for k, v in transformer_state.items()})
         pipe = StarFlow2Pipeline.from_pretrained(args.pretrained_model_name_or_path, transformer=transformer,
                                                  scheduler=scheduler)
-        save_pipeline_atomically(pipe, output_dir)
+        save_pipeline_into(pipe, output_dir)
         logger.info(f"saved the pipeline to {output_dir}")
         return
 
-    from peft import get_peft_model_state_dict
-
-    layers = {"transformer_lora_layers": get_peft_model_state_dict(trainer.transformer, state_dict=transformer_state),
-              "transformer_lora_adapter_metadata": trainer.transformer.peft_config["default"].to_dict()}
-    if args.lora_vlm:
-        layers.update(vlm_lora_layers=get_peft_model_state_dict(trainer.vlm, state_dict=part("vlm.")),
-                      vlm_lora_adapter_metadata=trainer.vlm.peft_config["default"].to_dict())
-    layers = {k: ({n: t.detach().float().cpu() for n, t in v.items()} if k.endswith("_layers") else v)
-              for k, v in layers.items()}
-    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
-        StarFlow2LoraLoaderMixin.save_lora_weights(tmp, **layers)
-        os.replace(Path(tmp) / LORA_WEIGHT_NAME, output_dir / LORA_WEIGHT_NAME)
+    write_lora_file(args, trainer, output_dir, state_dict)
     logger.info(f"saved {output_dir / LORA_WEIGHT_NAME}")
     if args.save_fused:
         from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch, fuse_text_encoder_lora
@@ -717,8 +1024,42 @@ def save_final(args, trainer: PretzelTrainer, state_dict: dict, scheduler, outpu
             StarFlow2LoraLoaderMixin.load_lora_into_vlm(lora, pipe.vlm, adapter_name="trained", metadata=metadata)
             fuse_text_encoder_lora(pipe.vlm)
             _remove_text_encoder_monkey_patch(pipe.vlm)
-        save_pipeline_atomically(pipe, output_dir)
+        save_pipeline_into(pipe, output_dir)
         logger.info(f"saved the fused pipeline to {output_dir}")
+
+
+def save_pipeline_into(pipe, output_dir: Path) -> None:
+    """``pipe.save_pretrained`` into the run folder (next to its checkpoints and logs), ``model_index.json`` last."""
+    with publish_into(output_dir, last="model_index.json") as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+
+
+def write_model_card(args, repo_id: str, output_dir: Path, images: List[Path]) -> None:
+    """``output_dir/README.md``: diffusers' model card (base model, stage, data, sample images, tags)."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+    lora = args.lora_rank is not None
+    data = args.dataset_name or args.train_data_dir or args.mixture
+    task = {1: "text-to-image generation", 2: "image understanding (the visual adapter)",
+            3: "joint understanding, generation, editing and interleaved generation"}[args.stage]
+    lines = [f"# {'LoRA of ' if lora else ''}STARFlow2 — stage {args.stage} ({task})", "",
+             f"Trained from `{args.pretrained_model_name_or_path}` on `{data}` for {args.max_train_steps} steps "
+             f"with `training/train_starflow2.py` of diffusers-starflow2.", ""]
+    if lora:
+        lines += ["```python", "from diffusers_starflow2 import StarFlow2Pipeline", "",
+                  f'pipe = StarFlow2Pipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+                  f'pipe.load_lora_weights("{repo_id}")', "```", ""]
+    if images:
+        lines += ["## Samples", ""] + [f"![{p.name}](./{p.relative_to(output_dir).as_posix()})" for p in images]
+    widget = [{"text": args.validation_prompts[0], "output": {"url": p.relative_to(output_dir).as_posix()}}
+              for p in images[:1]] if images else None
+    card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, license="apache-2.0",
+                                     base_model=args.pretrained_model_name_or_path,
+                                     prompt=args.validation_prompts[0] if args.validation_prompts else None,
+                                     model_description="\n".join(lines), widget=widget, inference=True)
+    tags = ["starflow2", "normalizing-flow", "text-to-image", "diffusers-training", "diffusers"]
+    card = populate_model_card(card, tags=tags + (["lora"] if lora else []))
+    write_text_atomic(output_dir / "README.md", str(card))
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,3 +61,77 @@ def save_pretrained_atomic(obj, output: PathLike, overwrite: bool = False, name:
     with atomic_output_dir(output, overwrite, name) as staging:
         obj.save_pretrained(staging, safe_serialization=True)
     return os.path.abspath(os.fspath(output))
+
+
+def replace_path(src: PathLike, dst: PathLike) -> None:
+    """Move ``src`` onto ``dst``, replacing it; an existing folder is renamed away first and deleted after, so ``dst``
+    never holds a mix of old and new files."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.isdir(dst) and not os.path.islink(dst):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(os.path.abspath(dst)))
+        os.rmdir(old)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def write_json_atomic(path: PathLike, data) -> None:
+    """``json.dump`` into a temporary file next to ``path``, then rename it over ``path``."""
+    import json
+
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def publish_into(folder: PathLike, last: Optional[str] = "model_index.json") -> Iterator[str]:
+    """Yield a staging folder inside ``folder`` (a folder that holds other things, e.g. a training run's checkpoints
+    and logs); when the block succeeds, move every entry written there into ``folder``, ``last`` at the very end.
+
+    ``last`` is the file that makes ``folder`` loadable (a pipeline's ``model_index.json``): it is removed before the
+    other entries are replaced, so a run killed midway never leaves a loadable folder with mixed components.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".publish-", dir=folder)
+    try:
+        yield staging
+        if last and os.path.exists(os.path.join(staging, last)) and os.path.exists(os.path.join(folder, last)):
+            os.unlink(os.path.join(folder, last))
+        for name in sorted(os.listdir(staging), key=lambda n: n == last):
+            replace_path(os.path.join(staging, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(folder: PathLike) -> list:
+    """Delete the staging leftovers of killed writers in ``folder`` (the hidden ``.NAME.tmp-*``, ``.NAME.old-*`` and
+    ``.publish-*`` entries made by this module); returns their paths."""
+    folder = os.fspath(folder)
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        stale = name.startswith(".publish-") or ".tmp-" in name or ".old-" in name or name.endswith(".tmp")
+        if name.startswith(".") and stale:
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+            removed.append(path)
+    return removed

@@ -1,8 +1,10 @@
 """Train a complete tiny STARFlow2 from scratch on the synthetic shapes world, on CPU.
 
-Steps (each writes into ``--workdir``; a finished step is skipped when re-run, so the recipe resumes):
+Steps, run in the order given by ``--steps`` (default: all but ``export``); each writes into ``--workdir`` and reads
+what the earlier steps wrote there. Nothing is skipped: a step given again is run again, so to continue after a
+finished step, name only the remaining ones (e.g. ``--steps stage2 stage3``).
 
-1. ``world``  - the synthetic world at 32 px (train split), see ``training/synthetic_world.py``;
+1. ``world``  - the synthetic world at 32 px (train split), see ``diffusers_starflow2/world/synthetic_world.py``;
 2. ``fae``    - the FAE on the world's images, its frozen DINOv2 randomly initialised (no pretrained DINOv2 can be
    downloaded here; a random ViT still gives informative features for flat-coloured shapes);
 3. ``lm``     - a small Qwen2.5-VL-architecture language model standing in for the pretrained VLM, trained on the
@@ -10,9 +12,13 @@ Steps (each writes into ``--workdir``; a finished step is skipped when re-run, s
 4. ``init``   - a pipeline folder with the trained FAE and LM and a freshly initialised Pretzel;
 5. ``stage1`` / ``stage2`` / ``stage3`` - ``training/train_starflow2.py`` (text->image flow; adapter for understanding;
    joint training with skips on the mixture of all four data kinds);
-6. ``export`` - copy the final pipeline into ``src/diffusers_starflow2/default_model`` (the embedded default).
+6. ``export`` - only when named: copy ``WORKDIR/stage3`` into ``src/diffusers_starflow2/default_model`` (the embedded
+   default), atomically.
 
-    python training/recipes/train_world.py --workdir runs/world [--until stage3] [--export]
+    python training/recipes/train_world.py --workdir runs/world                       # steps world .. stage3
+    python training/recipes/train_world.py --workdir runs/world --steps stage3 export # redo stage 3, then export
+
+Options: ``--num_images`` (world size, 3000), ``--fae_steps`` (1200), ``--lm_steps`` (1000), ``--threads`` (1).
 """
 
 from __future__ import annotations

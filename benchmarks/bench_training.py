@@ -1,0 +1,129 @@
+"""Training throughput of training/train_starflow2.py's step: samples per second and peak memory per stage, with and
+without gradient checkpointing.
+
+    python benchmarks/bench_training.py [--configs tiny,mid] [--stages 1,2,3] [--batch_size 4] [--repeats 3]
+
+The configurations are those of ``bench_pipeline.py`` (random weights, built offline): ``tiny`` (16 latents, 32-px
+images) and ``mid`` (256 latents, 128-px images, VLM 4 x 512, deep stream 8 x 512). Each (configuration, stage,
+checkpointing) setting runs in its own subprocess, which sets the stage's trainable parameters exactly as the script
+does (``configure_trainable``), builds batches with its ``BatchBuilder`` (FAE encoding, noising, chat layouts) and
+times whole optimiser steps (batch building, forward, backward, AdamW) on synthetic examples: stage 1 captions,
+stage 2 understanding questions, stage 3 a caption / understanding / edit mixture. ``samples/s`` is the batch size
+over the median step time; ``peak RSS`` is the high-water mark of the process during the timed steps (reset before
+each one, see ``memory.py``), ``+RSS`` that peak minus the RSS after the warm-up step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import peak_kb, reset_peak, rss_kb  # noqa: E402
+
+
+def examples(stage: int, batch_size: int, image_size: int, step: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(step)
+    image = lambda: torch.rand(3, image_size, image_size, generator=gen) * 2 - 1  # noqa: E731
+    kinds = {1: ["caption"], 2: ["understanding"], 3: ["caption", "understanding", "edit"]}[stage]
+    out = []
+    for i in range(batch_size):
+        kind = kinds[i % len(kinds)]
+        ex = {"caption": {"image": image(), "text": "a red circle on the left of a blue square"},
+              "understanding": {"image": image(), "prompt": "what color is the shape?", "response": "red"},
+              "edit": {"source_image": image(), "instruction": "make it blue", "target_image": image()}}[kind]
+        out.append({"kind": kind, **ex, "position": step * batch_size + i, "source": kind})
+    return out
+
+
+def worker(config: str, stage: int, checkpointing: bool, batch_size: int, repeats: int) -> dict:
+    import torch
+
+    from bench_pipeline import build_pipeline
+    from diffusers_starflow2.training import train_starflow2 as train
+
+    pipe = build_pipeline(config)
+    args = train.parse_args(["--stage", str(stage), "--pretrained_model_name_or_path", "-", "--output_dir", "-",
+                             "--max_train_steps", "1", "--caption_dropout", "0.1"])
+    transformer, vlm = pipe.transformer, pipe.vlm
+    train.configure_trainable(args, transformer, vlm)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+        if stage >= 2:
+            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    transformer.train()
+    vlm.train(checkpointing and stage >= 2)
+    trainer = train.PretzelTrainer(transformer, vlm, train_vlm=False)
+    params = train.trainable_parameters(trainer)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    build = train.BatchBuilder(args, pipe.tokenizer, pipe.vae, pipe.scheduler, transformer.num_latents,
+                               torch.float32)
+    image_size = transformer.config.sample_size * pipe.vae.config.out_patch_size
+
+    def step(i):
+        out = trainer(**build(examples(stage, batch_size, image_size, i), "cpu"))
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(0)  # warm-up (allocates the optimizer state)
+    base = rss_kb()
+    times, peaks = [], []
+    for i in range(1, repeats + 1):
+        ok = reset_peak()
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+        peaks.append(peak_kb(ok))
+    seconds = statistics.median(times)
+    return {"config": config, "stage": stage, "checkpointing": checkpointing, "batch_size": batch_size,
+            "trainable": sum(p.numel() for p in params), "seconds": seconds, "samples_per_s": batch_size / seconds,
+            "peak_mb": max(peaks) / 1024, "extra_mb": (max(peaks) - base) / 1024}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid")
+    parser.add_argument("--stages", default="1,2,3")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        config, stage, checkpointing = args.worker.split(":")
+        print(json.dumps(worker(config, int(stage), checkpointing == "1", args.batch_size, args.repeats)))
+        return
+    rows = []
+    for config in args.configs.split(","):
+        for stage in (int(s) for s in args.stages.split(",")):
+            for checkpointing in (False, True):
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{config}:{stage}:{int(checkpointing)}",
+                       "--batch_size", str(args.batch_size), "--repeats", str(args.repeats), "--threads",
+                       str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                r = rows[-1]
+                print(f"{config} stage {stage} checkpointing={checkpointing}: {r['samples_per_s']:.2f} samples/s, "
+                      f"peak {r['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+    print("| config | stage | trainable params | gradient checkpointing | batch | s/step | samples/s | peak RSS MB "
+          "| +RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['stage']} | {r['trainable'] / 1e6:.2f}M | {'on' if r['checkpointing'] else 'off'} "
+              f"| {r['batch_size']} | {r['seconds']:.3f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} "
+              f"| {r['extra_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
