@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..models.transformer_starflow import StarFlowTransformerModel
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
+from ..utils import validation
 from .pipeline_utils import (
     check_generator,
     check_guidance_scale,
@@ -153,24 +154,27 @@ class StarFlowPipeline(DiffusionPipeline):
                      noise_level: float, num_denoising_steps: int, callback_on_step_end: Optional[Callable],
                      callback_on_step_end_tensor_inputs: List[str]) -> List[str]:
         """Validate the call; returns the callback tensor names to pass."""
-        check_prompt(prompt)
-        if negative_prompt is not None:
-            check_prompt(negative_prompt, "negative_prompt", allow_empty=True)
         cfg = self.transformer.config
+        max_sequence_length = validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1,
+                                                       maximum=cfg.max_text_length)
+        prompts = check_prompt(prompt, tokenizer=self.tokenizer)
+        negatives = [] if negative_prompt is None else check_prompt(negative_prompt, "negative_prompt",
+                                                                    allow_empty=True, tokenizer=self.tokenizer)
+        # prompts longer than the text window are refused, not truncated: a cut prompt is a different prompt
+        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+            for text in texts:
+                n = len(self.tokenizer(text)["input_ids"])  # with </s>, as the text encoder sees it
+                if n > max_sequence_length:
+                    raise ValueError(f"`{name}` has {n} tokens (with the end token), more than "
+                                     f"max_sequence_length={max_sequence_length}; shorten it")
         check_image_size(height, width, self.vae_scale_factor * cfg.patch_size)
         if not cfg.use_rope and (height, width) != (self.default_size,) * 2:
             raise ValueError(f"`height` and `width` must be {self.default_size} for a transformer without RoPE")
         check_guidance_scale(guidance_scale)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer; got {num_images_per_prompt}")
+        validation.check_integer(num_images_per_prompt, "num_images_per_prompt", minimum=1)
         check_output_type(output_type)
-        if not 1 <= max_sequence_length <= cfg.max_text_length:
-            raise ValueError(f"`max_sequence_length` must be between 1 and the transformer's max_text_length "
-                             f"({cfg.max_text_length}); got {max_sequence_length}")
-        if noise_level < 0:
-            raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
-        if num_denoising_steps < 0:
-            raise ValueError(f"`num_denoising_steps` must be >= 0; got {num_denoising_steps}")
+        validation.check_number(noise_level, "noise_level", minimum=0)
+        validation.check_integer(num_denoising_steps, "num_denoising_steps", minimum=0)
         return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                               self._callback_tensor_inputs)
 
@@ -239,8 +243,8 @@ class StarFlowPipeline(DiffusionPipeline):
                 level of the latents the step started from. Returning ``{"latents": ...}`` replaces the latents.
             callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (a subset of
                 ``_callback_tensor_inputs``).
-            max_sequence_length: text tokens; prompts are padded to it and longer prompts truncated, as in
-                training (default and maximum: the transformer's ``max_text_length``).
+            max_sequence_length: text tokens; prompts are padded to it, as in training (default and maximum: the
+                transformer's ``max_text_length``).  A longer prompt is refused with a ``ValueError``.
 
         Examples:
 
@@ -281,13 +285,15 @@ class StarFlowPipeline(DiffusionPipeline):
                 progress_bar=progress_bar,
                 callback=lambda i, t, x: self._callback(callback_on_step_end, tensor_inputs, num_blocks + i, t, x))
 
+        validation.check_finite_output(latents, "image latents")
         if output_type == "latent":
             images = latents
         else:
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
             if getattr(self.vae.config, "shift_factor", None) is not None:
                 latents = latents + self.vae.config.shift_factor
-            images = postprocess_images(self.vae.decode(latents, return_dict=False)[0], output_type,
-                                        self.image_processor)
+            decoded = self.vae.decode(latents, return_dict=False)[0]
+            validation.check_finite_output(decoded, "decoded pixels")
+            images = postprocess_images(decoded, output_type, self.image_processor)
         self.maybe_free_model_hooks()
         return StarFlowPipelineOutput(images=images) if return_dict else (images,)

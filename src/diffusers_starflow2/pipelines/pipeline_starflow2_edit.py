@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 
 from ..models.transformer_pretzel import PretzelCache
+from ..utils import validation
 from ..utils.sequence import TokenLayout, encode_conversation, user_message
 from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2PipelineOutput
 from .pipeline_utils import (
@@ -138,7 +139,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         prompts, negatives = self._check_texts(prompt, negative_prompt, max_sequence_length)
         return _broadcast("prompt", prompts, size), _broadcast("negative_prompt", negatives, size)
 
-    def _check_state(self, state, image, num_images_per_prompt: int, branches: int):
+    def _check_state(self, state, image, num_images_per_prompt: int, branches: int, max_sequence_length: int = 256):
         if image is not None:
             raise ValueError("`image` must be None when `state` is given: the conversation already holds its image")
         if not isinstance(state, StarFlow2EditState):
@@ -151,6 +152,19 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             name = "image_guidance_scale" if branches == 3 else "guidance_scale"
             raise ValueError(f"`{name}` needs {branches} guidance branches but `state` holds {state.num_branches}; "
                              f"use the guidance of every later turn already in the first turn")
+        if not isinstance(state.cache, PretzelCache):
+            raise ValueError(f"`state` holds no caches (its `cache` is {type(state.cache).__name__}); pass the "
+                             f"`state` of a previous output")
+        # every turn grows the conversation: refuse the one that would run past the VLM's context
+        used = state.cache.attention_mask.shape[1]
+        context = validation.model_context_length(self.vlm, self.tokenizer)
+        needed = used + validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1) \
+            + state.num_latents + validation.CHAT_TEMPLATE_RESERVE
+        if needed > context:
+            raise ValueError(f"`state` holds a conversation of {used} positions; another turn of up to "
+                             f"max_sequence_length={max_sequence_length} tokens and an image of {state.num_latents} "
+                             f"latents needs {needed}, more than the model's context of {context}; lower "
+                             f"`max_sequence_length` or start a new conversation")
 
     @torch.no_grad()
     def __call__(self, image: Optional[ImageInput] = None, prompt: Union[str, List[str]] = None,
@@ -194,12 +208,9 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         Examples:
         """
         check_guidance_scale(guidance_scale)
-        if not image_guidance_scale >= 1:  # also rejects NaN
-            raise ValueError(f"`image_guidance_scale` must be >= 1 (1 = no image guidance); got "
-                             f"{image_guidance_scale}")
+        validation.check_number(image_guidance_scale, "image_guidance_scale", minimum=1)  # 1 = no image guidance
         check_output_type(output_type)
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
+        validation.check_integer(num_images_per_prompt, "num_images_per_prompt", minimum=1)
         tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                                        self._callback_tensor_inputs)
         steps = self._check_denoising_steps(num_denoising_steps)
@@ -227,7 +238,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             cache = self._new_cache(len(layouts), noise_level)
             self._run_text(cache, layouts, source.repeat(min(branches, 2), 1, 1))  # the branches with an image
         else:
-            self._check_state(state, image, num_images_per_prompt, branches)
+            self._check_state(state, image, num_images_per_prompt, branches, max_sequence_length)
             if noise_level is not None and noise_level != state.noise_level:
                 raise ValueError(f"`noise_level` must be the conversation's {state.noise_level} when continuing "
                                  f"a `state`; got {noise_level}")

@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..models.transformer_pretzel import PretzelCache
+from ..utils import validation
 from ..utils.sequence import IMAGE_PAD, VISION_END, VISION_START, encode_conversation, special_id, user_message
 from .pipeline_starflow2 import StarFlow2BasePipeline
 from .pipeline_utils import check_guidance_scale, check_output_type, prepare_noise, resolve_callback_tensor_inputs
@@ -85,10 +86,11 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         if isinstance(prompt, str):
             prompt = [prompt]
         if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError(f"`prompt` must be a string, a list of segments or chat messages; got {prompt!r}")
-        if all(isinstance(m, dict) and "role" in m for m in prompt):
+            raise ValueError(f"`prompt` must be a string, a list of segments or chat messages; got "
+                             f"{type(prompt).__name__}")
+        if validation.is_chat(prompt):
             messages, images, answer = [], [], []
-            for i, message in enumerate(prompt):
+            for i, message in enumerate(validation.check_messages(prompt)):
                 content = message.get("content")
                 items = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
                 parts = [item.get("image") if item.get("type") == "image" else item.get("text") for item in items]
@@ -101,11 +103,15 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 messages.append({"role": message["role"], "content": [
                     {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]})
             return messages, images, answer
+        for i, part in enumerate(prompt):
+            if not isinstance(part, (str, PIL.Image.Image, np.ndarray, torch.Tensor)):
+                raise ValueError(f"`prompt` item {i} must be a string or an image (PIL, numpy array, torch tensor); a "
+                                 f"list of chat messages must hold only dicts; got {type(part).__name__}")
         parts = _split_placeholders(prompt)
         first = next((i for i, p in enumerate(parts) if isinstance(p, str) and p == IMAGE_PLACEHOLDER), len(parts))
         user, answer = parts[:first], parts[first:]
-        if not user:
-            raise ValueError("`prompt` needs a user request before the first image placeholder")
+        if all(isinstance(p, str) and not p.strip() for p in user):
+            raise ValueError("`prompt` needs a user request (text or an image) before the first image placeholder")
         return [user_message(*user)], [p for p in user if not isinstance(p, str)], answer
 
     # -- generation core -----------------------------------------------------------------------------------------------
@@ -127,6 +133,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         """Sample the next text token from the conditional branch: ``LM_head(h + W_t g)`` at the last position."""
         logits = self.transformer.text_logits(self.vlm_stream, cache.last_hidden[:1],
                                               cache.last_flow_hidden[:1])[:, -1].float()  # (1, V)
+        validation.check_finite_output(logits, "text logits")
         logits[:, banned] = -float("inf")
         if processors is None:  # temperature 0: greedy
             return int(logits.argmax(-1))
@@ -221,26 +228,42 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                           noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
                           output_type: str = "pil", callback_on_step_end=None,
                           callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> Iterator[Segment]:
-        check_guidance_scale(guidance_scale)
+        guidance_scale = check_guidance_scale(guidance_scale)
         check_output_type(output_type)
-        if max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be >= 0; got {max_new_tokens}")
-        if max_images < 0:
-            raise ValueError(f"`max_images` must be >= 0; got {max_images}")
-        if temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0; got {temperature}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"`negative_prompt` must be a string; got {type(negative_prompt).__name__}")
-        if isinstance(generator, list):
-            if len(generator) != 1:
-                raise ValueError(f"`generator` must be one generator (the pipeline makes one conversation); got "
-                                 f"{len(generator)}")
-            generator = generator[0]
-        tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, list(callback_on_step_end_tensor_inputs),
+        tokenizer, num_latents = self.tokenizer, self.transformer.num_latents
+        context = validation.model_context_length(self.vlm, tokenizer)
+        image_positions = num_latents + 2  # <|vision_start|>, the latents, <|vision_end|>
+        max_new_tokens = validation.check_integer(max_new_tokens, "max_new_tokens", minimum=0, maximum=context)
+        max_images = validation.check_integer(max_images, "max_images", minimum=0,
+                                              maximum=context // image_positions)
+        temperature = validation.check_number(temperature, "temperature", minimum=0)
+        top_k = validation.check_integer(top_k, "top_k", minimum=0, allow_none=True)  # 0 = off, as in transformers
+        top_p = validation.check_number(top_p, "top_p", minimum=0, maximum=1, exclusive_minimum=True,
+                                        allow_none=True)
+        stop = validation.check_stop(stop)
+        if negative_prompt is not None:
+            validation.check_text(negative_prompt, "negative_prompt", tokenizer, allow_empty=True)
+        validation.check_generator(generator, 1)
+        if isinstance(generator, (list, tuple)):
+            generator = generator[0]  # the pipeline makes one conversation
+        tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                                        self._callback_tensor_inputs)
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
+
+        # the whole prompt is checked before anything runs: texts (special tokens), images, and the context budget
+        messages, images, answer = self._parse(prompt)
+        texts = [item["text"] for m in messages for item in m["content"] if item["type"] == "text"]
+        texts += [p for p in answer if isinstance(p, str) and p != IMAGE_PLACEHOLDER]
+        for text in texts:
+            validation.check_text(text, "prompt", tokenizer, allow_empty=True)
+        answer_images = [p for p in answer if not isinstance(p, str) or p == IMAGE_PLACEHOLDER]
+        for image in images + [p for p in answer_images if not isinstance(p, str)]:
+            validation.check_single_image(image, "prompt")
+        prompt_positions = (sum(validation.count_tokens(tokenizer, t) for t in texts)
+                            + validation.CHAT_TEMPLATE_RESERVE * len(messages)
+                            + (len(images) + len(answer_images)) * image_positions)
+        validation.check_context_budget(prompt_positions, max_new_tokens, max_images, image_positions, context)
         return self._generate(prompt, negative_prompt or "", guidance_scale, max_new_tokens, max_images,
                               temperature, top_k, top_p, stop, generator, noise_level, steps, output_type,
                               callback_on_step_end, tensor_inputs)

@@ -1,8 +1,8 @@
 # Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
-"""Input validation, noise and output conversion shared by the STARFlow pipelines.
+"""Noise, callbacks and output conversion shared by the STARFlow pipelines.
 
-Every ``check_*`` function raises a ``ValueError`` whose message starts with the offending argument's name in
-backticks, e.g. ``"`height` and `width` must be ..."``, so callers and tests can tell which input was wrong.
+The input checks are in :mod:`diffusers_starflow2.utils.validation`; every one raises a ``ValueError`` whose message
+starts with the offending argument's name in backticks, so callers and tests can tell which input was wrong.
 """
 
 from __future__ import annotations
@@ -14,46 +14,20 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+# the checks live in one module; they are re-exported here for the pipelines
+from ..utils.validation import (  # noqa: F401
+    check_generator,
+    check_guidance_scale,
+    check_image_size,
+    check_latents,
+    check_names,
+    check_output_type,
+    check_prompt,
+)
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 Generator = Union[torch.Generator, List[torch.Generator], None]
-
-
-def check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}; got {output_type!r}")
-
-
-def check_guidance_scale(guidance_scale: float) -> None:
-    if not guidance_scale >= 0:  # also rejects NaN
-        raise ValueError(f"`guidance_scale` must be >= 0; got {guidance_scale}")
-
-
-def check_generator(generator: Generator, batch_size: int) -> None:
-    """A list of generators needs one generator per generated image (``batch_size * num_images_per_prompt``)."""
-    if isinstance(generator, list) and len(generator) != batch_size:
-        raise ValueError(f"`generator` is a list of {len(generator)} generators, but {batch_size} images are "
-                         f"generated (batch size * num_images_per_prompt); pass one generator per image")
-
-
-def check_image_size(height: int, width: int, multiple: int) -> None:
-    """``height`` and ``width`` must be positive multiples of ``multiple`` (VAE factor times patch size)."""
-    if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0
-            and height % multiple == 0 and width % multiple == 0):
-        raise ValueError(f"`height` and `width` must be positive multiples of {multiple}; got {height} and {width}")
-
-
-def check_prompt(prompt: Union[str, Sequence[str]], name: str = "prompt", allow_empty: bool = False) -> List[str]:
-    """Validate a prompt (a string or a non-empty list of strings) and return it as a list.
-
-    ``allow_empty`` accepts ``""`` items (e.g. negative prompts, where ``""`` is the unconditional prompt).
-    """
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"`{name}` must be a string or a non-empty list of strings; got {type(prompt).__name__}")
-    if not allow_empty and any(not p.strip() for p in prompts):
-        raise ValueError(f"`{name}` must not contain empty strings; got {prompt!r}")
-    return list(prompts)
 
 
 def resolve_callback_tensor_inputs(callback_on_step_end: Optional[Callable],
@@ -68,7 +42,9 @@ def resolve_callback_tensor_inputs(callback_on_step_end: Optional[Callable],
         callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
     if callback_on_step_end is not None and not callable(callback_on_step_end):
         raise ValueError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}")
-    unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in allowed]
+    callback_on_step_end_tensor_inputs = check_names(callback_on_step_end_tensor_inputs or [],
+                                                     "callback_on_step_end_tensor_inputs")
+    unknown = [k for k in callback_on_step_end_tensor_inputs if k not in allowed]
     if unknown:
         raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {list(allowed)}; got unknown "
                          f"{unknown}")
@@ -81,9 +57,7 @@ def prepare_noise(shape: Tuple[int, ...], generator: Generator, device, dtype: t
     user-supplied ``latents`` after checking their shape."""
     if latents is None:
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    if tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"`{name}` must have shape {tuple(shape)}; got {tuple(latents.shape)}")
-    return latents.to(device=device, dtype=dtype)
+    return check_latents(latents, shape, name).to(device=device, dtype=dtype)
 
 
 def postprocess_images(images: torch.Tensor, output_type: str = "pil",
