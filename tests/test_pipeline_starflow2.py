@@ -286,7 +286,7 @@ def test_make_tiny_folder_loads_and_generates(pipe, tiny_dir):
     # an existing folder is never touched without --overwrite
     script = load_script("make_tiny_starflow2")
     before = (tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
-    assert script.main(["--output", str(tiny_dir), "--seed", "1"]) == 1
+    assert script.main(["--output", str(tiny_dir), "--seed", "1"]) == 2
     assert (tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     assert not [p for p in tiny_dir.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
@@ -352,7 +352,7 @@ def test_assemble_round_trip(tmp_path, capsys):
     broken["shallow.1.layers.0.attn.to_qkv.weight"] = state["shallow.1.attn_blocks.0.attention.qkv.weight"]
     torch.save({"model": broken, "step": 7}, tmp_path / "broken.pth")
     capsys.readouterr()
-    assert script.main([*args, "--weights", str(tmp_path / "broken.pth"), "--output", str(tmp_path / "bad")]) == 1
+    assert script.main([*args, "--weights", str(tmp_path / "broken.pth"), "--output", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     for key in ("deep.layers.1.mlp.fc2.weight", "deep.attn_blocks.0.attention.rotary.freqs",
                 "fae.dinov2.embeddings.cls_token", "shallow.1.layers.0.attn.to_qkv.weight"):

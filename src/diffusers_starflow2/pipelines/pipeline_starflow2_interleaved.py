@@ -318,5 +318,5 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         return StarFlow2InterleavedOutput(segments=segments)
 
     def stream(self, prompt, **kwargs) -> Iterator[Segment]:
-        """Like ``__call__`` but yields each segment as soon as it is complete."""
-        yield from self._checked_generate(prompt, **kwargs)
+        """Like ``__call__`` but yields each segment as soon as it is complete; bad input raises at the call."""
+        return self._checked_generate(prompt, **kwargs)
