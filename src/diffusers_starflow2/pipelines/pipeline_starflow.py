@@ -23,6 +23,7 @@ from ..models.transformer_starflow import StarFlowTransformerModel
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
 from ..utils import validation
 from .pipeline_utils import (
+    AtomicSaveMixin,
     check_generator,
     check_guidance_scale,
     check_image_size,
@@ -64,7 +65,7 @@ class StarFlowPipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class StarFlowPipeline(DiffusionPipeline):
+class StarFlowPipeline(AtomicSaveMixin, DiffusionPipeline):
     r"""Text-to-image generation with a STARFlow deep-shallow autoregressive flow.
 
     Args:

@@ -22,6 +22,7 @@ from ..schedulers.scheduling_tarflow import TarFlowScheduler
 from ..utils import validation
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
 from .pipeline_utils import (
+    AtomicSaveMixin,
     check_generator,
     check_guidance_scale,
     check_output_type,
@@ -56,7 +57,7 @@ class StarFlow2PipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-class StarFlow2BasePipeline(DiffusionPipeline, StarFlow2LoraLoaderMixin):
+class StarFlow2BasePipeline(AtomicSaveMixin, DiffusionPipeline, StarFlow2LoraLoaderMixin):
     """Components, the image-generation core and LoRA loading shared by the STARFlow2 pipelines.
 
     Components:

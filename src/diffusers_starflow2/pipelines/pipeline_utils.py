@@ -7,12 +7,16 @@ starts with the offending argument's name in backticks, so callers and tests can
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
+
+from ..utils.io import atomic_output_dir
 
 # the checks live in one module; they are re-exported here for the pipelines
 from ..utils.validation import (  # noqa: F401
@@ -67,3 +71,46 @@ def postprocess_images(images: torch.Tensor, output_type: str = "pil",
     check_output_type(output_type)
     image_processor = image_processor or VaeImageProcessor()
     return image_processor.postprocess(images, output_type=output_type)
+
+
+def _carry_over(old: str, new: str) -> None:
+    """Copy the entries of an existing folder ``old`` that the new save did not write (a README, say) into ``new``.
+
+    Copied, not moved: until the final rename, the old folder stays complete.
+    """
+    if not os.path.isdir(old):
+        return
+    for name in os.listdir(old):
+        source, target = os.path.join(old, name), os.path.join(new, name)
+        if os.path.lexists(target):
+            continue
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, target, symlinks=True)
+        else:
+            shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _holds_working_directory(path: str) -> bool:
+    cwd = os.getcwd()
+    return cwd == path or cwd.startswith(path.rstrip(os.sep) + os.sep)
+
+
+class AtomicSaveMixin:
+    """``save_pretrained`` that never leaves a partial pipeline folder at ``save_directory``.
+
+    The pipeline is written into a staging folder next to ``save_directory`` and renamed into place when complete
+    (with ``push_to_hub``, the upload also runs before the rename).  A process killed midway leaves the old folder
+    (or none) at ``save_directory`` and at most a hidden ``.<name>.tmp-*`` folder beside it.  Files of an existing
+    folder that the save does not write are kept, as with diffusers.  Saving into the current working directory
+    (or a folder holding it) cannot rename that folder away and is written in place.
+    """
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        target = os.path.abspath(os.fspath(save_directory))
+        if _holds_working_directory(target):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):  # diffusers names the repo after the folder it saves into: the staging one
+            kwargs.setdefault("repo_id", os.path.basename(target))
+        with atomic_output_dir(target, overwrite=True, name="save_directory") as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            _carry_over(target, staging)
