@@ -210,10 +210,11 @@ def _checked(args) -> None:
     from .utils import validation
 
     validation.check_seed(args.seed, "--seed")
-    for option in ("guidance_scale", "image_guidance_scale", "temperature"):
+    for option, minimum in (("guidance_scale", 0), ("image_guidance_scale", 1)):
         if hasattr(args, option):
-            validation.check_number(getattr(args, option), "--" + option.replace("_", "-"),
-                                    minimum=1 if option == "image_guidance_scale" else 0)
+            validation.check_guidance_scale(getattr(args, option), "--" + option.replace("_", "-"), minimum)
+    if hasattr(args, "temperature"):
+        validation.check_number(args.temperature, "--temperature", minimum=0)
     for option, minimum, maximum in (("max_new_tokens", 0, None), ("num_images", 1, MAX_NUM_IMAGES),
                                      ("denoising_steps", 0, None)):
         if getattr(args, option, None) is not None:

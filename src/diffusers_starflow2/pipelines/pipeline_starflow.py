@@ -174,7 +174,7 @@ class StarFlowPipeline(AtomicSaveMixin, DiffusionPipeline):
         check_guidance_scale(guidance_scale)
         validation.check_integer(num_images_per_prompt, "num_images_per_prompt", minimum=1)
         check_output_type(output_type)
-        validation.check_number(noise_level, "noise_level", minimum=0)
+        validation.check_noise_level(noise_level)
         validation.check_integer(num_denoising_steps, "num_denoising_steps", minimum=0)
         return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                               self._callback_tensor_inputs)

@@ -161,7 +161,7 @@ class StarFlow2BasePipeline(AtomicSaveMixin, DiffusionPipeline, StarFlow2LoraLoa
     def _check_noise_level(self, noise_level: Optional[float]) -> float:
         """``noise_level`` or the scheduler's default, checked."""
         noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
-        return validation.check_number(noise_level, "noise_level", minimum=0)
+        return validation.check_noise_level(noise_level)
 
     def _check_denoising_steps(self, num_denoising_steps: Optional[int]) -> int:
         """``num_denoising_steps`` or the scheduler's default, checked."""

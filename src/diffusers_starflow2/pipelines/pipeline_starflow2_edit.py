@@ -208,7 +208,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         Examples:
         """
         check_guidance_scale(guidance_scale)
-        validation.check_number(image_guidance_scale, "image_guidance_scale", minimum=1)  # 1 = no image guidance
+        check_guidance_scale(image_guidance_scale, "image_guidance_scale", minimum=1)  # 1 = no image guidance
         check_output_type(output_type)
         validation.check_integer(num_images_per_prompt, "num_images_per_prompt", minimum=1)
         tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,

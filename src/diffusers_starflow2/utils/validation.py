@@ -28,11 +28,15 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 # prompt tokens when the token limit is derived from the model's context.
 CHAT_TEMPLATE_RESERVE = 32
 CHAT_ROLES = ("system", "user", "assistant")
+# Largest guidance scale and noise level: far beyond any useful value, and small enough that the float32 arithmetic of
+# sampling cannot overflow into an error (larger useless values still end in NaN, which is caught after sampling).
+MAX_SCALE = 1e6
 # PIL modes whose conversion to RGB would clip values (16/32-bit integer, float): refused instead of misread.
 _HIGH_DEPTH_MODES = ("I", "F")
 
 NON_FINITE_HINT = ("likely causes: weights holding NaN/inf (a broken checkpoint or LoRA file), a guidance scale or "
-                   "noise level too large for this model, or non-finite `latents` / callback outputs")
+                   "noise level too large for this model, a noise level of 0 with denoising steps, or non-finite "
+                   "`latents` / callback outputs")
 
 
 class NonFiniteError(ValueError):
@@ -111,9 +115,14 @@ def check_choice(value: Any, name: str, choices: Sequence) -> Any:
     return value
 
 
-def check_guidance_scale(guidance_scale: Any, name: str = "guidance_scale") -> float:
-    """A guidance weight: finite and >= 0 (0 disables guidance)."""
-    return check_number(guidance_scale, name, minimum=0)
+def check_guidance_scale(guidance_scale: Any, name: str = "guidance_scale", minimum: float = 0) -> float:
+    """A guidance weight in ``[minimum, MAX_SCALE]`` (0 disables text guidance, 1 image guidance)."""
+    return check_number(guidance_scale, name, minimum=minimum, maximum=MAX_SCALE)
+
+
+def check_noise_level(noise_level: Any, name: str = "noise_level") -> float:
+    """The noise level (a standard deviation) of the flow's samples, in ``[0, MAX_SCALE]``."""
+    return check_number(noise_level, name, minimum=0, maximum=MAX_SCALE)
 
 
 def check_output_type(output_type: Any, choices: Sequence[str] = ("pil", "np", "pt", "latent")) -> str:
