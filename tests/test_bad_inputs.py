@@ -84,6 +84,7 @@ def assert_refused(call, name):
 # --------------------------------------------------------------------------------------------------------------
 
 T2I_CASES = [
+    (dict(return_dict="yes"), "return_dict"),
     (dict(prompt=None), "prompt"),
     (dict(prompt=3), "prompt"),
     (dict(prompt=[]), "prompt"),
@@ -113,12 +114,16 @@ T2I_CASES = [
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(num_images_per_prompt="2"), "num_images_per_prompt"),
     (dict(num_images_per_prompt=True), "num_images_per_prompt"),
+    (dict(num_images_per_prompt=10 ** 20), "num_images_per_prompt"),
+    (dict(prompt=["a"] * 600, num_images_per_prompt=2), "num_images_per_prompt"),
+    (dict(prompt=["a"] * 2000), "prompt"),
     (dict(noise_level=INF), "noise_level"),
     (dict(noise_level=-0.1), "noise_level"),
     (dict(noise_level="0.3"), "noise_level"),
     (dict(noise_level=1e300), "noise_level"),
     (dict(num_denoising_steps=1.0), "num_denoising_steps"),
     (dict(num_denoising_steps=-1), "num_denoising_steps"),
+    (dict(num_denoising_steps=10 ** 20), "num_denoising_steps"),
     (dict(height=64), "height"),
     (dict(width="32"), "width"),
     (dict(height=32.0), "height"),
@@ -157,6 +162,7 @@ def test_numpy_scalars_and_numpy_latents_are_accepted(t2i):
 # --------------------------------------------------------------------------------------------------------------
 
 EDIT_CASES = [
+    (dict(return_dict=None), "return_dict"),
     (dict(image=None), "image"),
     (dict(image="cat.png"), "image"),
     (dict(image=[]), "image"),
@@ -189,6 +195,8 @@ EDIT_CASES = [
     (dict(prompt="make it <|image_pad|>"), "prompt"),
     (dict(prompt=None), "prompt"),
     (dict(num_images_per_prompt=2.0), "num_images_per_prompt"),
+    (dict(num_images_per_prompt=2000), "num_images_per_prompt"),
+    (dict(image=[np.zeros((4, 4, 3), dtype=np.uint8)] * 2000), "image"),
     (dict(noise_level=NAN), "noise_level"),
     (dict(max_sequence_length=-1), "max_sequence_length"),
     (dict(generator=[0]), "generator"),
@@ -265,6 +273,8 @@ def test_largest_accepted_image_is_the_documented_limit(edit):
 # --------------------------------------------------------------------------------------------------------------
 
 CHAT_CASES = [
+    (dict(callback_on_segment="print"), "callback_on_segment"),
+    (dict(return_dict=1), "return_dict"),
     (dict(prompt=None), "prompt"),
     (dict(prompt=[]), "prompt"),
     (dict(prompt=""), "prompt"),
@@ -317,6 +327,7 @@ CHAT_CASES = [
     (dict(generator=1), "generator"),
     (dict(noise_level=-1.0), "noise_level"),
     (dict(num_denoising_steps=0.5), "num_denoising_steps"),
+    (dict(num_denoising_steps=5000), "num_denoising_steps"),
     (dict(output_type="gif"), "output_type"),
 ]
 
@@ -351,6 +362,7 @@ def v1():
 
 
 V1_CASES = [
+    (dict(return_dict="no"), "return_dict"),
     (dict(prompt=None), "prompt"),
     (dict(prompt=""), "prompt"),
     (dict(prompt=["a cat", 7]), "prompt"),
@@ -365,6 +377,7 @@ V1_CASES = [
     (dict(guidance_scale=INF), "guidance_scale"),
     (dict(guidance_scale="3.6"), "guidance_scale"),
     (dict(num_images_per_prompt=0.5), "num_images_per_prompt"),
+    (dict(prompt=["a cat"] * 2, num_images_per_prompt=1000), "num_images_per_prompt"),
     (dict(noise_level=NAN), "noise_level"),
     (dict(noise_level=1e300), "noise_level"),
     (dict(num_denoising_steps=2.0), "num_denoising_steps"),

@@ -254,3 +254,15 @@ def test_help_shows_defaults_without_markup():
     assert "(default: 2.0)" in text and "(default: float32)" in text
     assert "``" not in text and "%(default)" not in text and "default: None" not in text
     assert "``" not in cli.build_parser().format_help()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_progress_bar_only_in_verbose_or_terminal_runs(model_dir, verbose):
+    import argparse
+
+    import diffusers_starflow2.cli as cli
+
+    args = argparse.Namespace(model=model_dir, device=None, dtype="float32", verbose=verbose)
+    with cli._quiet(verbose):
+        pipe = cli._load("StarFlow2Pipeline", args)
+    assert pipe._progress_bar_config["disable"] is (not verbose)  # pytest's stderr is not a terminal

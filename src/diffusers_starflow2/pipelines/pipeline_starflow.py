@@ -161,21 +161,17 @@ class StarFlowPipeline(AtomicSaveMixin, DiffusionPipeline):
         prompts = check_prompt(prompt, tokenizer=self.tokenizer)
         negatives = [] if negative_prompt is None else check_prompt(negative_prompt, "negative_prompt",
                                                                     allow_empty=True, tokenizer=self.tokenizer)
-        # prompts longer than the text window are refused, not truncated: a cut prompt is a different prompt
-        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
-            for text in texts:
-                n = len(self.tokenizer(text)["input_ids"])  # with </s>, as the text encoder sees it
-                if n > max_sequence_length:
-                    raise ValueError(f"`{name}` has {n} tokens (with the end token), more than "
-                                     f"max_sequence_length={max_sequence_length}; shorten it")
+        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):  # with </s>, as T5 sees them
+            validation.check_token_count(texts, name, self.tokenizer, max_sequence_length, "max_sequence_length",
+                                         add_special_tokens=True)
         check_image_size(height, width, self.vae_scale_factor * cfg.patch_size)
         if not cfg.use_rope and (height, width) != (self.default_size,) * 2:
             raise ValueError(f"`height` and `width` must be {self.default_size} for a transformer without RoPE")
         check_guidance_scale(guidance_scale)
-        validation.check_integer(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+        validation.check_images_per_prompt(num_images_per_prompt, len(prompts))
         check_output_type(output_type)
         validation.check_noise_level(noise_level)
-        validation.check_integer(num_denoising_steps, "num_denoising_steps", minimum=0)
+        validation.check_denoising_steps(num_denoising_steps)
         return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                               self._callback_tensor_inputs)
 
@@ -259,6 +255,7 @@ class StarFlowPipeline(AtomicSaveMixin, DiffusionPipeline):
         noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
         if num_denoising_steps is None:
             num_denoising_steps = self.scheduler.config.num_denoising_steps
+        validation.check_bool(return_dict, "return_dict")
         tensor_inputs = self.check_inputs(prompt, negative_prompt, height, width, guidance_scale,
                                           num_images_per_prompt, output_type, max_sequence_length, noise_level,
                                           num_denoising_steps, callback_on_step_end, callback_on_step_end_tensor_inputs)

@@ -166,7 +166,7 @@ class StarFlow2BasePipeline(AtomicSaveMixin, DiffusionPipeline, StarFlow2LoraLoa
     def _check_denoising_steps(self, num_denoising_steps: Optional[int]) -> int:
         """``num_denoising_steps`` or the scheduler's default, checked."""
         steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
-        return validation.check_integer(steps, "num_denoising_steps", minimum=0)
+        return validation.check_denoising_steps(steps)
 
     def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance_scale: float,
                        image_guidance_scale: float = 1.0, num_denoising_steps: int = 1,
@@ -281,7 +281,8 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         self._check_size(height, width)
         check_guidance_scale(guidance_scale)
         check_output_type(output_type)
-        validation.check_integer(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+        validation.check_bool(return_dict, "return_dict")
+        validation.check_images_per_prompt(num_images_per_prompt)
         tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                                        self._callback_tensor_inputs)
         noise_level = self._check_noise_level(noise_level)
@@ -289,6 +290,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         cfg = guidance_scale > 0
         layouts = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, cfg, max_sequence_length)
         batch_size = len(layouts) // (2 if cfg else 1)
+        validation.check_batch_size(batch_size)
         check_generator(generator, batch_size)
 
         transformer = self.transformer

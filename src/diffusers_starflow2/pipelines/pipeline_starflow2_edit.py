@@ -210,7 +210,8 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         check_guidance_scale(guidance_scale)
         check_guidance_scale(image_guidance_scale, "image_guidance_scale", minimum=1)  # 1 = no image guidance
         check_output_type(output_type)
-        validation.check_integer(num_images_per_prompt, "num_images_per_prompt", minimum=1)
+        validation.check_bool(return_dict, "return_dict")
+        validation.check_images_per_prompt(num_images_per_prompt)
         tensor_inputs = resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                                        self._callback_tensor_inputs)
         steps = self._check_denoising_steps(num_denoising_steps)
@@ -227,6 +228,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             if len(images) not in (1, pairs):
                 raise ValueError(f"`image` has {len(images)} images for {pairs} prompts; expected 1 or {pairs}")
             batch_size = pairs * num_images_per_prompt
+            validation.check_batch_size(batch_size)
             check_generator(generator, batch_size)
             images = images.expand(pairs, -1, -1, -1).repeat_interleave(num_images_per_prompt, dim=0)
             source = self.encode_image(images, noise_level, generator)

@@ -304,6 +304,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             >>> pipe([image, "What color is the shape?"], max_new_tokens=4).text
             ```
         """
+        validation.check_callable(callback_on_segment, "callback_on_segment")
+        validation.check_bool(return_dict, "return_dict")
         segments = []
         for segment in self._checked_generate(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images,
                                               temperature, top_k, top_p, stop, generator, noise_level,

@@ -20,6 +20,7 @@ from ..utils.io import atomic_output_dir
 
 # the checks live in one module; they are re-exported here for the pipelines
 from ..utils.validation import (  # noqa: F401
+    check_callable,
     check_generator,
     check_guidance_scale,
     check_image_size,
@@ -44,8 +45,7 @@ def resolve_callback_tensor_inputs(callback_on_step_end: Optional[Callable],
     """
     if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
         callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-    if callback_on_step_end is not None and not callable(callback_on_step_end):
-        raise ValueError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}")
+    check_callable(callback_on_step_end, "callback_on_step_end")
     callback_on_step_end_tensor_inputs = check_names(callback_on_step_end_tensor_inputs or [],
                                                      "callback_on_step_end_tensor_inputs")
     unknown = [k for k in callback_on_step_end_tensor_inputs if k not in allowed]

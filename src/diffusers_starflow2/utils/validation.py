@@ -31,6 +31,10 @@ CHAT_ROLES = ("system", "user", "assistant")
 # Largest guidance scale and noise level: far beyond any useful value, and small enough that the float32 arithmetic of
 # sampling cannot overflow into an error (larger useless values still end in NaN, which is caught after sampling).
 MAX_SCALE = 1e6
+# Most images one call may generate, and most denoising steps: beyond them a typo (1e9) would run for days or exhaust
+# memory instead of failing.
+MAX_IMAGES_PER_CALL = 1024
+MAX_DENOISING_STEPS = 1000
 # PIL modes whose conversion to RGB would clip values (16/32-bit integer, float): refused instead of misread.
 _HIGH_DEPTH_MODES = ("I", "F")
 
@@ -109,6 +113,12 @@ def check_bool(value: Any, name: str) -> bool:
     return bool(value)
 
 
+def check_callable(value: Any, name: str) -> None:
+    """``None`` or something callable."""
+    if value is not None and not callable(value):
+        raise ValueError(f"`{name}` must be callable or None; got {type(value).__name__}")
+
+
 def check_choice(value: Any, name: str, choices: Sequence) -> Any:
     if not any(value == c and type(value) is type(c) for c in choices):
         raise ValueError(f"`{name}` must be one of {list(choices)}; got {_describe(value)}")
@@ -118,6 +128,23 @@ def check_choice(value: Any, name: str, choices: Sequence) -> Any:
 def check_guidance_scale(guidance_scale: Any, name: str = "guidance_scale", minimum: float = 0) -> float:
     """A guidance weight in ``[minimum, MAX_SCALE]`` (0 disables text guidance, 1 image guidance)."""
     return check_number(guidance_scale, name, minimum=minimum, maximum=MAX_SCALE)
+
+
+def check_denoising_steps(steps: Any, name: str = "num_denoising_steps") -> int:
+    return check_integer(steps, name, minimum=0, maximum=MAX_DENOISING_STEPS)
+
+
+def check_images_per_prompt(num_images_per_prompt: Any, num_prompts: int = 1,
+                            name: str = "num_images_per_prompt") -> int:
+    """At least 1, and at most MAX_IMAGES_PER_CALL images in all (``num_prompts`` times this)."""
+    return check_integer(num_images_per_prompt, name, minimum=1, maximum=max(MAX_IMAGES_PER_CALL // num_prompts, 1))
+
+
+def check_batch_size(batch_size: int) -> None:
+    """All images of one call (prompts x ``num_images_per_prompt``) within MAX_IMAGES_PER_CALL."""
+    if batch_size > MAX_IMAGES_PER_CALL:
+        raise ValueError(f"`num_images_per_prompt` times the number of prompts/images is {batch_size}; one call "
+                         f"generates at most {MAX_IMAGES_PER_CALL} images")
 
 
 def check_noise_level(noise_level: Any, name: str = "noise_level") -> float:
@@ -158,10 +185,10 @@ def check_text(text: Any, name: str, tokenizer=None, allow_empty: bool = False, 
     return text
 
 
-def check_prompt(prompt: Any, name: str = "prompt", allow_empty: bool = False, tokenizer=None) -> List[str]:
-    """A string or a non-empty list/tuple of strings, returned as a list (each item checked by :func:`check_text`).
-
-    ``allow_empty`` accepts ``""`` items (negative prompts, where ``""`` is the unconditional prompt).
+def check_prompt(prompt: Any, name: str = "prompt", allow_empty: bool = False, tokenizer=None,
+                 max_items: Optional[int] = MAX_IMAGES_PER_CALL) -> List[str]:
+    """A string or a non-empty list/tuple of at most ``max_items`` strings, returned as a list (each item checked by
+    :func:`check_text`).  ``allow_empty`` accepts ``""`` items (negative prompts: ``""`` is the unconditional one).
     """
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -170,21 +197,28 @@ def check_prompt(prompt: Any, name: str = "prompt", allow_empty: bool = False, t
     else:
         raise ValueError(f"`{name}` must be a string or a non-empty list of strings; got {type(prompt).__name__} "
                          f"{_describe(prompt)}")
+    if max_items is not None and len(prompts) > max_items:
+        raise ValueError(f"`{name}` is a list of {len(prompts)} prompts; one call takes at most {max_items}")
     for i, text in enumerate(prompts):
         check_text(text, name, tokenizer, allow_empty, "" if isinstance(prompt, str) else f" item {i}")
     return prompts
 
 
-def count_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def count_tokens(tokenizer, text: str, add_special_tokens: bool = False) -> int:
+    return len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def check_token_count(texts: Iterable[str], name: str, tokenizer, limit: int, limit_name: str) -> None:
-    """Each text has at most ``limit`` tokens (``limit_name`` says where the limit comes from)."""
+def check_token_count(texts: Iterable[str], name: str, tokenizer, limit: int, limit_name: str,
+                      add_special_tokens: bool = False) -> None:
+    """Each text has at most ``limit`` tokens (``limit_name`` says where the limit comes from).
+
+    Prompts longer than the limit are refused, never truncated: a cut prompt is a different prompt.
+    """
     for text in texts:
-        n = count_tokens(tokenizer, text)
+        n = count_tokens(tokenizer, text, add_special_tokens)
         if n > limit:
-            raise ValueError(f"`{name}` has {n} tokens, more than {limit_name}={limit}; shorten it")
+            ends = " (with the tokenizer's end token)" if add_special_tokens else ""
+            raise ValueError(f"`{name}` has {n} tokens{ends}, more than {limit_name}={limit}; shorten it")
 
 
 def model_context_length(vlm, tokenizer=None) -> int:
@@ -362,6 +396,8 @@ def image_to_tensors(image: Any, name: str = "image") -> List[torch.Tensor]:
     tensors with a negative value are read as ``[-1, 1]``.  Sizes may differ between images.
     """
     items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if len(items) > MAX_IMAGES_PER_CALL:
+        raise ValueError(f"`{name}` is a list of {len(items)} images; one call takes at most {MAX_IMAGES_PER_CALL}")
     kinds = {PIL.Image.Image if isinstance(i, PIL.Image.Image) else type(i) for i in items}
     if not items or len(kinds) != 1 or not kinds <= {PIL.Image.Image, np.ndarray, torch.Tensor}:
         got = type(image).__name__ + (f" of {sorted(k.__name__ for k in kinds)}" if isinstance(image, (list, tuple))
