@@ -253,16 +253,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
 
         # the whole prompt is checked before anything runs: texts (special tokens), images, and the context budget
         messages, images, answer = self._parse(prompt)
-        texts = [item["text"] for m in messages for item in m["content"] if item["type"] == "text"]
-        texts += [p for p in answer if isinstance(p, str) and p != IMAGE_PLACEHOLDER]
-        for text in texts:
-            validation.check_text(text, "prompt", tokenizer, allow_empty=True)
-        answer_images = [p for p in answer if not isinstance(p, str) or p == IMAGE_PLACEHOLDER]
-        for image in images + [p for p in answer_images if not isinstance(p, str)]:
-            validation.check_single_image(image, "prompt")
-        prompt_positions = (sum(validation.count_tokens(tokenizer, t) for t in texts)
-                            + validation.CHAT_TEMPLATE_RESERVE * len(messages)
-                            + (len(images) + len(answer_images)) * image_positions)
+        prompt_positions = validation.check_conversation(messages, images, answer, IMAGE_PLACEHOLDER, tokenizer,
+                                                         image_positions)
         validation.check_context_budget(prompt_positions, max_new_tokens, max_images, image_positions, context)
         return self._generate(prompt, negative_prompt or "", guidance_scale, max_new_tokens, max_images,
                               temperature, top_k, top_p, stop, generator, noise_level, steps, output_type,

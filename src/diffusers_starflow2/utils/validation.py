@@ -119,6 +119,13 @@ def check_callable(value: Any, name: str) -> None:
         raise ValueError(f"`{name}` must be callable or None; got {type(value).__name__}")
 
 
+def check_names(value: Any, name: str) -> List[str]:
+    """A list/tuple of strings (e.g. tensor names), returned as a list."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"`{name}` must be a list of strings; got {_describe(value)}")
+    return list(value)
+
+
 def check_choice(value: Any, name: str, choices: Sequence) -> Any:
     if not any(value == c and type(value) is type(c) for c in choices):
         raise ValueError(f"`{name}` must be one of {list(choices)}; got {_describe(value)}")
@@ -287,6 +294,35 @@ def check_messages(messages: Any, name: str = "prompt") -> list:
     return list(messages)
 
 
+def check_conversation(messages: Sequence[dict], images: Sequence, answer: Sequence, placeholder: str, tokenizer,
+                       image_positions: int, name: str = "prompt") -> int:
+    """Check a parsed interleaved prompt and return the positions it takes in the context.
+
+    ``messages`` are rendered chat messages (text items), ``images`` the images inside them, ``answer`` the forced
+    beginning of the answer (strings, ``placeholder`` for an image to generate, or images).
+    """
+    texts = [item["text"] for m in messages for item in m["content"] if item["type"] == "text"]
+    texts += [p for p in answer if isinstance(p, str) and p != placeholder]
+    for text in texts:
+        check_text(text, name, tokenizer, allow_empty=True)
+    answer_images = [p for p in answer if not isinstance(p, str) or p == placeholder]
+    for image in list(images) + [p for p in answer_images if not isinstance(p, str)]:
+        check_single_image(image, name)
+    return (sum(count_tokens(tokenizer, t) for t in texts) + CHAT_TEMPLATE_RESERVE * len(messages)
+            + (len(images) + len(answer_images)) * image_positions)
+
+
+def check_context_budget(prompt_positions: int, max_new_tokens: int, max_images: int, image_positions: int,
+                         context_length: int) -> None:
+    """The longest sequence a call may build (prompt, new tokens, new images) fits in the model's context."""
+    needed = prompt_positions + max_new_tokens + max_images * image_positions
+    if needed > context_length:
+        raise ValueError(f"`prompt` needs up to {needed} positions ({prompt_positions} for the prompt, "
+                         f"max_new_tokens={max_new_tokens}, max_images={max_images} of {image_positions} positions "
+                         f"each), more than the model's context of {context_length}; shorten `prompt` or lower "
+                         f"`max_new_tokens` / `max_images`")
+
+
 # -- generators ------------------------------------------------------------------------------------------------------
 
 
@@ -427,21 +463,3 @@ def check_image_size(height: Any, width: Any, multiple: int) -> None:
         if value % multiple:
             raise ValueError(f"`{name}` must be a positive multiple of {multiple}; got {value}")
     check_image_pixels(height, width, "height", where=f" x `width` ({height} x {width})")
-
-
-def check_names(value: Any, name: str) -> List[str]:
-    """A list/tuple of strings (e.g. tensor names), returned as a list."""
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"`{name}` must be a list of strings; got {_describe(value)}")
-    return list(value)
-
-
-def check_context_budget(prompt_positions: int, max_new_tokens: int, max_images: int, image_positions: int,
-                         context_length: int) -> None:
-    """The longest sequence a call may build (prompt, new tokens, new images) fits in the model's context."""
-    needed = prompt_positions + max_new_tokens + max_images * image_positions
-    if needed > context_length:
-        raise ValueError(f"`prompt` needs up to {needed} positions ({prompt_positions} for the prompt, "
-                         f"max_new_tokens={max_new_tokens}, max_images={max_images} of {image_positions} positions "
-                         f"each), more than the model's context of {context_length}; shorten `prompt` or lower "
-                         f"`max_new_tokens` / `max_images`")
