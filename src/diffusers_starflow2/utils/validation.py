@@ -393,7 +393,11 @@ def _pil_to_tensor(image: PIL.Image.Image, name: str, where: str = "") -> torch.
     if image.mode.split(";")[0] in _HIGH_DEPTH_MODES:
         raise ValueError(f"`{name}`{where} is a PIL image in mode {image.mode!r}, whose values converting to RGB would "
                          f"clip; convert it to 8-bit RGB first")
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    try:
+        rgb = image.convert("RGB")
+    except (ValueError, OSError) as err:  # modes PIL cannot convert, or a file whose pixel data is broken
+        raise ValueError(f"`{name}`{where} (a PIL image in mode {image.mode!r}) cannot be read as RGB: {err}") from None
+    array = np.asarray(rgb, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
@@ -405,6 +409,9 @@ def _array_to_tensor(image: Union[np.ndarray, torch.Tensor], name: str, where: s
     if image.ndim not in (3, 4) or image.shape[channel_dim] != 3:
         other = " (numpy images are channels-last)" if is_numpy else " (torch images are channels-first)"
         raise ValueError(f"`{name}`{where} must be an RGB image of shape {layout}{other}; got {tuple(image.shape)}")
+    if not (image.dtype in (np.uint8, torch.uint8) or (np.issubdtype(image.dtype, np.floating) if is_numpy
+                                                        else image.is_floating_point())):
+        raise ValueError(f"`{name}`{where} must hold uint8 or floating-point values; got {image.dtype}")
     tensor = torch.from_numpy(np.ascontiguousarray(image)) if is_numpy else image.detach().cpu()
     if is_numpy:
         tensor = tensor.movedim(-1, -3)
@@ -414,8 +421,6 @@ def _array_to_tensor(image: Union[np.ndarray, torch.Tensor], name: str, where: s
     check_image_pixels(tensor.shape[-2], tensor.shape[-1], name, where=where)
     if tensor.dtype == torch.uint8:
         return tensor.float() / 255.0
-    if not tensor.is_floating_point():
-        raise ValueError(f"`{name}`{where} must hold uint8 or floating-point values; got {image.dtype}")
     tensor = check_finite(tensor.float(), name, where)
     low, high = float(tensor.min()), float(tensor.max())
     if high > 1 or low < (0 if is_numpy else -1):
