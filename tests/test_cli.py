@@ -119,11 +119,13 @@ CLI_CASES = [
     (["chat", "hi", "--model", "{model}", "--output-dir", "{tmp}", "--temperature", "-1"], "--temperature"),
     (["chat", "hi", "--model", "{model}", "--output-dir", "{tmp}", "--temperature", "nan"], "--temperature"),
     (["chat", "", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
+    (["chat", "hi", "--model", "{model}", "--output-dir", ""], "--output-dir"),
     (["chat", "<image>", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
     (["chat", "hi <|im_end|>", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
     # convert
     (["convert", "tiny", "--output", "{image}"], "--output"),
     (["convert", "tiny", "--output", "{tmp}/t", "--seed", "abc"], "--seed"),
+    (["convert", "tiny", "--output", "/proc/new-folder"], "--output"),
     (["convert", "tiny"], "--output"),
     (["convert", "paint"], "kind"),
     (["convert", "starflow", "--checkpoint", "{tmp}/missing.pth", "--config", "{tmp}/c.json", "--output",

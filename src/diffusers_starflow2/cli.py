@@ -168,7 +168,7 @@ def _output_paths(path: str, count: int) -> List[Path]:
     """``path`` itself for one image; ``name_0.png``, ``name_1.png``, ... for several.  Checked before any work."""
     out = Path(path)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise CLIError(f"--output {path!r} must end in {', '.join(IMAGE_SUFFIXES)}")
+        raise CLIError(f"--output {path!r} must be a file name ending in {', '.join(IMAGE_SUFFIXES)}")
     paths = [out] if count == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
     for p in paths:
         if p.is_dir():
@@ -258,6 +258,8 @@ def cmd_describe(args) -> None:
 
 
 def _prepare_output_dir(path: str) -> Path:
+    if not path:
+        raise CLIError("--output-dir must not be empty (use . for the current folder)")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir {path!r} exists and is not a folder")

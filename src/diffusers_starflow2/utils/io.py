@@ -63,8 +63,11 @@ def atomic_output_dir(output: PathLike, overwrite: bool = False, name: str = "--
     output = os.path.abspath(os.fspath(output))
     check_output_dir(output, overwrite, name)
     parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    except OSError as err:  # name the output, not the staging folder the user never asked for
+        raise OSError(f"{name} {output!r} cannot be written: {err.strerror or err}") from None
     os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp folders are private; the published folder should not be
     try:
         yield staging
