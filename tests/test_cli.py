@@ -268,3 +268,15 @@ def test_progress_bar_only_in_verbose_or_terminal_runs(model_dir, verbose):
     with cli._quiet(verbose):
         pipe = cli._load("StarFlow2Pipeline", args)
     assert pipe._progress_bar_config["disable"] is (not verbose)  # pytest's stderr is not a terminal
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
+    import diffusers_starflow2.cli as cli
+
+    def interrupted(cls_name, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupted)
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png")]) == 130
+    assert capsys.readouterr().err == "starflow2 generate: interrupted\n"
+    assert list(tmp_path.iterdir()) == []

@@ -63,6 +63,9 @@ def run_main(prog: str, func, args) -> int:
     except (CLIError, ValueError, OSError) as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: nothing was written (outputs are renamed into place only when complete)
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 # -- model, device, logging ------------------------------------------------------------------------------------------
