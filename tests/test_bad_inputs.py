@@ -268,6 +268,12 @@ def test_images_of_different_sizes_in_one_list(edit, source):
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def test_pil_images_keep_pils_resize_filter(edit, source):
+    big = PIL.Image.fromarray(source).resize((64, 48))
+    expected = edit.image_processor.preprocess(big, height=32, width=32)  # diffusers' own PIL path (Lanczos)
+    torch.testing.assert_close(edit.preprocess_image(big), expected, rtol=0, atol=0)
+
+
 def test_largest_accepted_image_is_the_documented_limit(edit):
     side = int(MAX_IMAGE_PIXELS ** 0.5)
     assert side * side == MAX_IMAGE_PIXELS

@@ -118,12 +118,12 @@ class StarFlow2BasePipeline(AtomicSaveMixin, DiffusionPipeline, StarFlow2LoraLoa
 
         Accepts PIL images (converted to RGB), numpy ``(H, W, 3)`` / ``(B, H, W, 3)`` arrays (uint8, or float in
         ``[0, 1]``), torch ``(3, H, W)`` / ``(B, 3, H, W)`` tensors (uint8, or float in ``[0, 1]`` or ``[-1, 1]``),
-        or a list of one kind (see :func:`~diffusers_starflow2.utils.validation.image_to_tensors`); anything else
+        or a list of one kind (see :func:`~diffusers_starflow2.utils.validation.image_items`); anything else
         is refused.  Other sizes are resized (a rectangular image is squashed).
         """
         size = self.image_size
         return torch.cat([self.image_processor.preprocess(x, height=size, width=size)
-                          for x in validation.image_to_tensors(image, name)])
+                          for x in validation.image_items(image, name)])
 
     def encode_image(self, images: torch.Tensor, noise_level: float,
                      generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:

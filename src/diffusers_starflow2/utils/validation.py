@@ -388,7 +388,7 @@ def check_image_pixels(height: int, width: int, name: str, max_pixels: int = MAX
                          f"pixels")
 
 
-def _pil_to_tensor(image: PIL.Image.Image, name: str, where: str = "") -> torch.Tensor:
+def _pil_to_rgb(image: PIL.Image.Image, name: str, where: str = "") -> PIL.Image.Image:
     check_image_pixels(image.height, image.width, name, where=where)
     if image.mode.split(";")[0] in _HIGH_DEPTH_MODES:
         raise ValueError(f"`{name}`{where} is a PIL image in mode {image.mode!r}, whose values converting to RGB would "
@@ -397,7 +397,11 @@ def _pil_to_tensor(image: PIL.Image.Image, name: str, where: str = "") -> torch.
         rgb = image.convert("RGB")
     except (ValueError, OSError) as err:  # modes PIL cannot convert, or a file whose pixel data is broken
         raise ValueError(f"`{name}`{where} (a PIL image in mode {image.mode!r}) cannot be read as RGB: {err}") from None
-    array = np.asarray(rgb, dtype=np.float32) / 255.0
+    return rgb
+
+
+def _pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
@@ -430,11 +434,13 @@ def _array_to_tensor(image: Union[np.ndarray, torch.Tensor], name: str, where: s
     return (tensor + 1) / 2 if low < 0 else tensor
 
 
-def image_to_tensors(image: Any, name: str = "image") -> List[torch.Tensor]:
-    """Any accepted image form -> a list of ``(1, 3, H, W)`` float32 tensors in ``[0, 1]``, one per image.
+def image_items(image: Any, name: str = "image") -> List[Union[PIL.Image.Image, torch.Tensor]]:
+    """Any accepted image form -> one item per image: an RGB PIL image, or a ``(1, 3, H, W)`` float32 tensor in
+    ``[0, 1]`` for arrays and tensors.
 
     Accepted: see :data:`IMAGE_FORMS`.  A list holds items of one kind; uint8 values are divided by 255, float
-    tensors with a negative value are read as ``[-1, 1]``.  Sizes may differ between images.
+    tensors with a negative value are read as ``[-1, 1]``.  Sizes may differ between images.  PIL images stay PIL
+    images so that resizing them keeps PIL's filter.
     """
     items = list(image) if isinstance(image, (list, tuple)) else [image]
     if len(items) > MAX_IMAGES_PER_CALL:
@@ -447,10 +453,16 @@ def image_to_tensors(image: Any, name: str = "image") -> List[torch.Tensor]:
     out = []
     for i, item in enumerate(items):
         where = f" item {i}" if isinstance(image, (list, tuple)) else ""
-        tensor = (_pil_to_tensor(item, name, where) if isinstance(item, PIL.Image.Image)
-                  else _array_to_tensor(item, name, where))
-        out += list(tensor.split(1))
+        if isinstance(item, PIL.Image.Image):
+            out.append(_pil_to_rgb(item, name, where))
+        else:
+            out += list(_array_to_tensor(item, name, where).split(1))
     return out
+
+
+def image_to_tensors(image: Any, name: str = "image") -> List[torch.Tensor]:
+    """Any accepted image form -> a list of ``(1, 3, H, W)`` float32 tensors in ``[0, 1]``, one per image."""
+    return [_pil_to_tensor(i) if isinstance(i, PIL.Image.Image) else i for i in image_items(image, name)]
 
 
 def check_single_image(image: Any, name: str) -> torch.Tensor:
