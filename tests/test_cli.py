@@ -1,14 +1,18 @@
 """The ``starflow2`` command: help, every subcommand on a tiny pipeline folder, and one-line errors."""
 
+import io
+import os
 import shutil
 import subprocess
 import sys
 
 import PIL.Image
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from diffusers_starflow2 import StarFlow2Pipeline
-from diffusers_starflow2.cli import main
+from diffusers_starflow2.cli import CONVERTERS, main
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 
@@ -52,26 +56,130 @@ def test_generate_edit_describe_chat(model_dir, image_file, tmp_path, capsys):
     assert (tmp_path / "image_00.png").is_file()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{tmp}/missing"], "not a STARFlow2 pipeline"),
+CLI_CASES = [
+    # generate: model, output, prompt, numbers, device
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{tmp}/missing"], "--model"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{tmp}/empty"], "--model"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{tmp}/broken"], "cannot load the model"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "no such model!"], "--model"),
     (["generate", "a red circle", "-o", "{tmp}/x.gif", "--model", "{model}"], "--output"),
-    (["generate", "a red circle", "-o", "{tmp}/no/such/x.png", "--model", "{model}"], "--output folder"),
+    (["generate", "a red circle", "-o", "{tmp}/no/such/x.png", "--model", "{model}"], "--output"),
+    (["generate", "a red circle", "-o", "{tmp}/folder.png", "--model", "{model}"], "--output"),
+    (["generate", "a red circle", "-o", "{tmp}/folder.png", "--model", "{model}", "--num-images", "2"], "--output"),
+    (["generate", "a red circle", "-o", "/proc/x.png", "--model", "{model}"], "--output"),
     (["generate", "", "-o", "{tmp}/x.png", "--model", "{model}"], "prompt"),
+    (["generate", "  ", "-o", "{tmp}/x.png", "--model", "{model}"], "prompt"),
+    (["generate", "a <|image_pad|>", "-o", "{tmp}/x.png", "--model", "{model}"], "prompt"),
+    (["generate", "a<|im_end|>", "-o", "{tmp}/x.png", "--model", "{model}"], "prompt"),
+    (["generate", "circle " * 300, "-o", "{tmp}/x.png", "--model", "{model}"], "prompt"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--negative-prompt", "<|im_end|>"],
+     "negative_prompt"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "-1"],
-     "guidance_scale"),
-    (["edit", "{tmp}/missing.png", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}"], "does not exist"),
-    (["edit", "{tmp}/bad.png", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}"], "cannot read image"),
-    (["describe", "{tmp}/missing.png", "what?", "--model", "{model}"], "does not exist"),
-    (["describe", "{tmp}/bad.png", "what?", "--model", "{model}", "--max-new-tokens", "-1"], "cannot read image"),
-    (["chat", "hi", "--model", "{model}", "--output-dir", "{tmp}/nowhere"], "--output-dir"),
-    (["chat", "hi", "--model", "{model}", "--output-dir", "{tmp}", "--max-new-tokens", "-2"], "max_new_tokens"),
-])
-def test_bad_input_is_one_line_and_nonzero(argv, message, model_dir, tmp_path, capsys):
-    (tmp_path / "bad.png").write_text("not an image")
-    argv = [a.format(tmp=tmp_path, model=model_dir) for a in argv]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars may come first
-    assert err.startswith(f"starflow2 {argv[0]}: error:") and message in err
+     "--guidance-scale"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "inf"],
+     "--guidance-scale"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "nan"],
+     "--guidance-scale"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "lots"],
+     "--guidance-scale"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--num-images", "0"], "--num-images"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--num-images", "65"], "--num-images"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--num-images", "1.5"],
+     "--num-images"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--seed", "-1"], "--seed"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--seed", str(2 ** 64)], "--seed"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--denoising-steps", "-1"],
+     "--denoising-steps"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--device", "toaster"], "--device"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--device", "cuda:99"], "--device"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--dtype", "float8"], "--dtype"),
+    (["generate", "a red circle", "--model", "{model}"], "--output"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{nan_model}"], "NaN"),
+    # edit: image files
+    (["edit", "{tmp}/missing.png", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}"], "image"),
+    (["edit", "{tmp}/bad.png", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}"], "image"),
+    (["edit", "{tmp}/truncated.png", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}"], "image"),
+    (["edit", "{tmp}/huge.png", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}"], "image"),
+    (["edit", "{tmp}/folder.png", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}"], "image"),
+    (["edit", "{image}", "", "-o", "{tmp}/x.png", "--model", "{model}"], "instruction"),
+    (["edit", "{image}", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}", "--image-guidance-scale",
+      "0.5"], "--image-guidance-scale"),
+    (["edit", "{image}", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "-inf"],
+     "--guidance-scale"),
+    (["edit", "{image}", "make it blue", "-o", "{tmp}/folder.png", "--model", "{model}"], "--output"),
+    # describe
+    (["describe", "{tmp}/missing.png", "what?", "--model", "{model}"], "image"),
+    (["describe", "{image}", "", "--model", "{model}"], "question"),
+    (["describe", "{image}", "what <|vision_start|>?", "--model", "{model}"], "prompt"),
+    (["describe", "{image}", "what?", "--model", "{model}", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    # chat
+    (["chat", "hi", "--model", "{model}", "--output-dir", "{image}"], "--output-dir"),
+    (["chat", "hi", "--model", "{model}", "--output-dir", "{image}/sub"], "--output-dir"),
+    (["chat", "hi", "--model", "{model}", "--output-dir", "{tmp}", "--max-new-tokens", "-2"], "--max-new-tokens"),
+    (["chat", "hi", "--model", "{model}", "--output-dir", "{tmp}", "--temperature", "-1"], "--temperature"),
+    (["chat", "hi", "--model", "{model}", "--output-dir", "{tmp}", "--temperature", "nan"], "--temperature"),
+    (["chat", "", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
+    (["chat", "hi", "--model", "{model}", "--output-dir", ""], "--output-dir"),
+    (["chat", "<image>", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
+    (["chat", "hi <|im_end|>", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
+    # convert
+    (["convert", "tiny", "--output", "{image}"], "--output"),
+    (["convert", "tiny", "--output", "{tmp}/t", "--seed", "abc"], "--seed"),
+    (["convert", "tiny", "--output", "/proc/new-folder"], "--output"),
+    (["convert", "tiny"], "--output"),
+    (["convert", "paint"], "kind"),
+    (["convert", "starflow", "--checkpoint", "{tmp}/missing.pth", "--config", "{tmp}/c.json", "--output",
+      "{tmp}/o"], "missing.pth"),
+    (["convert", "starflow", "--checkpoint", "{tmp}/bad.png", "--config", "{tmp}/c.json", "--output", "{tmp}/o"],
+     "bad.png"),
+    ([], "command"),
+]
+
+
+@pytest.fixture(scope="module")
+def nan_model(model_dir, tmp_path_factory):
+    """The tiny pipeline with one NaN weight in the transformer, as a broken checkpoint would have."""
+    path = tmp_path_factory.mktemp("nan") / "model"
+    shutil.copytree(model_dir, path)
+    weights = path / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    key = next(k for k in state if k.startswith("deep.") and k.endswith("weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, weights)
+    return str(path)
+
+
+def make_bad_files(tmp):
+    (tmp / "bad.png").write_text("not an image")
+    (tmp / "folder.png").mkdir()
+    (tmp / "folder_1.png").mkdir()  # where --num-images 2 writes its second image
+    (tmp / "empty").mkdir()
+    (tmp / "broken").mkdir()
+    (tmp / "broken" / "model_index.json").write_text("{ not json")
+    good = io.BytesIO()
+    PIL.Image.new("RGB", (32, 32), (1, 2, 3)).save(good, format="PNG")
+    (tmp / "truncated.png").write_bytes(good.getvalue()[:60])
+    PIL.Image.new("1", (5000, 5000)).save(tmp / "huge.png")  # 25 M pixels, a few kB on disk
+
+
+def run_cli(argv):
+    try:
+        return main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        return exit.code
+
+
+@pytest.mark.parametrize("argv, name", CLI_CASES)
+def test_bad_input_is_one_line_and_exit_2(argv, name, model_dir, nan_model, image_file, tmp_path, capsys):
+    make_bad_files(tmp_path)
+    argv = [a.format(tmp=tmp_path, model=model_dir, nan_model=nan_model, image=image_file) for a in argv]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # no traceback, no progress bar, no warning
+    command = argv[:2] if argv[:1] == ["convert"] and argv[1:2] and argv[1] in CONVERTERS else argv[:1]
+    assert err[0].startswith(" ".join(["starflow2", *command]) + ": error:"), err[0]
+    assert name in err[0], err[0]
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "o").exists()
 
 
 def test_argparse_errors_exit_nonzero(capsys):
@@ -88,3 +196,87 @@ def test_convert_forwards_to_the_converters(tmp_path):
     assert main(["convert", "tiny", "--output", str(out)]) == 0
     assert (out / "model_index.json").is_file()
     assert main(["convert", "tiny", "--output", str(out)]) != 0  # exists, no --overwrite
+
+
+def test_num_images_writes_numbered_files_with_the_umask(model_dir, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        assert main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--model", model_dir,
+                     "--num-images", "2", "--negative-prompt", "blue", "--device", "cpu", "--dtype", "float32"]) == 0
+    finally:
+        os.umask(old)
+    captured = capsys.readouterr()
+    assert captured.err == ""  # quiet: no loading bars, no library warnings
+    assert captured.out.split() == [str(tmp_path / "out_0.png"), str(tmp_path / "out_1.png")]
+    for name in ("out_0.png", "out_1.png"):
+        assert PIL.Image.open(tmp_path / name).size == (32, 32)
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out_0.png", "out_1.png"]  # no temporary files left
+
+
+def test_chat_creates_the_output_dir_before_loading(model_dir, tmp_path, monkeypatch, capsys):
+    import diffusers_starflow2.cli as cli
+
+    seen = []
+    real_load = cli._load
+
+    def load(cls_name, args):
+        seen.append(os.path.isdir(args.output_dir))
+        return real_load(cls_name, args)
+
+    monkeypatch.setattr(cli, "_load", load)
+    out = tmp_path / "new" / "images"
+    assert main(["chat", "draw a red circle <image>", "--model", model_dir, "--output-dir", str(out),
+                 "--max-new-tokens", "0"]) == 0
+    assert seen == [True] and (out / "image_00.png").is_file()
+
+
+def test_model_accepts_a_hub_repo_id(monkeypatch, capsys):
+    import diffusers_starflow2.cli as cli
+
+    asked = []
+
+    def from_pretrained(source, **kwargs):
+        asked.append((source, kwargs))
+        raise OSError("offline")
+
+    monkeypatch.setattr(StarFlow2Pipeline, "from_pretrained", staticmethod(from_pretrained))
+    assert main(["generate", "a red circle", "-o", "x.png", "--model", "someone/starflow2-world",
+                 "--dtype", "bfloat16"]) == 2
+    assert asked == [("someone/starflow2-world", {"dtype": torch.bfloat16})]
+    assert capsys.readouterr().err.strip() == ("starflow2 generate: error: cannot load the model "
+                                               "someone/starflow2-world: offline")
+    assert cli._model_source(None) == str(cli.DEFAULT_MODEL)
+
+
+def test_help_shows_defaults_without_markup():
+    import diffusers_starflow2.cli as cli
+
+    text = cli.build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "(default: 2.0)" in text and "(default: float32)" in text
+    assert "``" not in text and "%(default)" not in text and "default: None" not in text
+    assert "``" not in cli.build_parser().format_help()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_progress_bar_only_in_verbose_or_terminal_runs(model_dir, verbose):
+    import argparse
+
+    import diffusers_starflow2.cli as cli
+
+    args = argparse.Namespace(model=model_dir, device=None, dtype="float32", verbose=verbose)
+    with cli._quiet(verbose):
+        pipe = cli._load("StarFlow2Pipeline", args)
+    assert pipe._progress_bar_config["disable"] is (not verbose)  # pytest's stderr is not a terminal
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
+    import diffusers_starflow2.cli as cli
+
+    def interrupted(cls_name, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load", interrupted)
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png")]) == 130
+    assert capsys.readouterr().err == "starflow2 generate: interrupted\n"
+    assert list(tmp_path.iterdir()) == []

@@ -156,3 +156,137 @@ def test_command_line_exit_status(tmp_path):
     assert result.returncode != 0
     assert "missing.pth" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad checkpoints and configs: one line on stderr, exit status 2, nothing written
+# --------------------------------------------------------------------------------------------------------------
+
+
+def yaml_config(**changes):
+    from test_reference_parity import training_yaml
+
+    return training_yaml({**REFERENCE_KWARGS, **changes})
+
+
+def _truncated(path):
+    data = path.read_bytes()
+    return data[: len(data) // 2]
+
+
+def _with_value(value):
+    def change(state):
+        key = next(k for k in state if k.endswith("proj_in.weight"))
+        state[key] = state[key].clone()
+        state[key][0, 0] = value
+        return state
+
+    return change
+
+
+# (what to do to the checkpoint / config, a word the error line must hold)
+CONVERTER_CASES = [
+    (dict(checkpoint="missing"), "missing.pth"),
+    (dict(checkpoint_bytes=b""), "empty"),
+    (dict(checkpoint_bytes="truncated"), "cannot be read"),
+    (dict(checkpoint_bytes=b"\x00garbage" * 50), "cannot be read"),
+    (dict(checkpoint_bytes=b"\x00garbage" * 50, suffix=".safetensors"), "cannot be read"),
+    (dict(checkpoint_bytes="truncated", suffix=".safetensors"), "cannot be read"),
+    (dict(payload=[1, 2, 3]), "not a state dict"),
+    (dict(payload=torch.zeros(3)), "not a state dict"),
+    (dict(payload={"step": 10}), "no tensors"),
+    (dict(state=_with_value(float("nan"))), "NaN"),
+    (dict(state=_with_value(float("inf"))), "--allow_nonfinite"),
+    (dict(yaml="arguments:\n- channels: [32\n"), "not valid YAML"),
+    (dict(yaml=yaml_config() + "- chanels: 32\n"), "chanels"),
+    (dict(yaml=yaml_config(channels=-32)), "channels"),
+    (dict(yaml=yaml_config(img_size="big")), "img_size"),
+    (dict(yaml=yaml_config(norm_type="batch_norm")), "norm_type"),
+    (dict(yaml="arguments: 3\n"), "arguments"),
+    (dict(yaml="arguments:\n- just a string\n"), "arguments"),
+    (dict(yaml_bytes=b"\xff\xfe\x00bin"), "not a text file"),
+    (dict(json="{ not json"), "not valid JSON"),
+    (dict(json=json.dumps([1, 2])), "model_kwargs"),
+    (dict(kwargs={"adaln": 1}), "adaln"),
+    (dict(kwargs={"channels": -32}), "channels"),
+    (dict(kwargs={"channels": 32.5}), "channels"),
+    (dict(kwargs={"layers_per_block": [0, 2]}), "layers_per_block"),
+    (dict(kwargs={"soft_clip": float("nan")}), "soft_clip"),
+    (dict(kwargs={"seq_order": "up"}), "seq_order"),
+    (dict(kwargs={"patch_size": 3}), "patch_size"),
+    (dict(kwargs={"num_heads": 0}), "num_heads"),
+    (dict(kwargs={"channels": 30}), "config"),
+    (dict(kwargs={"num_kv_heads": 3}), "buildable"),
+    (dict(kwargs={"head_dim": 7}), "head_dim"),
+    (dict(drop="num_blocks"), "num_blocks"),
+    (dict(config="missing"), "missing.json"),
+    (dict(argv=["--dtype", "float8"]), "--dtype"),
+    (dict(output="file"), "--output"),
+    (dict(output="nonempty"), "--overwrite"),
+]
+
+
+def _prepare(case, reference, tmp_path):
+    """Checkpoint and config paths (and extra argv) for one case of CONVERTER_CASES."""
+    _, state, good_checkpoint, config = reference
+    checkpoint = tmp_path / ("ckpt" + case.get("suffix", ".pth"))
+    if case.get("suffix") == ".safetensors":
+        save_file(state, checkpoint)
+    else:
+        torch.save(case["state"](dict(state)) if "state" in case else state, checkpoint)
+    if case.get("checkpoint_bytes") == "truncated":
+        checkpoint.write_bytes(_truncated(checkpoint))
+    elif "checkpoint_bytes" in case:
+        checkpoint.write_bytes(case["checkpoint_bytes"])
+    if "payload" in case:
+        torch.save(case["payload"], checkpoint)
+    if case.get("checkpoint") == "missing":
+        checkpoint = tmp_path / "missing.pth"
+    kwargs = {k: v for k, v in {**REFERENCE_KWARGS, **case.get("kwargs", {})}.items() if k != case.get("drop")}
+    config.write_text(case.get("json", json.dumps({"model_kwargs": kwargs})))
+    for key in ("yaml", "yaml_bytes"):
+        if key in case:
+            config = tmp_path / "config.yaml"
+            data = case[key]
+            config.write_bytes(data if isinstance(data, bytes) else data.encode())
+    if case.get("config") == "missing":
+        config = tmp_path / "missing.json"
+    output = tmp_path / "out"
+    if case.get("output") == "file":
+        output.write_text("a file")
+    elif case.get("output") == "nonempty":
+        output.mkdir()
+        (output / "keep.txt").write_text("old")
+    return checkpoint, config, output, case.get("argv", [])
+
+
+@pytest.mark.parametrize("case, word", CONVERTER_CASES)
+def test_bad_checkpoint_or_config_is_one_line_and_exit_2(converter, reference, tmp_path, capsys, case, word):
+    checkpoint, config, output, extra = _prepare(case, reference, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    try:
+        code = run(converter, checkpoint, config, output, *extra)
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("convert_starflow_to_diffusers.py: error:"), err
+    assert word in err[0], err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary folder left
+
+
+def test_nonfinite_checkpoint_converts_only_with_the_flag(converter, reference, tmp_path):
+    _, state, _, config = reference
+    torch.save(_with_value(float("nan"))(dict(state)), tmp_path / "nan.pth")
+    assert run(converter, tmp_path / "nan.pth", config, tmp_path / "refused") == 2
+    assert run(converter, tmp_path / "nan.pth", config, tmp_path / "out", "--allow_nonfinite") == 0
+    loaded = StarFlowTransformerModel.from_pretrained(tmp_path / "out")
+    assert not all(torch.isfinite(p).all() for p in loaded.parameters())
+
+
+def test_starflow2_convert_prefixes_its_errors(tmp_path, capsys):
+    from diffusers_starflow2.cli import main
+
+    assert main(["convert", "starflow", "--checkpoint", str(tmp_path / "x.pth"), "--config", str(tmp_path / "c.json"),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("starflow2 convert starflow: error: checkpoint")

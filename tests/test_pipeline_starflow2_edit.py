@@ -1,5 +1,6 @@
 """Fast tests of StarFlow2EditPipeline on the random tiny STARFlow2 (32-px images, 4x4x4 latents, no downloads)."""
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -11,7 +12,6 @@ from diffusers_starflow2 import GuidanceSpec, StarFlow2Pipeline
 from diffusers_starflow2.pipelines.pipeline_starflow2_edit import (
     StarFlow2EditPipeline,
     StarFlow2EditPipelineOutput,
-    StarFlow2EditState,
 )
 from diffusers_starflow2.utils.sequence import encode_conversation, user_message
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
@@ -170,8 +170,7 @@ def test_multi_turn_reuses_caches_and_matches_teacher_forcing(pipe, source, firs
 
 
 def test_bad_inputs(pipe, source, first_turn):
-    state = StarFlow2EditState(cache=None, batch_size=1, num_branches=1, noise_level=0.3, num_latents=16,
-                               image_tokens=None)
+    state = dataclasses.replace(first_turn.state, num_branches=1, noise_level=0.3)
     cases = [
         (dict(prompt=PROMPT), "image"),
         (dict(image="cat.png", prompt=PROMPT), "image"),

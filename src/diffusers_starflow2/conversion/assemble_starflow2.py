@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -59,6 +58,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from diffusers_starflow2 import AutoencoderFAE, PretzelModel, StarFlow2Pipeline, TarFlowScheduler
+from diffusers_starflow2.cli import ArgumentParser, run_main
 from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
 from diffusers_starflow2.loaders.single_file_starflow import convert_starflow_state_dict, load_checkpoint
 from diffusers_starflow2.utils.sequence import VISION_START, special_id
@@ -70,8 +70,11 @@ FLOW_BLOCK = re.compile(r"^(shallow\.\d+|deep)\.(.+)$")
 NOISE_COND = re.compile(r"^proj_cond\.(weight|bias)$")  # not a reference MetaBlock key: kept as is
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Assemble a StarFlow2Pipeline folder from local parts.")
+PROG = "assemble_starflow2.py"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+    parser = ArgumentParser(prog=prog or PROG, description="Assemble a StarFlow2Pipeline folder from local parts.")
     parser.add_argument("--vlm", required=True, help="local transformers folder of the VLM (Qwen2.5-VL)")
     parser.add_argument("--tokenizer", help="local tokenizer folder (default: --vlm)")
     parser.add_argument("--dinov2", required=True, help="local transformers Dinov2Model folder")
@@ -223,16 +226,11 @@ def assemble(args: argparse.Namespace) -> StarFlow2Pipeline:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output)
-    try:
-        check_output_dir(output, args.overwrite)  # fail before loading anything
-        pipe = assemble(args)
-        save_pretrained_atomic(pipe, output, args.overwrite)
-    except (ValueError, OSError, pickle.UnpicklingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    check_output_dir(output, args.overwrite)  # fail before loading anything
+    pipe = assemble(args)
+    save_pretrained_atomic(pipe, output, args.overwrite)
     print(f"wrote {output}")
     for name in ("vlm", "transformer", "vae"):
         model = getattr(pipe, name)
@@ -240,6 +238,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"parameters ({model.dtype})")
     print(f"  image size   {pipe.image_size}x{pipe.image_size}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Exit status 0, or 2 after one line ``prog: error: ...`` on stderr."""
+    return run_main(prog or PROG, run, parse_args(argv, prog))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,16 @@ import sys
 from typing import Optional, Sequence
 
 from diffusers_starflow2 import StarFlow2Pipeline
+from diffusers_starflow2.cli import ArgumentParser, run_main
 from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Write a randomly initialised tiny STARFlow2 pipeline folder.")
+PROG = "make_tiny_starflow2.py"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+    parser = ArgumentParser(prog=prog or PROG, description="Write a randomly initialised tiny STARFlow2 pipeline folder.")
     parser.add_argument("--output", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     parser.add_argument("--perturb", type=float, default=0.05,
@@ -32,17 +36,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output)
-    try:
-        check_output_dir(output, args.overwrite)  # fail before building anything
-        print(f"building tiny STARFlow2 components (seed {args.seed}) ...")
-        pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=args.seed, perturb=args.perturb))
-        save_pretrained_atomic(pipe, output, args.overwrite)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    check_output_dir(output, args.overwrite)  # fail before building anything
+    print(f"building tiny STARFlow2 components (seed {args.seed}) ...")
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=args.seed, perturb=args.perturb))
+    save_pretrained_atomic(pipe, output, args.overwrite)
     print(f"wrote {output}")
     for name in ("vlm", "transformer", "vae"):
         model = getattr(pipe, name)
@@ -51,6 +50,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"  image size   {pipe.image_size}x{pipe.image_size}, latents {pipe.transformer.config.latent_channels}x"
           f"{pipe.transformer.config.sample_size}x{pipe.transformer.config.sample_size}")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Exit status 0, or 2 after one line ``prog: error: ...`` on stderr."""
+    return run_main(prog or PROG, run, parse_args(argv, prog))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ Used by ``conversion/convert_starflow_to_diffusers.py`` and by the tests; nothin
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import numbers
 import os
 import re
 import shlex
@@ -73,12 +76,12 @@ def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     """
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path!r} is empty")
+    state = _read_checkpoint(path)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict (a mapping of "
+                         f"parameter names to tensors)")
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = [k for k in ("model", "state_dict", "module", "ema") if isinstance(state.get(k), Mapping)]
         if not inner:
@@ -93,6 +96,22 @@ def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
                 key = key[len(prefix):]
         out[key] = value
     return out
+
+
+def _read_checkpoint(path: str) -> Any:
+    """The payload of a checkpoint file; a truncated or foreign file is a ``ValueError`` naming it."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch/pickle/zip/safetensors each raise their own kinds
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"checkpoint {path!r} cannot be read (truncated, or not a .pth/.safetensors checkpoint): "
+                         f"{detail}") from None
 
 
 def convert_starflow_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -137,6 +156,7 @@ def config_from_reference_kwargs(kwargs: Mapping[str, Any]) -> Dict[str, Any]:
         if key not in kwargs:
             raise ValueError(f"model_kwargs is missing the required key {key!r}")
     args = {**_REFERENCE_DEFAULTS, **kwargs}
+    check_reference_values(args)
     layers = [int(n) for n in args["layers_per_block"]]
     if len(layers) == 1:
         layers = layers * int(args["num_blocks"])
@@ -149,6 +169,61 @@ def config_from_reference_kwargs(kwargs: Mapping[str, Any]) -> Dict[str, Any]:
         config[key] = bool(config[key])
     config["soft_clip"] = float(config["soft_clip"])
     return config
+
+
+_POSITIVE_INTS = ("in_channels", "img_size", "patch_size", "channels", "num_blocks", "head_dim")
+_OPTIONAL_POSITIVE_INTS = ("num_heads", "num_kv_heads", "pt_seq_len", "top_block_channels")
+_CHOICES = {"norm_type": ("layer_norm", "rms_norm"), "seq_order": ("R2L", "L2R")}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_reference_values(args: Mapping[str, Any]) -> None:
+    """Values the model can be built from: positive sizes, known choices, a finite soft clip."""
+    for key in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS:
+        value = args.get(key)
+        if (value is not None or key in _POSITIVE_INTS) and not (_is_int(value) and value > 0):
+            raise ValueError(f"config value {key}={value!r} must be a positive integer")
+    for key in ("txt_size", "txt_dim"):
+        if not (_is_int(args.get(key)) and args[key] >= 0):
+            raise ValueError(f"config value {key}={args.get(key)!r} must be an integer >= 0")
+    layers = args["layers_per_block"]
+    layers = [layers] if _is_int(layers) else layers
+    if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(n) and n > 0 for n in layers):
+        raise ValueError(f"config value layers_per_block={args['layers_per_block']!r} must be positive integers")
+    for key, choices in _CHOICES.items():
+        if args.get(key) not in choices:
+            raise ValueError(f"config value {key}={args.get(key)!r} must be one of {list(choices)}")
+    soft_clip = args.get("soft_clip")
+    if not (isinstance(soft_clip, numbers.Real) and not isinstance(soft_clip, bool) and math.isfinite(soft_clip)
+            and soft_clip >= 0):
+        raise ValueError(f"config value soft_clip={soft_clip!r} must be a finite number >= 0")
+    if args["img_size"] % args["patch_size"]:
+        raise ValueError(f"config value img_size={args['img_size']} is not a multiple of patch_size="
+                         f"{args['patch_size']}")
+
+
+# Arguments of the reference training script (train.py) that a training YAML may hold; only some reach the model.
+_TRAIN_ARGUMENTS = frozenset("""
+    model_config_path train_seed data logdir dataset wds mix_aspect img_size vid_size fps_cond no_flip caption_column
+    secondary_dataset secondary_img_size secondary_vid_size vae vae_decoder_factor channel_size finetuned_vae text
+    txt_size sos seq_order patch_size channels top_block_channels blocks layers_per_block rope pt_seq_len adaln nvp
+    use_softplus cond_top_only head_dim num_heads num_kv_heads use_swiglu use_qk_norm use_post_norm use_final_norm
+    use_bias norm_type use_pretrained_lm use_mm_attn soft_clip learnable_self_denoiser conditional_denoiser
+    noise_embed_denoiser temporal_causal shallow_block_local denoiser_window local_attn_window noise_std noise_type
+    cond_noise_level batch_size secondary_batch_size secondary_ratio acc fp8 use_8bit_adam epochs epoch_length lr
+    min_lr drop_label drop_image last_frame_cond video_to_video resume_path resume_epoch warmup_steps fsdp
+    fsdp_text_encoder gradient_checkpoint gradient_checkpoint_mlp compile latent_norm_regularization loss_scaling
+    grad_clip grad_skip dry_run wandb_name save_every sample_freq cfg num_samples sample_batch_size
+""".split())
+
+
+def _unknown_key_message(path: str, key: str, known) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{path!r}: unknown argument {key!r}{hint}; not an argument of the reference training script"
 
 
 # Defaults of the reference training script for the arguments that reach the model.
@@ -185,16 +260,28 @@ def kwargs_from_training_yaml(path: str, text_dim: int) -> Dict[str, Any]:
     """
     import yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path!r} is not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path!r} is not a text file") from None
     if not isinstance(data, Mapping) or not isinstance(data.get("arguments"), list):
         raise ValueError(f"{path!r} is not a reference training config (no 'arguments' list)")
     args = dict(_TRAIN_DEFAULTS)
     for item in data["arguments"]:
+        if not isinstance(item, Mapping):
+            raise ValueError(f"{path!r}: every entry of 'arguments' must be 'key: value'; got {item!r}")
         for key, value in item.items():
+            if key not in _TRAIN_ARGUMENTS:
+                raise ValueError(_unknown_key_message(path, key, _TRAIN_ARGUMENTS))
             args[key] = _parse_yaml_value(value)
     if args.get("vid_size") is not None:
         raise ValueError("video configs (vid_size) are not supported")
+    for key in ("channel_size", "img_size", "patch_size", "channels", "blocks"):
+        if not (_is_int(args[key]) and args[key] > 0):
+            raise ValueError(f"{path!r}: {key}={args[key]!r} must be a positive integer")
     layers = args["layers_per_block"]
     layers = [layers] if isinstance(layers, int) else list(layers)
     vae = args["vae"]
@@ -229,8 +316,11 @@ def load_reference_config(path: str, state: Mapping[str, torch.Tensor]) -> Tuple
     if path.endswith((".yaml", ".yml")):
         kwargs = kwargs_from_training_yaml(path, text_dim_from_state_dict(state))
     else:
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path!r} is not valid JSON: {err}") from None
         kwargs = data.get("model_kwargs", data) if isinstance(data, Mapping) else None
         if not isinstance(kwargs, Mapping):
             raise ValueError(f"{path!r} must hold a JSON object with 'model_kwargs'")

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase, T5EncoderModel
 from ..models.transformer_starflow import StarFlowTransformerModel
 from ..sampling import denoise_starflow, sample_starflow
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
+from ..utils import validation
 from .pipeline_utils import (
     FlowPipelineMixin,
     check_generator,
@@ -151,24 +152,23 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                      noise_level: float, num_denoising_steps: int, callback_on_step_end: Optional[Callable],
                      callback_on_step_end_tensor_inputs: List[str]) -> List[str]:
         """Validate the call; returns the callback tensor names to pass."""
-        check_prompt(prompt)
-        if negative_prompt is not None:
-            check_prompt(negative_prompt, "negative_prompt", allow_empty=True)
         cfg = self.transformer.config
+        max_sequence_length = validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1,
+                                                       maximum=cfg.max_text_length)
+        prompts = check_prompt(prompt, tokenizer=self.tokenizer)
+        negatives = [] if negative_prompt is None else check_prompt(negative_prompt, "negative_prompt",
+                                                                    allow_empty=True, tokenizer=self.tokenizer)
+        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):  # with </s>, as T5 sees them
+            validation.check_token_count(texts, name, self.tokenizer, max_sequence_length, "max_sequence_length",
+                                         add_special_tokens=True)
         check_image_size(height, width, self.vae_scale_factor * cfg.patch_size)
         if not cfg.use_rope and (height, width) != (self.default_size,) * 2:
             raise ValueError(f"`height` and `width` must be {self.default_size} for a transformer without RoPE")
         check_guidance_scale(guidance_scale)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive integer; got {num_images_per_prompt}")
+        validation.check_images_per_prompt(num_images_per_prompt, len(prompts))
         check_output_type(output_type)
-        if not 1 <= max_sequence_length <= cfg.max_text_length:
-            raise ValueError(f"`max_sequence_length` must be between 1 and the transformer's max_text_length "
-                             f"({cfg.max_text_length}); got {max_sequence_length}")
-        if noise_level < 0:
-            raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
-        if num_denoising_steps < 0:
-            raise ValueError(f"`num_denoising_steps` must be >= 0; got {num_denoising_steps}")
+        validation.check_noise_level(noise_level)
+        validation.check_denoising_steps(num_denoising_steps)
         return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                               self._callback_tensor_inputs)
 
@@ -268,8 +268,8 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                 the level of the latents the step started from. Returning ``{"latents": ...}`` replaces them.
             callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (a subset of
                 ``_callback_tensor_inputs``).
-            max_sequence_length: text tokens; prompts are padded to it and longer prompts truncated, as in
-                training (default and maximum: the transformer's ``max_text_length``).
+            max_sequence_length: text tokens; prompts are padded to it, as in training (default and maximum: the
+                transformer's ``max_text_length``).  A longer prompt is refused with a ``ValueError``.
 
         Examples:
 
@@ -283,6 +283,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
         if num_denoising_steps is None:
             num_denoising_steps = self.scheduler.config.num_denoising_steps
+        validation.check_bool(return_dict, "return_dict")
         tensor_inputs = self.check_inputs(prompt, negative_prompt, height, width, guidance_scale,
                                           num_images_per_prompt, output_type, max_sequence_length, noise_level,
                                           num_denoising_steps, callback_on_step_end, callback_on_step_end_tensor_inputs)
@@ -318,13 +319,15 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                                            num_denoising_steps, scheduler=self.scheduler, callback=on_denoising_step,
                                            stop=stop)
 
+        validation.check_finite_output(latents, "image latents")
         if output_type == "latent":
             images = latents
         else:
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
             if getattr(self.vae.config, "shift_factor", None) is not None:
                 latents = latents + self.vae.config.shift_factor
-            images = postprocess_images(self.vae.decode(latents, return_dict=False)[0], output_type,
-                                        self.image_processor)
+            decoded = self.vae.decode(latents, return_dict=False)[0]
+            validation.check_finite_output(decoded, "decoded pixels")
+            images = postprocess_images(decoded, output_type, self.image_processor)
         self._end_call()
         return StarFlowPipelineOutput(images=images) if return_dict else (images,)

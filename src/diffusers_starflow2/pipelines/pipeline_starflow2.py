@@ -21,10 +21,12 @@ from ..models.transformer_pretzel import PretzelCache, PretzelModel
 from ..models.vlm_stream import VLMStream
 from ..sampling import sample_image_tokens, shallow_reverse, tweedie_denoise
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
+from ..utils import validation
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
 from .pipeline_utils import (
     FlowPipelineMixin,
     check_generator,
+    check_guidance_scale,
     check_output_type,
     check_prompt,
     postprocess_images,
@@ -88,6 +90,8 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
 
     def _check_size(self, height: Optional[int], width: Optional[int]) -> None:
         size = self.image_size
+        height = validation.check_integer(height, "height", minimum=1, allow_none=True)
+        width = validation.check_integer(width, "width", minimum=1, allow_none=True)
         if (size if height is None else height, size if width is None else width) != (size, size):
             raise ValueError(f"`height` and `width` must be {size} (the FAE output of the model's "
                              f"{self.transformer.config.sample_size}x{self.transformer.config.sample_size} latent "
@@ -120,28 +124,14 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
     def preprocess_image(self, image, name: str = "image") -> torch.Tensor:
         """Source images -> ``(M, 3, S, S)`` in ``[-1, 1]`` at the model's image size ``S``.
 
-        Accepts what ``VaeImageProcessor.preprocess`` accepts: PIL images (converted to RGB), numpy ``(H, W, 3)`` /
-        ``(B, H, W, 3)`` arrays (uint8, or float in ``[0, 1]``), torch ``(3, H, W)`` / ``(B, 3, H, W)`` tensors in
-        ``[0, 1]`` or ``[-1, 1]``, or a list of one kind.  Other sizes are resized (a rectangular image is squashed).
+        Accepts PIL images (converted to RGB), numpy ``(H, W, 3)`` / ``(B, H, W, 3)`` arrays (uint8, or float in
+        ``[0, 1]``), torch ``(3, H, W)`` / ``(B, 3, H, W)`` tensors (uint8, or float in ``[0, 1]`` or ``[-1, 1]``),
+        or a list of one kind (see :func:`~diffusers_starflow2.utils.validation.image_items`); anything else
+        is refused.  Other sizes are resized (a rectangular image is squashed).
         """
-        items = list(image) if isinstance(image, (list, tuple)) else [image]
-        kinds = {PIL.Image.Image if isinstance(i, PIL.Image.Image) else type(i) for i in items}
-        if not items or len(kinds) != 1 or not kinds <= {PIL.Image.Image, np.ndarray, torch.Tensor}:
-            raise ValueError(f"`{name}` must be a PIL image, a numpy array or a torch tensor, or a non-empty list of "
-                             f"one of these; got {type(image).__name__} of {sorted(k.__name__ for k in kinds)}")
-        converted = []
-        for item in items:
-            if isinstance(item, PIL.Image.Image):
-                converted.append(item.convert("RGB"))
-                continue
-            channels = item.shape[-1] if isinstance(item, np.ndarray) else item.shape[-3] if item.ndim > 2 else 0
-            if item.ndim not in (3, 4) or channels != 3:
-                layout = "(H, W, 3) or (B, H, W, 3)" if isinstance(item, np.ndarray) else "(3, H, W) or (B, 3, H, W)"
-                raise ValueError(f"`{name}` must be an RGB image of shape {layout}; got {tuple(item.shape)}")
-            converted.append(item.astype(np.float32) / 255 if item.dtype == np.uint8 else item)
         size = self.image_size
-        return self.image_processor.preprocess(converted if isinstance(image, (list, tuple)) else converted[0],
-                                               height=size, width=size)
+        return torch.cat([self.image_processor.preprocess(x, height=size, width=size)
+                          for x in validation.image_items(image, name)])
 
     def encode_image(self, images: torch.Tensor, noise_level: float,
                      generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
@@ -166,31 +156,32 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         eps = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         return self.scheduler.add_noise(latents, eps, noise_level)
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Largest ``max_sequence_length``: the VLM's context minus one image span and the chat template's framing."""
+        return validation.prompt_token_limit(validation.model_context_length(self.vlm, self.tokenizer),
+                                             self.transformer.num_latents)
+
     def _check_texts(self, prompt, negative_prompt, max_sequence_length: int):
         """``(prompts, negative prompts)`` as lists; the negative defaults to ``""``; each within the token limit."""
-        prompts = check_prompt(prompt)
+        limit = validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1,
+                                         maximum=self.max_prompt_tokens)
+        prompts = check_prompt(prompt, tokenizer=self.tokenizer)
         negatives = check_prompt(negative_prompt if negative_prompt is not None else "", "negative_prompt",
-                                 allow_empty=True)
-        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
-            for text in texts:
-                n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                if n > max_sequence_length:
-                    raise ValueError(f"`{name}` has {n} tokens, more than max_sequence_length={max_sequence_length}")
+                                 allow_empty=True, tokenizer=self.tokenizer)
+        validation.check_token_count(prompts, "prompt", self.tokenizer, limit, "max_sequence_length")
+        validation.check_token_count(negatives, "negative_prompt", self.tokenizer, limit, "max_sequence_length")
         return prompts, negatives
 
     def _check_noise_level(self, noise_level: Optional[float]) -> float:
         """``noise_level`` or the scheduler's default, checked."""
         noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
-        if not noise_level >= 0:
-            raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
-        return float(noise_level)
+        return validation.check_noise_level(noise_level)
 
     def _check_denoising_steps(self, num_denoising_steps: Optional[int]) -> int:
         """``num_denoising_steps`` or the scheduler's default, checked."""
         steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
-        if steps < 0:
-            raise ValueError(f"`num_denoising_steps` must be >= 0; got {steps}")
-        return steps
+        return validation.check_denoising_steps(steps)
 
     def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance: GuidanceSpec,
                        num_denoising_steps: int = 1):
@@ -246,10 +237,13 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """Scaled FAE latents -> images of ``output_type``."""
+        validation.check_finite_output(latents, "image latents")
         if output_type == "latent":
             return latents
         self._onload(self.vae)
-        images = self.vae.decode_latents(latents.to(self.vae.dtype)).float().clamp(-1, 1)
+        images = self.vae.decode_latents(latents.to(self.vae.dtype)).float()
+        validation.check_finite_output(images, "decoded pixels")
+        images = images.clamp(-1, 1)
         return postprocess_images(images, output_type, self.image_processor)
 
 
@@ -366,10 +360,9 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         """Validate the call (the same arguments as :meth:`StarFlowPipeline.check_inputs`); returns the callback
         tensor names to pass.  Prompts are checked (token limit included) by :meth:`encode_prompt`."""
         self._check_size(height, width)
-        GuidanceSpec(guidance_scale)  # checks the scale
+        check_guidance_scale(guidance_scale)
         check_output_type(output_type)
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
+        validation.check_images_per_prompt(num_images_per_prompt)
         self._check_noise_level(noise_level)
         self._check_denoising_steps(num_denoising_steps)
         return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
@@ -414,10 +407,12 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         tensor_inputs = self.check_inputs(prompt, negative_prompt, height, width, guidance_scale,
                                           num_images_per_prompt, output_type, max_sequence_length, noise_level,
                                           steps, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        validation.check_bool(return_dict, "return_dict")
         guidance = GuidanceSpec(guidance_scale)
         layouts = self.encode_prompt(prompt, negative_prompt, guidance.num_branches > 1, num_images_per_prompt,
                                      max_sequence_length)
         batch_size = len(layouts) // guidance.num_branches
+        validation.check_batch_size(batch_size)
         check_generator(generator, batch_size)
 
         transformer = self.transformer

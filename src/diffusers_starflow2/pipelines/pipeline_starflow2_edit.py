@@ -13,10 +13,12 @@ from diffusers.utils import replace_example_docstring
 
 from ..models.transformer_pretzel import PretzelCache
 from ..schedulers.scheduling_tarflow import GuidanceSpec
+from ..utils import validation
 from ..utils.sequence import TokenLayout, encode_conversation, user_message
 from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2PipelineOutput
 from .pipeline_utils import (
     check_generator,
+    check_guidance_scale,
     check_output_type,
     check_prompt,
     prepare_noise,
@@ -158,24 +160,25 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                      state: Optional[StarFlow2EditState] = None) -> List[str]:
         """Validate the call; returns the callback tensor names to pass.  Prompts are checked (token limit
         included) by :meth:`encode_prompt`, images by :meth:`preprocess_image`."""
-        branches = GuidanceSpec(guidance_scale, image_guidance_scale).num_branches  # checks both scales
+        check_guidance_scale(guidance_scale)
+        check_guidance_scale(image_guidance_scale, "image_guidance_scale", minimum=1)  # 1 = no image guidance
+        branches = GuidanceSpec(guidance_scale, image_guidance_scale).num_branches
         check_output_type(output_type)
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1; got {num_images_per_prompt}")
+        validation.check_images_per_prompt(num_images_per_prompt)
         self._check_denoising_steps(num_denoising_steps)
         if state is None:
             if image is None:
                 raise ValueError("`image` is required (the image to edit) unless `state` continues a conversation")
             self._check_noise_level(noise_level)
         else:
-            self._check_state(state, image, num_images_per_prompt, branches)
+            self._check_state(state, image, num_images_per_prompt, branches, max_sequence_length)
             if noise_level is not None and noise_level != state.noise_level:
                 raise ValueError(f"`noise_level` must be the conversation's {state.noise_level} when continuing "
                                  f"a `state`; got {noise_level}")
         return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                               self._callback_tensor_inputs)
 
-    def _check_state(self, state, image, num_images_per_prompt: int, branches: int):
+    def _check_state(self, state, image, num_images_per_prompt: int, branches: int, max_sequence_length: int = 256):
         if image is not None:
             raise ValueError("`image` must be None when `state` is given: the conversation already holds its image")
         if not isinstance(state, StarFlow2EditState):
@@ -188,6 +191,19 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             name = "image_guidance_scale" if branches == 3 else "guidance_scale"
             raise ValueError(f"`{name}` needs {branches} guidance branches but `state` holds {state.num_branches}; "
                              f"use the guidance of every later turn already in the first turn")
+        if not isinstance(state.cache, PretzelCache):
+            raise ValueError(f"`state` holds no caches (its `cache` is {type(state.cache).__name__}); pass the "
+                             f"`state` of a previous output")
+        # every turn grows the conversation: refuse the one that would run past the VLM's context
+        used = state.cache.attention_mask.shape[1]
+        context = validation.model_context_length(self.vlm, self.tokenizer)
+        needed = used + validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1) \
+            + state.num_latents + validation.CHAT_TEMPLATE_RESERVE
+        if needed > context:
+            raise ValueError(f"`state` holds a conversation of {used} positions; another turn of up to "
+                             f"max_sequence_length={max_sequence_length} tokens and an image of {state.num_latents} "
+                             f"latents needs {needed}, more than the model's context of {context}; lower "
+                             f"`max_sequence_length` or start a new conversation")
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -231,6 +247,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
 
         Examples:
         """
+        validation.check_bool(return_dict, "return_dict")
         steps = self._check_denoising_steps(num_denoising_steps)
         tensor_inputs = self.check_inputs(prompt, negative_prompt, image, guidance_scale, image_guidance_scale,
                                           num_images_per_prompt, output_type, max_sequence_length, noise_level,
@@ -247,6 +264,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             if len(images) not in (1, pairs):
                 raise ValueError(f"`image` has {len(images)} images for {pairs} prompts; expected 1 or {pairs}")
             batch_size = pairs * num_images_per_prompt
+            validation.check_batch_size(batch_size)
             check_generator(generator, batch_size)
             images = images.expand(pairs, -1, -1, -1).repeat_interleave(num_images_per_prompt, dim=0)
             source = self.encode_image(images, noise_level, generator)

@@ -28,8 +28,9 @@ from ..utils.sequence import (
     special_id,
     user_message,
 )
+from ..utils import validation
 from .pipeline_starflow2 import StarFlow2BasePipeline
-from .pipeline_utils import check_output_type, prepare_noise, resolve_callback_tensor_inputs
+from .pipeline_utils import check_guidance_scale, check_output_type, prepare_noise, resolve_callback_tensor_inputs
 
 # In the input, this string means "generate an image here".
 IMAGE_PLACEHOLDER = "<image>"
@@ -109,10 +110,11 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         if isinstance(prompt, str):
             prompt = [prompt]
         if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError(f"`prompt` must be a string, a list of segments or chat messages; got {prompt!r}")
-        if all(isinstance(m, dict) and "role" in m for m in prompt):
+            raise ValueError(f"`prompt` must be a string, a list of segments or chat messages; got "
+                             f"{type(prompt).__name__}")
+        if validation.is_chat(prompt):
             messages, images, answer = [], [], []
-            for i, message in enumerate(prompt):
+            for i, message in enumerate(validation.check_messages(prompt)):
                 content = message.get("content")
                 items = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
                 parts = [item.get("image") if item.get("type") == "image" else item.get("text") for item in items]
@@ -125,11 +127,15 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 messages.append({"role": message["role"], "content": [
                     {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]})
             return messages, images, answer
+        for i, part in enumerate(prompt):
+            if not isinstance(part, (str, PIL.Image.Image, np.ndarray, torch.Tensor)):
+                raise ValueError(f"`prompt` item {i} must be a string or an image (PIL, numpy array, torch tensor); a "
+                                 f"list of chat messages must hold only dicts; got {type(part).__name__}")
         parts = _split_placeholders(prompt)
         first = next((i for i, p in enumerate(parts) if isinstance(p, str) and p == IMAGE_PLACEHOLDER), len(parts))
         user, answer = parts[:first], parts[first:]
-        if not user:
-            raise ValueError("`prompt` needs a user request before the first image placeholder")
+        if all(isinstance(p, str) and not p.strip() for p in user):
+            raise ValueError("`prompt` needs a user request (text or an image) before the first image placeholder")
         return [user_message(*user)], [p for p in user if not isinstance(p, str)], answer
 
     # -- generation core -----------------------------------------------------------------------------------------------
@@ -153,6 +159,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         self._onload_pretzel()
         logits = self.transformer.text_logits(self.vlm_stream, cache.last_hidden[:1],
                                               cache.last_flow_hidden[:1])[:, -1].float()  # (1, V)
+        validation.check_finite_output(logits, "text logits")
         logits[:, banned] = -float("inf")
         if processors is None:  # temperature 0: greedy
             return int(logits.argmax(-1))
@@ -260,27 +267,42 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         return layouts
 
     def check_inputs(self, prompt, negative_prompt, guidance_scale: float, max_new_tokens: int, max_images: int,
-                     temperature: float, output_type: str, noise_level: float, num_denoising_steps: int,
-                     callback_on_step_end: Optional[Callable], callback_on_step_end_tensor_inputs: Sequence[str],
-                     generator=None) -> List[str]:
-        """Validate the call; returns the callback tensor names to pass.  ``prompt`` is checked as it is parsed."""
-        GuidanceSpec(guidance_scale)  # checks the scale
+                     temperature: float, top_k: Optional[int], top_p: Optional[float], stop, output_type: str,
+                     noise_level: float, num_denoising_steps: int, callback_on_step_end: Optional[Callable],
+                     callback_on_step_end_tensor_inputs: Sequence[str], generator=None) -> Dict[str, Any]:
+        """Validate the call, the whole prompt included (texts and their special tokens, images, and the context
+        budget of prompt + answer) before anything runs.  Returns the checked values: the numbers as Python numbers,
+        ``stop`` as a list, ``generator`` as one generator, ``tensor_inputs`` the callback tensor names to pass."""
+        checked = dict(guidance_scale=check_guidance_scale(guidance_scale))
         check_output_type(output_type)
-        if max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be >= 0; got {max_new_tokens}")
-        if max_images < 0:
-            raise ValueError(f"`max_images` must be >= 0; got {max_images}")
-        if temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0; got {temperature}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"`negative_prompt` must be a string; got {type(negative_prompt).__name__}")
-        if isinstance(generator, list) and len(generator) != 1:
-            raise ValueError(f"`generator` must be one generator (the pipeline makes one conversation); got "
-                             f"{len(generator)}")
+        tokenizer, num_latents = self.tokenizer, self.transformer.num_latents
+        context = validation.model_context_length(self.vlm, tokenizer)
+        image_positions = num_latents + 2  # <|vision_start|>, the latents, <|vision_end|>
+        checked["max_new_tokens"] = validation.check_integer(max_new_tokens, "max_new_tokens", minimum=0,
+                                                             maximum=context)
+        checked["max_images"] = validation.check_integer(max_images, "max_images", minimum=0,
+                                                         maximum=context // image_positions)
+        checked["temperature"] = validation.check_number(temperature, "temperature", minimum=0)
+        # top_k 0 = off, as in transformers
+        checked["top_k"] = validation.check_integer(top_k, "top_k", minimum=0, allow_none=True)
+        checked["top_p"] = validation.check_number(top_p, "top_p", minimum=0, maximum=1, exclusive_minimum=True,
+                                                   allow_none=True)
+        checked["stop"] = validation.check_stop(stop)
+        if negative_prompt is not None:
+            validation.check_text(negative_prompt, "negative_prompt", tokenizer, allow_empty=True)
+        validation.check_generator(generator, 1)
+        # the pipeline makes one conversation
+        checked["generator"] = generator[0] if isinstance(generator, (list, tuple)) else generator
         self._check_noise_level(noise_level)
         self._check_denoising_steps(num_denoising_steps)
-        return resolve_callback_tensor_inputs(callback_on_step_end, list(callback_on_step_end_tensor_inputs),
-                                              self._callback_tensor_inputs)
+        messages, images, answer = self._parse(prompt)
+        prompt_positions = validation.check_conversation(messages, images, answer, IMAGE_PLACEHOLDER, tokenizer,
+                                                         image_positions)
+        validation.check_context_budget(prompt_positions, checked["max_new_tokens"], checked["max_images"],
+                                        image_positions, context)
+        checked["tensor_inputs"] = resolve_callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        return checked
 
     def _checked_generate(self, prompt, negative_prompt=None, guidance_scale: float = 2.0,
                           max_new_tokens: int = 64, max_images: int = 4, temperature: float = 0.0,
@@ -291,14 +313,13 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                           callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> Iterator[Segment]:
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
-        tensor_inputs = self.check_inputs(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images,
-                                          temperature, output_type, noise_level, steps, callback_on_step_end,
-                                          callback_on_step_end_tensor_inputs, generator)
-        generator = generator[0] if isinstance(generator, list) else generator
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        return self._generate(prompt, negative_prompt or "", guidance_scale, max_new_tokens, max_images,
-                              temperature, top_k, top_p, stop, generator, noise_level, steps, output_type,
-                              callback_on_step_end, tensor_inputs)
+        checked = self.check_inputs(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images, temperature,
+                                    top_k, top_p, stop, output_type, noise_level, steps, callback_on_step_end,
+                                    callback_on_step_end_tensor_inputs, generator)
+        return self._generate(prompt, negative_prompt or "", checked["guidance_scale"], checked["max_new_tokens"],
+                              checked["max_images"], checked["temperature"], checked["top_k"], checked["top_p"],
+                              checked["stop"], checked["generator"], noise_level, steps, output_type,
+                              callback_on_step_end, checked["tensor_inputs"])
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -333,6 +354,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
 
         Examples:
         """
+        validation.check_callable(callback_on_segment, "callback_on_segment")
+        validation.check_bool(return_dict, "return_dict")
         segments = []
         for segment in self._checked_generate(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images,
                                               temperature, top_k, top_p, stop, generator, noise_level,
@@ -346,5 +369,5 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         return StarFlow2InterleavedOutput(segments=segments)
 
     def stream(self, prompt, **kwargs) -> Iterator[Segment]:
-        """Like ``__call__`` but yields each segment as soon as it is complete."""
-        yield from self._checked_generate(prompt, **kwargs)
+        """Like ``__call__`` but yields each segment as soon as it is complete; bad input raises at the call."""
+        return self._checked_generate(prompt, **kwargs)

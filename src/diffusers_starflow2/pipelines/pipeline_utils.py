@@ -1,12 +1,14 @@
 # Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
-"""Input validation, noise and output conversion shared by the STARFlow pipelines.
+"""Noise, callbacks and output conversion shared by the STARFlow pipelines.
 
-Every ``check_*`` function raises a ``ValueError`` whose message starts with the offending argument's name in
-backticks, e.g. ``"`height` and `width` must be ..."``, so callers and tests can tell which input was wrong.
+The input checks are in :mod:`diffusers_starflow2.utils.validation`; every one raises a ``ValueError`` whose message
+starts with the offending argument's name in backticks, so callers and tests can tell which input was wrong.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -15,47 +17,23 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..utils.hub import StarFlowHubMixin
+from ..utils.io import atomic_output_dir
+
+# the checks live in one module; they are re-exported here for the pipelines
+from ..utils.validation import (  # noqa: F401
+    check_callable,
+    check_generator,
+    check_guidance_scale,
+    check_image_size,
+    check_latents,
+    check_names,
+    check_output_type,
+    check_prompt,
+)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 Generator = Union[torch.Generator, List[torch.Generator], None]
-
-
-def check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"`output_type` must be one of {list(OUTPUT_TYPES)}; got {output_type!r}")
-
-
-def check_guidance_scale(guidance_scale: float) -> None:
-    if not guidance_scale >= 0:  # also rejects NaN
-        raise ValueError(f"`guidance_scale` must be >= 0; got {guidance_scale}")
-
-
-def check_generator(generator: Generator, batch_size: int) -> None:
-    """A list of generators needs one generator per generated image (``batch_size * num_images_per_prompt``)."""
-    if isinstance(generator, list) and len(generator) != batch_size:
-        raise ValueError(f"`generator` is a list of {len(generator)} generators, but {batch_size} images are "
-                         f"generated (batch size * num_images_per_prompt); pass one generator per image")
-
-
-def check_image_size(height: int, width: int, multiple: int) -> None:
-    """``height`` and ``width`` must be positive multiples of ``multiple`` (VAE factor times patch size)."""
-    if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0
-            and height % multiple == 0 and width % multiple == 0):
-        raise ValueError(f"`height` and `width` must be positive multiples of {multiple}; got {height} and {width}")
-
-
-def check_prompt(prompt: Union[str, Sequence[str]], name: str = "prompt", allow_empty: bool = False) -> List[str]:
-    """Validate a prompt (a string or a non-empty list of strings) and return it as a list.
-
-    ``allow_empty`` accepts ``""`` items (e.g. negative prompts, where ``""`` is the unconditional prompt).
-    """
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"`{name}` must be a string or a non-empty list of strings; got {type(prompt).__name__}")
-    if not allow_empty and any(not p.strip() for p in prompts):
-        raise ValueError(f"`{name}` must not contain empty strings; got {prompt!r}")
-    return list(prompts)
 
 
 def resolve_callback_tensor_inputs(callback_on_step_end: Optional[Callable],
@@ -68,9 +46,10 @@ def resolve_callback_tensor_inputs(callback_on_step_end: Optional[Callable],
     """
     if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
         callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-    if callback_on_step_end is not None and not callable(callback_on_step_end):
-        raise ValueError(f"`callback_on_step_end` must be callable; got {type(callback_on_step_end).__name__}")
-    unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in allowed]
+    check_callable(callback_on_step_end, "callback_on_step_end")
+    callback_on_step_end_tensor_inputs = check_names(callback_on_step_end_tensor_inputs or [],
+                                                     "callback_on_step_end_tensor_inputs")
+    unknown = [k for k in callback_on_step_end_tensor_inputs if k not in allowed]
     if unknown:
         raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {list(allowed)}; got unknown "
                          f"{unknown}")
@@ -83,9 +62,7 @@ def prepare_noise(shape: Tuple[int, ...], generator: Generator, device, dtype: t
     user-supplied ``latents`` after checking their shape."""
     if latents is None:
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    if tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"`{name}` must have shape {tuple(shape)}; got {tuple(latents.shape)}")
-    return latents.to(device=device, dtype=dtype)
+    return check_latents(latents, shape, name).to(device=device, dtype=dtype)
 
 
 def postprocess_images(images: torch.Tensor, output_type: str = "pil",
@@ -97,9 +74,52 @@ def postprocess_images(images: torch.Tensor, output_type: str = "pil",
     return image_processor.postprocess(images, output_type=output_type)
 
 
-class FlowPipelineMixin(StarFlowHubMixin):
-    """The call contract every STARFlow pipeline shares (and, from :class:`StarFlowHubMixin`, ``push_to_hub`` with
-    a model card).
+def _carry_over(old: str, new: str) -> None:
+    """Copy the entries of an existing folder ``old`` that the new save did not write (a README, say) into ``new``.
+
+    Copied, not moved: until the final rename, the old folder stays complete.
+    """
+    if not os.path.isdir(old):
+        return
+    for name in os.listdir(old):
+        source, target = os.path.join(old, name), os.path.join(new, name)
+        if os.path.lexists(target):
+            continue
+        if os.path.isdir(source) and not os.path.islink(source):
+            shutil.copytree(source, target, symlinks=True)
+        else:
+            shutil.copy2(source, target, follow_symlinks=False)
+
+
+def _holds_working_directory(path: str) -> bool:
+    cwd = os.getcwd()
+    return cwd == path or cwd.startswith(path.rstrip(os.sep) + os.sep)
+
+
+class AtomicSaveMixin:
+    """``save_pretrained`` that never leaves a partial pipeline folder at ``save_directory``.
+
+    The pipeline is written into a staging folder next to ``save_directory`` and renamed into place when complete
+    (with ``push_to_hub``, the upload also runs before the rename).  A process killed midway leaves the old folder
+    (or none) at ``save_directory`` and at most a hidden ``.<name>.tmp-*`` folder beside it.  Files of an existing
+    folder that the save does not write are kept, as with diffusers.  Saving into the current working directory
+    (or a folder holding it) cannot rename that folder away and is written in place.
+    """
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        target = os.path.abspath(os.fspath(save_directory))
+        if _holds_working_directory(target):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):  # diffusers names the repo after the folder it saves into: the staging one
+            kwargs.setdefault("repo_id", os.path.basename(target))
+        with atomic_output_dir(target, overwrite=True, name="save_directory") as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            _carry_over(target, staging)
+
+
+class FlowPipelineMixin(AtomicSaveMixin, StarFlowHubMixin):
+    """The call contract every STARFlow pipeline shares (with an atomic ``save_pretrained`` and a ``push_to_hub``
+    that writes a model card).
 
     * ``callback_on_step_end(pipe, step, noise_level, callback_kwargs)`` runs once per latent position while an
       image is sampled and once per denoising step; ``step`` counts both, in call order, across all images of the

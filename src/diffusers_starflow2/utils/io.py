@@ -1,5 +1,9 @@
 # Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
-"""Writing output folders atomically: never a half-written model or pipeline folder."""
+"""Writing outputs atomically: never a half-written file, model or pipeline folder.
+
+Everything is written next to its final place and renamed into it when complete, with the permissions the user's
+umask gives new files (``tempfile`` makes private ones).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,37 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+def current_umask() -> int:
+    umask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
+def atomic_write_file(path: PathLike, write: Callable[[str], None]) -> str:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it to ``path``.
+
+    The file gets the mode a new file gets under the user's umask (0644 under the usual 022); if ``write`` fails
+    nothing is left behind and an existing ``path`` is untouched.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder")
+    base, suffix = os.path.splitext(os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=suffix, dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
 
 
 def check_output_dir(output: PathLike, overwrite: bool = False, name: str = "--output") -> None:
@@ -31,11 +63,12 @@ def atomic_output_dir(output: PathLike, overwrite: bool = False, name: str = "--
     output = os.path.abspath(os.fspath(output))
     check_output_dir(output, overwrite, name)
     parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp folders are private; the published folder should not be
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    except OSError as err:  # name the output, not the staging folder the user never asked for
+        raise OSError(f"{name} {output!r} cannot be written: {err.strerror or err}") from None
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp folders are private; the published folder should not be
     try:
         yield staging
         check_output_dir(output, overwrite, name)  # the folder may have appeared meanwhile
