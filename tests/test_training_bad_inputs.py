@@ -138,6 +138,9 @@ ARGS_BAD = [  # (extra argv, text the message must hold: the argument and the va
     (["--resume_from_checkpoint", "checkpoint-9"], "--resume_from_checkpoint 'checkpoint-9': no such checkpoint"),
     (["--stage", "2", "--validation_prompt", "x"], "--validation_prompt samples images; stage 2"),
     (["--push_to_hub", "--hub_token", "hf_x", "--report_to", "wandb"], "--hub_token with --report_to wandb"),
+    (["--pretrained_model_name_or_path", "no/such/folder"],
+     "--pretrained_model_name_or_path no/such/folder is neither a STARFlow2 pipeline folder nor a Hub repo id"),
+    (["--pretrained_model_name_or_path", "WORLD"], "is not a STARFlow2 pipeline folder (no model_index.json)"),
 ]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +21,6 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_NUM_IMAGES = 64
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class CLIError(Exception):
@@ -74,15 +72,16 @@ def run_main(prog: str, func, args) -> int:
 def _model_source(path: Optional[str]) -> str:
     """A local pipeline folder, or a Hugging Face Hub repo id (``user/name``)."""
     if path is None:
-        path = str(DEFAULT_MODEL)
-    if os.path.exists(path):
-        if not (Path(path) / "model_index.json").is_file():
-            where = f"--model {path}" if path != str(DEFAULT_MODEL) else f"the embedded default model ({path})"
-            raise CLIError(f"{where} is not a STARFlow2 pipeline folder (no model_index.json)")
-        return path
-    if not _REPO_ID.match(path):
-        raise CLIError(f"--model {path} is neither a STARFlow2 pipeline folder nor a Hub repo id (user/name)")
-    return path
+        if not (DEFAULT_MODEL / "model_index.json").is_file():
+            raise CLIError(f"the embedded default model ({DEFAULT_MODEL}) is not a STARFlow2 pipeline folder "
+                           "(no model_index.json)")
+        return str(DEFAULT_MODEL)
+    from .utils.hub import pipeline_source
+
+    try:
+        return pipeline_source(path, "--model")
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _device(name: Optional[str]):

@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..utils.hub import pipeline_source
 from ..utils.io import publish_into, remove_stale_staging, replace_path, write_json_atomic, write_text_atomic
 from .data import MixtureSampler, mixture, open_dataset, open_hub_caption_dataset, parse_mixture
 
@@ -83,7 +84,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
-    p.add_argument("--pretrained_model_name_or_path", required=True, help="a STARFlow2 pipeline folder")
+    p.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="a STARFlow2 pipeline folder or a Hugging Face Hub repo id")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--train_data_dir", help="stage 1: caption folder, stage 2: understanding folder (metadata.jsonl, "
                                             "every row and image checked when the folder is indexed)")
@@ -177,10 +179,10 @@ class ArgumentError(ValueError):
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise :class:`ArgumentError` naming the offending argument, its value and what is accepted."""
-    pretrained = Path(args.pretrained_model_name_or_path)
-    if not (pretrained / "model_index.json").is_file():
-        raise ArgumentError(f"--pretrained_model_name_or_path {str(pretrained)!r} is not a pipeline folder "
-                            "(no model_index.json)")
+    try:  # a pipeline folder or a Hub repo id (loaded through the Hugging Face cache)
+        pipeline_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
     if args.stage == 3:
         if not args.mixture:
             raise ArgumentError("--stage 3 needs --mixture 'understanding=DIR:w,generation=DIR:w,editing=DIR:w,"

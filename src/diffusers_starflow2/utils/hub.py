@@ -13,11 +13,25 @@ repository is ever executed, so ``trust_remote_code`` is accepted but not needed
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Optional
 
 LIBRARY = "diffusers_starflow2"
 INSTALL_LINE = "pip install diffusers-starflow2"
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def pipeline_source(path: str, name: str = "--model") -> str:
+    """Check that ``path`` is a pipeline folder (one with ``model_index.json``) or, when no such path exists, a Hub
+    repository id (``user/name``, loaded through the Hugging Face cache); returns it unchanged."""
+    if os.path.exists(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ValueError(f"{name} {path} is not a STARFlow2 pipeline folder (no model_index.json)")
+        return path
+    if not REPO_ID.match(path):
+        raise ValueError(f"{name} {path} is neither a STARFlow2 pipeline folder nor a Hub repo id (user/name)")
+    return path
 
 
 def register_with_diffusers(package) -> None:

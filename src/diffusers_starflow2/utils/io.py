@@ -118,16 +118,13 @@ def write_json_atomic(path: PathLike, data) -> None:
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write_file`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write_file(path, write)
 
 
 @contextmanager

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # The palette and the shape anchors are the analyser's: one definition for drawing and for judging.
+from ..utils.io import write_text_atomic
 from .shape_analysis import ANCHORS, PALETTE
 
 COLORS: tuple[str, ...] = tuple(PALETTE)
@@ -298,15 +299,6 @@ def _save_png(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG", optimize=False)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _jsonl(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
 
@@ -373,7 +365,7 @@ def write_world(
                     else:
                         rows += [{"file_name": name, "prompt": q, "response": a, "attribute": attr} for attr, q, a in questions(scene, rng, split)]
             bar.update(1)
-        _atomic_write_text(folder / "metadata.jsonl", _jsonl(rows))
+        write_text_atomic(folder / "metadata.jsonl", _jsonl(rows))
         counts[kind] = {"rows": len(rows), "images": n_files}
     bar.close()
     info = {
@@ -381,7 +373,7 @@ def write_world(
         "kinds": counts, "palette": {k: list(v) for k, v in PALETTE.items()},
         "shapes": list(SHAPES), "positions": list(POSITIONS),
     }
-    _atomic_write_text(root / "world.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(root / "world.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
 
 
