@@ -26,7 +26,6 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402

@@ -1,8 +1,6 @@
 """StarFlow2LoraLoaderMixin and LoRA training: LoRA files load into a pipeline and change its output; adapter weights,
 fusing and unloading behave like diffusers' other LoRA pipelines."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -10,8 +8,6 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from conftest import write_training_workdir  # noqa: E402
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import PIL.Image

@@ -11,7 +11,6 @@ import pytest
 from PIL import ImageFilter
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
     CAPTION_TEMPLATES,

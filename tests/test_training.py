@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from conftest import write_training_workdir  # noqa: E402
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from diffusers_starflow2.training.data import (  # noqa: E402
     CaptionDataset,

@@ -3,7 +3,6 @@ LoRA checkpoints that load_lora_weights reads, checkpoint limits, trackers and a
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from conftest import write_training_workdir  # noqa: E402
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
