@@ -136,10 +136,11 @@ def test_multi_turn_reuses_caches_and_matches_teacher_forcing(pipe, source, firs
         hook.remove()
         monkeypatch.undo()
 
-    # only the new turn's text and the new image went through the VLM (the branches share the longest text)
-    new_text = (f"<|vision_end|><|im_end|>\n<|im_start|>user\n{NEXT_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    # only the new turn's text, the new image and its closing <|vision_end|> went through the VLM (the branches share
+    # the longest text)
+    new_text = (f"<|im_end|>\n<|im_start|>user\n{NEXT_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
                 "<|vision_start|>")
-    assert sum(positions) == len(pipe.tokenizer(new_text, add_special_tokens=False)["input_ids"]) + N
+    assert sum(positions) == len(pipe.tokenizer(new_text, add_special_tokens=False)["input_ids"]) + N + 1
 
     # from scratch: the whole two-turn conversation of every branch, the first turn's image teacher-forced
     src = source_tokens_by_hand(pipe, source, seeded(0))
