@@ -183,10 +183,11 @@ class PretzelCache:
 
     @property
     def nbytes(self) -> int:
-        """Memory held: both streams' keys/values (the flow's pre-allocated buffer whole) and the kept inputs."""
+        """Bytes of the sequence held: both streams' keys/values and the kept TARFlow inputs (the flow cache's
+        pre-allocated room for positions to come is not counted)."""
         tensors = [t for layer in self.vlm.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
         if self.flow is not None:
-            tensors += [self.flow.keys, self.flow.values]
+            tensors += [self.flow.keys[:, :, :, :self.flow.length], self.flow.values[:, :, :, :self.flow.length]]
         tensors += [*self.flow_inputs, *self.flow_positions, self.attention_mask, self.last_hidden, self.last_flow_hidden]
         return sum(t.nelement() * t.element_size() for t in tensors if t is not None)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -83,7 +84,8 @@ class StarFlow2ConversationState:
         num_latents: latent positions ``N`` of an image span.
         image_tokens: ``(B, N, C)`` the intermediate latents ``x~`` of the conversation's last image (None if it
             holds none).
-        model_key: which model made the state (its transformer config): a state only continues on that model.
+        model: a weak reference to the transformer that made the caches: a state only continues on it (any
+            pipeline sharing it, at any device or dtype).
     """
 
     cache: PretzelCache
@@ -92,7 +94,7 @@ class StarFlow2ConversationState:
     noise_level: float
     num_latents: int
     image_tokens: Optional[torch.Tensor] = None
-    model_key: str = ""
+    model: Optional[weakref.ref] = None
 
     @property
     def num_positions(self) -> int:
@@ -175,10 +177,6 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
 
     # -- conversations ---------------------------------------------------------------------------------------------
 
-    @property
-    def _model_key(self) -> str:
-        return repr(sorted(dict(self.transformer.config).items()))
-
     def _append_ids(self, cache: PretzelCache, ids: List[int]) -> None:
         """The same tokens at the end of every sample of ``cache``."""
         self._onload_pretzel()  # decoding an image onloads the FAE, which offloads the Pretzel
@@ -186,7 +184,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         self.transformer.step(self.vlm_stream, cache, input_ids=input_ids)
 
     def _check_state(self, state, num_branches: int) -> None:
-        validation.check_conversation_state(state, StarFlow2ConversationState, self._model_key, num_branches)
+        validation.check_conversation_state(state, StarFlow2ConversationState, self.transformer, num_branches)
 
     def _continue_conversation(self, state: StarFlow2ConversationState, num_branches: int,
                                layouts: Sequence[TokenLayout], images: Optional[torch.Tensor] = None) -> PretzelCache:
@@ -209,7 +207,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
                             image_tokens: Optional[torch.Tensor]) -> StarFlow2ConversationState:
         return StarFlow2ConversationState(cache=cache, batch_size=batch_size, num_branches=num_branches,
                                           noise_level=float(noise_level), num_latents=self.transformer.num_latents,
-                                          image_tokens=image_tokens, model_key=self._model_key)
+                                          image_tokens=image_tokens, model=weakref.ref(self.transformer))
 
     def preprocess_image(self, image, name: str = "image") -> torch.Tensor:
         """Source images -> ``(M, 3, S, S)`` in ``[-1, 1]`` at the model's image size ``S``.

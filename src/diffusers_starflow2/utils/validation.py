@@ -325,15 +325,16 @@ def check_context_budget(prompt_positions: int, max_new_tokens: int, max_images:
                          f"`max_new_tokens` / `max_images`" + (" or start a new conversation" if held else ""))
 
 
-def check_conversation_state(state: Any, state_type: type, model_key: str, num_branches: int) -> None:
-    """A conversation ``state`` to continue: a ``state_type`` made by this model, holding the guidance branches
-    the call needs (a later turn may use fewer branches than the first, not more)."""
+def check_conversation_state(state: Any, state_type: type, transformer: Any, num_branches: int) -> None:
+    """A conversation ``state`` to continue: a ``state_type`` made with ``transformer`` (its caches hold that
+    model's keys and values), holding the guidance branches the call needs (a later turn may use fewer branches
+    than the first, not more)."""
     if not isinstance(state, state_type):
         raise ValueError(f"`state` must be a {state_type.__name__} (the `state` of a previous output); got "
                          f"{type(state).__name__}")
-    if state.model_key != model_key:
-        raise ValueError(f"`state` was made by another model (its transformer config {state.model_key[:60]}... "
-                         f"differs from this pipeline's); continue a conversation with the pipeline that started it")
+    if state.model is None or state.model() is not transformer:
+        raise ValueError("`state` was made by another model (its caches hold another transformer's keys and "
+                         "values); continue a conversation with a pipeline sharing the transformer that started it")
     if num_branches > state.num_branches:
         name = "image_guidance_scale" if num_branches == 3 else "guidance_scale"
         raise ValueError(f"`{name}` needs {num_branches} guidance branches but `state` holds {state.num_branches}; "
