@@ -328,3 +328,66 @@ def test_bad_states(pipe, first_turn):
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             pipe(SECOND, **{"max_new_tokens": 0, **kwargs})
+
+
+# -- batched conversations ---------------------------------------------------------------------------------------
+
+def batch_of_conversations():
+    return [["draw a red circle", IMAGE_PLACEHOLDER, " done"],
+            [red_square(), "describe this image at length, then redraw it", IMAGE_PLACEHOLDER],
+            [{"role": "user", "content": "a blue square please"},
+             {"role": "assistant", "content": f"Sure: {IMAGE_PLACEHOLDER}"}]]
+
+
+def recording_logits(pipe, monkeypatch):
+    """(conversation row, text logits) of every sampled token."""
+    seen, rows = [], []
+    text_logits, next_token = pipe.transformer.text_logits, pipe._next_token
+    monkeypatch.setattr(pipe.transformer, "text_logits", lambda *a: seen.append(text_logits(*a).clone()) or seen[-1])
+    monkeypatch.setattr(pipe, "_next_token", lambda *a, row=0, **k: rows.append(row) or next_token(*a, row=row, **k))
+    return seen, rows
+
+
+@pytest.mark.parametrize("guidance", [dict(guidance_scale=2.0), dict(guidance_scale=2.0, image_guidance_scale=1.5)])
+def test_batched_conversations_equal_each_alone(pipe, monkeypatch, guidance):
+    kwargs = dict(max_new_tokens=5, max_images=1, temperature=1.0, num_denoising_steps=1, output_type="latent",
+                  **guidance)
+    seen, rows = recording_logits(pipe, monkeypatch)
+    alone = []
+    for i, conversation in enumerate(batch_of_conversations()):
+        start = len(seen)
+        alone.append((pipe(conversation, generator=gen(i), **kwargs), seen[start:]))
+    del seen[:], rows[:]
+    batched = pipe(batch_of_conversations(), generator=[gen(i) for i in range(3)], **kwargs)
+    assert isinstance(batched, list) and len(batched) == 3
+    for i, (out, logits) in enumerate(alone):
+        b = batched[i]
+        assert [type(x) for x in b.segments] == [type(x) for x in out.segments]
+        for x, y in zip(b.segments, out.segments):
+            if isinstance(x, str):
+                assert x == y
+            else:
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        mine = [l for l, r in zip(seen, rows) if r == i]
+        assert len(mine) == len(logits) > 0
+        for x, y in zip(mine, logits):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        # each batched output's state continues as the state of the conversation run alone
+        kw = dict(max_new_tokens=2, num_denoising_steps=0, output_type="latent", **guidance)
+        after_alone = pipe(SECOND, state=out.state, generator=gen(9), **kw)
+        after_batch = pipe(SECOND, state=b.state, generator=gen(9), **kw)
+        torch.testing.assert_close(after_batch.images[0], after_alone.images[0], atol=1e-5, rtol=0)
+        assert after_batch.text == after_alone.text
+
+
+def test_bad_batches(pipe, first_turn):
+    cases = [
+        ([["a", IMAGE_PLACEHOLDER], ["b"]], {}, "the same number of images"),
+        ([["a", IMAGE_PLACEHOLDER], ["b", IMAGE_PLACEHOLDER, red_square()]], {}, "must be generated"),
+        ([["a"], ["b"]], {"state": first_turn.state}, "`state` must be None"),
+        ([["a"], ["b"]], {"generator": [gen(0)]}, "`generator`"),
+        ([["a"], ["b", 3]], {}, "`prompt` item 1"),
+    ]
+    for prompt, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pipe(prompt, max_new_tokens=0, **kwargs)

@@ -92,6 +92,29 @@ def _split_placeholders(parts: Sequence) -> List:
     return out
 
 
+def _text_processors(temperature: float, top_k: Optional[int], top_p: Optional[float]):
+    """The logits warpers of text sampling; None for greedy decoding (temperature 0)."""
+    if temperature == 0:
+        return None
+    processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1:
+        processors.append(TopPLogitsWarper(top_p))
+    return processors
+
+
+def _until_stop(text: str, stop: Sequence[str]) -> Optional[str]:
+    """``text`` up to the first stop string, or None when it holds none."""
+    hit = min((text.find(s) for s in stop if s in text), default=-1)
+    return text[:hit] if hit >= 0 else None
+
+
+def is_batch(prompt) -> bool:
+    """A list of conversations (each a list of segments or of chat messages), not one conversation."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(c, (list, tuple)) for c in prompt)
+
+
 class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
     r"""Interleaved text and image generation, and image understanding, with STARFlow2.
 
@@ -166,11 +189,12 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             self._append_ids(cache, [ve])
 
     def _next_token(self, cache: PretzelCache, generated: List[int], processors, banned: List[int],
-                    generator: Optional[torch.Generator]) -> int:
-        """Sample the next text token from the conditional branch: ``LM_head(h + W_t g)`` at the last position."""
+                    generator: Optional[torch.Generator], row: int = 0) -> int:
+        """Sample the next text token of conversation ``row`` from its conditional branch: ``LM_head(h + W_t g)`` at
+        the last position."""
         self._onload_pretzel()
-        logits = self.transformer.text_logits(self.vlm_stream, cache.last_hidden[:1],
-                                              cache.last_flow_hidden[:1])[:, -1].float()  # (1, V)
+        logits = self.transformer.text_logits(self.vlm_stream, cache.last_hidden[row:row + 1],
+                                              cache.last_flow_hidden[row:row + 1])[:, -1].float()  # (1, V)
         validation.check_finite_output(logits, "text logits")
         logits[:, banned] = -float("inf")
         if processors is None:  # temperature 0: greedy
@@ -235,13 +259,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 self._append_images(cache, forced)
                 last_image = forced[-1:]
 
-        processors = None
-        if temperature > 0:
-            processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
-            if top_k:
-                processors.append(TopKLogitsWarper(top_k))
-            if top_p is not None and top_p < 1:
-                processors.append(TopPLogitsWarper(top_p))
+        processors = _text_processors(temperature, top_k, top_p)
         text_ids: List[int] = []
         all_ids: List[int] = []
         for _ in range(max_new_tokens):
@@ -260,11 +278,10 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 continue
             self._append_ids(cache, [token])
             text_ids.append(token)
-            text = tokenizer.decode(text_ids, skip_special_tokens=True)
-            hit = min((text.find(s) for s in stop if s in text), default=-1)
-            if hit >= 0:
-                if text[:hit]:
-                    yield text[:hit]
+            text = _until_stop(tokenizer.decode(text_ids, skip_special_tokens=True), stop)
+            if text is not None:
+                if text:
+                    yield text
                 text_ids = []
                 break
         if text_ids:
@@ -272,6 +289,107 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         if result is not None and not self.interrupt:
             result["state"] = self._conversation_state(cache, 1, branches, noise_level, last_image)
         self._end_call()
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: List, negative_prompt: str, guidance: GuidanceSpec, max_new_tokens: int,
+                        temperature: float, top_k: Optional[int], top_p: Optional[float], stop: Sequence[str],
+                        generator, noise_level: float, num_denoising_steps: int,
+                        output_type: str) -> List[StarFlow2InterleavedOutput]:
+        """Conversations run as one batch, each as it would run alone.
+
+        The prompts are left-padded; the answers advance in lockstep: forced text between images is pushed as one
+        left-padded step, every conversation's next image is sampled together (the answers must ask for the same
+        number of images), and free text follows, a conversation that has stopped taking padding positions that no
+        later position sees.  Images are made only where asked (``<|vision_start|>`` is not sampled freely).
+        """
+        tokenizer, transformer = self.tokenizer, self.transformer
+        B, branches = len(prompts), guidance.num_branches
+        parsed = [self._parse(p) for p in prompts]
+        plans = []  # per conversation: forced text before each image, then after the last one
+        for messages, _, answer in parsed:
+            if any(not isinstance(p, str) for p in answer):
+                raise ValueError("`prompt`: images in the answers of batched conversations must be generated "
+                                 f"({IMAGE_PLACEHOLDER!r}); put given images in the user turns")
+            plans.append("".join(answer).split(IMAGE_PLACEHOLDER))
+        if len({len(plan) for plan in plans}) > 1:
+            raise ValueError(f"`prompt`: batched conversations must ask for the same number of images; they ask for "
+                             f"{[len(plan) - 1 for plan in plans]} (run them separately)")
+        vs, ve, pad = (special_id(tokenizer, t) for t in (VISION_START, VISION_END, IMAGE_PAD))
+        stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+        N, C = transformer.num_latents, transformer.config.latent_channels
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * B
+
+        per_conversation = [self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3)
+                            for messages, _, _ in parsed]
+        layouts = [per_conversation[i][b] for b in range(branches) for i in range(B)]  # branch-major
+        given = [torch.cat([self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generators[i])
+                            for img in images]) if images else None for i, (_, images, _) in enumerate(parsed)]
+        rows = [given[i] for b in range(min(branches, 2)) for i in range(B) if given[i] is not None
+                and (b == 0 or branches == 3)]  # the conditional and image branches hold the user's images
+        cache = self._new_cache(len(layouts), noise_level)
+        self._run_text(cache, layouts, torch.cat(rows) if rows else None)
+
+        def push(ids: List[List[int]]) -> None:
+            """One left-padded step of each conversation's ``ids`` in every branch (no step if all are empty)."""
+            if not any(ids):
+                return
+            idle = torch.tensor([not ids[i] for _ in range(branches) for i in range(B)], device=cache.cond.device)
+            last = cache.last_hidden, cache.last_flow_hidden
+            self._run_text(cache, [TokenLayout(ids[i], [False] * len(ids[i])) for _ in range(branches)
+                                   for i in range(B)])
+            # a conversation that took only padding still ends where it was
+            cache.last_hidden = torch.where(idle[:, None, None], last[0], cache.last_hidden)
+            cache.last_flow_hidden = torch.where(idle[:, None, None], last[1], cache.last_flow_hidden)
+
+        segments, last_image = [[] for _ in range(B)], None
+        self._begin_call(guidance.guidance_scale, N + num_denoising_steps, None, [])
+        for k, text in enumerate(zip(*plans)):
+            push([tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in text])
+            if k == len(plans[0]) - 1:
+                break
+            self._append_ids(cache, [vs])
+            noise = prepare_noise((B, N, C), generator, self._execution_device)
+            last_image, latents = self.generate_image(cache, noise, guidance, num_denoising_steps)
+            self._append_ids(cache, [ve])
+            for i, image in enumerate(self.decode(latents, output_type)):
+                segments[i].append(image)
+
+        processors = _text_processors(temperature, top_k, top_p)
+        generated, text_ids, done = [[] for _ in range(B)], [[] for _ in range(B)], [False] * B
+        for _ in range(max_new_tokens):
+            step = []
+            for i in range(B):
+                token = None
+                if not done[i]:
+                    token = self._next_token(cache, generated[i], processors, [pad, ve, vs], generators[i], row=i)
+                    generated[i].append(token)
+                    done[i] = token in stop_ids
+                step.append([token] if token is not None and not done[i] else [])
+                if step[i]:
+                    text_ids[i].append(token)
+                    cut = _until_stop(tokenizer.decode(text_ids[i], skip_special_tokens=True), stop)
+                    if cut is not None:
+                        done[i] = True
+            if all(not ids for ids in step):
+                break
+            push(step)
+            if all(done):
+                break
+        for i in range(B):
+            text = tokenizer.decode(text_ids[i], skip_special_tokens=True)
+            text = _until_stop(text, stop) if _until_stop(text, stop) is not None else text
+            if text:
+                segments[i].append(text)
+        self._end_call()
+
+        outputs = []
+        for i in range(B):
+            own = cache.fork(cache.snapshot())
+            own.select(torch.tensor([b * B + i for b in range(branches)], device=cache.cond.device))
+            image_tokens = last_image[i:i + 1] if last_image is not None else None
+            outputs.append(StarFlow2InterleavedOutput(
+                segments=segments[i], state=self._conversation_state(own, 1, branches, noise_level, image_tokens)))
+        return outputs
 
     # -- public API ----------------------------------------------------------------------------------------------------
 
@@ -393,7 +511,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
 
         Args:
             prompt: a string, a list of segments (``str`` / images) or chat messages; ``"<image>"`` marks an image
-                to generate (see the class docstring).
+                to generate (see the class docstring).  A list of such conversations (each a list) runs as one
+                batch and returns a list of outputs, each equal to running its conversation alone; their answers
+                must ask for the same number of images, and images come only where asked.
             negative_prompt: user turn of the unconditional branch of image guidance (default ``""``).
             guidance_scale: image guidance weight (0 = conditional only).
             image_guidance_scale: weight ``s_i >= 1`` of the user turn's images against the unconditional branch
@@ -403,7 +523,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             max_images: maximum number of images in the answer.
             temperature: text sampling temperature (0 = greedy); ``top_k``, ``top_p``: the usual filters.
             stop: string(s) that end text generation (not included in the output).
-            generator: one ``torch.Generator`` for image noise and text sampling.
+            generator: one ``torch.Generator`` for image noise and text sampling (for a batch, one per
+                conversation, or one shared).
             noise_level, num_denoising_steps, output_type, callback_on_step_end,
                 callback_on_step_end_tensor_inputs: as in :class:`StarFlow2Pipeline` (the callback's step counts
                 latent positions and denoising steps across all images of the answer; an interruption ends the
@@ -419,6 +540,12 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         """
         validation.check_callable(callback_on_segment, "callback_on_segment")
         validation.check_bool(return_dict, "return_dict")
+        if is_batch(prompt):
+            outputs = self._checked_batch(prompt, negative_prompt, guidance_scale, image_guidance_scale, state,
+                                          max_new_tokens, max_images, temperature, top_k, top_p, stop, generator,
+                                          noise_level, num_denoising_steps, output_type, callback_on_step_end,
+                                          callback_on_segment)
+            return outputs if return_dict else [(o.segments, o.state) for o in outputs]
         segments, result = [], {}
         for segment in self._checked_generate(prompt, negative_prompt, guidance_scale, image_guidance_scale, state,
                                               result, max_new_tokens, max_images, temperature, top_k, top_p, stop,
@@ -430,6 +557,27 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         if not return_dict:
             return segments, result.get("state")
         return StarFlow2InterleavedOutput(segments=segments, state=result.get("state"))
+
+    def _checked_batch(self, prompts, negative_prompt, guidance_scale, image_guidance_scale, state, max_new_tokens,
+                       max_images, temperature, top_k, top_p, stop, generator, noise_level, num_denoising_steps,
+                       output_type, callback_on_step_end, callback_on_segment) -> List[StarFlow2InterleavedOutput]:
+        """Validate every conversation of a batch as the call would validate it alone, then run them together."""
+        for value, name in ((state, "state"), (callback_on_step_end, "callback_on_step_end"),
+                            (callback_on_segment, "callback_on_segment")):
+            if value is not None:
+                raise ValueError(f"`{name}` must be None when `prompt` is a list of conversations (a batch); got "
+                                 f"{type(value).__name__}: run the conversations one by one to use it")
+        validation.check_generator(generator, len(prompts))
+        noise_level = self._check_noise_level(noise_level)
+        steps = self._check_denoising_steps(num_denoising_steps)
+        for i, prompt in enumerate(prompts):
+            own = generator[i] if isinstance(generator, (list, tuple)) else generator
+            checked = self.check_inputs(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images,
+                                        temperature, top_k, top_p, stop, output_type, noise_level, steps, None,
+                                        ["latents"], own, image_guidance_scale)
+        return self._generate_batch(list(prompts), negative_prompt or "", checked["guidance"],
+                                    checked["max_new_tokens"], checked["temperature"], checked["top_k"],
+                                    checked["top_p"], checked["stop"], generator, noise_level, steps, output_type)
 
     def stream(self, prompt, **kwargs) -> Iterator[Segment]:
         """Like ``__call__`` but yields each segment as soon as it is complete; bad input raises at the call.  (To
