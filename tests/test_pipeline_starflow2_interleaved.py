@@ -295,7 +295,7 @@ def test_continuation_equals_one_teacher_forced_pass_over_both_turns(pipe, monke
 
     end = start + N + 1  # <|vision_end|>: its output predicts the first generated token
     expected = t.text_logits(pipe.vlm_stream, out.hidden_states, out.flow_hidden_states)[0, end:end + len(generated)]
-    torch.testing.assert_close(torch.cat([l[0, -1:] for l in logits]).float(), expected.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat([x[0, -1:] for x in logits]).float(), expected.float(), atol=1e-4, rtol=0)
 
 
 def test_a_state_continues_several_times_and_moves_with_the_pipeline(pipe, first_turn):
@@ -368,7 +368,7 @@ def test_batched_conversations_equal_each_alone(pipe, monkeypatch, guidance):
                 assert x == y
             else:
                 torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
-        mine = [l for l, r in zip(seen, rows) if r == i]
+        mine = [x for x, r in zip(seen, rows) if r == i]
         assert len(mine) == len(logits) > 0
         for x, y in zip(mine, logits):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=0)

@@ -306,7 +306,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         B, branches = len(prompts), guidance.num_branches
         parsed = [self._parse(p) for p in prompts]
         plans = []  # per conversation: forced text before each image, then after the last one
-        for messages, _, answer in parsed:
+        for _, _, answer in parsed:
             if any(not isinstance(p, str) for p in answer):
                 raise ValueError("`prompt`: images in the answers of batched conversations must be generated "
                                  f"({IMAGE_PLACEHOLDER!r}); put given images in the user turns")
