@@ -79,7 +79,9 @@ class StarFlow2ConversationState:
     Args:
         cache: both streams' KV caches of all branches.
         batch_size: conversations per branch ``B``.
-        num_branches: guidance branches held in ``cache`` (1, 2 or 3); later turns may use fewer, not more.
+        num_branches: guidance branches held in ``cache`` (1, 2 or 3); later turns may use fewer, not more (the
+            first ones: a two-branch turn of a three-branch conversation contrasts with the image branch, as the
+            edit pipeline's two-branch guidance does).
         noise_level: the noise level of every image in the conversation (later turns sample at it).
         num_latents: latent positions ``N`` of an image span.
         image_tokens: ``(B, N, C)`` the intermediate latents ``x~`` of the conversation's last image (None if it
