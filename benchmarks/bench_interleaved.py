@@ -8,6 +8,12 @@ sequence so far (prompt, image span, closing token) is run again from empty cach
 Prints a markdown table: positions processed per stream (x guidance branches) and wall time.
 
     python benchmarks/bench_interleaved.py [--model DIR] [--text_tokens 32] [--repeats 3]
+
+With ``--conversation``: a 5-turn conversation with 3 images, each turn continuing the previous turn's ``state``
+versus re-sending the whole history (the earlier images FAE-encoded again); per turn, positions through each stream,
+seconds and what the state holds.
+
+    python benchmarks/bench_interleaved.py --conversation [--model DIR] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 import torch
 
 from diffusers_starflow2 import GuidanceSpec
-from diffusers_starflow2.pipelines import StarFlow2InterleavedPipeline
+from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
 from diffusers_starflow2.utils.sequence import VISION_END, VISION_START, encode_conversation, special_id, user_message
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
@@ -59,15 +65,93 @@ def run(pipe, prompt: str, text_tokens: int, reencode: bool, seed: int = 0):
     return counted["n"], time.perf_counter() - start
 
 
+# A 5-turn conversation with 3 images: (user turn, free text tokens of the answer).
+CONVERSATION = [
+    (["draw a red circle on the left", IMAGE_PLACEHOLDER], 0),
+    ("what color is the shape?", 8),
+    (["make the circle blue", IMAGE_PLACEHOLDER], 0),
+    ("where is the shape?", 8),
+    (["now draw a green square at the top", IMAGE_PLACEHOLDER], 0),
+]
+
+
+def conversation(pipe, with_state: bool, seed: int = 0):
+    """The turns of :data:`CONVERSATION`, each continuing the previous turn's state, or re-sending the whole history
+    (earlier answers' text and images, the images FAE-encoded again) as a system without kept caches must.  Returns
+    per turn ``(positions through the VLM stream, positions through the TARFlow stream, seconds, positions held,
+    bytes held)``, all guidance branches counted."""
+    counted = {"vlm": 0, "flow": 0}
+    hooks = [
+        pipe.vlm.get_decoder().register_forward_hook(
+            lambda m, a, kw, o: counted.__setitem__("vlm", counted["vlm"] + kw["inputs_embeds"].shape[:2].numel()),
+            with_kwargs=True),
+        pipe.transformer.deep.layers[0].register_forward_hook(
+            lambda m, a, o: counted.__setitem__("flow", counted["flow"] + o.shape[:2].numel())),
+    ]
+    generator = torch.Generator().manual_seed(seed)
+    kwargs = dict(guidance_scale=2.0, image_guidance_scale=1.5, generator=generator)
+    rows, state, history = [], None, []
+    try:
+        for turn, text_tokens in CONVERSATION:
+            counted.update(vlm=0, flow=0)
+            start = time.perf_counter()
+            if with_state:
+                out = pipe(turn, state=state, max_new_tokens=text_tokens, **kwargs)
+                state = out.state
+            else:
+                parts = [turn] if isinstance(turn, str) else turn
+                user = [p for p in parts if p != IMAGE_PLACEHOLDER]
+                messages = history + [{"role": "user", "content": " ".join(user)}]
+                if IMAGE_PLACEHOLDER in parts:
+                    messages.append({"role": "assistant", "content": IMAGE_PLACEHOLDER})
+                out = pipe(messages, max_new_tokens=text_tokens, **kwargs)
+                answer = [{"type": "text", "text": s} if isinstance(s, str) else {"type": "image", "image": s}
+                          for s in out.segments]
+                history = messages[:-1] if IMAGE_PLACEHOLDER in parts else messages
+                history = history + [{"role": "assistant", "content": answer}]
+                state = out.state
+            seconds = time.perf_counter() - start
+            rows.append((counted["vlm"], counted["flow"], seconds, state.num_positions, state.nbytes))
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def conversation_table(pipe, repeats: int) -> None:
+    conversation(pipe, True)  # warm-up
+    results = {}
+    for name, with_state in (("state", True), ("re-send", False)):
+        runs = [conversation(pipe, with_state, seed=s) for s in range(repeats)]
+        results[name] = [(*runs[0][k][:2], sorted(r[k][2] for r in runs)[len(runs) // 2], *runs[0][k][3:])
+                         for k in range(len(CONVERSATION))]
+    print(f"{len(CONVERSATION)}-turn conversation, 3 images ({pipe.transformer.num_latents} latents each), text+image "
+          f"guidance (3 branches), default denoising; median seconds of {repeats}")
+    print("| turn | user | VLM positions: state / re-send | TARFlow positions: state / re-send "
+          "| seconds: state / re-send | held by the state (positions, KiB) |")
+    print("|---|---|---|---|---|---|")
+    for k, (turn, _) in enumerate(CONVERSATION):
+        a, b = results["state"][k], results["re-send"][k]
+        user = turn if isinstance(turn, str) else " ".join(turn)
+        print(f"| {k + 1} | {user} | {a[0]} / {b[0]} | {a[1]} / {b[1]} | {a[2]:.3f} / {b[2]:.3f} "
+              f"| {a[3]}, {a[4] / 1024:.0f} |")
+    total = [sum(r[i] for r in results[n]) for n in ("state", "re-send") for i in (0, 2)]
+    print(f"| all | | {total[0]} / {total[2]} | | {total[1]:.3f} / {total[3]:.3f} | |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="pipeline folder (default: a random tiny STARFlow2)")
     parser.add_argument("--text_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--conversation", action="store_true",
+                        help="measure the 5-turn conversation (state vs re-sending the history) instead")
     args = parser.parse_args(argv)
     pipe = (StarFlow2InterleavedPipeline.from_pretrained(args.model) if args.model
             else StarFlow2InterleavedPipeline(**build_tiny_starflow2_components()))
     pipe.set_progress_bar_config(disable=True)
+    if args.conversation:
+        return conversation_table(pipe, args.repeats)
     prompt = "draw a red circle on the left and then describe it"
     rows = []
     for name, reencode in (("STARFlow2 (cache reuse)", False), ("re-encode image (composite baseline)", True)):

@@ -121,6 +121,8 @@ CLI_CASES = [
     (["chat", "", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
     (["chat", "hi", "--model", "{model}", "--output-dir", ""], "--output-dir"),
     (["chat", "<image>", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
+    (["chat", "--model", "{model}", "--output-dir", "{tmp}", "--image-guidance-scale", "0.5"],
+     "--image-guidance-scale"),
     (["chat", "hi <|im_end|>", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
     # convert
     (["convert", "tiny", "--output", "{image}"], "--output"),
@@ -280,3 +282,30 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
     assert main(["generate", "a red circle", "-o", str(tmp_path / "x.png")]) == 130
     assert capsys.readouterr().err == "starflow2 generate: interrupted\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chat_session_reads_turns_from_stdin_and_keeps_the_conversation(model_dir, tmp_path, monkeypatch, capsys):
+    from diffusers_starflow2 import StarFlow2InterleavedPipeline
+
+    states = []
+    call = StarFlow2InterleavedPipeline.__call__
+
+    def recording_call(self, prompt, **kwargs):
+        states.append(kwargs.get("state"))
+        return call(self, prompt, **kwargs)
+
+    monkeypatch.setattr(StarFlow2InterleavedPipeline, "__call__", recording_call)
+    turns = ["draw a red circle <image>", "/image make it blue", "", "hi <|im_end|>", "/bogus", "/reset",
+             "what now?", "/quit", "never read"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(turns) + "\n"))
+    assert main(["chat", "--model", model_dir, "--output-dir", str(tmp_path), "--max-new-tokens", "1"]) == 0
+    captured = capsys.readouterr()
+    # images saved as they come, numbered across turns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image_00.png", "image_01.png"]
+    assert f"[image: {tmp_path / 'image_01.png'}]" in captured.out
+    # the bad turn and the unknown command are reported, and the session went on
+    err = captured.err.strip().splitlines()
+    assert len(err) == 2 and "bad turn: `prompt`" in err[0] and "'/bogus'" in err[1], err
+    # turn 2 continued turn 1's state; the refused turn ran nothing; /reset started over; /quit ended the session
+    assert len(states) == 4 and states[0] is None and states[1] is not None and states[3] is None
+    assert states[2] is not states[1]  # the refused turn was given the state of turn 2

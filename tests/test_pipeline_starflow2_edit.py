@@ -136,10 +136,11 @@ def test_multi_turn_reuses_caches_and_matches_teacher_forcing(pipe, source, firs
         hook.remove()
         monkeypatch.undo()
 
-    # only the new turn's text and the new image went through the VLM (the branches share the longest text)
-    new_text = (f"<|vision_end|><|im_end|>\n<|im_start|>user\n{NEXT_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    # only the new turn's text, the new image and its closing <|vision_end|> went through the VLM (the branches share
+    # the longest text)
+    new_text = (f"<|im_end|>\n<|im_start|>user\n{NEXT_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
                 "<|vision_start|>")
-    assert sum(positions) == len(pipe.tokenizer(new_text, add_special_tokens=False)["input_ids"]) + N
+    assert sum(positions) == len(pipe.tokenizer(new_text, add_special_tokens=False)["input_ids"]) + N + 1
 
     # from scratch: the whole two-turn conversation of every branch, the first turn's image teacher-forced
     src = source_tokens_by_hand(pipe, source, seeded(0))
@@ -225,3 +226,50 @@ def test_interrupt_returns_the_partial_image_without_state(pipe, source):
     full = pipe(source, PROMPT, generator=seeded(0), num_denoising_steps=0, output_type="latent")
     assert steps == [0, 1, 2] and out.state is None and out.images.shape == full.images.shape
     assert full.state is not None and pipe.num_timesteps == pipe.transformer.num_latents
+
+
+@pytest.mark.parametrize("guidance_scale, image_guidance_scale", [(2.0, 1.5), (0.0, 1.0)])
+def test_the_interleaved_pipeline_edits_as_the_edit_pipeline(components, source, guidance_scale,
+                                                             image_guidance_scale):
+    """One guidance rule and one conversation: an edit asked in a chat is the edit pipeline's edit, and either
+    pipeline continues the other's state with the same next edit."""
+    from diffusers_starflow2 import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
+
+    edit, chat = StarFlow2EditPipeline(**components), StarFlow2InterleavedPipeline(**components)
+    for p in (edit, chat):
+        p.set_progress_bar_config(disable=True)
+    kwargs = dict(guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, **FAST)
+    image = PIL.Image.fromarray(source)
+    by_edit = edit(image, PROMPT, generator=seeded(0), **kwargs)
+    in_chat = chat([image, PROMPT, IMAGE_PLACEHOLDER], max_new_tokens=0, generator=seeded(0), **kwargs)
+    # one branch, or the three branches of text+image guidance: the same contexts, the same rule
+    torch.testing.assert_close(in_chat.images[0], by_edit.images[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(in_chat.state.image_tokens, by_edit.state.image_tokens, atol=1e-5, rtol=0)
+    next_turns = [edit(prompt=NEXT_PROMPT, state=by_edit.state, generator=seeded(1), **kwargs).images[0]]
+    for state in (by_edit.state, in_chat.state):
+        next_turns.append(chat([NEXT_PROMPT, IMAGE_PLACEHOLDER], state=state, max_new_tokens=0,
+                               generator=seeded(1), **kwargs).images[0])
+    for other in next_turns[1:]:
+        torch.testing.assert_close(other, next_turns[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="the embedded model changes the colour in 2 of these 4 held-out chats "
+                                       "(20 of 32 other held-out chats); the bar is 3 of 4")
+def test_editing_inside_a_chat_with_the_embedded_model():
+    """Draw, then ask for another colour in the next turn of the same conversation (held-out scenes, the default
+    guidance): the answer image takes the requested colour in at least 3 of 4 cases."""
+    from diffusers_starflow2 import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
+    from diffusers_starflow2.cli import DEFAULT_MODEL
+    from diffusers_starflow2.world.shape_analysis import analyze_shape
+    from diffusers_starflow2.world.synthetic_world import canonical_caption, make_edit, random_scene
+
+    chat = StarFlow2InterleavedPipeline.from_pretrained(DEFAULT_MODEL)
+    chat.set_progress_bar_config(disable=True)
+    rng, kwargs, right = np.random.default_rng(2026), dict(max_new_tokens=0, image_guidance_scale=1.5), []
+    for i in range(4):
+        scene = random_scene(rng)
+        target, instruction, _ = make_edit(scene, rng, attribute="color")
+        first = chat([canonical_caption(scene), IMAGE_PLACEHOLDER], generator=seeded(i), **kwargs)
+        edited = chat([instruction, IMAGE_PLACEHOLDER], state=first.state, generator=seeded(100 + i), **kwargs)
+        right.append(analyze_shape(edited.images[0]).color == target.color)
+    assert sum(right) >= 3, right

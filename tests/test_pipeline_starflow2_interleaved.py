@@ -206,3 +206,188 @@ def test_callback_steps_count_across_images_and_interrupt_ends_the_answer(pipe):
     stopped = pipe(["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER], callback_on_step_end=stop_at_5,
                    **kwargs)
     assert len(stopped.segments) == 1 and stopped.segments[0].shape == out.segments[0].shape
+
+
+# -- conversations across calls ------------------------------------------------------------------------------------
+
+FIRST = ["draw a red circle", IMAGE_PLACEHOLDER, " done"]
+SECOND = ["what color is it?", IMAGE_PLACEHOLDER]
+
+
+@pytest.fixture(scope="module")
+def first_turn(pipe):
+    return pipe(FIRST, max_new_tokens=0, guidance_scale=2.0, num_denoising_steps=0, generator=gen(0),
+                output_type="latent")
+
+
+def test_a_continued_turn_processes_only_its_new_positions(pipe, first_turn):
+    state = first_turn.state
+    held, held_bytes = state.num_positions, state.nbytes
+    counts, hooks = count_positions(pipe)
+    try:
+        second = pipe(SECOND, state=state, max_new_tokens=3, temperature=1.0, guidance_scale=2.0,
+                      num_denoising_steps=0, generator=gen(1), output_type="latent")
+    finally:
+        for h in hooks:
+            h.remove()
+    new = second.state.num_positions - held
+    n = pipe.transformer.num_latents
+    assert new > n + 2, "the second turn holds its user turn and an image"
+    assert counts["vlm"] == counts["flow"] == new * 2  # two guidance branches, nothing of the first turn again
+    # the state continued is untouched, and the new one reports its larger memory
+    assert state.num_positions == held and state.nbytes == held_bytes
+    assert second.state.nbytes > held_bytes > 0
+
+    # re-sending the history instead processes the whole conversation
+    counts, hooks = count_positions(pipe)
+    try:
+        history = [{"role": "user", "content": FIRST[0]},
+                   {"role": "assistant", "content": [{"type": "image", "image": red_square()},
+                                                     {"type": "text", "text": FIRST[2]}]},
+                   {"role": "user", "content": SECOND[0]}, {"role": "assistant", "content": IMAGE_PLACEHOLDER}]
+        pipe(history, max_new_tokens=0, guidance_scale=2.0, num_denoising_steps=0, generator=gen(1),
+             output_type="latent")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert counts["vlm"] > (held + n) * 2  # the first image's span is pushed through again (after FAE encoding)
+
+
+@torch.no_grad()
+def test_continuation_equals_one_teacher_forced_pass_over_both_turns(pipe, monkeypatch):
+    tok, t = pipe.tokenizer, pipe.transformer
+    N, C = t.num_latents, t.config.latent_channels
+    kwargs = dict(guidance_scale=0.0, num_denoising_steps=0, output_type="latent")
+    first = pipe(FIRST, max_new_tokens=0, generator=gen(0), **kwargs)
+
+    logits, params, generated = [], [], []
+    text_logits, latent_params, next_token = t.text_logits, t.latent_params, pipe._next_token
+    # a copy: the sampler bans tokens in place
+    monkeypatch.setattr(t, "text_logits", lambda *a: logits.append(text_logits(*a).clone()) or logits[-1].clone())
+    monkeypatch.setattr(t, "latent_params", lambda g: params.append(latent_params(g)) or params[-1])
+    monkeypatch.setattr(pipe, "_next_token", lambda *a, **k: generated.append(next_token(*a, **k)) or generated[-1])
+    second = pipe(SECOND, state=first.state, max_new_tokens=4, max_images=1, generator=gen(5), **kwargs)
+    monkeypatch.undo()
+    stop = {tok.eos_token_id, tok.pad_token_id}
+    answer = [i for i in generated if i not in stop]
+    assert generated and logits
+
+    # from scratch: the two-turn conversation rendered whole by the chat template, both images teacher-forced
+    messages = [user_message(FIRST[0]), {"role": "assistant", "content": [{"type": "image"},
+                                                                          {"type": "text", "text": FIRST[2]}]},
+                user_message(SECOND[0])]
+    layout = encode_conversation(tok, messages, N, add_generation_prompt=True, open_image=True)
+    image1, image2 = first.state.image_tokens, second.state.image_tokens
+    ids = layout.input_ids + [tok.pad_token_id] * N + [tok.convert_tokens_to_ids("<|vision_end|>")] + answer
+    latent_mask = torch.tensor([layout.latent_mask + [True] * N + [False] * (1 + len(answer))])
+    latents = torch.zeros(1, len(ids), C)
+    latents[latent_mask] = torch.cat([image1, image2], 1).reshape(-1, C)
+    cache = t.new_cache(pipe.vlm_stream, torch.full((1,), pipe.scheduler.config.noise_level), use_flow_cache=False)
+    out = t.step(pipe.vlm_stream, cache, torch.tensor([ids]), latents, latent_mask)
+    assert len(ids) == second.state.num_positions
+
+    start = len(layout) - 1  # <|vision_start|> of the second image: its output predicts latent 0
+    mu, sigma = t.latent_params(out.flow_hidden_states[:, start:start + N])
+    torch.testing.assert_close(torch.cat([m for m, _ in params[:N]], 1), mu, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat([s for _, s in params[:N]], 1), sigma, atol=1e-4, rtol=0)
+    z = torch.randn(1, N, C, generator=gen(5))  # the second turn's first draw: its image noise
+    torch.testing.assert_close(image2, mu + sigma * z, atol=1e-4, rtol=0)
+
+    end = start + N + 1  # <|vision_end|>: its output predicts the first generated token
+    expected = t.text_logits(pipe.vlm_stream, out.hidden_states, out.flow_hidden_states)[0, end:end + len(generated)]
+    torch.testing.assert_close(torch.cat([x[0, -1:] for x in logits]).float(), expected.float(), atol=1e-4, rtol=0)
+
+
+def test_a_state_continues_several_times_and_moves_with_the_pipeline(pipe, first_turn):
+    kwargs = dict(max_new_tokens=2, temperature=1.0, guidance_scale=2.0, num_denoising_steps=0, output_type="latent")
+    a = pipe(SECOND, state=first_turn.state, generator=gen(3), **kwargs)
+    b = pipe(SECOND, state=first_turn.state, generator=gen(3), **kwargs)
+    moved = first_turn.state.to("cpu", torch.float64)  # as if the pipeline had been cast meanwhile
+    assert moved.nbytes > first_turn.state.nbytes
+    c = pipe(SECOND, state=moved, generator=gen(3), **kwargs)
+    for x in (b, c):
+        assert len(x.segments) == len(a.segments)
+        for u, v in zip(a.segments, x.segments):
+            assert u == v if isinstance(u, str) else torch.equal(u, v)
+        assert x.state.num_positions == a.state.num_positions
+
+
+def test_bad_states(pipe, first_turn):
+    other = StarFlow2InterleavedPipeline(**build_tiny_starflow2_components(seed=1))
+    other_state = other(FIRST, max_new_tokens=0, guidance_scale=0.0, num_denoising_steps=0,
+                        output_type="latent").state
+    context = pipe.vlm.config.get_text_config().max_position_embeddings
+    cases = [
+        (dict(state="state"), "`state` must be a StarFlow2ConversationState"),
+        (dict(state=other_state, guidance_scale=0.0), "`state` was made by another model"),
+        (dict(state=first_turn.state, image_guidance_scale=1.5), "`image_guidance_scale` needs 3"),
+        (dict(state=first_turn.state, noise_level=0.1), "`noise_level` must be the conversation's"),
+        (dict(state=first_turn.state, max_new_tokens=context - first_turn.state.num_positions),
+         "the conversation `state` holds"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pipe(SECOND, **{"max_new_tokens": 0, **kwargs})
+
+
+# -- batched conversations ---------------------------------------------------------------------------------------
+
+def batch_of_conversations():
+    return [["draw a red circle", IMAGE_PLACEHOLDER, " done"],
+            [red_square(), "describe this image at length, then redraw it", IMAGE_PLACEHOLDER],
+            [{"role": "user", "content": "a blue square please"},
+             {"role": "assistant", "content": f"Sure: {IMAGE_PLACEHOLDER}"}]]
+
+
+def recording_logits(pipe, monkeypatch):
+    """(conversation row, text logits) of every sampled token."""
+    seen, rows = [], []
+    text_logits, next_token = pipe.transformer.text_logits, pipe._next_token
+    monkeypatch.setattr(pipe.transformer, "text_logits", lambda *a: seen.append(text_logits(*a).clone()) or seen[-1])
+    monkeypatch.setattr(pipe, "_next_token", lambda *a, row=0, **k: rows.append(row) or next_token(*a, row=row, **k))
+    return seen, rows
+
+
+@pytest.mark.parametrize("guidance", [dict(guidance_scale=2.0), dict(guidance_scale=2.0, image_guidance_scale=1.5)])
+def test_batched_conversations_equal_each_alone(pipe, monkeypatch, guidance):
+    kwargs = dict(max_new_tokens=5, max_images=1, temperature=1.0, num_denoising_steps=1, output_type="latent",
+                  **guidance)
+    seen, rows = recording_logits(pipe, monkeypatch)
+    alone = []
+    for i, conversation in enumerate(batch_of_conversations()):
+        start = len(seen)
+        alone.append((pipe(conversation, generator=gen(i), **kwargs), seen[start:]))
+    del seen[:], rows[:]
+    batched = pipe(batch_of_conversations(), generator=[gen(i) for i in range(3)], **kwargs)
+    assert isinstance(batched, list) and len(batched) == 3
+    for i, (out, logits) in enumerate(alone):
+        b = batched[i]
+        assert [type(x) for x in b.segments] == [type(x) for x in out.segments]
+        for x, y in zip(b.segments, out.segments):
+            if isinstance(x, str):
+                assert x == y
+            else:
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        mine = [x for x, r in zip(seen, rows) if r == i]
+        assert len(mine) == len(logits) > 0
+        for x, y in zip(mine, logits):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        # each batched output's state continues as the state of the conversation run alone
+        kw = dict(max_new_tokens=2, num_denoising_steps=0, output_type="latent", **guidance)
+        after_alone = pipe(SECOND, state=out.state, generator=gen(9), **kw)
+        after_batch = pipe(SECOND, state=b.state, generator=gen(9), **kw)
+        torch.testing.assert_close(after_batch.images[0], after_alone.images[0], atol=1e-5, rtol=0)
+        assert after_batch.text == after_alone.text
+
+
+def test_bad_batches(pipe, first_turn):
+    cases = [
+        ([["a", IMAGE_PLACEHOLDER], ["b"]], {}, "the same number of images"),
+        ([["a", IMAGE_PLACEHOLDER], ["b", IMAGE_PLACEHOLDER, red_square()]], {}, "must be generated"),
+        ([["a"], ["b"]], {"state": first_turn.state}, "`state` must be None"),
+        ([["a"], ["b"]], {"generator": [gen(0)]}, "`generator`"),
+        ([["a"], ["b", 3]], {}, "`prompt` item 1"),
+    ]
+    for prompt, kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pipe(prompt, max_new_tokens=0, **kwargs)

@@ -19,6 +19,7 @@ from .pipelines import (
     IMAGE_PLACEHOLDER,
     StarFlow2EditPipeline,
     StarFlow2EditPipelineOutput,
+    StarFlow2ConversationState,
     StarFlow2EditState,
     StarFlow2InterleavedOutput,
     StarFlow2InterleavedPipeline,

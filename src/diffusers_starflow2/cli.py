@@ -222,7 +222,7 @@ def _checked(args) -> None:
         if getattr(args, option, None) is not None:
             validation.check_integer(getattr(args, option), "--" + option.replace("_", "-"), minimum, maximum)
     for option in ("prompt", "instruction", "question"):
-        if hasattr(args, option):
+        if getattr(args, option, None) is not None:  # chat without a prompt reads its turns from stdin
             validation.check_text(getattr(args, option), option)
 
 
@@ -273,13 +273,14 @@ def _prepare_output_dir(path: str) -> Path:
     return out
 
 
-def cmd_chat(args) -> None:
-    out = _prepare_output_dir(args.output_dir)  # before loading: a typo should not cost a model load
-    pipe = _load("StarFlow2InterleavedPipeline", args)
-    count = 0
-    for segment in pipe.stream(args.prompt, negative_prompt=args.negative_prompt, max_new_tokens=args.max_new_tokens,
-                               guidance_scale=args.guidance_scale, temperature=args.temperature,
-                               generator=_generator(args.seed)):
+CHAT_HELP = "one turn per line; '<image>' asks for an image, /image TEXT forces one, /reset clears, /quit ends"
+
+
+def _chat_turn(pipe, prompt, state, args, out: Path, generator, count: int):
+    """One turn: prints its text and saves its images as they come; returns ``(state, images saved)``."""
+
+    def show(segment):
+        nonlocal count
         if isinstance(segment, str):
             print(segment, end="", flush=True)
         else:
@@ -287,7 +288,52 @@ def cmd_chat(args) -> None:
             _save(segment, path, "--output-dir")
             print(f"\n[image: {path}]", flush=True)
             count += 1
+
+    result = pipe(prompt, negative_prompt=args.negative_prompt, max_new_tokens=args.max_new_tokens,
+                  guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
+                  temperature=args.temperature, generator=generator, state=state, callback_on_segment=show)
     print()
+    return result.state, count
+
+
+def _chat_session(pipe, args, out: Path, generator) -> None:
+    """Turns from standard input, one per line, in one conversation whose caches are kept between turns.  A bad
+    turn is reported on stderr and the conversation goes on as it was."""
+    state, count = None, 0
+    if sys.stdin.isatty():
+        print(f"[chat: {CHAT_HELP}]", flush=True)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            break
+        if command == "/reset":
+            state = None
+            print("[conversation cleared]", flush=True)
+            continue
+        if command == "/image":
+            prompt = [rest, "<image>"]
+        elif command.startswith("/"):
+            print(f"starflow2 chat: unknown command {command!r}; {CHAT_HELP}", file=sys.stderr, flush=True)
+            continue
+        else:
+            prompt = line
+        try:
+            state, count = _chat_turn(pipe, prompt, state, args, out, generator, count)
+        except ValueError as err:  # the turn is refused before anything runs: the conversation is unchanged
+            print(f"starflow2 chat: bad turn: {one_line(err)}", file=sys.stderr, flush=True)
+
+
+def cmd_chat(args) -> None:
+    out = _prepare_output_dir(args.output_dir)  # before loading: a typo should not cost a model load
+    pipe = _load("StarFlow2InterleavedPipeline", args)
+    generator = _generator(args.seed)
+    if args.prompt is None:
+        _chat_session(pipe, args, out, generator)
+    else:
+        _chat_turn(pipe, args.prompt, None, args, out, generator, 0)
 
 
 CONVERTERS = {"starflow": "convert_starflow_to_diffusers", "tiny": "make_tiny_starflow2",
@@ -345,12 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_describe)
 
     p = sub.add_parser("chat", help="interleaved generation: prints text, writes images ('<image>' forces one)",
-                       description="Interleaved text and images; images go to --output-dir as image_NN.png.")
-    p.add_argument("prompt")
+                       description="Interleaved text and images; images go to --output-dir as image_NN.png.  "
+                                   f"Without PROMPT, a conversation read from standard input ({CHAT_HELP}); "
+                                   "each turn continues the caches of the previous ones.")
+    p.add_argument("prompt", nargs="?", help="one turn; omit it for a conversation read from standard input")
     p.add_argument("--output-dir", default=".", help="where generated images are written (created if missing)")
     p.add_argument("--negative-prompt", help="user turn of the unguided branch (default: empty)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated after the prompt")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="image guidance weight (0 = off)")
+    p.add_argument("--image-guidance-scale", type=float, default=1.5,
+                   help="weight of the user's images against the unconditional branch, as in edit (1 = off); "
+                        "a conversation keeps the branches of its first turn")
     p.add_argument("--temperature", type=float, default=0.0, help="text sampling temperature (0 = greedy)")
     common(p)
     p.set_defaults(func=cmd_chat)

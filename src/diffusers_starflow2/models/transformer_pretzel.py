@@ -152,6 +152,45 @@ class PretzelCache:
         fork.flow_positions = self.flow_positions[:snap["num_flow_chunks"]]
         return fork
 
+    def to(self, device=None, dtype: Optional[torch.dtype] = None,
+           vlm_dtype: Optional[torch.dtype] = None) -> "PretzelCache":
+        """A copy on ``device`` whose floating tensors are ``dtype`` (the VLM's keys/values ``vlm_dtype``, default
+        ``dtype``); noise levels stay float32.  This cache is not modified."""
+        import copy
+
+        def move(t, to_dtype=dtype):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=to_dtype if t.is_floating_point() else None)
+
+        moved = copy.copy(self)
+        moved.vlm = copy.copy(self.vlm)
+        moved.vlm.layers = [copy.copy(layer) for layer in self.vlm.layers]
+        for layer in moved.vlm.layers:
+            if getattr(layer, "keys", None) is not None:
+                layer.keys, layer.values = move(layer.keys, vlm_dtype or dtype), move(layer.values, vlm_dtype or dtype)
+                if hasattr(layer, "device"):
+                    layer.device, layer.dtype = layer.keys.device, layer.keys.dtype
+        if self.flow is not None:
+            moved.flow = copy.copy(self.flow)
+            moved.flow.keys, moved.flow.values = move(self.flow.keys), move(self.flow.values)
+        for key in ("cond", "attention_mask", "vlm_next", "flow_next", "last_flow_hidden", "last_hidden"):
+            setattr(moved, key, move(getattr(self, key)))
+        moved.noise_level = self.noise_level.to(device)
+        moved.flow_inputs = [move(t) for t in self.flow_inputs]
+        moved.flow_positions = [move(t) for t in self.flow_positions]
+        return moved
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the sequence held: both streams' keys/values and the kept TARFlow inputs (the flow cache's
+        pre-allocated room for positions to come is not counted)."""
+        tensors = [t for layer in self.vlm.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+        if self.flow is not None:
+            tensors += [self.flow.keys[:, :, :, :self.flow.length], self.flow.values[:, :, :, :self.flow.length]]
+        tensors += [*self.flow_inputs, *self.flow_positions, self.attention_mask, self.last_hidden, self.last_flow_hidden]
+        return sum(t.nelement() * t.element_size() for t in tensors if t is not None)
+
     def select(self, index: torch.Tensor) -> None:
         """Keep only the samples ``index`` (e.g. drop the unconditional branch of a CFG batch)."""
         self.vlm.batch_select_indices(index)

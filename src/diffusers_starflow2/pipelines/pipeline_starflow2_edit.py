@@ -11,11 +11,10 @@ import PIL.Image
 import torch
 from diffusers.utils import replace_example_docstring
 
-from ..models.transformer_pretzel import PretzelCache
 from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils import validation
-from ..utils.sequence import TokenLayout, encode_conversation, user_message
-from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2PipelineOutput
+from ..utils.sequence import VISION_END, TokenLayout, encode_conversation, encode_next_turn, special_id, user_message
+from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2ConversationState, StarFlow2PipelineOutput
 from .pipeline_utils import (
     check_generator,
     check_guidance_scale,
@@ -46,38 +45,8 @@ ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Ima
                    List[torch.Tensor]]
 
 
-@dataclass
-class StarFlow2EditState:
-    r"""Where an edit conversation stands after a call: enough to continue it with another instruction.
-
-    The guidance branches are stacked along the batch, ``[image+instruction; image+negative; no image+negative]``
-    (the first ``num_branches`` of them, ``batch_size`` samples each), and each keeps its own context across turns:
-    every turn appends the new instruction to the first branch and the negative prompt to the others, and the
-    generated image is appended to all branches (it is the image the next instruction refers to).  In later turns
-    the image branch therefore contrasts contexts with and without the *source* image; all of them hold the previous
-    outputs.  Images in the context are the intermediate latents ``x~`` at ``noise_level``, as sampled (not the
-    denoised outputs), which is what the model was trained on.
-
-    A state is never modified: each call continuing it works on a fork of ``cache``, so one state can be continued
-    with several instructions.
-
-    Args:
-        cache: both streams' KV caches of all branches, ending right after the last generated image span (still
-            open: ``<|vision_end|>`` comes with the next turn).
-        batch_size: conversations per branch ``B`` (prompts x ``num_images_per_prompt`` of the first turn).
-        num_branches: guidance branches held in ``cache`` (1, 2 or 3); later turns may use fewer, not more.
-        noise_level: the noise level of every image in the conversation (later turns must sample at it).
-        num_latents: latent positions ``N`` of an image span.
-        image_tokens: ``(B, N, C)`` the intermediate latents ``x~`` of the last generated image (the end of
-            ``cache``).
-    """
-
-    cache: PretzelCache
-    batch_size: int
-    num_branches: int
-    noise_level: float
-    num_latents: int
-    image_tokens: torch.Tensor
+# An edit conversation is a conversation like any other: the same state continues in either pipeline.
+StarFlow2EditState = StarFlow2ConversationState
 
 
 @dataclass
@@ -123,13 +92,9 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                                    add_generation_prompt=True, open_image=True)
 
     def next_turn_layout(self, text: str) -> TokenLayout:
-        """What follows a generated image span: ``<|vision_end|><|im_end|>``, a user turn ``text``, the assistant
-        header and ``<|vision_start|>`` (rendered by the chat template after an assistant image)."""
-        n = self.transformer.num_latents
-        messages = [{"role": "assistant", "content": [{"type": "image"}]}, user_message(text)]
-        full = encode_conversation(self.tokenizer, messages, n, add_generation_prompt=True, open_image=True)
-        end = full.latent_mask.index(True) + n
-        return TokenLayout(full.input_ids[end:], full.latent_mask[end:], full.assistant_mask[end:])
+        """What follows an answer: ``<|im_end|>``, a user turn ``text``, the assistant header and
+        ``<|vision_start|>``."""
+        return encode_next_turn(self.tokenizer, [user_message(text)], self.transformer.num_latents, open_image=True)
 
     def encode_prompt(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
                       do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
@@ -171,31 +136,25 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                 raise ValueError("`image` is required (the image to edit) unless `state` continues a conversation")
             self._check_noise_level(noise_level)
         else:
-            self._check_state(state, image, num_images_per_prompt, branches, max_sequence_length)
+            self._check_edit_state(state, image, num_images_per_prompt, branches, max_sequence_length)
             if noise_level is not None and noise_level != state.noise_level:
                 raise ValueError(f"`noise_level` must be the conversation's {state.noise_level} when continuing "
                                  f"a `state`; got {noise_level}")
         return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                               self._callback_tensor_inputs)
 
-    def _check_state(self, state, image, num_images_per_prompt: int, branches: int, max_sequence_length: int = 256):
+    def _check_edit_state(self, state, image, num_images_per_prompt: int, branches: int,
+                          max_sequence_length: int = 256):
         if image is not None:
             raise ValueError("`image` must be None when `state` is given: the conversation already holds its image")
-        if not isinstance(state, StarFlow2EditState):
-            raise ValueError(f"`state` must be a StarFlow2EditState (the `state` of a previous output); got "
-                             f"{type(state).__name__}")
+        self._check_state(state, branches)
         if num_images_per_prompt != 1:
             raise ValueError(f"`num_images_per_prompt` must be 1 when continuing a `state` (each conversation "
                              f"continues with one image); got {num_images_per_prompt}")
-        if branches > state.num_branches:
-            name = "image_guidance_scale" if branches == 3 else "guidance_scale"
-            raise ValueError(f"`{name}` needs {branches} guidance branches but `state` holds {state.num_branches}; "
-                             f"use the guidance of every later turn already in the first turn")
-        if not isinstance(state.cache, PretzelCache):
-            raise ValueError(f"`state` holds no caches (its `cache` is {type(state.cache).__name__}); pass the "
-                             f"`state` of a previous output")
+        if state.image_tokens is None:
+            raise ValueError("`state` holds a conversation without an image: there is nothing to edit")
         # every turn grows the conversation: refuse the one that would run past the VLM's context
-        used = state.cache.attention_mask.shape[1]
+        used = state.num_positions
         context = validation.model_context_length(self.vlm, self.tokenizer)
         needed = used + validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1) \
             + state.num_latents + validation.CHAT_TEMPLATE_RESERVE
@@ -276,12 +235,9 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             noise_level, batch_size = state.noise_level, state.batch_size
             prompts = _broadcast("prompt", check_prompt(prompt), batch_size)
             check_generator(generator, batch_size)
-            cache = state.cache.fork(state.cache.snapshot())
-            if branches < state.num_branches:
-                cache.select(torch.arange(branches * batch_size, device=cache.cond.device))
             layouts = self.encode_prompt(prompts, negative_prompt, branches > 1, 1, max_sequence_length,
                                          branches == 3, next_turn=True)
-            self._run_text(cache, layouts)
+            cache = self._continue_conversation(state, branches, layouts)
 
         noise = prepare_noise((batch_size, transformer.num_latents, transformer.config.latent_channels), generator,
                               self._execution_device, torch.float32, latents)
@@ -289,9 +245,8 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         tokens, image_latents = self.generate_image(cache, noise, guidance, steps)
         new_state = None
         if not self.interrupt:  # an interrupted image is not in the caches as a whole: nothing to continue
-            new_state = StarFlow2EditState(cache=cache, batch_size=batch_size, num_branches=branches,
-                                           noise_level=noise_level, num_latents=transformer.num_latents,
-                                           image_tokens=tokens)
+            self._append_ids(cache, [special_id(self.tokenizer, VISION_END)])
+            new_state = self._conversation_state(cache, batch_size, branches, noise_level, tokens)
         images = self.decode(image_latents, output_type)
         self._end_call()
         if not return_dict:

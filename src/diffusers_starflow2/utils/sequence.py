@@ -102,3 +102,17 @@ def pad_layouts(layouts: Sequence[TokenLayout], pad_token_id: int, side: str = "
         rows.append([([f] * n + p) if side == "left" else (p + [f] * n) for p, f in zip(parts, fills)])
     ids, lat, att, asst = (torch.tensor([r[k] for r in rows], device=device) for k in range(4))
     return ids, lat.bool(), att.bool(), asst.bool()
+
+
+def encode_next_turn(tokenizer, messages: Sequence[Message], num_latents: int, open_image: bool = False) -> TokenLayout:
+    """What follows an assistant answer already in a sequence: the ``<|im_end|>`` that closes it, ``messages``, the
+    assistant header (and ``<|vision_start|>`` with ``open_image``), as the chat template renders them after an
+    assistant turn - so a conversation continued turn by turn is token for token the conversation rendered whole."""
+    prefix = encode_conversation(tokenizer, [{"role": "assistant", "content": ""}], num_latents)
+    full = encode_conversation(tokenizer, [{"role": "assistant", "content": ""}, *messages], num_latents,
+                               add_generation_prompt=True, open_image=open_image)
+    end = len(prefix) - 1 - prefix.input_ids[::-1].index(special_id(tokenizer, IM_END))  # the answer's <|im_end|>
+    if full.input_ids[:end + 1] != prefix.input_ids[:end + 1]:
+        raise ValueError("the tokenizer's chat template does not render a conversation as the concatenation of its "
+                         "turns; conversations cannot be continued with it")
+    return TokenLayout(full.input_ids[end:], full.latent_mask[end:], full.assistant_mask[end:])

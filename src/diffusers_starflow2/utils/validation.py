@@ -313,14 +313,32 @@ def check_conversation(messages: Sequence[dict], images: Sequence, answer: Seque
 
 
 def check_context_budget(prompt_positions: int, max_new_tokens: int, max_images: int, image_positions: int,
-                         context_length: int) -> None:
-    """The longest sequence a call may build (prompt, new tokens, new images) fits in the model's context."""
-    needed = prompt_positions + max_new_tokens + max_images * image_positions
+                         context_length: int, held_positions: int = 0) -> None:
+    """The longest sequence a call may build (``held_positions`` of a conversation continued from a ``state``, the
+    prompt, new tokens, new images) fits in the model's context."""
+    needed = held_positions + prompt_positions + max_new_tokens + max_images * image_positions
     if needed > context_length:
-        raise ValueError(f"`prompt` needs up to {needed} positions ({prompt_positions} for the prompt, "
+        held = f"the conversation `state` holds {held_positions}, " if held_positions else ""
+        raise ValueError(f"`prompt` needs up to {needed} positions ({held}{prompt_positions} for the prompt, "
                          f"max_new_tokens={max_new_tokens}, max_images={max_images} of {image_positions} positions "
-                         f"each), more than the model's context of {context_length}; shorten `prompt` or lower "
-                         f"`max_new_tokens` / `max_images`")
+                         f"each), more than the model's context of {context_length}; shorten `prompt`, lower "
+                         f"`max_new_tokens` / `max_images`" + (" or start a new conversation" if held else ""))
+
+
+def check_conversation_state(state: Any, state_type: type, transformer: Any, num_branches: int) -> None:
+    """A conversation ``state`` to continue: a ``state_type`` made with ``transformer`` (its caches hold that
+    model's keys and values), holding the guidance branches the call needs (a later turn may use fewer branches
+    than the first, not more)."""
+    if not isinstance(state, state_type):
+        raise ValueError(f"`state` must be a {state_type.__name__} (the `state` of a previous output); got "
+                         f"{type(state).__name__}")
+    if state.model is None or state.model() is not transformer:
+        raise ValueError("`state` was made by another model (its caches hold another transformer's keys and "
+                         "values); continue a conversation with a pipeline sharing the transformer that started it")
+    if num_branches > state.num_branches:
+        name = "image_guidance_scale" if num_branches == 3 else "guidance_scale"
+        raise ValueError(f"`{name}` needs {num_branches} guidance branches but `state` holds {state.num_branches}; "
+                         f"use the guidance of every later turn already in the first turn")
 
 
 # -- generators ------------------------------------------------------------------------------------------------------
