@@ -41,33 +41,85 @@ NLLFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_jacobi(jacobi_block_size: Optional[int], jacobi_tolerance: float,
+                 jacobi_max_iterations: Optional[int]) -> None:
+    """Raise ``ValueError`` naming the argument, its value and what is accepted."""
+    if jacobi_block_size is not None and (isinstance(jacobi_block_size, bool) or not isinstance(jacobi_block_size, int)
+                                          or jacobi_block_size < 1):
+        raise ValueError(f"`jacobi_block_size` must be None (exact sequential decoding) or an int >= 1; got "
+                         f"{jacobi_block_size!r}")
+    if isinstance(jacobi_tolerance, bool) or not isinstance(jacobi_tolerance, (int, float)) or not jacobi_tolerance >= 0:
+        raise ValueError(f"`jacobi_tolerance` must be a number >= 0; got {jacobi_tolerance!r}")
+    if jacobi_max_iterations is not None and (isinstance(jacobi_max_iterations, bool)
+                                              or not isinstance(jacobi_max_iterations, int)
+                                              or jacobi_max_iterations < 1):
+        raise ValueError(f"`jacobi_max_iterations` must be None (= jacobi_block_size) or an int >= 1; got "
+                         f"{jacobi_max_iterations!r}")
+
+
 def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: torch.Tensor,
                           scheduler: TarFlowScheduler, guidance: GuidanceSpec,
                           callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                          feed_last: bool = False, stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-    """Noise ``(B, N, C)`` -> tokens ``(B, n, C)``, one position at a time (``n = N`` unless stopped).
+                          feed_last: bool = False, stop: Optional[Callable[[], bool]] = None,
+                          jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                          jacobi_max_iterations: Optional[int] = None) -> torch.Tensor:
+    """Noise ``(B, N, C)`` -> tokens ``(B, n, C)``, left to right (``n = N`` unless stopped).
 
-    ``params`` predict token 0 (its guidance branches stacked along the batch).  After token ``i`` is made,
-    ``step_fn(x_i, i + 1)`` feeds it back and returns the parameters of token ``i + 1`` (the branches share the
-    token: ``x_i`` is repeated ``guidance.num_branches`` times); ``feed_last`` also feeds the last token (so it enters
-    the caches).  ``callback(i, x_i)`` runs after each token and may return a replacement; when ``stop()`` is then
-    true the loop ends and returns the tokens made so far.
+    ``params`` predict token 0 (its guidance branches stacked along the batch).  ``step_fn(inputs, j)`` feeds tokens
+    ``j - 1 ..`` back as inputs at input positions ``j ..`` and returns the parameters of tokens ``j ..`` (the branches
+    share the tokens: they are repeated ``guidance.num_branches`` times); calling it again at a position forgets what
+    an earlier call wrote from there on.  ``feed_last`` also feeds the last token (so it enters the caches).
+
+    Sequential decoding (``jacobi_block_size=None``) makes one token per call.  Jacobi decoding makes blocks of
+    ``jacobi_block_size`` tokens: the first token of a block is exact, the others start from their noise, and one
+    call over the whole block recomputes all of them from the current guess, until no token moves by more than
+    ``jacobi_tolerance`` (max abs change) or after ``jacobi_max_iterations`` calls (default: the block size).  The
+    system is triangular: pass ``k`` makes token ``k`` exact, so ``jacobi_max_iterations >= jacobi_block_size`` with
+    tolerance 0 gives the sequential result.
+
+    ``callback(i, x_i)`` runs once token ``i`` is final (in Jacobi mode, once its block is) and may return a
+    replacement (a replaced block is fed again before the next one); when ``stop()`` is then true the loop ends and
+    returns the tokens made so far.
     """
+    check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
     branches = guidance.num_branches
     if params[0].shape[0] != branches * noise.shape[0]:
         raise ValueError(f"the context holds {params[0].shape[0]} rows for {noise.shape[0]} samples; guidance "
                          f"{guidance.branches} needs {branches * noise.shape[0]}")
     N = noise.shape[1]
+    K = jacobi_block_size or 1
     tokens = []
-    for i in range(N):
-        x_i = scheduler.affine_step(noise[:, i:i + 1].float(), *params, guidance)  # (B, 1, C)
-        if callback is not None:
-            x_i = callback(i, x_i)
-        tokens.append(x_i)
-        if stop is not None and stop():
-            break
-        if i + 1 < N or feed_last:
-            params = step_fn(x_i.repeat(branches, 1, 1), i + 1)
+    i = 0
+    while i < N:
+        n = min(K, N - i)
+        fed = n if i + n < N or feed_last else n - 1  # the last token is an input only when fed
+        z = noise[:, i:i + n].float()  # (B, n, C)
+        x = torch.cat([scheduler.affine_step(z[:, :1], *params, guidance), z[:, 1:]], dim=1)  # (B, n, C)
+        last_params = None  # of the latest call over this block
+        for _ in range(jacobi_max_iterations or n) if n > 1 else ():
+            mu, sigma = step_fn(x[:, :fed].repeat(branches, 1, 1), i + 1)  # (branches * B, fed, C) each
+            new = scheduler.affine_step(z[:, 1:], mu[:, :n - 1], sigma[:, :n - 1], guidance)
+            change = (new - x[:, 1:]).abs().max()
+            last_params = (mu, sigma)
+            x = torch.cat([x[:, :1], new], dim=1)
+            if change <= jacobi_tolerance:  # accepted: the caches keep the last pass (at most `tolerance` away)
+                break
+        made = []
+        for j in range(n):
+            x_j = x[:, j:j + 1]
+            if callback is not None:
+                replaced = callback(i + j, x_j)
+                if replaced is not x_j:
+                    last_params, x_j = None, replaced
+            made.append(x_j)
+            if stop is not None and stop():
+                return torch.cat(tokens + made, dim=1)
+        tokens.extend(made)
+        i += n
+        if fed == n:  # a next token, or the last one enters the caches
+            if last_params is None:  # sequential decoding, or a replaced block: one call with the final tokens
+                last_params = step_fn(torch.cat(made, dim=1).repeat(branches, 1, 1), i + 1 - n)
+            params = tuple(p[:, n - 1:n] for p in last_params)
     return torch.cat(tokens, dim=1)
 
 
@@ -82,13 +134,13 @@ def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid:
                       text: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None,
                       cond: Optional[torch.Tensor] = None,
                       callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                      stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                      stop: Optional[Callable[[], bool]] = None, **jacobi) -> torch.Tensor:
     """Invert one flow block: noise ``(B, N, C_in)`` in raster order -> data, float32.
 
     ``text`` ``(branches * B, L, D)`` stacks the guidance branches (``guidance``); blocks that read no text are
     never guided.  ``text_mask`` ``(branches * B, L)`` is True at real text tokens; ``cond`` ``(B, cond_dim)``.
     ``callback`` and ``stop`` are :func:`sample_autoregressive`'s (scan order); tokens not made when stopped keep
-    their noise.
+    their noise.  ``jacobi``: its ``jacobi_block_size``, ``jacobi_tolerance``, ``jacobi_max_iterations``.
     """
     if block.is_identity:
         return noise
@@ -114,7 +166,7 @@ def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid:
 
     start = block.sos_embed.expand(B, -1, -1) if block.use_sos else z[:, :1]
     x = sample_autoregressive(step_fn, step_fn(start.repeat(branches, 1, 1), 0), z[:, first:], scheduler,
-                              guidance, callback, stop=stop)
+                              guidance, callback, stop=stop, **jacobi)
     return block.permute(torch.cat([z[:, :first], x, z[:, first + x.shape[1]:]], dim=1))
 
 
@@ -142,14 +194,21 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
                     negative_encoder_attention_mask: Optional[torch.Tensor] = None,
                     scheduler: Optional[TarFlowScheduler] = None,
                     callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                    stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                    stop: Optional[Callable[[], bool]] = None, jacobi_block_size: Optional[int] = None,
+                    jacobi_tolerance: float = 1e-3, jacobi_max_iterations: Optional[int] = None) -> torch.Tensor:
     """Noise ``(B, C, H, W)`` -> latents with a STARFlow (v1) stack: the deep block first (guided against
     ``negative_encoder_hidden_states`` when ``guidance_scale > 0``), then the shallow blocks in reverse.
 
     ``callback(i, x_i)`` runs after every token of every block (``i`` counts them all, deep block first;
     ``x_i (B, 1, C p p)`` is the token just made, in its block's scan order) and may return a replacement; once
     ``stop()`` is true the remaining tokens and blocks are skipped.
+
+    ``jacobi_block_size`` (None: exact sequential decoding), ``jacobi_tolerance``, ``jacobi_max_iterations``: Jacobi
+    decoding of every block, see :func:`sample_autoregressive`.
     """
+    check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
+    jacobi = dict(jacobi_block_size=jacobi_block_size, jacobi_tolerance=jacobi_tolerance,
+                  jacobi_max_iterations=jacobi_max_iterations)
     guidance = GuidanceSpec(guidance_scale)
     model.check_inputs(noise, encoder_hidden_states, name="noise")
     text, mask = _stack_branches(encoder_hidden_states, negative_encoder_hidden_states, encoder_attention_mask,
@@ -164,7 +223,7 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
         return callback(made - 1, x_i) if callback is not None else x_i
 
     for block in reversed(model.blocks):
-        x = sample_flow_block(block, x, grid, scheduler, guidance, text, mask, callback=on_token, stop=stop)
+        x = sample_flow_block(block, x, grid, scheduler, guidance, text, mask, callback=on_token, stop=stop, **jacobi)
         if stop is not None and stop():
             break
     return model.to_latents(x, grid).to(noise.dtype)
