@@ -19,7 +19,7 @@ change how ``step_fn`` is called, not the models or the scheduler.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -70,16 +70,19 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
     share the tokens: they are repeated ``guidance.num_branches`` times); calling it again at a position forgets what
     an earlier call wrote from there on.  ``feed_last`` also feeds the last token (so it enters the caches).
 
-    Sequential decoding (``jacobi_block_size=None``) makes one token per call.  Jacobi decoding makes blocks of
-    ``jacobi_block_size`` tokens: the first token of a block is exact, the others start from their noise, and one
-    call over the whole block recomputes all of them from the current guess, until no token moves by more than
-    ``jacobi_tolerance`` (max abs change) or after ``jacobi_max_iterations`` calls (default: the block size).  The
-    system is triangular: pass ``k`` makes token ``k`` exact, so ``jacobi_max_iterations >= jacobi_block_size`` with
-    tolerance 0 gives the sequential result.
+    Sequential decoding (``jacobi_block_size=None``) makes one token per call.  Jacobi decoding keeps a window of
+    ``jacobi_block_size`` tokens after the last final one: the first is exact (its parameters are), the others hold
+    guesses (their noise at first), and one call over the window recomputes them all from the current guesses.  The
+    tokens that moved by at most ``jacobi_tolerance`` (max abs change), or that have been recomputed
+    ``jacobi_max_iterations`` times (default: the window size), are final as far as they run unbroken from the front;
+    the window then slides past them (at least one token per call) and new tokens enter it at the back.  The system
+    is triangular: call ``k`` makes the ``k``-th token of the window exact, so ``jacobi_max_iterations >=
+    jacobi_block_size`` with tolerance 0 gives the sequential result.  A final token's cache entry holds the guess it
+    was fed with (at most ``jacobi_tolerance`` away, as in ml-starflow's ``jacobi``).
 
-    ``callback(i, x_i)`` runs once token ``i`` is final (in Jacobi mode, once its block is) and may return a
-    replacement (a replaced block is fed again before the next one); when ``stop()`` is then true the loop ends and
-    returns the tokens made so far.
+    ``callback(i, x_i)`` runs once token ``i`` is final and may return a replacement (the final tokens of a call are
+    then fed again before the next call); when ``stop()`` is then true the loop ends and returns the tokens made so
+    far.
     """
     check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
     branches = guidance.num_branches
@@ -87,39 +90,53 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
         raise ValueError(f"the context holds {params[0].shape[0]} rows for {noise.shape[0]} samples; guidance "
                          f"{guidance.branches} needs {branches * noise.shape[0]}")
     N = noise.shape[1]
-    K = jacobi_block_size or 1
+    W = jacobi_block_size or 1
+    max_passes = jacobi_max_iterations or W
     tokens = []
-    i = 0
-    while i < N:
-        n = min(K, N - i)
-        fed = n if i + n < N or feed_last else n - 1  # the last token is an input only when fed
-        z = noise[:, i:i + n].float()  # (B, n, C)
-        x = torch.cat([scheduler.affine_step(z[:, :1], *params, guidance), z[:, 1:]], dim=1)  # (B, n, C)
-        last_params = None  # of the latest call over this block
-        for _ in range(jacobi_max_iterations or n) if n > 1 else ():
-            mu, sigma = step_fn(x[:, :fed].repeat(branches, 1, 1), i + 1)  # (branches * B, fed, C) each
-            new = scheduler.affine_step(z[:, 1:], mu[:, :n - 1], sigma[:, :n - 1], guidance)
-            change = (new - x[:, 1:]).abs().max()
+    guess = noise[:, :0].float()  # (B, k, C) guesses for the tokens after the first of the window
+    ages: List[int] = []  # how many calls over the window recomputed each guess
+    c = 0  # tokens before c are final
+    while c < N:
+        n = min(W, N - c)  # window: tokens c .. c + n
+        fed = n if c + n < N or feed_last else n - 1  # the last token is an input only when fed
+        z = noise[:, c:c + n].float()  # (B, n, C)
+        window = [scheduler.affine_step(z[:, :1], *params, guidance)]  # token c: exact
+        made, last_params = 1, None
+        if n > 1:
+            k = min(guess.shape[1], n - 1)
+            x = torch.cat([window[0], guess[:, :k], z[:, 1 + k:]], dim=1)  # (B, n, C)
+            mu, sigma = step_fn(x[:, :fed].repeat(branches, 1, 1), c + 1)  # (branches * B, fed, C): tokens c+1 ..
+            new = scheduler.affine_step(z[:, 1:], mu[:, :n - 1], sigma[:, :n - 1], guidance)  # (B, n - 1, C)
+            ages = [a + 1 for a in ages[:k]] + [1] * (n - 1 - k)
+            moved = (new - x[:, 1:]).abs().amax(dim=(0, 2)).tolist()  # (n - 1,) per token
+            for change, age in zip(moved, ages):
+                if change > jacobi_tolerance and age < max_passes:
+                    break
+                made += 1
+            window.append(new[:, :made - 1])
             last_params = (mu, sigma)
-            x = torch.cat([x[:, :1], new], dim=1)
-            if change <= jacobi_tolerance:  # accepted: the caches keep the last pass (at most `tolerance` away)
-                break
-        made = []
-        for j in range(n):
+            guess, ages = new[:, made:], ages[made:]  # tokens c + made + 1 ..: token c + made becomes exact
+            if fed == n and c + n < N:  # the call also predicts the token after the window: a better first guess
+                guess = torch.cat([guess, scheduler.affine_step(noise[:, c + n:c + n + 1].float(), mu[:, n - 1:],
+                                                                sigma[:, n - 1:], guidance)], dim=1)
+                ages.append(0)  # not yet recomputed within the window
+        x = torch.cat(window, dim=1)  # (B, made, C) final
+        final = []
+        for j in range(made):
             x_j = x[:, j:j + 1]
             if callback is not None:
-                replaced = callback(i + j, x_j)
+                replaced = callback(c + j, x_j)
                 if replaced is not x_j:
                     last_params, x_j = None, replaced
-            made.append(x_j)
+            final.append(x_j)
             if stop is not None and stop():
-                return torch.cat(tokens + made, dim=1)
-        tokens.extend(made)
-        i += n
-        if fed == n:  # a next token, or the last one enters the caches
-            if last_params is None:  # sequential decoding, or a replaced block: one call with the final tokens
-                last_params = step_fn(torch.cat(made, dim=1).repeat(branches, 1, 1), i + 1 - n)
-            params = tuple(p[:, n - 1:n] for p in last_params)
+                return torch.cat(tokens + final, dim=1)
+        tokens.extend(final)
+        c += made
+        if c < N or feed_last:  # the parameters of token c (or the last token enters the caches)
+            if last_params is None:  # sequential decoding, or replaced tokens: one call with the final tokens
+                last_params = step_fn(torch.cat(final, dim=1).repeat(branches, 1, 1), c + 1 - made)
+            params = tuple(p[:, made - 1:made] for p in last_params)
     return torch.cat(tokens, dim=1)
 
 
@@ -238,32 +255,45 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
 def sample_image_tokens(transformer: PretzelModel, vlm: VLMStream, cache: PretzelCache, noise: torch.Tensor,
                         scheduler: TarFlowScheduler, guidance: Optional[GuidanceSpec] = None,
                         callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                        stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                        stop: Optional[Callable[[], bool]] = None, **jacobi) -> torch.Tensor:
     """Sample one image span ``x~ (B, n, C)`` left to right; every latent enters both caches as it is made.
 
     The cache must end with ``<|vision_start|>`` and hold ``guidance.branches`` stacked along its batch.
-    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).
+    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).  ``jacobi``: its
+    ``jacobi_block_size``, ``jacobi_tolerance``, ``jacobi_max_iterations``; a Jacobi pass runs both streams over the
+    window, and the next pass first crops both caches back to where it starts.
     """
     guidance = guidance or GuidanceSpec()
     branches = guidance.num_branches
+    previous = None  # (index, inputs, cache snapshot before them) of the latest call
 
     def step_fn(inputs: torch.Tensor, index: int) -> AffineParams:
+        nonlocal previous
+        if previous is not None and index < previous[0] + previous[1].shape[1]:  # rewrite from `index` on
+            # Both caches can only go back to a snapshot: go back to the previous call's and feed again what it fed
+            # before `index` (the same inputs, so what the cache held there is unchanged).
+            start, fed, snap = previous
+            cache.restore(snap)
+            if index > start:
+                transformer.step(vlm, cache, latents=fed[:, :index - start])
+        previous = (index, inputs, cache.snapshot())
         return transformer.latent_params(transformer.step(vlm, cache, latents=inputs).flow_hidden_states)
 
     if cache.batch_size != branches * noise.shape[0]:
         raise ValueError(f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
                          f"{guidance.branches} of {noise.shape[0]} samples")
     return sample_autoregressive(step_fn, transformer.latent_params(cache.last_flow_hidden), noise, scheduler,
-                                 guidance, callback, feed_last=True, stop=stop)
+                                 guidance, callback, feed_last=True, stop=stop, **jacobi)
 
 
 @torch.no_grad()
 def shallow_reverse(transformer: PretzelModel, tokens: torch.Tensor, noise_level: torch.Tensor,
-                    scheduler: TarFlowScheduler) -> torch.Tensor:
-    """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse)."""
+                    scheduler: TarFlowScheduler, **jacobi) -> torch.Tensor:
+    """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse);
+    ``jacobi`` as in :func:`sample_flow_block`."""
     cond = transformer.noise_embedding(noise_level)
     for block in reversed(transformer.shallow):
-        tokens = sample_flow_block(block, tokens, transformer.grid, scheduler, cond=cond)
+        tokens = sample_flow_block(block, tokens, transformer.grid, scheduler, cond=cond, **jacobi)
     return transformer.tokens_to_latents(tokens)
 
 

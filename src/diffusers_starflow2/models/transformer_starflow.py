@@ -90,6 +90,8 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AutoregressiveFlowBlock"]
+    # compile_repeated_blocks(): sampling calls the layers (never `forward`), through a static-shape decode path
+    _repeated_blocks = ["FlowTransformerLayer"]
 
     @register_to_config
     def __init__(self, in_channels: int = 4, sample_size: int = 32, patch_size: int = 1, channels: int = 3072,

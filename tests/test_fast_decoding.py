@@ -1,0 +1,139 @@
+"""Fast decoding: the static-shape decode path, Jacobi decoding in the one sampling loop, compiled layers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_starflow2 import GuidanceSpec, StarFlowTransformerModel, TarFlowScheduler
+from diffusers_starflow2.models.flow_block import packed_linear
+from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config
+from diffusers_starflow2.sampling import sample_image_tokens, sample_starflow
+
+ATOL = 1e-4  # float tolerance: a window of tokens is one matrix product where sequential decoding makes several
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = StarFlowTransformerModel(**tiny_starflow_config()).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial flows: the output projections start at zero
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g), torch.zeros(2, 8, 32)
+
+
+@pytest.mark.parametrize("block_size", [2, 5, 16, 64])
+@pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
+def test_jacobi_with_enough_iterations_is_sequential_decoding(model, inputs, block_size, guidance_scale):
+    noise, y, y_null = inputs
+    sequential = sample_starflow(model, noise, y, y_null, guidance_scale)
+    jacobi = sample_starflow(model, noise, y, y_null, guidance_scale, jacobi_block_size=block_size,
+                             jacobi_tolerance=0.0, jacobi_max_iterations=block_size)
+    assert (jacobi - sequential).abs().max() <= ATOL
+    # too few iterations and a loose tolerance give another (approximate) sample: the equality above is earned
+    rough = sample_starflow(model, noise, y, y_null, guidance_scale, jacobi_block_size=block_size,
+                            jacobi_tolerance=10.0, jacobi_max_iterations=1)
+    assert (rough - sequential).abs().max() > 1e-2
+
+
+def test_jacobi_tolerance_bounds_the_error(model, inputs):
+    noise, y, y_null = inputs
+    sequential = sample_starflow(model, noise, y, y_null, 2.0)
+    errors = [(sample_starflow(model, noise, y, y_null, 2.0, jacobi_block_size=16, jacobi_tolerance=tol)
+               - sequential).abs().max().item() for tol in (1e-1, 1e-3, 1e-5)]
+    assert errors[2] <= errors[1] <= errors[0] and errors[2] < 1e-3
+
+
+def test_jacobi_callback_sees_every_token_once_and_may_replace_it(model, inputs):
+    noise, y, y_null = inputs
+    seen = []
+
+    def callback(i, x_i):
+        seen.append(i)
+        return torch.zeros_like(x_i) if i == 5 else x_i
+
+    x = sample_starflow(model, noise, y, y_null, 2.0, callback=callback, jacobi_block_size=8, jacobi_tolerance=0.0)
+    assert seen == list(range(3 * 64))
+    ref = sample_starflow(model, noise, y, y_null, 2.0, callback=lambda i, x_i: torch.zeros_like(x_i) if i == 5 else x_i)
+    assert (x - ref).abs().max() <= ATOL  # the replaced token is fed back before the next window
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(jacobi_block_size=0), "jacobi_block_size"), (dict(jacobi_block_size=-3), "jacobi_block_size"),
+    (dict(jacobi_block_size=2.5), "jacobi_block_size"), (dict(jacobi_block_size=True), "jacobi_block_size"),
+    (dict(jacobi_block_size=4, jacobi_tolerance=-1e-3), "jacobi_tolerance"),
+    (dict(jacobi_block_size=4, jacobi_tolerance=float("nan")), "jacobi_tolerance"),
+    (dict(jacobi_block_size=4, jacobi_max_iterations=0), "jacobi_max_iterations"),
+])
+def test_bad_jacobi_arguments_are_refused(model, inputs, kwargs, name):
+    noise, y, y_null = inputs
+    value = next(iter(v for k, v in kwargs.items() if k == name))
+    with pytest.raises(ValueError, match=rf"`{name}` must be .*got {value!r}".replace("(", r"\(").replace(")", r"\)")):
+        sample_starflow(model, noise, y, y_null, 2.0, **kwargs)
+
+
+def test_packed_linear_matches_the_module():
+    linear = torch.nn.Linear(64, 96)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-5)
+        assert torch.allclose(packed_linear(linear, x, "gelu"), F.gelu(linear(x)), atol=1e-5)
+        linear.weight.mul_(2)  # a changed weight is packed again
+        assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-5)
+
+
+def test_compiled_layers_are_traced_once_per_shape_not_per_token(model, inputs):
+    """``compile_repeated_blocks`` compiles the layers; the decode path gives them fixed shapes and positions as
+    tensors, so sampling twice traces one graph per (block shape, query count): prefill, deep and shallow decode."""
+    import copy
+
+    import torch._dynamo
+
+    noise, y, y_null = inputs
+    compiled = copy.deepcopy(model)
+    compiled.compile_repeated_blocks(backend="eager", dynamic=False)  # dynamo's tracing and guards, no inductor
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    expected = sample_starflow(model, noise, y, y_null, 2.0)
+    with torch.no_grad():
+        x = sample_starflow(compiled, noise, y, y_null, 2.0)
+        graphs = counters["stats"]["unique_graphs"]
+        sample_starflow(compiled, noise, y, y_null, 2.0)
+    assert (x - expected).abs().max() <= ATOL
+    assert 1 <= graphs <= 3  # text prefill, deep-block step, shallow-block step (64 tokens x 3 blocks)
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing new on a second call
+    assert not counters["recompiles"]
+
+
+def test_pretzel_jacobi_runs_both_streams_and_equals_sequential_decoding():
+    from diffusers_starflow2 import StarFlow2Pipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+    transformer = pipe.transformer
+    guidance = GuidanceSpec(2.0)
+    noise = torch.randn(1, transformer.num_latents, transformer.config.latent_channels)
+
+    def sample(**jacobi):
+        layouts = pipe.encode_prompt(["a red circle"], None, do_classifier_free_guidance=True)
+        ids, latent_mask, attention_mask, _ = pipe._batch(layouts)
+        cache = transformer.new_cache(pipe.vlm_stream, torch.full((ids.shape[0],), 0.3))
+        transformer.step(pipe.vlm_stream, cache, ids, None, latent_mask, attention_mask)
+        tokens = sample_image_tokens(transformer, pipe.vlm_stream, cache, noise, TarFlowScheduler(), guidance,
+                                     **jacobi)
+        return tokens, cache
+
+    sequential, cache_seq = sample()
+    jacobi, cache_jac = sample(jacobi_block_size=5, jacobi_tolerance=0.0, jacobi_max_iterations=5)
+    assert (jacobi - sequential).abs().max() <= ATOL
+    assert cache_jac.length == cache_seq.length and cache_jac.flow.length == cache_seq.flow.length
+    assert (cache_jac.last_flow_hidden - cache_seq.last_flow_hidden).abs().max() <= ATOL
+    rough, _ = sample(jacobi_block_size=5, jacobi_tolerance=10.0, jacobi_max_iterations=1)
+    assert (rough - sequential).abs().max() > 1e-2
