@@ -137,3 +137,28 @@ def test_pretzel_jacobi_runs_both_streams_and_equals_sequential_decoding():
     assert (cache_jac.last_flow_hidden - cache_seq.last_flow_hidden).abs().max() <= ATOL
     rough, _ = sample(jacobi_block_size=5, jacobi_tolerance=10.0, jacobi_max_iterations=1)
     assert (rough - sequential).abs().max() > 1e-2
+
+
+def test_pipelines_take_the_jacobi_options():
+    from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+
+    def run(**jacobi):
+        return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent",
+                    num_denoising_steps=0, **jacobi).images
+
+    sequential = run()
+    assert (run(jacobi_block_size=4, jacobi_tolerance=0.0) - sequential).abs().max() <= ATOL
+    assert (run(jacobi_block_size=4, jacobi_tolerance=10.0, jacobi_max_iterations=1) - sequential).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="`jacobi_block_size` must be .*got 0"):
+        run(jacobi_block_size=0)
+    image = torch.rand(1, 3, 32, 32)
+    edit = StarFlow2EditPipeline.from_pipe(pipe)
+    with pytest.raises(ValueError, match="`jacobi_tolerance` must be .*got -1"):
+        edit(image, "make it blue", jacobi_block_size=4, jacobi_tolerance=-1)
+    edit(image, "make it blue", num_denoising_steps=0, output_type="latent", jacobi_block_size=4)
+    chat = StarFlow2InterleavedPipeline.from_pipe(pipe)
+    with pytest.raises(ValueError, match="`jacobi_max_iterations` must be .*got 0"):
+        chat("draw <image>", jacobi_block_size=4, jacobi_max_iterations=0)

@@ -57,6 +57,14 @@ def check_jacobi(jacobi_block_size: Optional[int], jacobi_tolerance: float,
                          f"{jacobi_max_iterations!r}")
 
 
+def jacobi_options(jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                   jacobi_max_iterations: Optional[int] = None) -> dict:
+    """The decoding mode of a call, checked: keyword arguments of every sampling function."""
+    check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
+    return dict(jacobi_block_size=jacobi_block_size, jacobi_tolerance=jacobi_tolerance,
+                jacobi_max_iterations=jacobi_max_iterations)
+
+
 def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: torch.Tensor,
                           scheduler: TarFlowScheduler, guidance: GuidanceSpec,
                           callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
@@ -223,9 +231,7 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
     ``jacobi_block_size`` (None: exact sequential decoding), ``jacobi_tolerance``, ``jacobi_max_iterations``: Jacobi
     decoding of every block, see :func:`sample_autoregressive`.
     """
-    check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
-    jacobi = dict(jacobi_block_size=jacobi_block_size, jacobi_tolerance=jacobi_tolerance,
-                  jacobi_max_iterations=jacobi_max_iterations)
+    jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
     guidance = GuidanceSpec(guidance_scale)
     model.check_inputs(noise, encoder_hidden_states, name="noise")
     text, mask = _stack_branches(encoder_hidden_states, negative_encoder_hidden_states, encoder_attention_mask,

@@ -12,6 +12,7 @@ import torch
 from diffusers.utils import replace_example_docstring
 
 from ..models.transformer_pretzel import PretzelCache
+from ..sampling import jacobi_options
 from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils.sequence import TokenLayout, encode_conversation, user_message
 from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2PipelineOutput
@@ -199,7 +200,8 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                  num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
                  callback_on_step_end_tensor_inputs: List[str] = ["latents"], max_sequence_length: int = 256,
-                 state: Optional[StarFlow2EditState] = None):
+                 state: Optional[StarFlow2EditState] = None, jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                 jacobi_max_iterations: Optional[int] = None):
         r"""Edit images following instructions, or continue an edit conversation (``state``).
 
         Args:
@@ -228,9 +230,11 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             max_sequence_length: maximum number of tokens of a prompt.
             state: the ``state`` of a previous output, to append a new turn ``prompt`` to that conversation and
                 edit its last image, reusing its caches.
+            jacobi_block_size, jacobi_tolerance, jacobi_max_iterations: as in :class:`StarFlow2Pipeline`.
 
         Examples:
         """
+        self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         steps = self._check_denoising_steps(num_denoising_steps)
         tensor_inputs = self.check_inputs(prompt, negative_prompt, image, guidance_scale, image_guidance_scale,
                                           num_images_per_prompt, output_type, max_sequence_length, noise_level,

@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..models.transformer_pretzel import PretzelCache
+from ..sampling import jacobi_options
 from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils.sequence import (
     IMAGE_PAD,
@@ -288,7 +289,10 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                           stop: Union[str, Sequence[str], None] = None, generator=None,
                           noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
                           output_type: str = "pil", callback_on_step_end=None,
-                          callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> Iterator[Segment]:
+                          callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                          jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                          jacobi_max_iterations: Optional[int] = None) -> Iterator[Segment]:
+        self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
         tensor_inputs = self.check_inputs(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images,
@@ -311,7 +315,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                  output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
                  callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-                 callback_on_segment: Optional[Callable[[Segment], None]] = None):
+                 callback_on_segment: Optional[Callable[[Segment], None]] = None, jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                 jacobi_max_iterations: Optional[int] = None):
         r"""Generate interleaved text and images.
 
         Args:
@@ -329,6 +334,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 latent positions and denoising steps across all images of the answer; an interruption ends the
                 answer with the image being made).
             callback_on_segment: called with each segment as soon as it is complete (streaming).
+            jacobi_block_size, jacobi_tolerance, jacobi_max_iterations: as in :class:`StarFlow2Pipeline`, for every
+                image of the answer.
             return_dict: return a :class:`StarFlow2InterleavedOutput` instead of a tuple.
 
         Examples:
@@ -337,7 +344,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         for segment in self._checked_generate(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images,
                                               temperature, top_k, top_p, stop, generator, noise_level,
                                               num_denoising_steps, output_type, callback_on_step_end,
-                                              callback_on_step_end_tensor_inputs):
+                                              callback_on_step_end_tensor_inputs, jacobi_block_size,
+                                              jacobi_tolerance, jacobi_max_iterations):
             segments.append(segment)
             if callback_on_segment is not None:
                 callback_on_segment(segment)
