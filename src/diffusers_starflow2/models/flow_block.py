@@ -326,6 +326,10 @@ class FlowAttention(nn.Module):
         q, k = qk.transpose(1, 2).split([H, H_kv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v.transpose(1, 2))
+        if torch.compiler.is_compiling():  # inductor would turn the small matmuls below into scalar loops
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=self.head_dim ** -0.5,
+                                                 enable_gqa=H != H_kv)  # (B, H, T, D)
+            return self._project_out(out)
         # Attention written out: for a few queries over a short cache, two matmuls and a softmax cost less than the
         # fused kernels (which tile for long query blocks).  The query heads sharing a key head are stacked as rows.
         G = H // H_kv
@@ -333,7 +337,11 @@ class FlowAttention(nn.Module):
         scores = torch.matmul(q, keys[:, :, :S].transpose(-1, -2))  # (B, H_kv, G T, S)
         scores = scores + (attn_mask.repeat(1, 1, G, 1) if G > 1 else attn_mask)
         out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(values.dtype), values[:, :, :S])
-        out = packed_linear(self.to_out, out.view(B, H, T, -1).transpose(1, 2).reshape(B, T, -1))
+        return self._project_out(out.view(B, H, T, -1))
+
+    def _project_out(self, out: torch.Tensor) -> torch.Tensor:
+        # out: (B, H, T, D) -> (B, T, C)
+        out = packed_linear(self.to_out, out.transpose(1, 2).flatten(2))
         return self.norm_post(out) if self.norm_post is not None else out
 
 
