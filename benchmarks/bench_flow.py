@@ -70,8 +70,11 @@ def count_passes(model) -> list:
 
 
 def timed(fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)  # GPU work is asynchronous
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return time.perf_counter() - start, out
 
 

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .models.flow_block import AutoregressiveFlowBlock
+from .models.flow_block import AutoregressiveFlowBlock, packed_weights
 from .models.transformer_pretzel import PretzelCache, PretzelModel
 from .models.transformer_starflow import StarFlowTransformerModel
 from .models.vlm_stream import VLMStream
@@ -190,8 +190,9 @@ def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid:
         return block.decode_step(inputs, index, L, rope, cache, pad_mask, cond)
 
     start = block.sos_embed.expand(B, -1, -1) if block.use_sos else z[:, :1]
-    x = sample_autoregressive(step_fn, step_fn(start.repeat(branches, 1, 1), 0), z[:, first:], scheduler,
-                              guidance, callback, stop=stop, **jacobi)
+    with packed_weights():
+        x = sample_autoregressive(step_fn, step_fn(start.repeat(branches, 1, 1), 0), z[:, first:], scheduler,
+                                  guidance, callback, stop=stop, **jacobi)
     return block.permute(torch.cat([z[:, :first], x, z[:, first + x.shape[1]:]], dim=1))
 
 
@@ -288,8 +289,9 @@ def sample_image_tokens(transformer: PretzelModel, vlm: VLMStream, cache: Pretze
     if cache.batch_size != branches * noise.shape[0]:
         raise ValueError(f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
                          f"{guidance.branches} of {noise.shape[0]} samples")
-    return sample_autoregressive(step_fn, transformer.latent_params(cache.last_flow_hidden), noise, scheduler,
-                                 guidance, callback, feed_last=True, stop=stop, **jacobi)
+    with packed_weights():
+        return sample_autoregressive(step_fn, transformer.latent_params(cache.last_flow_hidden), noise, scheduler,
+                                     guidance, callback, feed_last=True, stop=stop, **jacobi)
 
 
 @torch.no_grad()

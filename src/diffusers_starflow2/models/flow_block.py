@@ -15,8 +15,8 @@ guidance rule are not written here: they belong to :class:`~diffusers_starflow2.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -345,30 +345,42 @@ class FlowAttention(nn.Module):
         return self.norm_post(out) if self.norm_post is not None else out
 
 
-def packed_linear(linear: nn.Linear, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+@contextlib.contextmanager
+def packed_weights():
+    """Within this context :func:`packed_linear` keeps the oneDNN-packed weights it makes (one packing per layer and
+    context); the sampling functions enter it for the duration of a sampling call, during which weights do not
+    change (a packing kept longer could miss an in-place ``.data`` update such as a LoRA fusion)."""
+    global _PACKED_WEIGHTS
+    outer = _PACKED_WEIGHTS
+    _PACKED_WEIGHTS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _PACKED_WEIGHTS = outer
+
+
+def packed_linear(linear: nn.Module, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
     """``linear(x)`` (then ``gelu`` when ``activation="gelu"``) for the decode path.
 
-    On CPU in float32 inference this runs oneDNN with the weight reordered once into its blocked layout (kept per
-    module, renewed when the weight changes) and the activation fused: for the few rows of a decode step that is
-    ~1.7x faster than the strided MKL ``addmm``.  Elsewhere (other devices and dtypes, autograd, a compiled graph,
-    which packs weights itself) it is the plain module call.
+    Inside :func:`packed_weights`, for a plain ``nn.Linear`` on CPU in float32 inference, this runs oneDNN with the
+    weight reordered once into its blocked layout and the activation fused: for the few rows of a decode step that is
+    ~1.7x faster than the strided MKL ``addmm``.  Otherwise (other devices and dtypes, autograd, adapters such as
+    LoRA layers, a compiled graph, which packs weights itself) it is the plain module call.
     """
-    w = linear.weight
-    if (x.device.type != "cpu" or w.dtype != torch.float32 or torch.is_grad_enabled() or not _ONEDNN
-            or torch.compiler.is_compiling()):
+    if (_PACKED_WEIGHTS is None or not _ONEDNN or type(linear) is not nn.Linear or x.device.type != "cpu"
+            or linear.weight.dtype != torch.float32 or torch.is_grad_enabled() or torch.compiler.is_compiling()):
         out = linear(x)
         return F.gelu(out) if activation == "gelu" else out
-    key = (w.data_ptr(), w._version)
     packed = _PACKED_WEIGHTS.get(linear)
-    if packed is None or packed[0] != key:
-        packed = _PACKED_WEIGHTS[linear] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 4))
-    return torch.ops.mkldnn._linear_pointwise(x, packed[1], linear.bias, activation, [],
+    if packed is None:
+        packed = _PACKED_WEIGHTS[linear] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 4)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, activation, [],
                                               "none" if activation == "gelu" else "")
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-# Linear -> (weight pointer and version, packed weight); outside the module so that copies and pickles skip it
-_PACKED_WEIGHTS: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
+# nn.Linear -> its packed weight, while a packed_weights() context is open (None: no packing)
+_PACKED_WEIGHTS: Optional[Dict[nn.Module, torch.Tensor]] = None
 
 
 class FlowFeedForward(nn.Module):
