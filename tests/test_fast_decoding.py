@@ -79,16 +79,16 @@ def test_bad_jacobi_arguments_are_refused(model, inputs, kwargs, name):
 
 
 def test_packed_linear_matches_the_module_and_packs_only_within_a_sampling_call():
-    linear = torch.nn.Linear(64, 96)
-    x = torch.randn(3, 5, 64)
+    linear = torch.nn.Linear(512, 512)  # large enough to be packed
+    x = torch.randn(3, 5, 512)
     with torch.no_grad():
         with packed_weights():
-            assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-5)
-            assert torch.allclose(packed_linear(linear, x, "gelu"), F.gelu(linear(x)), atol=1e-5)
+            assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-4)
+            assert torch.allclose(packed_linear(linear, x, "gelu"), F.gelu(linear(x)), atol=1e-4)
         linear.weight.data.mul_(2)  # an in-place update no version counter sees (e.g. fusing a LoRA)
         assert torch.equal(packed_linear(linear, x), linear(x))  # outside a context: the module itself
         with packed_weights():
-            assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-5)
+            assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-4)
 
 
 def test_compiled_layers_are_traced_once_per_shape_not_per_token(model, inputs):
