@@ -271,12 +271,9 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                 ``_callback_tensor_inputs``).
             max_sequence_length: text tokens; prompts are padded to it and longer prompts truncated, as in
                 training (default and maximum: the transformer's ``max_text_length``).
-            jacobi_block_size: None (default) decodes every latent position exactly, one at a time; an int decodes
-                windows of that many positions by Jacobi iterations (see :func:`~diffusers_starflow2.sampling.
-                sample_autoregressive`), for every flow block.
-            jacobi_tolerance: a position is final once a Jacobi pass moves it by at most this (max abs change).
-            jacobi_max_iterations: Jacobi passes after which a position is final anyway (default: the window size,
-                which with tolerance 0 gives the sequential result).
+            jacobi_block_size, jacobi_tolerance, jacobi_max_iterations: the decoding mode of every flow block: exact
+                sequential decoding (``jacobi_block_size=None``, the default) or Jacobi windows, see
+                :func:`~diffusers_starflow2.sampling.sample_autoregressive`.
 
         Examples:
 
