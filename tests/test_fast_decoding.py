@@ -60,7 +60,8 @@ def test_jacobi_callback_sees_every_token_once_and_may_replace_it(model, inputs)
 
     x = sample_starflow(model, noise, y, y_null, 2.0, callback=callback, jacobi_block_size=8, jacobi_tolerance=0.0)
     assert seen == list(range(3 * 64))
-    ref = sample_starflow(model, noise, y, y_null, 2.0, callback=lambda i, x_i: torch.zeros_like(x_i) if i == 5 else x_i)
+    ref = sample_starflow(model, noise, y, y_null, 2.0,
+                          callback=lambda i, x_i: torch.zeros_like(x_i) if i == 5 else x_i)
     assert (x - ref).abs().max() <= ATOL  # the replaced token is fed back before the next window
 
 

@@ -48,7 +48,8 @@ def check_jacobi(jacobi_block_size: Optional[int], jacobi_tolerance: float,
                                           or jacobi_block_size < 1):
         raise ValueError(f"`jacobi_block_size` must be None (exact sequential decoding) or an int >= 1; got "
                          f"{jacobi_block_size!r}")
-    if isinstance(jacobi_tolerance, bool) or not isinstance(jacobi_tolerance, (int, float)) or not jacobi_tolerance >= 0:
+    if (isinstance(jacobi_tolerance, bool) or not isinstance(jacobi_tolerance, (int, float))
+            or not jacobi_tolerance >= 0):  # also rejects NaN
         raise ValueError(f"`jacobi_tolerance` must be a number >= 0; got {jacobi_tolerance!r}")
     if jacobi_max_iterations is not None and (isinstance(jacobi_max_iterations, bool)
                                               or not isinstance(jacobi_max_iterations, int)

@@ -167,11 +167,12 @@ class FlowKVCache:
 
     Two ways to write: ``update`` appends the new keys/values of one layer at the current length and returns
     everything up to them (the Pretzel's stream, teacher-forced passes); the static-shape decode path of
-    :meth:`AutoregressiveFlowBlock.decode_step` writes at given positions with ``index_copy_`` and attends over the
-    whole buffer under a mask, so its shapes never change from token to token.  Keys are stored after RoPE, which is
-    exact because the rotation of a key depends only on its own position.  Each layer owns its buffer: a compiled
-    step that writes into a view of one stacked buffer copies the whole cache at every step.  A CFG pair is the
-    batch ``[conditional; unconditional]``; ``select_batch`` keeps some rows (e.g. drops the unconditional branch).
+    :meth:`AutoregressiveFlowBlock.decode_step` writes at given positions with ``index_copy_`` and attends under a
+    mask (compiled: over the whole buffer, so that its shapes never change from token to token).  Keys are stored
+    after RoPE, which is exact because the rotation of a key depends only on its own position.  Each layer owns its
+    buffer: a compiled step that writes into a view of one stacked buffer copies the whole cache at every step.  A CFG
+    pair is the batch ``[conditional; unconditional]``; ``select_batch`` keeps some rows (e.g. drops the
+    unconditional branch).
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
@@ -364,8 +365,9 @@ def packed_linear(linear: nn.Module, x: torch.Tensor, activation: str = "none") 
 
     Inside :func:`packed_weights`, for a plain ``nn.Linear`` on CPU in float32 inference, this runs oneDNN with the
     weight reordered once into its blocked layout and the activation fused: for the few rows of a decode step that is
-    ~1.7x faster than the strided MKL ``addmm`` (for weights of at least ``_MIN_PACKED_WEIGHT`` entries).  Otherwise (other devices and dtypes, autograd, adapters such as
-    LoRA layers, a compiled graph, which packs weights itself) it is the plain module call.
+    ~1.7x faster than the strided MKL ``addmm`` (for weights of at least ``_MIN_PACKED_WEIGHT`` entries).  Otherwise
+    (other devices and dtypes, autograd, adapters such as LoRA layers, a compiled graph, which packs weights itself)
+    it is the plain module call.
     """
     if (_PACKED_WEIGHTS is None or not _ONEDNN or type(linear) is not nn.Linear or x.device.type != "cpu"
             or linear.weight.dtype != torch.float32 or linear.weight.numel() < _MIN_PACKED_WEIGHT

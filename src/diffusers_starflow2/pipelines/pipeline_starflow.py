@@ -240,7 +240,8 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                  num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable[["StarFlowPipeline", int, torch.Tensor, Dict], Dict]] = None,
                  callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-                 max_sequence_length: Optional[int] = None, jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                 max_sequence_length: Optional[int] = None, jacobi_block_size: Optional[int] = None,
+                 jacobi_tolerance: float = 1e-3,
                  jacobi_max_iterations: Optional[int] = None):
         r"""Generate images from text.
 

@@ -200,7 +200,8 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                  num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
                  callback_on_step_end_tensor_inputs: List[str] = ["latents"], max_sequence_length: int = 256,
-                 state: Optional[StarFlow2EditState] = None, jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                 state: Optional[StarFlow2EditState] = None, jacobi_block_size: Optional[int] = None,
+                 jacobi_tolerance: float = 1e-3,
                  jacobi_max_iterations: Optional[int] = None):
         r"""Edit images following instructions, or continue an edit conversation (``state``).
 

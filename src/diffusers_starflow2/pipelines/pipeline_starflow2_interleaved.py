@@ -315,7 +315,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                  output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
                  callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-                 callback_on_segment: Optional[Callable[[Segment], None]] = None, jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                 callback_on_segment: Optional[Callable[[Segment], None]] = None,
+                 jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
                  jacobi_max_iterations: Optional[int] = None):
         r"""Generate interleaved text and images.
 
