@@ -311,12 +311,12 @@ class FlowAttention(nn.Module):
         """The decode path: shapes depend on ``x`` and the buffers only, never on how much of the cache is filled.
 
         ``x (B, T, C)`` sits at sequence ``positions (T,)``; its keys/values are written there into this layer's
-        buffers ``keys``/``values (B, H_kv, S_max, D)`` and the queries attend over the first ``S`` slots under the
-        additive ``attn_mask (B or 1, 1, T, S)`` (``-inf`` at future, unwritten and padded slots).
+        buffers ``keys``/``values (B, H_kv, S, D)`` and the queries attend over all ``S`` slots under the additive
+        ``attn_mask (B or 1, 1, T, S)`` (``-inf`` at future, unwritten and padded slots; None: no mask).
         ``rope (2, T, 1, D)``.
         """
         B, T, _ = x.shape
-        H, H_kv, S = self.num_heads, self.num_kv_heads, attn_mask.shape[-1]
+        H, H_kv = self.num_heads, self.num_kv_heads
         qkv = packed_linear(self.to_qkv, self.norm(x)).view(B, T, H + 2 * H_kv, self.head_dim)
         qk, v = qkv.split([H + H_kv, H_kv], dim=2)  # (B, T, H + H_kv, D), (B, T, H_kv, D)
         if self.norm_q is not None:
@@ -335,9 +335,10 @@ class FlowAttention(nn.Module):
         # fused kernels (which tile for long query blocks).  The query heads sharing a key head are stacked as rows.
         G = H // H_kv
         q = q.reshape(B, H_kv, G * T, self.head_dim) * self.head_dim ** -0.5
-        scores = torch.matmul(q, keys[:, :, :S].transpose(-1, -2))  # (B, H_kv, G T, S)
-        scores = scores + (attn_mask.repeat(1, 1, G, 1) if G > 1 else attn_mask)
-        out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(values.dtype), values[:, :, :S])
+        scores = torch.matmul(q, keys.transpose(-1, -2))  # (B, H_kv, G T, S)
+        if attn_mask is not None:
+            scores = scores + (attn_mask.repeat(1, 1, G, 1) if G > 1 else attn_mask)
+        out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(values.dtype), values)
         return self._project_out(out.view(B, H, T, -1))
 
     def _project_out(self, out: torch.Tensor) -> torch.Tensor:
@@ -648,20 +649,28 @@ class AutoregressiveFlowBlock(nn.Module):
         are traced once per ``T`` and cache size, not once per token.
         """
         end = start + h.shape[1]
-        S = cache.capacity if self._static_shapes else end
         positions = torch.arange(start, end, device=h.device)
+        keys, values = cache.keys, cache.values
+        if self._static_shapes:
+            S, rope = cache.capacity, rope[:, positions, None] if rope is not None else None  # (2, T, 1, D)
+        else:  # the filled slots only (views: the layers write through them); one new query sees them all
+            S, rope = end, rope[:, start:end, None] if rope is not None else None
+            keys, values = [k[:, :, :S] for k in keys], [v[:, :, :S] for v in values]
+            if h.shape[1] == 1 and key_padding_mask is None:
+                h = self.run_layers(h, positions, rope, None, keys, values)
+                cache.length = end
+                return h
         key_positions = torch.arange(S, device=h.device)
         allowed = key_positions <= positions[:, None]  # (T, S) causal
         if key_padding_mask is not None:  # a padded query still sees itself (no all -inf row)
             allowed = (allowed & key_padding_mask[:, None, None, :S].bool()) | (key_positions == positions[:, None])
         mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
-        h = self.run_layers(h, positions, rope[:, positions, None] if rope is not None else None, mask, cache.keys,
-                            cache.values)
+        h = self.run_layers(h, positions, rope, mask, keys, values)
         cache.length = end
         return h
 
-    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, rope: Optional[torch.Tensor], mask: torch.Tensor,
-                   keys: List[torch.Tensor], values: List[torch.Tensor]) -> torch.Tensor:
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, rope: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor], keys: List[torch.Tensor], values: List[torch.Tensor]) -> torch.Tensor:
         """The layers over ``h (B, T, C)`` at ``positions (T,)``: ``rope (2, T, 1, D)``, additive ``mask (B or 1, 1,
         T, S)``, one key and one value buffer per layer (only tensors: the unit :meth:`compile_decode_step`
         compiles)."""
