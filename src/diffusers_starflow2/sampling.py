@@ -12,9 +12,10 @@ them:
 * :func:`sample_image_tokens`, :func:`shallow_reverse` - an image span of the Pretzel and its shallow flows;
 * :func:`tweedie_denoise` (:func:`denoise_starflow`) - the one denoising loop, one noise level per step.
 
-The loop asks a ``step_fn`` for the affine parameters predicted by a run of ``K`` new inputs; sequential decoding
-uses ``K = 1``.  A block-parallel (Jacobi) mode or a compiled static-shape decode step plug in at that point: they
-change how ``step_fn`` is called, not the models or the scheduler.
+The loop asks a ``step_fn`` for the affine parameters predicted by a run of ``K`` new inputs: exact sequential
+decoding uses ``K = 1``, Jacobi decoding (``jacobi_block_size``) a sliding window of ``K`` guesses recomputed until
+they settle.  A flow block's step has static shapes (a compiled one is traced once, see
+:meth:`~AutoregressiveFlowBlock.compile_decode_step`); neither mode changes the models or the scheduler.
 """
 
 from __future__ import annotations
