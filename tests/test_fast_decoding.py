@@ -166,3 +166,30 @@ def test_pipelines_take_the_jacobi_options():
     chat = StarFlow2InterleavedPipeline.from_pipe(pipe)
     with pytest.raises(ValueError, match="`jacobi_max_iterations` must be .*got 0"):
         chat("draw <image>", jacobi_block_size=4, jacobi_max_iterations=0)
+
+
+@pytest.mark.parametrize("stop_at", [0, 3, 8, 10])
+def test_jacobi_stop_leaves_the_caches_as_sequential_decoding_does(stop_at):
+    from diffusers_starflow2 import StarFlow2Pipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+    transformer = pipe.transformer
+    noise = torch.randn(1, transformer.num_latents, transformer.config.latent_channels)
+
+    def sample(**jacobi):
+        layouts = pipe.encode_prompt(["a red circle"], None, do_classifier_free_guidance=False)
+        ids, latent_mask, attention_mask, _ = pipe._batch(layouts)
+        cache = transformer.new_cache(pipe.vlm_stream, torch.full((ids.shape[0],), 0.3))
+        transformer.step(pipe.vlm_stream, cache, ids, None, latent_mask, attention_mask)
+        seen = []
+        tokens = sample_image_tokens(transformer, pipe.vlm_stream, cache, noise, TarFlowScheduler(),
+                                     callback=lambda i, x_i: seen.append(i) or x_i,
+                                     stop=lambda: bool(seen) and seen[-1] == stop_at, **jacobi)
+        return tokens, cache
+
+    sequential, cache_seq = sample()
+    jacobi, cache_jac = sample(jacobi_block_size=4, jacobi_tolerance=0.0)
+    assert sequential.shape[1] == jacobi.shape[1] == stop_at + 1
+    assert (jacobi - sequential).abs().max() <= ATOL
+    assert cache_jac.length == cache_seq.length and cache_jac.flow.length == cache_seq.flow.length

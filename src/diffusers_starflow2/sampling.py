@@ -88,11 +88,13 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
     the window then slides past them (at least one token per call) and new tokens enter it at the back.  The system
     is triangular: call ``k`` makes the ``k``-th token of the window exact, so ``jacobi_max_iterations >=
     jacobi_block_size`` with tolerance 0 gives the sequential result.  A final token's cache entry holds the guess it
-    was fed with (at most ``jacobi_tolerance`` away, as in ml-starflow's ``jacobi``).
+    was fed with (at most ``jacobi_tolerance`` away unless ``jacobi_max_iterations`` made it final; ml-starflow's
+    ``jacobi`` does the same).
 
-    ``callback(i, x_i)`` runs once token ``i`` is final and may return a replacement (the final tokens of a call are
-    then fed again before the next call); when ``stop()`` is then true the loop ends and returns the tokens made so
-    far.
+    ``callback(i, x_i)`` runs once token ``i`` is final and may return a replacement (a window's first token is final
+    before the window is computed; later replaced tokens are fed again before the next window); when ``stop()`` is
+    then true the loop ends and returns the tokens made so far, the caches holding the tokens before the last one (as
+    in sequential decoding).
     """
     check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
     branches = guidance.num_branches
@@ -106,46 +108,64 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
     guess = noise[:, :0].float()  # (B, k, C) guesses for the tokens after the first of the window
     ages: List[int] = []  # how many calls over the window recomputed each guess
     c = 0  # tokens before c are final
+    written = 0  # the caches hold input positions < written (token i is input i + 1)
+
+    def feed(inputs: torch.Tensor, index: int) -> AffineParams:
+        nonlocal written
+        written = index + inputs.shape[1]
+        return step_fn(inputs.repeat(branches, 1, 1), index)
+
+    def stopped(made: List[torch.Tensor]) -> torch.Tensor:
+        # the caches keep the tokens before the last one made, as in sequential decoding: a pass that wrote past it
+        # is cut back by feeding the token before it again
+        made = tokens + made
+        if written > len(made):
+            feed(made[-2], len(made) - 1)
+        return torch.cat(made, dim=1)
+
     while c < N:
         n = min(W, N - c)  # window: tokens c .. c + n
         fed = n if c + n < N or feed_last else n - 1  # the last token is an input only when fed
         z = noise[:, c:c + n].float()  # (B, n, C)
-        window = [scheduler.affine_step(z[:, :1], *params, guidance)]  # token c: exact
-        made, last_params = 1, None
+        x_c = scheduler.affine_step(z[:, :1], *params, guidance)  # token c: exact
+        if callback is not None:
+            x_c = callback(c, x_c)
+        if stop is not None and stop():
+            return stopped([x_c])
+        final, last_params = [x_c], None
         if n > 1:
             k = min(guess.shape[1], n - 1)
-            x = torch.cat([window[0], guess[:, :k], z[:, 1 + k:]], dim=1)  # (B, n, C)
-            mu, sigma = step_fn(x[:, :fed].repeat(branches, 1, 1), c + 1)  # (branches * B, fed, C): tokens c+1 ..
+            x = torch.cat([x_c, guess[:, :k], z[:, 1 + k:]], dim=1)  # (B, n, C)
+            mu, sigma = feed(x[:, :fed], c + 1)  # (branches * B, fed, C): tokens c + 1 ..
             new = scheduler.affine_step(z[:, 1:], mu[:, :n - 1], sigma[:, :n - 1], guidance)  # (B, n - 1, C)
             ages = [a + 1 for a in ages[:k]] + [1] * (n - 1 - k)
             moved = (new - x[:, 1:]).abs().amax(dim=(0, 2)).tolist()  # (n - 1,) per token
+            made = 1
             for change, age in zip(moved, ages):
                 if change > jacobi_tolerance and age < max_passes:
                     break
                 made += 1
-            window.append(new[:, :made - 1])
             last_params = (mu, sigma)
             guess, ages = new[:, made:], ages[made:]  # tokens c + made + 1 ..: token c + made becomes exact
             if fed == n and c + n < N:  # the call also predicts the token after the window: a better first guess
                 guess = torch.cat([guess, scheduler.affine_step(noise[:, c + n:c + n + 1].float(), mu[:, n - 1:],
                                                                 sigma[:, n - 1:], guidance)], dim=1)
                 ages.append(0)  # not yet recomputed within the window
-        x = torch.cat(window, dim=1)  # (B, made, C) final
-        final = []
-        for j in range(made):
-            x_j = x[:, j:j + 1]
-            if callback is not None:
-                replaced = callback(c + j, x_j)
-                if replaced is not x_j:
-                    last_params, x_j = None, replaced
-            final.append(x_j)
-            if stop is not None and stop():
-                return torch.cat(tokens + final, dim=1)
+            for j in range(1, made):
+                x_j = new[:, j - 1:j]
+                if callback is not None:
+                    replaced = callback(c + j, x_j)
+                    if replaced is not x_j:
+                        last_params, x_j = None, replaced
+                final.append(x_j)
+                if stop is not None and stop():
+                    return stopped(final)
         tokens.extend(final)
+        made = len(final)
         c += made
         if c < N or feed_last:  # the parameters of token c (or the last token enters the caches)
             if last_params is None:  # sequential decoding, or replaced tokens: one call with the final tokens
-                last_params = step_fn(torch.cat(final, dim=1).repeat(branches, 1, 1), c + 1 - made)
+                last_params = feed(torch.cat(final, dim=1), c + 1 - made)
             params = tuple(p[:, made - 1:made] for p in last_params)
     return torch.cat(tokens, dim=1)
 
