@@ -195,3 +195,18 @@ def test_jacobi_stop_leaves_the_caches_as_sequential_decoding_does(stop_at):
     assert sequential.shape[1] == jacobi.shape[1] == stop_at + 1
     assert (jacobi - sequential).abs().max() <= ATOL
     assert cache_jac.length == cache_seq.length and cache_jac.flow.length == cache_seq.flow.length
+
+
+def test_pipeline_transformer_compile_repeated_blocks():
+    from diffusers_starflow2 import StarFlow2Pipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+
+    def run():
+        return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent",
+                    num_denoising_steps=0).images
+
+    expected = run()
+    pipe.transformer.compile_repeated_blocks(backend="eager")
+    assert (run() - expected).abs().max() <= ATOL

@@ -241,6 +241,9 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AutoregressiveFlowBlock"]
     _skip_layerwise_casting_patterns = ["noise_embed"]
+    # compile_repeated_blocks(): the layers of the deep stream and the shallow flows (the static-shape decode path of
+    # the shallow flows is traced once per shape; the deep stream's cache grows with the sequence)
+    _repeated_blocks = ["FlowTransformerLayer"]
 
     @register_to_config
     def __init__(self, latent_channels: int = 32, sample_size: int = 16, vlm_hidden_size: int = 3584,
