@@ -118,30 +118,41 @@ def test_compiled_decode_is_traced_once_per_shape_not_per_token(model, inputs, h
     assert not counters["recompiles"]
 
 
-def test_pretzel_jacobi_runs_both_streams_and_equals_sequential_decoding():
+@pytest.fixture(scope="module")
+def tiny_pipe():
     from diffusers_starflow2 import StarFlow2Pipeline
     from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
-    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
-    transformer = pipe.transformer
-    guidance = GuidanceSpec(2.0)
-    noise = torch.randn(1, transformer.num_latents, transformer.config.latent_channels)
+    return StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
 
-    def sample(**jacobi):
-        layouts = pipe.encode_prompt(["a red circle"], None, do_classifier_free_guidance=True)
-        ids, latent_mask, attention_mask, _ = pipe._batch(layouts)
-        cache = transformer.new_cache(pipe.vlm_stream, torch.full((ids.shape[0],), 0.3))
-        transformer.step(pipe.vlm_stream, cache, ids, None, latent_mask, attention_mask)
-        tokens = sample_image_tokens(transformer, pipe.vlm_stream, cache, noise, TarFlowScheduler(), guidance,
-                                     **jacobi)
-        return tokens, cache
 
-    sequential, cache_seq = sample()
-    jacobi, cache_jac = sample(jacobi_block_size=5, jacobi_tolerance=0.0, jacobi_max_iterations=5)
+def sample_span(pipe, noise, guidance_scale=0.0, **kwargs):
+    """One image span after the prompt "a red circle" through :func:`sample_image_tokens`; returns the tokens and
+    the cache."""
+    guidance = GuidanceSpec(guidance_scale)
+    layouts = pipe.encode_prompt(["a red circle"], None, do_classifier_free_guidance=guidance.num_branches > 1)
+    ids, latent_mask, attention_mask, _ = pipe._batch(layouts)
+    cache = pipe.transformer.new_cache(pipe.vlm_stream, torch.full((ids.shape[0],), 0.3))
+    pipe.transformer.step(pipe.vlm_stream, cache, ids, None, latent_mask, attention_mask)
+    tokens = sample_image_tokens(pipe.transformer, pipe.vlm_stream, cache, noise, TarFlowScheduler(), guidance,
+                                 **kwargs)
+    return tokens, cache
+
+
+def span_noise(pipe):
+    return torch.randn(1, pipe.transformer.num_latents, pipe.transformer.config.latent_channels)
+
+
+def test_pretzel_jacobi_runs_both_streams_and_equals_sequential_decoding(tiny_pipe):
+    noise = span_noise(tiny_pipe)
+    sequential, cache_seq = sample_span(tiny_pipe, noise, 2.0)
+    jacobi, cache_jac = sample_span(tiny_pipe, noise, 2.0, jacobi_block_size=5, jacobi_tolerance=0.0,
+                                    jacobi_max_iterations=5)
     assert (jacobi - sequential).abs().max() <= ATOL
     assert cache_jac.length == cache_seq.length and cache_jac.flow.length == cache_seq.flow.length
     assert (cache_jac.last_flow_hidden - cache_seq.last_flow_hidden).abs().max() <= ATOL
-    rough, _ = sample(jacobi_block_size=5, jacobi_tolerance=10.0, jacobi_max_iterations=1)
+    rough, _ = sample_span(tiny_pipe, noise, 2.0, jacobi_block_size=5, jacobi_tolerance=10.0,
+                           jacobi_max_iterations=1)
     assert (rough - sequential).abs().max() > 1e-2
 
 
@@ -171,24 +182,13 @@ def test_pipelines_take_the_jacobi_options():
 
 
 @pytest.mark.parametrize("stop_at", [0, 3, 8, 10])
-def test_jacobi_stop_leaves_the_caches_as_sequential_decoding_does(stop_at):
-    from diffusers_starflow2 import StarFlow2Pipeline
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
-
-    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
-    transformer = pipe.transformer
-    noise = torch.randn(1, transformer.num_latents, transformer.config.latent_channels)
+def test_jacobi_stop_leaves_the_caches_as_sequential_decoding_does(tiny_pipe, stop_at):
+    noise = span_noise(tiny_pipe)
 
     def sample(**jacobi):
-        layouts = pipe.encode_prompt(["a red circle"], None, do_classifier_free_guidance=False)
-        ids, latent_mask, attention_mask, _ = pipe._batch(layouts)
-        cache = transformer.new_cache(pipe.vlm_stream, torch.full((ids.shape[0],), 0.3))
-        transformer.step(pipe.vlm_stream, cache, ids, None, latent_mask, attention_mask)
         seen = []
-        tokens = sample_image_tokens(transformer, pipe.vlm_stream, cache, noise, TarFlowScheduler(),
-                                     callback=lambda i, x_i: seen.append(i) or x_i,
-                                     stop=lambda: bool(seen) and seen[-1] == stop_at, **jacobi)
-        return tokens, cache
+        return sample_span(tiny_pipe, noise, callback=lambda i, x_i: seen.append(i) or x_i,
+                           stop=lambda: bool(seen) and seen[-1] == stop_at, **jacobi)
 
     sequential, cache_seq = sample()
     jacobi, cache_jac = sample(jacobi_block_size=4, jacobi_tolerance=0.0)
