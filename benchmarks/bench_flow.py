@@ -1,15 +1,26 @@
-"""Speed and memory of the flow core: ``StarFlowTransformerModel.sample`` (CFG batched) and forward + backward.
+"""Decoding speed of the flow core, side by side with the reference implementation (apple/ml-starflow).
 
-The model is a scaled-down STARFlow-3B shape: width 256, two shallow blocks of 2 layers and a 6-layer deep block,
-head_dim 64, 16x16x4 latents (256 tokens), 32 text tokens of width 256, softplus scales, soft clip, final norm, SOS,
-L2R.  Sampling uses a batch of 2 images with classifier-free guidance (both branches in one batch of 4 through the
-deep block), one token per step through the pre-allocated KV cache (the prefix is never recomputed and nothing is
-concatenated per step).
+The job (issue 12): a STARFlow (v1) stack of width 256 with blocks of [2, 2, 6] layers (two shallow, one deep),
+head_dim 64, 16x16x4 latents (256 tokens), 16 text tokens of width 128, softplus scales, soft clip 4, final norm, SOS,
+L2R; batch 2 with classifier-free guidance 3.0 (both branches in one batch of 4 through the deep block).  The model is
+built with the reference constructor's keyword arguments, its weights are perturbed (the output projections start at
+zero) and converted with ``convert_starflow_state_dict``, so both implementations run identical weights on identical
+noise.
 
-Reported: generated image tokens per second (batch x 256 / time of one ``sample`` call), flow steps per second
-(tokens x non-identity blocks), and the peak resident memory of the process during the call (VmHWM reset before it).
+Variants, timed in one process in alternating order (one run of each per round, median over the rounds):
 
-    python benchmarks/bench_flow.py [--repeats 3] [--threads 1]
+* ``reference sequential`` / ``reference Jacobi``: ``transformer_flow.Model.reverse`` of a checkout given by
+  ``--reference-src`` (called, never copied; it needs ``einops``, ``tqdm`` and a one-process gloo group for the
+  ``all_reduce`` of its Jacobi loop);
+* ``ours exact``: :func:`~diffusers_starflow2.sampling.sample_starflow`, sequential decoding;
+* ``ours Jacobi``: the same with ``jacobi_block_size`` / ``jacobi_tolerance``;
+* ``ours compiled``: exact decoding after ``model.compile_decode_step(mode=--compile-mode)`` with inductor's
+  ``freezing`` (compiled before the rounds; the compile time is printed separately).
+
+Max abs differences are against the reference's sequential output when the reference runs, else against ours exact.
+
+    python benchmarks/bench_flow.py [--reference-src DIR] [--rounds 3] [--threads 2] [--jacobi-block-size 32]
+        [--jacobi-tolerance 1e-3] [--no-compile] [--compile-mode max-autotune] [--device cpu]
 """
 
 from __future__ import annotations
@@ -22,77 +33,133 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import peak_kb, reset_peak, rss_kb  # noqa: E402
+from diffusers_starflow2 import StarFlowTransformerModel
+from diffusers_starflow2.loaders.single_file_starflow import config_from_reference_kwargs, convert_starflow_state_dict
+from diffusers_starflow2.sampling import sample_starflow
 
-from diffusers_starflow2 import StarFlowTransformerModel  # noqa: E402
-from diffusers_starflow2.sampling import sample_starflow  # noqa: E402
-
-
-def scaled_3b_config() -> dict:
-    return dict(in_channels=4, sample_size=16, patch_size=1, channels=256, layers_per_block=[2, 2, 6], head_dim=64,
-                use_rope=True, use_sos=True, max_text_length=32, text_dim=256, cond_top_only=True, use_softplus=True,
-                final_norm=True, soft_clip=4.0, seq_order="L2R")
+JOB = dict(in_channels=4, img_size=16, patch_size=1, channels=256, num_blocks=3, layers_per_block=[2, 2, 6],
+           head_dim=64, rope=1, sos=1, txt_size=16, txt_dim=128, cond_top_only=1, use_softplus=1, use_final_norm=1,
+           soft_clip=4.0, seq_order="L2R")
+BATCH, GUIDANCE = 2, 3.0
 
 
-def measure(fn, repeats: int):
-    fn()  # warm-up
-    times, peaks = [], []
-    base = rss_kb()
-    for _ in range(repeats):
-        ok = reset_peak()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        peaks.append(peak_kb(ok))
-    return statistics.median(times), max(peaks) / 1024, (max(peaks) - base) / 1024
+def load_reference(src: str):
+    """``transformer_flow.Model`` of the checkout ``src`` with the job's configuration (a gloo group of one process
+    for the ``all_reduce`` of its Jacobi loop)."""
+    sys.path.insert(0, os.path.abspath(src))
+    import transformer_flow  # noqa: E402  (the reference's module, imported from the checkout)
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    return transformer_flow.Model(**JOB).eval()
+
+
+def count_passes(model) -> list:
+    """Count, per block, the calls of ``decode_step`` over more than one token (Jacobi passes); a list the caller
+    resets."""
+    counts = [0] * len(model.blocks)
+    for b, block in enumerate(model.blocks):
+        def counting(inputs, *args, _step=block.decode_step, _b=b, **kwargs):
+            counts[_b] += inputs.shape[1] > 1
+            return _step(inputs, *args, **kwargs)
+
+        block.decode_step = counting
+    return counts
+
+
+def timed(fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)  # GPU work is asynchronous
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--train_batch", type=int, default=8)
+    parser.add_argument("--reference-src", default=None, help="a checkout of apple/ml-starflow (optional)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jacobi-block-size", type=int, default=32)
+    parser.add_argument("--jacobi-tolerance", type=float, default=1e-3)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
+    parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the compiled variant")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = StarFlowTransformerModel(**scaled_3b_config()).eval()
+    device = torch.device(args.device)
+
+    model = StarFlowTransformerModel(**config_from_reference_kwargs(JOB)).eval()
+    reference = load_reference(args.reference_src) if args.reference_src else None
+    source = reference if reference is not None else model
     with torch.no_grad():
-        for p in model.parameters():  # non-trivial flows (the output projections start at zero)
+        for p in source.parameters():  # non-trivial flows (the output projections start at zero)
             p.add_(torch.randn_like(p) * 0.02)
-    cfg = model.config
-    n_tokens = cfg.sample_size ** 2
-    blocks = sum(1 for b in model.blocks if not b.is_identity)
-    params = sum(p.numel() for p in model.parameters())
+    if reference is not None:  # identical weights: the reference's, converted
+        model.load_state_dict(convert_starflow_state_dict(reference.state_dict()))
+        reference.to(device)
+    model.to(device)
 
-    B = 2
-    noise = torch.randn(B, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    y, y_null = torch.randn(B, cfg.max_text_length, cfg.text_dim), torch.zeros(B, cfg.max_text_length, cfg.text_dim)
-    rows = []
-    for guidance in (2.0, 0.0):
-        t, peak, extra = measure(lambda: sample_starflow(model, noise, y, y_null, guidance_scale=guidance), args.repeats)
-        rows.append((f"sample, batch {B}, " + (f"CFG {guidance} (deep batch {2 * B})" if guidance else "no CFG"),
-                     t, B * n_tokens / t, B * n_tokens * blocks / t, peak, extra))
+    L, D, side = JOB["txt_size"], JOB["txt_dim"], JOB["img_size"]
+    noise = torch.randn(BATCH, JOB["in_channels"], side, side, device=device)
+    y, y_null = torch.randn(BATCH, L, D, device=device), torch.zeros(BATCH, L, D, device=device)
+    jacobi = dict(jacobi_block_size=args.jacobi_block_size, jacobi_tolerance=args.jacobi_tolerance)
 
-    TB = args.train_batch
-    x = torch.randn(TB, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    yt = torch.randn(TB, cfg.max_text_length, cfg.text_dim)
-    model.train()
+    variants = {}
+    if reference is not None:
+        y_ref = torch.cat([y, y_null])
+        variants["reference sequential"] = lambda: reference.reverse(noise, y_ref, GUIDANCE)
+        variants["reference Jacobi"] = lambda: reference.reverse(
+            noise, y_ref, GUIDANCE, jacobi=True, jacobi_block_size=args.jacobi_block_size,
+            jacobi_th=args.jacobi_tolerance)
+    variants["ours exact"] = lambda: sample_starflow(model, noise, y, y_null, GUIDANCE)
+    variants["ours Jacobi"] = lambda: sample_starflow(model, noise, y, y_null, GUIDANCE, **jacobi)
+    passes = count_passes(model)
 
-    def train_step():
-        model.zero_grad(set_to_none=True)
-        model(x, yt).loss.backward()
+    compiled = None
+    if not args.no_compile:
+        import copy
 
-    t, peak, extra = measure(train_step, args.repeats)
-    rows.append((f"forward + backward, batch {TB}", t, TB * n_tokens / t, TB * n_tokens * blocks / t, peak, extra))
+        from torch._inductor import config as inductor_config
 
-    print(f"scaled-down 3B shape: {params / 1e6:.1f}M parameters, layers {list(cfg.layers_per_block)}, width "
-          f"{cfg.channels}, {n_tokens} tokens/image, {cfg.max_text_length} text tokens; torch {torch.__version__}, "
-          f"{args.threads} thread(s), median of {args.repeats}")
-    print("| run | seconds | image tokens/s | flow steps/s | peak RSS MB | +RSS MB |")
-    print("|---|---|---|---|---|---|")
-    for name, t, tok, steps, peak, extra in rows:
-        print(f"| {name} | {t:.3f} | {tok:.0f} | {steps:.0f} | {peak:.0f} | {extra:.0f} |")
+        # Weights as constants: inductor pre-packs them for its own GEMM kernels (chosen by max-autotune).
+        inductor_config.freezing = True
+        compiled = copy.deepcopy(model)
+        compiled.compile_decode_step(dynamic=False, mode=args.compile_mode)
+        with torch.no_grad():
+            compile_s, _ = timed(lambda: sample_starflow(compiled, noise, y, y_null, GUIDANCE))
+        variants["ours compiled"] = lambda: sample_starflow(compiled, noise, y, y_null, GUIDANCE)
+
+    with torch.no_grad():
+        outputs = {name: fn() for name, fn in variants.items()}  # warm-up, and the outputs compared below
+        passes[:] = [0] * len(passes)
+        outputs["ours Jacobi"] = variants["ours Jacobi"]()  # counted alone
+        counted = list(passes)
+        times = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, fn in variants.items():
+                times[name].append(timed(fn)[0])
+    base_name = "reference sequential" if reference is not None else "ours exact"
+    base_t = statistics.median(times[base_name])
+    print(f"job: width 256, layers [2, 2, 6], head_dim 64, 16x16x4 latents, {L} text tokens x {D}, batch {BATCH}, "
+          f"CFG {GUIDANCE}; torch {torch.__version__}, {args.device}, {args.threads} thread(s), median of "
+          f"{args.rounds} alternating rounds; Jacobi block {args.jacobi_block_size}, tolerance {args.jacobi_tolerance}")
+    if compiled is not None:
+        print(f"compile (first call of the compiled model, traced and compiled): {compile_s:.1f} s")
+    n_tokens = side * side
+    per_block = [c / -(-n_tokens // args.jacobi_block_size) for c in reversed(counted) if c]
+    print(f"ours Jacobi: passes per block of {args.jacobi_block_size} tokens (mean over a run; deep block first, "
+          f"then the shallow blocks): {', '.join(f'{p:.2f}' for p in per_block)}")
+    print(f"| variant | seconds | vs {base_name} | max abs diff to {base_name} |")
+    print("|---|---|---|---|")
+    for name in variants:
+        t = statistics.median(times[name])
+        diff = (outputs[name].float() - outputs[base_name].float()).abs().max().item()
+        print(f"| {name} | {t:.3f} | {base_t / t:.2f}x | {diff:.2g} |")
 
 
 if __name__ == "__main__":

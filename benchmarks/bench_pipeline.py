@@ -1,6 +1,7 @@
 """StarFlow2Pipeline text -> image: seconds per image and peak memory, with and without guidance and denoising.
 
     python benchmarks/bench_pipeline.py [--quick] [--configs tiny,mid] [--threads 1] [--repeats 3]
+        [--jacobi-block-size K]
 
 Configurations (random weights, built offline):
 
@@ -35,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import peak_kb, reset_peak, rss_kb  # noqa: E402
@@ -90,7 +92,7 @@ def worker(args: argparse.Namespace) -> None:
 
     def call(seed: int, steps: int):
         return pipe(PROMPT, guidance_scale=args.guidance, num_denoising_steps=steps, output_type="np",
-                    generator=torch.Generator().manual_seed(seed)).images
+                    generator=torch.Generator().manual_seed(seed), jacobi_block_size=args.jacobi_block_size).images
 
     if args.warmup:
         call(0, 1)
@@ -117,9 +119,11 @@ def worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(config: str, guidance: float, repeats: int, warmup: bool, threads: int) -> dict:
+def run_worker(config: str, guidance: float, repeats: int, warmup: bool, threads: int,
+               jacobi_block_size: Optional[int]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--guidance", str(guidance),
-           "--repeats", str(repeats), "--threads", str(threads)] + (["--warmup"] if warmup else [])
+           "--repeats", str(repeats), "--threads", str(threads)] + (["--warmup"] if warmup else []) + \
+          (["--jacobi-block-size", str(jacobi_block_size)] if jacobi_block_size else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -131,6 +135,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default tiny 3, mid 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="one timed call per setting, no warm-up for mid")
+    parser.add_argument("--jacobi-block-size", type=int, default=None,
+                        help="Jacobi decoding with this window (default tolerance 1e-3); default exact decoding")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
@@ -145,11 +151,12 @@ def main(argv=None) -> None:
         warmup = not (args.quick and config == "mid")
         for guidance in (args.guidance, 0.0):
             print(f"running {config}, guidance {guidance} ...", file=sys.stderr, flush=True)
-            rows.append(run_worker(config, guidance, repeats, warmup, args.threads))
+            rows.append(run_worker(config, guidance, repeats, warmup, args.threads, args.jacobi_block_size))
 
     per_call = all(r["results"]["0"]["per_call_peak"] for r in rows)
     print(f"\nStarFlow2Pipeline, CPU, {args.threads} thread(s), prompt {PROMPT!r}, batch 1, random weights; "
           f"peak RSS {'per call (VmHWM reset)' if per_call else 'since process start (ru_maxrss)'}; "
+          f"{f'Jacobi decoding, window {args.jacobi_block_size}' if args.jacobi_block_size else 'exact decoding'}; "
           f"total benchmark time {time.perf_counter() - start:.0f} s\n")
     print("| config | params | image | CFG | denoise steps | s/image (wall) | CPU s/image | peak RSS MB | "
           "+RSS MB | positions/s |")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device checks for a machine with a CUDA GPU (the CI machine has none): the device tests on meta and CUDA (CUDA
-# results compared with the CPU's), the denoising and likelihood benchmarks on CUDA (their tables should match the
-# README's CPU figures), and the four pipelines of the embedded model on CUDA.
+# results compared with the CPU's), exact and Jacobi decoding on CUDA and the flow-decoding benchmark (exact / Jacobi
+# / compiled decode step), the denoising and likelihood benchmarks on CUDA (their tables should match the README's
+# CPU figures), and the four pipelines of the embedded model on CUDA.
 #
 #     bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -10,6 +11,32 @@ cd "$(dirname "$0")/.."
 python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "gpu_check.sh: torch sees no CUDA device")'
 
 python -m pytest -q tests/test_devices.py
+
+# Fast decoding on CUDA: exact / Jacobi / compiled decode step (the oneDNN weight packing is CPU-only; elsewhere the
+# decode path runs the plain modules).  REFERENCE_SRC=<apple/ml-starflow checkout> adds the reference's rows.
+python - <<'PY'
+import torch
+
+from diffusers_starflow2 import StarFlowTransformerModel
+from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config
+from diffusers_starflow2.sampling import sample_starflow
+
+torch.manual_seed(0)
+model = StarFlowTransformerModel(**tiny_starflow_config()).eval()
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.1)
+noise, y = torch.randn(2, 4, 8, 8), torch.randn(2, 8, 32)
+cpu = sample_starflow(model, noise, y, torch.zeros_like(y), 2.0)
+model.cuda()
+args = (noise.cuda(), y.cuda(), torch.zeros_like(y).cuda(), 2.0)
+exact = sample_starflow(model, *args)
+jacobi = sample_starflow(model, *args, jacobi_block_size=16, jacobi_tolerance=0.0)
+print("CUDA exact vs CPU:", (exact.cpu() - cpu).abs().max().item(), " Jacobi (tol 0) vs exact:",
+      (jacobi - exact).abs().max().item())
+assert (exact.cpu() - cpu).abs().max() < 1e-3 and (jacobi - exact).abs().max() < 1e-3
+PY
+python benchmarks/bench_flow.py --device cuda --rounds 3 ${REFERENCE_SRC:+--reference-src "$REFERENCE_SRC"}
 python benchmarks/eval_denoise.py --device cuda
 python benchmarks/eval_likelihood_classifier.py --device cuda
 

@@ -66,7 +66,8 @@ def test_save_load_switch_fuse_unload(tmp_path):
     torch.testing.assert_close(with_lora, expected, atol=1e-6, rtol=0)  # loading restores the adapter exactly
 
     pipe.set_adapters(["shapes"], adapter_weights=[0.0])
-    torch.testing.assert_close(sample(pipe), base, atol=1e-6, rtol=0)
+    # float-level only: plain linears decode through oneDNN-packed weights, adapter-wrapped ones through the module
+    torch.testing.assert_close(sample(pipe), base, atol=1e-5, rtol=0)
     pipe.set_adapters(["shapes"], adapter_weights=[1.0])
     torch.testing.assert_close(sample(pipe), with_lora, atol=1e-6, rtol=0)
 

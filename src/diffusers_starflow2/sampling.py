@@ -12,18 +12,19 @@ them:
 * :func:`sample_image_tokens`, :func:`shallow_reverse` - an image span of the Pretzel and its shallow flows;
 * :func:`tweedie_denoise` (:func:`denoise_starflow`) - the one denoising loop, one noise level per step.
 
-The loop asks a ``step_fn`` for the affine parameters predicted by a run of ``K`` new inputs; sequential decoding
-uses ``K = 1``.  A block-parallel (Jacobi) mode or a compiled static-shape decode step plug in at that point: they
-change how ``step_fn`` is called, not the models or the scheduler.
+The loop asks a ``step_fn`` for the affine parameters predicted by a run of ``K`` new inputs: exact sequential
+decoding uses ``K = 1``, Jacobi decoding (``jacobi_block_size``) a sliding window of ``K`` guesses recomputed until
+they settle.  A flow block's step has static shapes (a compiled one is traced once, see
+:meth:`~AutoregressiveFlowBlock.compile_decode_step`); neither mode changes the models or the scheduler.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .models.flow_block import AutoregressiveFlowBlock
+from .models.flow_block import AutoregressiveFlowBlock, packed_weights
 from .models.transformer_pretzel import PretzelCache, PretzelModel
 from .models.transformer_starflow import StarFlowTransformerModel
 from .models.vlm_stream import VLMStream
@@ -41,33 +42,131 @@ NLLFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_jacobi(jacobi_block_size: Optional[int], jacobi_tolerance: float,
+                 jacobi_max_iterations: Optional[int]) -> None:
+    """Raise ``ValueError`` naming the argument, its value and what is accepted."""
+    if jacobi_block_size is not None and (isinstance(jacobi_block_size, bool) or not isinstance(jacobi_block_size, int)
+                                          or jacobi_block_size < 1):
+        raise ValueError(f"`jacobi_block_size` must be None (exact sequential decoding) or an int >= 1; got "
+                         f"{jacobi_block_size!r}")
+    if (isinstance(jacobi_tolerance, bool) or not isinstance(jacobi_tolerance, (int, float))
+            or not jacobi_tolerance >= 0):  # also rejects NaN
+        raise ValueError(f"`jacobi_tolerance` must be a number >= 0; got {jacobi_tolerance!r}")
+    if jacobi_max_iterations is not None and (isinstance(jacobi_max_iterations, bool)
+                                              or not isinstance(jacobi_max_iterations, int)
+                                              or jacobi_max_iterations < 1):
+        raise ValueError(f"`jacobi_max_iterations` must be None (= jacobi_block_size) or an int >= 1; got "
+                         f"{jacobi_max_iterations!r}")
+
+
+def jacobi_options(jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                   jacobi_max_iterations: Optional[int] = None) -> dict:
+    """The decoding mode of a call, checked: keyword arguments of every sampling function."""
+    check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
+    return dict(jacobi_block_size=jacobi_block_size, jacobi_tolerance=jacobi_tolerance,
+                jacobi_max_iterations=jacobi_max_iterations)
+
+
 def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: torch.Tensor,
                           scheduler: TarFlowScheduler, guidance: GuidanceSpec,
                           callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                          feed_last: bool = False, stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
-    """Noise ``(B, N, C)`` -> tokens ``(B, n, C)``, one position at a time (``n = N`` unless stopped).
+                          feed_last: bool = False, stop: Optional[Callable[[], bool]] = None,
+                          jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                          jacobi_max_iterations: Optional[int] = None) -> torch.Tensor:
+    """Noise ``(B, N, C)`` -> tokens ``(B, n, C)``, left to right (``n = N`` unless stopped).
 
-    ``params`` predict token 0 (its guidance branches stacked along the batch).  After token ``i`` is made,
-    ``step_fn(x_i, i + 1)`` feeds it back and returns the parameters of token ``i + 1`` (the branches share the
-    token: ``x_i`` is repeated ``guidance.num_branches`` times); ``feed_last`` also feeds the last token (so it enters
-    the caches).  ``callback(i, x_i)`` runs after each token and may return a replacement; when ``stop()`` is then
-    true the loop ends and returns the tokens made so far.
+    ``params`` predict token 0 (its guidance branches stacked along the batch).  ``step_fn(inputs, j)`` feeds tokens
+    ``j - 1 ..`` back as inputs at input positions ``j ..`` and returns the parameters of tokens ``j ..`` (the branches
+    share the tokens: they are repeated ``guidance.num_branches`` times); calling it again at a position forgets what
+    an earlier call wrote from there on.  ``feed_last`` also feeds the last token (so it enters the caches).
+
+    Sequential decoding (``jacobi_block_size=None``) makes one token per call.  Jacobi decoding keeps a window of
+    ``jacobi_block_size`` tokens after the last final one: the first is exact (its parameters are), the others hold
+    guesses (their noise at first), and one call over the window recomputes them all from the current guesses.  The
+    tokens that moved by at most ``jacobi_tolerance`` (max abs change), or that have been recomputed
+    ``jacobi_max_iterations`` times (default: the window size), are final as far as they run unbroken from the front;
+    the window then slides past them (at least one token per call) and new tokens enter it at the back.  The system
+    is triangular: call ``k`` makes the ``k``-th token of the window exact, so ``jacobi_max_iterations >=
+    jacobi_block_size`` with tolerance 0 gives the sequential result.  A final token's cache entry holds the guess it
+    was fed with (at most ``jacobi_tolerance`` away unless ``jacobi_max_iterations`` made it final; ml-starflow's
+    ``jacobi`` does the same).
+
+    ``callback(i, x_i)`` runs once token ``i`` is final and may return a replacement (a window's first token is final
+    before the window is computed; later replaced tokens are fed again before the next window); when ``stop()`` is
+    then true the loop ends and returns the tokens made so far, the caches holding the tokens before the last one (as
+    in sequential decoding).
     """
+    check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
     branches = guidance.num_branches
     if params[0].shape[0] != branches * noise.shape[0]:
         raise ValueError(f"the context holds {params[0].shape[0]} rows for {noise.shape[0]} samples; guidance "
                          f"{guidance.branches} needs {branches * noise.shape[0]}")
     N = noise.shape[1]
+    W = jacobi_block_size or 1
+    max_passes = jacobi_max_iterations or W
     tokens = []
-    for i in range(N):
-        x_i = scheduler.affine_step(noise[:, i:i + 1].float(), *params, guidance)  # (B, 1, C)
+    guess = noise[:, :0].float()  # (B, k, C) guesses for the tokens after the first of the window
+    ages: List[int] = []  # how many calls over the window recomputed each guess
+    c = 0  # tokens before c are final
+    written = 0  # the caches hold input positions < written (token i is input i + 1)
+
+    def feed(inputs: torch.Tensor, index: int) -> AffineParams:
+        nonlocal written
+        written = index + inputs.shape[1]
+        return step_fn(inputs.repeat(branches, 1, 1), index)
+
+    def stopped(made: List[torch.Tensor]) -> torch.Tensor:
+        # the caches keep the tokens before the last one made, as in sequential decoding: a pass that wrote past it
+        # is cut back by feeding the token before it again
+        made = tokens + made
+        if written > len(made):
+            feed(made[-2], len(made) - 1)
+        return torch.cat(made, dim=1)
+
+    while c < N:
+        n = min(W, N - c)  # window: tokens c .. c + n
+        fed = n if c + n < N or feed_last else n - 1  # the last token is an input only when fed
+        z = noise[:, c:c + n].float()  # (B, n, C)
+        x_c = scheduler.affine_step(z[:, :1], *params, guidance)  # token c: exact
         if callback is not None:
-            x_i = callback(i, x_i)
-        tokens.append(x_i)
+            x_c = callback(c, x_c)
         if stop is not None and stop():
-            break
-        if i + 1 < N or feed_last:
-            params = step_fn(x_i.repeat(branches, 1, 1), i + 1)
+            return stopped([x_c])
+        final, last_params = [x_c], None
+        if n > 1:
+            k = min(guess.shape[1], n - 1)
+            x = torch.cat([x_c, guess[:, :k], z[:, 1 + k:]], dim=1)  # (B, n, C)
+            mu, sigma = feed(x[:, :fed], c + 1)  # (branches * B, fed, C): tokens c + 1 ..
+            new = scheduler.affine_step(z[:, 1:], mu[:, :n - 1], sigma[:, :n - 1], guidance)  # (B, n - 1, C)
+            ages = [a + 1 for a in ages[:k]] + [1] * (n - 1 - k)
+            moved = (new - x[:, 1:]).abs().amax(dim=(0, 2)).tolist()  # (n - 1,) per token
+            made = 1
+            for change, age in zip(moved, ages):
+                if change > jacobi_tolerance and age < max_passes:
+                    break
+                made += 1
+            last_params = (mu, sigma)
+            guess, ages = new[:, made:], ages[made:]  # tokens c + made + 1 ..: token c + made becomes exact
+            if fed == n and c + n < N:  # the call also predicts the token after the window: a better first guess
+                guess = torch.cat([guess, scheduler.affine_step(noise[:, c + n:c + n + 1].float(), mu[:, n - 1:],
+                                                                sigma[:, n - 1:], guidance)], dim=1)
+                ages.append(0)  # not yet recomputed within the window
+            for j in range(1, made):
+                x_j = new[:, j - 1:j]
+                if callback is not None:
+                    replaced = callback(c + j, x_j)
+                    if replaced is not x_j:
+                        last_params, x_j = None, replaced
+                final.append(x_j)
+                if stop is not None and stop():
+                    return stopped(final)
+        tokens.extend(final)
+        made = len(final)
+        c += made
+        if c < N or feed_last:  # the parameters of token c (or the last token enters the caches)
+            if last_params is None:  # sequential decoding, or replaced tokens: one call with the final tokens
+                last_params = feed(torch.cat(final, dim=1), c + 1 - made)
+            params = tuple(p[:, made - 1:made] for p in last_params)
     return torch.cat(tokens, dim=1)
 
 
@@ -82,13 +181,13 @@ def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid:
                       text: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None,
                       cond: Optional[torch.Tensor] = None,
                       callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                      stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                      stop: Optional[Callable[[], bool]] = None, **jacobi) -> torch.Tensor:
     """Invert one flow block: noise ``(B, N, C_in)`` in raster order -> data, float32.
 
     ``text`` ``(branches * B, L, D)`` stacks the guidance branches (``guidance``); blocks that read no text are
     never guided.  ``text_mask`` ``(branches * B, L)`` is True at real text tokens; ``cond`` ``(B, cond_dim)``.
     ``callback`` and ``stop`` are :func:`sample_autoregressive`'s (scan order); tokens not made when stopped keep
-    their noise.
+    their noise.  ``jacobi``: its ``jacobi_block_size``, ``jacobi_tolerance``, ``jacobi_max_iterations``.
     """
     if block.is_identity:
         return noise
@@ -113,8 +212,9 @@ def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid:
         return block.decode_step(inputs, index, L, rope, cache, pad_mask, cond)
 
     start = block.sos_embed.expand(B, -1, -1) if block.use_sos else z[:, :1]
-    x = sample_autoregressive(step_fn, step_fn(start.repeat(branches, 1, 1), 0), z[:, first:], scheduler,
-                              guidance, callback, stop=stop)
+    with packed_weights():
+        x = sample_autoregressive(step_fn, step_fn(start.repeat(branches, 1, 1), 0), z[:, first:], scheduler,
+                                  guidance, callback, stop=stop, **jacobi)
     return block.permute(torch.cat([z[:, :first], x, z[:, first + x.shape[1]:]], dim=1))
 
 
@@ -142,14 +242,19 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
                     negative_encoder_attention_mask: Optional[torch.Tensor] = None,
                     scheduler: Optional[TarFlowScheduler] = None,
                     callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                    stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                    stop: Optional[Callable[[], bool]] = None, jacobi_block_size: Optional[int] = None,
+                    jacobi_tolerance: float = 1e-3, jacobi_max_iterations: Optional[int] = None) -> torch.Tensor:
     """Noise ``(B, C, H, W)`` -> latents with a STARFlow (v1) stack: the deep block first (guided against
     ``negative_encoder_hidden_states`` when ``guidance_scale > 0``), then the shallow blocks in reverse.
 
     ``callback(i, x_i)`` runs after every token of every block (``i`` counts them all, deep block first;
     ``x_i (B, 1, C p p)`` is the token just made, in its block's scan order) and may return a replacement; once
     ``stop()`` is true the remaining tokens and blocks are skipped.
+
+    ``jacobi_block_size`` (None: exact sequential decoding), ``jacobi_tolerance``, ``jacobi_max_iterations``: Jacobi
+    decoding of every block, see :func:`sample_autoregressive`.
     """
+    jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
     guidance = GuidanceSpec(guidance_scale)
     model.check_inputs(noise, encoder_hidden_states, name="noise")
     text, mask = _stack_branches(encoder_hidden_states, negative_encoder_hidden_states, encoder_attention_mask,
@@ -164,7 +269,7 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
         return callback(made - 1, x_i) if callback is not None else x_i
 
     for block in reversed(model.blocks):
-        x = sample_flow_block(block, x, grid, scheduler, guidance, text, mask, callback=on_token, stop=stop)
+        x = sample_flow_block(block, x, grid, scheduler, guidance, text, mask, callback=on_token, stop=stop, **jacobi)
         if stop is not None and stop():
             break
     return model.to_latents(x, grid).to(noise.dtype)
@@ -179,32 +284,46 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
 def sample_image_tokens(transformer: PretzelModel, vlm: VLMStream, cache: PretzelCache, noise: torch.Tensor,
                         scheduler: TarFlowScheduler, guidance: Optional[GuidanceSpec] = None,
                         callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                        stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+                        stop: Optional[Callable[[], bool]] = None, **jacobi) -> torch.Tensor:
     """Sample one image span ``x~ (B, n, C)`` left to right; every latent enters both caches as it is made.
 
     The cache must end with ``<|vision_start|>`` and hold ``guidance.branches`` stacked along its batch.
-    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).
+    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).  ``jacobi``: its
+    ``jacobi_block_size``, ``jacobi_tolerance``, ``jacobi_max_iterations``; a Jacobi pass runs both streams over the
+    window, and the next pass first crops both caches back to where it starts.
     """
     guidance = guidance or GuidanceSpec()
     branches = guidance.num_branches
+    previous = None  # (index, inputs, cache snapshot before them) of the latest call
 
     def step_fn(inputs: torch.Tensor, index: int) -> AffineParams:
+        nonlocal previous
+        if previous is not None and index < previous[0] + previous[1].shape[1]:  # rewrite from `index` on
+            # Both caches can only go back to a snapshot: go back to the previous call's and feed again what it fed
+            # before `index` (the same inputs, so what the cache held there is unchanged).
+            start, fed, snap = previous
+            cache.restore(snap)
+            if index > start:
+                transformer.step(vlm, cache, latents=fed[:, :index - start])
+        previous = (index, inputs, cache.snapshot())
         return transformer.latent_params(transformer.step(vlm, cache, latents=inputs).flow_hidden_states)
 
     if cache.batch_size != branches * noise.shape[0]:
         raise ValueError(f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
                          f"{guidance.branches} of {noise.shape[0]} samples")
-    return sample_autoregressive(step_fn, transformer.latent_params(cache.last_flow_hidden), noise, scheduler,
-                                 guidance, callback, feed_last=True, stop=stop)
+    with packed_weights():
+        return sample_autoregressive(step_fn, transformer.latent_params(cache.last_flow_hidden), noise, scheduler,
+                                     guidance, callback, feed_last=True, stop=stop, **jacobi)
 
 
 @torch.no_grad()
 def shallow_reverse(transformer: PretzelModel, tokens: torch.Tensor, noise_level: torch.Tensor,
-                    scheduler: TarFlowScheduler) -> torch.Tensor:
-    """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse)."""
+                    scheduler: TarFlowScheduler, **jacobi) -> torch.Tensor:
+    """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse);
+    ``jacobi`` as in :func:`sample_flow_block`."""
     cond = transformer.noise_embedding(noise_level)
     for block in reversed(transformer.shallow):
-        tokens = sample_flow_block(block, tokens, transformer.grid, scheduler, cond=cond)
+        tokens = sample_flow_block(block, tokens, transformer.grid, scheduler, cond=cond, **jacobi)
     return transformer.tokens_to_latents(tokens)
 
 

@@ -172,8 +172,7 @@ class PretzelCache:
                 if hasattr(layer, "device"):
                     layer.device, layer.dtype = layer.keys.device, layer.keys.dtype
         if self.flow is not None:
-            moved.flow = copy.copy(self.flow)
-            moved.flow.keys, moved.flow.values = move(self.flow.keys), move(self.flow.values)
+            moved.flow = self.flow.to(device, dtype)
         for key in ("cond", "attention_mask", "vlm_next", "flow_next", "last_flow_hidden", "last_hidden"):
             setattr(moved, key, move(getattr(self, key)))
         moved.noise_level = self.noise_level.to(device)
@@ -186,10 +185,9 @@ class PretzelCache:
         """Bytes of the sequence held: both streams' keys/values and the kept TARFlow inputs (the flow cache's
         pre-allocated room for positions to come is not counted)."""
         tensors = [t for layer in self.vlm.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
-        if self.flow is not None:
-            tensors += [self.flow.keys[:, :, :, :self.flow.length], self.flow.values[:, :, :, :self.flow.length]]
         tensors += [*self.flow_inputs, *self.flow_positions, self.attention_mask, self.last_hidden, self.last_flow_hidden]
-        return sum(t.nelement() * t.element_size() for t in tensors if t is not None)
+        flow = self.flow.nbytes if self.flow is not None else 0
+        return flow + sum(t.nelement() * t.element_size() for t in tensors if t is not None)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only the samples ``index`` (e.g. drop the unconditional branch of a CFG batch)."""
@@ -280,6 +278,9 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AutoregressiveFlowBlock"]
     _skip_layerwise_casting_patterns = ["noise_embed"]
+    # compile_repeated_blocks(): the layers of the deep stream and the shallow flows (the static-shape decode path of
+    # the shallow flows is traced once per shape; the deep stream's cache grows with the sequence)
+    _repeated_blocks = ["FlowTransformerLayer"]
 
     @register_to_config
     def __init__(self, latent_channels: int = 32, sample_size: int = 16, vlm_hidden_size: int = 3584,

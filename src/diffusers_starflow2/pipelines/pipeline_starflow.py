@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from transformers import PreTrainedTokenizerBase, T5EncoderModel
 
 from ..models.transformer_starflow import StarFlowTransformerModel
-from ..sampling import denoise_starflow, sample_starflow
+from ..sampling import denoise_starflow, jacobi_options, sample_starflow
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils import validation
 from .pipeline_utils import (
@@ -240,7 +240,9 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                  num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable[["StarFlowPipeline", int, torch.Tensor, Dict], Dict]] = None,
                  callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-                 max_sequence_length: Optional[int] = None):
+                 max_sequence_length: Optional[int] = None, jacobi_block_size: Optional[int] = None,
+                 jacobi_tolerance: float = 1e-3,
+                 jacobi_max_iterations: Optional[int] = None):
         r"""Generate images from text.
 
         Args:
@@ -270,12 +272,16 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                 ``_callback_tensor_inputs``).
             max_sequence_length: text tokens; prompts are padded to it, as in training (default and maximum: the
                 transformer's ``max_text_length``).  A longer prompt is refused with a ``ValueError``.
+            jacobi_block_size, jacobi_tolerance, jacobi_max_iterations: the decoding mode of every flow block: exact
+                sequential decoding (``jacobi_block_size=None``, the default) or Jacobi windows, see
+                :func:`~diffusers_starflow2.sampling.sample_autoregressive`.
 
         Examples:
 
         Returns:
             :class:`StarFlowPipelineOutput`, or a tuple with the images.
         """
+        jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         if max_sequence_length is None:
@@ -313,7 +319,8 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
             stop = lambda: self.interrupt  # noqa: E731
             self._onload(self.transformer)  # sampling runs the flow blocks, not the transformer's forward
             latents = sample_starflow(self.transformer, latents, prompt_embeds, negative_prompt_embeds,
-                                      guidance_scale, scheduler=self.scheduler, callback=on_token, stop=stop)
+                                      guidance_scale, scheduler=self.scheduler, callback=on_token, stop=stop,
+                                      **jacobi)
             if not self.interrupt:
                 latents = denoise_starflow(self.transformer, latents, prompt_embeds, noise_level,
                                            num_denoising_steps, scheduler=self.scheduler, callback=on_denoising_step,

@@ -21,7 +21,7 @@ from ..loaders.lora import StarFlow2LoraLoaderMixin
 from ..models.autoencoder_fae import AutoencoderFAE
 from ..models.transformer_pretzel import PretzelCache, PretzelModel
 from ..models.vlm_stream import VLMStream
-from ..sampling import sample_image_tokens, shallow_reverse, tweedie_denoise
+from ..sampling import jacobi_options, sample_image_tokens, shallow_reverse, tweedie_denoise
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils import validation
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
@@ -294,11 +294,12 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
                 progress_bar.update()
                 return x_i
 
+            jacobi = getattr(self, "_jacobi", {})  # the running call's decoding mode
             tokens = sample_image_tokens(transformer, vlm, cache, noise, self.scheduler, guidance, on_latent,
-                                         stop=lambda: self.interrupt)
+                                         stop=lambda: self.interrupt, **jacobi)
         tokens = torch.cat([tokens, noise[:, tokens.shape[1]:].to(tokens.dtype)], dim=1)  # (B, N, C)
         noise_level = cache.noise_level[:B]
-        latents = shallow_reverse(transformer, tokens, noise_level, self.scheduler)
+        latents = shallow_reverse(transformer, tokens, noise_level, self.scheduler, **jacobi)
         if num_denoising_steps > 0 and not self.interrupt:
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
             context.select(torch.arange(B, device=cache.cond.device))
@@ -467,7 +468,9 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
                  latents: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
                  num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
-                 callback_on_step_end_tensor_inputs: List[str] = ["latents"], max_sequence_length: int = 256):
+                 callback_on_step_end_tensor_inputs: List[str] = ["latents"], max_sequence_length: int = 256,
+                 jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                 jacobi_max_iterations: Optional[int] = None):
         r"""Generate images from text.
 
         Args:
@@ -489,9 +492,16 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
                 ``{"latents": new}``.  Setting ``pipe._interrupt = True`` stops the call.
             callback_on_step_end_tensor_inputs: tensors passed to the callback (``["latents"]``).
             max_sequence_length: maximum number of tokens of a prompt.
+            jacobi_block_size: None (default) decodes every latent position exactly, one at a time; an int decodes
+                windows of that many positions by Jacobi iterations (see :func:`~diffusers_starflow2.sampling.
+                sample_autoregressive`), for every flow block.
+            jacobi_tolerance: a position is final once a Jacobi pass moves it by at most this (max abs change).
+            jacobi_max_iterations: Jacobi passes after which a position is final anyway (default: the window size,
+                which with tolerance 0 gives the sequential result).
 
         Examples:
         """
+        self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
         tensor_inputs = self.check_inputs(prompt, negative_prompt, height, width, guidance_scale,

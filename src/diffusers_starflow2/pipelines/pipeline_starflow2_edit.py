@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 from diffusers.utils import replace_example_docstring
 
+from ..sampling import jacobi_options
 from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils import validation
 from ..utils.sequence import VISION_END, TokenLayout, encode_conversation, encode_next_turn, special_id, user_message
@@ -174,7 +175,9 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                  num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
                  callback_on_step_end_tensor_inputs: List[str] = ["latents"], max_sequence_length: int = 256,
-                 state: Optional[StarFlow2EditState] = None):
+                 state: Optional[StarFlow2EditState] = None, jacobi_block_size: Optional[int] = None,
+                 jacobi_tolerance: float = 1e-3,
+                 jacobi_max_iterations: Optional[int] = None):
         r"""Edit images following instructions, or continue an edit conversation (``state``).
 
         Args:
@@ -203,10 +206,12 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             max_sequence_length: maximum number of tokens of a prompt.
             state: the ``state`` of a previous output, to append a new turn ``prompt`` to that conversation and
                 edit its last image, reusing its caches.
+            jacobi_block_size, jacobi_tolerance, jacobi_max_iterations: as in :class:`StarFlow2Pipeline`.
 
         Examples:
         """
         validation.check_bool(return_dict, "return_dict")
+        self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         steps = self._check_denoising_steps(num_denoising_steps)
         tensor_inputs = self.check_inputs(prompt, negative_prompt, image, guidance_scale, image_guidance_scale,
                                           num_images_per_prompt, output_type, max_sequence_length, noise_level,

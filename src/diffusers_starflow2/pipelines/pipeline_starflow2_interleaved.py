@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..models.transformer_pretzel import PretzelCache
+from ..sampling import jacobi_options
 from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils.sequence import (
     IMAGE_PAD,
@@ -481,7 +482,10 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                           stop: Union[str, Sequence[str], None] = None, generator=None,
                           noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
                           output_type: str = "pil", callback_on_step_end=None,
-                          callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> Iterator[Segment]:
+                          callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                          jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                          jacobi_max_iterations: Optional[int] = None) -> Iterator[Segment]:
+        self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         # a continued conversation samples at its own noise level
         noise_level = self._check_noise_level(state.noise_level if isinstance(state, StarFlow2ConversationState)
                                               and noise_level is None else noise_level)
@@ -506,7 +510,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                  callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
                  callback_on_step_end_tensor_inputs: List[str] = ["latents"],
                  callback_on_segment: Optional[Callable[[Segment], None]] = None, image_guidance_scale: float = 1.0,
-                 state: Optional[StarFlow2ConversationState] = None):
+                 state: Optional[StarFlow2ConversationState] = None,
+                 jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
+                 jacobi_max_iterations: Optional[int] = None):
         r"""Generate interleaved text and images.
 
         Args:
@@ -530,6 +536,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 latent positions and denoising steps across all images of the answer; an interruption ends the
                 answer with the image being made).
             callback_on_segment: called with each segment as soon as it is complete (streaming).
+            jacobi_block_size, jacobi_tolerance, jacobi_max_iterations: as in :class:`StarFlow2Pipeline`, for every
+                image of the answer.
             return_dict: return a :class:`StarFlow2InterleavedOutput` instead of a tuple ``(segments, state)``.
             state: the ``state`` of a previous output: ``prompt`` is then the next user turn (and the beginning of
                 its answer) of that conversation, whose caches are reused (forked: the state is not modified).  The
@@ -541,6 +549,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         validation.check_callable(callback_on_segment, "callback_on_segment")
         validation.check_bool(return_dict, "return_dict")
         if is_batch(prompt):
+            self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
             outputs = self._checked_batch(prompt, negative_prompt, guidance_scale, image_guidance_scale, state,
                                           max_new_tokens, max_images, temperature, top_k, top_p, stop, generator,
                                           noise_level, num_denoising_steps, output_type, callback_on_step_end,
@@ -550,7 +559,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         for segment in self._checked_generate(prompt, negative_prompt, guidance_scale, image_guidance_scale, state,
                                               result, max_new_tokens, max_images, temperature, top_k, top_p, stop,
                                               generator, noise_level, num_denoising_steps, output_type,
-                                              callback_on_step_end, callback_on_step_end_tensor_inputs):
+                                              callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                              jacobi_block_size, jacobi_tolerance, jacobi_max_iterations):
             segments.append(segment)
             if callback_on_segment is not None:
                 callback_on_segment(segment)

@@ -1,0 +1,212 @@
+"""Fast decoding: the static-shape decode path, Jacobi decoding in the one sampling loop, compiled layers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_starflow2 import GuidanceSpec, StarFlowTransformerModel, TarFlowScheduler
+from diffusers_starflow2.models.flow_block import packed_linear, packed_weights
+from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config
+from diffusers_starflow2.sampling import sample_image_tokens, sample_starflow
+
+ATOL = 1e-4  # float tolerance: a window of tokens is one matrix product where sequential decoding makes several
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = StarFlowTransformerModel(**tiny_starflow_config()).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial flows: the output projections start at zero
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g), torch.zeros(2, 8, 32)
+
+
+@pytest.mark.parametrize("block_size", [2, 5, 16, 64])
+@pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
+def test_jacobi_with_enough_iterations_is_sequential_decoding(model, inputs, block_size, guidance_scale):
+    noise, y, y_null = inputs
+    sequential = sample_starflow(model, noise, y, y_null, guidance_scale)
+    jacobi = sample_starflow(model, noise, y, y_null, guidance_scale, jacobi_block_size=block_size,
+                             jacobi_tolerance=0.0, jacobi_max_iterations=block_size)
+    assert (jacobi - sequential).abs().max() <= ATOL
+    # too few iterations and a loose tolerance give another (approximate) sample: the equality above is earned
+    rough = sample_starflow(model, noise, y, y_null, guidance_scale, jacobi_block_size=block_size,
+                            jacobi_tolerance=10.0, jacobi_max_iterations=1)
+    assert (rough - sequential).abs().max() > 1e-2
+
+
+def test_jacobi_tolerance_bounds_the_error(model, inputs):
+    noise, y, y_null = inputs
+    sequential = sample_starflow(model, noise, y, y_null, 2.0)
+    errors = [(sample_starflow(model, noise, y, y_null, 2.0, jacobi_block_size=16, jacobi_tolerance=tol)
+               - sequential).abs().max().item() for tol in (1e-1, 1e-3, 1e-5)]
+    assert errors[2] <= errors[1] <= errors[0] and errors[2] < 1e-3
+
+
+def test_jacobi_callback_sees_every_token_once_and_may_replace_it(model, inputs):
+    noise, y, y_null = inputs
+    seen = []
+
+    def callback(i, x_i):
+        seen.append(i)
+        return torch.zeros_like(x_i) if i == 5 else x_i
+
+    x = sample_starflow(model, noise, y, y_null, 2.0, callback=callback, jacobi_block_size=8, jacobi_tolerance=0.0)
+    assert seen == list(range(3 * 64))
+    ref = sample_starflow(model, noise, y, y_null, 2.0,
+                          callback=lambda i, x_i: torch.zeros_like(x_i) if i == 5 else x_i)
+    assert (x - ref).abs().max() <= ATOL  # the replaced token is fed back before the next window
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(jacobi_block_size=0), "jacobi_block_size"), (dict(jacobi_block_size=-3), "jacobi_block_size"),
+    (dict(jacobi_block_size=2.5), "jacobi_block_size"), (dict(jacobi_block_size=True), "jacobi_block_size"),
+    (dict(jacobi_block_size=4, jacobi_tolerance=-1e-3), "jacobi_tolerance"),
+    (dict(jacobi_block_size=4, jacobi_tolerance=float("nan")), "jacobi_tolerance"),
+    (dict(jacobi_block_size=4, jacobi_max_iterations=0), "jacobi_max_iterations"),
+])
+def test_bad_jacobi_arguments_are_refused(model, inputs, kwargs, name):
+    noise, y, y_null = inputs
+    value = next(iter(v for k, v in kwargs.items() if k == name))
+    with pytest.raises(ValueError, match=rf"`{name}` must be .*got {value!r}".replace("(", r"\(").replace(")", r"\)")):
+        sample_starflow(model, noise, y, y_null, 2.0, **kwargs)
+
+
+def test_packed_linear_matches_the_module_and_packs_only_within_a_sampling_call():
+    linear = torch.nn.Linear(512, 512)  # large enough to be packed
+    x = torch.randn(3, 5, 512)
+    with torch.no_grad():
+        with packed_weights():
+            assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-4)
+            assert torch.allclose(packed_linear(linear, x, "gelu"), F.gelu(linear(x)), atol=1e-4)
+        linear.weight.data.mul_(2)  # an in-place update no version counter sees (e.g. fusing a LoRA)
+        assert torch.equal(packed_linear(linear, x), linear(x))  # outside a context: the module itself
+        with packed_weights():
+            assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("how, max_graphs", [("compile_repeated_blocks", 3), ("compile_decode_step", 4)])
+def test_compiled_decode_is_traced_once_per_shape_not_per_token(model, inputs, how, max_graphs):
+    """The decode path gives the compiled unit (a layer, or a block's whole step) fixed shapes and positions as
+    tensors, so sampling twice traces one graph per block shape and query count: text prefill, deep-block step and
+    shallow-block step (per block for ``compile_decode_step``, whose graphs hold each block's own weights)."""
+    import copy
+
+    import torch._dynamo
+
+    noise, y, y_null = inputs
+    compiled = copy.deepcopy(model)
+    getattr(compiled, how)(backend="eager", dynamic=False)  # dynamo's tracing and guards, no inductor
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    expected = sample_starflow(model, noise, y, y_null, 2.0)
+    with torch.no_grad():
+        x = sample_starflow(compiled, noise, y, y_null, 2.0)
+        graphs = counters["stats"]["unique_graphs"]
+        sample_starflow(compiled, noise, y, y_null, 2.0)
+    assert (x - expected).abs().max() <= ATOL
+    assert 1 <= graphs <= max_graphs  # for 64 tokens x 3 blocks
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing new on a second call
+    assert not counters["recompiles"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from diffusers_starflow2 import StarFlow2Pipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+    return StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+
+
+def sample_span(pipe, noise, guidance_scale=0.0, **kwargs):
+    """One image span after the prompt "a red circle" through :func:`sample_image_tokens`; returns the tokens and
+    the cache."""
+    guidance = GuidanceSpec(guidance_scale)
+    layouts = pipe.encode_prompt(["a red circle"], None, do_classifier_free_guidance=guidance.num_branches > 1)
+    ids, latent_mask, attention_mask, _ = pipe._batch(layouts)
+    cache = pipe.transformer.new_cache(pipe.vlm_stream, torch.full((ids.shape[0],), 0.3))
+    pipe.transformer.step(pipe.vlm_stream, cache, ids, None, latent_mask, attention_mask)
+    tokens = sample_image_tokens(pipe.transformer, pipe.vlm_stream, cache, noise, TarFlowScheduler(), guidance,
+                                 **kwargs)
+    return tokens, cache
+
+
+def span_noise(pipe):
+    return torch.randn(1, pipe.transformer.num_latents, pipe.transformer.config.latent_channels)
+
+
+def test_pretzel_jacobi_runs_both_streams_and_equals_sequential_decoding(tiny_pipe):
+    noise = span_noise(tiny_pipe)
+    sequential, cache_seq = sample_span(tiny_pipe, noise, 2.0)
+    jacobi, cache_jac = sample_span(tiny_pipe, noise, 2.0, jacobi_block_size=5, jacobi_tolerance=0.0,
+                                    jacobi_max_iterations=5)
+    assert (jacobi - sequential).abs().max() <= ATOL
+    assert cache_jac.length == cache_seq.length and cache_jac.flow.length == cache_seq.flow.length
+    assert (cache_jac.last_flow_hidden - cache_seq.last_flow_hidden).abs().max() <= ATOL
+    rough, _ = sample_span(tiny_pipe, noise, 2.0, jacobi_block_size=5, jacobi_tolerance=10.0,
+                           jacobi_max_iterations=1)
+    assert (rough - sequential).abs().max() > 1e-2
+
+
+def test_pipelines_take_the_jacobi_options():
+    from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+
+    def run(**jacobi):
+        return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent",
+                    num_denoising_steps=0, **jacobi).images
+
+    sequential = run()
+    assert (run(jacobi_block_size=4, jacobi_tolerance=0.0) - sequential).abs().max() <= ATOL
+    assert (run(jacobi_block_size=4, jacobi_tolerance=10.0, jacobi_max_iterations=1) - sequential).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="`jacobi_block_size` must be .*got 0"):
+        run(jacobi_block_size=0)
+    image = torch.rand(1, 3, 32, 32)
+    edit = StarFlow2EditPipeline.from_pipe(pipe)
+    with pytest.raises(ValueError, match="`jacobi_tolerance` must be .*got -1"):
+        edit(image, "make it blue", jacobi_block_size=4, jacobi_tolerance=-1)
+    edit(image, "make it blue", num_denoising_steps=0, output_type="latent", jacobi_block_size=4)
+    chat = StarFlow2InterleavedPipeline.from_pipe(pipe)
+    with pytest.raises(ValueError, match="`jacobi_max_iterations` must be .*got 0"):
+        chat("draw <image>", jacobi_block_size=4, jacobi_max_iterations=0)
+
+
+@pytest.mark.parametrize("stop_at", [0, 3, 8, 10])
+def test_jacobi_stop_leaves_the_caches_as_sequential_decoding_does(tiny_pipe, stop_at):
+    noise = span_noise(tiny_pipe)
+
+    def sample(**jacobi):
+        seen = []
+        return sample_span(tiny_pipe, noise, callback=lambda i, x_i: seen.append(i) or x_i,
+                           stop=lambda: bool(seen) and seen[-1] == stop_at, **jacobi)
+
+    sequential, cache_seq = sample()
+    jacobi, cache_jac = sample(jacobi_block_size=4, jacobi_tolerance=0.0)
+    assert sequential.shape[1] == jacobi.shape[1] == stop_at + 1
+    assert (jacobi - sequential).abs().max() <= ATOL
+    assert cache_jac.length == cache_seq.length and cache_jac.flow.length == cache_seq.flow.length
+
+
+def test_pipeline_transformer_compile_repeated_blocks():
+    from diffusers_starflow2 import StarFlow2Pipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+
+    def run():
+        return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent",
+                    num_denoising_steps=0).images
+
+    expected = run()
+    pipe.transformer.compile_repeated_blocks(backend="eager")
+    assert (run() - expected).abs().max() <= ATOL
