@@ -37,9 +37,24 @@ from diffusers_starflow2 import StarFlowTransformerModel
 from diffusers_starflow2.loaders.single_file_starflow import config_from_reference_kwargs, convert_starflow_state_dict
 from diffusers_starflow2.sampling import sample_starflow
 
-JOB = dict(in_channels=4, img_size=16, patch_size=1, channels=256, num_blocks=3, layers_per_block=[2, 2, 6],
-           head_dim=64, rope=1, sos=1, txt_size=16, txt_dim=128, cond_top_only=1, use_softplus=1, use_final_norm=1,
-           soft_clip=4.0, seq_order="L2R")
+JOB = dict(
+    in_channels=4,
+    img_size=16,
+    patch_size=1,
+    channels=256,
+    num_blocks=3,
+    layers_per_block=[2, 2, 6],
+    head_dim=64,
+    rope=1,
+    sos=1,
+    txt_size=16,
+    txt_dim=128,
+    cond_top_only=1,
+    use_softplus=1,
+    use_final_norm=1,
+    soft_clip=4.0,
+    seq_order="L2R",
+)
 BATCH, GUIDANCE = 2, 3.0
 
 
@@ -61,6 +76,7 @@ def count_passes(model) -> list:
     resets."""
     counts = [0] * len(model.blocks)
     for b, block in enumerate(model.blocks):
+
         def counting(inputs, *args, _step=block.decode_step, _b=b, **kwargs):
             counts[_b] += inputs.shape[1] > 1
             return _step(inputs, *args, **kwargs)
@@ -114,8 +130,13 @@ def main(argv=None) -> None:
         y_ref = torch.cat([y, y_null])
         variants["reference sequential"] = lambda: reference.reverse(noise, y_ref, GUIDANCE)
         variants["reference Jacobi"] = lambda: reference.reverse(
-            noise, y_ref, GUIDANCE, jacobi=True, jacobi_block_size=args.jacobi_block_size,
-            jacobi_th=args.jacobi_tolerance)
+            noise,
+            y_ref,
+            GUIDANCE,
+            jacobi=True,
+            jacobi_block_size=args.jacobi_block_size,
+            jacobi_th=args.jacobi_tolerance,
+        )
     variants["ours exact"] = lambda: sample_starflow(model, noise, y, y_null, GUIDANCE)
     variants["ours Jacobi"] = lambda: sample_starflow(model, noise, y, y_null, GUIDANCE, **jacobi)
     passes = count_passes(model)
@@ -145,15 +166,19 @@ def main(argv=None) -> None:
                 times[name].append(timed(fn)[0])
     base_name = "reference sequential" if reference is not None else "ours exact"
     base_t = statistics.median(times[base_name])
-    print(f"job: width 256, layers [2, 2, 6], head_dim 64, 16x16x4 latents, {L} text tokens x {D}, batch {BATCH}, "
-          f"CFG {GUIDANCE}; torch {torch.__version__}, {args.device}, {args.threads} thread(s), median of "
-          f"{args.rounds} alternating rounds; Jacobi block {args.jacobi_block_size}, tolerance {args.jacobi_tolerance}")
+    print(
+        f"job: width 256, layers [2, 2, 6], head_dim 64, 16x16x4 latents, {L} text tokens x {D}, batch {BATCH}, "
+        f"CFG {GUIDANCE}; torch {torch.__version__}, {args.device}, {args.threads} thread(s), median of "
+        f"{args.rounds} alternating rounds; Jacobi block {args.jacobi_block_size}, tolerance {args.jacobi_tolerance}"
+    )
     if compiled is not None:
         print(f"compile (first call of the compiled model, traced and compiled): {compile_s:.1f} s")
     n_tokens = side * side
     per_block = [c / -(-n_tokens // args.jacobi_block_size) for c in reversed(counted) if c]
-    print(f"ours Jacobi: passes per block of {args.jacobi_block_size} tokens (mean over a run; deep block first, "
-          f"then the shallow blocks): {', '.join(f'{p:.2f}' for p in per_block)}")
+    print(
+        f"ours Jacobi: passes per block of {args.jacobi_block_size} tokens (mean over a run; deep block first, "
+        f"then the shallow blocks): {', '.join(f'{p:.2f}' for p in per_block)}"
+    )
     print(f"| variant | seconds | vs {base_name} | max abs diff to {base_name} |")
     print("|---|---|---|---|")
     for name in variants:

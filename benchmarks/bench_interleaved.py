@@ -35,13 +35,15 @@ def run(pipe, prompt: str, text_tokens: int, reencode: bool, seed: int = 0):
     counted = {"n": 0}
     hook = pipe.vlm.get_decoder().register_forward_hook(
         lambda m, a, kw, o: counted.__setitem__("n", counted["n"] + kw["inputs_embeds"].shape[:2].numel()),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            layout = encode_conversation(tok, [user_message(prompt)], t.num_latents, add_generation_prompt=True,
-                                         open_image=True)
+            layout = encode_conversation(
+                tok, [user_message(prompt)], t.num_latents, add_generation_prompt=True, open_image=True
+            )
             cache = pipe._new_cache(2, pipe.scheduler.config.noise_level)
             uncond = encode_conversation(tok, [user_message("")], t.num_latents, True, True)
             pipe._run_text(cache, [layout, uncond])
@@ -84,9 +86,11 @@ def conversation(pipe, with_state: bool, seed: int = 0):
     hooks = [
         pipe.vlm.get_decoder().register_forward_hook(
             lambda m, a, kw, o: counted.__setitem__("vlm", counted["vlm"] + kw["inputs_embeds"].shape[:2].numel()),
-            with_kwargs=True),
+            with_kwargs=True,
+        ),
         pipe.transformer.deep.layers[0].register_forward_hook(
-            lambda m, a, o: counted.__setitem__("flow", counted["flow"] + o.shape[:2].numel())),
+            lambda m, a, o: counted.__setitem__("flow", counted["flow"] + o.shape[:2].numel())
+        ),
     ]
     generator = torch.Generator().manual_seed(seed)
     kwargs = dict(guidance_scale=2.0, image_guidance_scale=1.5, generator=generator)
@@ -105,8 +109,10 @@ def conversation(pipe, with_state: bool, seed: int = 0):
                 if IMAGE_PLACEHOLDER in parts:
                     messages.append({"role": "assistant", "content": IMAGE_PLACEHOLDER})
                 out = pipe(messages, max_new_tokens=text_tokens, **kwargs)
-                answer = [{"type": "text", "text": s} if isinstance(s, str) else {"type": "image", "image": s}
-                          for s in out.segments]
+                answer = [
+                    {"type": "text", "text": s} if isinstance(s, str) else {"type": "image", "image": s}
+                    for s in out.segments
+                ]
                 history = messages[:-1] if IMAGE_PLACEHOLDER in parts else messages
                 history = history + [{"role": "assistant", "content": answer}]
                 state = out.state
@@ -123,18 +129,26 @@ def conversation_table(pipe, repeats: int) -> None:
     results = {}
     for name, with_state in (("state", True), ("re-send", False)):
         runs = [conversation(pipe, with_state, seed=s) for s in range(repeats)]
-        results[name] = [(*runs[0][k][:2], sorted(r[k][2] for r in runs)[len(runs) // 2], *runs[0][k][3:])
-                         for k in range(len(CONVERSATION))]
-    print(f"{len(CONVERSATION)}-turn conversation, 3 images ({pipe.transformer.num_latents} latents each), text+image "
-          f"guidance (3 branches), default denoising; median seconds of {repeats}")
-    print("| turn | user | VLM positions: state / re-send | TARFlow positions: state / re-send "
-          "| seconds: state / re-send | held by the state (positions, KiB) |")
+        results[name] = [
+            (*runs[0][k][:2], sorted(r[k][2] for r in runs)[len(runs) // 2], *runs[0][k][3:])
+            for k in range(len(CONVERSATION))
+        ]
+    print(
+        f"{len(CONVERSATION)}-turn conversation, 3 images ({pipe.transformer.num_latents} latents each), text+image "
+        f"guidance (3 branches), default denoising; median seconds of {repeats}"
+    )
+    print(
+        "| turn | user | VLM positions: state / re-send | TARFlow positions: state / re-send "
+        "| seconds: state / re-send | held by the state (positions, KiB) |"
+    )
     print("|---|---|---|---|---|---|")
     for k, (turn, _) in enumerate(CONVERSATION):
         a, b = results["state"][k], results["re-send"][k]
         user = turn if isinstance(turn, str) else " ".join(turn)
-        print(f"| {k + 1} | {user} | {a[0]} / {b[0]} | {a[1]} / {b[1]} | {a[2]:.3f} / {b[2]:.3f} "
-              f"| {a[3]}, {a[4] / 1024:.0f} |")
+        print(
+            f"| {k + 1} | {user} | {a[0]} / {b[0]} | {a[1]} / {b[1]} | {a[2]:.3f} / {b[2]:.3f} "
+            f"| {a[3]}, {a[4] / 1024:.0f} |"
+        )
     total = [sum(r[i] for r in results[n]) for n in ("state", "re-send") for i in (0, 2)]
     print(f"| all | | {total[0]} / {total[2]} | | {total[1]:.3f} / {total[3]:.3f} | |")
 
@@ -144,11 +158,17 @@ def main(argv=None):
     parser.add_argument("--model", help="pipeline folder (default: a random tiny STARFlow2)")
     parser.add_argument("--text_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--conversation", action="store_true",
-                        help="measure the 5-turn conversation (state vs re-sending the history) instead")
+    parser.add_argument(
+        "--conversation",
+        action="store_true",
+        help="measure the 5-turn conversation (state vs re-sending the history) instead",
+    )
     args = parser.parse_args(argv)
-    pipe = (StarFlow2InterleavedPipeline.from_pretrained(args.model) if args.model
-            else StarFlow2InterleavedPipeline(**build_tiny_starflow2_components()))
+    pipe = (
+        StarFlow2InterleavedPipeline.from_pretrained(args.model)
+        if args.model
+        else StarFlow2InterleavedPipeline(**build_tiny_starflow2_components())
+    )
     pipe.set_progress_bar_config(disable=True)
     if args.conversation:
         return conversation_table(pipe, args.repeats)
@@ -160,8 +180,10 @@ def main(argv=None):
         positions = results[0][0]
         seconds = sorted(r[1] for r in results)[len(results) // 2]
         rows.append((name, positions, seconds))
-    print(f"model: {args.model or 'random tiny STARFlow2'}, {pipe.transformer.num_latents} latents/image, "
-          f"{args.text_tokens} text tokens after the image, CFG (2 branches), median of {args.repeats}")
+    print(
+        f"model: {args.model or 'random tiny STARFlow2'}, {pipe.transformer.num_latents} latents/image, "
+        f"{args.text_tokens} text tokens after the image, CFG (2 branches), median of {args.repeats}"
+    )
     print("| method | positions through the VLM stream (x branches) | seconds |")
     print("|---|---|---|")
     for name, positions, seconds in rows:

@@ -63,18 +63,49 @@ def build_pipeline(config: str):
         tokenizer = build_tiny_tokenizer()
         vlm = build_tiny_qwen2_5_vl(tokenizer, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4)
         torch.manual_seed(0)
-        transformer = PretzelModel(latent_channels=16, sample_size=16, vlm_hidden_size=512, num_shallow_blocks=2,
-                                   shallow_layers=2, shallow_channels=256, deep_layers=8, deep_channels=512,
-                                   head_dim=64, noise_embed_dim=128,
-                                   vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START))
-        dinov2 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, image_size=128,
-                      patch_size=8, num_channels=3)
-        vae = AutoencoderFAE(dinov2_config=dinov2, image_size=128, sample_size=128, latent_channels=16,
-                             encoder_num_heads=4, decoder_dim=128, decoder_layers=2, decoder_num_heads=4,
-                             pixel_decoder_dim=128, pixel_decoder_layers=2, pixel_decoder_num_heads=4,
-                             out_patch_size=8)
-        pipe = StarFlow2Pipeline(vlm=vlm.eval(), tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
-                                 scheduler=TarFlowScheduler())
+        transformer = PretzelModel(
+            latent_channels=16,
+            sample_size=16,
+            vlm_hidden_size=512,
+            num_shallow_blocks=2,
+            shallow_layers=2,
+            shallow_channels=256,
+            deep_layers=8,
+            deep_channels=512,
+            head_dim=64,
+            noise_embed_dim=128,
+            vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
+        )
+        dinov2 = dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            mlp_ratio=4,
+            image_size=128,
+            patch_size=8,
+            num_channels=3,
+        )
+        vae = AutoencoderFAE(
+            dinov2_config=dinov2,
+            image_size=128,
+            sample_size=128,
+            latent_channels=16,
+            encoder_num_heads=4,
+            decoder_dim=128,
+            decoder_layers=2,
+            decoder_num_heads=4,
+            pixel_decoder_dim=128,
+            pixel_decoder_layers=2,
+            pixel_decoder_num_heads=4,
+            out_patch_size=8,
+        )
+        pipe = StarFlow2Pipeline(
+            vlm=vlm.eval(),
+            tokenizer=tokenizer,
+            transformer=transformer.eval(),
+            vae=vae.eval(),
+            scheduler=TarFlowScheduler(),
+        )
     else:
         raise ValueError(f"unknown configuration {config!r}")
     pipe.set_progress_bar_config(disable=True)
@@ -91,8 +122,14 @@ def worker(args: argparse.Namespace) -> None:
     params = sum(p.numel() for name in ("vlm", "transformer", "vae") for p in getattr(pipe, name).parameters())
 
     def call(seed: int, steps: int):
-        return pipe(PROMPT, guidance_scale=args.guidance, num_denoising_steps=steps, output_type="np",
-                    generator=torch.Generator().manual_seed(seed), jacobi_block_size=args.jacobi_block_size).images
+        return pipe(
+            PROMPT,
+            guidance_scale=args.guidance,
+            num_denoising_steps=steps,
+            output_type="np",
+            generator=torch.Generator().manual_seed(seed),
+            jacobi_block_size=args.jacobi_block_size,
+        ).images
 
     if args.warmup:
         call(0, 1)
@@ -107,11 +144,25 @@ def worker(args: argparse.Namespace) -> None:
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
             peaks.append(peak_kb(reset_ok))
-        results[steps] = dict(seconds=statistics.median(wall), cpu_seconds=statistics.median(cpu),
-                              peak_mb=max(peaks) / 1024, delta_mb=(max(peaks) - built) / 1024,
-                              per_call_peak=reset_ok)
-    print(json.dumps(dict(config=args.config, guidance=args.guidance, params=params,
-                          positions=pipe.transformer.num_latents, image_size=pipe.image_size, results=results)))
+        results[steps] = dict(
+            seconds=statistics.median(wall),
+            cpu_seconds=statistics.median(cpu),
+            peak_mb=max(peaks) / 1024,
+            delta_mb=(max(peaks) - built) / 1024,
+            per_call_peak=reset_ok,
+        )
+    print(
+        json.dumps(
+            dict(
+                config=args.config,
+                guidance=args.guidance,
+                params=params,
+                positions=pipe.transformer.num_latents,
+                image_size=pipe.image_size,
+                results=results,
+            )
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,11 +170,26 @@ def worker(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(config: str, guidance: float, repeats: int, warmup: bool, threads: int,
-               jacobi_block_size: Optional[int]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--guidance", str(guidance),
-           "--repeats", str(repeats), "--threads", str(threads)] + (["--warmup"] if warmup else []) + \
-          (["--jacobi-block-size", str(jacobi_block_size)] if jacobi_block_size else [])
+def run_worker(
+    config: str, guidance: float, repeats: int, warmup: bool, threads: int, jacobi_block_size: Optional[int]
+) -> dict:
+    cmd = (
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            "--config",
+            config,
+            "--guidance",
+            str(guidance),
+            "--repeats",
+            str(repeats),
+            "--threads",
+            str(threads),
+        ]
+        + (["--warmup"] if warmup else [])
+        + (["--jacobi-block-size", str(jacobi_block_size)] if jacobi_block_size else [])
+    )
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -135,8 +201,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default tiny 3, mid 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="one timed call per setting, no warm-up for mid")
-    parser.add_argument("--jacobi-block-size", type=int, default=None,
-                        help="Jacobi decoding with this window (default tolerance 1e-3); default exact decoding")
+    parser.add_argument(
+        "--jacobi-block-size",
+        type=int,
+        default=None,
+        help="Jacobi decoding with this window (default tolerance 1e-3); default exact decoding",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
@@ -154,20 +224,26 @@ def main(argv=None) -> None:
             rows.append(run_worker(config, guidance, repeats, warmup, args.threads, args.jacobi_block_size))
 
     per_call = all(r["results"]["0"]["per_call_peak"] for r in rows)
-    print(f"\nStarFlow2Pipeline, CPU, {args.threads} thread(s), prompt {PROMPT!r}, batch 1, random weights; "
-          f"peak RSS {'per call (VmHWM reset)' if per_call else 'since process start (ru_maxrss)'}; "
-          f"{f'Jacobi decoding, window {args.jacobi_block_size}' if args.jacobi_block_size else 'exact decoding'}; "
-          f"total benchmark time {time.perf_counter() - start:.0f} s\n")
-    print("| config | params | image | CFG | denoise steps | s/image (wall) | CPU s/image | peak RSS MB | "
-          "+RSS MB | positions/s |")
+    print(
+        f"\nStarFlow2Pipeline, CPU, {args.threads} thread(s), prompt {PROMPT!r}, batch 1, random weights; "
+        f"peak RSS {'per call (VmHWM reset)' if per_call else 'since process start (ru_maxrss)'}; "
+        f"{f'Jacobi decoding, window {args.jacobi_block_size}' if args.jacobi_block_size else 'exact decoding'}; "
+        f"total benchmark time {time.perf_counter() - start:.0f} s\n"
+    )
+    print(
+        "| config | params | image | CFG | denoise steps | s/image (wall) | CPU s/image | peak RSS MB | "
+        "+RSS MB | positions/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for steps in ("0", "1"):
             res = r["results"][steps]
             cfg = f"on (w={r['guidance']:g})" if r["guidance"] > 0 else "off"
-            print(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['image_size']}px, {r['positions']} latents | "
-                  f"{cfg} | {steps} | {res['seconds']:.3f} | {res['cpu_seconds']:.3f} | {res['peak_mb']:.0f} | "
-                  f"{res['delta_mb']:.0f} | {r['positions'] / res['cpu_seconds']:.0f} |")
+            print(
+                f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['image_size']}px, {r['positions']} latents | "
+                f"{cfg} | {steps} | {res['seconds']:.3f} | {res['cpu_seconds']:.3f} | {res['peak_mb']:.0f} | "
+                f"{res['delta_mb']:.0f} | {r['positions'] / res['cpu_seconds']:.0f} |"
+            )
     print("\n| config | CFG | one denoising step (CPU s) | share of a 1-step image |")
     print("|---|---|---|---|")
     for r in rows:

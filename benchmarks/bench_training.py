@@ -36,22 +36,36 @@ def examples(stage: int, batch_size: int, image_size: int, step: int):
     out = []
     for i in range(batch_size):
         kind = kinds[i % len(kinds)]
-        ex = {"caption": {"image": image(), "text": "a red circle on the left of a blue square"},
-              "understanding": {"image": image(), "prompt": "what color is the shape?", "response": "red"},
-              "edit": {"source_image": image(), "instruction": "make it blue", "target_image": image()}}[kind]
+        ex = {
+            "caption": {"image": image(), "text": "a red circle on the left of a blue square"},
+            "understanding": {"image": image(), "prompt": "what color is the shape?", "response": "red"},
+            "edit": {"source_image": image(), "instruction": "make it blue", "target_image": image()},
+        }[kind]
         out.append({"kind": kind, **ex, "position": step * batch_size + i, "source": kind})
     return out
 
 
 def worker(config: str, stage: int, checkpointing: bool, batch_size: int, repeats: int) -> dict:
     import torch
-
     from bench_pipeline import build_pipeline
+
     from diffusers_starflow2.training import train_starflow2 as train
 
     pipe = build_pipeline(config)
-    args = train.parse_args(["--stage", str(stage), "--pretrained_model_name_or_path", "-", "--output_dir", "-",
-                             "--max_train_steps", "1", "--caption_dropout", "0.1"])
+    args = train.parse_args(
+        [
+            "--stage",
+            str(stage),
+            "--pretrained_model_name_or_path",
+            "-",
+            "--output_dir",
+            "-",
+            "--max_train_steps",
+            "1",
+            "--caption_dropout",
+            "0.1",
+        ]
+    )
     transformer, vlm = pipe.transformer, pipe.vlm
     train.configure_trainable(args, transformer, vlm)
     if checkpointing:
@@ -63,8 +77,7 @@ def worker(config: str, stage: int, checkpointing: bool, batch_size: int, repeat
     trainer = train.PretzelTrainer(transformer, vlm, train_vlm=False)
     params = train.trainable_parameters(trainer)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    build = train.BatchBuilder(args, pipe.tokenizer, pipe.vae, pipe.scheduler, transformer.num_latents,
-                               torch.float32)
+    build = train.BatchBuilder(args, pipe.tokenizer, pipe.vae, pipe.scheduler, transformer.num_latents, torch.float32)
     image_size = transformer.config.sample_size * pipe.vae.config.out_patch_size
 
     def step(i):
@@ -83,9 +96,17 @@ def worker(config: str, stage: int, checkpointing: bool, batch_size: int, repeat
         times.append(time.perf_counter() - start)
         peaks.append(peak_kb(ok))
     seconds = statistics.median(times)
-    return {"config": config, "stage": stage, "checkpointing": checkpointing, "batch_size": batch_size,
-            "trainable": sum(p.numel() for p in params), "seconds": seconds, "samples_per_s": batch_size / seconds,
-            "peak_mb": max(peaks) / 1024, "extra_mb": (max(peaks) - base) / 1024}
+    return {
+        "config": config,
+        "stage": stage,
+        "checkpointing": checkpointing,
+        "batch_size": batch_size,
+        "trainable": sum(p.numel() for p in params),
+        "seconds": seconds,
+        "samples_per_s": batch_size / seconds,
+        "peak_mb": max(peaks) / 1024,
+        "extra_mb": (max(peaks) - base) / 1024,
+    }
 
 
 def main(argv=None) -> None:
@@ -108,21 +129,38 @@ def main(argv=None) -> None:
     for config in args.configs.split(","):
         for stage in (int(s) for s in args.stages.split(",")):
             for checkpointing in (False, True):
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{config}:{stage}:{int(checkpointing)}",
-                       "--batch_size", str(args.batch_size), "--repeats", str(args.repeats), "--threads",
-                       str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--worker",
+                    f"{config}:{stage}:{int(checkpointing)}",
+                    "--batch_size",
+                    str(args.batch_size),
+                    "--repeats",
+                    str(args.repeats),
+                    "--threads",
+                    str(args.threads),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
-                print(f"{config} stage {stage} checkpointing={checkpointing}: {r['samples_per_s']:.2f} samples/s, "
-                      f"peak {r['peak_mb']:.0f} MB", file=sys.stderr, flush=True)
-    print("| config | stage | trainable params | gradient checkpointing | batch | s/step | samples/s | peak RSS MB "
-          "| +RSS MB |")
+                print(
+                    f"{config} stage {stage} checkpointing={checkpointing}: {r['samples_per_s']:.2f} samples/s, "
+                    f"peak {r['peak_mb']:.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        "| config | stage | trainable params | gradient checkpointing | batch | s/step | samples/s | peak RSS MB "
+        "| +RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['stage']} | {r['trainable'] / 1e6:.2f}M | {'on' if r['checkpointing'] else 'off'} "
-              f"| {r['batch_size']} | {r['seconds']:.3f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} "
-              f"| {r['extra_mb']:.0f} |")
+        print(
+            f"| {r['config']} | {r['stage']} | {r['trainable'] / 1e6:.2f}M | {'on' if r['checkpointing'] else 'off'} "
+            f"| {r['batch_size']} | {r['seconds']:.3f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} "
+            f"| {r['extra_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

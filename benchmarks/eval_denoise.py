@@ -19,7 +19,6 @@ import sys
 import numpy as np
 import torch
 
-
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
 from diffusers_starflow2.world.synthetic_world import canonical_caption, random_scene, render  # noqa: E402
@@ -54,8 +53,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3, 5, 10])
-    parser.add_argument("--at_sampling_level", action="store_true",
-                        help="condition every step on the sampling level (the former, wrong loop)")
+    parser.add_argument(
+        "--at_sampling_level",
+        action="store_true",
+        help="condition every step on the sampling level (the former, wrong loop)",
+    )
     args = parser.parse_args(argv)
     pipe = StarFlow2Pipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
@@ -63,8 +65,10 @@ def main(argv=None) -> int:
         pipe.transformer.at_noise_level = lambda cache, noise_level: cache
     errors = denoising_errors(pipe, args.images, args.steps)
     mode = "every step at the sampling level" if args.at_sampling_level else "each step at its own level"
-    print(f"model: {args.model} on {args.device}; {args.images} held-out images at noise level "
-          f"{pipe.scheduler.config.noise_level}; {mode}")
+    print(
+        f"model: {args.model} on {args.device}; {args.images} held-out images at noise level "
+        f"{pipe.scheduler.config.noise_level}; {mode}"
+    )
     print("| denoising steps | MSE to clean latents |")
     print("|---|---|")
     for k, mse in errors.items():

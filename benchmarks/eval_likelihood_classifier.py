@@ -16,7 +16,6 @@ import time
 import numpy as np
 import torch
 
-
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
 from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
@@ -66,11 +65,12 @@ def main(argv=None) -> int:
     pipe = StarFlow2Pipeline.from_pretrained(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     acc = classifier_accuracy(pipe, args.images)
-    print(f"model: {args.model} on {args.device}; {args.images} held-out images x 60 candidate captions; {time.time() - start:.0f} s")
+    print(
+        f"model: {args.model} on {args.device}; {args.images} held-out images x 60 candidate captions; {time.time() - start:.0f} s"
+    )
     print("| zero-shot likelihood classifier | accuracy | chance |")
     print("|---|---|---|")
-    sizes = {"caption": len(all_combinations()), "color": len(COLORS), "shape": len(SHAPES),
-             "position": len(POSITIONS)}
+    sizes = {"caption": len(all_combinations()), "color": len(COLORS), "shape": len(SHAPES), "position": len(POSITIONS)}
     for key, size in sizes.items():
         chance = 1 / size
         print(f"| {key} | {acc[key]:.1%} | {chance:.1%} |")

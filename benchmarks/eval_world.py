@@ -66,7 +66,7 @@ def understanding_accuracy(pipe, n: int, image_size: int, wording: str) -> float
     """Held-out images (fresh scenes); questions in the training wording or the held-out wording."""
     rng = np.random.default_rng(HELDOUT_SEED + 1)
     right = total = 0
-    for i in range(n):
+    for _ in range(n):
         scene = random_scene(rng)
         image = render(scene, image_size)
         for _, question, answer in questions(scene, rng, split=wording):
@@ -83,8 +83,11 @@ def edit_success(pipe, n: int, image_size: int, keep: list, wording: str) -> flo
     for i in range(n):
         scene = random_scene(rng)
         target, instruction, info = make_edit(scene, rng, split=wording, attribute="color")
-        out = pipe(image=render(scene, image_size), prompt=instruction,
-                   generator=torch.Generator().manual_seed(HELDOUT_SEED + i)).images[0]
+        out = pipe(
+            image=render(scene, image_size),
+            prompt=instruction,
+            generator=torch.Generator().manual_seed(HELDOUT_SEED + i),
+        ).images[0]
         report = analyze_shape(out).attributes
         right += report["color"] == target.color and report["shape"] == target.shape
         if len(keep) < 4:
@@ -103,10 +106,17 @@ def heldout_bits_per_dim(pipe, n: int, image_size: int) -> float:
         scene = random_scene(rng)
         pixels = pipe.preprocess_image(render(scene, image_size))
         latents = vae.encode_latents(pixels, sample=False)
-        noisy = pipe.scheduler.add_noise(latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(i)),
-                                         level)
-        layout = encode_conversation(tok, [{"role": "user", "content": canonical_caption(scene)},
-                                           {"role": "assistant", "content": [{"type": "image"}]}], t.num_latents)
+        noisy = pipe.scheduler.add_noise(
+            latents, torch.randn(latents.shape, generator=torch.Generator().manual_seed(i)), level
+        )
+        layout = encode_conversation(
+            tok,
+            [
+                {"role": "user", "content": canonical_caption(scene)},
+                {"role": "assistant", "content": [{"type": "image"}]},
+            ],
+            t.num_latents,
+        )
         ids, lat_mask, att, _ = pad_layouts([layout], tok.pad_token_id)
         out = t(pipe.vlm_stream, ids, lat_mask, noisy, torch.full((1,), level), att)
         bpd.append(float(out.bits_per_dim[0]))
@@ -121,7 +131,7 @@ def save_grid(items, path: Path, scale: int = 3) -> None:
     grid = np.full((rows * (h + 2), cols * (w + 2), 3), 255, np.uint8)
     for k, tile in enumerate(tiles):
         r, c = divmod(k, cols)
-        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
+        grid[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = tile
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
@@ -149,13 +159,16 @@ def main(argv=None) -> int:
     qa = {w: understanding_accuracy(chat, args.understanding, size, w) for w in ("train", "heldout")}
     edit = StarFlow2EditPipeline.from_pretrained(args.model)
     edit.set_progress_bar_config(disable=True)
-    edits = {w: edit_success(edit, args.edits, size, kept_edits if w == "train" else [], w)
-             for w in ("train", "heldout")}
+    edits = {
+        w: edit_success(edit, args.edits, size, kept_edits if w == "train" else [], w) for w in ("train", "heldout")
+    }
     bpd = heldout_bits_per_dim(pipe, args.bpd, size)
 
     n = 60 * args.seeds
-    print(f"model: {args.model}; held-out prompts: 60 x {args.seeds} images; {args.understanding * 3} questions; "
-          f"{args.edits} colour edits; {args.bpd} images for bits/dim; {time.time() - start:.0f} s")
+    print(
+        f"model: {args.model}; held-out prompts: 60 x {args.seeds} images; {args.understanding * 3} questions; "
+        f"{args.edits} colour edits; {args.bpd} images for bits/dim; {time.time() - start:.0f} s"
+    )
     print("| metric | guidance 2.0 | guidance 0 | target |")
     print("|---|---|---|---|")
     for key, target in (("color", 0.90), ("shape", 0.75), ("position", 0.75)):

@@ -10,7 +10,8 @@ REFERENCE_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "reference-tarflow"
 REFERENCE_FILES = ("config.json", "reference_model.pth", "io.safetensors")
 # One folder per reference case holding all of REFERENCE_FILES (empty when the fixtures are absent).
 reference_cases = sorted(
-    p.name for p in (REFERENCE_DIR.iterdir() if REFERENCE_DIR.is_dir() else ())
+    p.name
+    for p in (REFERENCE_DIR.iterdir() if REFERENCE_DIR.is_dir() else ())
     if p.is_dir() and all((p / f).is_file() for f in REFERENCE_FILES)
 )
 

@@ -12,7 +12,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
@@ -26,20 +31,48 @@ GLOBAL_BATCH, STEPS, LR = 4, 2, 1e-2
 
 def setup():
     components = build_tiny_starflow2_components(seed=0, perturb=0.05)
-    args = train.parse_args(["--stage", "1", "--pretrained_model_name_or_path", "-", "--output_dir", "-",
-                             "--max_train_steps", str(STEPS), "--caption_dropout", "0", "--latent_sample", "mean"])
+    args = train.parse_args(
+        [
+            "--stage",
+            "1",
+            "--pretrained_model_name_or_path",
+            "-",
+            "--output_dir",
+            "-",
+            "--max_train_steps",
+            str(STEPS),
+            "--caption_dropout",
+            "0",
+            "--latent_sample",
+            "mean",
+        ]
+    )
     transformer = components["transformer"]
     train.configure_trainable(args, transformer, components["vlm"])
     transformer.train()
-    build = train.BatchBuilder(args, components["tokenizer"], components["vae"], components["scheduler"],
-                               transformer.num_latents, torch.float32)
+    build = train.BatchBuilder(
+        args,
+        components["tokenizer"],
+        components["vae"],
+        components["scheduler"],
+        transformer.num_latents,
+        torch.float32,
+    )
     return components, build
 
 
 def batches(step):
     gen = torch.Generator().manual_seed(step)
-    return [{"kind": "caption", "image": torch.rand(3, 32, 32, generator=gen) * 2 - 1, "text": f"shape {i}",
-             "position": step * GLOBAL_BATCH + i, "source": "caption"} for i in range(GLOBAL_BATCH)]
+    return [
+        {
+            "kind": "caption",
+            "image": torch.rand(3, 32, 32, generator=gen) * 2 - 1,
+            "text": f"shape {i}",
+            "position": step * GLOBAL_BATCH + i,
+            "source": "caption",
+        }
+        for i in range(GLOBAL_BATCH)
+    ]
 
 
 def run(trainer, params, build, examples_of_step, steps=range(STEPS), optimizer=None, on_step=None):
@@ -84,7 +117,7 @@ def main(out_dir: Path):
     transformer, vlm = components["transformer"], components["vlm"]
     vlm_before = {k: v.clone() for k, v in vlm.state_dict().items()}
     share = GLOBAL_BATCH // world
-    my_share = lambda step: batches(step)[rank * share:(rank + 1) * share]  # noqa: E731
+    my_share = lambda step: batches(step)[rank * share : (rank + 1) * share]  # noqa: E731
     checkpoint = out_dir / "sharded-checkpoint"
 
     def save(step, optimizer):
@@ -108,28 +141,39 @@ def main(out_dir: Path):
     model_state, optim_state = get_state_dict(resumed_components["transformer"], optimizer)
     loaded = {"model": model_state, "optim": optim_state}
     dcp.load(loaded, checkpoint_id=str(checkpoint))
-    set_state_dict(resumed_components["transformer"], optimizer, model_state_dict=loaded["model"],
-                   optim_state_dict=loaded["optim"])
+    set_state_dict(
+        resumed_components["transformer"], optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"]
+    )
     resumed_loss = run(resumed, params, build, my_share, steps=range(1, STEPS), optimizer=optimizer)[0]
     dist.all_reduce(resumed_loss, op=dist.ReduceOp.AVG)
-    resumed_state = get_model_state_dict(resumed_components["transformer"],
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    resumed_state = get_model_state_dict(
+        resumed_components["transformer"], options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     shard_files = sorted(p.name for p in checkpoint.iterdir())
 
     if rank == 0:
         worst = max((state[k] - ref_state[k]).abs().max().item() for k in ref_state)
-        moved = max((ref_state[k] - v).abs().max().item() for k, v in
-                    build_tiny_starflow2_components(seed=0, perturb=0.05)["transformer"].state_dict().items())
+        moved = max(
+            (ref_state[k] - v).abs().max().item()
+            for k, v in build_tiny_starflow2_components(seed=0, perturb=0.05)["transformer"].state_dict().items()
+        )
         model = PretzelModel.from_config(transformer.config)
         model.load_state_dict(state)
         pipe = StarFlow2Pipeline(**{**build_tiny_starflow2_components(seed=0, perturb=0.05), "transformer": model})
         pipe.save_pretrained(out_dir / "pipeline")
-        report = {"losses": losses, "reference_losses": [x.item() for x in ref_losses], "max_weight_diff": worst,
-                  "max_weight_update": moved, "sharded_numel": sharded_numel, "full_numel": full_numel,
-                  "vlm_unchanged": all(torch.equal(vlm_before[k], v) for k, v in vlm.state_dict().items()),
-                  "vlm_replicated": not any(type(p).__name__ == "DTensor" for p in vlm.parameters()),
-                  "resumed_loss": resumed_loss.item(), "shard_files": shard_files,
-                  "resume_max_weight_diff": max((resumed_state[k] - state[k]).abs().max().item() for k in state)}
+        report = {
+            "losses": losses,
+            "reference_losses": [x.item() for x in ref_losses],
+            "max_weight_diff": worst,
+            "max_weight_update": moved,
+            "sharded_numel": sharded_numel,
+            "full_numel": full_numel,
+            "vlm_unchanged": all(torch.equal(vlm_before[k], v) for k, v in vlm.state_dict().items()),
+            "vlm_replicated": not any(type(p).__name__ == "DTensor" for p in vlm.parameters()),
+            "resumed_loss": resumed_loss.item(),
+            "shard_files": shard_files,
+            "resume_max_weight_diff": max((resumed_state[k] - state[k]).abs().max().item() for k in state),
+        }
         (out_dir / "report.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

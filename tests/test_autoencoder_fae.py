@@ -13,7 +13,6 @@ from diffusers_starflow2.models.autoencoder_fae import (
 )
 
 
-
 def make_model(**overrides) -> AutoencoderFAE:
     torch.manual_seed(0)
     return AutoencoderFAE(**{**fae_tiny_config(), **overrides}).eval()
@@ -134,8 +133,14 @@ def test_dinov2_frozen_rest_trains():
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert not any(k.startswith("dinov2.") for k in changed)
-    for prefix in ("encoder.attn.", "encoder.proj_out.", "decoder.proj_in.", "decoder.layers.0.",
-                   "pixel_decoder.layers.1.", "pixel_decoder.proj_out."):
+    for prefix in (
+        "encoder.attn.",
+        "encoder.proj_out.",
+        "decoder.proj_in.",
+        "decoder.layers.0.",
+        "pixel_decoder.layers.1.",
+        "pixel_decoder.proj_out.",
+    ):
         assert any(k.startswith(prefix) for k in changed), prefix
 
 

@@ -114,7 +114,7 @@ T2I_CASES = [
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(num_images_per_prompt="2"), "num_images_per_prompt"),
     (dict(num_images_per_prompt=True), "num_images_per_prompt"),
-    (dict(num_images_per_prompt=10 ** 20), "num_images_per_prompt"),
+    (dict(num_images_per_prompt=10**20), "num_images_per_prompt"),
     (dict(prompt=["a"] * 600, num_images_per_prompt=2), "num_images_per_prompt"),
     (dict(prompt=["a"] * 2000), "prompt"),
     (dict(noise_level=INF), "noise_level"),
@@ -123,7 +123,7 @@ T2I_CASES = [
     (dict(noise_level=1e300), "noise_level"),
     (dict(num_denoising_steps=1.0), "num_denoising_steps"),
     (dict(num_denoising_steps=-1), "num_denoising_steps"),
-    (dict(num_denoising_steps=10 ** 20), "num_denoising_steps"),
+    (dict(num_denoising_steps=10**20), "num_denoising_steps"),
     (dict(height=64), "height"),
     (dict(width="32"), "width"),
     (dict(height=32.0), "height"),
@@ -152,8 +152,9 @@ def test_text_to_image_bad_input(t2i, kwargs, name):
 def test_numpy_scalars_and_numpy_latents_are_accepted(t2i):
     latents = torch.randn(1, 16, 4, generator=gen(0))
     expected = t2i(PROMPT, latents=latents, guidance_scale=2.0, **FAST).images
-    got = t2i(PROMPT, latents=latents.numpy(), guidance_scale=np.float32(2.0), num_images_per_prompt=np.int64(1),
-              **FAST).images
+    got = t2i(
+        PROMPT, latents=latents.numpy(), guidance_scale=np.float32(2.0), num_images_per_prompt=np.int64(1), **FAST
+    ).images
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -275,7 +276,7 @@ def test_pil_images_keep_pils_resize_filter(edit, source):
 
 
 def test_largest_accepted_image_is_the_documented_limit(edit):
-    side = int(MAX_IMAGE_PIXELS ** 0.5)
+    side = int(MAX_IMAGE_PIXELS**0.5)
     assert side * side == MAX_IMAGE_PIXELS
     assert edit.preprocess_image(PIL.Image.new("1", (side, side))).shape == (1, 3, 32, 32)
 
@@ -317,10 +318,10 @@ CHAT_CASES = [
     (dict(negative_prompt="<|im_end|>"), "negative_prompt"),
     (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(max_new_tokens=2.5), "max_new_tokens"),
-    (dict(max_new_tokens=10 ** 9), "max_new_tokens"),
+    (dict(max_new_tokens=10**9), "max_new_tokens"),
     (dict(max_images=-1), "max_images"),
     (dict(max_images="2"), "max_images"),
-    (dict(max_images=10 ** 6), "max_images"),
+    (dict(max_images=10**6), "max_images"),
     (dict(prompt=["a", IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER], max_images=1), "max_images"),
     (dict(max_new_tokens=4000, max_images=4), "prompt"),
     (dict(temperature=-1.0), "temperature"),
@@ -356,8 +357,15 @@ def test_stream_checks_before_yielding(chat):
 
 
 def test_interleaved_accepts_numpy_scalars_and_tuple_stop(chat):
-    out = chat("hi", max_new_tokens=np.int64(2), temperature=np.float64(0.5), top_k=np.int32(5), top_p=0.9,
-               stop=("zzz",), generator=[gen(0)])
+    out = chat(
+        "hi",
+        max_new_tokens=np.int64(2),
+        temperature=np.float64(0.5),
+        top_k=np.int32(5),
+        top_p=0.9,
+        stop=("zzz",),
+        generator=[gen(0)],
+    )
     assert isinstance(out.text, str)
 
 
@@ -385,7 +393,7 @@ V1_CASES = [
     (dict(height=7), "height"),
     (dict(height=8.0), "height"),
     (dict(width=-8), "width"),
-    (dict(width=10 ** 6, height=10 ** 6), "height"),
+    (dict(width=10**6, height=10**6), "height"),
     (dict(guidance_scale=INF), "guidance_scale"),
     (dict(guidance_scale="3.6"), "guidance_scale"),
     (dict(num_images_per_prompt=0.5), "num_images_per_prompt"),

@@ -41,18 +41,31 @@ def test_help_lists_every_subcommand():
 
 def test_generate_edit_describe_chat(model_dir, image_file, tmp_path, capsys):
     out_png = tmp_path / "out.png"
-    assert main(["generate", "a red circle on the left", "-o", str(out_png), "--model", model_dir,
-                 "--seed", "1"]) == 0
+    assert main(["generate", "a red circle on the left", "-o", str(out_png), "--model", model_dir, "--seed", "1"]) == 0
     assert PIL.Image.open(out_png).size == (32, 32)
     edited = tmp_path / "edited.png"
     assert main(["edit", image_file, "make it blue", "-o", str(edited), "--model", model_dir]) == 0
     assert PIL.Image.open(edited).size == (32, 32)
     capsys.readouterr()
-    assert main(["describe", image_file, "what color is the shape?", "--model", model_dir,
-                 "--max-new-tokens", "2"]) == 0
+    assert (
+        main(["describe", image_file, "what color is the shape?", "--model", model_dir, "--max-new-tokens", "2"]) == 0
+    )
     assert capsys.readouterr().out.endswith("\n")
-    assert main(["chat", "draw a red circle <image>", "--model", model_dir, "--output-dir", str(tmp_path),
-                 "--max-new-tokens", "0"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "draw a red circle <image>",
+                "--model",
+                model_dir,
+                "--output-dir",
+                str(tmp_path),
+                "--max-new-tokens",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "image_00.png").is_file()
 
 
@@ -72,24 +85,35 @@ CLI_CASES = [
     (["generate", "a <|image_pad|>", "-o", "{tmp}/x.png", "--model", "{model}"], "prompt"),
     (["generate", "a<|im_end|>", "-o", "{tmp}/x.png", "--model", "{model}"], "prompt"),
     (["generate", "circle " * 300, "-o", "{tmp}/x.png", "--model", "{model}"], "prompt"),
-    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--negative-prompt", "<|im_end|>"],
-     "negative_prompt"),
-    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "-1"],
-     "--guidance-scale"),
-    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "inf"],
-     "--guidance-scale"),
-    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "nan"],
-     "--guidance-scale"),
-    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "lots"],
-     "--guidance-scale"),
+    (
+        ["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--negative-prompt", "<|im_end|>"],
+        "negative_prompt",
+    ),
+    (
+        ["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "-1"],
+        "--guidance-scale",
+    ),
+    (
+        ["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "inf"],
+        "--guidance-scale",
+    ),
+    (
+        ["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "nan"],
+        "--guidance-scale",
+    ),
+    (
+        ["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "lots"],
+        "--guidance-scale",
+    ),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--num-images", "0"], "--num-images"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--num-images", "65"], "--num-images"),
-    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--num-images", "1.5"],
-     "--num-images"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--num-images", "1.5"], "--num-images"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--seed", "-1"], "--seed"),
-    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--seed", str(2 ** 64)], "--seed"),
-    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--denoising-steps", "-1"],
-     "--denoising-steps"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--seed", str(2**64)], "--seed"),
+    (
+        ["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--denoising-steps", "-1"],
+        "--denoising-steps",
+    ),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--device", "toaster"], "--device"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--device", "cuda:99"], "--device"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--dtype", "float8"], "--dtype"),
@@ -102,10 +126,14 @@ CLI_CASES = [
     (["edit", "{tmp}/huge.png", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}"], "image"),
     (["edit", "{tmp}/folder.png", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}"], "image"),
     (["edit", "{image}", "", "-o", "{tmp}/x.png", "--model", "{model}"], "instruction"),
-    (["edit", "{image}", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}", "--image-guidance-scale",
-      "0.5"], "--image-guidance-scale"),
-    (["edit", "{image}", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "-inf"],
-     "--guidance-scale"),
+    (
+        ["edit", "{image}", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}", "--image-guidance-scale", "0.5"],
+        "--image-guidance-scale",
+    ),
+    (
+        ["edit", "{image}", "make it blue", "-o", "{tmp}/x.png", "--model", "{model}", "--guidance-scale", "-inf"],
+        "--guidance-scale",
+    ),
     (["edit", "{image}", "make it blue", "-o", "{tmp}/folder.png", "--model", "{model}"], "--output"),
     # describe
     (["describe", "{tmp}/missing.png", "what?", "--model", "{model}"], "image"),
@@ -121,8 +149,10 @@ CLI_CASES = [
     (["chat", "", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
     (["chat", "hi", "--model", "{model}", "--output-dir", ""], "--output-dir"),
     (["chat", "<image>", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
-    (["chat", "--model", "{model}", "--output-dir", "{tmp}", "--image-guidance-scale", "0.5"],
-     "--image-guidance-scale"),
+    (
+        ["chat", "--model", "{model}", "--output-dir", "{tmp}", "--image-guidance-scale", "0.5"],
+        "--image-guidance-scale",
+    ),
     (["chat", "hi <|im_end|>", "--model", "{model}", "--output-dir", "{tmp}"], "prompt"),
     # convert
     (["convert", "tiny", "--output", "{image}"], "--output"),
@@ -130,10 +160,14 @@ CLI_CASES = [
     (["convert", "tiny", "--output", "/proc/new-folder"], "--output"),
     (["convert", "tiny"], "--output"),
     (["convert", "paint"], "kind"),
-    (["convert", "starflow", "--checkpoint", "{tmp}/missing.pth", "--config", "{tmp}/c.json", "--output",
-      "{tmp}/o"], "missing.pth"),
-    (["convert", "starflow", "--checkpoint", "{tmp}/bad.png", "--config", "{tmp}/c.json", "--output", "{tmp}/o"],
-     "bad.png"),
+    (
+        ["convert", "starflow", "--checkpoint", "{tmp}/missing.pth", "--config", "{tmp}/c.json", "--output", "{tmp}/o"],
+        "missing.pth",
+    ),
+    (
+        ["convert", "starflow", "--checkpoint", "{tmp}/bad.png", "--config", "{tmp}/c.json", "--output", "{tmp}/o"],
+        "bad.png",
+    ),
     ([], "command"),
 ]
 
@@ -203,8 +237,27 @@ def test_convert_forwards_to_the_converters(tmp_path):
 def test_num_images_writes_numbered_files_with_the_umask(model_dir, tmp_path, capsys):
     old = os.umask(0o022)
     try:
-        assert main(["generate", "a red circle", "-o", str(tmp_path / "out.png"), "--model", model_dir,
-                     "--num-images", "2", "--negative-prompt", "blue", "--device", "cpu", "--dtype", "float32"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "a red circle",
+                    "-o",
+                    str(tmp_path / "out.png"),
+                    "--model",
+                    model_dir,
+                    "--num-images",
+                    "2",
+                    "--negative-prompt",
+                    "blue",
+                    "--device",
+                    "cpu",
+                    "--dtype",
+                    "float32",
+                ]
+            )
+            == 0
+        )
     finally:
         os.umask(old)
     captured = capsys.readouterr()
@@ -228,8 +281,21 @@ def test_chat_creates_the_output_dir_before_loading(model_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(cli, "_load", load)
     out = tmp_path / "new" / "images"
-    assert main(["chat", "draw a red circle <image>", "--model", model_dir, "--output-dir", str(out),
-                 "--max-new-tokens", "0"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "draw a red circle <image>",
+                "--model",
+                model_dir,
+                "--output-dir",
+                str(out),
+                "--max-new-tokens",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert seen == [True] and (out / "image_00.png").is_file()
 
 
@@ -243,11 +309,14 @@ def test_model_accepts_a_hub_repo_id(monkeypatch, capsys):
         raise OSError("offline")
 
     monkeypatch.setattr(StarFlow2Pipeline, "from_pretrained", staticmethod(from_pretrained))
-    assert main(["generate", "a red circle", "-o", "x.png", "--model", "someone/starflow2-world",
-                 "--dtype", "bfloat16"]) == 2
+    assert (
+        main(["generate", "a red circle", "-o", "x.png", "--model", "someone/starflow2-world", "--dtype", "bfloat16"])
+        == 2
+    )
     assert asked == [("someone/starflow2-world", {"dtype": torch.bfloat16})]
-    assert capsys.readouterr().err.strip() == ("starflow2 generate: error: cannot load the model "
-                                               "someone/starflow2-world: offline")
+    assert capsys.readouterr().err.strip() == (
+        "starflow2 generate: error: cannot load the model someone/starflow2-world: offline"
+    )
     assert cli._model_source(None) == str(cli.DEFAULT_MODEL)
 
 
@@ -295,8 +364,17 @@ def test_chat_session_reads_turns_from_stdin_and_keeps_the_conversation(model_di
         return call(self, prompt, **kwargs)
 
     monkeypatch.setattr(StarFlow2InterleavedPipeline, "__call__", recording_call)
-    turns = ["draw a red circle <image>", "/image make it blue", "", "hi <|im_end|>", "/bogus", "/reset",
-             "what now?", "/quit", "never read"]
+    turns = [
+        "draw a red circle <image>",
+        "/image make it blue",
+        "",
+        "hi <|im_end|>",
+        "/bogus",
+        "/reset",
+        "what now?",
+        "/quit",
+        "never read",
+    ]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(turns) + "\n"))
     assert main(["chat", "--model", model_dir, "--output-dir", str(tmp_path), "--max-new-tokens", "1"]) == 0
     captured = capsys.readouterr()

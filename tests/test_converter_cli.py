@@ -21,15 +21,42 @@ from diffusers_starflow2.loaders.single_file_starflow import config_from_referen
 # the thin top-level entry point a source checkout runs
 CONVERTER_SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_starflow_to_diffusers.py"
 
-REFERENCE_KWARGS = dict(in_channels=4, img_size=4, patch_size=1, channels=32, num_blocks=2, layers_per_block=[1, 2],
-                        head_dim=16, num_heads=2, num_kv_heads=1, rope=1, sos=1, txt_size=5, txt_dim=12,
-                        cond_top_only=1, use_softplus=1, use_final_norm=1, use_swiglu=1, use_qk_norm=1,
-                        use_post_norm=1, norm_type="rms_norm", soft_clip=4.0, seq_order="L2R")
+REFERENCE_KWARGS = dict(
+    in_channels=4,
+    img_size=4,
+    patch_size=1,
+    channels=32,
+    num_blocks=2,
+    layers_per_block=[1, 2],
+    head_dim=16,
+    num_heads=2,
+    num_kv_heads=1,
+    rope=1,
+    sos=1,
+    txt_size=5,
+    txt_dim=12,
+    cond_top_only=1,
+    use_softplus=1,
+    use_final_norm=1,
+    use_swiglu=1,
+    use_qk_norm=1,
+    use_post_norm=1,
+    norm_type="rms_norm",
+    soft_clip=4.0,
+    seq_order="L2R",
+)
 # diffusers names -> reference names inside one Transformer layer
-_LAYER_NAMES = {"attn.to_qkv": "attention.qkv", "attn.to_out": "attention.proj", "attn.norm_q": "attention.query_norm",
-                "attn.norm_k": "attention.key_norm", "attn.norm_post": "attention.post_norm",
-                "attn.norm": "attention.norm", "mlp.fc1": "mlp.main.0", "mlp.fc2": "mlp.main.2",
-                "mlp.norm_post": "mlp.post_norm"}
+_LAYER_NAMES = {
+    "attn.to_qkv": "attention.qkv",
+    "attn.to_out": "attention.proj",
+    "attn.norm_q": "attention.query_norm",
+    "attn.norm_k": "attention.key_norm",
+    "attn.norm_post": "attention.post_norm",
+    "attn.norm": "attention.norm",
+    "mlp.fc1": "mlp.main.0",
+    "mlp.fc2": "mlp.main.2",
+    "mlp.norm_post": "mlp.post_norm",
+}
 
 
 def to_reference_key(key):
@@ -98,12 +125,15 @@ def test_unknown_config_key_fails_cleanly(converter, reference, tmp_path, capsys
     assert leftovers(tmp_path, ["model.pth", "config.json"]) == []
 
 
-@pytest.mark.parametrize("change, listed", [
-    (lambda s: s.update({"blocks.2.proj_in.weight": torch.zeros(32, 4)}), "blocks.2.proj_in.weight"),  # unexpected
-    (lambda s: s.update({"blocks.0.extra.weight": torch.zeros(1)}), "blocks.0.extra.weight"),  # no counterpart
-    (lambda s: s.pop("blocks.1.final_norm.weight"), "blocks.1.final_norm.weight"),  # missing
-    (lambda s: s.update({"blocks.0.proj_in.weight": torch.zeros(32, 5)}), "blocks.0.proj_in.weight"),  # shape
-])
+@pytest.mark.parametrize(
+    "change, listed",
+    [
+        (lambda s: s.update({"blocks.2.proj_in.weight": torch.zeros(32, 4)}), "blocks.2.proj_in.weight"),  # unexpected
+        (lambda s: s.update({"blocks.0.extra.weight": torch.zeros(1)}), "blocks.0.extra.weight"),  # no counterpart
+        (lambda s: s.pop("blocks.1.final_norm.weight"), "blocks.1.final_norm.weight"),  # missing
+        (lambda s: s.update({"blocks.0.proj_in.weight": torch.zeros(32, 5)}), "blocks.0.proj_in.weight"),  # shape
+    ],
+)
 def test_checkpoint_mismatch_fails_without_output(converter, reference, tmp_path, capsys, change, listed):
     _, state, _, config = reference
     change(state)
@@ -150,9 +180,21 @@ def test_existing_output(converter, reference, tmp_path, capsys):
 
 
 def test_command_line_exit_status(tmp_path):
-    result = subprocess.run([sys.executable, str(CONVERTER_SCRIPT), "--checkpoint", str(tmp_path / "missing.pth"),
-                             "--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(CONVERTER_SCRIPT),
+            "--checkpoint",
+            str(tmp_path / "missing.pth"),
+            "--config",
+            str(tmp_path / "c.json"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "missing.pth" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
@@ -287,6 +329,19 @@ def test_nonfinite_checkpoint_converts_only_with_the_flag(converter, reference, 
 def test_starflow2_convert_prefixes_its_errors(tmp_path, capsys):
     from diffusers_starflow2.cli import main
 
-    assert main(["convert", "starflow", "--checkpoint", str(tmp_path / "x.pth"), "--config", str(tmp_path / "c.json"),
-                 "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "starflow",
+                "--checkpoint",
+                str(tmp_path / "x.pth"),
+                "--config",
+                str(tmp_path / "c.json"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("starflow2 convert starflow: error: checkpoint")

@@ -25,12 +25,15 @@ def test_embedded_model_is_small_and_complete():
         assert (DEFAULT_MODEL / component).is_dir()
 
 
-@pytest.mark.parametrize("color, prompt", [
-    ("red", "a red circle on the left"),
-    ("blue", "a blue square at the top"),
-    ("green", "a green triangle in the center"),
-    ("yellow", "a yellow circle on the right"),
-])
+@pytest.mark.parametrize(
+    "color, prompt",
+    [
+        ("red", "a red circle on the left"),
+        ("blue", "a blue square at the top"),
+        ("green", "a green triangle in the center"),
+        ("yellow", "a yellow circle on the right"),
+    ],
+)
 def test_generated_image_has_the_asked_colour(pipe, color, prompt):
     image = pipe(prompt, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (pipe.image_size, pipe.image_size)
@@ -48,7 +51,8 @@ def test_understanding_with_the_embedded_model():
     chat = StarFlow2InterleavedPipeline.from_pretrained(DEFAULT_MODEL)
     chat.set_progress_bar_config(disable=True)
     image = StarFlow2Pipeline.from_pretrained(DEFAULT_MODEL)(
-        "a blue square at the top", generator=torch.Generator().manual_seed(0)).images[0]
+        "a blue square at the top", generator=torch.Generator().manual_seed(0)
+    ).images[0]
     answer = chat([image, "what color is the shape?"], max_new_tokens=3, guidance_scale=0.0).text
     assert isinstance(answer, str) and answer.strip(), "the model answered nothing"
 

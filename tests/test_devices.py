@@ -25,11 +25,21 @@ def test_issue_example_flow_block(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rope, text_dim, use_sos", [("2d", 0, True), ("3d", 12, True), ("1d", 12, False),
-                                                       ("none", 12, True)])
+@pytest.mark.parametrize(
+    "rope, text_dim, use_sos", [("2d", 0, True), ("3d", 12, True), ("1d", 12, False), ("none", 12, True)]
+)
 def test_one_decode_step_of_every_flow_block_kind(rope, text_dim, use_sos, device):
-    block = AutoregressiveFlowBlock(in_channels=4, channels=32, num_layers=1, head_dim=16, rope=rope,
-                                    text_dim=text_dim, use_sos=use_sos, num_positions=16, cond_dim=8).to(device)
+    block = AutoregressiveFlowBlock(
+        in_channels=4,
+        channels=32,
+        num_layers=1,
+        head_dim=16,
+        rope=rope,
+        text_dim=text_dim,
+        use_sos=use_sos,
+        num_positions=16,
+        cond_dim=8,
+    ).to(device)
     B, L = 2, 3 if text_dim else 0
     rope_tables = block.rotary(4, 4, L, device)
     assert rope_tables is None or rope_tables.device.type == device
@@ -54,8 +64,9 @@ def test_starflow_forward_and_sampling(device):
         tokens = sample_flow_block(block, noise, (8, 8), TarFlowScheduler(), GuidanceSpec(2.0), text=text)
         assert tokens.device.type == device
         if device != "meta":  # the same numbers as on the CPU
-            on_cpu = sample_flow_block(block.cpu(), noise.cpu(), (8, 8), TarFlowScheduler(), GuidanceSpec(2.0),
-                                       text=text.cpu())
+            on_cpu = sample_flow_block(
+                block.cpu(), noise.cpu(), (8, 8), TarFlowScheduler(), GuidanceSpec(2.0), text=text.cpu()
+            )
             assert torch.allclose(tokens.cpu(), on_cpu, atol=1e-4)
             block.to(device)
 
@@ -92,21 +103,35 @@ def test_pretzel_forward_and_image_sampling(device):
     tokens, logdets = transformer.shallow_forward(images, levels)
     assert tokens.device.type == device and all(logdet.device.type == device for logdet in logdets)
     cache = transformer.new_cache(vlm, levels)
-    cache.assign_positions = lambda lat, att: (torch.zeros(3, B, lat.shape[1], dtype=torch.long, device=device),
-                                               torch.zeros(B, lat.shape[1], dtype=torch.long, device=device))
+    cache.assign_positions = lambda lat, att: (
+        torch.zeros(3, B, lat.shape[1], dtype=torch.long, device=device),
+        torch.zeros(B, lat.shape[1], dtype=torch.long, device=device),
+    )
     out = transformer.step(vlm, cache, ids[:, :T])
     assert out.hidden_states.device.type == out.flow_hidden_states.device.type == device
     # decode steps of the deep stream through the one sampling loop
-    step = lambda inputs, index: transformer.latent_params(transformer.step(vlm, cache, latents=inputs)
-                                                           .flow_hidden_states)
-    x = sample_autoregressive(step, transformer.latent_params(cache.last_flow_hidden),
-                              torch.randn(B, 2, 4, device=device), TarFlowScheduler(), GuidanceSpec())
+    step = lambda inputs, index: transformer.latent_params(
+        transformer.step(vlm, cache, latents=inputs).flow_hidden_states
+    )
+    x = sample_autoregressive(
+        step,
+        transformer.latent_params(cache.last_flow_hidden),
+        torch.randn(B, 2, 4, device=device),
+        TarFlowScheduler(),
+        GuidanceSpec(),
+    )
     assert x.device.type == device and x.shape == (B, 2, 4)
     # one decode step of every shallow block
     for block in transformer.shallow:
         flow_cache = block.new_cache(B, N, torch.float32, device)
-        mu, _ = block.decode_step(torch.randn(B, 1, 4, device=device), 0, 0, block.rotary(*transformer.grid, 0, device),
-                                  flow_cache, cond=transformer.noise_embedding(levels))
+        mu, _ = block.decode_step(
+            torch.randn(B, 1, 4, device=device),
+            0,
+            0,
+            block.rotary(*transformer.grid, 0, device),
+            flow_cache,
+            cond=transformer.noise_embedding(levels),
+        )
         assert mu.device.type == device
 
 

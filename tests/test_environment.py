@@ -9,8 +9,19 @@ from packaging.requirements import Requirement
 
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 # The packages whose versions change what the suite computes or which APIs it reaches.
-CORE = ["torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "tokenizers", "huggingface_hub",
-        "datasets", "numpy", "pillow"]
+CORE = [
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "peft",
+    "safetensors",
+    "tokenizers",
+    "huggingface_hub",
+    "datasets",
+    "numpy",
+    "pillow",
+]
 
 
 def pinned() -> dict:
@@ -36,4 +47,5 @@ def test_installed_version_is_the_tested_one(name):
     installed = importlib.metadata.version(name).split("+")[0]  # torch's local tag (+cpu / +cu128)
     assert spec.contains(installed, prereleases=True), (
         f"{name} {installed} is installed but the tested set is {name}{spec}: install with "
-        f"`pip install -e \".[test]\" -c constraints.txt`, or retest and update constraints.txt")
+        f'`pip install -e ".[test]" -c constraints.txt`, or retest and update constraints.txt'
+    )

@@ -33,20 +33,41 @@ def inputs():
 def test_jacobi_with_enough_iterations_is_sequential_decoding(model, inputs, block_size, guidance_scale):
     noise, y, y_null = inputs
     sequential = sample_starflow(model, noise, y, y_null, guidance_scale)
-    jacobi = sample_starflow(model, noise, y, y_null, guidance_scale, jacobi_block_size=block_size,
-                             jacobi_tolerance=0.0, jacobi_max_iterations=block_size)
+    jacobi = sample_starflow(
+        model,
+        noise,
+        y,
+        y_null,
+        guidance_scale,
+        jacobi_block_size=block_size,
+        jacobi_tolerance=0.0,
+        jacobi_max_iterations=block_size,
+    )
     assert (jacobi - sequential).abs().max() <= ATOL
     # too few iterations and a loose tolerance give another (approximate) sample: the equality above is earned
-    rough = sample_starflow(model, noise, y, y_null, guidance_scale, jacobi_block_size=block_size,
-                            jacobi_tolerance=10.0, jacobi_max_iterations=1)
+    rough = sample_starflow(
+        model,
+        noise,
+        y,
+        y_null,
+        guidance_scale,
+        jacobi_block_size=block_size,
+        jacobi_tolerance=10.0,
+        jacobi_max_iterations=1,
+    )
     assert (rough - sequential).abs().max() > 1e-2
 
 
 def test_jacobi_tolerance_bounds_the_error(model, inputs):
     noise, y, y_null = inputs
     sequential = sample_starflow(model, noise, y, y_null, 2.0)
-    errors = [(sample_starflow(model, noise, y, y_null, 2.0, jacobi_block_size=16, jacobi_tolerance=tol)
-               - sequential).abs().max().item() for tol in (1e-1, 1e-3, 1e-5)]
+    errors = [
+        (sample_starflow(model, noise, y, y_null, 2.0, jacobi_block_size=16, jacobi_tolerance=tol) - sequential)
+        .abs()
+        .max()
+        .item()
+        for tol in (1e-1, 1e-3, 1e-5)
+    ]
     assert errors[2] <= errors[1] <= errors[0] and errors[2] < 1e-3
 
 
@@ -60,18 +81,24 @@ def test_jacobi_callback_sees_every_token_once_and_may_replace_it(model, inputs)
 
     x = sample_starflow(model, noise, y, y_null, 2.0, callback=callback, jacobi_block_size=8, jacobi_tolerance=0.0)
     assert seen == list(range(3 * 64))
-    ref = sample_starflow(model, noise, y, y_null, 2.0,
-                          callback=lambda i, x_i: torch.zeros_like(x_i) if i == 5 else x_i)
+    ref = sample_starflow(
+        model, noise, y, y_null, 2.0, callback=lambda i, x_i: torch.zeros_like(x_i) if i == 5 else x_i
+    )
     assert (x - ref).abs().max() <= ATOL  # the replaced token is fed back before the next window
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(jacobi_block_size=0), "jacobi_block_size"), (dict(jacobi_block_size=-3), "jacobi_block_size"),
-    (dict(jacobi_block_size=2.5), "jacobi_block_size"), (dict(jacobi_block_size=True), "jacobi_block_size"),
-    (dict(jacobi_block_size=4, jacobi_tolerance=-1e-3), "jacobi_tolerance"),
-    (dict(jacobi_block_size=4, jacobi_tolerance=float("nan")), "jacobi_tolerance"),
-    (dict(jacobi_block_size=4, jacobi_max_iterations=0), "jacobi_max_iterations"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(jacobi_block_size=0), "jacobi_block_size"),
+        (dict(jacobi_block_size=-3), "jacobi_block_size"),
+        (dict(jacobi_block_size=2.5), "jacobi_block_size"),
+        (dict(jacobi_block_size=True), "jacobi_block_size"),
+        (dict(jacobi_block_size=4, jacobi_tolerance=-1e-3), "jacobi_tolerance"),
+        (dict(jacobi_block_size=4, jacobi_tolerance=float("nan")), "jacobi_tolerance"),
+        (dict(jacobi_block_size=4, jacobi_max_iterations=0), "jacobi_max_iterations"),
+    ],
+)
 def test_bad_jacobi_arguments_are_refused(model, inputs, kwargs, name):
     noise, y, y_null = inputs
     value = next(iter(v for k, v in kwargs.items() if k == name))
@@ -134,8 +161,9 @@ def sample_span(pipe, noise, guidance_scale=0.0, **kwargs):
     ids, latent_mask, attention_mask, _ = pipe._batch(layouts)
     cache = pipe.transformer.new_cache(pipe.vlm_stream, torch.full((ids.shape[0],), 0.3))
     pipe.transformer.step(pipe.vlm_stream, cache, ids, None, latent_mask, attention_mask)
-    tokens = sample_image_tokens(pipe.transformer, pipe.vlm_stream, cache, noise, TarFlowScheduler(), guidance,
-                                 **kwargs)
+    tokens = sample_image_tokens(
+        pipe.transformer, pipe.vlm_stream, cache, noise, TarFlowScheduler(), guidance, **kwargs
+    )
     return tokens, cache
 
 
@@ -146,13 +174,13 @@ def span_noise(pipe):
 def test_pretzel_jacobi_runs_both_streams_and_equals_sequential_decoding(tiny_pipe):
     noise = span_noise(tiny_pipe)
     sequential, cache_seq = sample_span(tiny_pipe, noise, 2.0)
-    jacobi, cache_jac = sample_span(tiny_pipe, noise, 2.0, jacobi_block_size=5, jacobi_tolerance=0.0,
-                                    jacobi_max_iterations=5)
+    jacobi, cache_jac = sample_span(
+        tiny_pipe, noise, 2.0, jacobi_block_size=5, jacobi_tolerance=0.0, jacobi_max_iterations=5
+    )
     assert (jacobi - sequential).abs().max() <= ATOL
     assert cache_jac.length == cache_seq.length and cache_jac.flow.length == cache_seq.flow.length
     assert (cache_jac.last_flow_hidden - cache_seq.last_flow_hidden).abs().max() <= ATOL
-    rough, _ = sample_span(tiny_pipe, noise, 2.0, jacobi_block_size=5, jacobi_tolerance=10.0,
-                           jacobi_max_iterations=1)
+    rough, _ = sample_span(tiny_pipe, noise, 2.0, jacobi_block_size=5, jacobi_tolerance=10.0, jacobi_max_iterations=1)
     assert (rough - sequential).abs().max() > 1e-2
 
 
@@ -163,8 +191,13 @@ def test_pipelines_take_the_jacobi_options():
     pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
 
     def run(**jacobi):
-        return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent",
-                    num_denoising_steps=0, **jacobi).images
+        return pipe(
+            "a red circle",
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            num_denoising_steps=0,
+            **jacobi,
+        ).images
 
     sequential = run()
     assert (run(jacobi_block_size=4, jacobi_tolerance=0.0) - sequential).abs().max() <= ATOL
@@ -187,8 +220,13 @@ def test_jacobi_stop_leaves_the_caches_as_sequential_decoding_does(tiny_pipe, st
 
     def sample(**jacobi):
         seen = []
-        return sample_span(tiny_pipe, noise, callback=lambda i, x_i: seen.append(i) or x_i,
-                           stop=lambda: bool(seen) and seen[-1] == stop_at, **jacobi)
+        return sample_span(
+            tiny_pipe,
+            noise,
+            callback=lambda i, x_i: seen.append(i) or x_i,
+            stop=lambda: bool(seen) and seen[-1] == stop_at,
+            **jacobi,
+        )
 
     sequential, cache_seq = sample()
     jacobi, cache_jac = sample(jacobi_block_size=4, jacobi_tolerance=0.0)
@@ -204,8 +242,9 @@ def test_pipeline_transformer_compile_repeated_blocks():
     pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
 
     def run():
-        return pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="latent",
-                    num_denoising_steps=0).images
+        return pipe(
+            "a red circle", generator=torch.Generator().manual_seed(0), output_type="latent", num_denoising_steps=0
+        ).images
 
     expected = run()
     pipe.transformer.compile_repeated_blocks(backend="eager")

@@ -8,24 +8,40 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from diffusers_starflow2 import AutoregressiveFlowBlock, GuidanceSpec, StarFlowTransformerModel, TarFlowScheduler
-from diffusers_starflow2.sampling import sample_autoregressive, sample_flow_block, sample_starflow
 from diffusers_starflow2.loaders.single_file_starflow import (
     config_from_reference_kwargs,
     convert_starflow_state_dict,
     load_checkpoint,
     load_reference_config,
 )
+from diffusers_starflow2.sampling import sample_autoregressive, sample_flow_block, sample_starflow
 
-BASE = dict(in_channels=4, sample_size=4, patch_size=1, channels=32, layers_per_block=[1, 2], head_dim=16,
-            max_text_length=5, text_dim=12, use_rope=True, use_sos=True, cond_top_only=True, use_softplus=True,
-            final_norm=True, soft_clip=4.0, seq_order="L2R")
+BASE = dict(
+    in_channels=4,
+    sample_size=4,
+    patch_size=1,
+    channels=32,
+    layers_per_block=[1, 2],
+    head_dim=16,
+    max_text_length=5,
+    text_dim=12,
+    use_rope=True,
+    use_sos=True,
+    cond_top_only=True,
+    use_softplus=True,
+    final_norm=True,
+    soft_clip=4.0,
+    seq_order="L2R",
+)
 # name: (overrides of BASE, latent (H, W)); together they switch every option away from its BASE value.
 VARIANTS = {
     "base": ({}, (4, 4)),
     "r2l_exp_noclip_nofinalnorm": (dict(seq_order="R2L", use_softplus=False, soft_clip=0.0, final_norm=False), (4, 4)),
     "no_sos": (dict(use_sos=False), (4, 4)),
-    "gqa_gated_qknorm_postnorm_rms": (dict(num_heads=2, num_kv_heads=1, gated_mlp=True, qk_norm=True, post_norm=True,
-                                           norm_type="rms_norm"), (3, 5)),
+    "gqa_gated_qknorm_postnorm_rms": (
+        dict(num_heads=2, num_kv_heads=1, gated_mlp=True, qk_norm=True, post_norm=True, norm_type="rms_norm"),
+        (3, 5),
+    ),
     "nonorm_nobias_hfrope": (dict(norm_type="none", use_bias=False, hf_style_rope=True, head_dim=32), (4, 4)),
     "learned_pos_embed": (dict(use_rope=False), (4, 4)),
     "patch2_rect": (dict(patch_size=2, sample_size=8), (8, 12)),
@@ -104,8 +120,18 @@ def test_text_padding_is_ignored():
 
 def make_block(text_dim=12, num_kv_heads=None, **kwargs):
     rope = "3d" if text_dim else "2d"
-    block = AutoregressiveFlowBlock(in_channels=4, channels=32, num_layers=2, head_dim=16, num_heads=2,
-                                    num_kv_heads=num_kv_heads, text_dim=text_dim, rope=rope, pt_seq_len=4, **kwargs)
+    block = AutoregressiveFlowBlock(
+        in_channels=4,
+        channels=32,
+        num_layers=2,
+        head_dim=16,
+        num_heads=2,
+        num_kv_heads=num_kv_heads,
+        text_dim=text_dim,
+        rope=rope,
+        pt_seq_len=4,
+        **kwargs,
+    )
     return randomize(block)
 
 
@@ -132,7 +158,7 @@ def test_kv_cache_one_token_at_a_time_equals_full_pass(text_len, num_kv_heads, c
         full = block.transformer(h, rope)
         cache = block.new_cache(2, capacity, torch.float32, "cpu")  # capacity 1: the cache has to grow
         parts = [block.transformer(h[:, :text_len], rope[:, :text_len], cache)] if text_len else []
-        parts += [block.transformer(h[:, t:t + 1], rope[:, t:t + 1], cache) for t in range(text_len, text_len + N)]
+        parts += [block.transformer(h[:, t : t + 1], rope[:, t : t + 1], cache) for t in range(text_len, text_len + N)]
     assert cache.length == text_len + N
     assert_close(torch.cat(parts, dim=1), full, 1e-5)
 
@@ -146,10 +172,15 @@ def test_guide_scale_zero_is_conditional_branch():
     assert torch.equal(g_mu, mu[:3]) and torch.equal(g_sigma, sigma[:3])
 
 
-@pytest.mark.parametrize("scales, branches", [((0.0, 1.0), ("conditional",)),
-                                               ((2.0, 1.0), ("conditional", "unconditional")),
-                                               ((0.0, 1.5), ("conditional", "image", "unconditional")),
-                                               ((2.0, 1.5), ("conditional", "image", "unconditional"))])
+@pytest.mark.parametrize(
+    "scales, branches",
+    [
+        ((0.0, 1.0), ("conditional",)),
+        ((2.0, 1.0), ("conditional", "unconditional")),
+        ((0.0, 1.5), ("conditional", "image", "unconditional")),
+        ((2.0, 1.5), ("conditional", "image", "unconditional")),
+    ],
+)
 def test_guidance_spec_decides_branches_and_the_rule(scales, branches):
     spec = GuidanceSpec(*scales)
     assert spec.branches == branches and spec.num_branches == len(branches)
@@ -171,8 +202,13 @@ def test_guidance_spec_rejects_bad_scales():
     with pytest.raises(ValueError, match=r"`image_guidance_scale` must be >= 1 \(1 = no image guidance\); got 0.5"):
         GuidanceSpec(1.0, 0.5)
     with pytest.raises(ValueError, match="guidance"):
-        sample_autoregressive(lambda x, i: None, (torch.zeros(2, 1, 4), torch.ones(2, 1, 4)), torch.zeros(2, 3, 4),
-                              TarFlowScheduler(), GuidanceSpec(2.0))
+        sample_autoregressive(
+            lambda x, i: None,
+            (torch.zeros(2, 1, 4), torch.ones(2, 1, 4)),
+            torch.zeros(2, 3, 4),
+            TarFlowScheduler(),
+            GuidanceSpec(2.0),
+        )
 
 
 def fitted_gaussian(log_density, lo, hi):
@@ -182,8 +218,10 @@ def fitted_gaussian(log_density, lo, hi):
     return -b / (2 * a), -1 / (2 * a)
 
 
-@pytest.mark.parametrize("mu_c, s_c, mu_u, s_u, w", [(0.3, 0.5, -0.4, 0.9, 1.5), (-1.0, 1.2, 0.5, 1.2, 3.0),
-                                                     (2.0, 0.2, 1.0, 2.0, 0.5), (0.5, 1.5, -0.5, 0.7, 2.0)])
+@pytest.mark.parametrize(
+    "mu_c, s_c, mu_u, s_u, w",
+    [(0.3, 0.5, -0.4, 0.9, 1.5), (-1.0, 1.2, 0.5, 1.2, 3.0), (2.0, 0.2, 1.0, 2.0, 0.5), (0.5, 1.5, -0.5, 0.7, 2.0)],
+)
 def test_guide_is_tilted_gaussian(mu_c, s_c, mu_u, s_u, w):
     def log_normal(x, m, s):
         return -0.5 * ((x - m) / s) ** 2 - np.log(s)
@@ -191,8 +229,9 @@ def test_guide_is_tilted_gaussian(mu_c, s_c, mu_u, s_u, w):
     # sigma_c > sigma_u would give an improper density: the rule caps sigma_u at sigma_c
     s_u_eff = max(s_u, s_c)
     mean, var = fitted_gaussian(lambda x: (1 + w) * log_normal(x, mu_c, s_c) - w * log_normal(x, mu_u, s_u_eff), -5, 5)
-    g_mu, g_sigma = TarFlowScheduler.guide(torch.tensor([mu_c, mu_u], dtype=torch.float64),
-                                           torch.tensor([s_c, s_u], dtype=torch.float64), w)
+    g_mu, g_sigma = TarFlowScheduler.guide(
+        torch.tensor([mu_c, mu_u], dtype=torch.float64), torch.tensor([s_c, s_u], dtype=torch.float64), w
+    )
     assert abs(g_mu.item() - mean) < 1e-6 and abs(g_sigma.item() ** 2 - var) < 1e-6
 
 
@@ -202,11 +241,20 @@ def test_guidance_with_identical_branches_is_no_guidance(name):
     eps = torch.randn(2, 4, 4, 4)
     plain = sample_starflow(model, eps, encoder_hidden_states=y)
     other = torch.randn_like(y)
-    assert torch.equal(sample_starflow(model, eps, encoder_hidden_states=y, negative_encoder_hidden_states=other,
-                                    guidance_scale=0.0), plain)
-    assert_close(sample_starflow(model, eps, encoder_hidden_states=y, negative_encoder_hidden_states=y.clone(),
-                              guidance_scale=3.0), plain, 1e-5)
-    guided = sample_starflow(model, eps, encoder_hidden_states=y, negative_encoder_hidden_states=other, guidance_scale=3.0)
+    assert torch.equal(
+        sample_starflow(model, eps, encoder_hidden_states=y, negative_encoder_hidden_states=other, guidance_scale=0.0),
+        plain,
+    )
+    assert_close(
+        sample_starflow(
+            model, eps, encoder_hidden_states=y, negative_encoder_hidden_states=y.clone(), guidance_scale=3.0
+        ),
+        plain,
+        1e-5,
+    )
+    guided = sample_starflow(
+        model, eps, encoder_hidden_states=y, negative_encoder_hidden_states=other, guidance_scale=3.0
+    )
     assert (guided - plain).abs().max() > 1e-3
 
 
@@ -265,20 +313,20 @@ def test_step():
 def test_euler_denoising_on_gaussian_data():
     # data x0 ~ N(m, s0^2): x_t ~ N(m, s0^2 + t^2), grad NLL = (x - m) / (s0^2 + t^2), E[x0 | x_t] is linear in x_t
     m, s0, T, t_min = 0.7, 0.5, 0.3, 0.01
-    x_T = m + torch.randn(4, 8) * math.sqrt(s0 ** 2 + T ** 2)
-    posterior_mean = lambda x, t: m + s0 ** 2 / (s0 ** 2 + t ** 2) * (x - m)
+    x_T = m + torch.randn(4, 8) * math.sqrt(s0**2 + T**2)
+    posterior_mean = lambda x, t: m + s0**2 / (s0**2 + t**2) * (x - m)
     sched = TarFlowScheduler(noise_level=T, min_noise_level=t_min)
     sched.set_timesteps(1)
-    one = sched.step((x_T - m) / (s0 ** 2 + T ** 2), T, x_T).prev_sample
+    one = sched.step((x_T - m) / (s0**2 + T**2), T, x_T).prev_sample
     assert torch.allclose(one, posterior_mean(x_T, T), atol=1e-6)  # one step is Tweedie's formula
     sched.set_timesteps(200)
     x, dist = x_T, (x_T - m).abs()
     for t in sched.timesteps:
-        x = sched.step((x - m) / (s0 ** 2 + float(t) ** 2), t, x).prev_sample
+        x = sched.step((x - m) / (s0**2 + float(t) ** 2), t, x).prev_sample
         assert ((x - m).abs() <= dist + 1e-7).all()  # every step moves toward the mean
         dist = (x - m).abs()
     # Euler follows the probability-flow ODE x_t - m ∝ sqrt(s0^2 + t^2); the last step is Tweedie at t_min
-    x_ode = m + (x_T - m) * math.sqrt((s0 ** 2 + t_min ** 2) / (s0 ** 2 + T ** 2))
+    x_ode = m + (x_T - m) * math.sqrt((s0**2 + t_min**2) / (s0**2 + T**2))
     assert torch.allclose(x, posterior_mean(x_ode, t_min), atol=1e-3)
 
 
@@ -293,7 +341,9 @@ def test_save_pretrained_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, encoder_hidden_states=y).z, model(x, encoder_hidden_states=y).z)
     eps = torch.randn_like(x)
-    assert torch.equal(sample_starflow(loaded, eps, encoder_hidden_states=y), sample_starflow(model, eps, encoder_hidden_states=y))
+    assert torch.equal(
+        sample_starflow(loaded, eps, encoder_hidden_states=y), sample_starflow(model, eps, encoder_hidden_states=y)
+    )
 
 
 def test_invalid_model_inputs():

@@ -102,16 +102,29 @@ def test_repo_id_round_trip_through_the_hub_cache(pushed, tmp_path):
     assert report == {"generic_class": "StarFlow2Pipeline", "ours": 0.0, "generic": 0.0}
 
 
-
 def test_training_starts_from_a_repo_id(pushed, tmp_path):
     from diffusers_starflow2.world.synthetic_world import write_world
 
     hf_home = tmp_path / "hf_home"
     cache_layout(pushed / "uploaded", hf_home, REPO_ID)
     write_world(tmp_path / "world", num_images=2, seed=0, image_size=32, kinds=["caption"], progress=False)
-    cmd = [sys.executable, "-m", "diffusers_starflow2.training.train_starflow2", "--stage", "1",
-           "--pretrained_model_name_or_path", REPO_ID, "--train_data_dir", str(tmp_path / "world" / "caption"),
-           "--output_dir", str(tmp_path / "run"), "--max_train_steps", "1", "--train_batch_size", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffusers_starflow2.training.train_starflow2",
+        "--stage",
+        "1",
+        "--pretrained_model_name_or_path",
+        REPO_ID,
+        "--train_data_dir",
+        str(tmp_path / "world" / "caption"),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--max_train_steps",
+        "1",
+        "--train_batch_size",
+        "2",
+    ]
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

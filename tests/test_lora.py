@@ -1,20 +1,16 @@
 """StarFlow2LoraLoaderMixin and LoRA training: LoRA files load into a pipeline and change its output; adapter weights,
 fusing and unloading behave like diffusers' other LoRA pipelines."""
 
-
 import pytest
-
-pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 import torch
+from conftest import write_training_workdir  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict
 
-
-from conftest import write_training_workdir  # noqa: E402
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
+from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
 
-
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +20,13 @@ def work(tmp_path_factory):
 
 
 def sample(pipe):
-    return pipe("a red circle", guidance_scale=1.0, num_denoising_steps=0, output_type="latent",
-                generator=torch.Generator().manual_seed(0)).images
+    return pipe(
+        "a red circle",
+        guidance_scale=1.0,
+        num_denoising_steps=0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
 
 
 def add_random_lora(components, vlm=True):
@@ -50,10 +51,12 @@ def test_save_load_switch_fuse_unload(tmp_path):
     add_random_lora(source)
     expected = sample(StarFlow2Pipeline(**source))
     StarFlow2Pipeline.save_lora_weights(
-        tmp_path, transformer_lora_layers=get_peft_model_state_dict(source["transformer"]),
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(source["transformer"]),
         vlm_lora_layers=get_peft_model_state_dict(source["vlm"]),
         transformer_lora_adapter_metadata=source["transformer"].peft_config["default"].to_dict(),
-        vlm_lora_adapter_metadata=source["vlm"].peft_config["default"].to_dict())
+        vlm_lora_adapter_metadata=source["vlm"].peft_config["default"].to_dict(),
+    )
     state_dict = StarFlow2Pipeline.lora_state_dict(tmp_path)
     assert {k.split(".")[0] for k in state_dict} == {"transformer", "vlm"}
 
@@ -98,9 +101,26 @@ def test_transformer_only_lora_and_bad_files(tmp_path):
 
 def test_lora_training_writes_a_loadable_file(work, tmp_path):
     out = tmp_path / "run"
-    argv = ["--stage", "1", "--pretrained_model_name_or_path", str(work / "pipe"), "--output_dir", str(out),
-            "--train_data_dir", str(work / "world" / "caption"), "--max_train_steps", "3", "--train_batch_size", "2",
-            "--learning_rate", "1e-2", "--lora_rank", "4", "--lora_vlm", "--save_fused"]
+    argv = [
+        "--stage",
+        "1",
+        "--pretrained_model_name_or_path",
+        str(work / "pipe"),
+        "--output_dir",
+        str(out),
+        "--train_data_dir",
+        str(work / "world" / "caption"),
+        "--max_train_steps",
+        "3",
+        "--train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--lora_rank",
+        "4",
+        "--lora_vlm",
+        "--save_fused",
+    ]
     train.main(train.parse_args(argv))
     lora_file = out / "pytorch_lora_weights.safetensors"
     assert lora_file.is_file()
@@ -122,9 +142,22 @@ def test_lora_training_writes_a_loadable_file(work, tmp_path):
 
 
 def test_lora_arguments(work, tmp_path):
-    common = ["--stage", "1", "--pretrained_model_name_or_path", str(work / "pipe"), "--output_dir", str(tmp_path),
-              "--train_data_dir", str(work / "world" / "caption"), "--max_train_steps", "1"]
-    for extra, match in ((["--lora_rank", "-2"], "--lora_rank"), (["--save_fused"], "--save_fused"),
-                         (["--lora_rank", "4", "--lora_target_modules", "nope"], "--lora_target_modules")):
+    common = [
+        "--stage",
+        "1",
+        "--pretrained_model_name_or_path",
+        str(work / "pipe"),
+        "--output_dir",
+        str(tmp_path),
+        "--train_data_dir",
+        str(work / "world" / "caption"),
+        "--max_train_steps",
+        "1",
+    ]
+    for extra, match in (
+        (["--lora_rank", "-2"], "--lora_rank"),
+        (["--save_fused"], "--save_fused"),
+        (["--lora_rank", "4", "--lora_target_modules", "nope"], "--lora_target_modules"),
+    ):
         with pytest.raises(train.ArgumentError, match=match):
             train.main(train.parse_args(common + extra))

@@ -38,13 +38,31 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
-@pytest.mark.parametrize("cls, call", [
-    (StarFlow2Pipeline, lambda p: p("a red circle", generator=gen(), num_denoising_steps=1, output_type="pt").images),
-    (StarFlow2EditPipeline, lambda p: p(torch.rand(3, 32, 32, generator=gen()), "make it blue", generator=gen(),
-                                        num_denoising_steps=1, output_type="pt").images),
-    (StarFlow2InterleavedPipeline, lambda p: p(["hi", "<image>"], generator=gen(), max_new_tokens=2,
-                                               output_type="pt").segments[0]),
-])
+@pytest.mark.parametrize(
+    "cls, call",
+    [
+        (
+            StarFlow2Pipeline,
+            lambda p: p("a red circle", generator=gen(), num_denoising_steps=1, output_type="pt").images,
+        ),
+        (
+            StarFlow2EditPipeline,
+            lambda p: (
+                p(
+                    torch.rand(3, 32, 32, generator=gen()),
+                    "make it blue",
+                    generator=gen(),
+                    num_denoising_steps=1,
+                    output_type="pt",
+                ).images
+            ),
+        ),
+        (
+            StarFlow2InterleavedPipeline,
+            lambda p: p(["hi", "<image>"], generator=gen(), max_new_tokens=2, output_type="pt").segments[0],
+        ),
+    ],
+)
 def test_model_cpu_offload_moves_the_vlm_and_the_pretzel(cls, call, hook_calls):
     expected = call(make(cls, offload=False))
     assert not hook_calls
@@ -65,8 +83,9 @@ def test_starflow_model_cpu_offload_moves_the_transformer(hook_calls):
     pipe.enable_model_cpu_offload(device="cpu")
     out = pipe("a red cat", generator=gen(), output_type="pt", num_denoising_steps=0).images
     assert hook_calls["StarFlowTransformerModel"] >= 1 and hook_calls["T5EncoderModel"] >= 1, hook_calls
-    torch.testing.assert_close(out, expected("a red cat", generator=gen(), output_type="pt",
-                                             num_denoising_steps=0).images)
+    torch.testing.assert_close(
+        out, expected("a red cat", generator=gen(), output_type="pt", num_denoising_steps=0).images
+    )
 
 
 def test_sequential_cpu_offload_refuses_and_says_why():

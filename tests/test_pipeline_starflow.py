@@ -36,17 +36,35 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def build_components():
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2,
-                                           num_heads=2, pad_token_id=0, eos_token_id=1)).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=VAE_CHANNELS, layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).eval()
     transformer = StarFlowTransformerModel(**tiny_starflow_config()).eval()
     for block in transformer.blocks:  # the output projection starts at zero (identity flow): make the flow non-trivial
         torch.nn.init.normal_(block.proj_out.weight, std=0.05)
-    return dict(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
-                scheduler=TarFlowScheduler())
-
+    return dict(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae, scheduler=TarFlowScheduler()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +96,13 @@ def test_vae_factor_and_default_size(pipe):
 @pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
 def test_output_types(pipe, output_type):
     height, width = 2 * SIZE, SIZE
-    out = pipe(["a cat", "a dog"], height=height, width=width, output_type=output_type,
-               generator=torch.Generator().manual_seed(0))
+    out = pipe(
+        ["a cat", "a dog"],
+        height=height,
+        width=width,
+        output_type=output_type,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert isinstance(out, StarFlowPipelineOutput)
     images = out.images
     if output_type == "pil":
@@ -94,7 +117,7 @@ def test_output_types(pipe, output_type):
 
 
 def test_tuple_output_and_default_size(pipe):
-    images, = pipe("a cat", output_type="np", return_dict=False, generator=torch.Generator().manual_seed(0))
+    (images,) = pipe("a cat", output_type="np", return_dict=False, generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, pipe.default_size, pipe.default_size, 3)
 
 
@@ -109,8 +132,9 @@ def test_prompt_changes_image(pipe):
 
 
 def test_encode_prompt_zeroes_padding(pipe):
-    embeds, negative = pipe.encode_prompt(["a cat", "a big blue dog"], do_classifier_free_guidance=True,
-                                          num_images_per_prompt=2)
+    embeds, negative = pipe.encode_prompt(
+        ["a cat", "a big blue dog"], do_classifier_free_guidance=True, num_images_per_prompt=2
+    )
     assert embeds.shape == negative.shape == (4, tiny_starflow_config()["max_text_length"], 32)
     # "a cat" + eos = 3 tokens, "a big blue dog" + eos = 5 tokens; the rest is padding
     assert embeds[0, 3:].abs().max() == 0 and embeds[0, :3].abs().min() > 0
@@ -129,8 +153,14 @@ def test_matches_transformer_sample_and_denoise(pipe, guidance_scale):
     noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))
     latents = run(pipe, "a small bird", latents=noise, guidance_scale=guidance_scale, output_type="latent")
     y, y_null = pipe.encode_prompt("a small bird", do_classifier_free_guidance=True)
-    expected = sample_starflow(pipe.transformer, noise, encoder_hidden_states=y, negative_encoder_hidden_states=y_null,
-                                       guidance_scale=guidance_scale, scheduler=pipe.scheduler)
+    expected = sample_starflow(
+        pipe.transformer,
+        noise,
+        encoder_hidden_states=y,
+        negative_encoder_hidden_states=y_null,
+        guidance_scale=guidance_scale,
+        scheduler=pipe.scheduler,
+    )
     expected = denoise_starflow(pipe.transformer, expected, encoder_hidden_states=y, noise_level=0.3, num_steps=1)
     torch.testing.assert_close(latents, expected)
 
@@ -165,7 +195,7 @@ def test_latents_override(pipe):
 
 
 def test_callbacks_and_progress_bar(pipe):
-    num_tokens = len(pipe.transformer.blocks) * LATENT ** 2  # every block samples every token (start token on)
+    num_tokens = len(pipe.transformer.blocks) * LATENT**2  # every block samples every token (start token on)
     calls = []
 
     def record(p, step, t, kwargs):
@@ -204,7 +234,7 @@ def test_callbacks_and_progress_bar(pipe):
 
 
 def test_callback_replaces_latents(pipe):
-    last = len(pipe.transformer.blocks) * LATENT ** 2  # the (only) denoising step
+    last = len(pipe.transformer.blocks) * LATENT**2  # the (only) denoising step
 
     def zero_last(p, step, t, kwargs):
         return {"latents": torch.zeros_like(kwargs["latents"])} if step == last else {}
@@ -220,7 +250,10 @@ def test_save_load_round_trip(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "StarFlowPipeline"
-    assert index["transformer"] == ["diffusers_starflow2", "StarFlowTransformerModel"]  # the installed package: loadable from a repo id
+    assert index["transformer"] == [
+        "diffusers_starflow2",
+        "StarFlowTransformerModel",
+    ]  # the installed package: loadable from a repo id
     assert index["scheduler"] == ["diffusers_starflow2", "TarFlowScheduler"]
     assert index["text_encoder"] == ["transformers", "T5EncoderModel"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
@@ -230,8 +263,11 @@ def test_save_load_round_trip(pipe, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated")
-@pytest.mark.parametrize("dtype_arg, dtype", [("torch_dtype", torch.float16), ("dtype", torch.bfloat16)],
-                         ids=["torch_dtype-float16", "dtype-bfloat16"])
+@pytest.mark.parametrize(
+    "dtype_arg, dtype",
+    [("torch_dtype", torch.float16), ("dtype", torch.bfloat16)],
+    ids=["torch_dtype-float16", "dtype-bfloat16"],
+)
 def test_load_in_half_precision(pipe, tmp_path, dtype_arg, dtype):
     pipe.save_pretrained(tmp_path)
     loaded = StarFlowPipeline.from_pretrained(tmp_path, **{dtype_arg: dtype})
@@ -242,23 +278,26 @@ def test_load_in_half_precision(pipe, tmp_path, dtype_arg, dtype):
     assert images.shape == (1, SIZE, SIZE, 3) and np.isfinite(images).all()
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(height=SIZE - 1), "height"),
-    (dict(width=SIZE + 1), "width"),
-    (dict(height=0), "height"),
-    (dict(prompt=""), "prompt"),
-    (dict(prompt=["a cat", "  "]), "prompt"),
-    (dict(prompt=[]), "prompt"),
-    (dict(negative_prompt=["", ""]), "negative_prompt"),
-    (dict(max_sequence_length=9), "max_sequence_length"),
-    (dict(guidance_scale=-1.0), "guidance_scale"),
-    (dict(output_type="jpeg"), "output_type"),
-    (dict(generator=[torch.Generator(), torch.Generator()]), "generator"),
-    (dict(latents=torch.zeros(1, 4, 2 * LATENT, LATENT)), "latents"),
-    (dict(num_denoising_steps=-1), "num_denoising_steps"),
-    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
-    (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(height=SIZE - 1), "height"),
+        (dict(width=SIZE + 1), "width"),
+        (dict(height=0), "height"),
+        (dict(prompt=""), "prompt"),
+        (dict(prompt=["a cat", "  "]), "prompt"),
+        (dict(prompt=[]), "prompt"),
+        (dict(negative_prompt=["", ""]), "negative_prompt"),
+        (dict(max_sequence_length=9), "max_sequence_length"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(generator=[torch.Generator(), torch.Generator()]), "generator"),
+        (dict(latents=torch.zeros(1, 4, 2 * LATENT, LATENT)), "latents"),
+        (dict(num_denoising_steps=-1), "num_denoising_steps"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
+    ],
+)
 def test_bad_inputs(pipe, kwargs, name):
     kwargs = {"prompt": "a cat", "height": SIZE, "width": SIZE, **kwargs}
     with pytest.raises(ValueError, match=f"`{name}`"):
@@ -296,16 +335,45 @@ def test_converter_writes_a_full_pipeline(pipe, components, tmp_path, converter)
     components["tokenizer"].save_pretrained(te_dir)
     components["vae"].save_pretrained(vae_dir)
     cfg = components["transformer"].config
-    kwargs = dict(in_channels=cfg.in_channels, img_size=cfg.sample_size, patch_size=cfg.patch_size,
-                  channels=cfg.channels, num_blocks=len(cfg.layers_per_block), layers_per_block=list(cfg.layers_per_block),
-                  head_dim=cfg.head_dim, rope=int(cfg.use_rope), sos=int(cfg.use_sos), txt_size=cfg.max_text_length,
-                  txt_dim=cfg.text_dim, cond_top_only=int(cfg.cond_top_only), use_softplus=int(cfg.use_softplus),
-                  use_final_norm=int(cfg.final_norm), soft_clip=cfg.soft_clip, seq_order=cfg.seq_order)
+    kwargs = dict(
+        in_channels=cfg.in_channels,
+        img_size=cfg.sample_size,
+        patch_size=cfg.patch_size,
+        channels=cfg.channels,
+        num_blocks=len(cfg.layers_per_block),
+        layers_per_block=list(cfg.layers_per_block),
+        head_dim=cfg.head_dim,
+        rope=int(cfg.use_rope),
+        sos=int(cfg.use_sos),
+        txt_size=cfg.max_text_length,
+        txt_dim=cfg.text_dim,
+        cond_top_only=int(cfg.cond_top_only),
+        use_softplus=int(cfg.use_softplus),
+        use_final_norm=int(cfg.final_norm),
+        soft_clip=cfg.soft_clip,
+        seq_order=cfg.seq_order,
+    )
     (tmp_path / "config.json").write_text(__import__("json").dumps({"model_kwargs": kwargs}))
     ckpt = tmp_path / "model.pth"
     torch.save({to_reference_key(k): v for k, v in components["transformer"].state_dict().items()}, ckpt)
-    assert converter.main(["--checkpoint", str(ckpt), "--config", str(tmp_path / "config.json"), "--output", str(out),
-                           "--save_full_pipeline", "--text_encoder", str(te_dir), "--vae", str(vae_dir)]) == 0
+    assert (
+        converter.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--config",
+                str(tmp_path / "config.json"),
+                "--output",
+                str(out),
+                "--save_full_pipeline",
+                "--text_encoder",
+                str(te_dir),
+                "--vae",
+                str(vae_dir),
+            ]
+        )
+        == 0
+    )
     loaded = StarFlowPipeline.from_pretrained(out)
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(loaded), run(pipe))
@@ -330,7 +398,7 @@ def test_log_likelihood_is_the_flow_density(pipe):
 
 
 def test_interrupt_stops_cleanly(pipe):
-    num_tokens = len(pipe.transformer.blocks) * LATENT ** 2
+    num_tokens = len(pipe.transformer.blocks) * LATENT**2
     steps = []
 
     def stop_at_5(p, step, t, kwargs):
@@ -345,4 +413,4 @@ def test_interrupt_stops_cleanly(pipe):
     full = run(pipe, latents=noise, output_type="latent", num_denoising_steps=0)
     assert out.shape == full.shape and not torch.allclose(out, full)
     same = (out == noise).all(dim=1).flatten()  # (N,) positions still holding their noise
-    assert int(same.sum()) == LATENT ** 2 - 6 and num_tokens > 6
+    assert int(same.sum()) == LATENT**2 - 6 and num_tokens > 6

@@ -26,9 +26,14 @@ PROMPT, OTHER = "a red circle on the left", "blue"
 NOISE_LEVEL = 0.3
 GUIDANCE = 1.5
 # diffusers names -> reference STARFlow MetaBlock names inside one Transformer layer
-REFERENCE_LAYER_NAMES = {"attn.to_qkv": "attention.qkv", "attn.to_out": "attention.proj",
-                         "attn.norm": "attention.norm", "mlp.fc1": "mlp.main.0", "mlp.fc2": "mlp.main.2",
-                         "mlp.norm": "mlp.norm"}
+REFERENCE_LAYER_NAMES = {
+    "attn.to_qkv": "attention.qkv",
+    "attn.to_out": "attention.proj",
+    "attn.norm": "attention.norm",
+    "mlp.fc1": "mlp.main.0",
+    "mlp.fc2": "mlp.main.2",
+    "mlp.norm": "mlp.norm",
+}
 
 
 def load_script(name):
@@ -50,7 +55,6 @@ def make_pipe(**kwargs):
     pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(**kwargs))
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +97,7 @@ def teacher_forced_params(pipe, ids, attention_mask, tokens, levels):
     latents[:, T:] = tokens
     cache = transformer.new_cache(pipe.vlm_stream, levels, use_flow_cache=False)
     out = transformer.step(pipe.vlm_stream, cache, full_ids, latents, latent_mask, mask)
-    return transformer.latent_params(out.flow_hidden_states[:, T - 1:T + N - 1])
+    return transformer.latent_params(out.flow_hidden_states[:, T - 1 : T + N - 1])
 
 
 @torch.no_grad()
@@ -119,8 +123,9 @@ def test_cached_sampling_matches_teacher_forced_pass(pipe):
     assert attention_mask.sum(1).tolist()[0] != attention_mask.sum(1).tolist()[1]
     N, C = pipe.transformer.num_latents, pipe.transformer.config.latent_channels
     noise = torch.randn(1, N, C, generator=gen(0))
-    tokens = sample_image_tokens(pipe.transformer, pipe.vlm_stream, cache, noise, pipe.scheduler,
-                                 GuidanceSpec(GUIDANCE))
+    tokens = sample_image_tokens(
+        pipe.transformer, pipe.vlm_stream, cache, noise, pipe.scheduler, GuidanceSpec(GUIDANCE)
+    )
     assert tokens.shape == (1, N, C) and cache.flow.length == ids.shape[1] + N
 
     mu, sigma = teacher_forced_params(pipe, ids, attention_mask, tokens.repeat(2, 1, 1), levels)
@@ -219,26 +224,28 @@ def test_callback_runs_once_per_latent_and_can_replace_latents(pipe):
     assert not torch.allclose(plain, zeroed, atol=1e-3)
     assert torch.equal(zeroed, zeroed_other_seed)  # the noise no longer matters
     # every x~_i forced to zero: the image is the shallow inverse of an all-zero token sequence
-    expected = shallow_reverse(pipe.transformer, torch.zeros(1, N, 4), torch.full((1,), NOISE_LEVEL),
-                               pipe.scheduler)
+    expected = shallow_reverse(pipe.transformer, torch.zeros(1, N, 4), torch.full((1,), NOISE_LEVEL), pipe.scheduler)
     assert torch.allclose(zeroed, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(height=31), "height"),
-    (dict(width=64), "width"),
-    (dict(prompt=""), "prompt"),
-    (dict(prompt=["a cat", "  "]), "prompt"),
-    (dict(prompt="a red circle " * 8, max_sequence_length=8), "prompt"),
-    (dict(guidance_scale=-1.0), "guidance_scale"),
-    (dict(guidance_scale=float("nan")), "guidance_scale"),
-    (dict(output_type="jpeg"), "output_type"),
-    (dict(generator=[gen(0), gen(1)]), "generator"),
-    (dict(num_denoising_steps=-1), "num_denoising_steps"),
-    (dict(latents=torch.zeros(1, 4, 4, 4)), "latents"),
-    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
-    (dict(negative_prompt=["a", "b"]), "negative_prompt"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(height=31), "height"),
+        (dict(width=64), "width"),
+        (dict(prompt=""), "prompt"),
+        (dict(prompt=["a cat", "  "]), "prompt"),
+        (dict(prompt="a red circle " * 8, max_sequence_length=8), "prompt"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(generator=[gen(0), gen(1)]), "generator"),
+        (dict(num_denoising_steps=-1), "num_denoising_steps"),
+        (dict(latents=torch.zeros(1, 4, 4, 4)), "latents"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt"),
+    ],
+)
 def test_bad_inputs_raise(pipe, kwargs, name):
     kwargs = {"prompt": PROMPT, **kwargs}
     with pytest.raises(ValueError, match=f"`{name}`"):
@@ -277,8 +284,14 @@ def test_save_and_load_round_trip(pipe, tmp_path):
 
 
 def test_make_tiny_folder_loads_and_generates(pipe, tiny_dir):
-    assert sorted(p.name for p in tiny_dir.iterdir()) == \
-        ["model_index.json", "scheduler", "tokenizer", "transformer", "vae", "vlm"]
+    assert sorted(p.name for p in tiny_dir.iterdir()) == [
+        "model_index.json",
+        "scheduler",
+        "tokenizer",
+        "transformer",
+        "vae",
+        "vlm",
+    ]
     loaded = StarFlow2Pipeline.from_pretrained(tiny_dir)
     loaded.set_progress_bar_config(disable=True)
     image = loaded(PROMPT, generator=gen(0), num_denoising_steps=0).images[0]
@@ -330,12 +343,20 @@ def test_assemble_round_trip(tmp_path, capsys):
     assert "fae.pixel_decoder.proj_in.weight" in state and "deep.proj_cond.weight" in state
     assert "deep.attn_blocks.1.mlp.main.2.weight" in state and "shallow.0.attn_blocks.0.attention.qkv.bias" in state
     save_file({**state, "deep.attn_mask": torch.ones(16, 16)}, tmp_path / "starflow2.safetensors")  # unused buffer
-    config = {"pretzel": pretzel_tiny_config(), "fae": {k: v for k, v in fae_tiny_config().items()
-                                                         if k != "dinov2_config"}}
+    config = {
+        "pretzel": pretzel_tiny_config(),
+        "fae": {k: v for k, v in fae_tiny_config().items() if k != "dinov2_config"},
+    }
     del config["pretzel"]["vision_start_token_id"]  # taken from the tokenizer
     (tmp_path / "config.json").write_text(json.dumps(config))
-    args = ["--vlm", str(tmp_path / "vlm"), "--dinov2", str(tmp_path / "dinov2"), "--config",
-            str(tmp_path / "config.json")]
+    args = [
+        "--vlm",
+        str(tmp_path / "vlm"),
+        "--dinov2",
+        str(tmp_path / "dinov2"),
+        "--config",
+        str(tmp_path / "config.json"),
+    ]
     script = load_script("assemble_starflow2")
 
     out = tmp_path / "assembled"
@@ -356,8 +377,12 @@ def test_assemble_round_trip(tmp_path, capsys):
     capsys.readouterr()
     assert script.main([*args, "--weights", str(tmp_path / "broken.pth"), "--output", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    for key in ("deep.layers.1.mlp.fc2.weight", "deep.attn_blocks.0.attention.rotary.freqs",
-                "fae.dinov2.embeddings.cls_token", "shallow.1.layers.0.attn.to_qkv.weight"):
+    for key in (
+        "deep.layers.1.mlp.fc2.weight",
+        "deep.attn_blocks.0.attention.rotary.freqs",
+        "fae.dinov2.embeddings.cls_token",
+        "shallow.1.layers.0.attn.to_qkv.weight",
+    ):
         assert key in err, err
     assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -374,8 +399,9 @@ def teacher_forced_image_nll(pipe, ids, attention_mask, x, level):
     full_ids = torch.cat([ids, ids.new_zeros(B, N)], dim=1)
     latent_mask = torch.cat([torch.zeros(B, T, dtype=torch.bool), torch.ones(B, N, dtype=torch.bool)], dim=1)
     mask = torch.cat([attention_mask, torch.ones(B, N, dtype=torch.bool)], dim=1)
-    return pipe.transformer(pipe.vlm_stream, full_ids, latent_mask, x, torch.full((B,), level),
-                            attention_mask=mask).image_nll
+    return pipe.transformer(
+        pipe.vlm_stream, full_ids, latent_mask, x, torch.full((B,), level), attention_mask=mask
+    ).image_nll
 
 
 @torch.no_grad()
@@ -399,8 +425,12 @@ def test_log_likelihood_is_the_flow_density(pipe):
     bpd = pipe.log_likelihood(images, [PROMPT, OTHER], generator=[gen(4), gen(5)])
     assert bpd.shape == (2,) and bpd.dtype == torch.float32
     # independent reference: the same noisy latents through a teacher-forced pass
-    noisy = torch.cat([pipe.noisy_latents(pipe.preprocess_image(images[i:i + 1]), NOISE_LEVEL, g)
-                       for i, g in enumerate((gen(4), gen(5)))])
+    noisy = torch.cat(
+        [
+            pipe.noisy_latents(pipe.preprocess_image(images[i : i + 1]), NOISE_LEVEL, g)
+            for i, g in enumerate((gen(4), gen(5)))
+        ]
+    )
     cache, ids, attention_mask, _ = prompt_cache(pipe, [PROMPT, OTHER])
     expected = teacher_forced_image_nll(pipe, ids, attention_mask, noisy, NOISE_LEVEL) / math.log(2)
     assert torch.allclose(bpd, expected, atol=1e-5)
@@ -458,8 +488,9 @@ def test_interrupt_returns_what_was_made(pipe):
         return {}
 
     noise = torch.randn(1, pipe.transformer.num_latents, 4, generator=gen(6))
-    out = pipe(PROMPT, latents=noise, num_denoising_steps=2, output_type="latent",
-               callback_on_step_end=stop_after_4).images
+    out = pipe(
+        PROMPT, latents=noise, num_denoising_steps=2, output_type="latent", callback_on_step_end=stop_after_4
+    ).images
     assert len(made) == 4 and not pipe.interrupt
     # the 4 latents made, the rest still noise, no denoising: the shallow inverse of that token sequence
     tokens = torch.cat([torch.cat(made, dim=1), noise[:, 4:]], dim=1)

@@ -20,7 +20,6 @@ PROMPT, NEXT_PROMPT = "make the cat blue", "now make it smaller"
 FAST = dict(num_denoising_steps=0, output_type="latent")
 
 
-
 @pytest.fixture(scope="module")
 def components():
     return build_tiny_starflow2_components(seed=0)
@@ -59,26 +58,44 @@ def flow_noise(pipe, seed, batch_size=1):
 
 @torch.no_grad()
 def test_conditional_only_equals_single_branch_by_hand(pipe, source):
-    out = pipe(PIL.Image.fromarray(source), PROMPT, negative_prompt="a dog", guidance_scale=0.0,
-               image_guidance_scale=1.0, generator=seeded(0), num_denoising_steps=1, output_type="latent")
+    out = pipe(
+        PIL.Image.fromarray(source),
+        PROMPT,
+        negative_prompt="a dog",
+        guidance_scale=0.0,
+        image_guidance_scale=1.0,
+        generator=seeded(0),
+        num_denoising_steps=1,
+        output_type="latent",
+    )
     assert isinstance(out, StarFlow2EditPipelineOutput) and out.state.num_branches == 1
 
     generator = seeded(0)
     tokens = source_tokens_by_hand(pipe, source, generator)
     N = pipe.transformer.num_latents
-    layout = encode_conversation(pipe.tokenizer, [user_message(None, PROMPT)], N, add_generation_prompt=True,
-                                 open_image=True)
+    layout = encode_conversation(
+        pipe.tokenizer, [user_message(None, PROMPT)], N, add_generation_prompt=True, open_image=True
+    )
     text = pipe.tokenizer.decode(layout.input_ids)
-    assert text.endswith("<|vision_start|>" + "<|image_pad|>" * N + f"<|vision_end|>{PROMPT}<|im_end|>\n"
-                         "<|im_start|>assistant\n<|vision_start|>")
+    assert text.endswith(
+        "<|vision_start|>" + "<|image_pad|>" * N + f"<|vision_end|>{PROMPT}<|im_end|>\n"
+        "<|im_start|>assistant\n<|vision_start|>"
+    )
     cache = pipe._new_cache(1, 0.3)
     pipe._run_text(cache, [layout], tokens)
     noise = torch.randn(1, N, pipe.transformer.config.latent_channels, generator=generator)
     expected_tokens, expected = pipe.generate_image(cache, noise, GuidanceSpec(), num_denoising_steps=1)
     torch.testing.assert_close(out.state.image_tokens, expected_tokens, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=0)
-    default_negative = pipe(PIL.Image.fromarray(source), PROMPT, guidance_scale=0.0, image_guidance_scale=1.0,
-                            generator=seeded(0), num_denoising_steps=1, output_type="latent")
+    default_negative = pipe(
+        PIL.Image.fromarray(source),
+        PROMPT,
+        guidance_scale=0.0,
+        image_guidance_scale=1.0,
+        generator=seeded(0),
+        num_denoising_steps=1,
+        output_type="latent",
+    )
     torch.testing.assert_close(default_negative.images, out.images, atol=0, rtol=0)
 
 
@@ -104,10 +121,16 @@ def test_image_formats_and_seeds(pipe, source):
 def test_three_branch_guidance_batched(pipe, source):
     prompts, generators = [PROMPT, "make it red"], [seeded(0), seeded(1)]
     steps = []
-    three = pipe(source, prompts, guidance_scale=2.0, image_guidance_scale=1.5, generator=generators,
-                 callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {}, **FAST)
-    two = pipe(source, prompts, guidance_scale=2.0, image_guidance_scale=1.0,
-               generator=[seeded(0), seeded(1)], **FAST)
+    three = pipe(
+        source,
+        prompts,
+        guidance_scale=2.0,
+        image_guidance_scale=1.5,
+        generator=generators,
+        callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {},
+        **FAST,
+    )
+    two = pipe(source, prompts, guidance_scale=2.0, image_guidance_scale=1.0, generator=[seeded(0), seeded(1)], **FAST)
     single = pipe(source, prompts[1], guidance_scale=2.0, image_guidance_scale=1.5, generator=seeded(1), **FAST)
     assert three.images.shape == (2, 4, 4, 4) and (three.state.num_branches, two.state.num_branches) == (3, 2)
     assert three.state.cache.batch_size == 6 and steps == list(range(pipe.transformer.num_latents))
@@ -117,8 +140,9 @@ def test_three_branch_guidance_batched(pipe, source):
 
 @pytest.fixture(scope="module")
 def first_turn(pipe, source):
-    return pipe(PIL.Image.fromarray(source), PROMPT, guidance_scale=2.0, image_guidance_scale=1.5,
-                generator=seeded(0), **FAST)
+    return pipe(
+        PIL.Image.fromarray(source), PROMPT, guidance_scale=2.0, image_guidance_scale=1.5, generator=seeded(0), **FAST
+    )
 
 
 @torch.no_grad()
@@ -126,36 +150,51 @@ def test_multi_turn_reuses_caches_and_matches_teacher_forcing(pipe, source, firs
     N, z = pipe.transformer.num_latents, flow_noise(pipe, 5)
     positions, params = [], []
     hook = pipe.vlm.get_decoder().register_forward_pre_hook(
-        lambda module, args, kwargs: positions.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+        lambda module, args, kwargs: positions.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     latent_params = pipe.transformer.latent_params
     monkeypatch.setattr(pipe.transformer, "latent_params", lambda g: params.append(latent_params(g)) or params[-1])
     try:
-        second = pipe(prompt=NEXT_PROMPT, state=first_turn.state, guidance_scale=2.0, image_guidance_scale=1.5,
-                      latents=z, **FAST)
+        second = pipe(
+            prompt=NEXT_PROMPT, state=first_turn.state, guidance_scale=2.0, image_guidance_scale=1.5, latents=z, **FAST
+        )
     finally:
         hook.remove()
         monkeypatch.undo()
 
     # only the new turn's text, the new image and its closing <|vision_end|> went through the VLM (the branches share
     # the longest text)
-    new_text = (f"<|im_end|>\n<|im_start|>user\n{NEXT_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
-                "<|vision_start|>")
+    new_text = f"<|im_end|>\n<|im_start|>user\n{NEXT_PROMPT}<|im_end|>\n<|im_start|>assistant\n<|vision_start|>"
     assert sum(positions) == len(pipe.tokenizer(new_text, add_special_tokens=False)["input_ids"]) + N + 1
 
     # from scratch: the whole two-turn conversation of every branch, the first turn's image teacher-forced
     src = source_tokens_by_hand(pipe, source, seeded(0))
     image1, image2 = first_turn.state.image_tokens, second.state.image_tokens
-    branches = [([user_message(None, PROMPT), NEXT_PROMPT], [src, image1]),
-                ([user_message(None, ""), ""], [src, image1]),
-                ([user_message(""), ""], [image1])]
-    layouts = [encode_conversation(pipe.tokenizer, [first, {"role": "assistant", "content": [{"type": "image"}]},
-                                                    user_message(then)], N, add_generation_prompt=True,
-                                   open_image=True) for (first, then), _ in branches]
+    branches = [
+        ([user_message(None, PROMPT), NEXT_PROMPT], [src, image1]),
+        ([user_message(None, ""), ""], [src, image1]),
+        ([user_message(""), ""], [image1]),
+    ]
+    layouts = [
+        encode_conversation(
+            pipe.tokenizer,
+            [first, {"role": "assistant", "content": [{"type": "image"}]}, user_message(then)],
+            N,
+            add_generation_prompt=True,
+            open_image=True,
+        )
+        for (first, then), _ in branches
+    ]
     cache = pipe._new_cache(3, 0.3)
     pipe._run_text(cache, layouts, torch.cat([t for _, images in branches for t in images]))
     first_g = cache.last_flow_hidden
-    g = torch.cat([first_g, pipe.transformer.step(pipe.vlm_stream, cache, latents=image2[:, :-1].repeat(3, 1, 1))
-                   .flow_hidden_states], dim=1)  # (3, N, C): predicts each latent of the second image
+    g = torch.cat(
+        [
+            first_g,
+            pipe.transformer.step(pipe.vlm_stream, cache, latents=image2[:, :-1].repeat(3, 1, 1)).flow_hidden_states,
+        ],
+        dim=1,
+    )  # (3, N, C): predicts each latent of the second image
     mu, sigma = pipe.transformer.latent_params(g)
     sampled_mu = torch.cat([m for m, _ in params[:N]], dim=1)
     sampled_sigma = torch.cat([s for _, s in params[:N]], dim=1)
@@ -165,8 +204,9 @@ def test_multi_turn_reuses_caches_and_matches_teacher_forcing(pipe, source, firs
     torch.testing.assert_close(image2, mu_g + sigma_g * z, atol=1e-4, rtol=0)
 
     # the state is not modified: continuing it again gives the same image
-    again = pipe(prompt=NEXT_PROMPT, state=first_turn.state, guidance_scale=2.0, image_guidance_scale=1.5,
-                 latents=z, **FAST)
+    again = pipe(
+        prompt=NEXT_PROMPT, state=first_turn.state, guidance_scale=2.0, image_guidance_scale=1.5, latents=z, **FAST
+    )
     torch.testing.assert_close(again.images, second.images, atol=0, rtol=0)
 
 
@@ -191,10 +231,14 @@ def test_bad_inputs(pipe, source, first_turn):
         (dict(prompt=PROMPT, state="state"), "state"),
         (dict(prompt=PROMPT, state=state, image_guidance_scale=1.5), "image_guidance_scale"),
         (dict(prompt=PROMPT, state=state, guidance_scale=2.0, image_guidance_scale=1.0), "guidance_scale"),
-        (dict(prompt=PROMPT, state=state, guidance_scale=0.0, image_guidance_scale=1.0, noise_level=0.1),
-         "noise_level"),
-        (dict(prompt=PROMPT, state=state, guidance_scale=0.0, image_guidance_scale=1.0, num_images_per_prompt=2),
-         "num_images_per_prompt"),
+        (
+            dict(prompt=PROMPT, state=state, guidance_scale=0.0, image_guidance_scale=1.0, noise_level=0.1),
+            "noise_level",
+        ),
+        (
+            dict(prompt=PROMPT, state=state, guidance_scale=0.0, image_guidance_scale=1.0, num_images_per_prompt=2),
+            "num_images_per_prompt",
+        ),
     ]
     for kwargs, name in cases:
         with pytest.raises(ValueError, match=f"^`{name}`"):
@@ -209,8 +253,12 @@ def test_from_pretrained_loads_a_saved_starflow2_pipeline(pipe, components, sour
     for name in ("vlm", "tokenizer", "transformer", "vae", "scheduler"):
         assert type(getattr(loaded, name)) is type(getattr(pipe, name))
     run = dict(guidance_scale=2.0, image_guidance_scale=1.0, **FAST)
-    torch.testing.assert_close(loaded(source, PROMPT, generator=seeded(0), **run).images,
-                               pipe(source, PROMPT, generator=seeded(0), **run).images, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        loaded(source, PROMPT, generator=seeded(0), **run).images,
+        pipe(source, PROMPT, generator=seeded(0), **run).images,
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_interrupt_returns_the_partial_image_without_state(pipe, source):
@@ -221,16 +269,16 @@ def test_interrupt_returns_the_partial_image_without_state(pipe, source):
         p._interrupt = step == 2
         return {}
 
-    out = pipe(source, PROMPT, generator=seeded(0), callback_on_step_end=stop_at_2, num_denoising_steps=1,
-               output_type="latent")
+    out = pipe(
+        source, PROMPT, generator=seeded(0), callback_on_step_end=stop_at_2, num_denoising_steps=1, output_type="latent"
+    )
     full = pipe(source, PROMPT, generator=seeded(0), num_denoising_steps=0, output_type="latent")
     assert steps == [0, 1, 2] and out.state is None and out.images.shape == full.images.shape
     assert full.state is not None and pipe.num_timesteps == pipe.transformer.num_latents
 
 
 @pytest.mark.parametrize("guidance_scale, image_guidance_scale", [(2.0, 1.5), (0.0, 1.0)])
-def test_the_interleaved_pipeline_edits_as_the_edit_pipeline(components, source, guidance_scale,
-                                                             image_guidance_scale):
+def test_the_interleaved_pipeline_edits_as_the_edit_pipeline(components, source, guidance_scale, image_guidance_scale):
     """One guidance rule and one conversation: an edit asked in a chat is the edit pipeline's edit, and either
     pipeline continues the other's state with the same next edit."""
     from diffusers_starflow2 import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
@@ -247,14 +295,20 @@ def test_the_interleaved_pipeline_edits_as_the_edit_pipeline(components, source,
     torch.testing.assert_close(in_chat.state.image_tokens, by_edit.state.image_tokens, atol=1e-5, rtol=0)
     next_turns = [edit(prompt=NEXT_PROMPT, state=by_edit.state, generator=seeded(1), **kwargs).images[0]]
     for state in (by_edit.state, in_chat.state):
-        next_turns.append(chat([NEXT_PROMPT, IMAGE_PLACEHOLDER], state=state, max_new_tokens=0,
-                               generator=seeded(1), **kwargs).images[0])
+        next_turns.append(
+            chat([NEXT_PROMPT, IMAGE_PLACEHOLDER], state=state, max_new_tokens=0, generator=seeded(1), **kwargs).images[
+                0
+            ]
+        )
     for other in next_turns[1:]:
         torch.testing.assert_close(other, next_turns[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="the embedded model changes the colour in 2 of these 4 held-out chats "
-                                       "(20 of 32 other held-out chats); the bar is 3 of 4")
+@pytest.mark.xfail(
+    strict=True,
+    reason="the embedded model changes the colour in 2 of these 4 held-out chats "
+    "(20 of 32 other held-out chats); the bar is 3 of 4",
+)
 def test_editing_inside_a_chat_with_the_embedded_model():
     """Draw, then ask for another colour in the next turn of the same conversation (held-out scenes, the default
     guidance): the answer image takes the requested colour in at least 3 of 4 cases."""

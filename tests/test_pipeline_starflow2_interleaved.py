@@ -29,8 +29,12 @@ def gen(seed=0):
 
 
 def test_forced_images_come_in_the_order_asked(pipe):
-    out = pipe(["two shapes", IMAGE_PLACEHOLDER, " and another", IMAGE_PLACEHOLDER], max_new_tokens=0,
-               generator=gen(), output_type="pt")
+    out = pipe(
+        ["two shapes", IMAGE_PLACEHOLDER, " and another", IMAGE_PLACEHOLDER],
+        max_new_tokens=0,
+        generator=gen(),
+        output_type="pt",
+    )
     assert len(out.segments) == 2 and all(s.shape == (3, 32, 32) for s in out.segments)
     assert out.text == "" and len(out.images) == 2
     # the second image is conditioned on the first: it is not a copy of it
@@ -54,10 +58,14 @@ def count_positions(pipe):
     counts = {"vlm": 0, "flow": 0}
     hooks = [
         pipe.vlm.get_decoder().register_forward_hook(
-            lambda m, args, kwargs, out: counts.__setitem__("vlm", counts["vlm"] + kwargs["inputs_embeds"].shape[0]
-                                                            * kwargs["inputs_embeds"].shape[1]), with_kwargs=True),
+            lambda m, args, kwargs, out: counts.__setitem__(
+                "vlm", counts["vlm"] + kwargs["inputs_embeds"].shape[0] * kwargs["inputs_embeds"].shape[1]
+            ),
+            with_kwargs=True,
+        ),
         pipe.transformer.deep.layers[0].register_forward_hook(
-            lambda m, args, out: counts.__setitem__("flow", counts["flow"] + out.shape[0] * out.shape[1])),
+            lambda m, args, out: counts.__setitem__("flow", counts["flow"] + out.shape[0] * out.shape[1])
+        ),
     ]
     return counts, hooks
 
@@ -76,8 +84,15 @@ def test_every_position_passes_each_stream_once(pipe, monkeypatch, guidance_scal
     monkeypatch.setattr(pipe.transformer, "step", recording_step)
     counts, hooks = count_positions(pipe)
     try:
-        out = pipe(["a red shape", IMAGE_PLACEHOLDER, " that was it"], max_new_tokens=3, temperature=1.0,
-                   guidance_scale=guidance_scale, num_denoising_steps=0, generator=gen(), output_type="latent")
+        out = pipe(
+            ["a red shape", IMAGE_PLACEHOLDER, " that was it"],
+            max_new_tokens=3,
+            temperature=1.0,
+            guidance_scale=guidance_scale,
+            num_denoising_steps=0,
+            generator=gen(),
+            output_type="latent",
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -94,10 +109,16 @@ def test_every_position_passes_each_stream_once(pipe, monkeypatch, guidance_scal
 def test_denoising_does_not_touch_the_caches(pipe, monkeypatch):
     caches = []
     step = pipe.transformer.step
-    monkeypatch.setattr(pipe.transformer, "step",
-                        lambda vlm, cache, *a, **k: (caches.append(cache), step(vlm, cache, *a, **k))[1])
-    pipe(["a red shape", IMAGE_PLACEHOLDER, " done"], max_new_tokens=0, num_denoising_steps=2, generator=gen(),
-         output_type="latent")
+    monkeypatch.setattr(
+        pipe.transformer, "step", lambda vlm, cache, *a, **k: (caches.append(cache), step(vlm, cache, *a, **k))[1]
+    )
+    pipe(
+        ["a red shape", IMAGE_PLACEHOLDER, " done"],
+        max_new_tokens=0,
+        num_denoising_steps=2,
+        generator=gen(),
+        output_type="latent",
+    )
     main = caches[0]
     seq = encode_conversation(pipe.tokenizer, [user_message("a red shape")], pipe.transformer.num_latents, True)
     expected = len(seq) + 1 + pipe.transformer.num_latents + 1 + len(pipe.tokenizer(" done")["input_ids"])
@@ -126,14 +147,13 @@ def test_understanding_equals_greedy_teacher_forced_decoding(pipe, monkeypatch):
     latents = torch.zeros(*ids.shape, t.config.latent_channels)
     latents[latent_mask] = tokens.reshape(-1, t.config.latent_channels)
     with torch.no_grad():
-        cache = t.new_cache(pipe.vlm_stream, torch.full((1,), pipe.scheduler.config.noise_level),
-                            use_flow_cache=False)
+        cache = t.new_cache(pipe.vlm_stream, torch.full((1,), pipe.scheduler.config.noise_level), use_flow_cache=False)
         o = t.step(pipe.vlm_stream, cache, ids, latents, latent_mask)
         logits = t.text_logits(pipe.vlm_stream, o.hidden_states, o.flow_hidden_states)[0].float()
     banned = [pipe.tokenizer.convert_tokens_to_ids(x) for x in ("<|image_pad|>", "<|vision_end|>")]
     logits[:, banned] = -float("inf")
     L = len(layout)
-    predicted = logits[L - 1:L - 1 + len(generated)].argmax(-1).tolist()
+    predicted = logits[L - 1 : L - 1 + len(generated)].argmax(-1).tolist()
     assert predicted == generated
 
 
@@ -159,9 +179,10 @@ def test_stream_and_segment_callback_match_call(pipe):
 
 
 def test_chat_messages_input(pipe):
-    messages = [{"role": "user", "content": [{"type": "image", "image": red_square()},
-                                             {"type": "text", "text": "Redraw it."}]},
-                {"role": "assistant", "content": f"Sure: {IMAGE_PLACEHOLDER}"}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": red_square()}, {"type": "text", "text": "Redraw it."}]},
+        {"role": "assistant", "content": f"Sure: {IMAGE_PLACEHOLDER}"},
+    ]
     out = pipe(messages, max_new_tokens=0, generator=gen(), output_type="latent")
     assert len(out.segments) == 1 and out.segments[0].shape == (4, 4, 4)
 
@@ -173,18 +194,21 @@ def test_loads_from_a_starflow2_pipeline_folder(tmp_path):
     assert len(p(["x", IMAGE_PLACEHOLDER], max_new_tokens=0, output_type="latent").images) == 1
 
 
-@pytest.mark.parametrize("prompt, kwargs, name", [
-    (["look", None], {}, "prompt"),
-    (["look", 3], {}, "prompt"),
-    ([np.zeros((32, 32, 4), dtype=np.uint8), "what?"], {}, "prompt"),
-    ([torch.zeros(1, 32, 32), "what?"], {}, "prompt"),
-    ("hi", {"max_new_tokens": -1}, "max_new_tokens"),
-    (["a", IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER], {"max_images": 1}, "max_images"),
-    ("hi", {"guidance_scale": -1.0}, "guidance_scale"),
-    ("hi", {"output_type": "jpeg"}, "output_type"),
-    ([IMAGE_PLACEHOLDER], {}, "prompt"),
-    ([], {}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "prompt, kwargs, name",
+    [
+        (["look", None], {}, "prompt"),
+        (["look", 3], {}, "prompt"),
+        ([np.zeros((32, 32, 4), dtype=np.uint8), "what?"], {}, "prompt"),
+        ([torch.zeros(1, 32, 32), "what?"], {}, "prompt"),
+        ("hi", {"max_new_tokens": -1}, "max_new_tokens"),
+        (["a", IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER], {"max_images": 1}, "max_images"),
+        ("hi", {"guidance_scale": -1.0}, "guidance_scale"),
+        ("hi", {"output_type": "jpeg"}, "output_type"),
+        ([IMAGE_PLACEHOLDER], {}, "prompt"),
+        ([], {}, "prompt"),
+    ],
+)
 def test_bad_inputs(pipe, prompt, kwargs, name):
     with pytest.raises(ValueError, match=name):
         pipe(prompt, max_new_tokens=kwargs.pop("max_new_tokens", 0), **kwargs)
@@ -194,8 +218,11 @@ def test_callback_steps_count_across_images_and_interrupt_ends_the_answer(pipe):
     N = pipe.transformer.num_latents
     steps = []
     kwargs = dict(max_new_tokens=0, generator=gen(2), output_type="latent", num_denoising_steps=1)
-    out = pipe(["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER],
-               callback_on_step_end=lambda p, step, t, kw: steps.append(step) or {}, **kwargs)
+    out = pipe(
+        ["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER],
+        callback_on_step_end=lambda p, step, t, kw: steps.append(step) or {},
+        **kwargs,
+    )
     assert len(out.segments) == 2 and steps == list(range(2 * (N + 1)))
     assert pipe.num_timesteps == N + 1
 
@@ -203,8 +230,9 @@ def test_callback_steps_count_across_images_and_interrupt_ends_the_answer(pipe):
         p._interrupt = step == 5
         return {}
 
-    stopped = pipe(["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER], callback_on_step_end=stop_at_5,
-                   **kwargs)
+    stopped = pipe(
+        ["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER], callback_on_step_end=stop_at_5, **kwargs
+    )
     assert len(stopped.segments) == 1 and stopped.segments[0].shape == out.segments[0].shape
 
 
@@ -216,8 +244,9 @@ SECOND = ["what color is it?", IMAGE_PLACEHOLDER]
 
 @pytest.fixture(scope="module")
 def first_turn(pipe):
-    return pipe(FIRST, max_new_tokens=0, guidance_scale=2.0, num_denoising_steps=0, generator=gen(0),
-                output_type="latent")
+    return pipe(
+        FIRST, max_new_tokens=0, guidance_scale=2.0, num_denoising_steps=0, generator=gen(0), output_type="latent"
+    )
 
 
 def test_a_continued_turn_processes_only_its_new_positions(pipe, first_turn):
@@ -225,8 +254,16 @@ def test_a_continued_turn_processes_only_its_new_positions(pipe, first_turn):
     held, held_bytes = state.num_positions, state.nbytes
     counts, hooks = count_positions(pipe)
     try:
-        second = pipe(SECOND, state=state, max_new_tokens=3, temperature=1.0, guidance_scale=2.0,
-                      num_denoising_steps=0, generator=gen(1), output_type="latent")
+        second = pipe(
+            SECOND,
+            state=state,
+            max_new_tokens=3,
+            temperature=1.0,
+            guidance_scale=2.0,
+            num_denoising_steps=0,
+            generator=gen(1),
+            output_type="latent",
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -241,12 +278,18 @@ def test_a_continued_turn_processes_only_its_new_positions(pipe, first_turn):
     # re-sending the history instead processes the whole conversation
     counts, hooks = count_positions(pipe)
     try:
-        history = [{"role": "user", "content": FIRST[0]},
-                   {"role": "assistant", "content": [{"type": "image", "image": red_square()},
-                                                     {"type": "text", "text": FIRST[2]}]},
-                   {"role": "user", "content": SECOND[0]}, {"role": "assistant", "content": IMAGE_PLACEHOLDER}]
-        pipe(history, max_new_tokens=0, guidance_scale=2.0, num_denoising_steps=0, generator=gen(1),
-             output_type="latent")
+        history = [
+            {"role": "user", "content": FIRST[0]},
+            {
+                "role": "assistant",
+                "content": [{"type": "image", "image": red_square()}, {"type": "text", "text": FIRST[2]}],
+            },
+            {"role": "user", "content": SECOND[0]},
+            {"role": "assistant", "content": IMAGE_PLACEHOLDER},
+        ]
+        pipe(
+            history, max_new_tokens=0, guidance_scale=2.0, num_denoising_steps=0, generator=gen(1), output_type="latent"
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -273,9 +316,11 @@ def test_continuation_equals_one_teacher_forced_pass_over_both_turns(pipe, monke
     assert generated and logits
 
     # from scratch: the two-turn conversation rendered whole by the chat template, both images teacher-forced
-    messages = [user_message(FIRST[0]), {"role": "assistant", "content": [{"type": "image"},
-                                                                          {"type": "text", "text": FIRST[2]}]},
-                user_message(SECOND[0])]
+    messages = [
+        user_message(FIRST[0]),
+        {"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": FIRST[2]}]},
+        user_message(SECOND[0]),
+    ]
     layout = encode_conversation(tok, messages, N, add_generation_prompt=True, open_image=True)
     image1, image2 = first.state.image_tokens, second.state.image_tokens
     ids = layout.input_ids + [tok.pad_token_id] * N + [tok.convert_tokens_to_ids("<|vision_end|>")] + answer
@@ -287,14 +332,14 @@ def test_continuation_equals_one_teacher_forced_pass_over_both_turns(pipe, monke
     assert len(ids) == second.state.num_positions
 
     start = len(layout) - 1  # <|vision_start|> of the second image: its output predicts latent 0
-    mu, sigma = t.latent_params(out.flow_hidden_states[:, start:start + N])
+    mu, sigma = t.latent_params(out.flow_hidden_states[:, start : start + N])
     torch.testing.assert_close(torch.cat([m for m, _ in params[:N]], 1), mu, atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.cat([s for _, s in params[:N]], 1), sigma, atol=1e-4, rtol=0)
     z = torch.randn(1, N, C, generator=gen(5))  # the second turn's first draw: its image noise
     torch.testing.assert_close(image2, mu + sigma * z, atol=1e-4, rtol=0)
 
     end = start + N + 1  # <|vision_end|>: its output predicts the first generated token
-    expected = t.text_logits(pipe.vlm_stream, out.hidden_states, out.flow_hidden_states)[0, end:end + len(generated)]
+    expected = t.text_logits(pipe.vlm_stream, out.hidden_states, out.flow_hidden_states)[0, end : end + len(generated)]
     torch.testing.assert_close(torch.cat([x[0, -1:] for x in logits]).float(), expected.float(), atol=1e-4, rtol=0)
 
 
@@ -314,16 +359,17 @@ def test_a_state_continues_several_times_and_moves_with_the_pipeline(pipe, first
 
 def test_bad_states(pipe, first_turn):
     other = StarFlow2InterleavedPipeline(**build_tiny_starflow2_components(seed=1))
-    other_state = other(FIRST, max_new_tokens=0, guidance_scale=0.0, num_denoising_steps=0,
-                        output_type="latent").state
+    other_state = other(FIRST, max_new_tokens=0, guidance_scale=0.0, num_denoising_steps=0, output_type="latent").state
     context = pipe.vlm.config.get_text_config().max_position_embeddings
     cases = [
         (dict(state="state"), "`state` must be a StarFlow2ConversationState"),
         (dict(state=other_state, guidance_scale=0.0), "`state` was made by another model"),
         (dict(state=first_turn.state, image_guidance_scale=1.5), "`image_guidance_scale` needs 3"),
         (dict(state=first_turn.state, noise_level=0.1), "`noise_level` must be the conversation's"),
-        (dict(state=first_turn.state, max_new_tokens=context - first_turn.state.num_positions),
-         "the conversation `state` holds"),
+        (
+            dict(state=first_turn.state, max_new_tokens=context - first_turn.state.num_positions),
+            "the conversation `state` holds",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -332,11 +378,16 @@ def test_bad_states(pipe, first_turn):
 
 # -- batched conversations ---------------------------------------------------------------------------------------
 
+
 def batch_of_conversations():
-    return [["draw a red circle", IMAGE_PLACEHOLDER, " done"],
-            [red_square(), "describe this image at length, then redraw it", IMAGE_PLACEHOLDER],
-            [{"role": "user", "content": "a blue square please"},
-             {"role": "assistant", "content": f"Sure: {IMAGE_PLACEHOLDER}"}]]
+    return [
+        ["draw a red circle", IMAGE_PLACEHOLDER, " done"],
+        [red_square(), "describe this image at length, then redraw it", IMAGE_PLACEHOLDER],
+        [
+            {"role": "user", "content": "a blue square please"},
+            {"role": "assistant", "content": f"Sure: {IMAGE_PLACEHOLDER}"},
+        ],
+    ]
 
 
 def recording_logits(pipe, monkeypatch):
@@ -350,8 +401,9 @@ def recording_logits(pipe, monkeypatch):
 
 @pytest.mark.parametrize("guidance", [dict(guidance_scale=2.0), dict(guidance_scale=2.0, image_guidance_scale=1.5)])
 def test_batched_conversations_equal_each_alone(pipe, monkeypatch, guidance):
-    kwargs = dict(max_new_tokens=5, max_images=1, temperature=1.0, num_denoising_steps=1, output_type="latent",
-                  **guidance)
+    kwargs = dict(
+        max_new_tokens=5, max_images=1, temperature=1.0, num_denoising_steps=1, output_type="latent", **guidance
+    )
     seen, rows = recording_logits(pipe, monkeypatch)
     alone = []
     for i, conversation in enumerate(batch_of_conversations()):

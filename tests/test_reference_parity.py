@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REFERENCE_DIR, reference_cases
 from safetensors.torch import load_file
 
-from conftest import REFERENCE_DIR, reference_cases
 from diffusers_starflow2 import StarFlowTransformerModel
 from diffusers_starflow2.sampling import denoise_starflow, sample_starflow
 
@@ -37,8 +37,9 @@ def case(request, converter, tmp_path_factory):
     io = load_file(case_dir / "io.safetensors")
     with torch.no_grad():
         out = model(io["x"], encoder_hidden_states=io["y"])
-    return SimpleNamespace(dir=case_dir, meta=json.loads((case_dir / "config.json").read_text()), model=model, io=io,
-                           out=out)
+    return SimpleNamespace(
+        dir=case_dir, meta=json.loads((case_dir / "config.json").read_text()), model=model, io=io, out=out
+    )
 
 
 def test_forward_z_and_loss(case):
@@ -68,14 +69,20 @@ def test_reverse_without_guidance(case):
 def test_reverse_with_guidance(case):
     io = case.io
     assert (io["reverse_cfg"] - io["reverse_g0"]).abs().max() > 1e-2  # guidance must matter for this test to bite
-    x = sample_starflow(case.model, io["reverse_noise"], encoder_hidden_states=io["y"],
-                          negative_encoder_hidden_states=io["y_null"], guidance_scale=case.meta["guidance"])
+    x = sample_starflow(
+        case.model,
+        io["reverse_noise"],
+        encoder_hidden_states=io["y"],
+        negative_encoder_hidden_states=io["y_null"],
+        guidance_scale=case.meta["guidance"],
+    )
     assert_close(x, io["reverse_cfg"], f"reverse g={case.meta['guidance']}")
 
 
 def test_denoise_step(case):
-    x0 = denoise_starflow(case.model, case.io["denoise_in"], encoder_hidden_states=case.io["y"],
-                          noise_level=case.meta["noise_std"])
+    x0 = denoise_starflow(
+        case.model, case.io["denoise_in"], encoder_hidden_states=case.io["y"], noise_level=case.meta["noise_std"]
+    )
     assert_close(x0, case.io["denoise_out"], "denoise")
 
 
@@ -87,8 +94,14 @@ VAE_DOWNSAMPLE = 8  # stabilityai/sd-vae-ft-ema
 
 def training_yaml(model_kwargs: dict) -> str:
     """A reference-format training YAML whose arguments reproduce ``model_kwargs`` (txt_dim comes from the weights)."""
-    lines = ["arguments:", "- vae: stabilityai/sd-vae-ft-ema", "- text: google/flan-t5-xl", "- noise_std: 0.3",
-             "- cfg: 2.5", "- batch_size: 16"]
+    lines = [
+        "arguments:",
+        "- vae: stabilityai/sd-vae-ft-ema",
+        "- text: google/flan-t5-xl",
+        "- noise_std: 0.3",
+        "- cfg: 2.5",
+        "- batch_size: 16",
+    ]
     for key, value in model_kwargs.items():
         if key == "txt_dim":
             continue

@@ -35,7 +35,9 @@ from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
 def load_analyser():
     """``diffusers_starflow2.world.shape_analysis`` loaded from its file: it is self-contained, and this
     keeps these tests from paying for the package's (diffusers / transformers) import time."""
-    spec = importlib.util.spec_from_file_location("_shape_analysis", REPO / "src/diffusers_starflow2/world/shape_analysis.py")
+    spec = importlib.util.spec_from_file_location(
+        "_shape_analysis", REPO / "src/diffusers_starflow2/world/shape_analysis.py"
+    )
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -46,8 +48,14 @@ ShapeReport, analyze_shape = shape_analysis.ShapeReport, shape_analysis.analyze_
 
 # words a caption may use for each attribute value
 WORDS = {
-    "circle": ("circle", "round"), "square": ("square",), "triangle": ("triangle",),
-    "left": ("left",), "right": ("right",), "top": ("top",), "bottom": ("bottom",), "center": ("center", "middle"),
+    "circle": ("circle", "round"),
+    "square": ("square",),
+    "triangle": ("triangle",),
+    "left": ("left",),
+    "right": ("right",),
+    "top": ("top",),
+    "bottom": ("bottom",),
+    "center": ("center", "middle"),
     **{c: (c,) for c in COLORS},
 }
 
@@ -71,7 +79,10 @@ def test_write_world_is_deterministic_and_seed_dependent(tmp_path):
     assert any(fa[k] != fc.get(k) for k in fa if k.endswith(".png"))
     assert fa["caption/metadata.jsonl"] != fc["caption/metadata.jsonl"]
     assert not [k for k in fa if ".tmp" in k]  # atomic writes leave no temp files
-    assert a["kinds"]["understanding"] == {"rows": 36, "images": 12} and a["kinds"]["edit"] == {"rows": 12, "images": 24}
+    assert a["kinds"]["understanding"] == {"rows": 36, "images": 12} and a["kinds"]["edit"] == {
+        "rows": 12,
+        "images": 24,
+    }
     assert json.loads(fa["world.json"]) == a
     # items do not depend on how many were asked for: a smaller world is a prefix
     write_world(tmp_path / "d", 5, seed=3, image_size=32, kinds=("caption",), progress=False)
@@ -83,9 +94,14 @@ def test_write_world_is_deterministic_and_seed_dependent(tmp_path):
 def test_splits_differ_in_jitter_and_phrasing(tmp_path):
     write_world(tmp_path / "tr", 60, seed=0, image_size=32, kinds=("caption",), progress=False)
     write_world(tmp_path / "ho", 60, seed=0, image_size=32, kinds=("caption",), split="heldout", progress=False)
-    rows = {s: [json.loads(l) for l in (tmp_path / s / "caption/metadata.jsonl").read_text().splitlines()] for s in ("tr", "ho")}
+    rows = {
+        s: [json.loads(line) for line in (tmp_path / s / "caption/metadata.jsonl").read_text().splitlines()]
+        for s in ("tr", "ho")
+    }
     for split_rows in rows.values():  # every combination appears once per 60 items, in both splits
-        assert {tuple(r["attributes"][k] for k in ("color", "shape", "position")) for r in split_rows} == set(all_combinations())
+        assert {tuple(r["attributes"][k] for k in ("color", "shape", "position")) for r in split_rows} == set(
+            all_combinations()
+        )
     assert not {r["text"] for r in rows["tr"]} & {r["text"] for r in rows["ho"]}
     assert _files(tmp_path / "tr" / "caption" / "images") != _files(tmp_path / "ho" / "caption" / "images")
 
@@ -188,12 +204,43 @@ def test_documents_describe_their_images():
 
 
 def test_cli_writes_a_world(tmp_path, capsys):
-    assert main(["--output", str(tmp_path / "w"), "--num_images", "3", "--seed", "5", "--image_size", "32", "--kinds", "caption,edit"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"caption": {"images": 3, "rows": 3}, "edit": {"images": 6, "rows": 3}}
+    assert (
+        main(
+            [
+                "--output",
+                str(tmp_path / "w"),
+                "--num_images",
+                "3",
+                "--seed",
+                "5",
+                "--image_size",
+                "32",
+                "--kinds",
+                "caption,edit",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out) == {
+        "caption": {"images": 3, "rows": 3},
+        "edit": {"images": 6, "rows": 3},
+    }
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["caption", "edit", "world.json"]
     # as a script from the repo root, held-out split
     out = tmp_path / "s"
-    cmd = [sys.executable, "-m", "diffusers_starflow2.world.synthetic_world", "--output", str(out), "--num_images", "2", "--seed", "5", "--split", "heldout"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffusers_starflow2.world.synthetic_world",
+        "--output",
+        str(out),
+        "--num_images",
+        "2",
+        "--seed",
+        "5",
+        "--split",
+        "heldout",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     info = json.loads((out / "world.json").read_text())
     assert info["split"] == "heldout" and info["image_size"] == 64 and sorted(info["kinds"]) == sorted(KINDS)

@@ -16,12 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from conftest import write_training_workdir  # noqa: E402
+
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
 from diffusers_starflow2.training.data import load_metadata  # noqa: E402
 
-
 # -- the data loader ------------------------------------------------------------------------------------------------
+
 
 def _setup(folder: Path, outside: Path) -> None:
     """Good and bad files of every sort, next to a metadata.jsonl."""
@@ -56,18 +57,23 @@ DATA_BAD = [  # (kind, row, key named in the message)
     ("understanding", {"file_name": "a.png", "prompt": "", "response": "r"}, "prompt"),
     ("understanding", {"file_name": "a.png", "prompt": "q"}, "response"),
     ("edit", {"source_file_name": "escape.png", "instruction": "x", "target_file_name": "a.png"}, "source_file_name"),
-    ("edit", {"source_file_name": "a.png", "instruction": "x", "target_file_name": "truncated.png"},
-     "target_file_name"),
+    (
+        "edit",
+        {"source_file_name": "a.png", "instruction": "x", "target_file_name": "truncated.png"},
+        "target_file_name",
+    ),
     ("edit", {"source_file_name": "a.png", "instruction": 1, "target_file_name": "a.png"}, "instruction"),
     ("interleaved", {"segments": [{"text": "x"}, {"file_name": "notes.txt"}]}, "segments[1].file_name"),
     ("interleaved", {"segments": [{"file_name": "linked/secret.png"}]}, "segments[0].file_name"),
     ("interleaved", {"segments": [{"text": ""}]}, "segments[0].text"),
     ("interleaved", {"segments": "a.png"}, "segments"),
 ]
-GOOD = {"caption": {"file_name": "a.png", "text": "ok"},
-        "understanding": {"file_name": "a.png", "prompt": "q", "response": "r"},
-        "edit": {"source_file_name": "a.png", "instruction": "x", "target_file_name": "a.png"},
-        "interleaved": {"segments": [{"text": "x"}, {"file_name": "a.png"}]}}
+GOOD = {
+    "caption": {"file_name": "a.png", "text": "ok"},
+    "understanding": {"file_name": "a.png", "prompt": "q", "response": "r"},
+    "edit": {"source_file_name": "a.png", "instruction": "x", "target_file_name": "a.png"},
+    "interleaved": {"segments": [{"text": "x"}, {"file_name": "a.png"}]},
+}
 
 
 @pytest.mark.parametrize("kind,row,key", DATA_BAD)
@@ -94,6 +100,7 @@ def test_symlink_inside_the_folder_is_accepted(tmp_path):
 
 
 # -- the training arguments -----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -138,8 +145,10 @@ ARGS_BAD = [  # (extra argv, text the message must hold: the argument and the va
     (["--resume_from_checkpoint", "checkpoint-9"], "--resume_from_checkpoint 'checkpoint-9': no such checkpoint"),
     (["--stage", "2", "--validation_prompt", "x"], "--validation_prompt samples images; stage 2"),
     (["--push_to_hub", "--hub_token", "hf_x", "--report_to", "wandb"], "--hub_token with --report_to wandb"),
-    (["--pretrained_model_name_or_path", "no/such/folder"],
-     "--pretrained_model_name_or_path no/such/folder is neither a STARFlow2 pipeline folder nor a Hub repo id"),
+    (
+        ["--pretrained_model_name_or_path", "no/such/folder"],
+        "--pretrained_model_name_or_path no/such/folder is neither a STARFlow2 pipeline folder nor a Hub repo id",
+    ),
     (["--pretrained_model_name_or_path", "WORLD"], "is not a STARFlow2 pipeline folder (no model_index.json)"),
 ]
 
@@ -147,16 +156,35 @@ ARGS_BAD = [  # (extra argv, text the message must hold: the argument and the va
 @pytest.mark.parametrize("extra,message", ARGS_BAD)
 def test_training_arguments_bad_values(work, tmp_path, extra, message):
     # later values of an option win: a row's --stage or --max_train_steps replaces the default one
-    argv = ["--stage", "1", *CAPTION, "--pretrained_model_name_or_path", str(work / "pipe"), "--output_dir",
-            str(tmp_path / "out"), "--max_train_steps", "1", *extra]
+    argv = [
+        "--stage",
+        "1",
+        *CAPTION,
+        "--pretrained_model_name_or_path",
+        str(work / "pipe"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_train_steps",
+        "1",
+        *extra,
+    ]
     args = train.parse_args([a.replace("WORLD", str(work / "world")) for a in argv])
     with pytest.raises(ValueError) as err:
         train.main(args)
     assert isinstance(err.value, train.ArgumentError) and message in str(err.value)
 
 
-@pytest.mark.parametrize("argv", [["--stage", "4"], ["--report_to", "comet"], ["--image_loss_reweight", "t"],
-                                  ["--lr_scheduler", "cosine_min"], ["--recipe", "itarflow"], ["--rank", "two"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--stage", "4"],
+        ["--report_to", "comet"],
+        ["--image_loss_reweight", "t"],
+        ["--lr_scheduler", "cosine_min"],
+        ["--recipe", "itarflow"],
+        ["--rank", "two"],
+    ],
+)
 def test_parser_refuses_unknown_choices_with_exit_2(argv, capsys):
     base = ["--stage", "1", "--pretrained_model_name_or_path", "-", "--output_dir", "-", "--max_train_steps", "1"]
     with pytest.raises(SystemExit) as exit_info:
@@ -166,10 +194,25 @@ def test_parser_refuses_unknown_choices_with_exit_2(argv, capsys):
 
 # -- checkpoints, logs and leftovers of killed runs -----------------------------------------------------------------
 
+
 def run(work, out, *extra, steps):
-    argv = ["--stage", "1", "--pretrained_model_name_or_path", str(work / "pipe"), "--output_dir", str(out),
-            "--train_data_dir", str(work / "world" / "caption"), "--max_train_steps", str(steps),
-            "--train_batch_size", "2", "--checkpointing_steps", "2", *extra]
+    argv = [
+        "--stage",
+        "1",
+        "--pretrained_model_name_or_path",
+        str(work / "pipe"),
+        "--output_dir",
+        str(out),
+        "--train_data_dir",
+        str(work / "world" / "caption"),
+        "--max_train_steps",
+        str(steps),
+        "--train_batch_size",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        *extra,
+    ]
     return train.main(train.parse_args(argv))
 
 
@@ -180,12 +223,19 @@ def test_incomplete_checkpoints_resume_logs_and_leftovers(work, tmp_path, caplog
     assert logged() == [1, 2, 3]
 
     (out / "checkpoint-4").mkdir()  # empty: a killed copy, or a hand-made folder
-    with pytest.raises(train.ArgumentError, match=r"--resume_from_checkpoint 'checkpoint-4': .* is not a complete "
-                                                  r"checkpoint \(no training_state.json"):
+    with pytest.raises(
+        train.ArgumentError,
+        match=r"--resume_from_checkpoint 'checkpoint-4': .* is not a complete "
+        r"checkpoint \(no training_state.json",
+    ):
         run(work, out, "--resume_from_checkpoint", "checkpoint-4", steps=4)
 
-    leftovers = [out / ".checkpoint-6.tmp", out / ".publish-x1", out / ".model_index.json.tmp-3",
-                 out / ".transformer.old-9"]
+    leftovers = [
+        out / ".checkpoint-6.tmp",
+        out / ".publish-x1",
+        out / ".model_index.json.tmp-3",
+        out / ".transformer.old-9",
+    ]
     for path in leftovers:
         path.mkdir()
     (out / ".keep").write_text("mine")

@@ -29,7 +29,9 @@ N = 10
 
 def _analyser():
     """The shape analyser loaded from its (self-contained) file, skipping the heavy package import."""
-    spec = importlib.util.spec_from_file_location("_shape_analysis_data", REPO / "src/diffusers_starflow2/world/shape_analysis.py")
+    spec = importlib.util.spec_from_file_location(
+        "_shape_analysis_data", REPO / "src/diffusers_starflow2/world/shape_analysis.py"
+    )
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.analyze_shape
@@ -145,9 +147,20 @@ def test_parse_mixture():
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "generation", "generation=data/c", "generation=:0.4", "=data/c:0.4", "generation=data/c:abc",
-     "generation=data/c:0", "generation=data/c:-1", "generation=data/c:nan", "pictures=data/c:1",
-     "generation=a:1,generation=b:1", "generation=data/c:1,"],
+    [
+        "",
+        "generation",
+        "generation=data/c",
+        "generation=:0.4",
+        "=data/c:0.4",
+        "generation=data/c:abc",
+        "generation=data/c:0",
+        "generation=data/c:-1",
+        "generation=data/c:nan",
+        "pictures=data/c:1",
+        "generation=a:1,generation=b:1",
+        "generation=data/c:1,",
+    ],
 )
 def test_parse_mixture_rejects_bad_specs(spec):
     with pytest.raises(ValueError, match="--mixture"):
@@ -167,7 +180,13 @@ def test_mixture_is_reproducible_and_respects_weights(world):
     assert sorted(gen) == list(range(N))
     samples = a.sample(6)
     assert [s["source"] for s in samples] == [n for n, _ in first(a, 6)]
-    assert all(s["kind"] == {"understanding": "understanding", "generation": "caption", "editing": "edit", "interleaved": "interleaved"}[s["source"]] for s in samples)
+    assert all(
+        s["kind"]
+        == {"understanding": "understanding", "generation": "caption", "editing": "edit", "interleaved": "interleaved"}[
+            s["source"]
+        ]
+        for s in samples
+    )
     bounded = mixture(spec, seed=1, num_samples=5)
     assert len(list(bounded)) == 5
     with pytest.raises(ValueError, match="positive"):

@@ -15,8 +15,16 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_pretzel_sharded_with_fsdp2_on_two_cpu_processes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "fsdp_pretzel_worker.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests" / "fsdp_pretzel_worker.py"),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
@@ -42,15 +50,36 @@ def test_accelerate_fsdp_config_on_cpu_is_refused(tmp_path):
 
     StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=0)).save_pretrained(tmp_path / "pipe")
     write_world(tmp_path / "world", num_images=2, seed=0, image_size=32, kinds=["caption"], progress=False)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "training" / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision",
-           "no", "--main_process_port", "0", str(REPO / "training" / "train_starflow2.py"), "--stage", "1",
-           "--pretrained_model_name_or_path", str(tmp_path / "pipe"), "--train_data_dir",
-           str(tmp_path / "world" / "caption"), "--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "training" / "accelerate_configs" / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "0",
+        str(REPO / "training" / "train_starflow2.py"),
+        "--stage",
+        "1",
+        "--pretrained_model_name_or_path",
+        str(tmp_path / "pipe"),
+        "--train_data_dir",
+        str(tmp_path / "world" / "caption"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_train_steps",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0
-    assert ("train_starflow2.py: error: the accelerate config asks for FSDP (distributed_type: FSDP), but "
-            "accelerate") in proc.stderr
+    assert (
+        "train_starflow2.py: error: the accelerate config asks for FSDP (distributed_type: FSDP), but accelerate"
+    ) in proc.stderr
     assert "set up MULTI_CPU on cpu: accelerate shards with FSDP on GPUs and other accelerators only" in proc.stderr
     assert not (tmp_path / "out" / "model_index.json").exists()

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 REPO = Path(__file__).resolve().parents[1]
 
 from conftest import write_training_workdir  # noqa: E402
+
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
 
@@ -24,17 +25,49 @@ def work(tmp_path_factory):
 
 
 def lora_run(work, out, *extra, steps=4):
-    argv = ["--stage", "1", "--pretrained_model_name_or_path", str(work / "pipe"), "--output_dir", str(out),
-            "--dataset_name", str(work / "world" / "caption"), "--cache_dir", str(work / "hf-cache"),
-            "--max_train_steps", str(steps), "--train_batch_size", "2", "--learning_rate", "1e-2", "--rank", "4",
-            "--use_ema", "--ema_decay", "0.5", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
-            "--validation_prompt", "a red circle", "--num_validation_images", "1", *extra]
+    argv = [
+        "--stage",
+        "1",
+        "--pretrained_model_name_or_path",
+        str(work / "pipe"),
+        "--output_dir",
+        str(out),
+        "--dataset_name",
+        str(work / "world" / "caption"),
+        "--cache_dir",
+        str(work / "hf-cache"),
+        "--max_train_steps",
+        str(steps),
+        "--train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--rank",
+        "4",
+        "--use_ema",
+        "--ema_decay",
+        "0.5",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "1",
+        "--validation_prompt",
+        "a red circle",
+        "--num_validation_images",
+        "1",
+        *extra,
+    ]
     return train.main(train.parse_args(argv))
 
 
 def sample(pipe):
-    return pipe("a red circle", guidance_scale=1.0, num_denoising_steps=0, output_type="latent",
-                generator=torch.Generator().manual_seed(0)).images
+    return pipe(
+        "a red circle",
+        guidance_scale=1.0,
+        num_denoising_steps=0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images
 
 
 def test_stage1_lora_with_imagefolder_validation_ema_checkpoints_and_resume(work, tmp_path):
@@ -115,11 +148,25 @@ def test_image_and_caption_columns(work, tmp_path):
     folder.mkdir()
     rows = [json.loads(line) for line in (work / "world" / "caption" / "metadata.jsonl").read_text().splitlines()]
     shutil.copytree(work / "world" / "caption" / "images", folder / "images")
-    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["file_name"], "caption": r["text"]})
-                                                   + "\n" for r in rows))
-    common = ["--stage", "1", "--pretrained_model_name_or_path", str(work / "pipe"), "--output_dir",
-              str(tmp_path / "out"), "--dataset_name", str(folder), "--cache_dir", str(tmp_path / "cache"),
-              "--max_train_steps", "1", "--train_batch_size", "2"]
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": r["file_name"], "caption": r["text"]}) + "\n" for r in rows)
+    )
+    common = [
+        "--stage",
+        "1",
+        "--pretrained_model_name_or_path",
+        str(work / "pipe"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--dataset_name",
+        str(folder),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--max_train_steps",
+        "1",
+        "--train_batch_size",
+        "2",
+    ]
     with pytest.raises(train.ArgumentError, match="--caption_column 'text' is not a column"):
         train.main(train.parse_args(common))
     with pytest.raises(train.ArgumentError, match="--image_column 'picture' is not a column"):
@@ -133,7 +180,7 @@ def test_readme_training_section_names_every_option_and_no_other():
     import re
 
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Training\n"):readme.index("\n## ", readme.index("## Training\n") + 1)]
+    section = readme[readme.index("## Training\n") : readme.index("\n## ", readme.index("## Training\n") + 1)]
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", section))
     options = set()
     parse = argparse.ArgumentParser.parse_args
@@ -144,12 +191,22 @@ def test_readme_training_section_names_every_option_and_no_other():
 
     argparse.ArgumentParser.parse_args = record
     try:
-        train.parse_args(["--stage", "1", "--pretrained_model_name_or_path", "-", "--output_dir", "-",
-                          "--max_train_steps", "1"])
+        train.parse_args(
+            ["--stage", "1", "--pretrained_model_name_or_path", "-", "--output_dir", "-", "--max_train_steps", "1"]
+        )
     finally:
         argparse.ArgumentParser.parse_args = parse
     # flags of other commands the section shows: accelerate launch, the world writer, the benchmark, iTARFlow's
-    others = {"--config_file", "--multi_gpu", "--num_processes", "--cpu", "--output", "--num_images", "--configs",
-              "--repeats", "--reweight"}
+    others = {
+        "--config_file",
+        "--multi_gpu",
+        "--num_processes",
+        "--cpu",
+        "--output",
+        "--num_images",
+        "--configs",
+        "--repeats",
+        "--reweight",
+    }
     assert options - {"--help"} - named == set()
     assert named - options - others == set()

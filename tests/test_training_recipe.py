@@ -35,8 +35,7 @@ def work(tmp_path_factory, pipe):
     components = build_tiny_starflow2_components(seed=0, perturb=0.05)
     components["vlm"] = build_tiny_causal_lm(components["tokenizer"])  # a language model without vision tower
     StarFlow2Pipeline(**components).save_pretrained(root / "text-only")
-    write_world(root / "world", num_images=4, seed=0, image_size=32, kinds=["caption", "understanding"],
-                progress=False)
+    write_world(root / "world", num_images=4, seed=0, image_size=32, kinds=["caption", "understanding"], progress=False)
     return root
 
 
@@ -45,13 +44,29 @@ def image(seed):
 
 
 def args_for(stage, *extra):
-    return train.parse_args(["--stage", str(stage), "--pretrained_model_name_or_path", "-", "--output_dir", "-",
-                             "--max_train_steps", "1", "--caption_dropout", "0", "--latent_sample", "mean", *extra])
+    return train.parse_args(
+        [
+            "--stage",
+            str(stage),
+            "--pretrained_model_name_or_path",
+            "-",
+            "--output_dir",
+            "-",
+            "--max_train_steps",
+            "1",
+            "--caption_dropout",
+            "0",
+            "--latent_sample",
+            "mean",
+            *extra,
+        ]
+    )
 
 
 def flow_loss(pipe, args, examples):
-    build = train.BatchBuilder(args, pipe.tokenizer, pipe.vae, pipe.scheduler, pipe.transformer.num_latents,
-                               torch.float32)
+    build = train.BatchBuilder(
+        args, pipe.tokenizer, pipe.vae, pipe.scheduler, pipe.transformer.num_latents, torch.float32
+    )
     batch = build(examples, "cpu")
     with torch.no_grad():
         out = train.PretzelTrainer(pipe.transformer, pipe.vlm, train_vlm=False)(**batch)
@@ -59,8 +74,10 @@ def flow_loss(pipe, args, examples):
 
 
 def test_linear_reweight_is_the_t_weighted_mean_of_per_sample_losses(pipe):
-    examples = [{"kind": "caption", "image": image(i), "text": f"a red circle {i}", "position": 10 * i,
-                 "source": "caption"} for i in range(4)]
+    examples = [
+        {"kind": "caption", "image": image(i), "text": f"a red circle {i}", "position": 10 * i, "source": "caption"}
+        for i in range(4)
+    ]
     plain, t = flow_loss(pipe, args_for(1), examples)
     linear, t_linear = flow_loss(pipe, args_for(1, "--image_loss_reweight", "linear"), examples)
     assert torch.equal(t, t_linear)  # linear reweights the loss, not the noise levels
@@ -71,8 +88,14 @@ def test_linear_reweight_is_the_t_weighted_mean_of_per_sample_losses(pipe):
 
 
 def test_inverse_reweight_draws_noise_levels_with_density_one_over_t(pipe):
-    build = train.BatchBuilder(args_for(1, "--image_loss_reweight", "inverse"), pipe.tokenizer, pipe.vae,
-                               pipe.scheduler, pipe.transformer.num_latents, torch.float32)
+    build = train.BatchBuilder(
+        args_for(1, "--image_loss_reweight", "inverse"),
+        pipe.tokenizer,
+        pipe.vae,
+        pipe.scheduler,
+        pipe.transformer.num_latents,
+        torch.float32,
+    )
     levels = build.noise_levels([torch.Generator().manual_seed(i) for i in range(4000)])
     t0, t1 = pipe.scheduler.config.min_noise_level, pipe.scheduler.config.max_noise_level
     # density ∝ 1/t on [t0, t1]: log t is uniform, so P(t < sqrt(t0 t1)) = 1/2 (uniform t would give ~0.17)
@@ -89,42 +112,68 @@ def test_paper_recipe_sets_appendix_c_optimiser_and_explicit_flags_win(work, tmp
     assert args_for(1, "--recipe", "paper", "--adam_beta2", "0.98").adam_beta2 == 0.98
 
     # cosine from --learning_rate down to --min_learning_rate over the run
-    argv = ["--stage", "1", "--pretrained_model_name_or_path", str(work / "pipe"), "--output_dir", str(tmp_path),
-            "--train_data_dir", str(work / "world" / "caption"), "--max_train_steps", "4", "--train_batch_size", "2",
-            "--recipe", "paper", "--mixed_precision", "no", "--learning_rate", "1e-3"]
+    argv = [
+        "--stage",
+        "1",
+        "--pretrained_model_name_or_path",
+        str(work / "pipe"),
+        "--output_dir",
+        str(tmp_path),
+        "--train_data_dir",
+        str(work / "world" / "caption"),
+        "--max_train_steps",
+        "4",
+        "--train_batch_size",
+        "2",
+        "--recipe",
+        "paper",
+        "--mixed_precision",
+        "no",
+        "--learning_rate",
+        "1e-3",
+    ]
     history = train.main(train.parse_args(argv))["history"]
     expected = [1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)]
     assert [h["lr"] for h in history] == pytest.approx(expected, rel=1e-6)
 
 
 def understanding(i):
-    return {"kind": "understanding", "image": image(i), "prompt": "what colour is the shape?",
-            "response": ["red", "blue"][i % 2], "position": i, "source": "understanding"}
+    return {
+        "kind": "understanding",
+        "image": image(i),
+        "prompt": "what colour is the shape?",
+        "response": ["red", "blue"][i % 2],
+        "position": i,
+        "source": "understanding",
+    }
 
 
 def test_distillation_teacher_sees_the_image_through_the_vlm_vision_tower(pipe):
     args = args_for(2, "--distill_from_vlm_vision")
-    build = train.BatchBuilder(args, pipe.tokenizer, pipe.vae, pipe.scheduler, pipe.transformer.num_latents,
-                               torch.float32, teacher=pipe.vlm)
+    build = train.BatchBuilder(
+        args, pipe.tokenizer, pipe.vae, pipe.scheduler, pipe.transformer.num_latents, torch.float32, teacher=pipe.vlm
+    )
     examples = [understanding(0), understanding(1)]
     batch = build(examples, "cpu")
 
     # the teacher, rendered independently: Qwen2.5-VL's own image tokens, next-token logits of the response
     for b, ex in enumerate(examples):
         vision = build.teacher_processor(images=[((ex["image"] + 1) / 2)], do_rescale=False, return_tensors="pt")
-        tokens = int(vision["image_grid_thw"].prod()) // pipe.vlm.config.vision_config.spatial_merge_size ** 2
+        tokens = int(vision["image_grid_thw"].prod()) // pipe.vlm.config.vision_config.spatial_merge_size**2
         messages = [user_message(ex["image"], ex["prompt"]), {"role": "assistant", "content": ex["response"]}]
         text = pipe.tokenizer.apply_chat_template(messages, tokenize=False).replace(IMAGE_PAD, IMAGE_PAD * tokens)
         ids = pipe.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
         with torch.no_grad():
-            logits = pipe.vlm(input_ids=ids, pixel_values=vision["pixel_values"],
-                              image_grid_thw=vision["image_grid_thw"]).logits[0]
+            logits = pipe.vlm(
+                input_ids=ids, pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"]
+            ).logits[0]
         n = int(batch["text_loss_mask"][b].sum())  # the response tokens, <|im_end|> and what follows it
         start = int(batch["text_loss_mask"][:b].sum())
         end_of_response = text.rindex(ex["response"])
         first = len(pipe.tokenizer(text[:end_of_response], add_special_tokens=False).input_ids)
-        torch.testing.assert_close(batch["teacher_logits"][start:start + n], logits[first - 1:first - 1 + n],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            batch["teacher_logits"][start : start + n], logits[first - 1 : first - 1 + n], atol=1e-4, rtol=1e-4
+        )
 
     # the loss adds distill_weight x KL(teacher || student) over the same positions
     trainer = train.PretzelTrainer(pipe.transformer, pipe.vlm, train_vlm=False)
@@ -132,8 +181,14 @@ def test_distillation_teacher_sees_the_image_through_the_vlm_vision_tower(pipe):
         plain = trainer(**{k: v for k, v in batch.items() if k != "teacher_logits"})
         out = trainer(**batch, distill_weight=0.5)
     student = out_student_logits(pipe, batch)
-    kl = (F.softmax(batch["teacher_logits"], -1) * (F.log_softmax(batch["teacher_logits"], -1)
-                                                    - F.log_softmax(student, -1))).sum(-1).mean()
+    kl = (
+        (
+            F.softmax(batch["teacher_logits"], -1)
+            * (F.log_softmax(batch["teacher_logits"], -1) - F.log_softmax(student, -1))
+        )
+        .sum(-1)
+        .mean()
+    )
     assert out["distill_kl"].item() == pytest.approx(kl.item(), rel=1e-5) and kl > 0
     assert out["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * kl.item(), rel=1e-5)
     assert train.distillation_kl(student, student).abs().item() < 1e-6
@@ -148,14 +203,31 @@ def out_student_logits(pipe, batch):
 
 
 def test_distillation_trains_and_is_skipped_without_a_vision_tower(work, tmp_path, caplog):
-    common = ["--stage", "2", "--train_data_dir", str(work / "world" / "understanding"), "--max_train_steps", "2",
-              "--train_batch_size", "2", "--distill_from_vlm_vision"]
-    history = train.main(train.parse_args(common + ["--pretrained_model_name_or_path", str(work / "pipe"),
-                                                    "--output_dir", str(tmp_path / "a")]))["history"]
-    assert all(h["distill_kl"] > 0 and h["loss"] == pytest.approx(h["text_ce"] + h["distill_kl"], rel=1e-5)
-               for h in history)
+    common = [
+        "--stage",
+        "2",
+        "--train_data_dir",
+        str(work / "world" / "understanding"),
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "2",
+        "--distill_from_vlm_vision",
+    ]
+    history = train.main(
+        train.parse_args(
+            common + ["--pretrained_model_name_or_path", str(work / "pipe"), "--output_dir", str(tmp_path / "a")]
+        )
+    )["history"]
+    assert all(
+        h["distill_kl"] > 0 and h["loss"] == pytest.approx(h["text_ce"] + h["distill_kl"], rel=1e-5) for h in history
+    )
     with caplog.at_level(logging.WARNING, logger="train_starflow2"):
-        history = train.main(train.parse_args(common + ["--pretrained_model_name_or_path", str(work / "text-only"),
-                                                        "--output_dir", str(tmp_path / "b")]))["history"]
+        history = train.main(
+            train.parse_args(
+                common
+                + ["--pretrained_model_name_or_path", str(work / "text-only"), "--output_dir", str(tmp_path / "b")]
+            )
+        )["history"]
     assert "has no vision tower" in caplog.text and "Qwen2ForCausalLM" in caplog.text
     assert len(history) == 2 and all("distill_kl" not in h for h in history)

@@ -64,8 +64,9 @@ def _positions(tokenizer, input_ids, grid, mrope=True):
 def test_text_logits_match_vlm(vlm):
     stream = VLMStream(vlm)
     input_ids = torch.randint(0, vlm.config.get_text_config().vocab_size, (2, 12))
-    hidden, cache = stream(stream.embed_tokens(input_ids), torch.arange(12).expand(3, -1) if stream.uses_mrope
-                           else torch.arange(12))
+    hidden, cache = stream(
+        stream.embed_tokens(input_ids), torch.arange(12).expand(3, -1) if stream.uses_mrope else torch.arange(12)
+    )
     assert hidden.shape == (2, 12, stream.hidden_size)
     assert cache.get_seq_length() == 12
     torch.testing.assert_close(stream.logits(hidden), vlm(input_ids=input_ids).logits, rtol=0, atol=1e-6)
@@ -120,8 +121,9 @@ def test_chunked_and_padded_position_ids_match_one_shot(mrope):
     # chunks that split images anywhere (5 cells, then the rest) continue exactly
     chunks, start, open_cells = [], None, 0
     for a, b in [(0, 4), (4, 12), (12, 17), (17, 22), (22, 36)]:
-        ids, start, open_cells = position_ids(lat[None, a:b], torch.ones(1, b - a, dtype=torch.bool), grid, mrope,
-                                              start, open_cells)
+        ids, start, open_cells = position_ids(
+            lat[None, a:b], torch.ones(1, b - a, dtype=torch.bool), grid, mrope, start, open_cells
+        )
         chunks.append(ids)
     assert torch.equal(torch.cat(chunks, dim=-1), one_shot) and torch.equal(start, one_shot_next)
     # a left-padded second sample gets the same ids after its padding, which takes position 0 and advances nothing

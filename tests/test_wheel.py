@@ -15,11 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(root / "dist"), str(REPO)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(root / "dist"), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     wheel = next((root / "dist").glob("diffusers_starflow2-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(root / "site"),
-                    str(wheel)], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(root / "site"), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return wheel, root
 
 
@@ -34,11 +42,20 @@ def run(root: Path, *args: str) -> subprocess.CompletedProcess:
 def test_wheel_ships_the_package_tools_and_the_embedded_model(installed):
     wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("conversion/convert_starflow_to_diffusers.py", "conversion/make_tiny_starflow2.py",
-                   "conversion/assemble_starflow2.py", "training/train_starflow2.py", "training/data.py",
-                   "world/synthetic_world.py", "world/shape_analysis.py", "world/train_world.py",
-                   "default_model/model_index.json", "default_model/transformer/diffusion_pytorch_model.safetensors",
-                   "default_model/vlm/model.safetensors", "default_model/tokenizer/tokenizer.json"):
+    for module in (
+        "conversion/convert_starflow_to_diffusers.py",
+        "conversion/make_tiny_starflow2.py",
+        "conversion/assemble_starflow2.py",
+        "training/train_starflow2.py",
+        "training/data.py",
+        "world/synthetic_world.py",
+        "world/shape_analysis.py",
+        "world/train_world.py",
+        "default_model/model_index.json",
+        "default_model/transformer/diffusion_pytorch_model.safetensors",
+        "default_model/vlm/model.safetensors",
+        "default_model/tokenizer/tokenizer.json",
+    ):
         assert f"diffusers_starflow2/{module}" in names, module
 
 
@@ -56,7 +73,16 @@ def test_installed_wheel_converts_generates_and_chats(installed):
     assert (root / "elsewhere" / "red.png").stat().st_size > 0
 
     (root / "elsewhere" / "imgs").mkdir()
-    chat = run(root, "-m", "diffusers_starflow2.cli", "chat", "draw a blue square at the top <image>",
-               "--output-dir", "imgs", "--max-new-tokens", "4")
+    chat = run(
+        root,
+        "-m",
+        "diffusers_starflow2.cli",
+        "chat",
+        "draw a blue square at the top <image>",
+        "--output-dir",
+        "imgs",
+        "--max-new-tokens",
+        "4",
+    )
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert list((root / "elsewhere" / "imgs").glob("*.png"))

@@ -17,9 +17,9 @@ from .models import (
 )
 from .pipelines import (
     IMAGE_PLACEHOLDER,
+    StarFlow2ConversationState,
     StarFlow2EditPipeline,
     StarFlow2EditPipelineOutput,
-    StarFlow2ConversationState,
     StarFlow2EditState,
     StarFlow2InterleavedOutput,
     StarFlow2InterleavedPipeline,
@@ -29,7 +29,6 @@ from .pipelines import (
     StarFlowPipelineOutput,
 )
 from .schedulers import GuidanceSpec, TarFlowScheduler, TarFlowSchedulerOutput
-
 from .utils.hub import register_with_diffusers
 
 __version__ = "0.1.0"

@@ -73,8 +73,9 @@ def _model_source(path: Optional[str]) -> str:
     """A local pipeline folder, or a Hugging Face Hub repo id (``user/name``)."""
     if path is None:
         if not (DEFAULT_MODEL / "model_index.json").is_file():
-            raise CLIError(f"the embedded default model ({DEFAULT_MODEL}) is not a STARFlow2 pipeline folder "
-                           "(no model_index.json)")
+            raise CLIError(
+                f"the embedded default model ({DEFAULT_MODEL}) is not a STARFlow2 pipeline folder (no model_index.json)"
+            )
         return str(DEFAULT_MODEL)
     from .utils.hub import pipeline_source
 
@@ -93,8 +94,11 @@ def _device(name: Optional[str]):
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise CLIError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, mps)") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+    }
     if not available.get(device.type, False):
         raise CLIError(f"--device {name!r} is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -130,8 +134,10 @@ def _quiet(verbose: bool) -> Iterator[None]:
     import huggingface_hub.utils as hub_utils
     import transformers
 
-    saved = [(lib.utils.logging, lib.utils.logging.get_verbosity(), lib.utils.logging.is_progress_bar_enabled())
-             for lib in (diffusers, transformers)]
+    saved = [
+        (lib.utils.logging, lib.utils.logging.get_verbosity(), lib.utils.logging.is_progress_bar_enabled())
+        for lib in (diffusers, transformers)
+    ]
     hub_bars = hub_utils.are_progress_bars_disabled()
     for logging, _, _ in saved:
         logging.set_verbosity_error()
@@ -217,8 +223,11 @@ def _checked(args) -> None:
             validation.check_guidance_scale(getattr(args, option), "--" + option.replace("_", "-"), minimum)
     if hasattr(args, "temperature"):
         validation.check_number(args.temperature, "--temperature", minimum=0)
-    for option, minimum, maximum in (("max_new_tokens", 0, None), ("num_images", 1, MAX_NUM_IMAGES),
-                                     ("denoising_steps", 0, None)):
+    for option, minimum, maximum in (
+        ("max_new_tokens", 0, None),
+        ("num_images", 1, MAX_NUM_IMAGES),
+        ("denoising_steps", 0, None),
+    ):
         if getattr(args, option, None) is not None:
             validation.check_integer(getattr(args, option), "--" + option.replace("_", "-"), minimum, maximum)
     for option in ("prompt", "instruction", "question"):
@@ -232,9 +241,14 @@ def _checked(args) -> None:
 def cmd_generate(args) -> None:
     paths = _output_paths(args.output, args.num_images)
     pipe = _load("StarFlow2Pipeline", args)
-    images = pipe(args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
-                  num_images_per_prompt=args.num_images, generator=_generator(args.seed),
-                  num_denoising_steps=args.denoising_steps).images
+    images = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        guidance_scale=args.guidance_scale,
+        num_images_per_prompt=args.num_images,
+        generator=_generator(args.seed),
+        num_denoising_steps=args.denoising_steps,
+    ).images
     for image, path in zip(images, paths):
         _save(image, path)
         print(path)
@@ -244,9 +258,15 @@ def cmd_edit(args) -> None:
     paths = _output_paths(args.output, args.num_images)
     source = _open_image(args.image)
     pipe = _load("StarFlow2EditPipeline", args)
-    images = pipe(image=source, prompt=args.instruction, negative_prompt=args.negative_prompt,
-                  guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
-                  num_images_per_prompt=args.num_images, generator=_generator(args.seed)).images
+    images = pipe(
+        image=source,
+        prompt=args.instruction,
+        negative_prompt=args.negative_prompt,
+        guidance_scale=args.guidance_scale,
+        image_guidance_scale=args.image_guidance_scale,
+        num_images_per_prompt=args.num_images,
+        generator=_generator(args.seed),
+    ).images
     for image, path in zip(images, paths):
         _save(image, path)
         print(path)
@@ -255,8 +275,14 @@ def cmd_edit(args) -> None:
 def cmd_describe(args) -> None:
     source = _open_image(args.image)
     pipe = _load("StarFlow2InterleavedPipeline", args)
-    print(pipe([source, args.question], max_new_tokens=args.max_new_tokens, guidance_scale=0.0,
-               generator=_generator(args.seed)).text.strip())
+    print(
+        pipe(
+            [source, args.question],
+            max_new_tokens=args.max_new_tokens,
+            guidance_scale=0.0,
+            generator=_generator(args.seed),
+        ).text.strip()
+    )
 
 
 def _prepare_output_dir(path: str) -> Path:
@@ -289,9 +315,17 @@ def _chat_turn(pipe, prompt, state, args, out: Path, generator, count: int):
             print(f"\n[image: {path}]", flush=True)
             count += 1
 
-    result = pipe(prompt, negative_prompt=args.negative_prompt, max_new_tokens=args.max_new_tokens,
-                  guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
-                  temperature=args.temperature, generator=generator, state=state, callback_on_segment=show)
+    result = pipe(
+        prompt,
+        negative_prompt=args.negative_prompt,
+        max_new_tokens=args.max_new_tokens,
+        guidance_scale=args.guidance_scale,
+        image_guidance_scale=args.image_guidance_scale,
+        temperature=args.temperature,
+        generator=generator,
+        state=state,
+        callback_on_segment=show,
+    )
     print()
     return result.state, count
 
@@ -336,8 +370,11 @@ def cmd_chat(args) -> None:
         _chat_turn(pipe, args.prompt, None, args, out, generator, 0)
 
 
-CONVERTERS = {"starflow": "convert_starflow_to_diffusers", "tiny": "make_tiny_starflow2",
-              "assemble": "assemble_starflow2"}
+CONVERTERS = {
+    "starflow": "convert_starflow_to_diffusers",
+    "tiny": "make_tiny_starflow2",
+    "assemble": "assemble_starflow2",
+}
 
 
 def cmd_convert(args) -> int:
@@ -362,8 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--verbose", action="store_true", help="show loading bars and library warnings")
 
     def images(p):
-        p.add_argument("-o", "--output", required=True,
-                       help="output image file (.png, .jpg, ...); with --num-images N: name_0.png ... name_{N-1}.png")
+        p.add_argument(
+            "-o",
+            "--output",
+            required=True,
+            help="output image file (.png, .jpg, ...); with --num-images N: name_0.png ... name_{N-1}.png",
+        )
         p.add_argument("--negative-prompt", help="text of the unguided branch (default: empty)")
         p.add_argument("--num-images", type=int, default=1, help=f"images to generate (at most {MAX_NUM_IMAGES})")
         p.add_argument("--guidance-scale", type=float, default=2.0, help="text guidance weight (0 = off)")
@@ -390,24 +431,34 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_describe)
 
-    p = sub.add_parser("chat", help="interleaved generation: prints text, writes images ('<image>' forces one)",
-                       description="Interleaved text and images; images go to --output-dir as image_NN.png.  "
-                                   f"Without PROMPT, a conversation read from standard input ({CHAT_HELP}); "
-                                   "each turn continues the caches of the previous ones.")
+    p = sub.add_parser(
+        "chat",
+        help="interleaved generation: prints text, writes images ('<image>' forces one)",
+        description="Interleaved text and images; images go to --output-dir as image_NN.png.  "
+        f"Without PROMPT, a conversation read from standard input ({CHAT_HELP}); "
+        "each turn continues the caches of the previous ones.",
+    )
     p.add_argument("prompt", nargs="?", help="one turn; omit it for a conversation read from standard input")
     p.add_argument("--output-dir", default=".", help="where generated images are written (created if missing)")
     p.add_argument("--negative-prompt", help="user turn of the unguided branch (default: empty)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated after the prompt")
     p.add_argument("--guidance-scale", type=float, default=2.0, help="image guidance weight (0 = off)")
-    p.add_argument("--image-guidance-scale", type=float, default=1.5,
-                   help="weight of the user's images against the unconditional branch, as in edit (1 = off); "
-                        "a conversation keeps the branches of its first turn")
+    p.add_argument(
+        "--image-guidance-scale",
+        type=float,
+        default=1.5,
+        help="weight of the user's images against the unconditional branch, as in edit (1 = off); "
+        "a conversation keeps the branches of its first turn",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="text sampling temperature (0 = greedy)")
     common(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("convert", help="run a converter: starflow | tiny | assemble (pass its own arguments)",
-                       description="Run a converter; the arguments after KIND are the converter's own.")
+    p = sub.add_parser(
+        "convert",
+        help="run a converter: starflow | tiny | assemble (pass its own arguments)",
+        description="Run a converter; the arguments after KIND are the converter's own.",
+    )
     p.add_argument("kind", choices=sorted(CONVERTERS))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the converter")
     p.set_defaults(func=cmd_convert)

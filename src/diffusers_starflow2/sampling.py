@@ -42,37 +42,57 @@ NLLFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_jacobi(jacobi_block_size: Optional[int], jacobi_tolerance: float,
-                 jacobi_max_iterations: Optional[int]) -> None:
+def check_jacobi(
+    jacobi_block_size: Optional[int], jacobi_tolerance: float, jacobi_max_iterations: Optional[int]
+) -> None:
     """Raise ``ValueError`` naming the argument, its value and what is accepted."""
-    if jacobi_block_size is not None and (isinstance(jacobi_block_size, bool) or not isinstance(jacobi_block_size, int)
-                                          or jacobi_block_size < 1):
-        raise ValueError(f"`jacobi_block_size` must be None (exact sequential decoding) or an int >= 1; got "
-                         f"{jacobi_block_size!r}")
-    if (isinstance(jacobi_tolerance, bool) or not isinstance(jacobi_tolerance, (int, float))
-            or not jacobi_tolerance >= 0):  # also rejects NaN
+    if jacobi_block_size is not None and (
+        isinstance(jacobi_block_size, bool) or not isinstance(jacobi_block_size, int) or jacobi_block_size < 1
+    ):
+        raise ValueError(
+            f"`jacobi_block_size` must be None (exact sequential decoding) or an int >= 1; got {jacobi_block_size!r}"
+        )
+    if (
+        isinstance(jacobi_tolerance, bool)
+        or not isinstance(jacobi_tolerance, (int, float))
+        or not jacobi_tolerance >= 0
+    ):  # also rejects NaN
         raise ValueError(f"`jacobi_tolerance` must be a number >= 0; got {jacobi_tolerance!r}")
-    if jacobi_max_iterations is not None and (isinstance(jacobi_max_iterations, bool)
-                                              or not isinstance(jacobi_max_iterations, int)
-                                              or jacobi_max_iterations < 1):
-        raise ValueError(f"`jacobi_max_iterations` must be None (= jacobi_block_size) or an int >= 1; got "
-                         f"{jacobi_max_iterations!r}")
+    if jacobi_max_iterations is not None and (
+        isinstance(jacobi_max_iterations, bool)
+        or not isinstance(jacobi_max_iterations, int)
+        or jacobi_max_iterations < 1
+    ):
+        raise ValueError(
+            f"`jacobi_max_iterations` must be None (= jacobi_block_size) or an int >= 1; got {jacobi_max_iterations!r}"
+        )
 
 
-def jacobi_options(jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
-                   jacobi_max_iterations: Optional[int] = None) -> dict:
+def jacobi_options(
+    jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3, jacobi_max_iterations: Optional[int] = None
+) -> dict:
     """The decoding mode of a call, checked: keyword arguments of every sampling function."""
     check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
-    return dict(jacobi_block_size=jacobi_block_size, jacobi_tolerance=jacobi_tolerance,
-                jacobi_max_iterations=jacobi_max_iterations)
+    return dict(
+        jacobi_block_size=jacobi_block_size,
+        jacobi_tolerance=jacobi_tolerance,
+        jacobi_max_iterations=jacobi_max_iterations,
+    )
 
 
-def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: torch.Tensor,
-                          scheduler: TarFlowScheduler, guidance: GuidanceSpec,
-                          callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                          feed_last: bool = False, stop: Optional[Callable[[], bool]] = None,
-                          jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
-                          jacobi_max_iterations: Optional[int] = None) -> torch.Tensor:
+def sample_autoregressive(
+    step_fn: StepFunction,
+    params: AffineParams,
+    noise: torch.Tensor,
+    scheduler: TarFlowScheduler,
+    guidance: GuidanceSpec,
+    callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    feed_last: bool = False,
+    stop: Optional[Callable[[], bool]] = None,
+    jacobi_block_size: Optional[int] = None,
+    jacobi_tolerance: float = 1e-3,
+    jacobi_max_iterations: Optional[int] = None,
+) -> torch.Tensor:
     """Noise ``(B, N, C)`` -> tokens ``(B, n, C)``, left to right (``n = N`` unless stopped).
 
     ``params`` predict token 0 (its guidance branches stacked along the batch).  ``step_fn(inputs, j)`` feeds tokens
@@ -99,8 +119,10 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
     check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
     branches = guidance.num_branches
     if params[0].shape[0] != branches * noise.shape[0]:
-        raise ValueError(f"the context holds {params[0].shape[0]} rows for {noise.shape[0]} samples; guidance "
-                         f"{guidance.branches} needs {branches * noise.shape[0]}")
+        raise ValueError(
+            f"the context holds {params[0].shape[0]} rows for {noise.shape[0]} samples; guidance "
+            f"{guidance.branches} needs {branches * noise.shape[0]}"
+        )
     N = noise.shape[1]
     W = jacobi_block_size or 1
     max_passes = jacobi_max_iterations or W
@@ -126,7 +148,7 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
     while c < N:
         n = min(W, N - c)  # window: tokens c .. c + n
         fed = n if c + n < N or feed_last else n - 1  # the last token is an input only when fed
-        z = noise[:, c:c + n].float()  # (B, n, C)
+        z = noise[:, c : c + n].float()  # (B, n, C)
         x_c = scheduler.affine_step(z[:, :1], *params, guidance)  # token c: exact
         if callback is not None:
             x_c = callback(c, x_c)
@@ -135,9 +157,9 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
         final, last_params = [x_c], None
         if n > 1:
             k = min(guess.shape[1], n - 1)
-            x = torch.cat([x_c, guess[:, :k], z[:, 1 + k:]], dim=1)  # (B, n, C)
+            x = torch.cat([x_c, guess[:, :k], z[:, 1 + k :]], dim=1)  # (B, n, C)
             mu, sigma = feed(x[:, :fed], c + 1)  # (branches * B, fed, C): tokens c + 1 ..
-            new = scheduler.affine_step(z[:, 1:], mu[:, :n - 1], sigma[:, :n - 1], guidance)  # (B, n - 1, C)
+            new = scheduler.affine_step(z[:, 1:], mu[:, : n - 1], sigma[:, : n - 1], guidance)  # (B, n - 1, C)
             ages = [a + 1 for a in ages[:k]] + [1] * (n - 1 - k)
             moved = (new - x[:, 1:]).abs().amax(dim=(0, 2)).tolist()  # (n - 1,) per token
             made = 1
@@ -148,11 +170,18 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
             last_params = (mu, sigma)
             guess, ages = new[:, made:], ages[made:]  # tokens c + made + 1 ..: token c + made becomes exact
             if fed == n and c + n < N:  # the call also predicts the token after the window: a better first guess
-                guess = torch.cat([guess, scheduler.affine_step(noise[:, c + n:c + n + 1].float(), mu[:, n - 1:],
-                                                                sigma[:, n - 1:], guidance)], dim=1)
+                guess = torch.cat(
+                    [
+                        guess,
+                        scheduler.affine_step(
+                            noise[:, c + n : c + n + 1].float(), mu[:, n - 1 :], sigma[:, n - 1 :], guidance
+                        ),
+                    ],
+                    dim=1,
+                )
                 ages.append(0)  # not yet recomputed within the window
             for j in range(1, made):
-                x_j = new[:, j - 1:j]
+                x_j = new[:, j - 1 : j]
                 if callback is not None:
                     replaced = callback(c + j, x_j)
                     if replaced is not x_j:
@@ -166,7 +195,7 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
         if c < N or feed_last:  # the parameters of token c (or the last token enters the caches)
             if last_params is None:  # sequential decoding, or replaced tokens: one call with the final tokens
                 last_params = feed(torch.cat(final, dim=1), c + 1 - made)
-            params = tuple(p[:, made - 1:made] for p in last_params)
+            params = tuple(p[:, made - 1 : made] for p in last_params)
     return torch.cat(tokens, dim=1)
 
 
@@ -176,12 +205,19 @@ def sample_autoregressive(step_fn: StepFunction, params: AffineParams, noise: to
 
 
 @torch.no_grad()
-def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid: Tuple[int, int],
-                      scheduler: TarFlowScheduler, guidance: Optional[GuidanceSpec] = None,
-                      text: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None,
-                      cond: Optional[torch.Tensor] = None,
-                      callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                      stop: Optional[Callable[[], bool]] = None, **jacobi) -> torch.Tensor:
+def sample_flow_block(
+    block: AutoregressiveFlowBlock,
+    noise: torch.Tensor,
+    grid: Tuple[int, int],
+    scheduler: TarFlowScheduler,
+    guidance: Optional[GuidanceSpec] = None,
+    text: Optional[torch.Tensor] = None,
+    text_mask: Optional[torch.Tensor] = None,
+    cond: Optional[torch.Tensor] = None,
+    callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    stop: Optional[Callable[[], bool]] = None,
+    **jacobi,
+) -> torch.Tensor:
     """Invert one flow block: noise ``(B, N, C_in)`` in raster order -> data, float32.
 
     ``text`` ``(branches * B, L, D)`` stacks the guidance branches (``guidance``); blocks that read no text are
@@ -213,21 +249,35 @@ def sample_flow_block(block: AutoregressiveFlowBlock, noise: torch.Tensor, grid:
 
     start = block.sos_embed.expand(B, -1, -1) if block.use_sos else z[:, :1]
     with packed_weights():
-        x = sample_autoregressive(step_fn, step_fn(start.repeat(branches, 1, 1), 0), z[:, first:], scheduler,
-                                  guidance, callback, stop=stop, **jacobi)
-    return block.permute(torch.cat([z[:, :first], x, z[:, first + x.shape[1]:]], dim=1))
+        x = sample_autoregressive(
+            step_fn,
+            step_fn(start.repeat(branches, 1, 1), 0),
+            z[:, first:],
+            scheduler,
+            guidance,
+            callback,
+            stop=stop,
+            **jacobi,
+        )
+    return block.permute(torch.cat([z[:, :first], x, z[:, first + x.shape[1] :]], dim=1))
 
 
-def _stack_branches(text: Optional[torch.Tensor], negative: Optional[torch.Tensor],
-                    mask: Optional[torch.Tensor], negative_mask: Optional[torch.Tensor], guidance: GuidanceSpec):
+def _stack_branches(
+    text: Optional[torch.Tensor],
+    negative: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    negative_mask: Optional[torch.Tensor],
+    guidance: GuidanceSpec,
+):
     """``[conditional; unconditional]`` text features and masks, as ``guidance`` asks."""
     if guidance.num_branches == 1 or text is None:
         return text, mask
     if negative is None:
         raise ValueError("guidance_scale > 0 requires negative_encoder_hidden_states")
     if negative.shape != text.shape:
-        raise ValueError(f"negative_encoder_hidden_states must have shape {tuple(text.shape)}; got "
-                         f"{tuple(negative.shape)}")
+        raise ValueError(
+            f"negative_encoder_hidden_states must have shape {tuple(text.shape)}; got {tuple(negative.shape)}"
+        )
     if mask is not None or negative_mask is not None:
         ones = text.new_ones(text.shape[:2], dtype=torch.bool)
         mask = torch.cat([mask if mask is not None else ones, negative_mask if negative_mask is not None else ones])
@@ -235,15 +285,21 @@ def _stack_branches(text: Optional[torch.Tensor], negative: Optional[torch.Tenso
 
 
 @torch.no_grad()
-def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
-                    encoder_hidden_states: Optional[torch.Tensor] = None,
-                    negative_encoder_hidden_states: Optional[torch.Tensor] = None, guidance_scale: float = 0.0,
-                    encoder_attention_mask: Optional[torch.Tensor] = None,
-                    negative_encoder_attention_mask: Optional[torch.Tensor] = None,
-                    scheduler: Optional[TarFlowScheduler] = None,
-                    callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                    stop: Optional[Callable[[], bool]] = None, jacobi_block_size: Optional[int] = None,
-                    jacobi_tolerance: float = 1e-3, jacobi_max_iterations: Optional[int] = None) -> torch.Tensor:
+def sample_starflow(
+    model: StarFlowTransformerModel,
+    noise: torch.Tensor,
+    encoder_hidden_states: Optional[torch.Tensor] = None,
+    negative_encoder_hidden_states: Optional[torch.Tensor] = None,
+    guidance_scale: float = 0.0,
+    encoder_attention_mask: Optional[torch.Tensor] = None,
+    negative_encoder_attention_mask: Optional[torch.Tensor] = None,
+    scheduler: Optional[TarFlowScheduler] = None,
+    callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    stop: Optional[Callable[[], bool]] = None,
+    jacobi_block_size: Optional[int] = None,
+    jacobi_tolerance: float = 1e-3,
+    jacobi_max_iterations: Optional[int] = None,
+) -> torch.Tensor:
     """Noise ``(B, C, H, W)`` -> latents with a STARFlow (v1) stack: the deep block first (guided against
     ``negative_encoder_hidden_states`` when ``guidance_scale > 0``), then the shallow blocks in reverse.
 
@@ -257,8 +313,13 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
     jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
     guidance = GuidanceSpec(guidance_scale)
     model.check_inputs(noise, encoder_hidden_states, name="noise")
-    text, mask = _stack_branches(encoder_hidden_states, negative_encoder_hidden_states, encoder_attention_mask,
-                                 negative_encoder_attention_mask, guidance)
+    text, mask = _stack_branches(
+        encoder_hidden_states,
+        negative_encoder_hidden_states,
+        encoder_attention_mask,
+        negative_encoder_attention_mask,
+        guidance,
+    )
     scheduler = scheduler or TarFlowScheduler()
     x, grid = model.to_tokens(noise.float())
     made = 0
@@ -281,10 +342,17 @@ def sample_starflow(model: StarFlowTransformerModel, noise: torch.Tensor,
 
 
 @torch.no_grad()
-def sample_image_tokens(transformer: PretzelModel, vlm: VLMStream, cache: PretzelCache, noise: torch.Tensor,
-                        scheduler: TarFlowScheduler, guidance: Optional[GuidanceSpec] = None,
-                        callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
-                        stop: Optional[Callable[[], bool]] = None, **jacobi) -> torch.Tensor:
+def sample_image_tokens(
+    transformer: PretzelModel,
+    vlm: VLMStream,
+    cache: PretzelCache,
+    noise: torch.Tensor,
+    scheduler: TarFlowScheduler,
+    guidance: Optional[GuidanceSpec] = None,
+    callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    stop: Optional[Callable[[], bool]] = None,
+    **jacobi,
+) -> torch.Tensor:
     """Sample one image span ``x~ (B, n, C)`` left to right; every latent enters both caches as it is made.
 
     The cache must end with ``<|vision_start|>`` and hold ``guidance.branches`` stacked along its batch.
@@ -304,21 +372,33 @@ def sample_image_tokens(transformer: PretzelModel, vlm: VLMStream, cache: Pretze
             start, fed, snap = previous
             cache.restore(snap)
             if index > start:
-                transformer.step(vlm, cache, latents=fed[:, :index - start])
+                transformer.step(vlm, cache, latents=fed[:, : index - start])
         previous = (index, inputs, cache.snapshot())
         return transformer.latent_params(transformer.step(vlm, cache, latents=inputs).flow_hidden_states)
 
     if cache.batch_size != branches * noise.shape[0]:
-        raise ValueError(f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
-                         f"{guidance.branches} of {noise.shape[0]} samples")
+        raise ValueError(
+            f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
+            f"{guidance.branches} of {noise.shape[0]} samples"
+        )
     with packed_weights():
-        return sample_autoregressive(step_fn, transformer.latent_params(cache.last_flow_hidden), noise, scheduler,
-                                     guidance, callback, feed_last=True, stop=stop, **jacobi)
+        return sample_autoregressive(
+            step_fn,
+            transformer.latent_params(cache.last_flow_hidden),
+            noise,
+            scheduler,
+            guidance,
+            callback,
+            feed_last=True,
+            stop=stop,
+            **jacobi,
+        )
 
 
 @torch.no_grad()
-def shallow_reverse(transformer: PretzelModel, tokens: torch.Tensor, noise_level: torch.Tensor,
-                    scheduler: TarFlowScheduler, **jacobi) -> torch.Tensor:
+def shallow_reverse(
+    transformer: PretzelModel, tokens: torch.Tensor, noise_level: torch.Tensor, scheduler: TarFlowScheduler, **jacobi
+) -> torch.Tensor:
     """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse);
     ``jacobi`` as in :func:`sample_flow_block`."""
     cond = transformer.noise_embedding(noise_level)
@@ -332,9 +412,15 @@ def shallow_reverse(transformer: PretzelModel, tokens: torch.Tensor, noise_level
 # --------------------------------------------------------------------------------------------------------------
 
 
-def tweedie_denoise(nll: NLLFunction, sample: torch.Tensor, scheduler: TarFlowScheduler,
-                    num_steps: Optional[int] = None, noise_level: Optional[float] = None,
-                    callback: Optional[Callable] = None, stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+def tweedie_denoise(
+    nll: NLLFunction,
+    sample: torch.Tensor,
+    scheduler: TarFlowScheduler,
+    num_steps: Optional[int] = None,
+    noise_level: Optional[float] = None,
+    callback: Optional[Callable] = None,
+    stop: Optional[Callable[[], bool]] = None,
+) -> torch.Tensor:
     """Remove the sampling noise of ``sample`` with the scheduler's denoising schedule.
 
     Each step at level ``t`` takes the gradient of ``nll(x, t)``: the model is conditioned on the level of the step
@@ -357,11 +443,17 @@ def tweedie_denoise(nll: NLLFunction, sample: torch.Tensor, scheduler: TarFlowSc
 
 
 @torch.no_grad()
-def denoise_starflow(model: StarFlowTransformerModel, latents: torch.Tensor,
-                     encoder_hidden_states: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
-                     num_steps: int = 1, encoder_attention_mask: Optional[torch.Tensor] = None,
-                     scheduler: Optional[TarFlowScheduler] = None, callback: Optional[Callable] = None,
-                     stop: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+def denoise_starflow(
+    model: StarFlowTransformerModel,
+    latents: torch.Tensor,
+    encoder_hidden_states: Optional[torch.Tensor] = None,
+    noise_level: Optional[float] = None,
+    num_steps: int = 1,
+    encoder_attention_mask: Optional[torch.Tensor] = None,
+    scheduler: Optional[TarFlowScheduler] = None,
+    callback: Optional[Callable] = None,
+    stop: Optional[Callable[[], bool]] = None,
+) -> torch.Tensor:
     """:func:`tweedie_denoise` with a STARFlow (v1) stack (one fixed noise level: the model takes no level);
     one step at 0.3 is STARFlow's self-denoising ``x - t^2 grad NLL``."""
 

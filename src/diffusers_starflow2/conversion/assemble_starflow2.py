@@ -59,8 +59,8 @@ import torch
 
 from diffusers_starflow2 import AutoencoderFAE, PretzelModel, StarFlow2Pipeline, TarFlowScheduler
 from diffusers_starflow2.cli import ArgumentParser, run_main
-from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
 from diffusers_starflow2.loaders.single_file_starflow import convert_starflow_state_dict, load_checkpoint
+from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
 from diffusers_starflow2.utils.sequence import VISION_START, special_id
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -103,11 +103,12 @@ def convert_flow_key(prefix: str, key: str, value: torch.Tensor) -> Optional[str
     if not converted:
         return None
     (new,) = converted
-    return prefix + new[len("blocks.0"):]
+    return prefix + new[len("blocks.0") :]
 
 
-def split_original_state_dict(state: Dict[str, torch.Tensor]
-                              ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], List[str]]:
+def split_original_state_dict(
+    state: Dict[str, torch.Tensor],
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], List[str]]:
     """Original-layout state dict -> ``(transformer state, FAE state without DINOv2, unmapped original keys)``.
 
     A flow-block key is also accepted under this package's name (the renamer passes those through); a parameter
@@ -117,7 +118,7 @@ def split_original_state_dict(state: Dict[str, torch.Tensor]
     for key, value in state.items():
         block = FLOW_BLOCK.match(key)
         if key.startswith("fae.") and key.split(".")[1] in FAE_TRAINABLE:
-            fae[key[len("fae."):]] = value
+            fae[key[len("fae.") :]] = value
         elif PRETZEL_PLAIN.match(key):
             transformer[key] = value
         elif block:
@@ -138,16 +139,25 @@ def split_original_state_dict(state: Dict[str, torch.Tensor]
 def key_problems(name: str, expected: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> List[str]:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k}: weights {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                    for k, v in expected.items() if k in state and state[k].shape != v.shape)
-    return ([f"{name}: {len(missing)} missing keys: {missing}"] if missing else []) + \
-           ([f"{name}: {len(unexpected)} unexpected keys: {unexpected}"] if unexpected else []) + \
-           ([f"{name}: {len(shapes)} shape mismatches: {shapes}"] if shapes else [])
+    shapes = sorted(
+        f"{k}: weights {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    return (
+        ([f"{name}: {len(missing)} missing keys: {missing}"] if missing else [])
+        + ([f"{name}: {len(unexpected)} unexpected keys: {unexpected}"] if unexpected else [])
+        + ([f"{name}: {len(shapes)} shape mismatches: {shapes}"] if shapes else [])
+    )
 
 
 def load_vlm(path: str, dtype: torch.dtype):
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
-                              Qwen2_5_VLForConditionalGeneration)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        Qwen2_5_VLForConditionalGeneration,
+    )
 
     if not os.path.isdir(path):
         raise ValueError(f"--vlm {path!r} is not a folder")
@@ -164,8 +174,11 @@ def read_config(path: str) -> dict:
         raise ValueError(f"--config {path!r} does not exist")
     with open(path) as f:
         config = json.load(f)
-    if not isinstance(config, dict) or not isinstance(config.get("pretzel"), dict) or \
-            not isinstance(config.get("fae"), dict):
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("pretzel"), dict)
+        or not isinstance(config.get("fae"), dict)
+    ):
         raise ValueError(f"--config {path!r} must be a JSON object with 'pretzel' and 'fae' objects")
     unknown = sorted(set(config) - {"pretzel", "fae", "scheduler"})
     if unknown:
@@ -197,18 +210,24 @@ def assemble(args: argparse.Namespace) -> StarFlow2Pipeline:
             raise ValueError(f"pretzel config {key}={pretzel_config[key]} does not match the VLM/tokenizer ({actual})")
     transformer = PretzelModel(**pretzel_config)
     vae = AutoencoderFAE.from_dinov2_pretrained(args.dinov2, **config["fae"])
-    if vae.config.latent_channels != transformer.config.latent_channels or \
-            vae.latent_grid != transformer.config.sample_size:
-        raise ValueError(f"the FAE makes {vae.config.latent_channels}-channel {vae.latent_grid}x{vae.latent_grid} "
-                         f"latents but the Pretzel expects {transformer.config.latent_channels}-channel "
-                         f"{transformer.config.sample_size}x{transformer.config.sample_size} latents")
+    if (
+        vae.config.latent_channels != transformer.config.latent_channels
+        or vae.latent_grid != transformer.config.sample_size
+    ):
+        raise ValueError(
+            f"the FAE makes {vae.config.latent_channels}-channel {vae.latent_grid}x{vae.latent_grid} "
+            f"latents but the Pretzel expects {transformer.config.latent_channels}-channel "
+            f"{transformer.config.sample_size}x{transformer.config.sample_size} latents"
+        )
 
     fae_expected = {k: v for k, v in vae.state_dict().items() if k.split(".")[0] in FAE_TRAINABLE}
-    problems = key_problems("transformer", transformer.state_dict(), transformer_state) + \
-        key_problems("fae", fae_expected, fae_state)
+    problems = key_problems("transformer", transformer.state_dict(), transformer_state) + key_problems(
+        "fae", fae_expected, fae_state
+    )
     if unmapped:
-        problems.insert(0, f"{len(unmapped)} weights keys have no counterpart in the original layout: "
-                           f"{sorted(unmapped)}")
+        problems.insert(
+            0, f"{len(unmapped)} weights keys have no counterpart in the original layout: {sorted(unmapped)}"
+        )
     if problems:
         raise ValueError("the weights do not match the config:\n  " + "\n  ".join(problems))
     transformer.load_state_dict(transformer_state, strict=True)
@@ -217,8 +236,13 @@ def assemble(args: argparse.Namespace) -> StarFlow2Pipeline:
     if dtype != torch.float32:  # nn.Module.to: ModelMixin.to warns about fp32-pinned modules
         torch.nn.Module.to(transformer, dtype)
         torch.nn.Module.to(vae, dtype)
-    return StarFlow2Pipeline(vlm=vlm, tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
-                             scheduler=TarFlowScheduler(**config.get("scheduler", {})))
+    return StarFlow2Pipeline(
+        vlm=vlm,
+        tokenizer=tokenizer,
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        scheduler=TarFlowScheduler(**config.get("scheduler", {})),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,8 +258,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {output}")
     for name in ("vlm", "transformer", "vae"):
         model = getattr(pipe, name)
-        print(f"  {name:<12} {type(model).__name__:<40} {sum(p.numel() for p in model.parameters()):>14,} "
-              f"parameters ({model.dtype})")
+        print(
+            f"  {name:<12} {type(model).__name__:<40} {sum(p.numel() for p in model.parameters()):>14,} "
+            f"parameters ({model.dtype})"
+        )
     print(f"  image size   {pipe.image_size}x{pipe.image_size}")
     return 0
 

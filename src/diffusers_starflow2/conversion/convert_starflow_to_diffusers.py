@@ -39,20 +39,27 @@ PROG = "convert_starflow_to_diffusers.py"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
-    parser = ArgumentParser(prog=prog or PROG,
-                            description="Convert a reference STARFlow checkpoint to a diffusers folder.")
+    parser = ArgumentParser(
+        prog=prog or PROG, description="Convert a reference STARFlow checkpoint to a diffusers folder."
+    )
     parser.add_argument("--checkpoint", required=True, help="reference .pth/.pt/.bin (weights_only) or .safetensors")
     parser.add_argument("--config", required=True, help="reference training YAML, or JSON with 'model_kwargs'")
     parser.add_argument("--output", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
-    parser.add_argument("--save_full_pipeline", action="store_true",
-                        help="write a complete StarFlowPipeline folder (needs --text_encoder and --vae)")
+    parser.add_argument(
+        "--save_full_pipeline",
+        action="store_true",
+        help="write a complete StarFlowPipeline folder (needs --text_encoder and --vae)",
+    )
     parser.add_argument("--text_encoder", help="local T5 encoder folder (FLAN-T5-XL for the released model)")
     parser.add_argument("--tokenizer", help="local tokenizer folder (default: --text_encoder)")
     parser.add_argument("--vae", help="local diffusers AutoencoderKL folder (sd-vae-ft-ema for the released model)")
-    parser.add_argument("--allow_nonfinite", action="store_true",
-                        help="convert a checkpoint holding NaN/inf weights (refused otherwise)")
+    parser.add_argument(
+        "--allow_nonfinite",
+        action="store_true",
+        help="convert a checkpoint holding NaN/inf weights (refused otherwise)",
+    )
     args = parser.parse_args(argv)
     if args.save_full_pipeline and not (args.text_encoder and args.vae):
         parser.error("--save_full_pipeline needs --text_encoder DIR and --vae DIR")
@@ -70,8 +77,11 @@ def load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                    for k, v in expected.items() if k in state and state[k].shape != v.shape)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
     if missing:
         problems.append(f"{len(missing)} missing keys: {missing}")
     if unexpected:
@@ -91,8 +101,9 @@ def build_model(model_config: dict) -> StarFlowTransformerModel:
         raise ValueError(f"the config does not describe a buildable model: {err}") from None
 
 
-def convert(checkpoint: str, config: str, dtype: str = "float32",
-            allow_nonfinite: bool = False) -> Tuple[StarFlowTransformerModel, dict]:
+def convert(
+    checkpoint: str, config: str, dtype: str = "float32", allow_nonfinite: bool = False
+) -> Tuple[StarFlowTransformerModel, dict]:
     """Build the diffusers model described by ``config`` and load the converted ``checkpoint`` into it.
 
     A checkpoint holding NaN/inf weights is refused unless ``allow_nonfinite`` (it would only draw black images).

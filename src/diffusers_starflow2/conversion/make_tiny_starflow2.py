@@ -22,16 +22,21 @@ from diffusers_starflow2.cli import ArgumentParser, run_main
 from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
-
 PROG = "make_tiny_starflow2.py"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
-    parser = ArgumentParser(prog=prog or PROG, description="Write a randomly initialised tiny STARFlow2 pipeline folder.")
+    parser = ArgumentParser(
+        prog=prog or PROG, description="Write a randomly initialised tiny STARFlow2 pipeline folder."
+    )
     parser.add_argument("--output", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    parser.add_argument("--perturb", type=float, default=0.05,
-                        help="std of the noise added to zero-initialised Pretzel weights (0: true initialisation)")
+    parser.add_argument(
+        "--perturb",
+        type=float,
+        default=0.05,
+        help="std of the noise added to zero-initialised Pretzel weights (0: true initialisation)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     return parser.parse_args(argv)
 
@@ -47,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         model = getattr(pipe, name)
         print(f"  {name:<12} {type(model).__name__:<40} {sum(p.numel() for p in model.parameters()):>10,} parameters")
     print(f"  tokenizer    {type(pipe.tokenizer).__name__} ({len(pipe.tokenizer)} tokens)")
-    print(f"  image size   {pipe.image_size}x{pipe.image_size}, latents {pipe.transformer.config.latent_channels}x"
-          f"{pipe.transformer.config.sample_size}x{pipe.transformer.config.sample_size}")
+    print(
+        f"  image size   {pipe.image_size}x{pipe.image_size}, latents {pipe.transformer.config.latent_channels}x"
+        f"{pipe.transformer.config.sample_size}x{pipe.transformer.config.sample_size}"
+    )
     return 0
 
 

@@ -48,8 +48,9 @@ class StarFlow2LoraLoaderMixin(LoraBaseMixin):
 
     @classmethod
     @validate_hf_hub_args
-    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: Union[str, os.PathLike, Dict[str, torch.Tensor]],
-                        **kwargs):
+    def lora_state_dict(
+        cls, pretrained_model_name_or_path_or_dict: Union[str, os.PathLike, Dict[str, torch.Tensor]], **kwargs
+    ):
         r"""The LoRA state dict (keys ``transformer.*`` / ``vlm.*``) of a folder, file, hub id or dict.
 
         Args:
@@ -82,12 +83,19 @@ class StarFlow2LoraLoaderMixin(LoraBaseMixin):
         prefixes = (f"{cls.transformer_name}.", f"{cls.vlm_name}.")
         stray = [k for k in state_dict if not k.startswith(prefixes)]
         if stray:
-            raise ValueError(f"Invalid STARFlow2 LoRA checkpoint: every key must start with {' or '.join(prefixes)}; "
-                             f"got e.g. {stray[0]!r} ({len(stray)} such keys)")
+            raise ValueError(
+                f"Invalid STARFlow2 LoRA checkpoint: every key must start with {' or '.join(prefixes)}; "
+                f"got e.g. {stray[0]!r} ({len(stray)} such keys)"
+            )
         return (state_dict, metadata) if return_lora_metadata else state_dict
 
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: Union[str, os.PathLike, Dict[str, torch.Tensor]],
-                          adapter_name: Optional[str] = None, hotswap: bool = False, **kwargs):
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: Union[str, os.PathLike, Dict[str, torch.Tensor]],
+        adapter_name: Optional[str] = None,
+        hotswap: bool = False,
+        **kwargs,
+    ):
         r"""Load a STARFlow2 LoRA into ``self.transformer`` (and ``self.vlm`` if the file has ``vlm.`` weights).
 
         Args:
@@ -109,47 +117,99 @@ class StarFlow2LoraLoaderMixin(LoraBaseMixin):
             while f"default_{n}" in taken:
                 n += 1
             adapter_name = f"default_{n}"
-        has = {name: any(k.startswith(f"{name}.") for k in state_dict) for name in (self.transformer_name, self.vlm_name)}
+        has = {
+            name: any(k.startswith(f"{name}.") for k in state_dict) for name in (self.transformer_name, self.vlm_name)
+        }
         if has[self.transformer_name]:
-            self.load_lora_into_transformer(state_dict, transformer=transformer, adapter_name=adapter_name,
-                                            metadata=metadata, _pipeline=self, low_cpu_mem_usage=low_cpu_mem_usage,
-                                            hotswap=hotswap)
+            self.load_lora_into_transformer(
+                state_dict,
+                transformer=transformer,
+                adapter_name=adapter_name,
+                metadata=metadata,
+                _pipeline=self,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                hotswap=hotswap,
+            )
         if has[self.vlm_name]:
             if vlm is None:
                 raise ValueError("The LoRA file has VLM weights but the pipeline has no `vlm` component.")
-            self.load_lora_into_vlm(state_dict, vlm=vlm, adapter_name=adapter_name, metadata=metadata, _pipeline=self,
-                                    low_cpu_mem_usage=low_cpu_mem_usage, hotswap=hotswap)
+            self.load_lora_into_vlm(
+                state_dict,
+                vlm=vlm,
+                adapter_name=adapter_name,
+                metadata=metadata,
+                _pipeline=self,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                hotswap=hotswap,
+            )
 
     @classmethod
-    def load_lora_into_transformer(cls, state_dict, transformer, adapter_name=None, _pipeline=None,
-                                   low_cpu_mem_usage=False, hotswap: bool = False, metadata=None):
+    def load_lora_into_transformer(
+        cls,
+        state_dict,
+        transformer,
+        adapter_name=None,
+        _pipeline=None,
+        low_cpu_mem_usage=False,
+        hotswap: bool = False,
+        metadata=None,
+    ):
         """Load the ``transformer.*`` entries of ``state_dict`` into a :class:`PretzelModel` (peft injection)."""
         logger.info(f"Loading {cls.transformer_name}.")
-        transformer.load_lora_adapter(state_dict, network_alphas=None, adapter_name=adapter_name, metadata=metadata,
-                                      _pipeline=_pipeline, low_cpu_mem_usage=low_cpu_mem_usage, hotswap=hotswap,
-                                      prefix=cls.transformer_name)
+        transformer.load_lora_adapter(
+            state_dict,
+            network_alphas=None,
+            adapter_name=adapter_name,
+            metadata=metadata,
+            _pipeline=_pipeline,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            hotswap=hotswap,
+            prefix=cls.transformer_name,
+        )
 
     @classmethod
-    def load_lora_into_vlm(cls, state_dict, vlm, adapter_name=None, _pipeline=None, low_cpu_mem_usage=False,
-                           hotswap: bool = False, metadata=None, lora_scale: float = 1.0):
+    def load_lora_into_vlm(
+        cls,
+        state_dict,
+        vlm,
+        adapter_name=None,
+        _pipeline=None,
+        low_cpu_mem_usage=False,
+        hotswap: bool = False,
+        metadata=None,
+        lora_scale: float = 1.0,
+    ):
         """Load the ``vlm.*`` entries of ``state_dict`` into the transformers VLM (its peft integration)."""
         if hotswap:
             raise ValueError("Hotswapping is not supported for VLM LoRA adapters; pass hotswap=False.")
         if adapter_name is None:
             adapter_name = get_adapter_name(vlm)
-        _load_lora_into_text_encoder(state_dict=state_dict, network_alphas=None, text_encoder=vlm,
-                                     prefix=cls.vlm_name, text_encoder_name=cls.vlm_name, lora_scale=lora_scale,
-                                     adapter_name=adapter_name, _pipeline=_pipeline,
-                                     low_cpu_mem_usage=low_cpu_mem_usage, metadata=metadata)
+        _load_lora_into_text_encoder(
+            state_dict=state_dict,
+            network_alphas=None,
+            text_encoder=vlm,
+            prefix=cls.vlm_name,
+            text_encoder_name=cls.vlm_name,
+            lora_scale=lora_scale,
+            adapter_name=adapter_name,
+            _pipeline=_pipeline,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            metadata=metadata,
+        )
 
     @classmethod
-    def save_lora_weights(cls, save_directory: Union[str, os.PathLike],
-                          transformer_lora_layers: Optional[Dict[str, Union[torch.nn.Module, torch.Tensor]]] = None,
-                          vlm_lora_layers: Optional[Dict[str, Union[torch.nn.Module, torch.Tensor]]] = None,
-                          is_main_process: bool = True, weight_name: Optional[str] = None,
-                          save_function: Optional[Callable] = None, safe_serialization: bool = True,
-                          transformer_lora_adapter_metadata: Optional[dict] = None,
-                          vlm_lora_adapter_metadata: Optional[dict] = None):
+    def save_lora_weights(
+        cls,
+        save_directory: Union[str, os.PathLike],
+        transformer_lora_layers: Optional[Dict[str, Union[torch.nn.Module, torch.Tensor]]] = None,
+        vlm_lora_layers: Optional[Dict[str, Union[torch.nn.Module, torch.Tensor]]] = None,
+        is_main_process: bool = True,
+        weight_name: Optional[str] = None,
+        save_function: Optional[Callable] = None,
+        safe_serialization: bool = True,
+        transformer_lora_adapter_metadata: Optional[dict] = None,
+        vlm_lora_adapter_metadata: Optional[dict] = None,
+    ):
         r"""Write LoRA weights (peft-format state dicts, e.g. ``peft.get_peft_model_state_dict(model)``) and their
         ``LoraConfig`` dicts (``model.peft_config[name].to_dict()``) to ``save_directory/weight_name``
         (default ``pytorch_lora_weights.safetensors``)."""
@@ -162,15 +222,28 @@ class StarFlow2LoraLoaderMixin(LoraBaseMixin):
             lora_metadata[cls.vlm_name] = vlm_lora_adapter_metadata
         if not lora_layers:
             raise ValueError("Pass at least one of `transformer_lora_layers` or `vlm_lora_layers`.")
-        cls._save_lora_weights(save_directory=save_directory, lora_layers=lora_layers, lora_metadata=lora_metadata,
-                               is_main_process=is_main_process, weight_name=weight_name,
-                               save_function=save_function, safe_serialization=safe_serialization)
+        cls._save_lora_weights(
+            save_directory=save_directory,
+            lora_layers=lora_layers,
+            lora_metadata=lora_metadata,
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+        )
 
-    def fuse_lora(self, components: List[str] = [TRANSFORMER_NAME, VLM_NAME], lora_scale: float = 1.0,
-                  safe_fusing: bool = False, adapter_names: Optional[List[str]] = None, **kwargs):
+    def fuse_lora(
+        self,
+        components: List[str] = [TRANSFORMER_NAME, VLM_NAME],
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: Optional[List[str]] = None,
+        **kwargs,
+    ):
         r"""Merge the active LoRA weights (times ``lora_scale``) into the base weights of ``components``."""
-        super().fuse_lora(components=components, lora_scale=lora_scale, safe_fusing=safe_fusing,
-                          adapter_names=adapter_names, **kwargs)
+        super().fuse_lora(
+            components=components, lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs
+        )
 
     def unfuse_lora(self, components: List[str] = [TRANSFORMER_NAME, VLM_NAME], **kwargs):
         r"""Undo :meth:`fuse_lora` on ``components``."""

@@ -19,29 +19,68 @@ import torch
 
 # Reference constructor arguments -> StarFlowTransformerModel config keys (None: derived, see below).
 _KWARG_TO_CONFIG = {
-    "in_channels": "in_channels", "img_size": "sample_size", "patch_size": "patch_size", "channels": "channels",
-    "num_blocks": None, "layers_per_block": "layers_per_block", "head_dim": "head_dim", "num_heads": "num_heads",
-    "num_kv_heads": "num_kv_heads", "rope": "use_rope", "pt_seq_len": "pt_seq_len", "sos": "use_sos",
-    "txt_size": "max_text_length", "txt_dim": "text_dim", "cond_top_only": "cond_top_only",
-    "use_softplus": "use_softplus", "use_swiglu": "gated_mlp", "use_bias": "use_bias", "use_qk_norm": "qk_norm",
-    "use_post_norm": "post_norm", "use_final_norm": "final_norm", "hf_style_rope": "hf_style_rope",
-    "norm_type": "norm_type", "soft_clip": "soft_clip", "seq_order": "seq_order",
+    "in_channels": "in_channels",
+    "img_size": "sample_size",
+    "patch_size": "patch_size",
+    "channels": "channels",
+    "num_blocks": None,
+    "layers_per_block": "layers_per_block",
+    "head_dim": "head_dim",
+    "num_heads": "num_heads",
+    "num_kv_heads": "num_kv_heads",
+    "rope": "use_rope",
+    "pt_seq_len": "pt_seq_len",
+    "sos": "use_sos",
+    "txt_size": "max_text_length",
+    "txt_dim": "text_dim",
+    "cond_top_only": "cond_top_only",
+    "use_softplus": "use_softplus",
+    "use_swiglu": "gated_mlp",
+    "use_bias": "use_bias",
+    "use_qk_norm": "qk_norm",
+    "use_post_norm": "post_norm",
+    "use_final_norm": "final_norm",
+    "hf_style_rope": "hf_style_rope",
+    "norm_type": "norm_type",
+    "soft_clip": "soft_clip",
+    "seq_order": "seq_order",
     "top_block_channels": "top_block_channels",
 }
 # The reference constructor's defaults for the arguments above.
 _REFERENCE_DEFAULTS = {
-    "head_dim": 64, "num_heads": None, "num_kv_heads": None, "rope": False, "pt_seq_len": None, "sos": False,
-    "txt_size": 0, "txt_dim": 0, "cond_top_only": False, "use_softplus": False, "use_swiglu": False,
-    "use_bias": True, "use_qk_norm": False, "use_post_norm": False, "use_final_norm": False,
-    "hf_style_rope": False, "norm_type": "layer_norm", "soft_clip": 0.0, "seq_order": "R2L",
+    "head_dim": 64,
+    "num_heads": None,
+    "num_kv_heads": None,
+    "rope": False,
+    "pt_seq_len": None,
+    "sos": False,
+    "txt_size": 0,
+    "txt_dim": 0,
+    "cond_top_only": False,
+    "use_softplus": False,
+    "use_swiglu": False,
+    "use_bias": True,
+    "use_qk_norm": False,
+    "use_post_norm": False,
+    "use_final_norm": False,
+    "hf_style_rope": False,
+    "norm_type": "layer_norm",
+    "soft_clip": 0.0,
+    "seq_order": "R2L",
     "top_block_channels": None,
 }
 # Accepted only at these values: training-time switches (no effect on the weights' meaning) or features
 # (pretrained-LM deep block, learnable denoiser, video) that this implementation does not provide.
 _MUST_BE_DEFAULT = {
-    "use_pretrained_lm": (None,), "use_mm_attn": (False, 0), "learnable_self_denoiser": (False, 0),
-    "conditional_denoiser": (False, 0), "noise_embed_denoiser": (False, 0), "temporal_causal": (0, False),
-    "shallow_block_local": (False, 0), "denoiser_window": (None,), "local_attn_window": (None,),
+    "use_pretrained_lm": (None,),
+    "use_mm_attn": (False, 0),
+    "learnable_self_denoiser": (False, 0),
+    "conditional_denoiser": (False, 0),
+    "noise_embed_denoiser": (False, 0),
+    "temporal_causal": (0, False),
+    "shallow_block_local": (False, 0),
+    "denoiser_window": (None,),
+    "local_attn_window": (None,),
 }
 _TRAINING_ONLY = {"use_checkpoint", "use_checkpoint_mlp"}
 
@@ -59,8 +98,10 @@ _RENAMES = [
     (r"\.attn_blocks\.(\d+)\.mlp\.post_norm\.", r".layers.\1.mlp.norm_post."),
     (r"\.attn_blocks\.(\d+)\.mlp\.(norm|gate_proj|up_proj|down_proj)\.", r".layers.\1.mlp.\2."),
 ]
-_BLOCK_KEYS = re.compile(r"^blocks\.\d+\.(sos_embed|pos_embed|proj_in\.(weight|bias)|proj_out\.(weight|bias)|"
-                         r"proj_txt\.(weight|bias)|proj_cond\.(weight|bias)|final_norm\.weight|layers\.\d+\..+)$")
+_BLOCK_KEYS = re.compile(
+    r"^blocks\.\d+\.(sos_embed|pos_embed|proj_in\.(weight|bias)|proj_out\.(weight|bias)|"
+    r"proj_txt\.(weight|bias)|proj_cond\.(weight|bias)|final_norm\.weight|layers\.\d+\..+)$"
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -80,8 +121,10 @@ def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         raise ValueError(f"checkpoint {path!r} is empty")
     state = _read_checkpoint(path)
     if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict (a mapping of "
-                         f"parameter names to tensors)")
+        raise ValueError(
+            f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict (a mapping of "
+            f"parameter names to tensors)"
+        )
     while isinstance(state, Mapping) and not any(isinstance(v, torch.Tensor) for v in state.values()):
         inner = [k for k in ("model", "state_dict", "module", "ema") if isinstance(state.get(k), Mapping)]
         if not inner:
@@ -93,7 +136,7 @@ def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
             continue
         for prefix in ("module.", "_orig_mod."):
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -110,8 +153,9 @@ def _read_checkpoint(path: str) -> Any:
         raise
     except Exception as err:  # noqa: BLE001 - torch/pickle/zip/safetensors each raise their own kinds
         detail = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"checkpoint {path!r} cannot be read (truncated, or not a .pth/.safetensors checkpoint): "
-                         f"{detail}") from None
+        raise ValueError(
+            f"checkpoint {path!r} cannot be read (truncated, or not a .pth/.safetensors checkpoint): {detail}"
+        ) from None
 
 
 def convert_starflow_state_dict(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -164,8 +208,18 @@ def config_from_reference_kwargs(kwargs: Mapping[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"layers_per_block {layers} does not have num_blocks={args['num_blocks']} entries")
     config = {cfg: args[k] for k, cfg in _KWARG_TO_CONFIG.items() if cfg is not None}
     config["layers_per_block"] = layers
-    for key in ("use_rope", "use_sos", "cond_top_only", "use_softplus", "gated_mlp", "use_bias", "qk_norm",
-                "post_norm", "final_norm", "hf_style_rope"):
+    for key in (
+        "use_rope",
+        "use_sos",
+        "cond_top_only",
+        "use_softplus",
+        "gated_mlp",
+        "use_bias",
+        "qk_norm",
+        "post_norm",
+        "final_norm",
+        "hf_style_rope",
+    ):
         config[key] = bool(config[key])
     config["soft_clip"] = float(config["soft_clip"])
     return config
@@ -197,16 +251,22 @@ def check_reference_values(args: Mapping[str, Any]) -> None:
         if args.get(key) not in choices:
             raise ValueError(f"config value {key}={args.get(key)!r} must be one of {list(choices)}")
     soft_clip = args.get("soft_clip")
-    if not (isinstance(soft_clip, numbers.Real) and not isinstance(soft_clip, bool) and math.isfinite(soft_clip)
-            and soft_clip >= 0):
+    if not (
+        isinstance(soft_clip, numbers.Real)
+        and not isinstance(soft_clip, bool)
+        and math.isfinite(soft_clip)
+        and soft_clip >= 0
+    ):
         raise ValueError(f"config value soft_clip={soft_clip!r} must be a finite number >= 0")
     if args["img_size"] % args["patch_size"]:
-        raise ValueError(f"config value img_size={args['img_size']} is not a multiple of patch_size="
-                         f"{args['patch_size']}")
+        raise ValueError(
+            f"config value img_size={args['img_size']} is not a multiple of patch_size={args['patch_size']}"
+        )
 
 
 # Arguments of the reference training script (train.py) that a training YAML may hold; only some reach the model.
-_TRAIN_ARGUMENTS = frozenset("""
+_TRAIN_ARGUMENTS = frozenset(
+    """
     model_config_path train_seed data logdir dataset wds mix_aspect img_size vid_size fps_cond no_flip caption_column
     secondary_dataset secondary_img_size secondary_vid_size vae vae_decoder_factor channel_size finetuned_vae text
     txt_size sos seq_order patch_size channels top_block_channels blocks layers_per_block rope pt_seq_len adaln nvp
@@ -217,7 +277,8 @@ _TRAIN_ARGUMENTS = frozenset("""
     min_lr drop_label drop_image last_frame_cond video_to_video resume_path resume_epoch warmup_steps fsdp
     fsdp_text_encoder gradient_checkpoint gradient_checkpoint_mlp compile latent_norm_regularization loss_scaling
     grad_clip grad_skip dry_run wandb_name save_every sample_freq cfg num_samples sample_batch_size
-""".split())
+""".split()
+)
 
 
 def _unknown_key_message(path: str, key: str, known) -> str:
@@ -228,13 +289,40 @@ def _unknown_key_message(path: str, key: str, known) -> str:
 
 # Defaults of the reference training script for the arguments that reach the model.
 _TRAIN_DEFAULTS = {
-    "channel_size": 3, "img_size": 32, "txt_size": 0, "sos": 0, "seq_order": "R2L", "patch_size": 4,
-    "channels": 512, "top_block_channels": None, "blocks": 4, "layers_per_block": [8], "rope": 0,
-    "pt_seq_len": None, "use_softplus": 0, "cond_top_only": 0, "head_dim": 64, "num_heads": None,
-    "num_kv_heads": None, "use_swiglu": 0, "use_qk_norm": 0, "use_post_norm": 0, "use_final_norm": 0,
-    "use_bias": 1, "norm_type": "layer_norm", "use_pretrained_lm": None, "use_mm_attn": 0, "soft_clip": 0.0,
-    "learnable_self_denoiser": 0, "conditional_denoiser": 0, "noise_embed_denoiser": 0, "temporal_causal": 0,
-    "shallow_block_local": 0, "denoiser_window": None, "local_attn_window": None, "vae": None,
+    "channel_size": 3,
+    "img_size": 32,
+    "txt_size": 0,
+    "sos": 0,
+    "seq_order": "R2L",
+    "patch_size": 4,
+    "channels": 512,
+    "top_block_channels": None,
+    "blocks": 4,
+    "layers_per_block": [8],
+    "rope": 0,
+    "pt_seq_len": None,
+    "use_softplus": 0,
+    "cond_top_only": 0,
+    "head_dim": 64,
+    "num_heads": None,
+    "num_kv_heads": None,
+    "use_swiglu": 0,
+    "use_qk_norm": 0,
+    "use_post_norm": 0,
+    "use_final_norm": 0,
+    "use_bias": 1,
+    "norm_type": "layer_norm",
+    "use_pretrained_lm": None,
+    "use_mm_attn": 0,
+    "soft_clip": 0.0,
+    "learnable_self_denoiser": 0,
+    "conditional_denoiser": 0,
+    "noise_embed_denoiser": 0,
+    "temporal_causal": 0,
+    "shallow_block_local": 0,
+    "denoiser_window": None,
+    "local_attn_window": None,
+    "vae": None,
 }
 
 
@@ -287,14 +375,30 @@ def kwargs_from_training_yaml(path: str, text_dim: int) -> Dict[str, Any]:
     vae = args["vae"]
     downsample = 1 if vae is None else (16 if "Wan" in str(vae) else 8)
     kwargs = dict(
-        in_channels=args["channel_size"], img_size=args["img_size"] // downsample, patch_size=args["patch_size"],
-        channels=args["channels"], num_blocks=args["blocks"] if len(layers) == 1 else len(layers),
-        layers_per_block=layers, rope=args["rope"], pt_seq_len=args["pt_seq_len"], head_dim=args["head_dim"],
-        num_heads=args["num_heads"], num_kv_heads=args["num_kv_heads"], use_swiglu=args["use_swiglu"],
-        use_bias=args["use_bias"], use_qk_norm=args["use_qk_norm"], use_post_norm=args["use_post_norm"],
-        norm_type=args["norm_type"], txt_size=args["txt_size"], txt_dim=text_dim, sos=args["sos"],
-        cond_top_only=args["cond_top_only"], use_softplus=args["use_softplus"],
-        use_final_norm=args["use_final_norm"], soft_clip=args["soft_clip"], seq_order=args["seq_order"],
+        in_channels=args["channel_size"],
+        img_size=args["img_size"] // downsample,
+        patch_size=args["patch_size"],
+        channels=args["channels"],
+        num_blocks=args["blocks"] if len(layers) == 1 else len(layers),
+        layers_per_block=layers,
+        rope=args["rope"],
+        pt_seq_len=args["pt_seq_len"],
+        head_dim=args["head_dim"],
+        num_heads=args["num_heads"],
+        num_kv_heads=args["num_kv_heads"],
+        use_swiglu=args["use_swiglu"],
+        use_bias=args["use_bias"],
+        use_qk_norm=args["use_qk_norm"],
+        use_post_norm=args["use_post_norm"],
+        norm_type=args["norm_type"],
+        txt_size=args["txt_size"],
+        txt_dim=text_dim,
+        sos=args["sos"],
+        cond_top_only=args["cond_top_only"],
+        use_softplus=args["use_softplus"],
+        use_final_norm=args["use_final_norm"],
+        soft_clip=args["soft_clip"],
+        seq_order=args["seq_order"],
         top_block_channels=args["top_block_channels"],
     )
     for key in _MUST_BE_DEFAULT:

@@ -44,9 +44,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Dinov2Config fields that define the architecture (and hence the state dict); everything else a saved transformers
 # config carries (architectures, transformers_version, id2label, ...) is bookkeeping we do not store.
 DINOV2_ARCH_KEYS = (
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "hidden_act", "hidden_dropout_prob",
-    "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps", "image_size", "patch_size",
-    "num_channels", "qkv_bias", "layerscale_value", "drop_path_rate", "use_swiglu_ffn", "use_mask_token",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "mlp_ratio",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "initializer_range",
+    "layer_norm_eps",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "qkv_bias",
+    "layerscale_value",
+    "drop_path_rate",
+    "use_swiglu_ffn",
+    "use_mask_token",
 )
 
 
@@ -59,9 +73,20 @@ def dinov2_giant_config() -> dict:
     """Architecture of DINOv2-g/14 as in transformers' ``facebook/dinov2-giant`` (1.1B parameters)."""
     # image_size 518 is the resolution of the released position table (37x37); DINOv2 interpolates it to the
     # 16x16 grid of a 224-px input, so it must stay 518 for the released weights to load.
-    return dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, mlp_ratio=4, use_swiglu_ffn=True,
-                hidden_act="gelu", layer_norm_eps=1e-6, layerscale_value=1.0, qkv_bias=True, image_size=518,
-                patch_size=14, num_channels=3)
+    return dict(
+        hidden_size=1536,
+        num_hidden_layers=40,
+        num_attention_heads=24,
+        mlp_ratio=4,
+        use_swiglu_ffn=True,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+        layerscale_value=1.0,
+        qkv_bias=True,
+        image_size=518,
+        patch_size=14,
+        num_channels=3,
+    )
 
 
 def fae_paper_config() -> dict:
@@ -70,27 +95,74 @@ def fae_paper_config() -> dict:
     The DINOv2 side and the latent shape are the paper's; the decoder widths/depths are not published and are a
     best guess (a 6-layer feature decoder and an 8-layer pixel decoder, both 1024 wide).
     """
-    return dict(dinov2_config=dinov2_giant_config(), image_size=224, sample_size=256, latent_channels=32,
-                encoder_num_heads=24, decoder_dim=1024, decoder_layers=6, decoder_num_heads=16,
-                pixel_decoder_dim=1024, pixel_decoder_layers=8, pixel_decoder_num_heads=16, out_patch_size=16)
+    return dict(
+        dinov2_config=dinov2_giant_config(),
+        image_size=224,
+        sample_size=256,
+        latent_channels=32,
+        encoder_num_heads=24,
+        decoder_dim=1024,
+        decoder_layers=6,
+        decoder_num_heads=16,
+        pixel_decoder_dim=1024,
+        pixel_decoder_layers=8,
+        pixel_decoder_num_heads=16,
+        out_patch_size=16,
+    )
 
 
 def fae_small_config() -> dict:
     """A ~64-px world for quick experiments: image 64, DINOv2 patch 8 -> 8x8x8 latents -> 64-px images."""
-    dinov2 = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=4, image_size=64,
-                  patch_size=8, num_channels=3)
-    return dict(dinov2_config=dinov2, image_size=64, sample_size=64, latent_channels=8, encoder_num_heads=4,
-                decoder_dim=128, decoder_layers=4, decoder_num_heads=4, pixel_decoder_dim=128,
-                pixel_decoder_layers=4, pixel_decoder_num_heads=4, out_patch_size=8)
+    dinov2 = dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        mlp_ratio=4,
+        image_size=64,
+        patch_size=8,
+        num_channels=3,
+    )
+    return dict(
+        dinov2_config=dinov2,
+        image_size=64,
+        sample_size=64,
+        latent_channels=8,
+        encoder_num_heads=4,
+        decoder_dim=128,
+        decoder_layers=4,
+        decoder_num_heads=4,
+        pixel_decoder_dim=128,
+        pixel_decoder_layers=4,
+        pixel_decoder_num_heads=4,
+        out_patch_size=8,
+    )
 
 
 def fae_tiny_config() -> dict:
     """A < 1 MB model for tests: image 32, DINOv2 patch 8 -> 4x4x4 latents -> 32-px images."""
-    dinov2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4, image_size=32,
-                  patch_size=8, num_channels=3)
-    return dict(dinov2_config=dinov2, image_size=32, sample_size=32, latent_channels=4, encoder_num_heads=2,
-                decoder_dim=32, decoder_layers=2, decoder_num_heads=2, pixel_decoder_dim=32, pixel_decoder_layers=2,
-                pixel_decoder_num_heads=2, out_patch_size=8)
+    dinov2 = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=4,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+    )
+    return dict(
+        dinov2_config=dinov2,
+        image_size=32,
+        sample_size=32,
+        latent_channels=4,
+        encoder_num_heads=2,
+        decoder_dim=32,
+        decoder_layers=2,
+        decoder_num_heads=2,
+        pixel_decoder_dim=32,
+        pixel_decoder_layers=2,
+        pixel_decoder_num_heads=2,
+        out_patch_size=8,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,18 +212,39 @@ class FAETransformer(nn.Module):
     patches).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, dim: int, num_layers: int, num_heads: int, pt_seq_len: float,
-                 mlp_ratio: float = 4.0, gated_mlp: bool = True, qk_norm: bool = True, name: str = "decoder"):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        dim: int,
+        num_layers: int,
+        num_heads: int,
+        pt_seq_len: float,
+        mlp_ratio: float = 4.0,
+        gated_mlp: bool = True,
+        qk_norm: bool = True,
+        name: str = "decoder",
+    ):
         super().__init__()
         self.head_dim = _head_dim(dim, num_heads, f"{name}_num_heads")
         self.pt_seq_len = pt_seq_len
         self.gradient_checkpointing = False
         self.proj_in = nn.Linear(in_dim, dim)
-        self.layers = nn.ModuleList([
-            FlowTransformerLayer(dim, self.head_dim, mlp_ratio, num_heads, norm_type="rms_norm", gated_mlp=gated_mlp,
-                                 qk_norm=qk_norm, causal=False)
-            for _ in range(num_layers)
-        ])
+        self.layers = nn.ModuleList(
+            [
+                FlowTransformerLayer(
+                    dim,
+                    self.head_dim,
+                    mlp_ratio,
+                    num_heads,
+                    norm_type="rms_norm",
+                    gated_mlp=gated_mlp,
+                    qk_norm=qk_norm,
+                    causal=False,
+                )
+                for _ in range(num_layers)
+            ]
+        )
         self.norm_out = RMSNorm(dim)
         self.proj_out = nn.Linear(dim, out_dim)
 
@@ -272,8 +365,10 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
             raise ValueError(f"image_size ({image_size}) must be a multiple of the DINOv2 patch_size ({patch})")
         grid = image_size // patch
         if sample_size != grid * out_patch_size:
-            raise ValueError(f"sample_size ({sample_size}) must equal (image_size // patch_size) * out_patch_size "
-                             f"= {grid} * {out_patch_size}")
+            raise ValueError(
+                f"sample_size ({sample_size}) must equal (image_size // patch_size) * out_patch_size "
+                f"= {grid} * {out_patch_size}"
+            )
         if resize_mode not in ("bicubic", "bilinear"):
             raise ValueError(f"resize_mode must be 'bicubic' or 'bilinear'; got {resize_mode!r}")
         if len(image_mean) != dino_cfg.num_channels or len(image_std) != dino_cfg.num_channels:
@@ -287,11 +382,30 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
         feature_dim = dino_cfg.hidden_size
         self.encoder = FAEEncoder(feature_dim, latent_channels, encoder_num_heads, pt_seq_len=grid)
-        self.decoder = FAETransformer(latent_channels, feature_dim, decoder_dim, decoder_layers, decoder_num_heads,
-                                      grid, mlp_ratio, gated_mlp, qk_norm, name="decoder")
-        self.pixel_decoder = FAETransformer(feature_dim, out_patch_size * out_patch_size * out_channels,
-                                            pixel_decoder_dim, pixel_decoder_layers, pixel_decoder_num_heads, grid,
-                                            mlp_ratio, gated_mlp, qk_norm, name="pixel_decoder")
+        self.decoder = FAETransformer(
+            latent_channels,
+            feature_dim,
+            decoder_dim,
+            decoder_layers,
+            decoder_num_heads,
+            grid,
+            mlp_ratio,
+            gated_mlp,
+            qk_norm,
+            name="decoder",
+        )
+        self.pixel_decoder = FAETransformer(
+            feature_dim,
+            out_patch_size * out_patch_size * out_channels,
+            pixel_decoder_dim,
+            pixel_decoder_layers,
+            pixel_decoder_num_heads,
+            grid,
+            mlp_ratio,
+            gated_mlp,
+            qk_norm,
+            name="pixel_decoder",
+        )
         self.use_slicing = False
 
     # -- construction from a released DINOv2 -----------------------------------------------------------------------
@@ -309,8 +423,9 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         fae_paper_config().items() if k != "dinov2_config"})``.  The encoder and decoders are freshly initialised.
         """
         if "dinov2_config" in config:
-            raise ValueError("from_dinov2_pretrained takes the DINOv2 architecture from dinov2_path; "
-                             "do not pass dinov2_config")
+            raise ValueError(
+                "from_dinov2_pretrained takes the DINOv2 architecture from dinov2_path; do not pass dinov2_config"
+            )
         dinov2 = Dinov2Model.from_pretrained(dinov2_path)
         model = cls(dinov2_config=cls._dinov2_arch(dinov2.config), **config)
         model.dinov2.load_state_dict(dinov2.state_dict())
@@ -334,8 +449,10 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     def _check_images(self, images: torch.Tensor, name: str) -> None:
         if images.ndim != 4 or images.shape[1] != self.in_channels:
-            raise ValueError(f"{name} must be a (B, {self.in_channels}, H, W) image batch in [-1, 1]; "
-                             f"got shape {tuple(images.shape)}")
+            raise ValueError(
+                f"{name} must be a (B, {self.in_channels}, H, W) image batch in [-1, 1]; "
+                f"got shape {tuple(images.shape)}"
+            )
 
     def _resize(self, images: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         if tuple(images.shape[-2:]) == tuple(size):
@@ -358,7 +475,7 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         pixel_values = self.preprocess(images)
         grid = (self.latent_grid, self.latent_grid)
         hidden = self.dinov2(pixel_values=pixel_values).last_hidden_state  # (B, prefix + h*w, D)
-        return hidden[:, hidden.shape[1] - grid[0] * grid[1]:], grid
+        return hidden[:, hidden.shape[1] - grid[0] * grid[1] :], grid
 
     # -- encode ------------------------------------------------------------------------------------------------------
 
@@ -368,8 +485,9 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         return moments.transpose(1, 2).unflatten(2, grid)  # (B, 2C, h, w): [mean; logvar] along channels
 
     @apply_forward_hook
-    def encode(self, x: torch.Tensor, return_dict: bool = True
-               ) -> Union[AutoencoderKLOutput, Tuple[DiagonalGaussianDistribution]]:
+    def encode(
+        self, x: torch.Tensor, return_dict: bool = True
+    ) -> Union[AutoencoderKLOutput, Tuple[DiagonalGaussianDistribution]]:
         """Encode ``[-1, 1]`` images ``(B, 3, H, W)`` into the RAW latent posterior over ``(B, C, h, w)``.
 
         The scaling is NOT applied: generator latents are ``(posterior.sample(generator) - shift_factor) *
@@ -383,8 +501,9 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
-    def encode_latents(self, images: torch.Tensor, generator: Optional[torch.Generator] = None,
-                       sample: bool = True) -> torch.Tensor:
+    def encode_latents(
+        self, images: torch.Tensor, generator: Optional[torch.Generator] = None, sample: bool = True
+    ) -> torch.Tensor:
         """``[-1, 1]`` images -> SCALED latents ``(raw - shift_factor) * scaling_factor`` ``(B, C, h, w)``.
 
         ``sample=True`` draws from the posterior with ``generator``; ``False`` takes its mean.
@@ -435,17 +554,29 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     # -- full pass and training loss ---------------------------------------------------------------------------------
 
-    def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
-                generator: Optional[torch.Generator] = None) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        sample_posterior: bool = False,
+        return_dict: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ) -> Union[DecoderOutput, Tuple[torch.Tensor]]:
         """Reconstruct ``[-1, 1]`` images ``sample`` (posterior mean unless ``sample_posterior``)."""
         self._check_images(sample, "sample")
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict=return_dict)
 
-    def compute_loss(self, images: torch.Tensor, beta: float = 1e-4, feature_weight: float = 1.0,
-                     pixel_weight: float = 1.0, sample_posterior: bool = True,
-                     generator: Optional[torch.Generator] = None, pixel_from_target: bool = False) -> FAELossOutput:
+    def compute_loss(
+        self,
+        images: torch.Tensor,
+        beta: float = 1e-4,
+        feature_weight: float = 1.0,
+        pixel_weight: float = 1.0,
+        sample_posterior: bool = True,
+        generator: Optional[torch.Generator] = None,
+        pixel_from_target: bool = False,
+    ) -> FAELossOutput:
         """The FAE training objective on ``[-1, 1]`` images ``(B, 3, H, W)``; see :class:`FAELossOutput`.
 
         ``loss = feature_weight * MSE(rebuilt, DINOv2 features) + pixel_weight * MSE(decoded, images) + beta * KL``.
@@ -470,5 +601,11 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         else:
             pixel_loss = zero
         loss = feature_weight * feature_loss + pixel_weight * pixel_loss + beta * kl_loss
-        return FAELossOutput(loss=loss, feature_loss=feature_loss, pixel_loss=pixel_loss, kl_loss=kl_loss,
-                             reconstruction=reconstruction, latents=z)
+        return FAELossOutput(
+            loss=loss,
+            feature_loss=feature_loss,
+            pixel_loss=pixel_loss,
+            kl_loss=kl_loss,
+            reconstruction=reconstruction,
+            latents=z,
+        )

@@ -82,8 +82,9 @@ def make_norm(norm_type: str, dim: int) -> nn.Module:
     raise ValueError(f"norm_type must be one of 'layer_norm', 'rms_norm', 'none'; got {norm_type!r}")
 
 
-def rope_positions(height: int, width: int, text_length: int, pt_seq_len: float, mode: str,
-                   device: torch.device | str | None = None) -> torch.Tensor:
+def rope_positions(
+    height: int, width: int, text_length: int, pt_seq_len: float, mode: str, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Positions of ``text_length`` text tokens followed by a ``height x width`` grid in raster order.
 
     ``mode="1d"``: one index per token, text first.  ``"2d"``: (row, col) of the grid scaled so that the grid's
@@ -126,8 +127,9 @@ def rope_angles(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
         grid_dim = half - TEXT_AXIS_FREQS if positions.shape[-1] == 3 else half
         parts = [positions[..., 0:1] * inv_freq(grid_dim), positions[..., 1:2] * inv_freq(grid_dim)]
         if positions.shape[-1] == 3:
-            text_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, TEXT_AXIS_FREQS, device=device).float()
-                                              / TEXT_AXIS_FREQS))
+            text_freq = 1.0 / (
+                ROPE_THETA ** (torch.arange(0, TEXT_AXIS_FREQS, device=device).float() / TEXT_AXIS_FREQS)
+            )
             parts.append(positions[..., 2:3] * text_freq)
         angles = torch.cat(parts, dim=-1)
     return angles.repeat_interleave(2, dim=-1)
@@ -175,8 +177,16 @@ class FlowKVCache:
     unconditional branch).
     """
 
-    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         shape = (batch_size, num_kv_heads, max(max_length, 1), head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -207,13 +217,13 @@ class FlowKVCache:
         if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
             # Differentiable pass over a cached context (e.g. denoising): keep the buffer out of the autograd graph,
             # since in-place writes of later layers would invalidate tensors saved for backward.
-            k_all = torch.cat([keys[:, :, :self.length], key], dim=2)
-            v_all = torch.cat([values[:, :, :self.length], value], dim=2)
-            keys[:, :, self.length:end] = key.detach()
-            values[:, :, self.length:end] = value.detach()
+            k_all = torch.cat([keys[:, :, : self.length], key], dim=2)
+            v_all = torch.cat([values[:, :, : self.length], value], dim=2)
+            keys[:, :, self.length : end] = key.detach()
+            values[:, :, self.length : end] = value.detach()
             return k_all, v_all
-        keys[:, :, self.length:end] = key
-        values[:, :, self.length:end] = value
+        keys[:, :, self.length : end] = key
+        values[:, :, self.length : end] = value
         return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, num_positions: int) -> None:
@@ -245,7 +255,7 @@ class FlowKVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the positions held (the room pre-allocated for positions to come is not counted)."""
-        return sum(t[:, :, :self.length].nelement() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t[:, :, : self.length].nelement() * t.element_size() for t in (*self.keys, *self.values))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,9 +266,19 @@ class FlowKVCache:
 class FlowAttention(nn.Module):
     """Pre-norm causal self-attention with grouped-query heads, optional QK-norm and post-norm."""
 
-    def __init__(self, dim: int, head_dim: int, num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None,
-                 norm_type: str = "layer_norm", qk_norm: bool = False, post_norm: bool = False, bias: bool = True,
-                 hf_style_rope: bool = False, causal: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        head_dim: int,
+        num_heads: Optional[int] = None,
+        num_kv_heads: Optional[int] = None,
+        norm_type: str = "layer_norm",
+        qk_norm: bool = False,
+        post_norm: bool = False,
+        bias: bool = True,
+        hf_style_rope: bool = False,
+        causal: bool = True,
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.num_heads = num_heads or dim // head_dim
@@ -276,8 +296,14 @@ class FlowAttention(nn.Module):
         self.norm_k = RMSNorm(head_dim) if qk_norm else None
         self.norm_post = RMSNorm(dim) if post_norm else None
 
-    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, cache: Optional[FlowKVCache] = None,
-                layer_idx: int = 0, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[torch.Tensor] = None,
+        cache: Optional[FlowKVCache] = None,
+        layer_idx: int = 0,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         # x: (B, T, C); rope: rope_tables of the new positions, (2, T, head_dim) or per-sample (2, B, 1, T, head_dim);
         # key_padding_mask: (B, T_k) True = attend
         if isinstance(cache, tuple):
@@ -313,14 +339,19 @@ class FlowAttention(nn.Module):
             own = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(T_k - T).triu(T_k - T)
             mask = mask | own
             is_causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                             scale=self.head_dim ** -0.5)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
         out = self.to_out(out.transpose(1, 2).reshape(B, T, -1))
         return self.norm_post(out) if self.norm_post is not None else out
 
-
-    def forward_static(self, x: torch.Tensor, rope: Optional[torch.Tensor], keys: torch.Tensor, values: torch.Tensor,
-                       positions: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward_static(
+        self,
+        x: torch.Tensor,
+        rope: Optional[torch.Tensor],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        attn_mask: torch.Tensor,
+    ) -> torch.Tensor:
         """The decode path: shapes depend on ``x`` and the buffers only, never on how much of the cache is filled.
 
         ``x (B, T, C)`` sits at sequence ``positions (T,)``; its keys/values are written there into this layer's
@@ -341,13 +372,14 @@ class FlowAttention(nn.Module):
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v.transpose(1, 2))
         if torch.compiler.is_compiling():  # inductor would turn the small matmuls below into scalar loops
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=self.head_dim ** -0.5,
-                                                 enable_gqa=H != H_kv)  # (B, H, T, D)
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=attn_mask, scale=self.head_dim**-0.5, enable_gqa=H != H_kv
+            )  # (B, H, T, D)
             return self._project_out(out)
         # Attention written out: for a few queries over a short cache, two matmuls and a softmax cost less than the
         # fused kernels (which tile for long query blocks).  The query heads sharing a key head are stacked as rows.
         G = H // H_kv
-        q = q.reshape(B, H_kv, G * T, self.head_dim) * self.head_dim ** -0.5
+        q = q.reshape(B, H_kv, G * T, self.head_dim) * self.head_dim**-0.5
         scores = torch.matmul(q, keys.transpose(-1, -2))  # (B, H_kv, G T, S)
         if attn_mask is not None:
             scores = scores + (attn_mask.repeat(1, 1, G, 1) if G > 1 else attn_mask)
@@ -383,16 +415,24 @@ def packed_linear(linear: nn.Module, x: torch.Tensor, activation: str = "none") 
     (other devices and dtypes, autograd, adapters such as LoRA layers, a compiled graph, which packs weights itself)
     it is the plain module call.
     """
-    if (_PACKED_WEIGHTS is None or not _ONEDNN or type(linear) is not nn.Linear or x.device.type != "cpu"
-            or linear.weight.dtype != torch.float32 or linear.weight.numel() < _MIN_PACKED_WEIGHT
-            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+    if (
+        _PACKED_WEIGHTS is None
+        or not _ONEDNN
+        or type(linear) is not nn.Linear
+        or x.device.type != "cpu"
+        or linear.weight.dtype != torch.float32
+        or linear.weight.numel() < _MIN_PACKED_WEIGHT
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+    ):
         out = linear(x)
         return F.gelu(out) if activation == "gelu" else out
     packed = _PACKED_WEIGHTS.get(linear)
     if packed is None:
         packed = _PACKED_WEIGHTS[linear] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 4)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, activation, [],
-                                              "none" if activation == "gelu" else "")
+    return torch.ops.mkldnn._linear_pointwise(
+        x, packed, linear.bias, activation, [], "none" if activation == "gelu" else ""
+    )
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -405,8 +445,15 @@ _PACKED_WEIGHTS: Optional[Dict[nn.Module, torch.Tensor]] = None
 class FlowFeedForward(nn.Module):
     """Pre-norm MLP: ``Linear-GELU-Linear`` or the gated form ``down(gelu_tanh(gate(x)) * up(x))``."""
 
-    def __init__(self, dim: int, expansion: float = 4.0, gated: bool = False, norm_type: str = "layer_norm",
-                 post_norm: bool = False, bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        expansion: float = 4.0,
+        gated: bool = False,
+        norm_type: str = "layer_norm",
+        post_norm: bool = False,
+        bias: bool = True,
+    ):
         super().__init__()
         hidden = int(dim * expansion)
         self.norm = make_norm(norm_type, dim)
@@ -432,13 +479,25 @@ class FlowFeedForward(nn.Module):
 class FlowTransformerLayer(nn.Module):
     """``x + attn(x)`` then ``x + mlp(x)``."""
 
-    def __init__(self, dim: int, head_dim: int, expansion: float = 4.0, num_heads: Optional[int] = None,
-                 num_kv_heads: Optional[int] = None, norm_type: str = "layer_norm", gated_mlp: bool = False,
-                 qk_norm: bool = False, post_norm: bool = False, bias: bool = True, hf_style_rope: bool = False,
-                 causal: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        head_dim: int,
+        expansion: float = 4.0,
+        num_heads: Optional[int] = None,
+        num_kv_heads: Optional[int] = None,
+        norm_type: str = "layer_norm",
+        gated_mlp: bool = False,
+        qk_norm: bool = False,
+        post_norm: bool = False,
+        bias: bool = True,
+        hf_style_rope: bool = False,
+        causal: bool = True,
+    ):
         super().__init__()
-        self.attn = FlowAttention(dim, head_dim, num_heads, num_kv_heads, norm_type, qk_norm, post_norm, bias,
-                                  hf_style_rope, causal)
+        self.attn = FlowAttention(
+            dim, head_dim, num_heads, num_kv_heads, norm_type, qk_norm, post_norm, bias, hf_style_rope, causal
+        )
         self.mlp = FlowFeedForward(dim, expansion, gated_mlp, norm_type, post_norm, bias)
 
     def forward(self, x, rope=None, cache=None, layer_idx=0, key_padding_mask=None):
@@ -478,17 +537,38 @@ class AutoregressiveFlowBlock(nn.Module):
             every position; 0 = none.
     """
 
-    def __init__(self, in_channels: int, channels: int, num_layers: int, head_dim: int = 64,
-                 num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None, expansion: float = 4.0,
-                 text_dim: int = 0, project_text: bool = True, rope: str = "3d", pt_seq_len: float = 16,
-                 num_positions: int = 0, use_sos: bool = True, use_softplus: bool = True, gated_mlp: bool = False,
-                 qk_norm: bool = False, post_norm: bool = False, final_norm: bool = False, bias: bool = True,
-                 norm_type: str = "layer_norm", hf_style_rope: bool = False, soft_clip: float = 0.0,
-                 flip: bool = False, cond_dim: int = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        num_layers: int,
+        head_dim: int = 64,
+        num_heads: Optional[int] = None,
+        num_kv_heads: Optional[int] = None,
+        expansion: float = 4.0,
+        text_dim: int = 0,
+        project_text: bool = True,
+        rope: str = "3d",
+        pt_seq_len: float = 16,
+        num_positions: int = 0,
+        use_sos: bool = True,
+        use_softplus: bool = True,
+        gated_mlp: bool = False,
+        qk_norm: bool = False,
+        post_norm: bool = False,
+        final_norm: bool = False,
+        bias: bool = True,
+        norm_type: str = "layer_norm",
+        hf_style_rope: bool = False,
+        soft_clip: float = 0.0,
+        flip: bool = False,
+        cond_dim: int = 0,
+    ):
         super().__init__()
         if rope == "3d" and (head_dim % 4 or head_dim < 2 * TEXT_AXIS_FREQS):
-            raise ValueError(f"head_dim must be a multiple of 4 and >= {2 * TEXT_AXIS_FREQS} with 3-axis RoPE; "
-                             f"got {head_dim}")
+            raise ValueError(
+                f"head_dim must be a multiple of 4 and >= {2 * TEXT_AXIS_FREQS} with 3-axis RoPE; got {head_dim}"
+            )
         if (rope == "2d" and head_dim % 4) or (rope == "1d" and head_dim % 2):
             raise ValueError(f"head_dim={head_dim} is incompatible with rope={rope!r}")
         self.in_channels = in_channels
@@ -513,11 +593,24 @@ class AutoregressiveFlowBlock(nn.Module):
             self.proj_txt = nn.Linear(text_dim, channels) if project_text else nn.Identity()
         else:
             self.proj_txt = None
-        self.layers = nn.ModuleList([
-            FlowTransformerLayer(channels, head_dim, expansion, num_heads, num_kv_heads, norm_type, gated_mlp,
-                                 qk_norm, post_norm, bias, hf_style_rope)
-            for _ in range(num_layers)
-        ])
+        self.layers = nn.ModuleList(
+            [
+                FlowTransformerLayer(
+                    channels,
+                    head_dim,
+                    expansion,
+                    num_heads,
+                    num_kv_heads,
+                    norm_type,
+                    gated_mlp,
+                    qk_norm,
+                    post_norm,
+                    bias,
+                    hf_style_rope,
+                )
+                for _ in range(num_layers)
+            ]
+        )
         self.final_norm = RMSNorm(channels) if final_norm else None
         self.proj_cond = nn.Linear(cond_dim, channels) if cond_dim > 0 else None
         self.num_kv_heads = self.layers[0].attn.num_kv_heads if num_layers else 0
@@ -533,8 +626,9 @@ class AutoregressiveFlowBlock(nn.Module):
         """Raster order <-> scan order along dim 1 (the flip is its own inverse)."""
         return x.flip(1) if self.flip else x
 
-    def rotary(self, height: int, width: int, text_length: int,
-               device: torch.device | str | None = None) -> Optional[torch.Tensor]:
+    def rotary(
+        self, height: int, width: int, text_length: int, device: torch.device | str | None = None
+    ) -> Optional[torch.Tensor]:
         """``rope_tables`` ``(2, text_length + height*width, head_dim)`` on ``device`` (default: the block's),
         computed once per shape and device; ``None`` with learned position embeddings."""
         if self.rope == "none":
@@ -556,7 +650,7 @@ class AutoregressiveFlowBlock(nn.Module):
         """Project input tokens ``(B, T, C_in)`` at scan positions ``start..start+T`` into the Transformer width."""
         h = self.proj_in(tokens)
         if self.pos_embed is not None:
-            h = h + self.permute(self.pos_embed)[start:start + tokens.shape[1]]
+            h = h + self.permute(self.pos_embed)[start : start + tokens.shape[1]]
         return self.add_cond(h, cond)
 
     def add_cond(self, h: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
@@ -565,8 +659,13 @@ class AutoregressiveFlowBlock(nn.Module):
             return h
         return h + self.proj_cond(cond.to(h.dtype))[:, None]
 
-    def transformer(self, h: torch.Tensor, rope: Optional[torch.Tensor] = None, cache: Optional[FlowKVCache] = None,
-                    key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def transformer(
+        self,
+        h: torch.Tensor,
+        rope: Optional[torch.Tensor] = None,
+        cache: Optional[FlowKVCache] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Run the layers over new positions ``h (B, T, C)``, appending them to ``cache`` when given."""
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
@@ -593,9 +692,14 @@ class AutoregressiveFlowBlock(nn.Module):
 
     # -- data -> noise ---------------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, grid: Tuple[int, int], text: Optional[torch.Tensor] = None,
-                text_mask: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid: Tuple[int, int],
+        text: Optional[torch.Tensor] = None,
+        text_mask: Optional[torch.Tensor] = None,
+        cond: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Data -> noise.
 
         Args:
@@ -630,29 +734,47 @@ class AutoregressiveFlowBlock(nn.Module):
 
     # -- noise -> data, one position at a time ------------------------------------------------------------------
 
-    def prefill(self, text: torch.Tensor, rope: Optional[torch.Tensor], cache: FlowKVCache,
-                key_padding_mask: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None) -> None:
+    def prefill(
+        self,
+        text: torch.Tensor,
+        rope: Optional[torch.Tensor],
+        cache: FlowKVCache,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        cond: Optional[torch.Tensor] = None,
+    ) -> None:
         """Fill ``cache`` with the text prefix ``(B, L, text_dim)`` of the token sequence (text-reading blocks);
         ``rope`` and ``key_padding_mask`` cover the whole sequence."""
         h = self.add_cond(self.proj_txt(text.to(self.proj_in.weight.dtype)), cond)
         self.static_pass(h, 0, rope, cache, key_padding_mask)
 
-    def decode_step(self, inputs: torch.Tensor, index: int, text_length: int, rope: Optional[torch.Tensor],
-                    cache: FlowKVCache, key_padding_mask: Optional[torch.Tensor] = None,
-                    cond: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode_step(
+        self,
+        inputs: torch.Tensor,
+        index: int,
+        text_length: int,
+        rope: Optional[torch.Tensor],
+        cache: FlowKVCache,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        cond: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Affine parameters ``(mu, sigma)`` ``(B, T, C_in)`` predicted by the inputs ``(B, T, C_in)`` at input
         positions ``index..index+T`` of the scan (input 0 is the start token, or the first token without one),
         written into ``cache`` there; ``rope`` and ``key_padding_mask`` cover the whole sequence, text prefix
         included.  The cache then ends after them: calling again at the same ``index`` (Jacobi iterations) rewrites
         those positions."""
         pos = text_length + index
-        T = inputs.shape[1]
         h = self.embed(inputs.to(self.proj_in.weight.dtype), start=index, cond=cond)
         h = self.static_pass(h, pos, rope, cache, key_padding_mask)
         return self.affine(h)
 
-    def static_pass(self, h: torch.Tensor, start: int, rope: Optional[torch.Tensor], cache: FlowKVCache,
-                    key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def static_pass(
+        self,
+        h: torch.Tensor,
+        start: int,
+        rope: Optional[torch.Tensor],
+        cache: FlowKVCache,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Run the layers over ``h (B, T, C)`` at sequence positions ``start..start+T``, writing their keys/values
         there; the cache then ends after them.
 
@@ -682,8 +804,15 @@ class AutoregressiveFlowBlock(nn.Module):
         cache.length = end
         return h
 
-    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, rope: Optional[torch.Tensor],
-                   mask: Optional[torch.Tensor], keys: List[torch.Tensor], values: List[torch.Tensor]) -> torch.Tensor:
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        rope: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+        keys: List[torch.Tensor],
+        values: List[torch.Tensor],
+    ) -> torch.Tensor:
         """The layers over ``h (B, T, C)`` at ``positions (T,)``: ``rope (2, T, 1, D)``, additive ``mask (B or 1, 1,
         T, S)``, one key and one value buffer per layer (only tensors: the unit :meth:`compile_decode_step`
         compiles)."""
@@ -693,8 +822,9 @@ class AutoregressiveFlowBlock(nn.Module):
 
     @property
     def _static_shapes(self) -> bool:
-        return "run_layers" in self.__dict__ or (len(self.layers) > 0 and
-                                                 self.layers[0]._compiled_call_impl is not None)
+        return "run_layers" in self.__dict__ or (
+            len(self.layers) > 0 and self.layers[0]._compiled_call_impl is not None
+        )
 
     def compile_decode_step(self, **compile_kwargs) -> None:
         """Compile this block's decode step (all layers of one step as one graph) with ``torch.compile``; opt-in.

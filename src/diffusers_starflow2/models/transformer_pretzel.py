@@ -49,8 +49,9 @@ class VisualAdapter(nn.Module):
 
     def __init__(self, in_channels: int, hidden_size: int, cond_dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_channels, hidden_size), nn.GELU(approximate="tanh"),
-                                 nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_channels, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
+        )
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.film = nn.Linear(cond_dim, 2 * hidden_size)
         self.proj_out = nn.Linear(hidden_size, hidden_size)
@@ -104,18 +105,25 @@ class PretzelCache:
 
         Returns VLM ids ``(3, B, T)`` (M-RoPE) or ``(B, T)``, and TARFlow ids ``(B, T)`` (one per real position).
         """
-        vlm_ids, self.vlm_next, self.image_cell = position_ids(latent_mask, attention_mask, self.grid, self.mrope,
-                                                               self.vlm_next, self.image_cell)
+        vlm_ids, self.vlm_next, self.image_cell = position_ids(
+            latent_mask, attention_mask, self.grid, self.mrope, self.vlm_next, self.image_cell
+        )
         real = attention_mask.long()
         flow_ids = self.flow_next[:, None] + real.cumsum(1) - real  # padding takes the current position
         self.flow_next = self.flow_next + real.sum(1)
         return vlm_ids, flow_ids
 
     def snapshot(self) -> dict:
-        return dict(length=self.length, flow_length=self.flow.length if self.flow is not None else 0,
-                    vlm_next=self.vlm_next, flow_next=self.flow_next,
-                    image_cell=self.image_cell, last_flow_hidden=self.last_flow_hidden, last_hidden=self.last_hidden,
-                    num_flow_chunks=len(self.flow_inputs))
+        return dict(
+            length=self.length,
+            flow_length=self.flow.length if self.flow is not None else 0,
+            vlm_next=self.vlm_next,
+            flow_next=self.flow_next,
+            image_cell=self.image_cell,
+            last_flow_hidden=self.last_flow_hidden,
+            last_hidden=self.last_hidden,
+            num_flow_chunks=len(self.flow_inputs),
+        )
 
     def restore(self, snap: dict) -> None:
         """Forget every position added since ``snap`` (both caches are cropped, nothing is recomputed)."""
@@ -124,10 +132,10 @@ class PretzelCache:
             self.vlm.crop(-removed)
         if self.flow is not None:
             self.flow.crop(snap["flow_length"])
-        self.attention_mask = self.attention_mask[:, :snap["length"]]
+        self.attention_mask = self.attention_mask[:, : snap["length"]]
         for key in ("vlm_next", "flow_next", "image_cell", "last_flow_hidden", "last_hidden"):
             setattr(self, key, snap[key])
-        del self.flow_inputs[snap["num_flow_chunks"]:], self.flow_positions[snap["num_flow_chunks"]:]
+        del self.flow_inputs[snap["num_flow_chunks"] :], self.flow_positions[snap["num_flow_chunks"] :]
 
     def fork(self, snap: dict, copy_flow: bool = True) -> "PretzelCache":
         """An independent cache of the sequence as it was at ``snap`` (both streams' keys/values are shared or
@@ -139,21 +147,25 @@ class PretzelCache:
         vlm.layers = [copy.copy(layer) for layer in self.vlm.layers]
         for layer in vlm.layers:  # transformers caches grow by concatenation, so views of the prefix stay valid
             if getattr(layer, "keys", None) is not None:
-                layer.keys = layer.keys[..., :snap["length"], :]
-                layer.values = layer.values[..., :snap["length"], :]
+                layer.keys = layer.keys[..., : snap["length"], :]
+                layer.values = layer.values[..., : snap["length"], :]
         fork = copy.copy(self)
         fork.vlm = vlm
         fork.flow = self.flow.fork(snap["flow_length"]) if self.flow is not None and copy_flow else None
-        fork.attention_mask = self.attention_mask[:, :snap["length"]]
+        fork.attention_mask = self.attention_mask[:, : snap["length"]]
         fork.vlm_next, fork.flow_next = snap["vlm_next"], snap["flow_next"]
-        fork.image_cell, fork.last_flow_hidden, fork.last_hidden = (snap["image_cell"], snap["last_flow_hidden"],
-                                                                   snap["last_hidden"])
-        fork.flow_inputs = self.flow_inputs[:snap["num_flow_chunks"]]
-        fork.flow_positions = self.flow_positions[:snap["num_flow_chunks"]]
+        fork.image_cell, fork.last_flow_hidden, fork.last_hidden = (
+            snap["image_cell"],
+            snap["last_flow_hidden"],
+            snap["last_hidden"],
+        )
+        fork.flow_inputs = self.flow_inputs[: snap["num_flow_chunks"]]
+        fork.flow_positions = self.flow_positions[: snap["num_flow_chunks"]]
         return fork
 
-    def to(self, device=None, dtype: Optional[torch.dtype] = None,
-           vlm_dtype: Optional[torch.dtype] = None) -> "PretzelCache":
+    def to(
+        self, device=None, dtype: Optional[torch.dtype] = None, vlm_dtype: Optional[torch.dtype] = None
+    ) -> "PretzelCache":
         """A copy on ``device`` whose floating tensors are ``dtype`` (the VLM's keys/values ``vlm_dtype``, default
         ``dtype``); noise levels stay float32.  This cache is not modified."""
         import copy
@@ -184,8 +196,16 @@ class PretzelCache:
     def nbytes(self) -> int:
         """Bytes of the sequence held: both streams' keys/values and the kept TARFlow inputs (the flow cache's
         pre-allocated room for positions to come is not counted)."""
-        tensors = [t for layer in self.vlm.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
-        tensors += [*self.flow_inputs, *self.flow_positions, self.attention_mask, self.last_hidden, self.last_flow_hidden]
+        tensors = [
+            t for layer in self.vlm.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        ]
+        tensors += [
+            *self.flow_inputs,
+            *self.flow_positions,
+            self.attention_mask,
+            self.last_hidden,
+            self.last_flow_hidden,
+        ]
         flow = self.flow.nbytes if self.flow is not None else 0
         return flow + sum(t.nelement() * t.element_size() for t in tensors if t is not None)
 
@@ -238,16 +258,35 @@ class PretzelOutput(BaseOutput):
 
 def pretzel_paper_config() -> dict:
     """STARFlow2 as in the paper: Qwen2.5-VL-7B (width 3584), FAE 16x16x32 latents, 24-layer deep + 2x4 shallow."""
-    return dict(latent_channels=32, sample_size=16, vlm_hidden_size=3584, num_shallow_blocks=2, shallow_layers=4,
-                shallow_channels=3072, deep_layers=24, deep_channels=3072, head_dim=64,
-                vision_start_token_id=151652)
+    return dict(
+        latent_channels=32,
+        sample_size=16,
+        vlm_hidden_size=3584,
+        num_shallow_blocks=2,
+        shallow_layers=4,
+        shallow_channels=3072,
+        deep_layers=24,
+        deep_channels=3072,
+        head_dim=64,
+        vision_start_token_id=151652,
+    )
 
 
 def pretzel_tiny_config(vlm_hidden_size: int = 64, vision_start_token_id: int = 3) -> dict:
     """A tiny Pretzel for tests: 4x4 grids of 4-channel latents."""
-    return dict(latent_channels=4, sample_size=4, vlm_hidden_size=vlm_hidden_size, num_shallow_blocks=2,
-                shallow_layers=1, shallow_channels=32, deep_layers=2, deep_channels=32, head_dim=16,
-                noise_embed_dim=32, vision_start_token_id=vision_start_token_id)
+    return dict(
+        latent_channels=4,
+        sample_size=4,
+        vlm_hidden_size=vlm_hidden_size,
+        num_shallow_blocks=2,
+        shallow_layers=1,
+        shallow_channels=32,
+        deep_layers=2,
+        deep_channels=32,
+        head_dim=16,
+        noise_embed_dim=32,
+        vision_start_token_id=vision_start_token_id,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,28 +322,64 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     _repeated_blocks = ["FlowTransformerLayer"]
 
     @register_to_config
-    def __init__(self, latent_channels: int = 32, sample_size: int = 16, vlm_hidden_size: int = 3584,
-                 num_shallow_blocks: int = 2, shallow_layers: int = 4, shallow_channels: int = 3072,
-                 deep_layers: int = 24, deep_channels: int = 3072, head_dim: int = 64,
-                 num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None, expansion: float = 4.0,
-                 norm_type: str = "layer_norm", gated_mlp: bool = False, qk_norm: bool = False,
-                 final_norm: bool = True, use_softplus: bool = True, soft_clip: float = 4.0,
-                 noise_embed_dim: int = 256, vision_start_token_id: int = 151652):
+    def __init__(
+        self,
+        latent_channels: int = 32,
+        sample_size: int = 16,
+        vlm_hidden_size: int = 3584,
+        num_shallow_blocks: int = 2,
+        shallow_layers: int = 4,
+        shallow_channels: int = 3072,
+        deep_layers: int = 24,
+        deep_channels: int = 3072,
+        head_dim: int = 64,
+        num_heads: Optional[int] = None,
+        num_kv_heads: Optional[int] = None,
+        expansion: float = 4.0,
+        norm_type: str = "layer_norm",
+        gated_mlp: bool = False,
+        qk_norm: bool = False,
+        final_norm: bool = True,
+        use_softplus: bool = True,
+        soft_clip: float = 4.0,
+        noise_embed_dim: int = 256,
+        vision_start_token_id: int = 151652,
+    ):
         super().__init__()
-        common = dict(in_channels=latent_channels, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                      expansion=expansion, norm_type=norm_type, gated_mlp=gated_mlp, qk_norm=qk_norm,
-                      final_norm=final_norm, use_softplus=use_softplus, soft_clip=soft_clip, use_sos=True,
-                      cond_dim=noise_embed_dim)
+        common = dict(
+            in_channels=latent_channels,
+            head_dim=head_dim,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            expansion=expansion,
+            norm_type=norm_type,
+            gated_mlp=gated_mlp,
+            qk_norm=qk_norm,
+            final_norm=final_norm,
+            use_softplus=use_softplus,
+            soft_clip=soft_clip,
+            use_sos=True,
+            cond_dim=noise_embed_dim,
+        )
         self.noise_proj = Timesteps(noise_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.noise_embed = TimestepEmbedding(noise_embed_dim, noise_embed_dim)
         # The shallow block next to the deep stream scans in reverse, so directions alternate along the stack.
-        self.shallow = nn.ModuleList([
-            AutoregressiveFlowBlock(channels=shallow_channels, num_layers=shallow_layers, rope="2d",
-                                    pt_seq_len=sample_size, flip=(num_shallow_blocks - 1 - i) % 2 == 0, **common)
-            for i in range(num_shallow_blocks)
-        ])
-        self.deep = AutoregressiveFlowBlock(channels=deep_channels, num_layers=deep_layers, rope="1d",
-                                            text_dim=vlm_hidden_size, **common)
+        self.shallow = nn.ModuleList(
+            [
+                AutoregressiveFlowBlock(
+                    channels=shallow_channels,
+                    num_layers=shallow_layers,
+                    rope="2d",
+                    pt_seq_len=sample_size,
+                    flip=(num_shallow_blocks - 1 - i) % 2 == 0,
+                    **common,
+                )
+                for i in range(num_shallow_blocks)
+            ]
+        )
+        self.deep = AutoregressiveFlowBlock(
+            channels=deep_channels, num_layers=deep_layers, rope="1d", text_dim=vlm_hidden_size, **common
+        )
         self.adapter = VisualAdapter(latent_channels, vlm_hidden_size, noise_embed_dim)
         self.skip_v = nn.Linear(vlm_hidden_size, deep_channels, bias=False)  # W_v
         self.skip_t = nn.Linear(deep_channels, vlm_hidden_size, bias=False)  # W_t
@@ -317,7 +392,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     @property
     def num_latents(self) -> int:
-        return self.config.sample_size ** 2
+        return self.config.sample_size**2
 
     def noise_embedding(self, noise_level: torch.Tensor) -> torch.Tensor:
         """``(B,)`` noise levels -> ``(B, E)`` embedding."""
@@ -329,8 +404,10 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def latents_to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         """``(B, C, h, w)`` -> ``(B, N, C)`` raster order, checking the grid."""
         if latents.ndim != 4 or latents.shape[1] != self.config.latent_channels or latents.shape[2:] != self.grid:
-            raise ValueError(f"latents must have shape (B, {self.config.latent_channels}, {self.grid[0]}, "
-                             f"{self.grid[1]}); got {tuple(latents.shape)}")
+            raise ValueError(
+                f"latents must have shape (B, {self.config.latent_channels}, {self.grid[0]}, "
+                f"{self.grid[1]}); got {tuple(latents.shape)}"
+            )
         return latents.flatten(2).transpose(1, 2)
 
     def tokens_to_latents(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -347,23 +424,35 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # -- the Pretzel step ------------------------------------------------------------------------------------------
 
-    def new_cache(self, vlm: VLMStream, noise_level: torch.Tensor, use_flow_cache: bool = True,
-                  max_length: int = 256) -> PretzelCache:
+    def new_cache(
+        self, vlm: VLMStream, noise_level: torch.Tensor, use_flow_cache: bool = True, max_length: int = 256
+    ) -> PretzelCache:
         """Empty caches for a batch whose samples sit at ``noise_level (B,)``."""
         from transformers import DynamicCache
 
         B = noise_level.shape[0]
         flow = self.deep.new_cache(B, max_length, self.dtype, self.device) if use_flow_cache else None
-        return PretzelCache(vlm=DynamicCache(config=vlm.decoder.config), flow=flow,
-                            cond=self.noise_embedding(noise_level.to(self.device)),
-                            noise_level=noise_level.to(self.device), grid=self.grid, mrope=vlm.uses_mrope,
-                            attention_mask=torch.ones(B, 0, dtype=torch.bool, device=self.device),
-                            vlm_next=torch.zeros(B, dtype=torch.long, device=self.device),
-                            flow_next=torch.zeros(B, dtype=torch.long, device=self.device))
+        return PretzelCache(
+            vlm=DynamicCache(config=vlm.decoder.config),
+            flow=flow,
+            cond=self.noise_embedding(noise_level.to(self.device)),
+            noise_level=noise_level.to(self.device),
+            grid=self.grid,
+            mrope=vlm.uses_mrope,
+            attention_mask=torch.ones(B, 0, dtype=torch.bool, device=self.device),
+            vlm_next=torch.zeros(B, dtype=torch.long, device=self.device),
+            flow_next=torch.zeros(B, dtype=torch.long, device=self.device),
+        )
 
-    def step(self, vlm: VLMStream, cache: PretzelCache, input_ids: Optional[torch.Tensor] = None,
-             latents: Optional[torch.Tensor] = None, latent_mask: Optional[torch.Tensor] = None,
-             attention_mask: Optional[torch.Tensor] = None) -> PretzelStepOutput:
+    def step(
+        self,
+        vlm: VLMStream,
+        cache: PretzelCache,
+        input_ids: Optional[torch.Tensor] = None,
+        latents: Optional[torch.Tensor] = None,
+        latent_mask: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> PretzelStepOutput:
         """Run new positions through the VLM stream, then the TARFlow stream, appending them to both caches.
 
         Args:
@@ -413,8 +502,14 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         cache.last_flow_hidden, cache.last_hidden = g[:, -1:], h[:, -1:]
         return PretzelStepOutput(hidden_states=h, flow_hidden_states=g)
 
-    def _flow_stream(self, flow_in: torch.Tensor, positions: torch.Tensor, cond: torch.Tensor,
-                     flow_cache: Optional[FlowKVCache], key_padding_mask: torch.Tensor) -> torch.Tensor:
+    def _flow_stream(
+        self,
+        flow_in: torch.Tensor,
+        positions: torch.Tensor,
+        cond: torch.Tensor,
+        flow_cache: Optional[FlowKVCache],
+        key_padding_mask: torch.Tensor,
+    ) -> torch.Tensor:
         """The deep TARFlow stream over new positions: level-independent inputs ``(B, T, C)`` plus the noise-level
         embedding, 1-D RoPE at ``positions (B, T)``; appends to ``flow_cache``."""
         deep = self.deep
@@ -438,8 +533,13 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         moved.noise_level, moved.cond = noise_level, self.noise_embedding(noise_level)
         moved.flow = self.deep.new_cache(cache.batch_size, cache.flow.length, self.dtype, self.device)
         if cache.flow_inputs:
-            g = self._flow_stream(torch.cat(cache.flow_inputs, 1), torch.cat(cache.flow_positions, 1), moved.cond,
-                                  moved.flow, cache.attention_mask)
+            g = self._flow_stream(
+                torch.cat(cache.flow_inputs, 1),
+                torch.cat(cache.flow_positions, 1),
+                moved.cond,
+                moved.flow,
+                cache.attention_mask,
+            )
             moved.last_flow_hidden = g[:, -1:]
         return moved
 
@@ -473,11 +573,20 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # -- teacher-forced training pass -----------------------------------------------------------------------------
 
-    def forward(self, vlm: VLMStream, input_ids: torch.Tensor, latent_mask: torch.Tensor, images: torch.Tensor,
-                noise_level: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                image_loss_mask: Optional[torch.Tensor] = None, text_loss_mask: Optional[torch.Tensor] = None,
-                text_loss_weight: float = 1.0, image_loss_weight: Optional[torch.Tensor] = None,
-                return_dict: bool = True):
+    def forward(
+        self,
+        vlm: VLMStream,
+        input_ids: torch.Tensor,
+        latent_mask: torch.Tensor,
+        images: torch.Tensor,
+        noise_level: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        image_loss_mask: Optional[torch.Tensor] = None,
+        text_loss_mask: Optional[torch.Tensor] = None,
+        text_loss_weight: float = 1.0,
+        image_loss_weight: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ):
         """One teacher-forced pass over whole interleaved sequences; returns the STARFlow2 losses.
 
         Args:
@@ -495,8 +604,10 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         N = self.num_latents
         counts = latent_mask.sum(1)
         if int(counts.sum()) != images.shape[0] * N or bool((counts % N).any()):
-            raise ValueError(f"latent_mask marks {counts.tolist()} latent positions; expected multiples of {N} "
-                             f"summing to {images.shape[0]} images x {N}")
+            raise ValueError(
+                f"latent_mask marks {counts.tolist()} latent positions; expected multiples of {N} "
+                f"summing to {images.shape[0]} images x {N}"
+            )
         owner = torch.repeat_interleave(torch.arange(B, device=counts.device), counts // N)  # (M,) sample of image
         tokens, shallow_logdets = self.shallow_forward(images, noise_level.to(images.device)[owner])  # (M, N, C)
         latents = torch.zeros(B, T, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
@@ -523,7 +634,12 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         else:
             logits, text_loss = None, g.sum() * 0
         loss = flow_loss + text_loss_weight * text_loss
-        result = PretzelOutput(loss=loss, flow_loss=flow_loss, text_loss=text_loss,
-                               image_nll=(nll + 0.5 * LOG_2PI).detach(), bits_per_dim=bits_per_dim(nll).detach(),
-                               text_logits=logits)
+        result = PretzelOutput(
+            loss=loss,
+            flow_loss=flow_loss,
+            text_loss=text_loss,
+            image_nll=(nll + 0.5 * LOG_2PI).detach(),
+            bits_per_dim=bits_per_dim(nll).detach(),
+            text_logits=logits,
+        )
         return result if return_dict else result.to_tuple()

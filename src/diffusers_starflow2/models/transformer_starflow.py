@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput
 
 from .flow_block import LOG_2PI, AutoregressiveFlowBlock, bits_per_dim, flow_nll
 
+
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """``(B, C, H, W)`` -> ``(B, H/p, W/p, p*p*C)``, channels of a patch ordered (row, col, channel)."""
     B, C, H, W = x.shape
@@ -55,9 +56,23 @@ class StarFlowTransformerOutput(BaseOutput):
 
 def tiny_starflow_config() -> dict:
     """A few-hundred-kB model for tests and examples."""
-    return dict(in_channels=4, sample_size=8, patch_size=1, channels=32, layers_per_block=[1, 1, 2], head_dim=16,
-                use_rope=True, use_sos=True, max_text_length=8, text_dim=32, cond_top_only=True, use_softplus=True,
-                final_norm=True, soft_clip=4.0, seq_order="L2R")
+    return dict(
+        in_channels=4,
+        sample_size=8,
+        patch_size=1,
+        channels=32,
+        layers_per_block=[1, 1, 2],
+        head_dim=16,
+        use_rope=True,
+        use_sos=True,
+        max_text_length=8,
+        text_dim=32,
+        cond_top_only=True,
+        use_softplus=True,
+        final_norm=True,
+        soft_clip=4.0,
+        seq_order="L2R",
+    )
 
 
 class StarFlowTransformerModel(ModelMixin, ConfigMixin):
@@ -94,15 +109,35 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
     _repeated_blocks = ["FlowTransformerLayer"]
 
     @register_to_config
-    def __init__(self, in_channels: int = 4, sample_size: int = 32, patch_size: int = 1, channels: int = 3072,
-                 layers_per_block: Sequence[int] = (2, 2, 2, 2, 2, 24), head_dim: int = 64,
-                 num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None, expansion: float = 4.0,
-                 use_rope: bool = True, pt_seq_len: Optional[int] = None, use_sos: bool = True,
-                 max_text_length: int = 128, text_dim: int = 2048, cond_top_only: bool = True,
-                 use_softplus: bool = True, gated_mlp: bool = False, use_bias: bool = True, qk_norm: bool = False,
-                 post_norm: bool = False, final_norm: bool = True, hf_style_rope: bool = False,
-                 norm_type: str = "layer_norm", soft_clip: float = 4.0, seq_order: str = "L2R",
-                 top_block_channels: Optional[int] = None):
+    def __init__(
+        self,
+        in_channels: int = 4,
+        sample_size: int = 32,
+        patch_size: int = 1,
+        channels: int = 3072,
+        layers_per_block: Sequence[int] = (2, 2, 2, 2, 2, 24),
+        head_dim: int = 64,
+        num_heads: Optional[int] = None,
+        num_kv_heads: Optional[int] = None,
+        expansion: float = 4.0,
+        use_rope: bool = True,
+        pt_seq_len: Optional[int] = None,
+        use_sos: bool = True,
+        max_text_length: int = 128,
+        text_dim: int = 2048,
+        cond_top_only: bool = True,
+        use_softplus: bool = True,
+        gated_mlp: bool = False,
+        use_bias: bool = True,
+        qk_norm: bool = False,
+        post_norm: bool = False,
+        final_norm: bool = True,
+        hf_style_rope: bool = False,
+        norm_type: str = "layer_norm",
+        soft_clip: float = 4.0,
+        seq_order: str = "L2R",
+        top_block_channels: Optional[int] = None,
+    ):
         super().__init__()
         if seq_order not in ("L2R", "R2L"):
             raise ValueError(f"seq_order must be 'L2R' or 'R2L'; got {seq_order!r}")
@@ -110,12 +145,25 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
             raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size})")
         grid = sample_size // patch_size
         n = len(layers_per_block)
-        common = dict(in_channels=in_channels * patch_size ** 2, head_dim=head_dim, num_kv_heads=num_kv_heads,
-                      expansion=expansion, rope=("3d" if max_text_length > 0 else "2d") if use_rope else "none",
-                      pt_seq_len=pt_seq_len or grid, num_positions=grid * grid, use_sos=use_sos,
-                      use_softplus=use_softplus, gated_mlp=gated_mlp, qk_norm=qk_norm, post_norm=post_norm,
-                      final_norm=final_norm, bias=use_bias, norm_type=norm_type, hf_style_rope=hf_style_rope,
-                      soft_clip=soft_clip)
+        common = dict(
+            in_channels=in_channels * patch_size**2,
+            head_dim=head_dim,
+            num_kv_heads=num_kv_heads,
+            expansion=expansion,
+            rope=("3d" if max_text_length > 0 else "2d") if use_rope else "none",
+            pt_seq_len=pt_seq_len or grid,
+            num_positions=grid * grid,
+            use_sos=use_sos,
+            use_softplus=use_softplus,
+            gated_mlp=gated_mlp,
+            qk_norm=qk_norm,
+            post_norm=post_norm,
+            final_norm=final_norm,
+            bias=use_bias,
+            norm_type=norm_type,
+            hf_style_rope=hf_style_rope,
+            soft_clip=soft_clip,
+        )
         blocks = []
         for i, num_layers in enumerate(layers_per_block):
             top = i == n - 1
@@ -124,8 +172,16 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
             # Directions alternate along the stack; "L2R" starts (block 0) with the reversed scan.
             flip = (i % 2 == 0) if seq_order == "L2R" else (i % 2 == 1)
             cond = top or not cond_top_only
-            blocks.append(AutoregressiveFlowBlock(channels=width, num_layers=num_layers, num_heads=heads, flip=flip,
-                                                  text_dim=text_dim if cond else 0, **common))
+            blocks.append(
+                AutoregressiveFlowBlock(
+                    channels=width,
+                    num_layers=num_layers,
+                    num_heads=heads,
+                    flip=flip,
+                    text_dim=text_dim if cond else 0,
+                    **common,
+                )
+            )
         self.blocks = torch.nn.ModuleList(blocks)
 
     def compile_decode_step(self, **compile_kwargs) -> None:
@@ -143,19 +199,29 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
         if latents.ndim != 4 or latents.shape[1] != cfg.in_channels:
             raise ValueError(f"{name} must have shape (B, {cfg.in_channels}, H, W); got {tuple(latents.shape)}")
         if latents.shape[2] % cfg.patch_size or latents.shape[3] % cfg.patch_size:
-            raise ValueError(f"{name} height and width {tuple(latents.shape[2:])} must be divisible by "
-                             f"patch_size={cfg.patch_size}")
-        if not cfg.use_rope and latents.shape[2] != cfg.sample_size or not cfg.use_rope and latents.shape[3] != cfg.sample_size:
+            raise ValueError(
+                f"{name} height and width {tuple(latents.shape[2:])} must be divisible by patch_size={cfg.patch_size}"
+            )
+        if (
+            not cfg.use_rope
+            and latents.shape[2] != cfg.sample_size
+            or not cfg.use_rope
+            and latents.shape[3] != cfg.sample_size
+        ):
             raise ValueError(f"{name} must be {cfg.sample_size}x{cfg.sample_size} for a model without RoPE")
         if cfg.max_text_length > 0 and cfg.text_dim > 0:
             if text is None:
                 raise ValueError("encoder_hidden_states is required by this text-conditioned model")
             if text.ndim != 3 or text.shape[-1] != cfg.text_dim or text.shape[0] != latents.shape[0]:
-                raise ValueError(f"encoder_hidden_states must have shape ({latents.shape[0]}, L, {cfg.text_dim}); "
-                                 f"got {tuple(text.shape)}")
+                raise ValueError(
+                    f"encoder_hidden_states must have shape ({latents.shape[0]}, L, {cfg.text_dim}); "
+                    f"got {tuple(text.shape)}"
+                )
             if text.shape[1] > cfg.max_text_length:
-                raise ValueError(f"encoder_hidden_states has {text.shape[1]} tokens, more than the model's "
-                                 f"max_text_length={cfg.max_text_length}")
+                raise ValueError(
+                    f"encoder_hidden_states has {text.shape[1]} tokens, more than the model's "
+                    f"max_text_length={cfg.max_text_length}"
+                )
 
     def to_tokens(self, latents: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x = patchify(latents, self.config.patch_size)  # (B, h, w, C p p)
@@ -166,8 +232,13 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
 
     # -- data -> noise ---------------------------------------------------------------------------------------------
 
-    def forward(self, latents: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-                encoder_attention_mask: Optional[torch.Tensor] = None, return_dict: bool = True):
+    def forward(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ):
         """Map ``latents (B, C, H, W)`` to noise; see :class:`StarFlowTransformerOutput`."""
         self.check_inputs(latents, encoder_hidden_states)
         x, grid = self.to_tokens(latents)  # (B, N, D)
@@ -179,7 +250,12 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
         inputs.append(x.unflatten(1, grid))
         z = self.to_latents(x, grid)
         per_sample = flow_nll(z, logdets)
-        out = StarFlowTransformerOutput(z=z, logdets=tuple(logdets), loss=per_sample.mean(),
-                                        nll=per_sample + 0.5 * LOG_2PI, bits_per_dim=bits_per_dim(per_sample),
-                                        block_inputs=tuple(inputs))
+        out = StarFlowTransformerOutput(
+            z=z,
+            logdets=tuple(logdets),
+            loss=per_sample.mean(),
+            nll=per_sample + 0.5 * LOG_2PI,
+            bits_per_dim=bits_per_dim(per_sample),
+            block_inputs=tuple(inputs),
+        )
         return out if return_dict else out.to_tuple()

@@ -88,11 +88,18 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, text_encoder: T5EncoderModel, tokenizer: PreTrainedTokenizerBase,
-                 transformer: StarFlowTransformerModel, vae: AutoencoderKL, scheduler: TarFlowScheduler):
+    def __init__(
+        self,
+        text_encoder: T5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        transformer: StarFlowTransformerModel,
+        vae: AutoencoderKL,
+        scheduler: TarFlowScheduler,
+    ):
         super().__init__()
-        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
-                              scheduler=scheduler)
+        self.register_modules(
+            text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae, scheduler=scheduler
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -100,19 +107,28 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
 
     def _encode(self, texts: List[str], max_sequence_length: int, device) -> torch.Tensor:
         """T5 features ``(len(texts), max_sequence_length, d_model)`` with padding positions zeroed (as in training)."""
-        tokens = self.tokenizer(texts, padding="max_length", max_length=max_sequence_length, truncation=True,
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
         if max(lengths) > max_sequence_length:
-            logger.warning(f"A prompt has {max(lengths)} tokens; only the first {max_sequence_length} are used "
-                           f"(max_sequence_length).")
+            logger.warning(
+                f"A prompt has {max(lengths)} tokens; only the first {max_sequence_length} are used "
+                f"(max_sequence_length)."
+            )
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         features = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return (features * mask[..., None].to(features.dtype)).to(self.transformer.dtype)
 
-    def encode_prompt(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
-                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1, device=None,
-                      max_sequence_length: Optional[int] = None):
+    def encode_prompt(
+        self,
+        prompt: Union[str, List[str]],
+        negative_prompt: Union[str, List[str], None] = None,
+        do_classifier_free_guidance: bool = True,
+        num_images_per_prompt: int = 1,
+        device=None,
+        max_sequence_length: Optional[int] = None,
+    ):
         r"""Encode the prompts and, for guidance, the negative prompts.
 
         Args:
@@ -135,8 +151,9 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         prompt_embeds = self._encode(prompts, max_sequence_length, device)
         negative_prompt_embeds = None
         if do_classifier_free_guidance:
-            negatives = check_prompt("" if negative_prompt is None else negative_prompt, "negative_prompt",
-                                     allow_empty=True)
+            negatives = check_prompt(
+                "" if negative_prompt is None else negative_prompt, "negative_prompt", allow_empty=True
+            )
             if len(negatives) == 1:
                 negatives = negatives * len(prompts)
             elif len(negatives) != len(prompts):
@@ -147,20 +164,36 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
 
     # -- checks and latents ----------------------------------------------------------------------------------------
 
-    def check_inputs(self, prompt, negative_prompt, height: int, width: int, guidance_scale: float,
-                     num_images_per_prompt: int, output_type: str, max_sequence_length: int,
-                     noise_level: float, num_denoising_steps: int, callback_on_step_end: Optional[Callable],
-                     callback_on_step_end_tensor_inputs: List[str]) -> List[str]:
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height: int,
+        width: int,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        output_type: str,
+        max_sequence_length: int,
+        noise_level: float,
+        num_denoising_steps: int,
+        callback_on_step_end: Optional[Callable],
+        callback_on_step_end_tensor_inputs: List[str],
+    ) -> List[str]:
         """Validate the call; returns the callback tensor names to pass."""
         cfg = self.transformer.config
-        max_sequence_length = validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1,
-                                                       maximum=cfg.max_text_length)
+        max_sequence_length = validation.check_integer(
+            max_sequence_length, "max_sequence_length", minimum=1, maximum=cfg.max_text_length
+        )
         prompts = check_prompt(prompt, tokenizer=self.tokenizer)
-        negatives = [] if negative_prompt is None else check_prompt(negative_prompt, "negative_prompt",
-                                                                    allow_empty=True, tokenizer=self.tokenizer)
+        negatives = (
+            []
+            if negative_prompt is None
+            else check_prompt(negative_prompt, "negative_prompt", allow_empty=True, tokenizer=self.tokenizer)
+        )
         for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):  # with </s>, as T5 sees them
-            validation.check_token_count(texts, name, self.tokenizer, max_sequence_length, "max_sequence_length",
-                                         add_special_tokens=True)
+            validation.check_token_count(
+                texts, name, self.tokenizer, max_sequence_length, "max_sequence_length", add_special_tokens=True
+            )
         check_image_size(height, width, self.vae_scale_factor * cfg.patch_size)
         if not cfg.use_rope and (height, width) != (self.default_size,) * 2:
             raise ValueError(f"`height` and `width` must be {self.default_size} for a transformer without RoPE")
@@ -169,31 +202,43 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         check_output_type(output_type)
         validation.check_noise_level(noise_level)
         validation.check_denoising_steps(num_denoising_steps)
-        return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                              self._callback_tensor_inputs)
+        return resolve_callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
 
     @property
     def default_size(self) -> int:
         """Image side the transformer was trained at (``sample_size`` latents times the VAE factor)."""
         return self.transformer.config.sample_size * self.vae_scale_factor
 
-    def prepare_latents(self, batch_size: int, height: int, width: int, generator, device,
-                        latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator, device, latents: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Float32 standard-normal noise ``(batch_size, C, height / f, width / f)``, or ``latents`` (shape checked)."""
-        shape = (batch_size, self.transformer.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
+        shape = (
+            batch_size,
+            self.transformer.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         return prepare_noise(shape, generator, device, torch.float32, latents)
 
     # -- sampling --------------------------------------------------------------------------------------------------
 
     def _num_flow_ticks(self, num_tokens: int) -> int:
         """Progress-bar ticks of one flow pass: the tokens each non-identity block generates."""
-        return sum(num_tokens - (0 if block.use_sos else 1) for block in self.transformer.blocks
-                   if not block.is_identity)
+        return sum(
+            num_tokens - (0 if block.use_sos else 1) for block in self.transformer.blocks if not block.is_identity
+        )
 
     @torch.no_grad()
-    def log_likelihood(self, image, prompt: Union[str, List[str]], noise_level: Optional[float] = None,
-                       generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+    def log_likelihood(
+        self,
+        image,
+        prompt: Union[str, List[str]],
+        noise_level: Optional[float] = None,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+    ) -> torch.Tensor:
         r"""Exact likelihood of images under their prompts, in bits per dimension (lower = more likely).
 
         Each image is VAE-encoded (posterior mode, scaled as the transformer sees latents), noised at
@@ -218,8 +263,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         check_generator(generator, batch_size)
         prompts = check_prompt(prompt)
         if len(prompts) not in (1, batch_size):
-            raise ValueError(f"`prompt` has {len(prompts)} entries for {batch_size} images; expected 1 or "
-                             f"{batch_size}")
+            raise ValueError(f"`prompt` has {len(prompts)} entries for {batch_size} images; expected 1 or {batch_size}")
         latents = self.vae.encode(pixels).latent_dist.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         latents = ((latents - shift) * self.vae.config.scaling_factor).float()
@@ -232,17 +276,27 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
-                 height: Optional[int] = None, width: Optional[int] = None, guidance_scale: float = 3.6,
-                 num_images_per_prompt: int = 1,
-                 generator: Union[torch.Generator, List[torch.Generator], None] = None,
-                 latents: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
-                 num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
-                 callback_on_step_end: Optional[Callable[["StarFlowPipeline", int, torch.Tensor, Dict], Dict]] = None,
-                 callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-                 max_sequence_length: Optional[int] = None, jacobi_block_size: Optional[int] = None,
-                 jacobi_tolerance: float = 1e-3,
-                 jacobi_max_iterations: Optional[int] = None):
+    def __call__(
+        self,
+        prompt: Union[str, List[str]],
+        negative_prompt: Union[str, List[str], None] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        guidance_scale: float = 3.6,
+        num_images_per_prompt: int = 1,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        latents: Optional[torch.Tensor] = None,
+        noise_level: Optional[float] = None,
+        num_denoising_steps: Optional[int] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[["StarFlowPipeline", int, torch.Tensor, Dict], Dict]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        max_sequence_length: Optional[int] = None,
+        jacobi_block_size: Optional[int] = None,
+        jacobi_tolerance: float = 1e-3,
+        jacobi_max_iterations: Optional[int] = None,
+    ):
         r"""Generate images from text.
 
         Args:
@@ -290,16 +344,28 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         if num_denoising_steps is None:
             num_denoising_steps = self.scheduler.config.num_denoising_steps
         validation.check_bool(return_dict, "return_dict")
-        tensor_inputs = self.check_inputs(prompt, negative_prompt, height, width, guidance_scale,
-                                          num_images_per_prompt, output_type, max_sequence_length, noise_level,
-                                          num_denoising_steps, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        tensor_inputs = self.check_inputs(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            guidance_scale,
+            num_images_per_prompt,
+            output_type,
+            max_sequence_length,
+            noise_level,
+            num_denoising_steps,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
         batch_size = len(check_prompt(prompt)) * num_images_per_prompt
         check_generator(generator, batch_size)
         device = self._execution_device
         guidance = GuidanceSpec(guidance_scale)
 
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, negative_prompt, guidance.num_branches > 1,
-                                                                   num_images_per_prompt, device, max_sequence_length)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, guidance.num_branches > 1, num_images_per_prompt, device, max_sequence_length
+        )
         latents = self.prepare_latents(batch_size, height, width, generator, device, latents)
 
         p = self.transformer.config.patch_size
@@ -308,6 +374,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         self._begin_call(guidance_scale, num_flow_steps + num_denoising_steps, callback_on_step_end, tensor_inputs)
         level = torch.tensor(noise_level, device=device)
         with self.progress_bar(total=num_flow_steps + num_denoising_steps) as progress_bar:
+
             def on_token(i, x_i):
                 progress_bar.update()
                 return self._step_end(level, x_i)
@@ -318,13 +385,28 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
 
             stop = lambda: self.interrupt  # noqa: E731
             self._onload(self.transformer)  # sampling runs the flow blocks, not the transformer's forward
-            latents = sample_starflow(self.transformer, latents, prompt_embeds, negative_prompt_embeds,
-                                      guidance_scale, scheduler=self.scheduler, callback=on_token, stop=stop,
-                                      **jacobi)
+            latents = sample_starflow(
+                self.transformer,
+                latents,
+                prompt_embeds,
+                negative_prompt_embeds,
+                guidance_scale,
+                scheduler=self.scheduler,
+                callback=on_token,
+                stop=stop,
+                **jacobi,
+            )
             if not self.interrupt:
-                latents = denoise_starflow(self.transformer, latents, prompt_embeds, noise_level,
-                                           num_denoising_steps, scheduler=self.scheduler, callback=on_denoising_step,
-                                           stop=stop)
+                latents = denoise_starflow(
+                    self.transformer,
+                    latents,
+                    prompt_embeds,
+                    noise_level,
+                    num_denoising_steps,
+                    scheduler=self.scheduler,
+                    callback=on_denoising_step,
+                    stop=stop,
+                )
 
         validation.check_finite_output(latents, "image latents")
         if output_type == "latent":

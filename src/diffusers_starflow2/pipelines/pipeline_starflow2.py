@@ -149,9 +149,11 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         height = validation.check_integer(height, "height", minimum=1, allow_none=True)
         width = validation.check_integer(width, "width", minimum=1, allow_none=True)
         if (size if height is None else height, size if width is None else width) != (size, size):
-            raise ValueError(f"`height` and `width` must be {size} (the FAE output of the model's "
-                             f"{self.transformer.config.sample_size}x{self.transformer.config.sample_size} latent "
-                             f"grid); got {height} and {width}")
+            raise ValueError(
+                f"`height` and `width` must be {size} (the FAE output of the model's "
+                f"{self.transformer.config.sample_size}x{self.transformer.config.sample_size} latent "
+                f"grid); got {height} and {width}"
+            )
 
     def _batch(self, layouts: Sequence[TokenLayout]):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -172,8 +174,9 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         ids, latent_mask, attention_mask, _ = self._batch(layouts)
         latents = None
         if latent_mask.any():
-            latents = torch.zeros(*ids.shape, self.transformer.config.latent_channels, device=ids.device,
-                                  dtype=self.transformer.dtype)
+            latents = torch.zeros(
+                *ids.shape, self.transformer.config.latent_channels, device=ids.device, dtype=self.transformer.dtype
+            )
             latents[latent_mask] = images.reshape(-1, latents.shape[-1]).to(latents.dtype)
         return self.transformer.step(self.vlm_stream, cache, ids, latents, latent_mask, attention_mask)
 
@@ -188,16 +191,26 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
     def _check_state(self, state, num_branches: int) -> None:
         validation.check_conversation_state(state, StarFlow2ConversationState, self.transformer, num_branches)
 
-    def _continue_conversation(self, state: StarFlow2ConversationState, num_branches: int,
-                               layouts: Sequence[TokenLayout], images: Optional[torch.Tensor] = None) -> PretzelCache:
+    def _continue_conversation(
+        self,
+        state: StarFlow2ConversationState,
+        num_branches: int,
+        layouts: Sequence[TokenLayout],
+        images: Optional[torch.Tensor] = None,
+    ) -> PretzelCache:
         """A fork of ``state``'s caches (on the pipeline's device and dtypes), reduced to ``num_branches`` guidance
         branches, with the next turn's ``layouts`` (one per sample, branch-major) pushed: only these new positions
         run through the streams."""
         self._onload_pretzel()
         cache = state.cache
         device, dtype, vlm_dtype = self._execution_device, self.transformer.dtype, self.vlm.dtype
-        if cache.cond.device != torch.device(device) or cache.cond.dtype != dtype or any(
-                getattr(layer, "keys", None) is not None and layer.keys.dtype != vlm_dtype for layer in cache.vlm.layers):
+        if (
+            cache.cond.device != torch.device(device)
+            or cache.cond.dtype != dtype
+            or any(
+                getattr(layer, "keys", None) is not None and layer.keys.dtype != vlm_dtype for layer in cache.vlm.layers
+            )
+        ):
             cache = cache.to(device, dtype, vlm_dtype)  # the pipeline moved since the state was made
         cache = cache.fork(cache.snapshot())
         if num_branches < state.num_branches:
@@ -205,11 +218,23 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         self._run_text(cache, layouts, images)
         return cache
 
-    def _conversation_state(self, cache: PretzelCache, batch_size: int, num_branches: int, noise_level: float,
-                            image_tokens: Optional[torch.Tensor]) -> StarFlow2ConversationState:
-        return StarFlow2ConversationState(cache=cache, batch_size=batch_size, num_branches=num_branches,
-                                          noise_level=float(noise_level), num_latents=self.transformer.num_latents,
-                                          image_tokens=image_tokens, model=weakref.ref(self.transformer))
+    def _conversation_state(
+        self,
+        cache: PretzelCache,
+        batch_size: int,
+        num_branches: int,
+        noise_level: float,
+        image_tokens: Optional[torch.Tensor],
+    ) -> StarFlow2ConversationState:
+        return StarFlow2ConversationState(
+            cache=cache,
+            batch_size=batch_size,
+            num_branches=num_branches,
+            noise_level=float(noise_level),
+            num_latents=self.transformer.num_latents,
+            image_tokens=image_tokens,
+            model=weakref.ref(self.transformer),
+        )
 
     def preprocess_image(self, image, name: str = "image") -> torch.Tensor:
         """Source images -> ``(M, 3, S, S)`` in ``[-1, 1]`` at the model's image size ``S``.
@@ -220,11 +245,16 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         is refused.  Other sizes are resized (a rectangular image is squashed).
         """
         size = self.image_size
-        return torch.cat([self.image_processor.preprocess(x, height=size, width=size)
-                          for x in validation.image_items(image, name)])
+        return torch.cat(
+            [self.image_processor.preprocess(x, height=size, width=size) for x in validation.image_items(image, name)]
+        )
 
-    def encode_image(self, images: torch.Tensor, noise_level: float,
-                     generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        noise_level: float,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+    ) -> torch.Tensor:
         """``(B, 3, S, S)`` images in ``[-1, 1]`` -> their intermediate latents ``x~ (B, N, C)`` at ``noise_level``.
 
         The FAE posterior mean is noised with ``noise_level * eps`` (``eps`` drawn from ``generator``, one per image)
@@ -236,8 +266,12 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         tokens, _ = self.transformer.shallow_forward(noisy.to(self.transformer.dtype), levels)
         return tokens
 
-    def noisy_latents(self, images: torch.Tensor, noise_level: float,
-                      generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+    def noisy_latents(
+        self,
+        images: torch.Tensor,
+        noise_level: float,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+    ) -> torch.Tensor:
         """``(B, 3, S, S)`` images in ``[-1, 1]`` -> scaled FAE latents (posterior mean) ``(B, C, h, w)`` plus
         ``noise_level * eps``, float32, ``eps`` drawn from ``generator`` (one per image)."""
         device = self._execution_device
@@ -249,16 +283,22 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
     @property
     def max_prompt_tokens(self) -> int:
         """Largest ``max_sequence_length``: the VLM's context minus one image span and the chat template's framing."""
-        return validation.prompt_token_limit(validation.model_context_length(self.vlm, self.tokenizer),
-                                             self.transformer.num_latents)
+        return validation.prompt_token_limit(
+            validation.model_context_length(self.vlm, self.tokenizer), self.transformer.num_latents
+        )
 
     def _check_texts(self, prompt, negative_prompt, max_sequence_length: int):
         """``(prompts, negative prompts)`` as lists; the negative defaults to ``""``; each within the token limit."""
-        limit = validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1,
-                                         maximum=self.max_prompt_tokens)
+        limit = validation.check_integer(
+            max_sequence_length, "max_sequence_length", minimum=1, maximum=self.max_prompt_tokens
+        )
         prompts = check_prompt(prompt, tokenizer=self.tokenizer)
-        negatives = check_prompt(negative_prompt if negative_prompt is not None else "", "negative_prompt",
-                                 allow_empty=True, tokenizer=self.tokenizer)
+        negatives = check_prompt(
+            negative_prompt if negative_prompt is not None else "",
+            "negative_prompt",
+            allow_empty=True,
+            tokenizer=self.tokenizer,
+        )
         validation.check_token_count(prompts, "prompt", self.tokenizer, limit, "max_sequence_length")
         validation.check_token_count(negatives, "negative_prompt", self.tokenizer, limit, "max_sequence_length")
         return prompts, negatives
@@ -273,8 +313,9 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
         return validation.check_denoising_steps(steps)
 
-    def generate_image(self, cache: PretzelCache, noise: torch.Tensor, guidance: GuidanceSpec,
-                       num_denoising_steps: int = 1):
+    def generate_image(
+        self, cache: PretzelCache, noise: torch.Tensor, guidance: GuidanceSpec, num_denoising_steps: int = 1
+    ):
         """Sample one image span in ``cache`` (which ends with ``<|vision_start|>``) and denoise it.
 
         Returns ``(tokens, latents)``: the intermediate latents ``x~ (B, N, C)`` now in both caches, and the
@@ -289,15 +330,25 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         snap = cache.snapshot()
         level = cache.noise_level[0]
         with self.progress_bar(total=N) as progress_bar:
+
             def on_latent(i, x_i):
                 x_i = self._step_end(level, x_i)
                 progress_bar.update()
                 return x_i
 
             jacobi = getattr(self, "_jacobi", {})  # the running call's decoding mode
-            tokens = sample_image_tokens(transformer, vlm, cache, noise, self.scheduler, guidance, on_latent,
-                                         stop=lambda: self.interrupt, **jacobi)
-        tokens = torch.cat([tokens, noise[:, tokens.shape[1]:].to(tokens.dtype)], dim=1)  # (B, N, C)
+            tokens = sample_image_tokens(
+                transformer,
+                vlm,
+                cache,
+                noise,
+                self.scheduler,
+                guidance,
+                on_latent,
+                stop=lambda: self.interrupt,
+                **jacobi,
+            )
+        tokens = torch.cat([tokens, noise[:, tokens.shape[1] :].to(tokens.dtype)], dim=1)  # (B, N, C)
         noise_level = cache.noise_level[:B]
         latents = shallow_reverse(transformer, tokens, noise_level, self.scheduler, **jacobi)
         if num_denoising_steps > 0 and not self.interrupt:
@@ -306,8 +357,9 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
             latents = self._denoise_in_context(context, latents, num_denoising_steps, float(noise_level[0]))
         return tokens, latents
 
-    def _denoise_in_context(self, context: PretzelCache, latents: torch.Tensor, num_denoising_steps: int,
-                            noise_level: float) -> torch.Tensor:
+    def _denoise_in_context(
+        self, context: PretzelCache, latents: torch.Tensor, num_denoising_steps: int, noise_level: float
+    ) -> torch.Tensor:
         """Tweedie denoising of FAE latents ``(B, C, h, w)`` at ``noise_level`` as the next image of ``context``,
         each step conditioned on its own level; every step is a step of the running call."""
         vlm, transformer = self.vlm_stream, self.transformer
@@ -318,13 +370,15 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
             return transformer.image_nll_in_context(vlm, at_t, x) * dims
 
         with self.progress_bar(total=num_denoising_steps) as progress_bar:
+
             def on_step(i, t, x):
                 x = self._step_end(t, x)
                 progress_bar.update()
                 return x
 
-            return tweedie_denoise(nll, latents, self.scheduler, num_denoising_steps, noise_level, on_step,
-                                   stop=lambda: self.interrupt)
+            return tweedie_denoise(
+                nll, latents, self.scheduler, num_denoising_steps, noise_level, on_step, stop=lambda: self.interrupt
+            )
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """Scaled FAE latents -> images of ``output_type``."""
@@ -351,9 +405,14 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
     (denoising steps after sampling; 0 returns the noisy sample).
     """
 
-    def encode_prompt(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
-                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
-                      max_sequence_length: int = 256) -> List[TokenLayout]:
+    def encode_prompt(
+        self,
+        prompt: Union[str, List[str]],
+        negative_prompt: Union[str, List[str], None] = None,
+        do_classifier_free_guidance: bool = True,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 256,
+    ) -> List[TokenLayout]:
         """Token layouts of the conditional batch (each prompt repeated ``num_images_per_prompt`` times), followed
         by the unconditional batch when guidance is on."""
         prompts, negatives = self._check_texts(prompt, negative_prompt, max_sequence_length)
@@ -364,21 +423,22 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         n = self.transformer.num_latents
 
         def layout(text: str) -> TokenLayout:
-            return encode_conversation(self.tokenizer, [{"role": "user", "content": text}], n,
-                                       add_generation_prompt=True, open_image=True)
+            return encode_conversation(
+                self.tokenizer, [{"role": "user", "content": text}], n, add_generation_prompt=True, open_image=True
+            )
 
         cond = [layout(p) for p in prompts for _ in range(num_images_per_prompt)]
         uncond = [layout(p) for p in negatives for _ in range(num_images_per_prompt)]
         return cond + uncond if do_classifier_free_guidance else cond
 
-    def _prompt_context(self, prompt: Union[str, List[str]], batch_size: int, noise_level: float,
-                        max_sequence_length: int = 256) -> PretzelCache:
+    def _prompt_context(
+        self, prompt: Union[str, List[str]], batch_size: int, noise_level: float, max_sequence_length: int = 256
+    ) -> PretzelCache:
         """A cache holding each prompt's conditional context (one prompt, or one per sample), ending with
         ``<|vision_start|>``, at ``noise_level``."""
         layouts = self.encode_prompt(prompt, None, False, 1, max_sequence_length)
         if len(layouts) not in (1, batch_size):
-            raise ValueError(f"`prompt` has {len(layouts)} entries for {batch_size} images; expected 1 or "
-                             f"{batch_size}")
+            raise ValueError(f"`prompt` has {len(layouts)} entries for {batch_size} images; expected 1 or {batch_size}")
         layouts = layouts * batch_size if len(layouts) == 1 else layouts
         cache = self._new_cache(batch_size, noise_level)
         self._run_text(cache, layouts)
@@ -389,14 +449,20 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         shape = (t.config.latent_channels, *t.grid)
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(f"`latents` must be scaled FAE latents of shape (B, {shape[0]}, {shape[1]}, {shape[2]}); "
-                             f"got {got}")
+            raise ValueError(
+                f"`latents` must be scaled FAE latents of shape (B, {shape[0]}, {shape[1]}, {shape[2]}); got {got}"
+            )
         return latents.to(self._execution_device, torch.float32)
 
     @torch.no_grad()
-    def denoise_latents(self, latents: torch.Tensor, prompt: Union[str, List[str]],
-                        noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
-                        max_sequence_length: int = 256) -> torch.Tensor:
+    def denoise_latents(
+        self,
+        latents: torch.Tensor,
+        prompt: Union[str, List[str]],
+        noise_level: Optional[float] = None,
+        num_denoising_steps: Optional[int] = None,
+        max_sequence_length: int = 256,
+    ) -> torch.Tensor:
         r"""Remove Gaussian noise of level ``noise_level`` from scaled FAE latents under their prompt.
 
         Args:
@@ -419,8 +485,13 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         return self._denoise_in_context(context, latents, steps, noise_level)
 
     @torch.no_grad()
-    def log_likelihood(self, image, prompt: Union[str, List[str]], noise_level: Optional[float] = None,
-                       generator: Union[torch.Generator, List[torch.Generator], None] = None) -> torch.Tensor:
+    def log_likelihood(
+        self,
+        image,
+        prompt: Union[str, List[str]],
+        noise_level: Optional[float] = None,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+    ) -> torch.Tensor:
         r"""Exact likelihood of images under their prompts, in bits per dimension (lower = more likely).
 
         Each image is FAE-encoded (posterior mean), noised at ``noise_level`` with noise from ``generator`` and
@@ -444,10 +515,21 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         self.maybe_free_model_hooks()
         return (nll / math.log(2)).float()
 
-    def check_inputs(self, prompt, negative_prompt, height: Optional[int], width: Optional[int],
-                     guidance_scale: float, num_images_per_prompt: int, output_type: str, max_sequence_length: int,
-                     noise_level: float, num_denoising_steps: int, callback_on_step_end: Optional[Callable],
-                     callback_on_step_end_tensor_inputs: List[str]) -> List[str]:
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height: Optional[int],
+        width: Optional[int],
+        guidance_scale: float,
+        num_images_per_prompt: int,
+        output_type: str,
+        max_sequence_length: int,
+        noise_level: float,
+        num_denoising_steps: int,
+        callback_on_step_end: Optional[Callable],
+        callback_on_step_end_tensor_inputs: List[str],
+    ) -> List[str]:
         """Validate the call (the same arguments as :meth:`StarFlowPipeline.check_inputs`); returns the callback
         tensor names to pass.  Prompts are checked (token limit included) by :meth:`encode_prompt`."""
         self._check_size(height, width)
@@ -456,21 +538,33 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         validation.check_images_per_prompt(num_images_per_prompt)
         self._check_noise_level(noise_level)
         self._check_denoising_steps(num_denoising_steps)
-        return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                              self._callback_tensor_inputs)
+        return resolve_callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def __call__(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
-                 height: Optional[int] = None, width: Optional[int] = None, guidance_scale: float = 2.0,
-                 num_images_per_prompt: int = 1,
-                 generator: Union[torch.Generator, List[torch.Generator], None] = None,
-                 latents: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
-                 num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
-                 callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
-                 callback_on_step_end_tensor_inputs: List[str] = ["latents"], max_sequence_length: int = 256,
-                 jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
-                 jacobi_max_iterations: Optional[int] = None):
+    def __call__(
+        self,
+        prompt: Union[str, List[str]],
+        negative_prompt: Union[str, List[str], None] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        guidance_scale: float = 2.0,
+        num_images_per_prompt: int = 1,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        latents: Optional[torch.Tensor] = None,
+        noise_level: Optional[float] = None,
+        num_denoising_steps: Optional[int] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        max_sequence_length: int = 256,
+        jacobi_block_size: Optional[int] = None,
+        jacobi_tolerance: float = 1e-3,
+        jacobi_max_iterations: Optional[int] = None,
+    ):
         r"""Generate images from text.
 
         Args:
@@ -504,20 +598,37 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
-        tensor_inputs = self.check_inputs(prompt, negative_prompt, height, width, guidance_scale,
-                                          num_images_per_prompt, output_type, max_sequence_length, noise_level,
-                                          steps, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        tensor_inputs = self.check_inputs(
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            guidance_scale,
+            num_images_per_prompt,
+            output_type,
+            max_sequence_length,
+            noise_level,
+            steps,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
         validation.check_bool(return_dict, "return_dict")
         guidance = GuidanceSpec(guidance_scale)
-        layouts = self.encode_prompt(prompt, negative_prompt, guidance.num_branches > 1, num_images_per_prompt,
-                                     max_sequence_length)
+        layouts = self.encode_prompt(
+            prompt, negative_prompt, guidance.num_branches > 1, num_images_per_prompt, max_sequence_length
+        )
         batch_size = len(layouts) // guidance.num_branches
         validation.check_batch_size(batch_size)
         check_generator(generator, batch_size)
 
         transformer = self.transformer
-        noise = prepare_noise((batch_size, transformer.num_latents, transformer.config.latent_channels), generator,
-                              self._execution_device, torch.float32, latents)
+        noise = prepare_noise(
+            (batch_size, transformer.num_latents, transformer.config.latent_channels),
+            generator,
+            self._execution_device,
+            torch.float32,
+            latents,
+        )
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts)
         self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
@@ -530,5 +641,3 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         if not return_dict:
             return (images,)
         return StarFlow2PipelineOutput(images=images)
-
-

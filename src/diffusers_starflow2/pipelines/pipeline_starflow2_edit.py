@@ -42,8 +42,9 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
-ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray],
-                   List[torch.Tensor]]
+ImageInput = Union[
+    PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray], List[torch.Tensor]
+]
 
 
 # An edit conversation is a conversation like any other: the same state continues in either pipeline.
@@ -89,18 +90,25 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
     def first_turn_layout(self, text: str, with_image: bool) -> TokenLayout:
         """A user turn ``[<image>] text``, the assistant header and ``<|vision_start|>``."""
         message = user_message(None, text) if with_image else user_message(text)  # None: the image slot
-        return encode_conversation(self.tokenizer, [message], self.transformer.num_latents,
-                                   add_generation_prompt=True, open_image=True)
+        return encode_conversation(
+            self.tokenizer, [message], self.transformer.num_latents, add_generation_prompt=True, open_image=True
+        )
 
     def next_turn_layout(self, text: str) -> TokenLayout:
         """What follows an answer: ``<|im_end|>``, a user turn ``text``, the assistant header and
         ``<|vision_start|>``."""
         return encode_next_turn(self.tokenizer, [user_message(text)], self.transformer.num_latents, open_image=True)
 
-    def encode_prompt(self, prompt: Union[str, List[str]], negative_prompt: Union[str, List[str], None] = None,
-                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
-                      max_sequence_length: int = 256, do_image_guidance: bool = False,
-                      next_turn: bool = False) -> List[TokenLayout]:
+    def encode_prompt(
+        self,
+        prompt: Union[str, List[str]],
+        negative_prompt: Union[str, List[str], None] = None,
+        do_classifier_free_guidance: bool = True,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int = 256,
+        do_image_guidance: bool = False,
+        next_turn: bool = False,
+    ) -> List[TokenLayout]:
         """Token layouts of the guidance branches, stacked: ``image+instruction`` (each prompt repeated
         ``num_images_per_prompt`` times), then ``image+negative`` with text or image guidance, then
         ``no image+negative`` with image guidance (the order of :class:`GuidanceSpec`).  First-turn layouts hold an
@@ -109,8 +117,11 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         negatives = _broadcast("negative_prompt", negatives, len(prompts))
 
         def turn(texts: List[str], with_image: bool) -> List[TokenLayout]:
-            return [self.next_turn_layout(t) if next_turn else self.first_turn_layout(t, with_image)
-                    for t in texts for _ in range(num_images_per_prompt)]
+            return [
+                self.next_turn_layout(t) if next_turn else self.first_turn_layout(t, with_image)
+                for t in texts
+                for _ in range(num_images_per_prompt)
+            ]
 
         layouts = turn(prompts, True)
         if do_classifier_free_guidance or do_image_guidance:
@@ -119,11 +130,22 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             layouts += turn(negatives, False)
         return layouts
 
-    def check_inputs(self, prompt, negative_prompt, image, guidance_scale: float, image_guidance_scale: float,
-                     num_images_per_prompt: int, output_type: str, max_sequence_length: int,
-                     noise_level: Optional[float], num_denoising_steps: int, callback_on_step_end: Optional[Callable],
-                     callback_on_step_end_tensor_inputs: List[str],
-                     state: Optional[StarFlow2EditState] = None) -> List[str]:
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        image,
+        guidance_scale: float,
+        image_guidance_scale: float,
+        num_images_per_prompt: int,
+        output_type: str,
+        max_sequence_length: int,
+        noise_level: Optional[float],
+        num_denoising_steps: int,
+        callback_on_step_end: Optional[Callable],
+        callback_on_step_end_tensor_inputs: List[str],
+        state: Optional[StarFlow2EditState] = None,
+    ) -> List[str]:
         """Validate the call; returns the callback tensor names to pass.  Prompts are checked (token limit
         included) by :meth:`encode_prompt`, images by :meth:`preprocess_image`."""
         check_guidance_scale(guidance_scale)
@@ -139,45 +161,68 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         else:
             self._check_edit_state(state, image, num_images_per_prompt, branches, max_sequence_length)
             if noise_level is not None and noise_level != state.noise_level:
-                raise ValueError(f"`noise_level` must be the conversation's {state.noise_level} when continuing "
-                                 f"a `state`; got {noise_level}")
-        return resolve_callback_tensor_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                              self._callback_tensor_inputs)
+                raise ValueError(
+                    f"`noise_level` must be the conversation's {state.noise_level} when continuing "
+                    f"a `state`; got {noise_level}"
+                )
+        return resolve_callback_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
 
-    def _check_edit_state(self, state, image, num_images_per_prompt: int, branches: int,
-                          max_sequence_length: int = 256):
+    def _check_edit_state(
+        self, state, image, num_images_per_prompt: int, branches: int, max_sequence_length: int = 256
+    ):
         if image is not None:
             raise ValueError("`image` must be None when `state` is given: the conversation already holds its image")
         self._check_state(state, branches)
         if num_images_per_prompt != 1:
-            raise ValueError(f"`num_images_per_prompt` must be 1 when continuing a `state` (each conversation "
-                             f"continues with one image); got {num_images_per_prompt}")
+            raise ValueError(
+                f"`num_images_per_prompt` must be 1 when continuing a `state` (each conversation "
+                f"continues with one image); got {num_images_per_prompt}"
+            )
         if state.image_tokens is None:
             raise ValueError("`state` holds a conversation without an image: there is nothing to edit")
         # every turn grows the conversation: refuse the one that would run past the VLM's context
         used = state.num_positions
         context = validation.model_context_length(self.vlm, self.tokenizer)
-        needed = used + validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1) \
-            + state.num_latents + validation.CHAT_TEMPLATE_RESERVE
+        needed = (
+            used
+            + validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1)
+            + state.num_latents
+            + validation.CHAT_TEMPLATE_RESERVE
+        )
         if needed > context:
-            raise ValueError(f"`state` holds a conversation of {used} positions; another turn of up to "
-                             f"max_sequence_length={max_sequence_length} tokens and an image of {state.num_latents} "
-                             f"latents needs {needed}, more than the model's context of {context}; lower "
-                             f"`max_sequence_length` or start a new conversation")
+            raise ValueError(
+                f"`state` holds a conversation of {used} positions; another turn of up to "
+                f"max_sequence_length={max_sequence_length} tokens and an image of {state.num_latents} "
+                f"latents needs {needed}, more than the model's context of {context}; lower "
+                f"`max_sequence_length` or start a new conversation"
+            )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def __call__(self, image: Optional[ImageInput] = None, prompt: Union[str, List[str]] = None,
-                 negative_prompt: Union[str, List[str], None] = None, guidance_scale: float = 2.0,
-                 image_guidance_scale: float = 1.5, num_images_per_prompt: int = 1,
-                 generator: Union[torch.Generator, List[torch.Generator], None] = None,
-                 latents: Optional[torch.Tensor] = None, noise_level: Optional[float] = None,
-                 num_denoising_steps: Optional[int] = None, output_type: str = "pil", return_dict: bool = True,
-                 callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
-                 callback_on_step_end_tensor_inputs: List[str] = ["latents"], max_sequence_length: int = 256,
-                 state: Optional[StarFlow2EditState] = None, jacobi_block_size: Optional[int] = None,
-                 jacobi_tolerance: float = 1e-3,
-                 jacobi_max_iterations: Optional[int] = None):
+    def __call__(
+        self,
+        image: Optional[ImageInput] = None,
+        prompt: Union[str, List[str]] = None,
+        negative_prompt: Union[str, List[str], None] = None,
+        guidance_scale: float = 2.0,
+        image_guidance_scale: float = 1.5,
+        num_images_per_prompt: int = 1,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        latents: Optional[torch.Tensor] = None,
+        noise_level: Optional[float] = None,
+        num_denoising_steps: Optional[int] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        max_sequence_length: int = 256,
+        state: Optional[StarFlow2EditState] = None,
+        jacobi_block_size: Optional[int] = None,
+        jacobi_tolerance: float = 1e-3,
+        jacobi_max_iterations: Optional[int] = None,
+    ):
         r"""Edit images following instructions, or continue an edit conversation (``state``).
 
         Args:
@@ -213,9 +258,21 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         validation.check_bool(return_dict, "return_dict")
         self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         steps = self._check_denoising_steps(num_denoising_steps)
-        tensor_inputs = self.check_inputs(prompt, negative_prompt, image, guidance_scale, image_guidance_scale,
-                                          num_images_per_prompt, output_type, max_sequence_length, noise_level,
-                                          steps, callback_on_step_end, callback_on_step_end_tensor_inputs, state)
+        tensor_inputs = self.check_inputs(
+            prompt,
+            negative_prompt,
+            image,
+            guidance_scale,
+            image_guidance_scale,
+            num_images_per_prompt,
+            output_type,
+            max_sequence_length,
+            noise_level,
+            steps,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            state,
+        )
         guidance = GuidanceSpec(guidance_scale, image_guidance_scale)
         branches = guidance.num_branches
         transformer = self.transformer
@@ -232,20 +289,27 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             check_generator(generator, batch_size)
             images = images.expand(pairs, -1, -1, -1).repeat_interleave(num_images_per_prompt, dim=0)
             source = self.encode_image(images, noise_level, generator)
-            layouts = self.encode_prompt(prompts, negative_prompt, branches > 1, num_images_per_prompt,
-                                         max_sequence_length, branches == 3)
+            layouts = self.encode_prompt(
+                prompts, negative_prompt, branches > 1, num_images_per_prompt, max_sequence_length, branches == 3
+            )
             cache = self._new_cache(len(layouts), noise_level)
             self._run_text(cache, layouts, source.repeat(min(branches, 2), 1, 1))  # the branches with an image
         else:
             noise_level, batch_size = state.noise_level, state.batch_size
             prompts = _broadcast("prompt", check_prompt(prompt), batch_size)
             check_generator(generator, batch_size)
-            layouts = self.encode_prompt(prompts, negative_prompt, branches > 1, 1, max_sequence_length,
-                                         branches == 3, next_turn=True)
+            layouts = self.encode_prompt(
+                prompts, negative_prompt, branches > 1, 1, max_sequence_length, branches == 3, next_turn=True
+            )
             cache = self._continue_conversation(state, branches, layouts)
 
-        noise = prepare_noise((batch_size, transformer.num_latents, transformer.config.latent_channels), generator,
-                              self._execution_device, torch.float32, latents)
+        noise = prepare_noise(
+            (batch_size, transformer.num_latents, transformer.config.latent_channels),
+            generator,
+            self._execution_device,
+            torch.float32,
+            latents,
+        )
         self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
         tokens, image_latents = self.generate_image(cache, noise, guidance, steps)
         new_state = None
@@ -257,5 +321,3 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         if not return_dict:
             return images, new_state
         return StarFlow2EditPipelineOutput(images=images, state=new_state)
-
-

@@ -20,6 +20,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from ..models.transformer_pretzel import PretzelCache
 from ..sampling import jacobi_options
 from ..schedulers.scheduling_tarflow import GuidanceSpec
+from ..utils import validation
 from ..utils.sequence import (
     IMAGE_PAD,
     VISION_END,
@@ -30,7 +31,6 @@ from ..utils.sequence import (
     special_id,
     user_message,
 )
-from ..utils import validation
 from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2ConversationState
 from .pipeline_utils import check_guidance_scale, check_output_type, prepare_noise, resolve_callback_tensor_inputs
 
@@ -151,8 +151,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         if isinstance(prompt, str):
             prompt = [prompt]
         if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise ValueError(f"`prompt` must be a string, a list of segments or chat messages; got "
-                             f"{type(prompt).__name__}")
+            raise ValueError(
+                f"`prompt` must be a string, a list of segments or chat messages; got {type(prompt).__name__}"
+            )
         if validation.is_chat(prompt):
             messages, images, answer = [], [], []
             for i, message in enumerate(validation.check_messages(prompt)):
@@ -165,13 +166,21 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 if any(isinstance(p, str) and IMAGE_PLACEHOLDER in p for p in parts):
                     raise ValueError(f"`prompt`: {IMAGE_PLACEHOLDER!r} may only appear in the assistant's answer")
                 images += [p for p in parts if not isinstance(p, str)]
-                messages.append({"role": message["role"], "content": [
-                    {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]})
+                messages.append(
+                    {
+                        "role": message["role"],
+                        "content": [
+                            {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts
+                        ],
+                    }
+                )
             return messages, images, answer
         for i, part in enumerate(prompt):
             if not isinstance(part, (str, PIL.Image.Image, np.ndarray, torch.Tensor)):
-                raise ValueError(f"`prompt` item {i} must be a string or an image (PIL, numpy array, torch tensor); a "
-                                 f"list of chat messages must hold only dicts; got {type(part).__name__}")
+                raise ValueError(
+                    f"`prompt` item {i} must be a string or an image (PIL, numpy array, torch tensor); a "
+                    f"list of chat messages must hold only dicts; got {type(part).__name__}"
+                )
         parts = _split_placeholders(prompt)
         first = next((i for i, p in enumerate(parts) if isinstance(p, str) and p == IMAGE_PLACEHOLDER), len(parts))
         user, answer = parts[:first], parts[first:]
@@ -189,13 +198,21 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             self.transformer.step(self.vlm_stream, cache, latents=x[None].repeat(cache.batch_size, 1, 1))
             self._append_ids(cache, [ve])
 
-    def _next_token(self, cache: PretzelCache, generated: List[int], processors, banned: List[int],
-                    generator: Optional[torch.Generator], row: int = 0) -> int:
+    def _next_token(
+        self,
+        cache: PretzelCache,
+        generated: List[int],
+        processors,
+        banned: List[int],
+        generator: Optional[torch.Generator],
+        row: int = 0,
+    ) -> int:
         """Sample the next text token of conversation ``row`` from its conditional branch: ``LM_head(h + W_t g)`` at
         the last position."""
         self._onload_pretzel()
-        logits = self.transformer.text_logits(self.vlm_stream, cache.last_hidden[row:row + 1],
-                                              cache.last_flow_hidden[row:row + 1])[:, -1].float()  # (1, V)
+        logits = self.transformer.text_logits(
+            self.vlm_stream, cache.last_hidden[row : row + 1], cache.last_flow_hidden[row : row + 1]
+        )[:, -1].float()  # (1, V)
         validation.check_finite_output(logits, "text logits")
         logits[:, banned] = -float("inf")
         if processors is None:  # temperature 0: greedy
@@ -205,11 +222,26 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         return int(torch.multinomial(probs.cpu(), 1, generator=generator)[0, 0])
 
     @torch.no_grad()  # torch re-applies it at every resumption of the generator
-    def _generate(self, prompt, negative_prompt: str, guidance: GuidanceSpec, max_new_tokens: int, max_images: int,
-                  temperature: float, top_k: Optional[int], top_p: Optional[float], stop: Sequence[str],
-                  generator, noise_level: float, num_denoising_steps: int, output_type: str,
-                  callback_on_step_end, tensor_inputs, state: Optional[StarFlow2ConversationState] = None,
-                  result: Optional[dict] = None) -> Iterator[Segment]:
+    def _generate(
+        self,
+        prompt,
+        negative_prompt: str,
+        guidance: GuidanceSpec,
+        max_new_tokens: int,
+        max_images: int,
+        temperature: float,
+        top_k: Optional[int],
+        top_p: Optional[float],
+        stop: Sequence[str],
+        generator,
+        noise_level: float,
+        num_denoising_steps: int,
+        output_type: str,
+        callback_on_step_end,
+        tensor_inputs,
+        state: Optional[StarFlow2ConversationState] = None,
+        result: Optional[dict] = None,
+    ) -> Iterator[Segment]:
         """Yield the answer's segments; at the end ``result["state"]`` is the conversation's new state (None when
         interrupted)."""
         tokenizer, transformer = self.tokenizer, self.transformer
@@ -223,8 +255,16 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
 
         branches = guidance.num_branches
         layouts = self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3, state is not None)
-        given = torch.cat([self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generator)
-                           for img in context_images]) if context_images else None
+        given = (
+            torch.cat(
+                [
+                    self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generator)
+                    for img in context_images
+                ]
+            )
+            if context_images
+            else None
+        )
         if given is not None and branches == 3:  # the image branch holds the user turn's images too
             given = given.repeat(2, 1, 1)
         if state is None:
@@ -292,10 +332,21 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         self._end_call()
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: List, negative_prompt: str, guidance: GuidanceSpec, max_new_tokens: int,
-                        temperature: float, top_k: Optional[int], top_p: Optional[float], stop: Sequence[str],
-                        generator, noise_level: float, num_denoising_steps: int,
-                        output_type: str) -> List[StarFlow2InterleavedOutput]:
+    def _generate_batch(
+        self,
+        prompts: List,
+        negative_prompt: str,
+        guidance: GuidanceSpec,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: Optional[int],
+        top_p: Optional[float],
+        stop: Sequence[str],
+        generator,
+        noise_level: float,
+        num_denoising_steps: int,
+        output_type: str,
+    ) -> List[StarFlow2InterleavedOutput]:
         """Conversations run as one batch, each as it would run alone.
 
         The prompts are left-padded; the answers advance in lockstep: forced text between images is pushed as one
@@ -309,24 +360,39 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         plans = []  # per conversation: forced text before each image, then after the last one
         for _, _, answer in parsed:
             if any(not isinstance(p, str) for p in answer):
-                raise ValueError("`prompt`: images in the answers of batched conversations must be generated "
-                                 f"({IMAGE_PLACEHOLDER!r}); put given images in the user turns")
+                raise ValueError(
+                    "`prompt`: images in the answers of batched conversations must be generated "
+                    f"({IMAGE_PLACEHOLDER!r}); put given images in the user turns"
+                )
             plans.append("".join(answer).split(IMAGE_PLACEHOLDER))
         if len({len(plan) for plan in plans}) > 1:
-            raise ValueError(f"`prompt`: batched conversations must ask for the same number of images; they ask for "
-                             f"{[len(plan) - 1 for plan in plans]} (run them separately)")
+            raise ValueError(
+                f"`prompt`: batched conversations must ask for the same number of images; they ask for "
+                f"{[len(plan) - 1 for plan in plans]} (run them separately)"
+            )
         vs, ve, pad = (special_id(tokenizer, t) for t in (VISION_START, VISION_END, IMAGE_PAD))
         stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
         N, C = transformer.num_latents, transformer.config.latent_channels
         generators = generator if isinstance(generator, (list, tuple)) else [generator] * B
 
-        per_conversation = [self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3)
-                            for messages, _, _ in parsed]
+        per_conversation = [
+            self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3) for messages, _, _ in parsed
+        ]
         layouts = [per_conversation[i][b] for b in range(branches) for i in range(B)]  # branch-major
-        given = [torch.cat([self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generators[i])
-                            for img in images]) if images else None for i, (_, images, _) in enumerate(parsed)]
-        rows = [given[i] for b in range(min(branches, 2)) for i in range(B) if given[i] is not None
-                and (b == 0 or branches == 3)]  # the conditional and image branches hold the user's images
+        given = [
+            torch.cat(
+                [self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generators[i]) for img in images]
+            )
+            if images
+            else None
+            for i, (_, images, _) in enumerate(parsed)
+        ]
+        rows = [
+            given[i]
+            for b in range(min(branches, 2))
+            for i in range(B)
+            if given[i] is not None and (b == 0 or branches == 3)
+        ]  # the conditional and image branches hold the user's images
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts, torch.cat(rows) if rows else None)
 
@@ -336,8 +402,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 return
             idle = torch.tensor([not ids[i] for _ in range(branches) for i in range(B)], device=cache.cond.device)
             last = cache.last_hidden, cache.last_flow_hidden
-            self._run_text(cache, [TokenLayout(ids[i], [False] * len(ids[i])) for _ in range(branches)
-                                   for i in range(B)])
+            self._run_text(
+                cache, [TokenLayout(ids[i], [False] * len(ids[i])) for _ in range(branches) for i in range(B)]
+            )
             # a conversation that took only padding still ends where it was
             cache.last_hidden = torch.where(idle[:, None, None], last[0], cache.last_hidden)
             cache.last_flow_hidden = torch.where(idle[:, None, None], last[1], cache.last_flow_hidden)
@@ -387,24 +454,34 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         for i in range(B):
             own = cache.fork(cache.snapshot())
             own.select(torch.tensor([b * B + i for b in range(branches)], device=cache.cond.device))
-            image_tokens = last_image[i:i + 1] if last_image is not None else None
-            outputs.append(StarFlow2InterleavedOutput(
-                segments=segments[i], state=self._conversation_state(own, 1, branches, noise_level, image_tokens)))
+            image_tokens = last_image[i : i + 1] if last_image is not None else None
+            outputs.append(
+                StarFlow2InterleavedOutput(
+                    segments=segments[i], state=self._conversation_state(own, 1, branches, noise_level, image_tokens)
+                )
+            )
         return outputs
 
     # -- public API ----------------------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: List[dict], negative_prompt: Optional[str] = None,
-                      do_classifier_free_guidance: bool = True, num_images_per_prompt: int = 1,
-                      do_image_guidance: bool = False, next_turn: bool = False) -> List[TokenLayout]:
+    def encode_prompt(
+        self,
+        prompt: List[dict],
+        negative_prompt: Optional[str] = None,
+        do_classifier_free_guidance: bool = True,
+        num_images_per_prompt: int = 1,
+        do_image_guidance: bool = False,
+        next_turn: bool = False,
+    ) -> List[TokenLayout]:
         """Token layouts of the guidance branches, each ending with the assistant header: the conversation
         ``prompt`` (chat messages, images as slots); with image guidance the image branch, a user turn of the
         images of ``prompt`` and ``negative_prompt``; with any guidance the unconditional branch, a user turn
         ``negative_prompt`` (default ``""``).  ``next_turn`` layouts continue a conversation after its last answer.
         One conversation makes one answer, so ``num_images_per_prompt`` must be 1."""
         if num_images_per_prompt != 1:
-            raise ValueError(f"`num_images_per_prompt` must be 1 (one conversation, one answer); got "
-                             f"{num_images_per_prompt}")
+            raise ValueError(
+                f"`num_images_per_prompt` must be 1 (one conversation, one answer); got {num_images_per_prompt}"
+            )
         N = self.transformer.num_latents
 
         def layout(messages: List[dict]) -> TokenLayout:
@@ -421,32 +498,52 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             layouts.append(layout([{"role": "user", "content": negative}]))
         return layouts
 
-    def check_inputs(self, prompt, negative_prompt, guidance_scale: float, max_new_tokens: int, max_images: int,
-                     temperature: float, top_k: Optional[int], top_p: Optional[float], stop, output_type: str,
-                     noise_level: float, num_denoising_steps: int, callback_on_step_end: Optional[Callable],
-                     callback_on_step_end_tensor_inputs: Sequence[str], generator=None,
-                     image_guidance_scale: float = 1.0, state: Optional[StarFlow2ConversationState] = None
-                     ) -> Dict[str, Any]:
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        guidance_scale: float,
+        max_new_tokens: int,
+        max_images: int,
+        temperature: float,
+        top_k: Optional[int],
+        top_p: Optional[float],
+        stop,
+        output_type: str,
+        noise_level: float,
+        num_denoising_steps: int,
+        callback_on_step_end: Optional[Callable],
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        generator=None,
+        image_guidance_scale: float = 1.0,
+        state: Optional[StarFlow2ConversationState] = None,
+    ) -> Dict[str, Any]:
         """Validate the call, the whole prompt included (texts and their special tokens, images, and the context
         budget of the conversation held by ``state`` + prompt + answer) before anything runs.  Returns the checked
         values: the numbers as Python numbers, ``guidance`` the :class:`GuidanceSpec`, ``stop`` as a list,
         ``generator`` as one generator, ``tensor_inputs`` the callback tensor names to pass."""
-        checked = dict(guidance=GuidanceSpec(
-            check_guidance_scale(guidance_scale),
-            check_guidance_scale(image_guidance_scale, "image_guidance_scale", minimum=1)))  # 1 = no image guidance
+        checked = dict(
+            guidance=GuidanceSpec(
+                check_guidance_scale(guidance_scale),
+                check_guidance_scale(image_guidance_scale, "image_guidance_scale", minimum=1),
+            )
+        )  # 1 = no image guidance
         check_output_type(output_type)
         tokenizer, num_latents = self.tokenizer, self.transformer.num_latents
         context = validation.model_context_length(self.vlm, tokenizer)
         image_positions = num_latents + 2  # <|vision_start|>, the latents, <|vision_end|>
-        checked["max_new_tokens"] = validation.check_integer(max_new_tokens, "max_new_tokens", minimum=0,
-                                                             maximum=context)
-        checked["max_images"] = validation.check_integer(max_images, "max_images", minimum=0,
-                                                         maximum=context // image_positions)
+        checked["max_new_tokens"] = validation.check_integer(
+            max_new_tokens, "max_new_tokens", minimum=0, maximum=context
+        )
+        checked["max_images"] = validation.check_integer(
+            max_images, "max_images", minimum=0, maximum=context // image_positions
+        )
         checked["temperature"] = validation.check_number(temperature, "temperature", minimum=0)
         # top_k 0 = off, as in transformers
         checked["top_k"] = validation.check_integer(top_k, "top_k", minimum=0, allow_none=True)
-        checked["top_p"] = validation.check_number(top_p, "top_p", minimum=0, maximum=1, exclusive_minimum=True,
-                                                   allow_none=True)
+        checked["top_p"] = validation.check_number(
+            top_p, "top_p", minimum=0, maximum=1, exclusive_minimum=True, allow_none=True
+        )
         checked["stop"] = validation.check_stop(stop)
         if negative_prompt is not None:
             validation.check_text(negative_prompt, "negative_prompt", tokenizer, allow_empty=True)
@@ -459,60 +556,124 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         if state is not None:
             self._check_state(state, checked["guidance"].num_branches)
             if state.batch_size != 1:
-                raise ValueError(f"`state` holds {state.batch_size} conversations per branch; this pipeline "
-                                 f"continues one conversation per state")
+                raise ValueError(
+                    f"`state` holds {state.batch_size} conversations per branch; this pipeline "
+                    f"continues one conversation per state"
+                )
             if noise_level != state.noise_level:
-                raise ValueError(f"`noise_level` must be the conversation's {state.noise_level} when continuing "
-                                 f"a `state`; got {noise_level}")
+                raise ValueError(
+                    f"`noise_level` must be the conversation's {state.noise_level} when continuing "
+                    f"a `state`; got {noise_level}"
+                )
             held = state.num_positions
         messages, images, answer = self._parse(prompt)
-        prompt_positions = validation.check_conversation(messages, images, answer, IMAGE_PLACEHOLDER, tokenizer,
-                                                         image_positions)
-        validation.check_context_budget(prompt_positions, checked["max_new_tokens"], checked["max_images"],
-                                        image_positions, context, held)
+        prompt_positions = validation.check_conversation(
+            messages, images, answer, IMAGE_PLACEHOLDER, tokenizer, image_positions
+        )
+        validation.check_context_budget(
+            prompt_positions, checked["max_new_tokens"], checked["max_images"], image_positions, context, held
+        )
         checked["tensor_inputs"] = resolve_callback_tensor_inputs(
-            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
         return checked
 
-    def _checked_generate(self, prompt, negative_prompt=None, guidance_scale: float = 2.0,
-                          image_guidance_scale: float = 1.0, state: Optional[StarFlow2ConversationState] = None,
-                          result: Optional[dict] = None,
-                          max_new_tokens: int = 64, max_images: int = 4, temperature: float = 0.0,
-                          top_k: Optional[int] = None, top_p: Optional[float] = None,
-                          stop: Union[str, Sequence[str], None] = None, generator=None,
-                          noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
-                          output_type: str = "pil", callback_on_step_end=None,
-                          callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-                          jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
-                          jacobi_max_iterations: Optional[int] = None) -> Iterator[Segment]:
+    def _checked_generate(
+        self,
+        prompt,
+        negative_prompt=None,
+        guidance_scale: float = 2.0,
+        image_guidance_scale: float = 1.0,
+        state: Optional[StarFlow2ConversationState] = None,
+        result: Optional[dict] = None,
+        max_new_tokens: int = 64,
+        max_images: int = 4,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        generator=None,
+        noise_level: Optional[float] = None,
+        num_denoising_steps: Optional[int] = None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        jacobi_block_size: Optional[int] = None,
+        jacobi_tolerance: float = 1e-3,
+        jacobi_max_iterations: Optional[int] = None,
+    ) -> Iterator[Segment]:
         self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         # a continued conversation samples at its own noise level
-        noise_level = self._check_noise_level(state.noise_level if isinstance(state, StarFlow2ConversationState)
-                                              and noise_level is None else noise_level)
+        noise_level = self._check_noise_level(
+            state.noise_level if isinstance(state, StarFlow2ConversationState) and noise_level is None else noise_level
+        )
         steps = self._check_denoising_steps(num_denoising_steps)
-        checked = self.check_inputs(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images, temperature,
-                                    top_k, top_p, stop, output_type, noise_level, steps, callback_on_step_end,
-                                    callback_on_step_end_tensor_inputs, generator, image_guidance_scale, state)
-        return self._generate(prompt, negative_prompt or "", checked["guidance"], checked["max_new_tokens"],
-                              checked["max_images"], checked["temperature"], checked["top_k"], checked["top_p"],
-                              checked["stop"], checked["generator"], noise_level, steps, output_type,
-                              callback_on_step_end, checked["tensor_inputs"], state, result)
+        checked = self.check_inputs(
+            prompt,
+            negative_prompt,
+            guidance_scale,
+            max_new_tokens,
+            max_images,
+            temperature,
+            top_k,
+            top_p,
+            stop,
+            output_type,
+            noise_level,
+            steps,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            generator,
+            image_guidance_scale,
+            state,
+        )
+        return self._generate(
+            prompt,
+            negative_prompt or "",
+            checked["guidance"],
+            checked["max_new_tokens"],
+            checked["max_images"],
+            checked["temperature"],
+            checked["top_k"],
+            checked["top_p"],
+            checked["stop"],
+            checked["generator"],
+            noise_level,
+            steps,
+            output_type,
+            callback_on_step_end,
+            checked["tensor_inputs"],
+            state,
+            result,
+        )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def __call__(self, prompt, negative_prompt: Optional[str] = None, guidance_scale: float = 2.0,
-                 max_new_tokens: int = 64, max_images: int = 4, temperature: float = 0.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 stop: Union[str, Sequence[str], None] = None,
-                 generator: Union[torch.Generator, List[torch.Generator], None] = None,
-                 noise_level: Optional[float] = None, num_denoising_steps: Optional[int] = None,
-                 output_type: str = "pil", return_dict: bool = True,
-                 callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
-                 callback_on_step_end_tensor_inputs: List[str] = ["latents"],
-                 callback_on_segment: Optional[Callable[[Segment], None]] = None, image_guidance_scale: float = 1.0,
-                 state: Optional[StarFlow2ConversationState] = None,
-                 jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3,
-                 jacobi_max_iterations: Optional[int] = None):
+    def __call__(
+        self,
+        prompt,
+        negative_prompt: Optional[str] = None,
+        guidance_scale: float = 2.0,
+        max_new_tokens: int = 64,
+        max_images: int = 4,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        noise_level: Optional[float] = None,
+        num_denoising_steps: Optional[int] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        callback_on_segment: Optional[Callable[[Segment], None]] = None,
+        image_guidance_scale: float = 1.0,
+        state: Optional[StarFlow2ConversationState] = None,
+        jacobi_block_size: Optional[int] = None,
+        jacobi_tolerance: float = 1e-3,
+        jacobi_max_iterations: Optional[int] = None,
+    ):
         r"""Generate interleaved text and images.
 
         Args:
@@ -550,17 +711,50 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         validation.check_bool(return_dict, "return_dict")
         if is_batch(prompt):
             self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
-            outputs = self._checked_batch(prompt, negative_prompt, guidance_scale, image_guidance_scale, state,
-                                          max_new_tokens, max_images, temperature, top_k, top_p, stop, generator,
-                                          noise_level, num_denoising_steps, output_type, callback_on_step_end,
-                                          callback_on_segment)
+            outputs = self._checked_batch(
+                prompt,
+                negative_prompt,
+                guidance_scale,
+                image_guidance_scale,
+                state,
+                max_new_tokens,
+                max_images,
+                temperature,
+                top_k,
+                top_p,
+                stop,
+                generator,
+                noise_level,
+                num_denoising_steps,
+                output_type,
+                callback_on_step_end,
+                callback_on_segment,
+            )
             return outputs if return_dict else [(o.segments, o.state) for o in outputs]
         segments, result = [], {}
-        for segment in self._checked_generate(prompt, negative_prompt, guidance_scale, image_guidance_scale, state,
-                                              result, max_new_tokens, max_images, temperature, top_k, top_p, stop,
-                                              generator, noise_level, num_denoising_steps, output_type,
-                                              callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                              jacobi_block_size, jacobi_tolerance, jacobi_max_iterations):
+        for segment in self._checked_generate(
+            prompt,
+            negative_prompt,
+            guidance_scale,
+            image_guidance_scale,
+            state,
+            result,
+            max_new_tokens,
+            max_images,
+            temperature,
+            top_k,
+            top_p,
+            stop,
+            generator,
+            noise_level,
+            num_denoising_steps,
+            output_type,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            jacobi_block_size,
+            jacobi_tolerance,
+            jacobi_max_iterations,
+        ):
             segments.append(segment)
             if callback_on_segment is not None:
                 callback_on_segment(segment)
@@ -568,26 +762,74 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             return segments, result.get("state")
         return StarFlow2InterleavedOutput(segments=segments, state=result.get("state"))
 
-    def _checked_batch(self, prompts, negative_prompt, guidance_scale, image_guidance_scale, state, max_new_tokens,
-                       max_images, temperature, top_k, top_p, stop, generator, noise_level, num_denoising_steps,
-                       output_type, callback_on_step_end, callback_on_segment) -> List[StarFlow2InterleavedOutput]:
+    def _checked_batch(
+        self,
+        prompts,
+        negative_prompt,
+        guidance_scale,
+        image_guidance_scale,
+        state,
+        max_new_tokens,
+        max_images,
+        temperature,
+        top_k,
+        top_p,
+        stop,
+        generator,
+        noise_level,
+        num_denoising_steps,
+        output_type,
+        callback_on_step_end,
+        callback_on_segment,
+    ) -> List[StarFlow2InterleavedOutput]:
         """Validate every conversation of a batch as the call would validate it alone, then run them together."""
-        for value, name in ((state, "state"), (callback_on_step_end, "callback_on_step_end"),
-                            (callback_on_segment, "callback_on_segment")):
+        for value, name in (
+            (state, "state"),
+            (callback_on_step_end, "callback_on_step_end"),
+            (callback_on_segment, "callback_on_segment"),
+        ):
             if value is not None:
-                raise ValueError(f"`{name}` must be None when `prompt` is a list of conversations (a batch); got "
-                                 f"{type(value).__name__}: run the conversations one by one to use it")
+                raise ValueError(
+                    f"`{name}` must be None when `prompt` is a list of conversations (a batch); got "
+                    f"{type(value).__name__}: run the conversations one by one to use it"
+                )
         validation.check_generator(generator, len(prompts))
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
         for i, prompt in enumerate(prompts):
             own = generator[i] if isinstance(generator, (list, tuple)) else generator
-            checked = self.check_inputs(prompt, negative_prompt, guidance_scale, max_new_tokens, max_images,
-                                        temperature, top_k, top_p, stop, output_type, noise_level, steps, None,
-                                        ["latents"], own, image_guidance_scale)
-        return self._generate_batch(list(prompts), negative_prompt or "", checked["guidance"],
-                                    checked["max_new_tokens"], checked["temperature"], checked["top_k"],
-                                    checked["top_p"], checked["stop"], generator, noise_level, steps, output_type)
+            checked = self.check_inputs(
+                prompt,
+                negative_prompt,
+                guidance_scale,
+                max_new_tokens,
+                max_images,
+                temperature,
+                top_k,
+                top_p,
+                stop,
+                output_type,
+                noise_level,
+                steps,
+                None,
+                ["latents"],
+                own,
+                image_guidance_scale,
+            )
+        return self._generate_batch(
+            list(prompts),
+            negative_prompt or "",
+            checked["guidance"],
+            checked["max_new_tokens"],
+            checked["temperature"],
+            checked["top_k"],
+            checked["top_p"],
+            checked["stop"],
+            generator,
+            noise_level,
+            steps,
+            output_type,
+        )
 
     def stream(self, prompt, **kwargs) -> Iterator[Segment]:
         """Like ``__call__`` but yields each segment as soon as it is complete; bad input raises at the call.  (To

@@ -36,9 +36,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 Generator = Union[torch.Generator, List[torch.Generator], None]
 
 
-def resolve_callback_tensor_inputs(callback_on_step_end: Optional[Callable],
-                                   callback_on_step_end_tensor_inputs: Sequence[str],
-                                   allowed: Sequence[str]) -> List[str]:
+def resolve_callback_tensor_inputs(
+    callback_on_step_end: Optional[Callable], callback_on_step_end_tensor_inputs: Sequence[str], allowed: Sequence[str]
+) -> List[str]:
     """The tensor names to pass to ``callback_on_step_end``, checked against the pipeline's ``_callback_tensor_inputs``.
 
     A :class:`~diffusers.callbacks.PipelineCallback` or :class:`~diffusers.callbacks.MultiPipelineCallbacks` brings
@@ -47,17 +47,25 @@ def resolve_callback_tensor_inputs(callback_on_step_end: Optional[Callable],
     if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
         callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
     check_callable(callback_on_step_end, "callback_on_step_end")
-    callback_on_step_end_tensor_inputs = check_names(callback_on_step_end_tensor_inputs or [],
-                                                     "callback_on_step_end_tensor_inputs")
+    callback_on_step_end_tensor_inputs = check_names(
+        callback_on_step_end_tensor_inputs or [], "callback_on_step_end_tensor_inputs"
+    )
     unknown = [k for k in callback_on_step_end_tensor_inputs if k not in allowed]
     if unknown:
-        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {list(allowed)}; got unknown "
-                         f"{unknown}")
+        raise ValueError(
+            f"`callback_on_step_end_tensor_inputs` must be a subset of {list(allowed)}; got unknown {unknown}"
+        )
     return list(callback_on_step_end_tensor_inputs or [])
 
 
-def prepare_noise(shape: Tuple[int, ...], generator: Generator, device, dtype: torch.dtype = torch.float32,
-                  latents: Optional[torch.Tensor] = None, name: str = "latents") -> torch.Tensor:
+def prepare_noise(
+    shape: Tuple[int, ...],
+    generator: Generator,
+    device,
+    dtype: torch.dtype = torch.float32,
+    latents: Optional[torch.Tensor] = None,
+    name: str = "latents",
+) -> torch.Tensor:
     """Standard-normal noise of ``shape`` (one generator per sample when ``generator`` is a list), or the
     user-supplied ``latents`` after checking their shape."""
     if latents is None:
@@ -65,8 +73,9 @@ def prepare_noise(shape: Tuple[int, ...], generator: Generator, device, dtype: t
     return check_latents(latents, shape, name).to(device=device, dtype=dtype)
 
 
-def postprocess_images(images: torch.Tensor, output_type: str = "pil",
-                       image_processor: Optional[VaeImageProcessor] = None):
+def postprocess_images(
+    images: torch.Tensor, output_type: str = "pil", image_processor: Optional[VaeImageProcessor] = None
+):
     """Decoded images ``(B, 3, H, W)`` in ``[-1, 1]`` -> list of PIL images, ``(B, H, W, 3)`` numpy array in
     ``[0, 1]`` or ``(B, 3, H, W)`` tensor in ``[0, 1]``; ``"latent"`` returns the input unchanged."""
     check_output_type(output_type)
@@ -150,8 +159,13 @@ class FlowPipelineMixin(AtomicSaveMixin, StarFlowHubMixin):
     def interrupt(self) -> bool:
         return self._interrupt
 
-    def _begin_call(self, guidance_scale: float, num_timesteps: int, callback_on_step_end: Optional[Callable],
-                    callback_tensor_inputs: Sequence[str]) -> None:
+    def _begin_call(
+        self,
+        guidance_scale: float,
+        num_timesteps: int,
+        callback_on_step_end: Optional[Callable],
+        callback_tensor_inputs: Sequence[str],
+    ) -> None:
         self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_timesteps, False
         self._step_callback, self._step_callback_inputs = callback_on_step_end, list(callback_tensor_inputs)
         self._step_index = 0
@@ -174,10 +188,12 @@ class FlowPipelineMixin(AtomicSaveMixin, StarFlowHubMixin):
                 hook.pre_forward(module)
 
     def enable_sequential_cpu_offload(self, *args, **kwargs):
-        raise ValueError("enable_sequential_cpu_offload() cannot run the STARFlow pipelines: sampling reads "
-                         "parameters outside module forward calls (start tokens, position embeddings, KV-cache "
-                         "shapes), which sequential offload keeps on the `meta` device; use "
-                         "enable_model_cpu_offload() instead")
+        raise ValueError(
+            "enable_sequential_cpu_offload() cannot run the STARFlow pipelines: sampling reads "
+            "parameters outside module forward calls (start tokens, position embeddings, KV-cache "
+            "shapes), which sequential offload keeps on the `meta` device; use "
+            "enable_model_cpu_offload() instead"
+        )
 
     def _step_end(self, noise_level: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Count one step and run ``callback_on_step_end`` on it; returns ``latents`` or their replacement."""

@@ -23,9 +23,13 @@ def _local_dir(path: PathLike, name: str) -> str:
     return os.fspath(path)
 
 
-def build_starflow_pipeline(transformer: StarFlowTransformerModel, text_encoder_dir: PathLike, vae_dir: PathLike,
-                            tokenizer_dir: Optional[PathLike] = None,
-                            scheduler: Optional[TarFlowScheduler] = None) -> StarFlowPipeline:
+def build_starflow_pipeline(
+    transformer: StarFlowTransformerModel,
+    text_encoder_dir: PathLike,
+    vae_dir: PathLike,
+    tokenizer_dir: Optional[PathLike] = None,
+    scheduler: Optional[TarFlowScheduler] = None,
+) -> StarFlowPipeline:
     """A ``StarFlowPipeline`` from a converted transformer and LOCAL text-encoder / tokenizer / VAE folders.
 
     Args:
@@ -37,24 +41,41 @@ def build_starflow_pipeline(transformer: StarFlowTransformerModel, text_encoder_
         tokenizer_dir: tokenizer folder (default ``text_encoder_dir``).
         scheduler: default ``TarFlowScheduler()`` (noise level 0.3, one denoising step).
     """
-    text_encoder = T5EncoderModel.from_pretrained(_local_dir(text_encoder_dir, "text_encoder_dir"),
-                                                  local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(_local_dir(tokenizer_dir or text_encoder_dir, "tokenizer_dir"),
-                                              local_files_only=True)
+    text_encoder = T5EncoderModel.from_pretrained(
+        _local_dir(text_encoder_dir, "text_encoder_dir"), local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        _local_dir(tokenizer_dir or text_encoder_dir, "tokenizer_dir"), local_files_only=True
+    )
     vae = AutoencoderKL.from_pretrained(_local_dir(vae_dir, "vae_dir"), local_files_only=True)
     if text_encoder.config.d_model != transformer.config.text_dim:
-        raise ValueError(f"`text_encoder_dir` has d_model {text_encoder.config.d_model}, but the transformer expects "
-                         f"text_dim {transformer.config.text_dim}")
+        raise ValueError(
+            f"`text_encoder_dir` has d_model {text_encoder.config.d_model}, but the transformer expects "
+            f"text_dim {transformer.config.text_dim}"
+        )
     if vae.config.latent_channels != transformer.config.in_channels:
-        raise ValueError(f"`vae_dir` has {vae.config.latent_channels} latent channels, but the transformer has "
-                         f"in_channels {transformer.config.in_channels}")
-    return StarFlowPipeline(text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
-                            scheduler=scheduler or TarFlowScheduler())
+        raise ValueError(
+            f"`vae_dir` has {vae.config.latent_channels} latent channels, but the transformer has "
+            f"in_channels {transformer.config.in_channels}"
+        )
+    return StarFlowPipeline(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler or TarFlowScheduler(),
+    )
 
 
-def save_starflow_pipeline(transformer: StarFlowTransformerModel, text_encoder_dir: PathLike, vae_dir: PathLike,
-                           output_dir: PathLike, tokenizer_dir: Optional[PathLike] = None,
-                           scheduler: Optional[TarFlowScheduler] = None, overwrite: bool = False) -> str:
+def save_starflow_pipeline(
+    transformer: StarFlowTransformerModel,
+    text_encoder_dir: PathLike,
+    vae_dir: PathLike,
+    output_dir: PathLike,
+    tokenizer_dir: Optional[PathLike] = None,
+    scheduler: Optional[TarFlowScheduler] = None,
+    overwrite: bool = False,
+) -> str:
     r"""Write a ``StarFlowPipeline.from_pretrained``-loadable folder (see :func:`build_starflow_pipeline`).
 
     The folder is written next to ``output_dir`` and renamed into place, so ``output_dir`` is never half-written; an

@@ -41,8 +41,9 @@ class GuidanceSpec:
         if not self.guidance_scale >= 0:  # also rejects NaN
             raise ValueError(f"`guidance_scale` must be >= 0; got {self.guidance_scale}")
         if not self.image_guidance_scale >= 1:
-            raise ValueError(f"`image_guidance_scale` must be >= 1 (1 = no image guidance); got "
-                             f"{self.image_guidance_scale}")
+            raise ValueError(
+                f"`image_guidance_scale` must be >= 1 (1 = no image guidance); got {self.image_guidance_scale}"
+            )
 
     @property
     def branches(self) -> Tuple[str, ...]:
@@ -83,8 +84,13 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
     order = 1
 
     @register_to_config
-    def __init__(self, noise_level: float = 0.3, min_noise_level: float = 0.01, max_noise_level: float = 0.3,
-                 num_denoising_steps: int = 1):
+    def __init__(
+        self,
+        noise_level: float = 0.3,
+        min_noise_level: float = 0.01,
+        max_noise_level: float = 0.3,
+        num_denoising_steps: int = 1,
+    ):
         if not 0 <= min_noise_level <= max_noise_level:
             raise ValueError(f"need 0 <= min_noise_level <= max_noise_level; got {min_noise_level}, {max_noise_level}")
         if noise_level < 0:
@@ -99,8 +105,9 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         """Noise -> data for one or many tokens: ``x = mu + sigma * z``."""
         return noise * sigma + mu
 
-    def affine_step(self, noise: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-                    guidance: Optional[GuidanceSpec] = None) -> torch.Tensor:
+    def affine_step(
+        self, noise: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, guidance: Optional[GuidanceSpec] = None
+    ) -> torch.Tensor:
         """One sampling step of an autoregressive flow: the guided Gaussian of each token, then noise -> data.
 
         ``mu``/``sigma`` stack ``guidance.num_branches`` branches along the batch (``(branches * B, T, C)``);
@@ -110,8 +117,9 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         return self.inverse_affine(noise, mu, sigma)
 
     @classmethod
-    def combine_branches(cls, mu: torch.Tensor, sigma: torch.Tensor,
-                         guidance: GuidanceSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    def combine_branches(
+        cls, mu: torch.Tensor, sigma: torch.Tensor, guidance: GuidanceSpec
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The guidance rule ``guidance`` selects: none, :meth:`guide` or :meth:`guide_text_and_image`."""
         if guidance.num_branches == 3:
             return cls.guide_text_and_image(mu, sigma, guidance.guidance_scale, guidance.image_guidance_scale)
@@ -136,8 +144,9 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         return ((1 + w) * mu_c - (w * s) * mu_u) / denom, sigma_c / denom.sqrt()
 
     @classmethod
-    def guide_text_and_image(cls, mu: torch.Tensor, sigma: torch.Tensor, guidance_scale: float,
-                             image_guidance_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def guide_text_and_image(
+        cls, mu: torch.Tensor, sigma: torch.Tensor, guidance_scale: float, image_guidance_scale: float
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         r"""Three-branch guidance for editing (text and image scales, as InstructPix2Pix).
 
         ``mu``/``sigma`` stack ``[text+image; image only; neither]`` (``3B``).  The result is the Gaussian of
@@ -157,16 +166,21 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
 
     # -- noise levels --------------------------------------------------------------------------------------------
 
-    def sample_noise_levels(self, batch_size: int, generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-                            device=None) -> torch.Tensor:
+    def sample_noise_levels(
+        self, batch_size: int, generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None, device=None
+    ) -> torch.Tensor:
         """``t ~ U[min_noise_level, max_noise_level]``, shape ``(batch_size,)``."""
         t0, t1 = self.config.min_noise_level, self.config.max_noise_level
-        u = torch.rand(batch_size, generator=generator, device=device) if not isinstance(generator, list) else \
-            torch.stack([torch.rand((), generator=g, device=device) for g in generator])
+        u = (
+            torch.rand(batch_size, generator=generator, device=device)
+            if not isinstance(generator, list)
+            else torch.stack([torch.rand((), generator=g, device=device) for g in generator])
+        )
         return t0 + (t1 - t0) * u
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
-                  noise_level: Union[float, torch.Tensor, None] = None) -> torch.Tensor:
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, noise_level: Union[float, torch.Tensor, None] = None
+    ) -> torch.Tensor:
         """``x = z + t * eps``; ``noise_level`` is a float, a ``(B,)`` tensor, or None for ``config.noise_level``."""
         if noise_level is None:
             noise_level = self.config.noise_level
@@ -177,8 +191,9 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
 
     # -- denoising schedule --------------------------------------------------------------------------------------
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
-                      noise_level: Optional[float] = None) -> None:
+    def set_timesteps(
+        self, num_inference_steps: Optional[int] = None, device=None, noise_level: Optional[float] = None
+    ) -> None:
         """Denoising levels ``linspace(noise_level, min_noise_level, n)`` followed by 0.
 
         ``timesteps`` holds the ``n`` levels at which a step is taken, ``sigmas`` the ``n + 1`` levels including the
@@ -193,8 +208,13 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.cat([self.timesteps, self.timesteps.new_zeros(1)])
         self.num_inference_steps = n
 
-    def step(self, model_output: torch.Tensor, timestep: Union[float, torch.Tensor], sample: torch.Tensor,
-             return_dict: bool = True) -> Union[TarFlowSchedulerOutput, Tuple[torch.Tensor]]:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Union[float, torch.Tensor],
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> Union[TarFlowSchedulerOutput, Tuple[torch.Tensor]]:
         r"""One denoising step.
 
         Args:

@@ -55,9 +55,14 @@ SCHEMAS: dict[str, dict[str, str]] = {
 KINDS = tuple(SCHEMAS)
 #: Names accepted in a mixture spec (and by :func:`open_dataset`) and the kind they read.
 KIND_ALIASES = {
-    "caption": "caption", "captions": "caption", "generation": "caption", "t2i": "caption",
-    "understanding": "understanding", "vqa": "understanding",
-    "edit": "edit", "editing": "edit",
+    "caption": "caption",
+    "captions": "caption",
+    "generation": "caption",
+    "t2i": "caption",
+    "understanding": "understanding",
+    "vqa": "understanding",
+    "edit": "edit",
+    "editing": "edit",
     "interleaved": "interleaved",
 }
 
@@ -200,7 +205,12 @@ class UnderstandingDataset(_FolderDataset):
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        return {"kind": self.kind, "image": self.image(row["file_name"]), "prompt": row["prompt"], "response": row["response"]}
+        return {
+            "kind": self.kind,
+            "image": self.image(row["file_name"]),
+            "prompt": row["prompt"],
+            "response": row["response"],
+        }
 
 
 class EditDataset(_FolderDataset):
@@ -252,7 +262,9 @@ def parse_mixture(spec: str) -> list[MixtureEntry]:
     mentioning ``--mixture`` for a malformed spec."""
 
     def bad(msg: str) -> ValueError:
-        return ValueError(f"--mixture {spec!r}: {msg}; expected 'name=DIR:weight,...', e.g. 'generation=data/caption:0.4,editing=data/edit:0.6'")
+        return ValueError(
+            f"--mixture {spec!r}: {msg}; expected 'name=DIR:weight,...', e.g. 'generation=data/caption:0.4,editing=data/edit:0.6'"
+        )
 
     if not isinstance(spec, str) or not spec.strip():
         raise bad("empty spec")
@@ -287,9 +299,17 @@ class MixtureSampler(IterableDataset):
     ``seed`` (each ``iter()`` restarts it; DataLoader workers get disjoint seeds). Every example dict
     gets ``"source"``: the dataset's name. ``num_samples`` bounds the stream if given."""
 
-    def __init__(self, datasets: Mapping[str, Dataset], weights: Mapping[str, float], seed: int = 0, num_samples: int | None = None):
+    def __init__(
+        self,
+        datasets: Mapping[str, Dataset],
+        weights: Mapping[str, float],
+        seed: int = 0,
+        num_samples: int | None = None,
+    ):
         if not datasets or set(datasets) != set(weights):
-            raise ValueError(f"datasets and weights need the same non-empty names, got {sorted(datasets)} and {sorted(weights)}")
+            raise ValueError(
+                f"datasets and weights need the same non-empty names, got {sorted(datasets)} and {sorted(weights)}"
+            )
         if any(len(d) == 0 for d in datasets.values()):
             raise ValueError("every dataset of a mixture needs at least one example")
         w = np.array([float(weights[n]) for n in datasets])
@@ -348,8 +368,10 @@ class HubCaptionDataset(Dataset):
         for i, caption in enumerate(dataset[caption_column]):  # the text column is cheap to check up front
             first = caption[0] if isinstance(caption, (list, tuple)) and caption else caption
             if not isinstance(first, str) or not first.strip():
-                raise ValueError(f"{name} row {i}: --caption_column {caption_column!r} must hold non-empty text "
-                                 f"(or lists of it), got {caption!r}")
+                raise ValueError(
+                    f"{name} row {i}: --caption_column {caption_column!r} must hold non-empty text "
+                    f"(or lists of it), got {caption!r}"
+                )
         self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
 
     def __len__(self) -> int:
@@ -361,14 +383,21 @@ class HubCaptionDataset(Dataset):
         if isinstance(image, str):
             image = Image.open(image)
         if not isinstance(image, Image.Image):
-            raise ValueError(f"row {i}: --image_column {self.image_column!r} holds {type(image).__name__}, not an "
-                             "image (an Image feature or a path)")
+            raise ValueError(
+                f"row {i}: --image_column {self.image_column!r} holds {type(image).__name__}, not an "
+                "image (an Image feature or a path)"
+            )
         caption = caption[0] if isinstance(caption, (list, tuple)) else caption
         return {"kind": self.kind, "image": image.convert("RGB"), "text": caption}
 
 
-def open_hub_caption_dataset(name: str, config_name: str | None = None, image_column: str = "image",
-                             caption_column: str = "text", cache_dir: str | None = None) -> HubCaptionDataset:
+def open_hub_caption_dataset(
+    name: str,
+    config_name: str | None = None,
+    image_column: str = "image",
+    caption_column: str = "text",
+    cache_dir: str | None = None,
+) -> HubCaptionDataset:
     """The ``train`` split of ``datasets.load_dataset(name)`` as a :class:`HubCaptionDataset` (a local folder of
     images with a ``metadata.jsonl`` loads as an imagefolder)."""
     from datasets import load_dataset

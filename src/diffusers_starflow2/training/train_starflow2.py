@@ -73,45 +73,89 @@ CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)$")
 # The optimiser of the paper's appendix C (shared by all stages): AdamW(0.9, 0.95), eps 1e-8, weight decay 1e-4,
 # cosine decay to a minimum learning rate of 1e-6, bf16 mixed precision. The per-stage peak learning rates did not
 # survive in our copy of the paper's text, so --learning_rate stays the user's.
-PAPER_RECIPE = dict(adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, adam_weight_decay=1e-4,
-                    lr_scheduler="cosine_with_min_lr", min_learning_rate=1e-6, mixed_precision="bf16")
-DEFAULTS = dict(adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, adam_weight_decay=1e-2, lr_scheduler="constant",
-                min_learning_rate=0.0, mixed_precision="no")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                 "cosine_with_min_lr")
+PAPER_RECIPE = dict(
+    adam_beta1=0.9,
+    adam_beta2=0.95,
+    adam_epsilon=1e-8,
+    adam_weight_decay=1e-4,
+    lr_scheduler="cosine_with_min_lr",
+    min_learning_rate=1e-6,
+    mixed_precision="bf16",
+)
+DEFAULTS = dict(
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    adam_epsilon=1e-8,
+    adam_weight_decay=1e-2,
+    lr_scheduler="constant",
+    min_learning_rate=0.0,
+    mixed_precision="no",
+)
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "cosine_with_min_lr",
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
-    p.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="a STARFlow2 pipeline folder or a Hugging Face Hub repo id")
+    p.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="a STARFlow2 pipeline folder or a Hugging Face Hub repo id",
+    )
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--train_data_dir", help="stage 1: caption folder, stage 2: understanding folder (metadata.jsonl, "
-                                            "every row and image checked when the folder is indexed)")
-    p.add_argument("--dataset_name", help="stage 1: a 🤗 datasets dataset (a Hub id or a local folder, e.g. an "
-                                          "imagefolder with metadata.jsonl) with an image and a caption column")
+    p.add_argument(
+        "--train_data_dir",
+        help="stage 1: caption folder, stage 2: understanding folder (metadata.jsonl, "
+        "every row and image checked when the folder is indexed)",
+    )
+    p.add_argument(
+        "--dataset_name",
+        help="stage 1: a 🤗 datasets dataset (a Hub id or a local folder, e.g. an "
+        "imagefolder with metadata.jsonl) with an image and a caption column",
+    )
     p.add_argument("--dataset_config_name", default=None, help="the dataset's config (--dataset_name)")
     p.add_argument("--image_column", default="image", help="--dataset_name: the column of the images")
     p.add_argument("--caption_column", default="text", help="--dataset_name: the column of the captions")
     p.add_argument("--cache_dir", default=None, help="where 🤗 datasets caches --dataset_name")
-    p.add_argument("--mixture", help='stage 3: "understanding=DIR:0.3,generation=DIR:0.4,editing=DIR:0.2,'
-                                     'interleaved=DIR:0.1"')
-    p.add_argument("--interleaved_layout", choices=("user_first", "assistant"), default="user_first",
-                   help="interleaved documents: first segment as the user turn and the rest as the assistant turn "
-                        "(default), or the whole document as one assistant turn")
+    p.add_argument(
+        "--mixture", help='stage 3: "understanding=DIR:0.3,generation=DIR:0.4,editing=DIR:0.2,interleaved=DIR:0.1"'
+    )
+    p.add_argument(
+        "--interleaved_layout",
+        choices=("user_first", "assistant"),
+        default="user_first",
+        help="interleaved documents: first segment as the user turn and the rest as the assistant turn "
+        "(default), or the whole document as one assistant turn",
+    )
     p.add_argument("--max_train_steps", type=int, required=True)
     p.add_argument("--train_batch_size", type=int, default=4, help="per process")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--recipe", choices=("default", "paper"), default="default",
-                   help="'paper': the optimiser of the paper's appendix C as defaults: AdamW betas (0.9, 0.95), eps "
-                        "1e-8, weight decay 1e-4, cosine to --min_learning_rate 1e-6, bf16 (flags given explicitly "
-                        "win)")
+    p.add_argument(
+        "--recipe",
+        choices=("default", "paper"),
+        default="default",
+        help="'paper': the optimiser of the paper's appendix C as defaults: AdamW betas (0.9, 0.95), eps "
+        "1e-8, weight decay 1e-4, cosine to --min_learning_rate 1e-6, bf16 (flags given explicitly "
+        "win)",
+    )
     p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default=None,
-                   help="default: constant ('paper': cosine_with_min_lr)")
-    p.add_argument("--min_learning_rate", type=float, default=None, help="cosine_with_min_lr: the final learning "
-                                                                          "rate (default 0, 'paper': 1e-6)")
+    p.add_argument(
+        "--lr_scheduler", choices=LR_SCHEDULERS, default=None, help="default: constant ('paper': cosine_with_min_lr)"
+    )
+    p.add_argument(
+        "--min_learning_rate",
+        type=float,
+        default=None,
+        help="cosine_with_min_lr: the final learning rate (default 0, 'paper': 1e-6)",
+    )
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--adam_beta1", type=float, default=None, help="default 0.9")
     p.add_argument("--adam_beta2", type=float, default=None, help="default 0.999 ('paper': 0.95)")
@@ -119,47 +163,84 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--adam_epsilon", type=float, default=None, help="default 1e-8")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
-                   help="default no ('paper': bf16)")
+    p.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None, help="default no ('paper': bf16)")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--noise_level_min", type=float, default=None, help="t0 (default: the scheduler's)")
     p.add_argument("--noise_level_max", type=float, default=None, help="t1 (default: the scheduler's)")
-    p.add_argument("--image_loss_reweight", nargs="?", const="inverse", default="none",
-                   choices=("none", "inverse", "linear"),
-                   help="multi-noise weighting of the per-image NLL over noise levels t ~ U[t0, t1]:\n"
-                        "'linear' multiplies it by t (iTARFlow's --reweight t: mean of t * NLL);\n"
-                        "'inverse' weights it by 1/t (normalised), drawing t with density ∝ 1/t on [t0, t1]")
-    p.add_argument("--latent_sample", choices=("sample", "mean"), default="sample",
-                   help="FAE latents: a posterior sample (default) or the posterior mean")
-    p.add_argument("--caption_dropout", type=float, default=0.1, help="probability of replacing a caption or edit "
-                                                                        "instruction by '' (classifier-free guidance)")
+    p.add_argument(
+        "--image_loss_reweight",
+        nargs="?",
+        const="inverse",
+        default="none",
+        choices=("none", "inverse", "linear"),
+        help="multi-noise weighting of the per-image NLL over noise levels t ~ U[t0, t1]:\n"
+        "'linear' multiplies it by t (iTARFlow's --reweight t: mean of t * NLL);\n"
+        "'inverse' weights it by 1/t (normalised), drawing t with density ∝ 1/t on [t0, t1]",
+    )
+    p.add_argument(
+        "--latent_sample",
+        choices=("sample", "mean"),
+        default="sample",
+        help="FAE latents: a posterior sample (default) or the posterior mean",
+    )
+    p.add_argument(
+        "--caption_dropout",
+        type=float,
+        default=0.1,
+        help="probability of replacing a caption or edit instruction by '' (classifier-free guidance)",
+    )
     p.add_argument("--text_loss_weight", type=float, default=1.0, help="λ of stage 3")
-    p.add_argument("--distill_from_vlm_vision", action="store_true",
-                   help="stage 2: add KL(VLM with its own vision tower || VLM through the visual adapter) over the "
-                        "response tokens (skipped with a warning when the VLM has no vision tower)")
+    p.add_argument(
+        "--distill_from_vlm_vision",
+        action="store_true",
+        help="stage 2: add KL(VLM with its own vision tower || VLM through the visual adapter) over the "
+        "response tokens (skipped with a warning when the VLM has no vision tower)",
+    )
     p.add_argument("--distill_weight", type=float, default=1.0, help="weight of the distillation KL")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--report_to", choices=("none", "tensorboard", "wandb", "all"), default="none",
-                   help="accelerate trackers (logs under OUTPUT_DIR/logs)")
+    p.add_argument(
+        "--report_to",
+        choices=("none", "tensorboard", "wandb", "all"),
+        default="none",
+        help="accelerate trackers (logs under OUTPUT_DIR/logs)",
+    )
     p.add_argument("--tracker_project_name", default="starflow2")
-    p.add_argument("--validation_prompt", "--validation_prompts", dest="validation_prompts", nargs="+", default=None,
-                   help="prompts sampled with the pipeline every --validation_steps and at the end (images under "
-                        "OUTPUT_DIR/validation/ and sent to the trackers)")
+    p.add_argument(
+        "--validation_prompt",
+        "--validation_prompts",
+        dest="validation_prompts",
+        nargs="+",
+        default=None,
+        help="prompts sampled with the pipeline every --validation_steps and at the end (images under "
+        "OUTPUT_DIR/validation/ and sent to the trackers)",
+    )
     p.add_argument("--num_validation_images", type=int, default=4, help="images per validation prompt")
     p.add_argument("--validation_steps", type=int, default=None, help="default: only at the end of training")
-    p.add_argument("--use_ema", action="store_true", help="keep an EMA of the trained weights (diffusers "
-                                                          "EMAModel), used for validation and the final save")
+    p.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="keep an EMA of the trained weights (diffusers EMAModel), used for validation and the final save",
+    )
     p.add_argument("--ema_decay", type=float, default=0.9999)
     p.add_argument("--checkpointing_steps", type=int, default=None)
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
-    p.add_argument("--rank", "--lora_rank", dest="lora_rank", type=int, default=None,
-                   help="train a LoRA of this rank instead of full weights")
+    p.add_argument(
+        "--rank",
+        "--lora_rank",
+        dest="lora_rank",
+        type=int,
+        default=None,
+        help="train a LoRA of this rank instead of full weights",
+    )
     p.add_argument("--lora_alpha", type=float, default=None, help="default: the rank")
-    p.add_argument("--lora_target_modules", default=None,
-                   help="comma-separated module names (suffixes) of the Pretzel; default: stage 1 the deep stream's "
-                        "attention/MLP linears, stage 2 the adapter's linears, stage 3 both plus skip_v/skip_t")
+    p.add_argument(
+        "--lora_target_modules",
+        default=None,
+        help="comma-separated module names (suffixes) of the Pretzel; default: stage 1 the deep stream's "
+        "attention/MLP linears, stage 2 the adapter's linears, stage 3 both plus skip_v/skip_t",
+    )
     p.add_argument("--lora_vlm", action="store_true", help="also train a LoRA on the VLM's attention projections")
     p.add_argument("--save_fused", action="store_true", help="LoRA runs: also write a pipeline with fused weights")
     p.add_argument("--push_to_hub", action="store_true", help="upload OUTPUT_DIR (with a model card) at the end")
@@ -185,8 +266,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgumentError(str(err)) from None
     if args.stage == 3:
         if not args.mixture:
-            raise ArgumentError("--stage 3 needs --mixture 'understanding=DIR:w,generation=DIR:w,editing=DIR:w,"
-                                "interleaved=DIR:w' (stage-3 training runs on a mixture)")
+            raise ArgumentError(
+                "--stage 3 needs --mixture 'understanding=DIR:w,generation=DIR:w,editing=DIR:w,"
+                "interleaved=DIR:w' (stage-3 training runs on a mixture)"
+            )
         for flag in ("train_data_dir", "dataset_name"):
             if getattr(args, flag):
                 raise ArgumentError(f"--{flag} is for stages 1 and 2; stage 3 reads --mixture")
@@ -196,15 +279,23 @@ def check_args(args: argparse.Namespace) -> None:
         if args.dataset_name and args.train_data_dir:
             raise ArgumentError("give one of --dataset_name and --train_data_dir, not both")
         if args.dataset_name and args.stage != 1:
-            raise ArgumentError(f"--dataset_name is for stage 1 (image and caption columns); stage {args.stage} "
-                                "reads --train_data_dir")
+            raise ArgumentError(
+                f"--dataset_name is for stage 1 (image and caption columns); stage {args.stage} reads --train_data_dir"
+            )
         if not (args.train_data_dir or args.dataset_name):
-            raise ArgumentError(f"--stage {args.stage} needs --train_data_dir (a {STAGE_DATA_KIND[args.stage]} "
-                                "folder)" + (" or --dataset_name" if args.stage == 1 else ""))
+            raise ArgumentError(
+                f"--stage {args.stage} needs --train_data_dir (a {STAGE_DATA_KIND[args.stage]} "
+                "folder)" + (" or --dataset_name" if args.stage == 1 else "")
+            )
         if args.train_data_dir and not Path(args.train_data_dir).is_dir():
             raise ArgumentError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
-    positive = ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "logging_steps",
-                "num_validation_images")
+    positive = (
+        "max_train_steps",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "num_validation_images",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name} must be an integer >= 1; got {getattr(args, name)}")
@@ -216,8 +307,15 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not (finite(value) and value > 0):
             raise ArgumentError(f"--{name} must be a finite number > 0; got {value}")
-    for name in ("max_grad_norm", "adam_weight_decay", "text_loss_weight", "distill_weight", "min_learning_rate",
-                 "noise_level_min", "noise_level_max"):
+    for name in (
+        "max_grad_norm",
+        "adam_weight_decay",
+        "text_loss_weight",
+        "distill_weight",
+        "min_learning_rate",
+        "noise_level_min",
+        "noise_level_max",
+    ):
         value = getattr(args, name)
         if value is not None and not (finite(value) and value >= 0):
             raise ArgumentError(f"--{name} must be a finite number >= 0; got {value}")
@@ -232,15 +330,17 @@ def check_args(args: argparse.Namespace) -> None:
     if not (finite(args.ema_decay) and 0 < args.ema_decay < 1):
         raise ArgumentError(f"--ema_decay must be in (0, 1); got {args.ema_decay}")
     if args.min_learning_rate > args.learning_rate:
-        raise ArgumentError(f"--min_learning_rate ({args.min_learning_rate}) must be <= --learning_rate "
-                            f"({args.learning_rate})")
+        raise ArgumentError(
+            f"--min_learning_rate ({args.min_learning_rate}) must be <= --learning_rate ({args.learning_rate})"
+        )
     if args.lora_rank is None:
         for flag in ("lora_alpha", "lora_target_modules", "lora_vlm", "save_fused"):
             if getattr(args, flag) not in (None, False):
                 raise ArgumentError(f"--{flag} needs --rank (--lora_rank)")
     if args.distill_from_vlm_vision and args.stage != 2:
-        raise ArgumentError(f"--distill_from_vlm_vision is for stage 2 (the adapter learns understanding); got "
-                            f"--stage {args.stage}")
+        raise ArgumentError(
+            f"--distill_from_vlm_vision is for stage 2 (the adapter learns understanding); got --stage {args.stage}"
+        )
     if args.validation_prompts is not None and not all(p.strip() for p in args.validation_prompts):
         raise ArgumentError(f"--validation_prompt must be non-empty text; got {args.validation_prompts!r}")
     if args.validation_prompts and args.stage == 2:
@@ -252,16 +352,20 @@ def check_args(args: argparse.Namespace) -> None:
     if args.hub_model_id is not None and not re.fullmatch(r"([\w.-]+/)?[\w.-]+", args.hub_model_id):
         raise ArgumentError(f"--hub_model_id {args.hub_model_id!r} is not a repository id ('name' or 'owner/name')")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        raise ArgumentError("--hub_token with --report_to wandb would expose the token to wandb's run logs; log in "
-                            "with `hf auth login` instead")
+        raise ArgumentError(
+            "--hub_token with --report_to wandb would expose the token to wandb's run logs; log in "
+            "with `hf auth login` instead"
+        )
     if args.report_to != "none":
         import importlib.util
 
         needed = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ()}[args.report_to]
         for package in needed:
             if importlib.util.find_spec(package) is None:
-                raise ArgumentError(f"--report_to {args.report_to} needs the {package} package "
-                                    f"(pip install {package}); accepted: none, tensorboard, wandb, all")
+                raise ArgumentError(
+                    f"--report_to {args.report_to} needs the {package} package "
+                    f"(pip install {package}); accepted: none, tensorboard, wandb, all"
+                )
     if args.resume_from_checkpoint not in (None, "latest"):
         resolve_checkpoint(args)  # raises for a missing or incomplete folder
 
@@ -297,7 +401,7 @@ class SampleStream(Sampler):
                 name, index = next(stream)
                 yield position, name, index
             return
-        (name, size), = self.sizes.items()
+        ((name, size),) = self.sizes.items()
         order = None
         for position in range(self.total):
             epoch, k = divmod(position, size)
@@ -351,13 +455,14 @@ def conversation(example: dict, drop_text: bool, interleaved_layout: str):
         messages = [{"role": "user", "content": text}, {"role": "assistant", "content": [image_part]}]
         return messages, [example["image"]], [True], False
     if kind == "understanding":
-        messages = [user_message(example["image"], example["prompt"]),
-                    {"role": "assistant", "content": example["response"]}]
+        messages = [
+            user_message(example["image"], example["prompt"]),
+            {"role": "assistant", "content": example["response"]},
+        ]
         return messages, [example["image"]], [False], True
     if kind == "edit":
         instruction = "" if drop_text else example["instruction"]
-        messages = [user_message(example["source_image"], instruction),
-                    {"role": "assistant", "content": [image_part]}]
+        messages = [user_message(example["source_image"], instruction), {"role": "assistant", "content": [image_part]}]
         return messages, [example["source_image"], example["target_image"]], [False, True], False
     if kind == "interleaved":
         segments = example["segments"]
@@ -391,9 +496,11 @@ class BatchBuilder:
             factor = vision.patch_size * vision.spatial_merge_size
             # keep the training image size (the processor's default minimum would upsample small images)
             self.teacher_processor = Qwen2VLImageProcessorPil(
-                patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                merge_size=vision.spatial_merge_size, size={"shortest_edge": factor * factor,
-                                                            "longest_edge": 16384 * factor * factor})
+                patch_size=vision.patch_size,
+                temporal_patch_size=vision.temporal_patch_size,
+                merge_size=vision.spatial_merge_size,
+                size={"shortest_edge": factor * factor, "longest_edge": 16384 * factor * factor},
+            )
 
     def noise_levels(self, generators: List[torch.Generator]) -> torch.Tensor:
         t = self.scheduler.sample_noise_levels(len(generators), generator=generators)  # U[t0, t1]
@@ -415,8 +522,10 @@ class BatchBuilder:
             messages, ims, sc, txt = conversation(ex, drop, args.interleaved_layout)
             layout = encode_conversation(self.tokenizer, messages, N)
             if sum(layout.latent_mask) != len(ims) * N:
-                raise ValueError(f"the chat template rendered {sum(layout.latent_mask) // N} image spans for "
-                                 f"{len(ims)} images ({ex['kind']} example {ex['source']}[{ex['position']}])")
+                raise ValueError(
+                    f"the chat template rendered {sum(layout.latent_mask) // N} image spans for "
+                    f"{len(ims)} images ({ex['kind']} example {ex['source']}[{ex['position']}])"
+                )
             layouts.append(layout)
             images += ims
             scored += [s and self.use_flow for s in sc]
@@ -441,10 +550,16 @@ class BatchBuilder:
         latents = self.vae.encode_latents(pixels, generator=batch_gen, sample=args.latent_sample == "sample").float()
         eps = torch.stack([torch.randn(latents.shape[1:], generator=gens[b]) for b in owners]).to(device)
         noisy = self.scheduler.add_noise(latents, eps, t.to(device)[owner_index.to(device)])
-        return dict(input_ids=ids.to(device), latent_mask=latent_mask.to(device), images=noisy,
-                    noise_level=t.to(device), attention_mask=attention_mask.to(device),
-                    image_loss_mask=torch.tensor(scored, dtype=torch.bool, device=device),
-                    text_loss_mask=text_mask.to(device) if self.use_text else None, **extra)
+        return dict(
+            input_ids=ids.to(device),
+            latent_mask=latent_mask.to(device),
+            images=noisy,
+            noise_level=t.to(device),
+            attention_mask=attention_mask.to(device),
+            image_loss_mask=torch.tensor(scored, dtype=torch.bool, device=device),
+            text_loss_mask=text_mask.to(device) if self.use_text else None,
+            **extra,
+        )
 
     def teacher_logits(self, examples: List[dict], images: List[torch.Tensor], text_mask: torch.Tensor, device):
         """``(P, V)`` logits of the VLM seeing each image through its own vision tower, at the positions the text
@@ -455,20 +570,25 @@ class BatchBuilder:
         vision = self.teacher_processor(images=pixels, do_rescale=False, return_tensors="pt")
         grid = vision["image_grid_thw"]
         merge = self.teacher.config.vision_config.spatial_merge_size
-        tokens = (grid.prod(-1) // merge ** 2).tolist()
+        tokens = (grid.prod(-1) // merge**2).tolist()
         if len(set(tokens)) != 1 or len(images) != len(examples):
             raise ValueError("--distill_from_vlm_vision: one image per understanding example of one size expected")
-        layouts = [encode_conversation(self.tokenizer, conversation(ex, False, self.args.interleaved_layout)[0],
-                                       tokens[0]) for ex in examples]
+        layouts = [
+            encode_conversation(self.tokenizer, conversation(ex, False, self.args.interleaved_layout)[0], tokens[0])
+            for ex in examples
+        ]
         ids, latent_mask, attention_mask, assistant = pad_layouts(layouts, self.pad_id, side="right")
         teacher_mask = assistant & ~latent_mask
         teacher_mask[:, 1:] &= ~latent_mask[:, :-1]
         selected = teacher_mask[:, 1:]
         if int(selected.sum()) != int(text_mask[:, 1:].sum()):
             raise ValueError("--distill_from_vlm_vision: the teacher and the student score different tokens")
-        logits = self.teacher(input_ids=ids.to(device), attention_mask=attention_mask.long().to(device),
-                              pixel_values=vision["pixel_values"].to(device, self.weight_dtype),
-                              image_grid_thw=grid.to(device)).logits
+        logits = self.teacher(
+            input_ids=ids.to(device),
+            attention_mask=attention_mask.long().to(device),
+            pixel_values=vision["pixel_values"].to(device, self.weight_dtype),
+            image_grid_thw=grid.to(device),
+        ).logits
         return logits[:, :-1][selected.to(device)].float()
 
 
@@ -500,8 +620,12 @@ class PretzelTrainer(nn.Module):
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) between next-token distributions."""
-    return F.kl_div(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
-                    log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(student_logits.float(), -1),
+        F.log_softmax(teacher_logits.float(), -1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,18 +666,23 @@ def configure_trainable(args, transformer, vlm) -> None:
     alpha = args.lora_alpha if args.lora_alpha is not None else args.lora_rank
     if args.lora_target_modules:
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
-        names = {n.rsplit(".", 1)[-1] for n, _ in transformer.named_modules()} | {n for n, _ in
-                                                                                   transformer.named_modules()}
+        names = {n.rsplit(".", 1)[-1] for n, _ in transformer.named_modules()} | {
+            n for n, _ in transformer.named_modules()
+        }
         unknown = [t for t in targets if t not in names]
         if unknown or not targets:
             raise ArgumentError(f"--lora_target_modules: no module of the Pretzel is called {unknown or targets}")
     else:
         targets = default_lora_targets(transformer, args.stage)
-    transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                       target_modules=targets))
+    transformer.add_adapter(
+        LoraConfig(r=args.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+    )
     if args.lora_vlm:
-        vlm.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                   target_modules=vlm_lora_targets(vlm)))
+        vlm.add_adapter(
+            LoraConfig(
+                r=args.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=vlm_lora_targets(vlm)
+            )
+        )
 
 
 def trainable_parameters(module: nn.Module) -> List[nn.Parameter]:
@@ -587,28 +716,44 @@ def resolve_checkpoint(args) -> Optional[Path]:
     for path in (Path(args.resume_from_checkpoint), Path(args.output_dir) / args.resume_from_checkpoint):
         if path.is_dir():
             if not (path / "training_state.json").is_file():
-                raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {str(path)!r} is "
-                                    "not a complete checkpoint (no training_state.json: empty, or written by a "
-                                    "killed run)")
+                raise ArgumentError(
+                    f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {str(path)!r} is "
+                    "not a complete checkpoint (no training_state.json: empty, or written by a "
+                    "killed run)"
+                )
             return path
-    raise ArgumentError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder "
-                        "(accepted: a checkpoint-N folder, its name inside --output_dir, or 'latest')")
+    raise ArgumentError(
+        f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder "
+        "(accepted: a checkpoint-N folder, its name inside --output_dir, or 'latest')"
+    )
 
 
 def lora_layers(args, trainer: "PretzelTrainer", state_dict: Optional[dict] = None) -> dict:
     """The keyword arguments of ``save_lora_weights`` for the trained adapters (fp32, on the CPU)."""
     from peft import get_peft_model_state_dict
 
-    part = lambda prefix: None if state_dict is None else {  # noqa: E731
-        k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    layers = {"transformer_lora_layers": get_peft_model_state_dict(trainer.transformer,
-                                                                   state_dict=part("transformer.")),
-              "transformer_lora_adapter_metadata": trainer.transformer.peft_config["default"].to_dict()}
+    part = (
+        lambda prefix: (
+            None
+            if state_dict is None
+            else {  # noqa: E731
+                k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
+            }
+        )
+    )
+    layers = {
+        "transformer_lora_layers": get_peft_model_state_dict(trainer.transformer, state_dict=part("transformer.")),
+        "transformer_lora_adapter_metadata": trainer.transformer.peft_config["default"].to_dict(),
+    }
     if args.lora_vlm:
-        layers.update(vlm_lora_layers=get_peft_model_state_dict(trainer.vlm, state_dict=part("vlm.")),
-                      vlm_lora_adapter_metadata=trainer.vlm.peft_config["default"].to_dict())
-    return {k: ({n: t.detach().float().cpu().contiguous() for n, t in v.items()} if k.endswith("_layers") else v)
-            for k, v in layers.items()}
+        layers.update(
+            vlm_lora_layers=get_peft_model_state_dict(trainer.vlm, state_dict=part("vlm.")),
+            vlm_lora_adapter_metadata=trainer.vlm.peft_config["default"].to_dict(),
+        )
+    return {
+        k: ({n: t.detach().float().cpu().contiguous() for n, t in v.items()} if k.endswith("_layers") else v)
+        for k, v in layers.items()
+    }
 
 
 def write_lora_file(args, trainer: "PretzelTrainer", folder: Path, state_dict: Optional[dict] = None) -> None:
@@ -635,16 +780,20 @@ def open_data(args):
     kind = STAGE_DATA_KIND[args.stage]
     if args.dataset_name:
         try:
-            return {kind: open_hub_caption_dataset(args.dataset_name, args.dataset_config_name, args.image_column,
-                                                   args.caption_column, args.cache_dir)}, None
+            return {
+                kind: open_hub_caption_dataset(
+                    args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.cache_dir
+                )
+            }, None
         except (ValueError, FileNotFoundError) as e:
             message = str(e) if str(e).startswith("--") else f"--dataset_name {args.dataset_name!r}: {e}"
             raise ArgumentError(message) from None
     try:
         return {kind: open_dataset(args.train_data_dir, kind)}, None
     except ValueError as e:
-        raise ArgumentError(f"--train_data_dir {args.train_data_dir!r} (stage {args.stage} reads {kind} rows): {e}") \
-            from None
+        raise ArgumentError(
+            f"--train_data_dir {args.train_data_dir!r} (stage {args.stage} reads {kind} rows): {e}"
+        ) from None
 
 
 def vision_teacher(args, vlm):
@@ -653,8 +802,10 @@ def vision_teacher(args, vlm):
     if not args.distill_from_vlm_vision:
         return None
     if getattr(getattr(vlm, "model", None), "visual", None) is None:
-        logger.warning(f"--distill_from_vlm_vision: the VLM ({type(vlm).__name__}) has no vision tower; training "
-                       "stage 2 without distillation")
+        logger.warning(
+            f"--distill_from_vlm_vision: the VLM ({type(vlm).__name__}) has no vision tower; training "
+            "stage 2 without distillation"
+        )
         return None
     return vlm
 
@@ -694,8 +845,12 @@ def log_validation(args, pipe, accelerator, step: int, output_dir: Path, tag: st
     folder = output_dir / "validation"
     paths, images = [], []
     # sampling must not consume the training's random state (resumed runs validate at other times)
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), accelerator.autocast(), \
-            publish_into(folder, last=None) as staging:
+    with (
+        torch.random.fork_rng(devices=[]),
+        torch.no_grad(),
+        accelerator.autocast(),
+        publish_into(folder, last=None) as staging,
+    ):
         for p_index, prompt in enumerate(args.validation_prompts):
             generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_validation_images)]
             out = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generators).images
@@ -712,8 +867,14 @@ def log_validation(args, pipe, accelerator, step: int, output_dir: Path, tag: st
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(image, caption=f"{i}: {prompt}")
-                                        for i, (prompt, image) in enumerate(images)]}, step=step)
+            tracker.log(
+                {
+                    "validation": [
+                        wandb.Image(image, caption=f"{i}: {prompt}") for i, (prompt, image) in enumerate(images)
+                    ]
+                },
+                step=step,
+            )
     logger.info(f"validation images at step {step}: {', '.join(str(p) for p in paths)}")
     return paths
 
@@ -735,7 +896,8 @@ def check_distributed_setup(accelerator) -> None:
             f"set up {accelerator.distributed_type.value} on {accelerator.device.type}: accelerate shards with FSDP "
             "on GPUs and other accelerators only, and on CPU falls back to data parallel with every weight "
             "replicated. On CPU launch data parallel instead (ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
-            "--num_processes N ...)")
+            "--num_processes N ...)"
+        )
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -759,10 +921,12 @@ def main(args: argparse.Namespace) -> dict:
                 raise ArgumentError(f"--mixture: folder {entry.path!r} of {entry.name!r} does not exist")
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.stage == 3)])
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.stage == 3)],
+    )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_distributed_setup(accelerator)
     if accelerator.is_main_process:
@@ -772,9 +936,11 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     set_seed(args.seed)
     if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
-        logger.warning("running ONE process although the launcher prepared a distributed run: `accelerate launch "
-                       "--cpu --num_processes N` needs --mpirun_hostfile; for N CPU processes use "
-                       "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`")
+        logger.warning(
+            "running ONE process although the launcher prepared a distributed run: `accelerate launch "
+            "--cpu --num_processes N` needs --mpirun_hostfile; for N CPU processes use "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`"
+        )
     repo_id = None
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = create_repo(repo_id=args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
@@ -814,27 +980,43 @@ def main(args: argparse.Namespace) -> dict:
         raise ArgumentError("nothing to train (check --stage / --lora_target_modules)")
     ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
 
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
 
     # -- data: a fixed stream of samples, sharded over processes by accelerate ------------------------------------
     image_size = transformer.config.sample_size * vae.config.out_patch_size
     reader = ExampleReader(datasets, VaeImageProcessor(vae_scale_factor=vae.config.out_patch_size), image_size)
-    total = (args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size
-             * accelerator.num_processes)
+    total = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     stream = SampleStream(total, args.seed, {n: len(d) for n, d in datasets.items()}, mixture_sampler)
-    dataloader = DataLoader(reader, batch_size=args.train_batch_size, sampler=stream, collate_fn=collate_examples,
-                            num_workers=args.num_workers)
+    dataloader = DataLoader(
+        reader,
+        batch_size=args.train_batch_size,
+        sampler=stream,
+        collate_fn=collate_examples,
+        num_workers=args.num_workers,
+    )
     trainer, optimizer, dataloader, lr_scheduler = accelerator.prepare(trainer, optimizer, dataloader, lr_scheduler)
-    build_batch = BatchBuilder(args, tokenizer, vae, scheduler, transformer.num_latents, weight_dtype,
-                               teacher=vision_teacher(args, vlm))
+    build_batch = BatchBuilder(
+        args, tokenizer, vae, scheduler, transformer.num_latents, weight_dtype, teacher=vision_teacher(args, vlm)
+    )
 
     # -- resume ---------------------------------------------------------------------------------------------------
-    run_signature = dict(stage=args.stage, seed=args.seed, train_batch_size=args.train_batch_size,
-                         gradient_accumulation_steps=args.gradient_accumulation_steps,
-                         num_processes=accelerator.num_processes, lora_rank=args.lora_rank, lora_vlm=args.lora_vlm,
-                         use_ema=args.use_ema)
+    run_signature = dict(
+        stage=args.stage,
+        seed=args.seed,
+        train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        num_processes=accelerator.num_processes,
+        lora_rank=args.lora_rank,
+        lora_vlm=args.lora_vlm,
+        use_ema=args.use_ema,
+    )
     global_step = 0
     if args.resume_from_checkpoint:
         path = resolve_checkpoint(args)
@@ -844,8 +1026,10 @@ def main(args: argparse.Namespace) -> dict:
             state = json.loads((path / "training_state.json").read_text())
             mismatch = {k: (state.get(k), v) for k, v in run_signature.items() if state.get(k) != v}
             if mismatch:
-                raise ArgumentError(f"--resume_from_checkpoint {str(path)!r} was written by a different setup "
-                                    f"(checkpoint vs now): {mismatch}")
+                raise ArgumentError(
+                    f"--resume_from_checkpoint {str(path)!r} was written by a different setup "
+                    f"(checkpoint vs now): {mismatch}"
+                )
             accelerator.load_state(str(path))
             if ema is not None:
                 load_ema(ema, path, state)
@@ -855,8 +1039,12 @@ def main(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         trim_log(log_path, global_step)
     if args.report_to != "none":
-        accelerator.init_trackers(args.tracker_project_name, config={  # never the token
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"})
+        accelerator.init_trackers(
+            args.tracker_project_name,
+            config={  # never the token
+                k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+            },
+        )
 
     def validate(step: int, tag: str) -> List[Path]:
         # the EMA weights stand in for the trained ones while sampling
@@ -871,10 +1059,17 @@ def main(args: argparse.Namespace) -> dict:
 
     # -- loop -----------------------------------------------------------------------------------------------------
     history: List[dict] = []
-    batches = accelerator.skip_first_batches(dataloader, global_step * args.gradient_accumulation_steps) \
-        if global_step else dataloader
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc=f"stage {args.stage}",
-                    disable=not accelerator.is_local_main_process)
+    batches = (
+        accelerator.skip_first_batches(dataloader, global_step * args.gradient_accumulation_steps)
+        if global_step
+        else dataloader
+    )
+    progress = tqdm(
+        total=args.max_train_steps,
+        initial=global_step,
+        desc=f"stage {args.stage}",
+        disable=not accelerator.is_local_main_process,
+    )
     # loss, micro-batches, bits/dim sum, scored images, text CE sum, batches with text, distillation KL sum
     sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
     text_weight = args.text_loss_weight if args.stage == 3 else 1.0
@@ -890,10 +1085,19 @@ def main(args: argparse.Namespace) -> dict:
             optimizer.zero_grad(set_to_none=True)
         scored = inputs["image_loss_mask"]
         has_text = inputs["text_loss_mask"] is not None and bool(inputs["text_loss_mask"][:, 1:].any())
-        sums += torch.tensor([out["loss"].item(), 1, out["bits_per_dim"][scored].sum().item(), scored.sum().item(),
-                              out["text_loss"].item() if has_text else 0.0, float(has_text),
-                              out["distill_kl"].item() if "distill_kl" in out else 0.0],
-                             dtype=torch.float64, device=accelerator.device)
+        sums += torch.tensor(
+            [
+                out["loss"].item(),
+                1,
+                out["bits_per_dim"][scored].sum().item(),
+                scored.sum().item(),
+                out["text_loss"].item() if has_text else 0.0,
+                float(has_text),
+                out["distill_kl"].item() if "distill_kl" in out else 0.0,
+            ],
+            dtype=torch.float64,
+            device=accelerator.device,
+        )
         if not accelerator.sync_gradients:
             continue
         global_step += 1
@@ -915,14 +1119,19 @@ def main(args: argparse.Namespace) -> dict:
             with open(log_path, "a") as f:
                 f.write(json.dumps(logs) + "\n")
             if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                progress.write(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in logs.items()))
+                progress.write(
+                    " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+                )
         if args.report_to != "none":
             accelerator.log({k: v for k, v in logs.items() if k != "step"}, step=global_step)
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, args, trainer, ema, output_dir, global_step, run_signature)
-        if (args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps
-                and accelerator.is_main_process):
+        if (
+            args.validation_steps
+            and global_step % args.validation_steps == 0
+            and global_step < args.max_train_steps
+            and accelerator.is_main_process
+        ):
             validate(global_step, f"step-{global_step}")
         if global_step >= args.max_train_steps:
             break
@@ -935,12 +1144,18 @@ def main(args: argparse.Namespace) -> dict:
     state_dict = accelerator.get_state_dict(trainer)  # gathered on every backend (DDP, FSDP, DeepSpeed)
     if accelerator.is_main_process:
         save_final(args, accelerator.unwrap_model(trainer), state_dict, scheduler, output_dir)
-        images = log_validation(args, pipe, accelerator, global_step, output_dir, "final") \
-            if args.validation_prompts else []
+        images = (
+            log_validation(args, pipe, accelerator, global_step, output_dir, "final") if args.validation_prompts else []
+        )
         if args.push_to_hub:
             write_model_card(args, repo_id, output_dir, images)
-            upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="End of training",
-                          token=args.hub_token, ignore_patterns=["checkpoint-*", "logs/*", ".*"])
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=str(output_dir),
+                commit_message="End of training",
+                token=args.hub_token,
+                ignore_patterns=["checkpoint-*", "logs/*", ".*"],
+            )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "history": history, "output_dir": str(output_dir)}
@@ -967,7 +1182,7 @@ def save_checkpoint(accelerator, args, trainer, ema, output_dir: Path, step: int
         write_json_atomic(tmp / "training_state.json", {"global_step": step, **run_signature, **extra})
         replace_path(tmp, final)
         if args.checkpoints_total_limit:
-            for old in list_checkpoints(output_dir)[:-args.checkpoints_total_limit]:
+            for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
                 shutil.rmtree(old)
         logger.info(f"saved {final}")
     accelerator.wait_for_everyone()
@@ -990,8 +1205,9 @@ def load_ema(ema, folder: Path, training_state: dict) -> None:
         raise ArgumentError(f"--resume_from_checkpoint {str(folder)!r} holds no EMA state ({EMA_WEIGHT_NAME})")
     shadow = load_file(str(folder / EMA_WEIGHT_NAME))
     device = ema.shadow_params[0].device
-    ema.load_state_dict({**training_state["ema"],
-                         "shadow_params": [shadow[str(i)].to(device) for i in range(len(shadow))]})
+    ema.load_state_dict(
+        {**training_state["ema"], "shadow_params": [shadow[str(i)].to(device) for i in range(len(shadow))]}
+    )
 
 
 def save_final(args, trainer: PretzelTrainer, state_dict: dict, scheduler, output_dir: Path) -> None:
@@ -1002,11 +1218,12 @@ def save_final(args, trainer: PretzelTrainer, state_dict: dict, scheduler, outpu
 
     write_json_atomic(output_dir / "training_args.json", vars(args))
     if args.lora_rank is None:
-        transformer_state = {k[len("transformer."):]: v for k, v in state_dict.items() if k.startswith("transformer.")}
+        transformer_state = {k[len("transformer.") :]: v for k, v in state_dict.items() if k.startswith("transformer.")}
         transformer = PretzelModel.from_config(trainer.transformer.config)
         transformer.load_state_dict({k: v.float() for k, v in transformer_state.items()})
-        pipe = StarFlow2Pipeline.from_pretrained(args.pretrained_model_name_or_path, transformer=transformer,
-                                                 scheduler=scheduler)
+        pipe = StarFlow2Pipeline.from_pretrained(
+            args.pretrained_model_name_or_path, transformer=transformer, scheduler=scheduler
+        )
         save_pipeline_into(pipe, output_dir)
         logger.info(f"saved the pipeline to {output_dir}")
         return
@@ -1018,8 +1235,9 @@ def save_final(args, trainer: PretzelTrainer, state_dict: dict, scheduler, outpu
 
         pipe = StarFlow2Pipeline.from_pretrained(args.pretrained_model_name_or_path, scheduler=scheduler)
         lora, metadata = StarFlow2LoraLoaderMixin.lora_state_dict(str(output_dir), return_lora_metadata=True)
-        StarFlow2LoraLoaderMixin.load_lora_into_transformer(lora, pipe.transformer, adapter_name="trained",
-                                                            metadata=metadata)
+        StarFlow2LoraLoaderMixin.load_lora_into_transformer(
+            lora, pipe.transformer, adapter_name="trained", metadata=metadata
+        )
         pipe.transformer.fuse_lora()
         pipe.transformer.unload_lora()
         if args.lora_vlm:
@@ -1042,23 +1260,48 @@ def write_model_card(args, repo_id: str, output_dir: Path, images: List[Path]) -
 
     lora = args.lora_rank is not None
     data = args.dataset_name or args.train_data_dir or args.mixture
-    task = {1: "text-to-image generation", 2: "image understanding (the visual adapter)",
-            3: "joint understanding, generation, editing and interleaved generation"}[args.stage]
-    lines = [f"# {'LoRA of ' if lora else ''}STARFlow2 — stage {args.stage} ({task})", "",
-             f"Trained from `{args.pretrained_model_name_or_path}` on `{data}` for {args.max_train_steps} steps "
-             f"with `training/train_starflow2.py` of diffusers-starflow2.", ""]
+    task = {
+        1: "text-to-image generation",
+        2: "image understanding (the visual adapter)",
+        3: "joint understanding, generation, editing and interleaved generation",
+    }[args.stage]
+    lines = [
+        f"# {'LoRA of ' if lora else ''}STARFlow2 — stage {args.stage} ({task})",
+        "",
+        f"Trained from `{args.pretrained_model_name_or_path}` on `{data}` for {args.max_train_steps} steps "
+        f"with `training/train_starflow2.py` of diffusers-starflow2.",
+        "",
+    ]
     if lora:
-        lines += ["```python", "from diffusers_starflow2 import StarFlow2Pipeline", "",
-                  f'pipe = StarFlow2Pipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
-                  f'pipe.load_lora_weights("{repo_id}")', "```", ""]
+        lines += [
+            "```python",
+            "from diffusers_starflow2 import StarFlow2Pipeline",
+            "",
+            f'pipe = StarFlow2Pipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+            f'pipe.load_lora_weights("{repo_id}")',
+            "```",
+            "",
+        ]
     if images:
         lines += ["## Samples", ""] + [f"![{p.name}](./{p.relative_to(output_dir).as_posix()})" for p in images]
-    widget = [{"text": args.validation_prompts[0], "output": {"url": p.relative_to(output_dir).as_posix()}}
-              for p in images[:1]] if images else None
-    card = load_or_create_model_card(repo_id_or_path=repo_id, from_training=True, license="apache-2.0",
-                                     base_model=args.pretrained_model_name_or_path,
-                                     prompt=args.validation_prompts[0] if args.validation_prompts else None,
-                                     model_description="\n".join(lines), widget=widget, inference=True)
+    widget = (
+        [
+            {"text": args.validation_prompts[0], "output": {"url": p.relative_to(output_dir).as_posix()}}
+            for p in images[:1]
+        ]
+        if images
+        else None
+    )
+    card = load_or_create_model_card(
+        repo_id_or_path=repo_id,
+        from_training=True,
+        license="apache-2.0",
+        base_model=args.pretrained_model_name_or_path,
+        prompt=args.validation_prompts[0] if args.validation_prompts else None,
+        model_description="\n".join(lines),
+        widget=widget,
+        inference=True,
+    )
     tags = ["starflow2", "normalizing-flow", "text-to-image", "diffusers-training", "diffusers"]
     card = populate_model_card(card, tags=tags + (["lora"] if lora else []))
     write_text_atomic(output_dir / "README.md", str(card))

@@ -45,8 +45,10 @@ def register_with_diffusers(package) -> None:
     from diffusers.pipelines import pipeline_loading_utils
 
     package.ModelMixin, package.SchedulerMixin = ModelMixin, SchedulerMixin
-    methods = {"ModelMixin": ["save_pretrained", "from_pretrained"],
-               "SchedulerMixin": ["save_pretrained", "from_pretrained"]}
+    methods = {
+        "ModelMixin": ["save_pretrained", "from_pretrained"],
+        "SchedulerMixin": ["save_pretrained", "from_pretrained"],
+    }
     pipeline_loading_utils.LOADABLE_CLASSES.setdefault(LIBRARY, methods)
     pipeline_loading_utils.ALL_IMPORTABLE_CLASSES.update(methods)
     for name in dir(package):
@@ -55,8 +57,14 @@ def register_with_diffusers(package) -> None:
             setattr(diffusers, name, obj)
 
 
-def model_card(repo_id: str, pipeline_class: str, trained_on: Optional[str] = None,
-               base_model: Optional[str] = None, description: Optional[str] = None, tags=()):
+def model_card(
+    repo_id: str,
+    pipeline_class: str,
+    trained_on: Optional[str] = None,
+    base_model: Optional[str] = None,
+    description: Optional[str] = None,
+    tags=(),
+):
     """A :class:`huggingface_hub.ModelCard` for a STARFlow2 / STARFlow pipeline repository.
 
     Args:
@@ -69,9 +77,13 @@ def model_card(repo_id: str, pipeline_class: str, trained_on: Optional[str] = No
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="diffusers", license="apache-2.0", base_model=base_model,
-                         pipeline_tag="text-to-image",
-                         tags=["diffusers", LIBRARY, "normalizing-flow", "starflow", "text-to-image", *tags])
+    data = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        base_model=base_model,
+        pipeline_tag="text-to-image",
+        tags=["diffusers", LIBRARY, "normalizing-flow", "starflow", "text-to-image", *tags],
+    )
     text = f"""---
 {data.to_yaml()}
 ---
@@ -105,10 +117,19 @@ no code, the classes come from the installed package.
 class StarFlowHubMixin:
     """``push_to_hub`` for our pipelines: the folder ``save_pretrained`` writes, plus a model card of our own."""
 
-    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
-                    token: Optional[str] = None, create_pr: bool = False, safe_serialization: bool = True,
-                    variant: Optional[str] = None, trained_on: Optional[str] = None,
-                    base_model: Optional[str] = None, description: Optional[str] = None) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        trained_on: Optional[str] = None,
+        base_model: Optional[str] = None,
+        description: Optional[str] = None,
+    ) -> str:
         r"""Upload the pipeline folder and a model card (``README.md``) to the Hub repository ``repo_id``.
 
         Args:
@@ -121,8 +142,8 @@ class StarFlowHubMixin:
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmpdir:
             self.save_pretrained(tmpdir, safe_serialization=safe_serialization, variant=variant)
-            card = model_card(repo_id, type(self).__name__, trained_on=trained_on, base_model=base_model,
-                              description=description)
+            card = model_card(
+                repo_id, type(self).__name__, trained_on=trained_on, base_model=base_model, description=description
+            )
             card.save(os.path.join(tmpdir, "README.md"))
-            return self._upload_folder(tmpdir, repo_id, token=token, commit_message=commit_message,
-                                       create_pr=create_pr)
+            return self._upload_folder(tmpdir, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)

@@ -45,12 +45,19 @@ def special_id(tokenizer, token: str) -> int:
 
 def user_message(*parts) -> Message:
     """A user turn from strings and images (anything that is not a string becomes an image slot)."""
-    return {"role": "user", "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
-                                        for p in parts]}
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts],
+    }
 
 
-def encode_conversation(tokenizer, messages: Sequence[Message], num_latents: int,
-                        add_generation_prompt: bool = False, open_image: bool = False) -> TokenLayout:
+def encode_conversation(
+    tokenizer,
+    messages: Sequence[Message],
+    num_latents: int,
+    add_generation_prompt: bool = False,
+    open_image: bool = False,
+) -> TokenLayout:
     """Render ``messages`` and expand each image into ``num_latents`` latent positions.
 
     ``add_generation_prompt`` appends the assistant header; ``open_image`` then also appends ``<|vision_start|>``
@@ -85,19 +92,25 @@ def encode_conversation(tokenizer, messages: Sequence[Message], num_latents: int
     return TokenLayout(out, latent, assistant)
 
 
-def pad_layouts(layouts: Sequence[TokenLayout], pad_token_id: int, side: str = "left",
-                device=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_layouts(
+    layouts: Sequence[TokenLayout], pad_token_id: int, side: str = "left", device=None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack layouts into ``input_ids``, ``latent_mask``, ``attention_mask``, ``assistant_mask``, all ``(B, T)``.
 
     Prompts are padded on the left so that every sample's next position is the same column.
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right'; got {side!r}")
-    T = max(len(l) for l in layouts)
+    T = max(len(layout) for layout in layouts)
     rows = []
-    for l in layouts:
-        n = T - len(l)
-        parts = [l.input_ids, l.latent_mask, [True] * len(l), l.assistant_mask or [False] * len(l)]
+    for layout in layouts:
+        n = T - len(layout)
+        parts = [
+            layout.input_ids,
+            layout.latent_mask,
+            [True] * len(layout),
+            layout.assistant_mask or [False] * len(layout),
+        ]
         fills = [pad_token_id, False, False, False]
         rows.append([([f] * n + p) if side == "left" else (p + [f] * n) for p, f in zip(parts, fills)])
     ids, lat, att, asst = (torch.tensor([r[k] for r in rows], device=device) for k in range(4))
@@ -109,10 +122,17 @@ def encode_next_turn(tokenizer, messages: Sequence[Message], num_latents: int, o
     assistant header (and ``<|vision_start|>`` with ``open_image``), as the chat template renders them after an
     assistant turn - so a conversation continued turn by turn is token for token the conversation rendered whole."""
     prefix = encode_conversation(tokenizer, [{"role": "assistant", "content": ""}], num_latents)
-    full = encode_conversation(tokenizer, [{"role": "assistant", "content": ""}, *messages], num_latents,
-                               add_generation_prompt=True, open_image=open_image)
+    full = encode_conversation(
+        tokenizer,
+        [{"role": "assistant", "content": ""}, *messages],
+        num_latents,
+        add_generation_prompt=True,
+        open_image=open_image,
+    )
     end = len(prefix) - 1 - prefix.input_ids[::-1].index(special_id(tokenizer, IM_END))  # the answer's <|im_end|>
-    if full.input_ids[:end + 1] != prefix.input_ids[:end + 1]:
-        raise ValueError("the tokenizer's chat template does not render a conversation as the concatenation of its "
-                         "turns; conversations cannot be continued with it")
+    if full.input_ids[: end + 1] != prefix.input_ids[: end + 1]:
+        raise ValueError(
+            "the tokenizer's chat template does not render a conversation as the concatenation of its "
+            "turns; conversations cannot be continued with it"
+        )
     return TokenLayout(full.input_ids[end:], full.latent_mask[end:], full.assistant_mask[end:])

@@ -22,12 +22,20 @@ def build_tiny_starflow2_components(seed: int = 0, perturb: float = 0.05) -> dic
     vlm = build_tiny_qwen2_5_vl(tokenizer, seed=seed)
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random state
         torch.manual_seed(seed)
-        transformer = PretzelModel(**pretzel_tiny_config(vlm.config.get_text_config().hidden_size,
-                                                         tokenizer.convert_tokens_to_ids(VISION_START)))
+        transformer = PretzelModel(
+            **pretzel_tiny_config(
+                vlm.config.get_text_config().hidden_size, tokenizer.convert_tokens_to_ids(VISION_START)
+            )
+        )
         vae = AutoencoderFAE(**fae_tiny_config())
         if perturb:
             with torch.no_grad():
                 for p in transformer.parameters():
                     p.add_(torch.randn_like(p) * perturb)
-    return dict(vlm=vlm.eval(), tokenizer=tokenizer, transformer=transformer.eval(), vae=vae.eval(),
-                scheduler=TarFlowScheduler())
+    return dict(
+        vlm=vlm.eval(),
+        tokenizer=tokenizer,
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        scheduler=TarFlowScheduler(),
+    )

@@ -15,7 +15,6 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-
 # Qwen's special tokens, in the order they get ids 0..6 in the tiny vocab. `<|video_pad|>` is never used by STARFlow2
 # but gives the config's `video_token_id` a real row in the embedding table.
 QWEN_SPECIAL_TOKENS = (

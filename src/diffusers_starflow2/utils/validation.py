@@ -38,9 +38,11 @@ MAX_DENOISING_STEPS = 1000
 # PIL modes whose conversion to RGB would clip values (16/32-bit integer, float): refused instead of misread.
 _HIGH_DEPTH_MODES = ("I", "F")
 
-NON_FINITE_HINT = ("likely causes: weights holding NaN/inf (a broken checkpoint or LoRA file), a guidance scale or "
-                   "noise level too large for this model, a noise level of 0 with denoising steps, or non-finite "
-                   "`latents` / callback outputs")
+NON_FINITE_HINT = (
+    "likely causes: weights holding NaN/inf (a broken checkpoint or LoRA file), a guidance scale or "
+    "noise level too large for this model, a noise level of 0 with denoising steps, or non-finite "
+    "`latents` / callback outputs"
+)
 
 
 class NonFiniteError(ValueError):
@@ -71,8 +73,14 @@ def _plain_number(value: Any) -> Any:
     return value
 
 
-def check_number(value: Any, name: str, minimum: Optional[float] = None, maximum: Optional[float] = None,
-                 exclusive_minimum: bool = False, allow_none: bool = False) -> Optional[float]:
+def check_number(
+    value: Any,
+    name: str,
+    minimum: Optional[float] = None,
+    maximum: Optional[float] = None,
+    exclusive_minimum: bool = False,
+    allow_none: bool = False,
+) -> Optional[float]:
     """A finite real number (int, float or numpy scalar; not bool) in range, returned as ``float``."""
     if value is None and allow_none:
         return None
@@ -87,8 +95,9 @@ def check_number(value: Any, name: str, minimum: Optional[float] = None, maximum
     return float(value)
 
 
-def check_integer(value: Any, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None,
-                  allow_none: bool = False) -> Optional[int]:
+def check_integer(
+    value: Any, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None, allow_none: bool = False
+) -> Optional[int]:
     """An integer (int or numpy integer; not bool, not a float such as ``2.0``) in range, returned as ``int``."""
     if value is None and allow_none:
         return None
@@ -104,7 +113,7 @@ def check_integer(value: Any, name: str, minimum: Optional[int] = None, maximum:
 
 def check_seed(seed: Any, name: str = "seed") -> int:
     """A seed ``torch.Generator.manual_seed`` takes without wrapping around: 0 <= seed < 2**64."""
-    return check_integer(seed, name, minimum=0, maximum=2 ** 64 - 1)
+    return check_integer(seed, name, minimum=0, maximum=2**64 - 1)
 
 
 def check_bool(value: Any, name: str) -> bool:
@@ -141,8 +150,9 @@ def check_denoising_steps(steps: Any, name: str = "num_denoising_steps") -> int:
     return check_integer(steps, name, minimum=0, maximum=MAX_DENOISING_STEPS)
 
 
-def check_images_per_prompt(num_images_per_prompt: Any, num_prompts: int = 1,
-                            name: str = "num_images_per_prompt") -> int:
+def check_images_per_prompt(
+    num_images_per_prompt: Any, num_prompts: int = 1, name: str = "num_images_per_prompt"
+) -> int:
     """At least 1, and at most MAX_IMAGES_PER_CALL images in all (``num_prompts`` times this)."""
     return check_integer(num_images_per_prompt, name, minimum=1, maximum=max(MAX_IMAGES_PER_CALL // num_prompts, 1))
 
@@ -150,8 +160,10 @@ def check_images_per_prompt(num_images_per_prompt: Any, num_prompts: int = 1,
 def check_batch_size(batch_size: int) -> None:
     """All images of one call (prompts x ``num_images_per_prompt``) within MAX_IMAGES_PER_CALL."""
     if batch_size > MAX_IMAGES_PER_CALL:
-        raise ValueError(f"`num_images_per_prompt` times the number of prompts/images is {batch_size}; one call "
-                         f"generates at most {MAX_IMAGES_PER_CALL} images")
+        raise ValueError(
+            f"`num_images_per_prompt` times the number of prompts/images is {batch_size}; one call "
+            f"generates at most {MAX_IMAGES_PER_CALL} images"
+        )
 
 
 def check_noise_level(noise_level: Any, name: str = "noise_level") -> float:
@@ -187,13 +199,20 @@ def check_text(text: Any, name: str, tokenizer=None, allow_empty: bool = False, 
     if tokenizer is not None:
         typed = [t for t in special_tokens(tokenizer) if t in text]
         if typed:
-            raise ValueError(f"`{name}`{where} contains the tokenizer's special token {typed[0]!r}, which would act as a "
-                             f"control token; special tokens are not accepted in prompts (remove or rephrase it)")
+            raise ValueError(
+                f"`{name}`{where} contains the tokenizer's special token {typed[0]!r}, which would act as a "
+                f"control token; special tokens are not accepted in prompts (remove or rephrase it)"
+            )
     return text
 
 
-def check_prompt(prompt: Any, name: str = "prompt", allow_empty: bool = False, tokenizer=None,
-                 max_items: Optional[int] = MAX_IMAGES_PER_CALL) -> List[str]:
+def check_prompt(
+    prompt: Any,
+    name: str = "prompt",
+    allow_empty: bool = False,
+    tokenizer=None,
+    max_items: Optional[int] = MAX_IMAGES_PER_CALL,
+) -> List[str]:
     """A string or a non-empty list/tuple of at most ``max_items`` strings, returned as a list (each item checked by
     :func:`check_text`).  ``allow_empty`` accepts ``""`` items (negative prompts: ``""`` is the unconditional one).
     """
@@ -202,8 +221,9 @@ def check_prompt(prompt: Any, name: str = "prompt", allow_empty: bool = False, t
     elif isinstance(prompt, (list, tuple)) and prompt:
         prompts = list(prompt)
     else:
-        raise ValueError(f"`{name}` must be a string or a non-empty list of strings; got {type(prompt).__name__} "
-                         f"{_describe(prompt)}")
+        raise ValueError(
+            f"`{name}` must be a string or a non-empty list of strings; got {type(prompt).__name__} {_describe(prompt)}"
+        )
     if max_items is not None and len(prompts) > max_items:
         raise ValueError(f"`{name}` is a list of {len(prompts)} prompts; one call takes at most {max_items}")
     for i, text in enumerate(prompts):
@@ -215,8 +235,9 @@ def count_tokens(tokenizer, text: str, add_special_tokens: bool = False) -> int:
     return len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def check_token_count(texts: Iterable[str], name: str, tokenizer, limit: int, limit_name: str,
-                      add_special_tokens: bool = False) -> None:
+def check_token_count(
+    texts: Iterable[str], name: str, tokenizer, limit: int, limit_name: str, add_special_tokens: bool = False
+) -> None:
     """Each text has at most ``limit`` tokens (``limit_name`` says where the limit comes from).
 
     Prompts longer than the limit are refused, never truncated: a cut prompt is a different prompt.
@@ -234,7 +255,7 @@ def model_context_length(vlm, tokenizer=None) -> int:
     length = getattr(config, "max_position_embeddings", None)
     if not length and tokenizer is not None:
         length = getattr(tokenizer, "model_max_length", None)
-    return int(length) if length and length < 10 ** 9 else 32768
+    return int(length) if length and length < 10**9 else 32768
 
 
 def prompt_token_limit(context_length: int, num_latents: int) -> int:
@@ -248,8 +269,9 @@ def check_stop(stop: Any, name: str = "stop") -> List[str]:
         return []
     items = [stop] if isinstance(stop, str) else stop
     if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
-        raise ValueError(f"`{name}` must be None, a non-empty string or a list of non-empty strings; got "
-                         f"{_describe(stop)}")
+        raise ValueError(
+            f"`{name}` must be None, a non-empty string or a list of non-empty strings; got {_describe(stop)}"
+        )
     return list(items)
 
 
@@ -263,8 +285,10 @@ def is_chat(prompt: Any) -> bool:
 
 def _check_content_item(item: Any, name: str, where: str) -> None:
     if not isinstance(item, dict) or item.get("type") not in ("text", "image"):
-        raise ValueError(f"`{name}`{where} must be {{'type': 'text', 'text': str}} or {{'type': 'image', 'image': "
-                         f"image}}; got {_describe(item)}")
+        raise ValueError(
+            f"`{name}`{where} must be {{'type': 'text', 'text': str}} or {{'type': 'image', 'image': "
+            f"image}}; got {_describe(item)}"
+        )
     if item["type"] == "text":
         check_text(item.get("text"), name, allow_empty=True, where=f"{where} text")
     elif item.get("image") is None:
@@ -278,24 +302,35 @@ def check_messages(messages: Any, name: str = "prompt") -> list:
     for i, message in enumerate(messages):
         where = f" message {i}"
         if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
-            raise ValueError(f"`{name}`{where} must be a dict with 'role' and 'content' (no other keys); got "
-                             f"{_describe(message)}")
+            raise ValueError(
+                f"`{name}`{where} must be a dict with 'role' and 'content' (no other keys); got {_describe(message)}"
+            )
         if message["role"] not in CHAT_ROLES:
-            raise ValueError(f"`{name}`{where} role must be one of {list(CHAT_ROLES)}; got "
-                             f"{_describe(message['role'])}")
+            raise ValueError(
+                f"`{name}`{where} role must be one of {list(CHAT_ROLES)}; got {_describe(message['role'])}"
+            )
         content = message.get("content")
         if isinstance(content, str):
             continue
         if not isinstance(content, (list, tuple)) or not content:
-            raise ValueError(f"`{name}`{where} content must be a string or a non-empty list of content items; got "
-                             f"{_describe(content)}")
+            raise ValueError(
+                f"`{name}`{where} content must be a string or a non-empty list of content items; got "
+                f"{_describe(content)}"
+            )
         for j, item in enumerate(content):
             _check_content_item(item, name, f"{where} content item {j}")
     return list(messages)
 
 
-def check_conversation(messages: Sequence[dict], images: Sequence, answer: Sequence, placeholder: str, tokenizer,
-                       image_positions: int, name: str = "prompt") -> int:
+def check_conversation(
+    messages: Sequence[dict],
+    images: Sequence,
+    answer: Sequence,
+    placeholder: str,
+    tokenizer,
+    image_positions: int,
+    name: str = "prompt",
+) -> int:
     """Check a parsed interleaved prompt and return the positions it takes in the context.
 
     ``messages`` are rendered chat messages (text items), ``images`` the images inside them, ``answer`` the forced
@@ -308,21 +343,32 @@ def check_conversation(messages: Sequence[dict], images: Sequence, answer: Seque
     answer_images = [p for p in answer if not isinstance(p, str) or p == placeholder]
     for image in list(images) + [p for p in answer_images if not isinstance(p, str)]:
         check_single_image(image, name)
-    return (sum(count_tokens(tokenizer, t) for t in texts) + CHAT_TEMPLATE_RESERVE * len(messages)
-            + (len(images) + len(answer_images)) * image_positions)
+    return (
+        sum(count_tokens(tokenizer, t) for t in texts)
+        + CHAT_TEMPLATE_RESERVE * len(messages)
+        + (len(images) + len(answer_images)) * image_positions
+    )
 
 
-def check_context_budget(prompt_positions: int, max_new_tokens: int, max_images: int, image_positions: int,
-                         context_length: int, held_positions: int = 0) -> None:
+def check_context_budget(
+    prompt_positions: int,
+    max_new_tokens: int,
+    max_images: int,
+    image_positions: int,
+    context_length: int,
+    held_positions: int = 0,
+) -> None:
     """The longest sequence a call may build (``held_positions`` of a conversation continued from a ``state``, the
     prompt, new tokens, new images) fits in the model's context."""
     needed = held_positions + prompt_positions + max_new_tokens + max_images * image_positions
     if needed > context_length:
         held = f"the conversation `state` holds {held_positions}, " if held_positions else ""
-        raise ValueError(f"`prompt` needs up to {needed} positions ({held}{prompt_positions} for the prompt, "
-                         f"max_new_tokens={max_new_tokens}, max_images={max_images} of {image_positions} positions "
-                         f"each), more than the model's context of {context_length}; shorten `prompt`, lower "
-                         f"`max_new_tokens` / `max_images`" + (" or start a new conversation" if held else ""))
+        raise ValueError(
+            f"`prompt` needs up to {needed} positions ({held}{prompt_positions} for the prompt, "
+            f"max_new_tokens={max_new_tokens}, max_images={max_images} of {image_positions} positions "
+            f"each), more than the model's context of {context_length}; shorten `prompt`, lower "
+            f"`max_new_tokens` / `max_images`" + (" or start a new conversation" if held else "")
+        )
 
 
 def check_conversation_state(state: Any, state_type: type, transformer: Any, num_branches: int) -> None:
@@ -330,15 +376,20 @@ def check_conversation_state(state: Any, state_type: type, transformer: Any, num
     model's keys and values), holding the guidance branches the call needs (a later turn may use fewer branches
     than the first, not more)."""
     if not isinstance(state, state_type):
-        raise ValueError(f"`state` must be a {state_type.__name__} (the `state` of a previous output); got "
-                         f"{type(state).__name__}")
+        raise ValueError(
+            f"`state` must be a {state_type.__name__} (the `state` of a previous output); got {type(state).__name__}"
+        )
     if state.model is None or state.model() is not transformer:
-        raise ValueError("`state` was made by another model (its caches hold another transformer's keys and "
-                         "values); continue a conversation with a pipeline sharing the transformer that started it")
+        raise ValueError(
+            "`state` was made by another model (its caches hold another transformer's keys and "
+            "values); continue a conversation with a pipeline sharing the transformer that started it"
+        )
     if num_branches > state.num_branches:
         name = "image_guidance_scale" if num_branches == 3 else "guidance_scale"
-        raise ValueError(f"`{name}` needs {num_branches} guidance branches but `state` holds {state.num_branches}; "
-                         f"use the guidance of every later turn already in the first turn")
+        raise ValueError(
+            f"`{name}` needs {num_branches} guidance branches but `state` holds {state.num_branches}; "
+            f"use the guidance of every later turn already in the first turn"
+        )
 
 
 # -- generators ------------------------------------------------------------------------------------------------------
@@ -350,11 +401,15 @@ def check_generator(generator: Any, batch_size: int, name: str = "generator") ->
         return
     if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
         hint = " (to seed, pass torch.Generator().manual_seed(seed))" if isinstance(generator, numbers.Number) else ""
-        raise ValueError(f"`{name}` must be None, a torch.Generator or a list of torch.Generators; got "
-                         f"{type(generator).__name__}{hint}")
+        raise ValueError(
+            f"`{name}` must be None, a torch.Generator or a list of torch.Generators; got "
+            f"{type(generator).__name__}{hint}"
+        )
     if len(generator) != batch_size:
-        raise ValueError(f"`{name}` is a list of {len(generator)} generators, but {batch_size} images are "
-                         f"generated (batch size * num_images_per_prompt); pass one generator per image")
+        raise ValueError(
+            f"`{name}` is a list of {len(generator)} generators, but {batch_size} images are "
+            f"generated (batch size * num_images_per_prompt); pass one generator per image"
+        )
 
 
 # -- tensors ---------------------------------------------------------------------------------------------------------
@@ -388,29 +443,34 @@ def check_finite_state_dict(state: dict, name: str = "checkpoint") -> None:
     """Every floating-point tensor of ``state`` is finite; the message lists the first offending keys."""
     bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"`{name}` holds NaN or inf in {len(bad)} tensors ({', '.join(bad[:5])}"
-                         f"{', ...' if len(bad) > 5 else ''})")
+        raise ValueError(
+            f"`{name}` holds NaN or inf in {len(bad)} tensors ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})"
+        )
 
 
 # -- images ----------------------------------------------------------------------------------------------------------
 
-IMAGE_FORMS = ("a PIL image, a numpy array (H, W, 3) / (B, H, W, 3) of uint8 or of floats in [0, 1], a torch "
-               "tensor (3, H, W) / (B, 3, H, W) of uint8 or of floats in [0, 1] or [-1, 1], or a non-empty list "
-               "of one of these")
+IMAGE_FORMS = (
+    "a PIL image, a numpy array (H, W, 3) / (B, H, W, 3) of uint8 or of floats in [0, 1], a torch "
+    "tensor (3, H, W) / (B, 3, H, W) of uint8 or of floats in [0, 1] or [-1, 1], or a non-empty list "
+    "of one of these"
+)
 
 
-def check_image_pixels(height: int, width: int, name: str, max_pixels: int = MAX_IMAGE_PIXELS,
-                       where: str = "") -> None:
+def check_image_pixels(height: int, width: int, name: str, max_pixels: int = MAX_IMAGE_PIXELS, where: str = "") -> None:
     if height < 1 or width < 1 or height * width > max_pixels:
-        raise ValueError(f"`{name}`{where} is {width}x{height} pixels; images must have between 1 and {max_pixels:,} "
-                         f"pixels")
+        raise ValueError(
+            f"`{name}`{where} is {width}x{height} pixels; images must have between 1 and {max_pixels:,} pixels"
+        )
 
 
 def _pil_to_rgb(image: PIL.Image.Image, name: str, where: str = "") -> PIL.Image.Image:
     check_image_pixels(image.height, image.width, name, where=where)
     if image.mode.split(";")[0] in _HIGH_DEPTH_MODES:
-        raise ValueError(f"`{name}`{where} is a PIL image in mode {image.mode!r}, whose values converting to RGB would "
-                         f"clip; convert it to 8-bit RGB first")
+        raise ValueError(
+            f"`{name}`{where} is a PIL image in mode {image.mode!r}, whose values converting to RGB would "
+            f"clip; convert it to 8-bit RGB first"
+        )
     try:
         rgb = image.convert("RGB")
     except (ValueError, OSError) as err:  # modes PIL cannot convert, or a file whose pixel data is broken
@@ -431,8 +491,10 @@ def _array_to_tensor(image: Union[np.ndarray, torch.Tensor], name: str, where: s
     if image.ndim not in (3, 4) or image.shape[channel_dim] != 3:
         other = " (numpy images are channels-last)" if is_numpy else " (torch images are channels-first)"
         raise ValueError(f"`{name}`{where} must be an RGB image of shape {layout}{other}; got {tuple(image.shape)}")
-    if not (image.dtype in (np.uint8, torch.uint8) or (np.issubdtype(image.dtype, np.floating) if is_numpy
-                                                        else image.is_floating_point())):
+    if not (
+        image.dtype in (np.uint8, torch.uint8)
+        or (np.issubdtype(image.dtype, np.floating) if is_numpy else image.is_floating_point())
+    ):
         raise ValueError(f"`{name}`{where} must hold uint8 or floating-point values; got {image.dtype}")
     tensor = torch.from_numpy(np.ascontiguousarray(image)) if is_numpy else image.detach().cpu()
     if is_numpy:
@@ -465,8 +527,9 @@ def image_items(image: Any, name: str = "image") -> List[Union[PIL.Image.Image, 
         raise ValueError(f"`{name}` is a list of {len(items)} images; one call takes at most {MAX_IMAGES_PER_CALL}")
     kinds = {PIL.Image.Image if isinstance(i, PIL.Image.Image) else type(i) for i in items}
     if not items or len(kinds) != 1 or not kinds <= {PIL.Image.Image, np.ndarray, torch.Tensor}:
-        got = type(image).__name__ + (f" of {sorted(k.__name__ for k in kinds)}" if isinstance(image, (list, tuple))
-                                      else "")
+        got = type(image).__name__ + (
+            f" of {sorted(k.__name__ for k in kinds)}" if isinstance(image, (list, tuple)) else ""
+        )
         raise ValueError(f"`{name}` must be {IMAGE_FORMS}; got {got}")
     out = []
     for i, item in enumerate(items):

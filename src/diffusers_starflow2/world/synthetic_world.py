@@ -63,12 +63,29 @@ MAX_TINT = 10  # per-channel colour jitter
 
 # ----------------------------------------------------------------------------------------------
 # phrasing (small vocabulary). "train" lists are the training phrasings, "heldout" never in train.
-LOC = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom", "center": "in the center"}
-SIDE = {"left": "on the left side", "right": "on the right side", "top": "at the top", "bottom": "at the bottom", "center": "in the middle"}
+LOC = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
+SIDE = {
+    "left": "on the left side",
+    "right": "on the right side",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the middle",
+}
 NOUN = {"circle": "round shape", "square": "square shape", "triangle": "triangle shape"}
 CAPTION_TEMPLATES = {
     # the first train template is canonical and drawn with probability 1/2
-    "train": ("a {color} {shape} {loc}", "a {shape} that is {color}, {side}", "{position}: a {color} {shape}", "a {color} {noun} {loc}"),
+    "train": (
+        "a {color} {shape} {loc}",
+        "a {shape} that is {color}, {side}",
+        "{position}: a {color} {shape}",
+        "a {color} {noun} {loc}",
+    ),
     "heldout": ("there is a {color} {shape} {loc}", "{loc}, a {color} {shape}"),
 }
 QUESTIONS = {
@@ -146,7 +163,11 @@ class Scene:
     tint: tuple[int, int, int] = (0, 0, 0)  # per-channel colour jitter in [-MAX_TINT, MAX_TINT]
 
     def __post_init__(self):
-        for name, value, allowed in (("color", self.color, COLORS), ("shape", self.shape, SHAPES), ("position", self.position, POSITIONS)):
+        for name, value, allowed in (
+            ("color", self.color, COLORS),
+            ("shape", self.shape, SHAPES),
+            ("position", self.position, POSITIONS),
+        ):
             if value not in allowed:
                 raise ValueError(f"Scene.{name} must be one of {allowed}, got {value!r}")
 
@@ -210,8 +231,12 @@ def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
 # ----------------------------------------------------------------------------------------------
 def _fields(scene: Scene) -> dict[str, str]:
     return {
-        "color": scene.color, "shape": scene.shape, "position": scene.position,
-        "loc": LOC[scene.position], "side": SIDE[scene.position], "noun": NOUN[scene.shape],
+        "color": scene.color,
+        "shape": scene.shape,
+        "position": scene.position,
+        "loc": LOC[scene.position],
+        "side": SIDE[scene.position],
+        "noun": NOUN[scene.shape],
     }
 
 
@@ -276,7 +301,12 @@ def make_document(rng: Rng, split: str = "train") -> list[Union[str, Scene]]:
     target, _, info = make_edit(scene, rng, split, attribute=form)
     first, second = table[form]
     new = info["to"]
-    return [first.format(caption=cap), scene, second.format(shape=scene.shape, new=new, newloc=LOC.get(new, "")), target]
+    return [
+        first.format(caption=cap),
+        scene,
+        second.format(shape=scene.shape, new=new, newloc=LOC.get(new, "")),
+        target,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,31 +384,46 @@ def write_world(
                     src, tgt = f"images/{i:05d}_source.png", f"images/{i:05d}_target.png"
                     _save_png(render(scene, image_size), folder / src)
                     _save_png(render(target, image_size), folder / tgt)
-                    rows.append({"source_file_name": src, "instruction": instruction, "target_file_name": tgt, "edit": info})
+                    rows.append(
+                        {"source_file_name": src, "instruction": instruction, "target_file_name": tgt, "edit": info}
+                    )
                     n_files += 2
                 else:
                     name = f"images/{i:05d}.png"
                     _save_png(render(scene, image_size), folder / name)
                     n_files += 1
                     if kind == "caption":
-                        rows.append({"file_name": name, "text": caption(scene, rng, split), "attributes": scene.attributes})
+                        rows.append(
+                            {"file_name": name, "text": caption(scene, rng, split), "attributes": scene.attributes}
+                        )
                     else:
-                        rows += [{"file_name": name, "prompt": q, "response": a, "attribute": attr} for attr, q, a in questions(scene, rng, split)]
+                        rows += [
+                            {"file_name": name, "prompt": q, "response": a, "attribute": attr}
+                            for attr, q, a in questions(scene, rng, split)
+                        ]
             bar.update(1)
         write_text_atomic(folder / "metadata.jsonl", _jsonl(rows))
         counts[kind] = {"rows": len(rows), "images": n_files}
     bar.close()
     info = {
-        "version": 1, "seed": seed, "split": split, "image_size": image_size, "num_images": num_images,
-        "kinds": counts, "palette": {k: list(v) for k, v in PALETTE.items()},
-        "shapes": list(SHAPES), "positions": list(POSITIONS),
+        "version": 1,
+        "seed": seed,
+        "split": split,
+        "image_size": image_size,
+        "num_images": num_images,
+        "kinds": counts,
+        "palette": {k: list(v) for k, v in PALETTE.items()},
+        "shapes": list(SHAPES),
+        "positions": list(POSITIONS),
     }
     write_text_atomic(root / "world.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write the synthetic shapes world (caption / understanding / edit / interleaved folders).")
+    parser = argparse.ArgumentParser(
+        description="Write the synthetic shapes world (caption / understanding / edit / interleaved folders)."
+    )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--num_images", type=int, required=True, help="items per kind")
     parser.add_argument("--seed", type=int, required=True)

@@ -43,11 +43,29 @@ SEED = 0
 
 
 def fae_world_config() -> dict:
-    dinov2 = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, image_size=IMAGE_SIZE,
-                  patch_size=8, num_channels=3)
-    return dict(dinov2_config=dinov2, image_size=IMAGE_SIZE, sample_size=IMAGE_SIZE, latent_channels=8,
-                encoder_num_heads=4, decoder_dim=96, decoder_layers=2, decoder_num_heads=4, pixel_decoder_dim=96,
-                pixel_decoder_layers=3, pixel_decoder_num_heads=4, out_patch_size=8)
+    dinov2 = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=4,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        num_channels=3,
+    )
+    return dict(
+        dinov2_config=dinov2,
+        image_size=IMAGE_SIZE,
+        sample_size=IMAGE_SIZE,
+        latent_channels=8,
+        encoder_num_heads=4,
+        decoder_dim=96,
+        decoder_layers=2,
+        decoder_num_heads=4,
+        pixel_decoder_dim=96,
+        pixel_decoder_layers=3,
+        pixel_decoder_num_heads=4,
+        out_patch_size=8,
+    )
 
 
 def lm_world_config() -> dict:
@@ -55,9 +73,19 @@ def lm_world_config() -> dict:
 
 
 def pretzel_world_config(vlm_hidden_size: int, vision_start_token_id: int) -> dict:
-    return dict(latent_channels=8, sample_size=IMAGE_SIZE // 8, vlm_hidden_size=vlm_hidden_size,
-                num_shallow_blocks=2, shallow_layers=2, shallow_channels=64, deep_layers=4, deep_channels=128,
-                head_dim=32, noise_embed_dim=64, vision_start_token_id=vision_start_token_id)
+    return dict(
+        latent_channels=8,
+        sample_size=IMAGE_SIZE // 8,
+        vlm_hidden_size=vlm_hidden_size,
+        num_shallow_blocks=2,
+        shallow_layers=2,
+        shallow_channels=64,
+        deep_layers=4,
+        deep_channels=128,
+        head_dim=32,
+        noise_embed_dim=64,
+        vision_start_token_id=vision_start_token_id,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -105,7 +133,7 @@ def step_fae(work: Path, steps: int, batch_size: int = 64) -> None:
             bar.set_postfix(pixel=f"{out.pixel_loss.item():.4f}", feat=f"{out.feature_loss.item():.4f}")
     fae.eval()
     with torch.no_grad():  # unit-variance latents for the flow
-        z = torch.cat([fae.encode(images[i:i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
+        z = torch.cat([fae.encode(images[i : i + 256]).latent_dist.mode() for i in range(0, len(images), 256)])
         fae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
     fae.save_pretrained(work / "fae")
 
@@ -130,15 +158,16 @@ def world_texts(work: Path) -> list:
         convs.append([{"role": "user", "content": row["text"]}, {"role": "assistant", "content": vs}])
         scene = Scene(**row["attributes"])
         for _, question, answer in questions(scene, rng):
-            convs.append([{"role": "user", "content": f"{row['text']}. {question}"},
-                          {"role": "assistant", "content": answer}])
+            convs.append(
+                [{"role": "user", "content": f"{row['text']}. {question}"}, {"role": "assistant", "content": answer}]
+            )
     for row in EditDataset(work / "world" / "edit").rows:
-        convs.append([{"role": "user", "content": f"{span}{row['instruction']}"},
-                      {"role": "assistant", "content": vs}])
+        convs.append([{"role": "user", "content": f"{span}{row['instruction']}"}, {"role": "assistant", "content": vs}])
     for row in InterleavedDataset(work / "world" / "interleaved").rows:
         parts = [s["text"] if "text" in s else span for s in row["segments"]]
-        convs.append([{"role": "user", "content": "tell me about shapes"},
-                      {"role": "assistant", "content": "".join(parts)}])
+        convs.append(
+            [{"role": "user", "content": "tell me about shapes"}, {"role": "assistant", "content": "".join(parts)}]
+        )
     return convs
 
 
@@ -157,8 +186,8 @@ def step_lm(work: Path, steps: int, batch_size: int = 32) -> None:
     data = torch.full((len(ids), T), pad)
     mask = torch.zeros(len(ids), T, dtype=torch.bool)
     for i, row in enumerate(ids):
-        data[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = True
+        data[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
     vlm.train()
     opt = torch.optim.AdamW(vlm.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
@@ -190,11 +219,18 @@ def step_init(work: Path) -> None:
     torch.manual_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(work / "lm")
     vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(work / "lm")
-    transformer = PretzelModel(**pretzel_world_config(vlm.config.get_text_config().hidden_size,
-                                                      tokenizer.convert_tokens_to_ids("<|vision_start|>")))
-    pipe = StarFlow2Pipeline(vlm=vlm, tokenizer=tokenizer, transformer=transformer,
-                             vae=AutoencoderFAE.from_pretrained(work / "fae"),
-                             scheduler=TarFlowScheduler(noise_level=0.3, min_noise_level=0.05, max_noise_level=0.3))
+    transformer = PretzelModel(
+        **pretzel_world_config(
+            vlm.config.get_text_config().hidden_size, tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        )
+    )
+    pipe = StarFlow2Pipeline(
+        vlm=vlm,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=AutoencoderFAE.from_pretrained(work / "fae"),
+        scheduler=TarFlowScheduler(noise_level=0.3, min_noise_level=0.05, max_noise_level=0.3),
+    )
     pipe.save_pretrained(work / "init")
 
 
@@ -202,9 +238,23 @@ STAGES = {
     # stage: (input folder, data arguments, steps, batch size, learning rate)
     1: ("init", lambda w: ["--train_data_dir", str(w / "world" / "caption")], 3000, 32, 1e-3),
     2: ("stage1", lambda w: ["--train_data_dir", str(w / "world" / "understanding")], 1500, 32, 1e-3),
-    3: ("stage2", lambda w: ["--mixture", ",".join([
-        f"understanding={w / 'world' / 'understanding'}:0.3", f"generation={w / 'world' / 'caption'}:0.35",
-        f"editing={w / 'world' / 'edit'}:0.25", f"interleaved={w / 'world' / 'interleaved'}:0.1"])], 2000, 32, 5e-4),
+    3: (
+        "stage2",
+        lambda w: [
+            "--mixture",
+            ",".join(
+                [
+                    f"understanding={w / 'world' / 'understanding'}:0.3",
+                    f"generation={w / 'world' / 'caption'}:0.35",
+                    f"editing={w / 'world' / 'edit'}:0.25",
+                    f"interleaved={w / 'world' / 'interleaved'}:0.1",
+                ]
+            ),
+        ],
+        2000,
+        32,
+        5e-4,
+    ),
 }
 
 
@@ -212,11 +262,31 @@ def step_stage(work: Path, stage: int, steps: int | None = None) -> None:
     from diffusers_starflow2.training.train_starflow2 import cli
 
     source, data, default_steps, batch, lr = STAGES[stage]
-    argv = ["--stage", str(stage), "--pretrained_model_name_or_path", str(work / source),
-            "--output_dir", str(work / f"stage{stage}"), *data(work), "--max_train_steps", str(steps or default_steps),
-            "--train_batch_size", str(batch), "--learning_rate", str(lr), "--lr_scheduler", "cosine",
-            "--lr_warmup_steps", "100", "--seed", str(SEED), "--logging_steps", "50",
-            "--checkpointing_steps", "1000"]
+    argv = [
+        "--stage",
+        str(stage),
+        "--pretrained_model_name_or_path",
+        str(work / source),
+        "--output_dir",
+        str(work / f"stage{stage}"),
+        *data(work),
+        "--max_train_steps",
+        str(steps or default_steps),
+        "--train_batch_size",
+        str(batch),
+        "--learning_rate",
+        str(lr),
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "100",
+        "--seed",
+        str(SEED),
+        "--logging_steps",
+        "50",
+        "--checkpointing_steps",
+        "1000",
+    ]
     if cli(argv) != 0:
         raise RuntimeError(f"stage {stage} failed")
 
@@ -235,13 +305,21 @@ def step_export(work: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--steps", nargs="+", default=["world", "fae", "lm", "init", "stage1", "stage2", "stage3"],
-                        help="steps to run, in order (add 'export' to replace the embedded default model)")
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        default=["world", "fae", "lm", "init", "stage1", "stage2", "stage3"],
+        help="steps to run, in order (add 'export' to replace the embedded default model)",
+    )
     parser.add_argument("--num_images", type=int, default=3000)
     parser.add_argument("--fae_steps", type=int, default=1200)
     parser.add_argument("--lm_steps", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 avoids oversubscription when other jobs share the cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 avoids oversubscription when other jobs share the cores)",
+    )
     args = parser.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
