@@ -56,3 +56,27 @@ def write_training_workdir(root: Path, perturb: float = 0.0, num_images: int = 4
     world_kinds = {} if kinds is None else {"kinds": kinds}  # default: all four
     write_world(root / "world", num_images=num_images, seed=0, image_size=32, progress=False, **world_kinds)
     return root
+
+
+def stage1_argv(work: Path, out, steps: int, *extra: str) -> list:
+    """Arguments of a stage-1 run of the training script on ``write_training_workdir``'s pipeline and caption
+    folder; ``extra`` options come last (a later value of an option wins)."""
+    return [
+        "--stage", "1",
+        "--pretrained_model_name_or_path", str(work / "pipe"),
+        "--output_dir", str(out),
+        "--train_data_dir", str(work / "world" / "caption"),
+        "--max_train_steps", str(steps),
+        *extra,
+    ]  # fmt: skip
+
+
+def sample_latents(pipe):
+    """One seeded text-to-image sample as latents (guidance 1, no denoising): a cheap fingerprint of the weights."""
+    return pipe(
+        "a red circle",
+        guidance_scale=1.0,
+        num_denoising_steps=0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    ).images

@@ -3,7 +3,7 @@ fusing and unloading behave like diffusers' other LoRA pipelines."""
 
 import pytest
 import torch
-from conftest import write_training_workdir  # noqa: E402
+from conftest import sample_latents, stage1_argv, write_training_workdir  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
@@ -17,16 +17,6 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 def work(tmp_path_factory):
     """A "pretrained" base (perturbed init: LoRA fine-tuning starts from non-zero output projections) and data."""
     return write_training_workdir(tmp_path_factory.mktemp("lora"), perturb=0.05, kinds=["caption"])
-
-
-def sample(pipe):
-    return pipe(
-        "a red circle",
-        guidance_scale=1.0,
-        num_denoising_steps=0,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-    ).images
 
 
 def add_random_lora(components, vlm=True):
@@ -49,7 +39,7 @@ def add_random_lora(components, vlm=True):
 def test_save_load_switch_fuse_unload(tmp_path):
     source = build_tiny_starflow2_components(seed=0, perturb=0.05)
     add_random_lora(source)
-    expected = sample(StarFlow2Pipeline(**source))
+    expected = sample_latents(StarFlow2Pipeline(**source))
     StarFlow2Pipeline.save_lora_weights(
         tmp_path,
         transformer_lora_layers=get_peft_model_state_dict(source["transformer"]),
@@ -61,27 +51,27 @@ def test_save_load_switch_fuse_unload(tmp_path):
     assert {k.split(".")[0] for k in state_dict} == {"transformer", "vlm"}
 
     pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=0.05))
-    base = sample(pipe)
+    base = sample_latents(pipe)
     pipe.load_lora_weights(tmp_path, adapter_name="shapes")
     assert pipe.get_list_adapters() == {"transformer": ["shapes"], "vlm": ["shapes"]}
-    with_lora = sample(pipe)
+    with_lora = sample_latents(pipe)
     assert (with_lora - base).abs().max() > 1e-3
     torch.testing.assert_close(with_lora, expected, atol=1e-6, rtol=0)  # loading restores the adapter exactly
 
     pipe.set_adapters(["shapes"], adapter_weights=[0.0])
     # float-level only: plain linears decode through oneDNN-packed weights, adapter-wrapped ones through the module
-    torch.testing.assert_close(sample(pipe), base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample_latents(pipe), base, atol=1e-5, rtol=0)
     pipe.set_adapters(["shapes"], adapter_weights=[1.0])
-    torch.testing.assert_close(sample(pipe), with_lora, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sample_latents(pipe), with_lora, atol=1e-6, rtol=0)
 
     pipe.fuse_lora()
-    torch.testing.assert_close(sample(pipe), with_lora, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample_latents(pipe), with_lora, atol=1e-5, rtol=0)
     pipe.unfuse_lora()
-    torch.testing.assert_close(sample(pipe), with_lora, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample_latents(pipe), with_lora, atol=1e-5, rtol=0)
 
     pipe.unload_lora_weights()
     assert pipe.get_list_adapters() == {}
-    torch.testing.assert_close(sample(pipe), base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample_latents(pipe), base, atol=1e-5, rtol=0)
 
 
 def test_transformer_only_lora_and_bad_files(tmp_path):
@@ -101,17 +91,10 @@ def test_transformer_only_lora_and_bad_files(tmp_path):
 
 def test_lora_training_writes_a_loadable_file(work, tmp_path):
     out = tmp_path / "run"
-    argv = [
-        "--stage",
-        "1",
-        "--pretrained_model_name_or_path",
-        str(work / "pipe"),
-        "--output_dir",
-        str(out),
-        "--train_data_dir",
-        str(work / "world" / "caption"),
-        "--max_train_steps",
-        "3",
+    argv = stage1_argv(
+        work,
+        out,
+        3,
         "--train_batch_size",
         "2",
         "--learning_rate",
@@ -120,7 +103,7 @@ def test_lora_training_writes_a_loadable_file(work, tmp_path):
         "4",
         "--lora_vlm",
         "--save_fused",
-    ]
+    )
     train.main(train.parse_args(argv))
     lora_file = out / "pytorch_lora_weights.safetensors"
     assert lora_file.is_file()
@@ -129,31 +112,20 @@ def test_lora_training_writes_a_loadable_file(work, tmp_path):
     assert all(k.startswith("transformer.deep.layers.") for k in state_dict if k.startswith("transformer."))
 
     pipe = StarFlow2Pipeline.from_pretrained(work / "pipe")
-    base = sample(pipe)
+    base = sample_latents(pipe)
     pipe.load_lora_weights(out, adapter_name="trained")
-    with_lora = sample(pipe)
+    with_lora = sample_latents(pipe)
     assert (with_lora - base).abs().max() > 1e-4
     pipe.set_adapters(["trained"], adapter_weights=[0.0])
-    torch.testing.assert_close(sample(pipe), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sample_latents(pipe), base, atol=1e-6, rtol=0)
 
     fused = StarFlow2Pipeline.from_pretrained(out)  # --save_fused: a plain pipeline with the LoRA merged in
     assert not any("lora" in name for name, _ in fused.transformer.named_parameters())
-    torch.testing.assert_close(sample(fused), with_lora, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sample_latents(fused), with_lora, atol=1e-4, rtol=0)
 
 
 def test_lora_arguments(work, tmp_path):
-    common = [
-        "--stage",
-        "1",
-        "--pretrained_model_name_or_path",
-        str(work / "pipe"),
-        "--output_dir",
-        str(tmp_path),
-        "--train_data_dir",
-        str(work / "world" / "caption"),
-        "--max_train_steps",
-        "1",
-    ]
+    common = stage1_argv(work, tmp_path, 1)
     for extra, match in (
         (["--lora_rank", "-2"], "--lora_rank"),
         (["--save_fused"], "--save_fused"),

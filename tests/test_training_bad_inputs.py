@@ -4,7 +4,6 @@ arguments' table (every row names the argument and the value), checkpoints and l
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from conftest import write_training_workdir  # noqa: E402
+from conftest import stage1_argv, write_training_workdir  # noqa: E402
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
@@ -196,23 +193,16 @@ def test_parser_refuses_unknown_choices_with_exit_2(argv, capsys):
 
 
 def run(work, out, *extra, steps):
-    argv = [
-        "--stage",
-        "1",
-        "--pretrained_model_name_or_path",
-        str(work / "pipe"),
-        "--output_dir",
-        str(out),
-        "--train_data_dir",
-        str(work / "world" / "caption"),
-        "--max_train_steps",
-        str(steps),
+    argv = stage1_argv(
+        work,
+        out,
+        steps,
         "--train_batch_size",
         "2",
         "--checkpointing_steps",
         "2",
         *extra,
-    ]
+    )
     return train.main(train.parse_args(argv))
 
 

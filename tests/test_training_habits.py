@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 REPO = Path(__file__).resolve().parents[1]
 
-from conftest import write_training_workdir  # noqa: E402
+from conftest import sample_latents, write_training_workdir  # noqa: E402
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
@@ -60,16 +60,6 @@ def lora_run(work, out, *extra, steps=4):
     return train.main(train.parse_args(argv))
 
 
-def sample(pipe):
-    return pipe(
-        "a red circle",
-        guidance_scale=1.0,
-        num_denoising_steps=0,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-
-
 def test_stage1_lora_with_imagefolder_validation_ema_checkpoints_and_resume(work, tmp_path):
     full = lora_run(work, tmp_path / "full", "--validation_steps", "2")
     out = tmp_path / "full"
@@ -80,12 +70,12 @@ def test_stage1_lora_with_imagefolder_validation_ema_checkpoints_and_resume(work
     assert not list((out / "checkpoint-4").glob("custom_checkpoint_*"))
 
     pipe = StarFlow2Pipeline.from_pretrained(work / "pipe")
-    base = sample(pipe)
+    base = sample_latents(pipe)
     pipe.load_lora_weights(out / "checkpoint-4", adapter_name="ckpt")
-    assert (sample(pipe) - base).abs().max() > 1e-4
+    assert (sample_latents(pipe) - base).abs().max() > 1e-4
     pipe.unload_lora_weights()
     pipe.load_lora_weights(out, adapter_name="final")  # the EMA weights
-    final_lora = sample(pipe)
+    final_lora = sample_latents(pipe)
     assert (final_lora - base).abs().max() > 1e-4
     ckpt, final = load_file(out / "checkpoint-4" / train.LORA_WEIGHT_NAME), load_file(out / train.LORA_WEIGHT_NAME)
     assert ckpt.keys() == final.keys() and any(not torch.equal(ckpt[k], final[k]) for k in ckpt)  # live vs EMA

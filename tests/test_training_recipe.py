@@ -3,24 +3,20 @@ weighting, the optimiser of the paper's appendix C, and stage-2 distillation fro
 
 import logging
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import stage1_argv
+
+from diffusers_starflow2 import StarFlow2Pipeline
+from diffusers_starflow2.training import train_starflow2 as train
+from diffusers_starflow2.utils.sequence import IMAGE_PAD, user_message
+from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.utils.tiny_vlm import build_tiny_causal_lm
+from diffusers_starflow2.world.synthetic_world import write_world
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
-from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
-from diffusers_starflow2.utils.sequence import IMAGE_PAD, user_message  # noqa: E402
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
-from diffusers_starflow2.utils.tiny_vlm import build_tiny_causal_lm  # noqa: E402
-from diffusers_starflow2.world.synthetic_world import write_world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +108,10 @@ def test_paper_recipe_sets_appendix_c_optimiser_and_explicit_flags_win(work, tmp
     assert args_for(1, "--recipe", "paper", "--adam_beta2", "0.98").adam_beta2 == 0.98
 
     # cosine from --learning_rate down to --min_learning_rate over the run
-    argv = [
-        "--stage",
-        "1",
-        "--pretrained_model_name_or_path",
-        str(work / "pipe"),
-        "--output_dir",
-        str(tmp_path),
-        "--train_data_dir",
-        str(work / "world" / "caption"),
-        "--max_train_steps",
-        "4",
+    argv = stage1_argv(
+        work,
+        tmp_path,
+        4,
         "--train_batch_size",
         "2",
         "--recipe",
@@ -131,7 +120,7 @@ def test_paper_recipe_sets_appendix_c_optimiser_and_explicit_flags_win(work, tmp
         "no",
         "--learning_rate",
         "1e-3",
-    ]
+    )
     history = train.main(train.parse_args(argv))["history"]
     expected = [1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)]
     assert [h["lr"] for h in history] == pytest.approx(expected, rel=1e-6)
