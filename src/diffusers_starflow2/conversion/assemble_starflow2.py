@@ -59,7 +59,7 @@ import torch
 
 from diffusers_starflow2 import AutoencoderFAE, PretzelModel, StarFlow2Pipeline, TarFlowScheduler
 from diffusers_starflow2.cli import ArgumentParser, run_main
-from diffusers_starflow2.loaders.single_file_starflow import convert_starflow_state_dict, load_checkpoint
+from diffusers_starflow2.loaders.single_file_starflow import convert_starflow_state_dict, key_problems, load_checkpoint
 from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
 from diffusers_starflow2.utils.sequence import VISION_START, special_id
 
@@ -136,21 +136,6 @@ def split_original_state_dict(
     return transformer, fae, unmapped
 
 
-def key_problems(name: str, expected: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> List[str]:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: weights {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    )
-    return (
-        ([f"{name}: {len(missing)} missing keys: {missing}"] if missing else [])
-        + ([f"{name}: {len(unexpected)} unexpected keys: {unexpected}"] if unexpected else [])
-        + ([f"{name}: {len(shapes)} shape mismatches: {shapes}"] if shapes else [])
-    )
-
-
 def load_vlm(path: str, dtype: torch.dtype):
     from transformers import (
         AutoConfig,
@@ -221,8 +206,8 @@ def assemble(args: argparse.Namespace) -> StarFlow2Pipeline:
         )
 
     fae_expected = {k: v for k, v in vae.state_dict().items() if k.split(".")[0] in FAE_TRAINABLE}
-    problems = key_problems("transformer", transformer.state_dict(), transformer_state) + key_problems(
-        "fae", fae_expected, fae_state
+    problems = key_problems(transformer.state_dict(), transformer_state, "transformer") + key_problems(
+        fae_expected, fae_state, "fae"
     )
     if unmapped:
         problems.insert(

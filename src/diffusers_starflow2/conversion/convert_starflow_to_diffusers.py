@@ -25,6 +25,7 @@ from diffusers_starflow2 import StarFlowTransformerModel
 from diffusers_starflow2.cli import ArgumentParser, run_main
 from diffusers_starflow2.loaders.single_file_starflow import (
     convert_starflow_state_dict,
+    key_problems,
     load_checkpoint,
     load_reference_config,
 )
@@ -73,21 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
 
 def load_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """Load ``state`` into ``model``; missing, unexpected or mis-shaped keys raise ``ValueError`` listing them."""
-    expected = model.state_dict()
-    problems = []
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    )
-    if missing:
-        problems.append(f"{len(missing)} missing keys: {missing}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {unexpected}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {shapes}")
+    problems = key_problems(model.state_dict(), state)
     if problems:
         raise ValueError("the checkpoint does not match the config:\n  " + "\n  ".join(problems))
     model.load_state_dict(state, strict=True)

@@ -13,7 +13,7 @@ import numbers
 import os
 import re
 import shlex
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
@@ -107,6 +107,24 @@ _BLOCK_KEYS = re.compile(
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
+
+
+def key_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], name: str = "") -> List[str]:
+    """What keeps ``state`` from loading strictly into a model whose state dict is ``expected``: missing,
+    unexpected and mis-shaped keys, one line each (prefixed with ``name``); empty when it loads."""
+    prefix = f"{name}: " if name else ""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: weights {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    return (
+        ([f"{prefix}{len(missing)} missing keys: {missing}"] if missing else [])
+        + ([f"{prefix}{len(unexpected)} unexpected keys: {unexpected}"] if unexpected else [])
+        + ([f"{prefix}{len(shapes)} shape mismatches: {shapes}"] if shapes else [])
+    )
 
 
 def load_checkpoint(path: str) -> Dict[str, torch.Tensor]:
