@@ -49,3 +49,40 @@ def test_installed_version_is_the_tested_one(name):
         f"{name} {installed} is installed but the tested set is {name}{spec}: install with "
         f'`pip install -e ".[test]" -c constraints.txt`, or retest and update constraints.txt'
     )
+
+
+def _closure_problems(root: str = "diffusers-starflow2", extras=("test",)) -> list:
+    """What `pip check` reports, restricted to this package's own dependency tree: on a shared interpreter other
+    distributions may conflict among themselves without touching anything the project imports."""
+    problems, seen = [], set()
+    queue = [(root, set(extras))]
+    while queue:
+        name, wanted = queue.pop()
+        key = (name.lower().replace("_", "-"), frozenset(wanted))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            problems.append(f"{name} is required but not installed")
+            continue
+        for line in dist.requires or []:
+            req = Requirement(line)
+            environments = [{"extra": e} for e in wanted] or [{"extra": ""}]
+            if req.marker is not None and not any(req.marker.evaluate(env) for env in environments):
+                continue
+            try:
+                version = importlib.metadata.version(req.name)
+            except importlib.metadata.PackageNotFoundError:
+                problems.append(f"{dist.metadata['Name']} requires {req}, which is not installed")
+                continue
+            if not req.specifier.contains(version.split("+")[0], prereleases=True):
+                problems.append(f"{dist.metadata['Name']} requires {req}, but {req.name} {version} is installed")
+            queue.append((req.name, set(req.extras)))
+    return problems
+
+
+def test_the_dependency_tree_is_consistent():
+    problems = _closure_problems()
+    assert not problems, "\n".join(problems)
