@@ -399,19 +399,18 @@ def recording_logits(pipe, monkeypatch):
     return seen, rows
 
 
-@pytest.mark.parametrize("guidance", [dict(guidance_scale=2.0), dict(guidance_scale=2.0, image_guidance_scale=1.5)])
-def test_batched_conversations_equal_each_alone(pipe, monkeypatch, guidance):
-    kwargs = dict(
-        max_new_tokens=5, max_images=1, temperature=1.0, num_denoising_steps=1, output_type="latent", **guidance
-    )
+def assert_batch_equals_alone(pipe, monkeypatch, conversations, seeds, continue_kwargs=None, **kwargs):
+    """Each output of the batch equals its conversation run alone with its own generator: the same segments (text
+    identical, images within 1e-5), the same text logits at every sampled token, and a state that continues alike.
+    Returns the outputs run alone."""
     seen, rows = recording_logits(pipe, monkeypatch)
     alone = []
-    for i, conversation in enumerate(batch_of_conversations()):
+    for i, conversation in enumerate(conversations):
         start = len(seen)
-        alone.append((pipe(conversation, generator=gen(i), **kwargs), seen[start:]))
+        alone.append((pipe(conversation, generator=gen(seeds[i]), **kwargs), seen[start:]))
     del seen[:], rows[:]
-    batched = pipe(batch_of_conversations(), generator=[gen(i) for i in range(3)], **kwargs)
-    assert isinstance(batched, list) and len(batched) == 3
+    batched = pipe(conversations, generator=[gen(s) for s in seeds], **kwargs)
+    assert isinstance(batched, list) and len(batched) == len(conversations)
     for i, (out, logits) in enumerate(alone):
         b = batched[i]
         assert [type(x) for x in b.segments] == [type(x) for x in out.segments]
@@ -421,24 +420,88 @@ def test_batched_conversations_equal_each_alone(pipe, monkeypatch, guidance):
             else:
                 torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
         mine = [x for x, r in zip(seen, rows) if r == i]
-        assert len(mine) == len(logits) > 0
+        assert len(mine) == len(logits)
         for x, y in zip(mine, logits):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
-        # each batched output's state continues as the state of the conversation run alone
-        kw = dict(max_new_tokens=2, num_denoising_steps=0, output_type="latent", **guidance)
-        after_alone = pipe(SECOND, state=out.state, generator=gen(9), **kw)
-        after_batch = pipe(SECOND, state=b.state, generator=gen(9), **kw)
-        torch.testing.assert_close(after_batch.images[0], after_alone.images[0], atol=1e-5, rtol=0)
-        assert after_batch.text == after_alone.text
+        torch.testing.assert_close(b.state.image_tokens, out.state.image_tokens, atol=1e-5, rtol=0)
+        if continue_kwargs is not None:  # each batched output's state continues as the state of the one alone
+            after_alone = pipe(SECOND, state=out.state, generator=gen(9), **continue_kwargs)
+            after_batch = pipe(SECOND, state=b.state, generator=gen(9), **continue_kwargs)
+            torch.testing.assert_close(after_batch.images[0], after_alone.images[0], atol=1e-5, rtol=0)
+            assert after_batch.text == after_alone.text
+    monkeypatch.undo()
+    return [out for out, _ in alone]
+
+
+@pytest.mark.parametrize("guidance", [dict(guidance_scale=2.0), dict(guidance_scale=2.0, image_guidance_scale=1.5)])
+def test_batched_conversations_equal_each_alone(pipe, monkeypatch, guidance):
+    kwargs = dict(
+        max_new_tokens=5, max_images=1, temperature=1.0, num_denoising_steps=1, output_type="latent", **guidance
+    )
+    continue_kwargs = dict(max_new_tokens=2, num_denoising_steps=0, output_type="latent", **guidance)
+    alone = assert_batch_equals_alone(pipe, monkeypatch, batch_of_conversations(), range(3), continue_kwargs, **kwargs)
+    assert all(out.text for out in alone), "every conversation sampled text"
+
+
+def test_a_batch_mixes_image_counts_given_images_and_prompt_lengths(pipe, monkeypatch):
+    """0, 1 and 2 images asked, an image given inside an answer, prompts of different lengths: each conversation
+    waits on padding positions while the others push text or draw images."""
+    conversations = [
+        ["a long request for words only, with no picture at all in the answer, just text"],
+        ["two shapes", IMAGE_PLACEHOLDER, " and", IMAGE_PLACEHOLDER],
+        [
+            {"role": "user", "content": [{"type": "image", "image": red_square()}, {"type": "text", "text": "again"}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Yours:"},
+                    {"type": "image", "image": red_square()},
+                    {"type": "text", "text": f" and mine: {IMAGE_PLACEHOLDER}"},
+                ],
+            },
+        ],
+    ]
+    kwargs = dict(
+        max_new_tokens=3, max_images=2, temperature=1.0, guidance_scale=2.0, num_denoising_steps=1, output_type="latent"
+    )
+    continue_kwargs = dict(max_new_tokens=2, guidance_scale=2.0, num_denoising_steps=0, output_type="latent")
+    alone = assert_batch_equals_alone(pipe, monkeypatch, conversations, [0, 1, 2], continue_kwargs, **kwargs)
+    assert [len(out.images) for out in alone] == [0, 2, 1]
+
+
+def test_a_batch_draws_freely_sampled_images_and_stops_each_conversation_on_its_own(pipe, monkeypatch):
+    """``<|vision_start|>`` made likely: one conversation opens an image in its free text and draws it, next to
+    conversations that write text only, one cut by a stop string, one by ``max_new_tokens``."""
+    vs = pipe.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    text_logits = pipe.transformer.text_logits
+
+    def favour_images(*args):
+        logits = text_logits(*args).clone()
+        logits[..., vs] += 4.0
+        return logits
+
+    conversations = [["tell me"], ["tell me"], ["say it"], ["an answer", IMAGE_PLACEHOLDER, " then text"]]
+    seeds = [5, 0, 1, 3]
+    kwargs = dict(
+        max_new_tokens=6, max_images=1, temperature=1.0, stop="ray", num_denoising_steps=1, output_type="latent"
+    )
+    with monkeypatch.context() as patched:
+        patched.setattr(pipe.transformer, "text_logits", favour_images)
+        alone = assert_batch_equals_alone(pipe, patched, conversations, seeds, **kwargs)
+    kinds = [["text" if isinstance(s, str) else "image" for s in out.segments] for out in alone]
+    assert kinds == [["image", "text"], ["text"], ["text"], ["image", "text"]]
+    assert alone[1].text == " sky"  # cut before "ray"
+    prompt = encode_conversation(pipe.tokenizer, [user_message("say it")], pipe.transformer.num_latents, True)
+    assert alone[2].state.num_positions == len(prompt) + 6  # all of max_new_tokens
 
 
 def test_bad_batches(pipe, first_turn):
     cases = [
-        ([["a", IMAGE_PLACEHOLDER], ["b"]], {}, "the same number of images"),
-        ([["a", IMAGE_PLACEHOLDER], ["b", IMAGE_PLACEHOLDER, red_square()]], {}, "must be generated"),
+        ([["a"], ["b", IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER]], {"max_images": 1}, "`max_images`"),
         ([["a"], ["b"]], {"state": first_turn.state}, "`state` must be None"),
         ([["a"], ["b"]], {"generator": [gen(0)]}, "`generator`"),
         ([["a"], ["b", 3]], {}, "`prompt` item 1"),
+        ([["a"], ["b"]], {"callback_on_segment": print}, "`callback_on_segment` must be None"),
     ]
     for prompt, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

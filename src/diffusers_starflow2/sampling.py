@@ -351,18 +351,26 @@ def sample_image_tokens(
     guidance: Optional[GuidanceSpec] = None,
     callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
     stop: Optional[Callable[[], bool]] = None,
+    idle: Optional[torch.Tensor] = None,
     **jacobi,
 ) -> torch.Tensor:
     """Sample one image span ``x~ (B, n, C)`` left to right; every latent enters both caches as it is made.
 
     The cache must end with ``<|vision_start|>`` and hold ``guidance.branches`` stacked along its batch.
-    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).  ``jacobi``: its
-    ``jacobi_block_size``, ``jacobi_tolerance``, ``jacobi_max_iterations``; a Jacobi pass runs both streams over the
-    window, and the next pass first crops both caches back to where it starts.
+    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).  ``idle`` ``(B,)``: True
+    for samples that sit the span out (in every branch): they take padding positions, which no later position sees,
+    and their tokens mean nothing.  ``jacobi``: its ``jacobi_block_size``, ``jacobi_tolerance``,
+    ``jacobi_max_iterations``; a Jacobi pass runs both streams over the window, and the next pass first crops both
+    caches back to where it starts.
     """
     guidance = guidance or GuidanceSpec()
     branches = guidance.num_branches
     previous = None  # (index, inputs, cache snapshot before them) of the latest call
+    real = None if idle is None else ~idle.to(cache.cond.device).bool().repeat(branches)[:, None]  # (branches * B, 1)
+
+    def span_step(inputs: torch.Tensor):
+        mask = None if real is None else real.expand(-1, inputs.shape[1])
+        return transformer.step(vlm, cache, latents=inputs, attention_mask=mask)
 
     def step_fn(inputs: torch.Tensor, index: int) -> AffineParams:
         nonlocal previous
@@ -372,9 +380,9 @@ def sample_image_tokens(
             start, fed, snap = previous
             cache.restore(snap)
             if index > start:
-                transformer.step(vlm, cache, latents=fed[:, : index - start])
+                span_step(fed[:, : index - start])
         previous = (index, inputs, cache.snapshot())
-        return transformer.latent_params(transformer.step(vlm, cache, latents=inputs).flow_hidden_states)
+        return transformer.latent_params(span_step(inputs).flow_hidden_states)
 
     if cache.batch_size != branches * noise.shape[0]:
         raise ValueError(

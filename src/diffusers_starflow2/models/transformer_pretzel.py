@@ -84,7 +84,7 @@ class PretzelCache:
     attention_mask: torch.Tensor  # (B, T_seen) bool
     vlm_next: torch.Tensor = None  # (B,) next free VLM position of each sample
     flow_next: torch.Tensor = None  # (B,) next free TARFlow position of each sample
-    image_cell: int = 0  # cells of the currently open image span already seen (same for every sample)
+    image_cell: int = 0  # cells of the currently open image span already seen (same for every sample in it)
     last_flow_hidden: Optional[torch.Tensor] = None  # (B, 1, C) TARFlow output of the latest position
     last_hidden: Optional[torch.Tensor] = None  # (B, 1, D) VLM output of the latest position
     # Level-independent TARFlow-stream inputs and position ids of every cached position, kept (as chunks, one per
@@ -459,7 +459,9 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             input_ids: ``(B, T)`` token ids (any id at latent positions); None for a latents-only step.
             latents: ``(B, T, C)`` intermediate latents ``x~`` (values at non-latent positions are ignored).
             latent_mask: ``(B, T)`` True at latent positions; default: all latents iff ``input_ids`` is None.
-            attention_mask: ``(B, T)`` False at (left) padding.
+            attention_mask: ``(B, T)`` False at padding: left padding of a batch, or every position of a sample that
+                idles in this step (it keeps its ``last_hidden`` / ``last_flow_hidden``; no later position sees
+                padding).
         """
         if input_ids is None and latents is None:
             raise ValueError("step needs input_ids or latents")
@@ -499,7 +501,12 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         g = self._flow_stream(flow_in, flow_pos, cache.cond, cache.flow, full_mask)
 
         cache.attention_mask = full_mask
-        cache.last_flow_hidden, cache.last_hidden = g[:, -1:], h[:, -1:]
+        last_flow_hidden, last_hidden = g[:, -1:], h[:, -1:]
+        idle = ~attention_mask.any(1)  # samples that took only padding still end where they were
+        if cache.last_hidden is not None and bool(idle.any()):
+            last_flow_hidden = torch.where(idle[:, None, None], cache.last_flow_hidden, last_flow_hidden)
+            last_hidden = torch.where(idle[:, None, None], cache.last_hidden, last_hidden)
+        cache.last_flow_hidden, cache.last_hidden = last_flow_hidden, last_hidden
         return PretzelStepOutput(hidden_states=h, flow_hidden_states=g)
 
     def _flow_stream(

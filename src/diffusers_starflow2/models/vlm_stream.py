@@ -49,7 +49,8 @@ def position_ids(
       grid cell, and the token after the image continues at `p + max(grid_h, grid_w)` (= max id + 1).
 
     With `mrope=False` (plain causal LMs) every position, image cells included, takes the next 1-D position.
-    Padding takes the current position of its sample and advances nothing.
+    Padding takes the current position of its sample and advances nothing; a sample that takes only padding in a call
+    (idle while others sample an image span) is outside the span.
 
     Args:
         latent_mask (`torch.Tensor` of shape `(B, T)`): True at image-latent positions.
@@ -75,8 +76,10 @@ def position_ids(
         bad = int(cell[text & (cell != 0)][0])
         raise ValueError(f"a text token arrived inside an image span after {bad} of {cells} latents")
     after = (open_cells + latent.sum(1)) % cells  # (B,)
+    # a sample that takes only padding (idle while others sample an image) leaves the open span to the others
+    after = after[real.any(1)] if bool(real.any()) else after
     if bool((after != after[:1]).any()):
-        raise ValueError("every sample of a batch must have the same number of latents in an open span")
+        raise ValueError("every sample taking positions must have the same number of latents in an open span")
 
     if mrope:  # an image advances the text axis once, at its last cell, by its extent
         advance = text.long() + latent * (cell == cells - 1).long() * max(grid_h, grid_w)

@@ -314,7 +314,12 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         return validation.check_denoising_steps(steps)
 
     def generate_image(
-        self, cache: PretzelCache, noise: torch.Tensor, guidance: GuidanceSpec, num_denoising_steps: int = 1
+        self,
+        cache: PretzelCache,
+        noise: torch.Tensor,
+        guidance: GuidanceSpec,
+        num_denoising_steps: int = 1,
+        idle: Optional[torch.Tensor] = None,
     ):
         """Sample one image span in ``cache`` (which ends with ``<|vision_start|>``) and denoise it.
 
@@ -322,11 +327,16 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         denoised FAE latents ``(B, C, h, w)``.  Every latent position and denoising step is a step of the running
         call (:class:`FlowPipelineMixin`): its ``callback_on_step_end`` sees the ``(B, 1, C)`` latent just sampled
         (before it enters the caches) and may replace it.  When the call is interrupted, positions not sampled keep
-        their noise (and are not in the caches) and denoising is skipped.
+        their noise (and are not in the caches) and denoising is skipped.  ``idle`` ``(B,)``: True for samples that
+        sit the image out on padding positions (see :func:`sample_image_tokens`); only the other samples' tokens
+        and latents are returned.
         """
         self._onload_pretzel()
         vlm, transformer = self.vlm_stream, self.transformer
         B, N = noise.shape[:2]
+        rows = torch.arange(B, device=cache.cond.device)
+        if idle is not None:
+            rows = rows[~idle.to(rows.device)]
         snap = cache.snapshot()
         level = cache.noise_level[0]
         with self.progress_bar(total=N) as progress_bar:
@@ -346,14 +356,15 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
                 guidance,
                 on_latent,
                 stop=lambda: self.interrupt,
+                idle=idle,
                 **jacobi,
             )
-        tokens = torch.cat([tokens, noise[:, tokens.shape[1] :].to(tokens.dtype)], dim=1)  # (B, N, C)
-        noise_level = cache.noise_level[:B]
+        tokens = torch.cat([tokens, noise[:, tokens.shape[1] :].to(tokens.dtype)], dim=1)[rows]  # (B', N, C)
+        noise_level = cache.noise_level[rows]
         latents = shallow_reverse(transformer, tokens, noise_level, self.scheduler, **jacobi)
         if num_denoising_steps > 0 and not self.interrupt:
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
-            context.select(torch.arange(B, device=cache.cond.device))
+            context.select(rows)
             latents = self._denoise_in_context(context, latents, num_denoising_steps, float(noise_level[0]))
         return tokens, latents
 

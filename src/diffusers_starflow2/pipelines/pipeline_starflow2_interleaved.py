@@ -8,7 +8,7 @@ is ever re-encoded: every position of the sequence passes through each stream on
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -116,6 +116,48 @@ def is_batch(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(c, (list, tuple)) for c in prompt)
 
 
+# A push of one conversation: a token layout and the ``(M, N, C)`` latents of its latent positions (or None).
+_Push = Tuple[TokenLayout, Optional[torch.Tensor]]
+
+
+def _plan(answer: Sequence) -> List:
+    """The answer's parts in order as runs of forced parts (lists: text and given images) and ``IMAGE_PLACEHOLDER``
+    for each image to generate."""
+    plan, run = [], []
+    for part in answer:
+        if isinstance(part, str) and part == IMAGE_PLACEHOLDER:
+            plan += [run, IMAGE_PLACEHOLDER] if run else [IMAGE_PLACEHOLDER]
+            run = []
+        else:
+            run.append(part)
+    return plan + ([run] if run else [])
+
+
+@dataclass
+class _Conversation:
+    """Where one conversation of a call stands.
+
+    ``todo`` is what its answer still forces (:func:`_plan`); then text is sampled, at most ``budget`` more tokens.
+    ``want`` is what it waits for: a :data:`_Push`, ``IMAGE_PLACEHOLDER`` (an image to draw) or None (to decide).
+    """
+
+    todo: List
+    generator: Optional[torch.Generator]
+    budget: int
+    last_image: Optional[torch.Tensor] = None  # (1, N, C) x~ of its latest image, for its state
+    made: int = 0  # images generated
+    sampled: List[int] = field(default_factory=list)  # every token sampled: the history the text processors see
+    text_ids: List[int] = field(default_factory=list)  # text sampled since the last segment
+    want: Any = None
+    done: bool = False
+
+    def flush(self, tokenizer) -> Optional[str]:
+        """The text sampled since the last segment, as a segment (None if there is none)."""
+        text = tokenizer.decode(self.text_ids, skip_special_tokens=True) if self.text_ids else None
+        self.text_ids = []
+        return text
+
+
 class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
     r"""Interleaved text and image generation, and image understanding, with STARFlow2.
 
@@ -190,14 +232,6 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
 
     # -- generation core -----------------------------------------------------------------------------------------------
 
-    def _append_images(self, cache: PretzelCache, tokens: torch.Tensor) -> None:
-        """Forced images ``(M, N, C)``: ``<|vision_start|>`` + latents + ``<|vision_end|>`` in every branch."""
-        vs, ve = special_id(self.tokenizer, VISION_START), special_id(self.tokenizer, VISION_END)
-        for x in tokens:  # (N, C)
-            self._append_ids(cache, [vs])
-            self.transformer.step(self.vlm_stream, cache, latents=x[None].repeat(cache.batch_size, 1, 1))
-            self._append_ids(cache, [ve])
-
     def _next_token(
         self,
         cache: PretzelCache,
@@ -221,10 +255,157 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         probs = scores.softmax(-1)
         return int(torch.multinomial(probs.cpu(), 1, generator=generator)[0, 0])
 
+    def _start(
+        self,
+        prompts: List,
+        negative_prompt: str,
+        num_branches: int,
+        generators: List[Optional[torch.Generator]],
+        noise_level: float,
+        max_new_tokens: int,
+        state: Optional[StarFlow2ConversationState] = None,
+    ) -> Tuple[PretzelCache, List[_Conversation]]:
+        """The caches holding every conversation's prompt (left-padded; rows branch-major: ``[branch 0 of each
+        conversation; branch 1 ...]``; ``state`` continues a single conversation), and where each conversation
+        stands: its answer still to come."""
+        B, branches = len(prompts), num_branches
+        parsed = [self._parse(p) for p in prompts]
+        per_conversation = [
+            self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3, state is not None)
+            for messages, _, _ in parsed
+        ]
+        layouts = [per_conversation[i][b] for b in range(branches) for i in range(B)]
+        given = [
+            [self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generators[i]) for img in images]
+            for i, (_, images, _) in enumerate(parsed)
+        ]
+        # the conditional branch, and the image branch with image guidance, hold the user turns' images
+        images = [x for b in range(min(branches, 2)) if b == 0 or branches == 3 for row in given for x in row]
+        images = torch.cat(images) if images else None
+        if state is None:
+            cache = self._new_cache(len(layouts), noise_level)
+            self._run_text(cache, layouts, images)
+        else:
+            cache = self._continue_conversation(state, branches, layouts, images)
+        conversations = [
+            _Conversation(
+                _plan(answer), generators[i], max_new_tokens, state.image_tokens if state is not None else None
+            )
+            for i, (_, _, answer) in enumerate(parsed)
+        ]
+        return cache, conversations
+
+    def _forced(self, parts: List, conversation: _Conversation, noise_level: float) -> _Push:
+        """A run of forced answer parts as one push: text, and given images as ``<|vision_start|>`` + latents +
+        ``<|vision_end|>`` (encoded now, from the conversation's generator, as they come in its answer)."""
+        vs, ve, pad = (special_id(self.tokenizer, t) for t in (VISION_START, VISION_END, IMAGE_PAD))
+        N = self.transformer.num_latents
+        ids, latent_mask, images = [], [], []
+        for part in parts:
+            if isinstance(part, str):
+                text = self.tokenizer(part, add_special_tokens=False)["input_ids"]
+                ids, latent_mask = ids + text, latent_mask + [False] * len(text)
+                continue
+            tokens = self.encode_image(self.preprocess_image(part, "prompt"), noise_level, conversation.generator)
+            ids += ([vs] + [pad] * N + [ve]) * len(tokens)
+            latent_mask += ([False] + [True] * N + [False]) * len(tokens)
+            images.append(tokens)  # (M, N, C)
+            conversation.last_image = tokens[-1:]
+        return TokenLayout(ids, latent_mask), torch.cat(images) if images else None
+
+    def _push(self, cache: PretzelCache, pushes: List[Optional[_Push]]) -> None:
+        """One left-padded step of each conversation's push in every branch; conversations without one (None) take
+        padding positions (no step when no conversation has anything to push)."""
+        B = len(pushes)
+        branches = cache.batch_size // B
+        empty = TokenLayout([], [])
+        layouts = [p[0] if p is not None else empty for _ in range(branches) for p in pushes]
+        if not any(len(layout) for layout in layouts):
+            return
+        images = [p[1] for _ in range(branches) for p in pushes if p is not None and p[1] is not None]
+        self._run_text(cache, layouts, torch.cat(images) if images else None)
+
+    def _advance(
+        self,
+        cache: PretzelCache,
+        conversation: _Conversation,
+        row: int,
+        processors,
+        stop: Sequence[str],
+        max_images: int,
+        noise_level: float,
+    ) -> Optional[str]:
+        """Decide what conversation ``row`` does next (its ``want``), unless it waits already or is done: the next
+        run of its answer, or else a sampled token (text to push, or ``<|vision_start|>``: an image to draw).
+        Returns the text segment this completes, if any."""
+        c = conversation
+        if c.want is not None or c.done:
+            return None
+        if c.todo:
+            part = c.todo.pop(0)
+            c.want = self._forced(part, c, noise_level) if isinstance(part, list) else IMAGE_PLACEHOLDER
+            return None
+        if c.budget == 0:
+            c.done = True
+            return c.flush(self.tokenizer)
+        tokenizer = self.tokenizer
+        vs, ve, pad = (special_id(tokenizer, t) for t in (VISION_START, VISION_END, IMAGE_PAD))
+        banned = [pad, ve] + ([vs] if c.made >= max_images else [])
+        token = self._next_token(cache, c.sampled, processors, banned, c.generator, row=row)
+        c.budget -= 1
+        c.sampled.append(token)
+        if token in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+            c.done = True
+            return c.flush(tokenizer)
+        if token == vs:
+            c.want = IMAGE_PLACEHOLDER
+            return c.flush(tokenizer)
+        c.want = (TokenLayout([token], [False]), None)  # a stop string's last token enters the caches too
+        c.text_ids.append(token)
+        text = _until_stop(tokenizer.decode(c.text_ids, skip_special_tokens=True), stop)
+        if text is None:
+            return None
+        c.text_ids, c.done = [], True
+        return text or None
+
+    def _draw_images(
+        self,
+        cache: PretzelCache,
+        conversations: List[_Conversation],
+        guidance: GuidanceSpec,
+        num_denoising_steps: int,
+        output_type: str,
+    ) -> Iterator[Tuple[int, Segment]]:
+        """Sample the image of every conversation that waits for one, together: ``<|vision_start|>``, the span and
+        ``<|vision_end|>``, the other conversations idling on padding positions.  Yields ``(conversation, image)``."""
+        tokenizer, transformer = self.tokenizer, self.transformer
+        rows = [i for i, c in enumerate(conversations) if c.want == IMAGE_PLACEHOLDER]
+        idle = torch.tensor([c.want != IMAGE_PLACEHOLDER for c in conversations], device=cache.cond.device)
+
+        def push(token: str) -> None:
+            one = (TokenLayout([special_id(tokenizer, token)], [False]), None)
+            self._push(cache, [one if i in rows else None for i in range(len(conversations))])
+
+        push(VISION_START)
+        N, C = transformer.num_latents, transformer.config.latent_channels
+        noise = torch.zeros(len(conversations), N, C, device=self._execution_device)
+        for i in rows:  # each from its conversation's generator, as when it runs alone
+            noise[i] = prepare_noise((1, N, C), conversations[i].generator, self._execution_device)[0]
+        tokens, latents = self.generate_image(
+            cache, noise, guidance, num_denoising_steps, idle if bool(idle.any()) else None
+        )
+        if not self.interrupt:  # an interrupted span stays open: the answer ends with it
+            push(VISION_END)
+        images = self.decode(latents, output_type)
+        for k, i in enumerate(rows):
+            c = conversations[i]
+            c.want, c.made, c.last_image = None, c.made + 1, tokens[k : k + 1]
+            yield i, images[k]
+
     @torch.no_grad()  # torch re-applies it at every resumption of the generator
     def _generate(
         self,
-        prompt,
+        prompts: List,
         negative_prompt: str,
         guidance: GuidanceSpec,
         max_new_tokens: int,
@@ -233,234 +414,70 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         top_k: Optional[int],
         top_p: Optional[float],
         stop: Sequence[str],
-        generator,
+        generators: List[Optional[torch.Generator]],
         noise_level: float,
         num_denoising_steps: int,
         output_type: str,
-        callback_on_step_end,
-        tensor_inputs,
+        callback_on_step_end=None,
+        tensor_inputs: Sequence[str] = (),
         state: Optional[StarFlow2ConversationState] = None,
         result: Optional[dict] = None,
-    ) -> Iterator[Segment]:
-        """Yield the answer's segments; at the end ``result["state"]`` is the conversation's new state (None when
-        interrupted)."""
-        tokenizer, transformer = self.tokenizer, self.transformer
-        messages, context_images, answer = self._parse(prompt)
-        forced = sum(1 for p in answer if isinstance(p, str) and p == IMAGE_PLACEHOLDER)
-        if forced > max_images:
-            raise ValueError(f"`max_images` ({max_images}) is smaller than the {forced} images the prompt asks for")
-        vs, ve, pad = (special_id(tokenizer, t) for t in (VISION_START, VISION_END, IMAGE_PAD))
-        stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
-        N, C = transformer.num_latents, transformer.config.latent_channels
+    ) -> Iterator[Tuple[int, Segment]]:
+        """Answer conversations together, each as it would be answered alone; yield ``(conversation, segment)`` as
+        segments complete.  At the end ``result["states"]`` holds each conversation's new state (None when
+        interrupted).
 
+        Each round, every conversation decides what it does next (:meth:`_advance`).  If any has text to push (a
+        run of its answer, or a token it sampled), those advance in one left-padded step while the others idle on
+        padding positions; otherwise every conversation waiting for an image draws it together
+        (:meth:`_draw_images`).  A conversation that reaches an image thus waits until every other one reaches an
+        image or ends, so images are sampled in as few spans as possible.  Padding is never seen by later
+        positions, so each conversation's logits and latents are its own (up to float rounding).
+        """
         branches = guidance.num_branches
-        layouts = self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3, state is not None)
-        given = (
-            torch.cat(
-                [
-                    self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generator)
-                    for img in context_images
-                ]
-            )
-            if context_images
-            else None
+        cache, conversations = self._start(
+            prompts, negative_prompt, branches, generators, noise_level, max_new_tokens, state
         )
-        if given is not None and branches == 3:  # the image branch holds the user turn's images too
-            given = given.repeat(2, 1, 1)
-        if state is None:
-            cache = self._new_cache(len(layouts), noise_level)
-            self._run_text(cache, layouts, given)
-        else:
-            cache = self._continue_conversation(state, branches, layouts, given)
-        last_image = state.image_tokens if state is not None else None  # x~ of the conversation's latest image
-
-        made = 0
-
-        def image() -> Segment:
-            nonlocal made, last_image
-            self._append_ids(cache, [vs])
-            noise = prepare_noise((1, N, C), generator, self._execution_device)
-            last_image, latents = self.generate_image(cache, noise, guidance, num_denoising_steps)
-            if not self.interrupt:  # an interrupted span stays open: the answer ends with it
-                self._append_ids(cache, [ve])
-            made += 1
-            return self.decode(latents, output_type)[0]
-
-        self._begin_call(guidance.guidance_scale, N + num_denoising_steps, callback_on_step_end, tensor_inputs)
-        for part in answer:
-            if isinstance(part, str) and part == IMAGE_PLACEHOLDER:
-                yield image()
-                if self.interrupt:
-                    self._end_call()
-                    return
-            elif isinstance(part, str):
-                self._append_ids(cache, tokenizer(part, add_special_tokens=False)["input_ids"])
-            else:
-                forced = self.encode_image(self.preprocess_image(part, "prompt"), noise_level, generator)
-                self._append_images(cache, forced)
-                last_image = forced[-1:]
-
         processors = _text_processors(temperature, top_k, top_p)
-        text_ids: List[int] = []
-        all_ids: List[int] = []
-        for _ in range(max_new_tokens):
-            banned = [pad, ve] + ([vs] if made >= max_images else [])
-            token = self._next_token(cache, all_ids, processors, banned, generator)
-            all_ids.append(token)
-            if token in stop_ids:
-                break
-            if token == vs:
-                if text_ids:
-                    yield tokenizer.decode(text_ids, skip_special_tokens=True)
-                    text_ids = []
-                yield image()  # appends <|vision_start|> itself
+        self._begin_call(
+            guidance.guidance_scale,
+            self.transformer.num_latents + num_denoising_steps,
+            callback_on_step_end,
+            tensor_inputs,
+        )
+        while True:
+            for i, c in enumerate(conversations):
+                text = self._advance(cache, c, i, processors, stop, max_images, noise_level)
+                if text:
+                    yield i, text
+            pushes = [c.want if isinstance(c.want, tuple) else None for c in conversations]
+            if any(p is not None for p in pushes):
+                self._push(cache, pushes)
+                for c in conversations:
+                    c.want = None if isinstance(c.want, tuple) else c.want
+            elif any(c.want == IMAGE_PLACEHOLDER for c in conversations):
+                yield from self._draw_images(cache, conversations, guidance, num_denoising_steps, output_type)
                 if self.interrupt:
                     break
-                continue
-            self._append_ids(cache, [token])
-            text_ids.append(token)
-            text = _until_stop(tokenizer.decode(text_ids, skip_special_tokens=True), stop)
-            if text is not None:
-                if text:
-                    yield text
-                text_ids = []
+            else:
                 break
-        if text_ids:
-            yield tokenizer.decode(text_ids, skip_special_tokens=True)
         if result is not None and not self.interrupt:
-            result["state"] = self._conversation_state(cache, 1, branches, noise_level, last_image)
+            result["states"] = self._states(cache, conversations, branches, noise_level)
         self._end_call()
 
-    @torch.no_grad()
-    def _generate_batch(
-        self,
-        prompts: List,
-        negative_prompt: str,
-        guidance: GuidanceSpec,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: Optional[int],
-        top_p: Optional[float],
-        stop: Sequence[str],
-        generator,
-        noise_level: float,
-        num_denoising_steps: int,
-        output_type: str,
-    ) -> List[StarFlow2InterleavedOutput]:
-        """Conversations run as one batch, each as it would run alone.
-
-        The prompts are left-padded; the answers advance in lockstep: forced text between images is pushed as one
-        left-padded step, every conversation's next image is sampled together (the answers must ask for the same
-        number of images), and free text follows, a conversation that has stopped taking padding positions that no
-        later position sees.  Images are made only where asked (``<|vision_start|>`` is not sampled freely).
-        """
-        tokenizer, transformer = self.tokenizer, self.transformer
-        B, branches = len(prompts), guidance.num_branches
-        parsed = [self._parse(p) for p in prompts]
-        plans = []  # per conversation: forced text before each image, then after the last one
-        for _, _, answer in parsed:
-            if any(not isinstance(p, str) for p in answer):
-                raise ValueError(
-                    "`prompt`: images in the answers of batched conversations must be generated "
-                    f"({IMAGE_PLACEHOLDER!r}); put given images in the user turns"
-                )
-            plans.append("".join(answer).split(IMAGE_PLACEHOLDER))
-        if len({len(plan) for plan in plans}) > 1:
-            raise ValueError(
-                f"`prompt`: batched conversations must ask for the same number of images; they ask for "
-                f"{[len(plan) - 1 for plan in plans]} (run them separately)"
-            )
-        vs, ve, pad = (special_id(tokenizer, t) for t in (VISION_START, VISION_END, IMAGE_PAD))
-        stop_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
-        N, C = transformer.num_latents, transformer.config.latent_channels
-        generators = generator if isinstance(generator, (list, tuple)) else [generator] * B
-
-        per_conversation = [
-            self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3) for messages, _, _ in parsed
-        ]
-        layouts = [per_conversation[i][b] for b in range(branches) for i in range(B)]  # branch-major
-        given = [
-            torch.cat(
-                [self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generators[i]) for img in images]
-            )
-            if images
-            else None
-            for i, (_, images, _) in enumerate(parsed)
-        ]
-        rows = [
-            given[i]
-            for b in range(min(branches, 2))
-            for i in range(B)
-            if given[i] is not None and (b == 0 or branches == 3)
-        ]  # the conditional and image branches hold the user's images
-        cache = self._new_cache(len(layouts), noise_level)
-        self._run_text(cache, layouts, torch.cat(rows) if rows else None)
-
-        def push(ids: List[List[int]]) -> None:
-            """One left-padded step of each conversation's ``ids`` in every branch (no step if all are empty)."""
-            if not any(ids):
-                return
-            idle = torch.tensor([not ids[i] for _ in range(branches) for i in range(B)], device=cache.cond.device)
-            last = cache.last_hidden, cache.last_flow_hidden
-            self._run_text(
-                cache, [TokenLayout(ids[i], [False] * len(ids[i])) for _ in range(branches) for i in range(B)]
-            )
-            # a conversation that took only padding still ends where it was
-            cache.last_hidden = torch.where(idle[:, None, None], last[0], cache.last_hidden)
-            cache.last_flow_hidden = torch.where(idle[:, None, None], last[1], cache.last_flow_hidden)
-
-        segments, last_image = [[] for _ in range(B)], None
-        self._begin_call(guidance.guidance_scale, N + num_denoising_steps, None, [])
-        for k, text in enumerate(zip(*plans)):
-            push([tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in text])
-            if k == len(plans[0]) - 1:
-                break
-            self._append_ids(cache, [vs])
-            noise = prepare_noise((B, N, C), generator, self._execution_device)
-            last_image, latents = self.generate_image(cache, noise, guidance, num_denoising_steps)
-            self._append_ids(cache, [ve])
-            for i, image in enumerate(self.decode(latents, output_type)):
-                segments[i].append(image)
-
-        processors = _text_processors(temperature, top_k, top_p)
-        generated, text_ids, done = [[] for _ in range(B)], [[] for _ in range(B)], [False] * B
-        for _ in range(max_new_tokens):
-            step = []
-            for i in range(B):
-                token = None
-                if not done[i]:
-                    token = self._next_token(cache, generated[i], processors, [pad, ve, vs], generators[i], row=i)
-                    generated[i].append(token)
-                    done[i] = token in stop_ids
-                step.append([token] if token is not None and not done[i] else [])
-                if step[i]:
-                    text_ids[i].append(token)
-                    cut = _until_stop(tokenizer.decode(text_ids[i], skip_special_tokens=True), stop)
-                    if cut is not None:
-                        done[i] = True
-            if all(not ids for ids in step):
-                break
-            push(step)
-            if all(done):
-                break
-        for i in range(B):
-            text = tokenizer.decode(text_ids[i], skip_special_tokens=True)
-            text = _until_stop(text, stop) if _until_stop(text, stop) is not None else text
-            if text:
-                segments[i].append(text)
-        self._end_call()
-
-        outputs = []
-        for i in range(B):
-            own = cache.fork(cache.snapshot())
-            own.select(torch.tensor([b * B + i for b in range(branches)], device=cache.cond.device))
-            image_tokens = last_image[i : i + 1] if last_image is not None else None
-            outputs.append(
-                StarFlow2InterleavedOutput(
-                    segments=segments[i], state=self._conversation_state(own, 1, branches, noise_level, image_tokens)
-                )
-            )
-        return outputs
+    def _states(
+        self, cache: PretzelCache, conversations: List[_Conversation], num_branches: int, noise_level: float
+    ) -> List[StarFlow2ConversationState]:
+        """Each conversation's state: its rows of the caches (a single conversation keeps the caches)."""
+        B = len(conversations)
+        states = []
+        for i, c in enumerate(conversations):
+            own = cache
+            if B > 1:
+                own = cache.fork(cache.snapshot())
+                own.select(torch.tensor([b * B + i for b in range(num_branches)], device=cache.cond.device))
+            states.append(self._conversation_state(own, 1, num_branches, noise_level, c.last_image))
+        return states
 
     # -- public API ----------------------------------------------------------------------------------------------------
 
@@ -567,6 +584,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 )
             held = state.num_positions
         messages, images, answer = self._parse(prompt)
+        asked = sum(1 for p in answer if isinstance(p, str) and p == IMAGE_PLACEHOLDER)
+        if asked > checked["max_images"]:
+            raise ValueError(f"`max_images` ({max_images}) is smaller than the {asked} images the prompt asks for")
         prompt_positions = validation.check_conversation(
             messages, images, answer, IMAGE_PLACEHOLDER, tokenizer, image_positions
         )
@@ -627,8 +647,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             image_guidance_scale,
             state,
         )
-        return self._generate(
-            prompt,
+        segments = self._generate(
+            [prompt],
             negative_prompt or "",
             checked["guidance"],
             checked["max_new_tokens"],
@@ -637,7 +657,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             checked["top_k"],
             checked["top_p"],
             checked["stop"],
-            checked["generator"],
+            [checked["generator"]],
             noise_level,
             steps,
             output_type,
@@ -646,6 +666,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             state,
             result,
         )
+        return (segment for _, segment in segments)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -758,9 +779,10 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             segments.append(segment)
             if callback_on_segment is not None:
                 callback_on_segment(segment)
+        state = result.get("states", [None])[0]
         if not return_dict:
-            return segments, result.get("state")
-        return StarFlow2InterleavedOutput(segments=segments, state=result.get("state"))
+            return segments, state
+        return StarFlow2InterleavedOutput(segments=segments, state=state)
 
     def _checked_batch(
         self,
@@ -816,20 +838,27 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 own,
                 image_guidance_scale,
             )
-        return self._generate_batch(
+        B = len(prompts)
+        result = {}
+        segments = [[] for _ in range(B)]
+        for i, segment in self._generate(
             list(prompts),
             negative_prompt or "",
             checked["guidance"],
             checked["max_new_tokens"],
+            checked["max_images"],
             checked["temperature"],
             checked["top_k"],
             checked["top_p"],
             checked["stop"],
-            generator,
+            list(generator) if isinstance(generator, (list, tuple)) else [generator] * B,
             noise_level,
             steps,
             output_type,
-        )
+            result=result,
+        ):
+            segments[i].append(segment)
+        return [StarFlow2InterleavedOutput(segments=s, state=state) for s, state in zip(segments, result["states"])]
 
     def stream(self, prompt, **kwargs) -> Iterator[Segment]:
         """Like ``__call__`` but yields each segment as soon as it is complete; bad input raises at the call.  (To
