@@ -399,17 +399,18 @@ def recording_logits(pipe, monkeypatch):
     return seen, rows
 
 
-def assert_batch_equals_alone(pipe, monkeypatch, conversations, seeds, continue_kwargs=None, **kwargs):
-    """Each output of the batch equals its conversation run alone with its own generator: the same segments (text
-    identical, images within 1e-5), the same text logits at every sampled token, and a state that continues alike.
-    Returns the outputs run alone."""
+def assert_batch_equals_alone(pipe, monkeypatch, conversations, seeds, continue_kwargs=None, states=None, **kwargs):
+    """Each output of the batch equals its conversation run alone with its own generator (and state): the same
+    segments (text identical, images within 1e-5), the same text logits at every sampled token, and a state that
+    continues alike.  Returns the outputs run alone."""
     seen, rows = recording_logits(pipe, monkeypatch)
     alone = []
     for i, conversation in enumerate(conversations):
         start = len(seen)
-        alone.append((pipe(conversation, generator=gen(seeds[i]), **kwargs), seen[start:]))
+        state = states[i] if states is not None else None
+        alone.append((pipe(conversation, generator=gen(seeds[i]), state=state, **kwargs), seen[start:]))
     del seen[:], rows[:]
-    batched = pipe(conversations, generator=[gen(s) for s in seeds], **kwargs)
+    batched = pipe(conversations, generator=[gen(s) for s in seeds], state=states, **kwargs)
     assert isinstance(batched, list) and len(batched) == len(conversations)
     for i, (out, logits) in enumerate(alone):
         b = batched[i]
@@ -423,7 +424,10 @@ def assert_batch_equals_alone(pipe, monkeypatch, conversations, seeds, continue_
         assert len(mine) == len(logits)
         for x, y in zip(mine, logits):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
-        torch.testing.assert_close(b.state.image_tokens, out.state.image_tokens, atol=1e-5, rtol=0)
+        if out.state.image_tokens is None:
+            assert b.state.image_tokens is None
+        else:
+            torch.testing.assert_close(b.state.image_tokens, out.state.image_tokens, atol=1e-5, rtol=0)
         if continue_kwargs is not None:  # each batched output's state continues as the state of the one alone
             after_alone = pipe(SECOND, state=out.state, generator=gen(9), **continue_kwargs)
             after_batch = pipe(SECOND, state=b.state, generator=gen(9), **continue_kwargs)
@@ -495,10 +499,29 @@ def test_a_batch_draws_freely_sampled_images_and_stops_each_conversation_on_its_
     assert alone[2].state.num_positions == len(prompt) + 6  # all of max_new_tokens
 
 
+def test_a_batch_continues_a_list_of_states(pipe, monkeypatch, first_turn):
+    """States of different lengths and guidance branches (one of three, continued with two) continue as one batch."""
+    kwargs = dict(num_denoising_steps=0, output_type="latent")
+    states = [
+        first_turn.state,
+        pipe("a short one", max_new_tokens=4, temperature=1.0, generator=gen(4), **kwargs).state,
+        pipe(
+            [red_square(), "redraw", IMAGE_PLACEHOLDER], max_new_tokens=0, image_guidance_scale=1.5, generator=gen(5)
+        ).state,
+    ]
+    assert len({s.num_positions for s in states}) == 3 and [s.num_branches for s in states] == [2, 2, 3]
+    turns = [SECOND, ["and now?"], ["once more", IMAGE_PLACEHOLDER, " there"]]
+    kwargs = dict(max_new_tokens=3, temperature=1.0, guidance_scale=2.0, num_denoising_steps=1, output_type="latent")
+    continue_kwargs = dict(max_new_tokens=2, guidance_scale=2.0, num_denoising_steps=0, output_type="latent")
+    assert_batch_equals_alone(pipe, monkeypatch, turns, [6, 7, 8], continue_kwargs, states, **kwargs)
+
+
 def test_bad_batches(pipe, first_turn):
     cases = [
         ([["a"], ["b", IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER]], {"max_images": 1}, "`max_images`"),
-        ([["a"], ["b"]], {"state": first_turn.state}, "`state` must be None"),
+        ([["a"], ["b"]], {"state": first_turn.state}, "`state` must be None or a list of 2 states"),
+        ([["a"], ["b"]], {"state": [first_turn.state, None]}, "`state` must be None or a list of 2 states"),
+        ([["a"], ["b"]], {"state": [first_turn.state, "state"]}, "`state` must be a StarFlow2ConversationState"),
         ([["a"], ["b"]], {"generator": [gen(0)]}, "`generator`"),
         ([["a"], ["b", 3]], {}, "`prompt` item 1"),
         ([["a"], ["b"]], {"callback_on_segment": print}, "`callback_on_segment` must be None"),

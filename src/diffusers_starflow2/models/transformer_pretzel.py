@@ -18,7 +18,7 @@ visual-only flow blocks map noisy FAE latents ``x`` to ``x~`` before the Pretzel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -208,6 +208,45 @@ class PretzelCache:
         ]
         flow = self.flow.nbytes if self.flow is not None else 0
         return flow + sum(t.nelement() * t.element_size() for t in tensors if t is not None)
+
+    @staticmethod
+    def stack(caches: Sequence["PretzelCache"]) -> "PretzelCache":
+        """The samples of ``caches`` (made by one model, each outside any image span) side by side along the batch,
+        each sequence left-padded to the longest: padding takes no position and no later position sees it.  The
+        caches are not modified."""
+        import copy
+
+        if any(c.image_cell for c in caches):
+            raise ValueError("caches inside an open image span cannot be stacked")
+        length = max(c.length for c in caches)
+
+        def stacked(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+            """``tensors`` (one per cache, each holding its cache's positions along ``dim``) left-padded, stacked."""
+            rows = []
+            for c, t in zip(caches, tensors):
+                shape = list(t.shape)
+                shape[dim] = length - c.length
+                rows.append(torch.cat([t.new_zeros(shape), t], dim))
+            return torch.cat(rows)
+
+        out = copy.copy(caches[0])
+        out.vlm = copy.copy(out.vlm)
+        out.vlm.layers = [copy.copy(layer) for layer in out.vlm.layers]
+        for k, layer in enumerate(out.vlm.layers):
+            layer.keys = stacked([c.vlm.layers[k].keys for c in caches], -2)  # (B, H, T, Dh)
+            layer.values = stacked([c.vlm.layers[k].values for c in caches], -2)
+        if out.flow is not None:
+            out.flow = out.flow.fork(0)
+            layers = range(len(out.flow.keys))
+            out.flow.keys = [stacked([c.flow.keys[k][:, :, : c.length] for c in caches], 2) for k in layers]
+            out.flow.values = [stacked([c.flow.values[k][:, :, : c.length] for c in caches], 2) for k in layers]
+            out.flow.length = length
+        out.attention_mask = stacked([c.attention_mask for c in caches], 1)
+        out.flow_inputs = [stacked([torch.cat(c.flow_inputs, 1) for c in caches], 1)] if out.flow_inputs else []
+        out.flow_positions = [stacked([torch.cat(c.flow_positions, 1) for c in caches], 1)] if out.flow_inputs else []
+        for key in ("cond", "noise_level", "vlm_next", "flow_next", "last_flow_hidden", "last_hidden"):
+            setattr(out, key, torch.cat([getattr(c, key) for c in caches]))
+        return out
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only the samples ``index`` (e.g. drop the unconditional branch of a CFG batch)."""

@@ -193,28 +193,40 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
 
     def _continue_conversation(
         self,
-        state: StarFlow2ConversationState,
+        state: Union[StarFlow2ConversationState, Sequence[StarFlow2ConversationState]],
         num_branches: int,
         layouts: Sequence[TokenLayout],
         images: Optional[torch.Tensor] = None,
     ) -> PretzelCache:
         """A fork of ``state``'s caches (on the pipeline's device and dtypes), reduced to ``num_branches`` guidance
         branches, with the next turn's ``layouts`` (one per sample, branch-major) pushed: only these new positions
-        run through the streams."""
+        run through the streams.  ``state`` may be a list of single-conversation states, continued as one batch:
+        their caches side by side (left-padded, :meth:`PretzelCache.stack`), rows branch-major."""
         self._onload_pretzel()
-        cache = state.cache
+        states = [state] if isinstance(state, StarFlow2ConversationState) else list(state)
         device, dtype, vlm_dtype = self._execution_device, self.transformer.dtype, self.vlm.dtype
-        if (
-            cache.cond.device != torch.device(device)
-            or cache.cond.dtype != dtype
-            or any(
-                getattr(layer, "keys", None) is not None and layer.keys.dtype != vlm_dtype for layer in cache.vlm.layers
-            )
-        ):
-            cache = cache.to(device, dtype, vlm_dtype)  # the pipeline moved since the state was made
-        cache = cache.fork(cache.snapshot())
-        if num_branches < state.num_branches:
-            cache.select(torch.arange(num_branches * state.batch_size, device=cache.cond.device))
+        caches = []
+        for state in states:
+            cache = state.cache
+            if (
+                cache.cond.device != torch.device(device)
+                or cache.cond.dtype != dtype
+                or any(
+                    getattr(layer, "keys", None) is not None and layer.keys.dtype != vlm_dtype
+                    for layer in cache.vlm.layers
+                )
+            ):
+                cache = cache.to(device, dtype, vlm_dtype)  # the pipeline moved since the state was made
+            cache = cache.fork(cache.snapshot())
+            if num_branches < state.num_branches:
+                cache.select(torch.arange(num_branches * state.batch_size, device=cache.cond.device))
+            caches.append(cache)
+        cache = caches[0]
+        if len(caches) > 1:
+            cache = PretzelCache.stack(caches)  # conversation-major: reorder the rows branch-major
+            B = len(caches)
+            order = [i * num_branches + b for b in range(num_branches) for i in range(B)]
+            cache.select(torch.tensor(order, device=cache.cond.device))
         self._run_text(cache, layouts, images)
         return cache
 

@@ -263,15 +263,15 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         generators: List[Optional[torch.Generator]],
         noise_level: float,
         max_new_tokens: int,
-        state: Optional[StarFlow2ConversationState] = None,
+        states: Optional[List[StarFlow2ConversationState]] = None,
     ) -> Tuple[PretzelCache, List[_Conversation]]:
         """The caches holding every conversation's prompt (left-padded; rows branch-major: ``[branch 0 of each
-        conversation; branch 1 ...]``; ``state`` continues a single conversation), and where each conversation
-        stands: its answer still to come."""
+        conversation; branch 1 ...]``), each prompt the next turn of its conversation's state when ``states`` (one
+        per conversation) are given, and where each conversation stands: its answer still to come."""
         B, branches = len(prompts), num_branches
         parsed = [self._parse(p) for p in prompts]
         per_conversation = [
-            self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3, state is not None)
+            self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3, states is not None)
             for messages, _, _ in parsed
         ]
         layouts = [per_conversation[i][b] for b in range(branches) for i in range(B)]
@@ -282,14 +282,14 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         # the conditional branch, and the image branch with image guidance, hold the user turns' images
         images = [x for b in range(min(branches, 2)) if b == 0 or branches == 3 for row in given for x in row]
         images = torch.cat(images) if images else None
-        if state is None:
+        if states is None:
             cache = self._new_cache(len(layouts), noise_level)
             self._run_text(cache, layouts, images)
         else:
-            cache = self._continue_conversation(state, branches, layouts, images)
+            cache = self._continue_conversation(states, branches, layouts, images)
         conversations = [
             _Conversation(
-                _plan(answer), generators[i], max_new_tokens, state.image_tokens if state is not None else None
+                _plan(answer), generators[i], max_new_tokens, states[i].image_tokens if states is not None else None
             )
             for i, (_, _, answer) in enumerate(parsed)
         ]
@@ -420,7 +420,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         output_type: str,
         callback_on_step_end=None,
         tensor_inputs: Sequence[str] = (),
-        state: Optional[StarFlow2ConversationState] = None,
+        states: Optional[List[StarFlow2ConversationState]] = None,
         result: Optional[dict] = None,
     ) -> Iterator[Tuple[int, Segment]]:
         """Answer conversations together, each as it would be answered alone; yield ``(conversation, segment)`` as
@@ -436,7 +436,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         """
         branches = guidance.num_branches
         cache, conversations = self._start(
-            prompts, negative_prompt, branches, generators, noise_level, max_new_tokens, state
+            prompts, negative_prompt, branches, generators, noise_level, max_new_tokens, states
         )
         processors = _text_processors(temperature, top_k, top_p)
         self._begin_call(
@@ -663,7 +663,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             output_type,
             callback_on_step_end,
             checked["tensor_inputs"],
-            state,
+            [state] if state is not None else None,
             result,
         )
         return (segment for _, segment in segments)
@@ -804,9 +804,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         callback_on_step_end,
         callback_on_segment,
     ) -> List[StarFlow2InterleavedOutput]:
-        """Validate every conversation of a batch as the call would validate it alone, then run them together."""
+        """Validate every conversation of a batch as the call would validate it alone (with its own generator and
+        state), then run them together."""
         for value, name in (
-            (state, "state"),
             (callback_on_step_end, "callback_on_step_end"),
             (callback_on_segment, "callback_on_segment"),
         ):
@@ -815,7 +815,19 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                     f"`{name}` must be None when `prompt` is a list of conversations (a batch); got "
                     f"{type(value).__name__}: run the conversations one by one to use it"
                 )
-        validation.check_generator(generator, len(prompts))
+        B = len(prompts)
+        if state is not None and (
+            not isinstance(state, (list, tuple)) or len(state) != B or any(s is None for s in state)
+        ):
+            got = f"a list of {len(state)}" if isinstance(state, (list, tuple)) else type(state).__name__
+            raise ValueError(
+                f"`state` must be None or a list of {B} states, one per conversation, when `prompt` is a list of "
+                f"{B} conversations (a batch); got {got}"
+            )
+        validation.check_generator(generator, B)
+        # continued conversations sample at their own noise level (checked to be one level for all)
+        if state is not None and noise_level is None and isinstance(state[0], StarFlow2ConversationState):
+            noise_level = state[0].noise_level
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
         for i, prompt in enumerate(prompts):
@@ -837,8 +849,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 ["latents"],
                 own,
                 image_guidance_scale,
+                state[i] if state is not None else None,
             )
-        B = len(prompts)
         result = {}
         segments = [[] for _ in range(B)]
         for i, segment in self._generate(
@@ -855,6 +867,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             noise_level,
             steps,
             output_type,
+            states=list(state) if state is not None else None,
             result=result,
         ):
             segments[i].append(segment)
