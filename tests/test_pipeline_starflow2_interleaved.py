@@ -447,9 +447,11 @@ def test_batched_conversations_equal_each_alone(pipe, monkeypatch, guidance):
     assert all(out.text for out in alone), "every conversation sampled text"
 
 
-def test_a_batch_mixes_image_counts_given_images_and_prompt_lengths(pipe, monkeypatch):
+@pytest.mark.parametrize("decoding", [{}, dict(jacobi_block_size=4, jacobi_tolerance=0.0)])
+def test_a_batch_mixes_image_counts_given_images_and_prompt_lengths(pipe, monkeypatch, decoding):
     """0, 1 and 2 images asked, an image given inside an answer, prompts of different lengths: each conversation
-    waits on padding positions while the others push text or draw images."""
+    waits on padding positions while the others push text or draw images (Jacobi passes with tolerance 0 give the
+    sequential result, also over idle rows)."""
     conversations = [
         ["a long request for words only, with no picture at all in the answer, just text"],
         ["two shapes", IMAGE_PLACEHOLDER, " and", IMAGE_PLACEHOLDER],
@@ -466,7 +468,13 @@ def test_a_batch_mixes_image_counts_given_images_and_prompt_lengths(pipe, monkey
         ],
     ]
     kwargs = dict(
-        max_new_tokens=3, max_images=2, temperature=1.0, guidance_scale=2.0, num_denoising_steps=1, output_type="latent"
+        max_new_tokens=3,
+        max_images=2,
+        temperature=1.0,
+        guidance_scale=2.0,
+        num_denoising_steps=1,
+        output_type="latent",
+        **decoding,
     )
     continue_kwargs = dict(max_new_tokens=2, guidance_scale=2.0, num_denoising_steps=0, output_type="latent")
     alone = assert_batch_equals_alone(pipe, monkeypatch, conversations, [0, 1, 2], continue_kwargs, **kwargs)

@@ -359,7 +359,8 @@ def sample_image_tokens(
     The cache must end with ``<|vision_start|>`` and hold ``guidance.branches`` stacked along its batch.
     ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).  ``idle`` ``(B,)``: True
     for samples that sit the span out (in every branch): they take padding positions, which no later position sees,
-    and their tokens mean nothing.  ``jacobi``: its ``jacobi_block_size``, ``jacobi_tolerance``,
+    and are given the parameters ``(0, 1)`` so that their tokens stay fixed (and never hold a Jacobi window back);
+    their tokens mean nothing.  ``jacobi``: its ``jacobi_block_size``, ``jacobi_tolerance``,
     ``jacobi_max_iterations``; a Jacobi pass runs both streams over the window, and the next pass first crops both
     caches back to where it starts.
     """
@@ -367,6 +368,12 @@ def sample_image_tokens(
     branches = guidance.num_branches
     previous = None  # (index, inputs, cache snapshot before them) of the latest call
     real = None if idle is None else ~idle.to(cache.cond.device).bool().repeat(branches)[:, None]  # (branches * B, 1)
+
+    def params(flow_hidden: torch.Tensor) -> AffineParams:
+        mu, sigma = transformer.latent_params(flow_hidden)  # (branches * B, K, C)
+        if real is None:
+            return mu, sigma
+        return torch.where(real[..., None], mu, 0.0), torch.where(real[..., None], sigma, 1.0)
 
     def span_step(inputs: torch.Tensor):
         mask = None if real is None else real.expand(-1, inputs.shape[1])
@@ -382,7 +389,7 @@ def sample_image_tokens(
             if index > start:
                 span_step(fed[:, : index - start])
         previous = (index, inputs, cache.snapshot())
-        return transformer.latent_params(span_step(inputs).flow_hidden_states)
+        return params(span_step(inputs).flow_hidden_states)
 
     if cache.batch_size != branches * noise.shape[0]:
         raise ValueError(
@@ -392,7 +399,7 @@ def sample_image_tokens(
     with packed_weights():
         return sample_autoregressive(
             step_fn,
-            transformer.latent_params(cache.last_flow_hidden),
+            params(cache.last_flow_hidden),
             noise,
             scheduler,
             guidance,

@@ -542,7 +542,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         cache.attention_mask = full_mask
         last_flow_hidden, last_hidden = g[:, -1:], h[:, -1:]
         idle = ~attention_mask.any(1)  # samples that took only padding still end where they were
-        if cache.last_hidden is not None and bool(idle.any()):
+        if cache.last_hidden is not None:  # no data-dependent branch: no device sync, and it runs on `meta`
             last_flow_hidden = torch.where(idle[:, None, None], cache.last_flow_hidden, last_flow_hidden)
             last_hidden = torch.where(idle[:, None, None], cache.last_hidden, last_hidden)
         cache.last_flow_hidden, cache.last_hidden = last_flow_hidden, last_hidden

@@ -100,7 +100,7 @@ class StarFlow2ConversationState:
 
     @property
     def num_positions(self) -> int:
-        """Positions of the conversation held per branch (left padding of a batch included)."""
+        """Positions of the conversation held per branch (padding of a batch included)."""
         return self.cache.length
 
     @property

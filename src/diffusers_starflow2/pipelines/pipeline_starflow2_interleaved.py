@@ -700,8 +700,11 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         Args:
             prompt: a string, a list of segments (``str`` / images) or chat messages; ``"<image>"`` marks an image
                 to generate (see the class docstring).  A list of such conversations (each a list) runs as one
-                batch and returns a list of outputs, each equal to running its conversation alone; their answers
-                must ask for the same number of images, and images come only where asked.
+                batch and returns a list of outputs, each equal to running its conversation alone (with its own
+                generator and state): answers may ask for different numbers of images at different places, hold
+                given images, open images freely and stop at different times; a conversation that waits takes
+                padding positions, which no later position sees.  ``callback_on_step_end`` and
+                ``callback_on_segment`` take one conversation, not a batch.
             negative_prompt: user turn of the unconditional branch of image guidance (default ``""``).
             guidance_scale: image guidance weight (0 = conditional only).
             image_guidance_scale: weight ``s_i >= 1`` of the user turn's images against the unconditional branch
@@ -712,7 +715,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             temperature: text sampling temperature (0 = greedy); ``top_k``, ``top_p``: the usual filters.
             stop: string(s) that end text generation (not included in the output).
             generator: one ``torch.Generator`` for image noise and text sampling (for a batch, one per
-                conversation, or one shared).
+                conversation, which makes each conversation's output its output alone, or one shared).
             noise_level, num_denoising_steps, output_type, callback_on_step_end,
                 callback_on_step_end_tensor_inputs: as in :class:`StarFlow2Pipeline` (the callback's step counts
                 latent positions and denoising steps across all images of the answer; an interruption ends the
@@ -724,7 +727,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             state: the ``state`` of a previous output: ``prompt`` is then the next user turn (and the beginning of
                 its answer) of that conversation, whose caches are reused (forked: the state is not modified).  The
                 guidance of a later turn may use fewer branches than the first turn's, not more; ``noise_level``
-                is the conversation's.
+                is the conversation's.  For a batch, a list of one state per conversation (all at one noise level).
 
         Examples:
         """
