@@ -263,6 +263,45 @@ class FlowKVCache:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def cached_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
+    """Attention of a few queries ``q (B, H, T, D)`` over a key/value cache ``(B, H_kv, S, D)`` under the additive
+    ``attn_mask`` ``(T, S)`` or ``(B, 1, T, S)`` (None: every slot); returns ``(B, H, T, D)``.
+
+    Written out: for a few queries over a short cache, two matrix products and a softmax cost less than the fused
+    kernels, which tile for long query blocks.  The query heads sharing a key head are stacked as rows.
+    """
+    B, H, T, D = q.shape
+    H_kv, S = keys.shape[1], keys.shape[2]
+    G = H // H_kv
+    q = q.reshape(B * H_kv, G * T, D)
+    k, v = keys.flatten(0, 1), values.flatten(0, 1)  # (B H_kv, S, D): views, also of a cache's filled slots
+    if attn_mask is None:
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # (B H_kv, G T, S)
+    else:
+        mask = attn_mask.repeat(1, 1, G, 1) if G > 1 else attn_mask
+        scores = torch.baddbmm(
+            mask.expand(B, H_kv, G * T, S).reshape(B * H_kv, G * T, S), q, k.transpose(1, 2), alpha=scale
+        )
+    out = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # (B H_kv, G T, D)
+    return out.view(B, H, T, D)
+
+
+# The same attention as one opaque operator for compiled decode steps: inductor keeps it a single call (it would
+# otherwise fuse the two matrix products with their neighbours into scalar loops, ~30x slower at decode sizes).
+@torch.library.custom_op("diffusers_starflow2::cached_attention", mutates_args=())
+def _cached_attention_op(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
+    return cached_attention(q, keys, values, attn_mask, scale)  # a new tensor: no input is aliased
+
+
+@_cached_attention_op.register_fake
+def _(q, keys, values, attn_mask, scale):
+    return q.new_empty(q.shape)  # contiguous, as the real output
+
+
 class FlowAttention(nn.Module):
     """Pre-norm causal self-attention with grouped-query heads, optional QK-norm and post-norm."""
 
@@ -356,7 +395,7 @@ class FlowAttention(nn.Module):
 
         ``x (B, T, C)`` sits at sequence ``positions (T,)``; its keys/values are written there into this layer's
         buffers ``keys``/``values (B, H_kv, S, D)`` and the queries attend over all ``S`` slots under the additive
-        ``attn_mask (B or 1, 1, T, S)`` (``-inf`` at future, unwritten and padded slots; None: no mask).
+        ``attn_mask (T, S) or (B, 1, T, S)`` (``-inf`` at future, unwritten and padded slots; None: no mask).
         ``rope (2, T, 1, D)``.
         """
         B, T, _ = x.shape
@@ -371,20 +410,12 @@ class FlowAttention(nn.Module):
         q, k = qk.transpose(1, 2).split([H, H_kv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v.transpose(1, 2))
-        if torch.compiler.is_compiling():  # inductor would turn the small matmuls below into scalar loops
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=attn_mask, scale=self.head_dim**-0.5, enable_gqa=H != H_kv
-            )  # (B, H, T, D)
-            return self._project_out(out)
-        # Attention written out: for a few queries over a short cache, two matmuls and a softmax cost less than the
-        # fused kernels (which tile for long query blocks).  The query heads sharing a key head are stacked as rows.
-        G = H // H_kv
-        q = q.reshape(B, H_kv, G * T, self.head_dim) * self.head_dim**-0.5
-        scores = torch.matmul(q, keys.transpose(-1, -2))  # (B, H_kv, G T, S)
-        if attn_mask is not None:
-            scores = scores + (attn_mask.repeat(1, 1, G, 1) if G > 1 else attn_mask)
-        out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(values.dtype), values)
-        return self._project_out(out.view(B, H, T, -1))
+        scale = self.head_dim**-0.5
+        if torch.compiler.is_compiling():  # an opaque call: inductor would fuse it into slow scalar loops
+            out = torch.ops.diffusers_starflow2.cached_attention(q, keys, values, attn_mask, scale)
+        else:
+            out = cached_attention(q, keys, values, attn_mask, scale)
+        return self._project_out(out)
 
     def _project_out(self, out: torch.Tensor) -> torch.Tensor:
         # out: (B, H, T, D) -> (B, T, C)
@@ -763,9 +794,53 @@ class AutoregressiveFlowBlock(nn.Module):
         included.  The cache then ends after them: calling again at the same ``index`` (Jacobi iterations) rewrites
         those positions."""
         pos = text_length + index
+        if "static_decode" in self.__dict__:  # compiled: the whole step is one graph, positions enter as a tensor
+            positions = torch.arange(pos, pos + inputs.shape[1], device=inputs.device)
+            params = self.static_decode(
+                inputs, positions, text_length, rope, key_padding_mask, cond, cache.keys, cache.values
+            )
+            cache.length = pos + inputs.shape[1]
+            return params
         h = self.embed(inputs.to(self.proj_in.weight.dtype), start=index, cond=cond)
         h = self.static_pass(h, pos, rope, cache, key_padding_mask)
         return self.affine(h)
+
+    def static_decode(
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        text_length: int,
+        rope: Optional[torch.Tensor],
+        key_padding_mask: Optional[torch.Tensor],
+        cond: Optional[torch.Tensor],
+        keys: List[torch.Tensor],
+        values: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode_step` with every shape fixed by the inputs ``(B, T, C_in)`` and the cache buffers
+        ``(B, H_kv, S, D)``: the inputs sit at sequence ``positions (T,)`` and attend over all ``S`` slots under a
+        causal (and padding) mask, so that :meth:`compile_decode_step` traces one graph per ``T`` and ``S``."""
+        h = self.proj_in(inputs.to(self.proj_in.weight.dtype))
+        if self.pos_embed is not None:
+            h = h + self.permute(self.pos_embed)[positions - text_length]
+        h = self.add_cond(h, cond)
+        mask = self.decode_mask(positions, keys[0].shape[2], key_padding_mask, h.dtype)
+        rope = rope[:, positions, None] if rope is not None else None  # (2, T, 1, D)
+        return self.affine(self.run_layers(h, positions, rope, mask, keys, values))
+
+    @staticmethod
+    def decode_mask(
+        positions: torch.Tensor, num_slots: int, key_padding_mask: Optional[torch.Tensor], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Additive mask of queries at ``positions (T,)`` over ``S`` cache slots, ``(T, S)`` causal, or ``(B, 1, T,
+        S)`` with padded keys hidden (``key_padding_mask (B, >= S)``, True = real; a padded query still sees
+        itself)."""
+        key_positions = torch.arange(num_slots, device=positions.device)
+        allowed = key_positions <= positions[:, None]  # (T, S)
+        if key_padding_mask is not None:
+            allowed = (allowed & key_padding_mask[:, None, None, :num_slots].bool()) | (
+                key_positions == positions[:, None]
+            )
+        return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(~allowed, float("-inf"))
 
     def static_pass(
         self,
@@ -795,11 +870,7 @@ class AutoregressiveFlowBlock(nn.Module):
                 h = self.run_layers(h, positions, rope, None, keys, values)
                 cache.length = end
                 return h
-        key_positions = torch.arange(S, device=h.device)
-        allowed = key_positions <= positions[:, None]  # (T, S) causal
-        if key_padding_mask is not None:  # a padded query still sees itself (no all -inf row)
-            allowed = (allowed & key_padding_mask[:, None, None, :S].bool()) | (key_positions == positions[:, None])
-        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
+        mask = self.decode_mask(positions, S, key_padding_mask, h.dtype)
         h = self.run_layers(h, positions, rope, mask, keys, values)
         cache.length = end
         return h
@@ -814,21 +885,21 @@ class AutoregressiveFlowBlock(nn.Module):
         values: List[torch.Tensor],
     ) -> torch.Tensor:
         """The layers over ``h (B, T, C)`` at ``positions (T,)``: ``rope (2, T, 1, D)``, additive ``mask (B or 1, 1,
-        T, S)``, one key and one value buffer per layer (only tensors: the unit :meth:`compile_decode_step`
-        compiles)."""
+        T, S)`` or ``(T, S)``, one key and one value buffer per layer."""
         for layer, k, v in zip(self.layers, keys, values):
             h = layer(h, rope, (k, v, positions), key_padding_mask=mask)
         return h
 
     @property
     def _static_shapes(self) -> bool:
-        return "run_layers" in self.__dict__ or (
+        return "static_decode" in self.__dict__ or (
             len(self.layers) > 0 and self.layers[0]._compiled_call_impl is not None
         )
 
     def compile_decode_step(self, **compile_kwargs) -> None:
-        """Compile this block's decode step (all layers of one step as one graph) with ``torch.compile``; opt-in.
+        """Compile this block's decode step (:meth:`static_decode`: input projection, all layers and the affine
+        parameters of one step as one graph) with ``torch.compile``; opt-in.
 
         The step has static shapes, so it is compiled once per query count and cache size (the first call pays the
         compile time) and never per token.  ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode``)."""
-        self.run_layers = torch.compile(self.run_layers, **compile_kwargs)
+        self.static_decode = torch.compile(self.static_decode, **compile_kwargs)
