@@ -160,6 +160,11 @@ def test_cached_attention_operator(num_kv_heads, masked):
         allowed[1, :, :, 2] = False
         mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
     torch.library.opcheck(torch.ops.diffusers_starflow2.cached_attention, (q, keys, values, mask, 0.25))
+    # a compiled step's buffers are longer than the filled slots: `filled` cuts them, as a view of the slots would
+    longer = [torch.cat([t, torch.randn(3, num_kv_heads, 5, 16, generator=g)], dim=2) for t in (keys, values)]
+    padded_mask = torch.cat([mask, torch.zeros(3, 1, 2, 5)], dim=-1) if masked else None
+    cut = torch.ops.diffusers_starflow2.cached_attention(q, *longer, padded_mask, 0.25, torch.tensor(9))
+    assert torch.equal(cut, cached_attention(q, keys, values, mask, 0.25))
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.25, enable_gqa=num_kv_heads != 4)
     assert (cached_attention(q, keys, values, mask, 0.25) - expected).abs().max() <= 1e-5
 

@@ -289,16 +289,27 @@ def cached_attention(
 
 
 # The same attention as one opaque operator for compiled decode steps: inductor keeps it a single call (it would
-# otherwise fuse the two matrix products with their neighbours into scalar loops, ~30x slower at decode sizes).
+# otherwise fuse the two matrix products with their neighbours into scalar loops, ~30x slower at decode sizes).  The
+# graph's buffers have a fixed size; ``filled`` (a 0-dim int64 CPU tensor, so that it never specialises the graph)
+# cuts them to the slots written so far, which is all a query may see: the cache is read no further than it is full.
 @torch.library.custom_op("diffusers_starflow2::cached_attention", mutates_args=())
 def _cached_attention_op(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    filled: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    if filled is not None:
+        n = int(filled)
+        keys, values = keys[:, :, :n], values[:, :, :n]
+        attn_mask = attn_mask[..., :n] if attn_mask is not None else None
     return cached_attention(q, keys, values, attn_mask, scale)  # a new tensor: no input is aliased
 
 
 @_cached_attention_op.register_fake
-def _(q, keys, values, attn_mask, scale):
+def _(q, keys, values, attn_mask, scale, filled=None):
     return q.new_empty(q.shape)  # contiguous, as the real output
 
 
@@ -389,14 +400,16 @@ class FlowAttention(nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         positions: torch.Tensor,
-        attn_mask: torch.Tensor,
+        filled: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The decode path: shapes depend on ``x`` and the buffers only, never on how much of the cache is filled.
 
         ``x (B, T, C)`` sits at sequence ``positions (T,)``; its keys/values are written there into this layer's
         buffers ``keys``/``values (B, H_kv, S, D)`` and the queries attend over all ``S`` slots under the additive
         ``attn_mask (T, S) or (B, 1, T, S)`` (``-inf`` at future, unwritten and padded slots; None: no mask).
-        ``rope (2, T, 1, D)``.
+        ``rope (2, T, 1, D)``.  ``filled`` (compiled steps, a 0-dim int64 CPU tensor): the slots written after this
+        step, the only ones attention reads.
         """
         B, T, _ = x.shape
         H, H_kv = self.num_heads, self.num_kv_heads
@@ -412,7 +425,7 @@ class FlowAttention(nn.Module):
         values.index_copy_(2, positions, v.transpose(1, 2))
         scale = self.head_dim**-0.5
         if torch.compiler.is_compiling():  # an opaque call: inductor would fuse it into slow scalar loops
-            out = torch.ops.diffusers_starflow2.cached_attention(q, keys, values, attn_mask, scale)
+            out = torch.ops.diffusers_starflow2.cached_attention(q, keys, values, attn_mask, scale, filled)
         else:
             out = cached_attention(q, keys, values, attn_mask, scale)
         return self._project_out(out)
@@ -796,10 +809,12 @@ class AutoregressiveFlowBlock(nn.Module):
         pos = text_length + index
         if "static_decode" in self.__dict__:  # compiled: the whole step is one graph, positions enter as a tensor
             positions = torch.arange(pos, pos + inputs.shape[1], device=inputs.device)
+            end = pos + inputs.shape[1]
+            filled = torch.tensor(end)  # on the CPU: read by the attention operator, never a graph constant
             params = self.static_decode(
-                inputs, positions, text_length, rope, key_padding_mask, cond, cache.keys, cache.values
+                inputs, positions, text_length, rope, key_padding_mask, cond, cache.keys, cache.values, filled
             )
-            cache.length = pos + inputs.shape[1]
+            cache.length = end
             return params
         h = self.embed(inputs.to(self.proj_in.weight.dtype), start=index, cond=cond)
         h = self.static_pass(h, pos, rope, cache, key_padding_mask)
@@ -815,6 +830,7 @@ class AutoregressiveFlowBlock(nn.Module):
         cond: Optional[torch.Tensor],
         keys: List[torch.Tensor],
         values: List[torch.Tensor],
+        filled: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`decode_step` with every shape fixed by the inputs ``(B, T, C_in)`` and the cache buffers
         ``(B, H_kv, S, D)``: the inputs sit at sequence ``positions (T,)`` and attend over all ``S`` slots under a
@@ -823,9 +839,11 @@ class AutoregressiveFlowBlock(nn.Module):
         if self.pos_embed is not None:
             h = h + self.permute(self.pos_embed)[positions - text_length]
         h = self.add_cond(h, cond)
-        mask = self.decode_mask(positions, keys[0].shape[2], key_padding_mask, h.dtype)
+        mask = None  # one query over the filled slots (the attention reads no further) sees them all
+        if inputs.shape[1] > 1 or key_padding_mask is not None:
+            mask = self.decode_mask(positions, keys[0].shape[2], key_padding_mask, h.dtype)
         rope = rope[:, positions, None] if rope is not None else None  # (2, T, 1, D)
-        return self.affine(self.run_layers(h, positions, rope, mask, keys, values))
+        return self.affine(self.run_layers(h, positions, rope, mask, keys, values, filled))
 
     @staticmethod
     def decode_mask(
@@ -861,8 +879,10 @@ class AutoregressiveFlowBlock(nn.Module):
         end = start + h.shape[1]
         positions = torch.arange(start, end, device=h.device)
         keys, values = cache.keys, cache.values
+        filled = None
         if self._static_shapes:
             S, rope = cache.capacity, rope[:, positions, None] if rope is not None else None  # (2, T, 1, D)
+            filled = torch.tensor(end)
         else:  # the filled slots only (views: the layers write through them); one new query sees them all
             S, rope = end, rope[:, start:end, None] if rope is not None else None
             keys, values = [k[:, :, :S] for k in keys], [v[:, :, :S] for v in values]
@@ -871,7 +891,7 @@ class AutoregressiveFlowBlock(nn.Module):
                 cache.length = end
                 return h
         mask = self.decode_mask(positions, S, key_padding_mask, h.dtype)
-        h = self.run_layers(h, positions, rope, mask, keys, values)
+        h = self.run_layers(h, positions, rope, mask, keys, values, filled)
         cache.length = end
         return h
 
@@ -883,11 +903,13 @@ class AutoregressiveFlowBlock(nn.Module):
         mask: Optional[torch.Tensor],
         keys: List[torch.Tensor],
         values: List[torch.Tensor],
+        filled: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The layers over ``h (B, T, C)`` at ``positions (T,)``: ``rope (2, T, 1, D)``, additive ``mask (B or 1, 1,
-        T, S)`` or ``(T, S)``, one key and one value buffer per layer."""
+        T, S)`` or ``(T, S)``, one key and one value buffer per layer, ``filled`` (see
+        :meth:`FlowAttention.forward_static`)."""
         for layer, k, v in zip(self.layers, keys, values):
-            h = layer(h, rope, (k, v, positions), key_padding_mask=mask)
+            h = layer(h, rope, (k, v, positions, filled), key_padding_mask=mask)
         return h
 
     @property
