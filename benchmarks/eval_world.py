@@ -7,6 +7,8 @@ Measures, on held-out material of the world (fresh jitters and wordings never se
 * understanding accuracy: single-word answers to questions about held-out images, asked in the training wording and
   in the held-out wording (paraphrases never seen in training);
 * colour-edit success: the edited image has the requested colour (and keeps its shape), both wordings;
+* colour-edit success inside a chat: "draw X", then a colour instruction in the next turn of the same conversation
+  (the interleaved pipeline continuing its ``state``, text+image guidance as in ``tests/test_pipeline_starflow2_edit``);
 * bits/dim of held-out images under their captions (the flow's exact likelihood of noisy FAE latents).
 
 Prints a markdown table and writes a grid of samples (PNG).
@@ -27,7 +29,12 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
-from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline  # noqa: E402
+from diffusers_starflow2 import (  # noqa: E402
+    IMAGE_PLACEHOLDER,
+    StarFlow2EditPipeline,
+    StarFlow2InterleavedPipeline,
+    StarFlow2Pipeline,
+)
 from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
 from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts  # noqa: E402
 from diffusers_starflow2.world.shape_analysis import analyze_shape  # noqa: E402
@@ -95,6 +102,25 @@ def edit_success(pipe, n: int, image_size: int, keep: list, wording: str) -> flo
     return right / n
 
 
+def chat_edit_success(chat, n: int, wording: str) -> float:
+    """Held-out chats: the canonical caption of a fresh scene, then a colour instruction (training or held-out
+    wording) continuing the same conversation; the answer must have the requested colour and keep the shape."""
+    rng = np.random.default_rng(HELDOUT_SEED + 4)
+    options = dict(max_new_tokens=0, image_guidance_scale=1.5)
+    right = 0
+    for i in range(n):
+        scene = random_scene(rng)
+        target, instruction, _ = make_edit(scene, rng, split=wording, attribute="color")
+        seed = torch.Generator().manual_seed
+        first = chat([canonical_caption(scene), IMAGE_PLACEHOLDER], generator=seed(HELDOUT_SEED + i), **options)
+        edited = chat(
+            [instruction, IMAGE_PLACEHOLDER], state=first.state, generator=seed(HELDOUT_SEED + n + i), **options
+        )
+        report = analyze_shape(edited.images[0]).attributes
+        right += report["color"] == target.color and report["shape"] == target.shape
+    return right / n
+
+
 @torch.no_grad()
 def heldout_bits_per_dim(pipe, n: int, image_size: int) -> float:
     """Mean bits/dim of held-out images (FAE latents at the sampling noise level) given their captions."""
@@ -141,6 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="images per held-out prompt")
     parser.add_argument("--understanding", type=int, default=60, help="held-out images for QA (3 questions each)")
     parser.add_argument("--edits", type=int, default=60)
+    parser.add_argument("--chat_edits", type=int, default=64, help="held-out chats with a colour edit, per wording")
     parser.add_argument("--bpd", type=int, default=60)
     parser.add_argument("--guidance_scale", type=float, default=2.0)
     parser.add_argument("--grid", default=str(REPO / "benchmarks" / "world_samples.png"))
@@ -157,6 +184,7 @@ def main(argv=None) -> int:
     chat = StarFlow2InterleavedPipeline.from_pretrained(args.model)
     chat.set_progress_bar_config(disable=True)
     qa = {w: understanding_accuracy(chat, args.understanding, size, w) for w in ("train", "heldout")}
+    chat_edits = {w: chat_edit_success(chat, args.chat_edits, w) for w in ("train", "heldout")}
     edit = StarFlow2EditPipeline.from_pretrained(args.model)
     edit.set_progress_bar_config(disable=True)
     edits = {
@@ -167,7 +195,7 @@ def main(argv=None) -> int:
     n = 60 * args.seeds
     print(
         f"model: {args.model}; held-out prompts: 60 x {args.seeds} images; {args.understanding * 3} questions; "
-        f"{args.edits} colour edits; {args.bpd} images for bits/dim; {time.time() - start:.0f} s"
+        f"{args.edits} colour edits; {args.chat_edits} chats; {args.bpd} images for bits/dim; {time.time() - start:.0f} s"
     )
     print("| metric | guidance 2.0 | guidance 0 | target |")
     print("|---|---|---|---|")
@@ -177,6 +205,8 @@ def main(argv=None) -> int:
     print(f"| understanding accuracy, held-out images, held-out wording | {qa['heldout']:.1%} | | |")
     print(f"| colour-edit success, held-out images, training wording | {edits['train']:.1%} | | >= 75% |")
     print(f"| colour-edit success, held-out images, held-out wording | {edits['heldout']:.1%} | | |")
+    print(f"| colour-edit success inside a chat, held-out scenes, training wording | {chat_edits['train']:.1%} | | |")
+    print(f"| colour-edit success inside a chat, held-out scenes, held-out wording | {chat_edits['heldout']:.1%} | | |")
     print(f"| held-out bits/dim (noisy FAE latents) | {bpd:.3f} | | |")
     if args.grid:
         save_grid(kept + kept_edits, Path(args.grid))

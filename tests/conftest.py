@@ -53,7 +53,7 @@ def write_training_workdir(root: Path, perturb: float = 0.0, num_images: int = 4
     from diffusers_starflow2.world.synthetic_world import write_world
 
     StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=perturb)).save_pretrained(root / "pipe")
-    world_kinds = {} if kinds is None else {"kinds": kinds}  # default: all four
+    world_kinds = {} if kinds is None else {"kinds": kinds}  # default: every kind
     write_world(root / "world", num_images=num_images, seed=0, image_size=32, progress=False, **world_kinds)
     return root
 

@@ -304,11 +304,6 @@ def test_the_interleaved_pipeline_edits_as_the_edit_pipeline(components, source,
         torch.testing.assert_close(other, next_turns[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the embedded model changes the colour in 2 of these 4 held-out chats "
-    "(20 of 32 other held-out chats); the bar is 3 of 4",
-)
 def test_editing_inside_a_chat_with_the_embedded_model():
     """Draw, then ask for another colour in the next turn of the same conversation (held-out scenes, the default
     guidance): the answer image takes the requested colour in at least 3 of 4 cases."""

@@ -23,6 +23,7 @@ from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
     canonical_caption,
     caption,
     main,
+    make_chat_edit,
     make_document,
     make_edit,
     questions,
@@ -79,6 +80,7 @@ def test_write_world_is_deterministic_and_seed_dependent(tmp_path):
     assert any(fa[k] != fc.get(k) for k in fa if k.endswith(".png"))
     assert fa["caption/metadata.jsonl"] != fc["caption/metadata.jsonl"]
     assert not [k for k in fa if ".tmp" in k]  # atomic writes leave no temp files
+    assert a["kinds"]["chat_edit"] == a["kinds"]["edit"] == {"rows": 12, "images": 24}
     assert a["kinds"]["understanding"] == {"rows": 36, "images": 12} and a["kinds"]["edit"] == {
         "rows": 12,
         "images": 24,
@@ -184,6 +186,16 @@ def test_edit_targets_differ_exactly_in_the_edited_attribute():
         assert src == scene.attributes and tgt == target.attributes
         assert {k for k in src if src[k] != tgt[k]} == {info["attribute"]}
     assert seen == {"color", "shape", "position"}
+
+
+def test_chat_edits_ask_for_the_source_then_edit_it():
+    rng = np.random.default_rng(3)
+    for i in range(60):
+        scene = random_scene(rng)
+        request, target, instruction, info = make_chat_edit(scene, rng, "train" if i % 3 else "heldout")
+        assert all(_mentions(request, v) for v in scene.attributes.values()), request
+        assert info["from"] == scene.attributes[info["attribute"]] != info["to"] == target.attributes[info["attribute"]]
+        assert _mentions(instruction, info["to"]), instruction
 
 
 def test_documents_describe_their_images():

@@ -340,3 +340,62 @@ def test_batches_use_the_pipeline_layouts_and_per_sample_randomness():
     levels = build.noise_levels([torch.Generator().manual_seed(i) for i in range(4000)])
     assert levels.min() >= 0.01 and levels.max() <= 0.3
     assert abs(levels.log().mean().item() - (torch.tensor([0.01, 0.3]).log().mean().item())) < 0.05
+
+
+def test_chat_edits_are_laid_out_as_a_continued_chat():
+    """A chat_edit sample is token for token what the interleaved pipeline runs for "draw X" then "make it blue" in
+    the same conversation; only its second image is scored, and caption dropout empties both user turns (the
+    unconditional branch of the chat's guidance)."""
+    from diffusers_starflow2 import StarFlow2InterleavedPipeline
+    from diffusers_starflow2.utils.sequence import IMAGE_PAD, VISION_END, VISION_START, special_id, user_message
+
+    pipe = StarFlow2InterleavedPipeline(**build_tiny_starflow2_components(seed=0, perturb=0))
+    tok, N = pipe.tokenizer, pipe.transformer.num_latents
+    args = train.parse_args(
+        ["--stage", "3", "--pretrained_model_name_or_path", "-", "--output_dir", "-", "--mixture", "-"]
+        + ["--max_train_steps", "1", "--caption_dropout", "0"]
+    )
+    build = train.BatchBuilder(args, tok, pipe.vae, pipe.scheduler, N, torch.float32)
+    example = {
+        "kind": "chat_edit",
+        "prompt": "a red circle",
+        "source_image": torch.rand(3, 32, 32) * 2 - 1,
+        "instruction": "make it blue",
+        "target_image": torch.rand(3, 32, 32) * 2 - 1,
+        "position": 0,
+        "source": "chat_edit",
+    }
+    batch = build([example], "cpu")
+    assert batch["image_loss_mask"].tolist() == [False, True] and not batch["text_loss_mask"].any()
+
+    vs, ve, pad = (special_id(tok, t) for t in (VISION_START, VISION_END, IMAGE_PAD))
+    image = [vs] + [pad] * N + [ve]
+
+    def chat_ids(request, instruction, branch):
+        first = pipe.encode_prompt([user_message(request)], do_classifier_free_guidance=True)[branch]
+        later = pipe.encode_prompt([user_message(instruction)], do_classifier_free_guidance=True, next_turn=True)
+        return first.input_ids + image + later[branch].input_ids + image
+
+    expected = chat_ids("a red circle", "make it blue", 0)
+    ids = batch["input_ids"][0].tolist()
+    assert ids[: len(expected)] == expected and tok.decode(ids[len(expected) :]).strip() == "<|im_end|>"
+
+    args.caption_dropout = 1.0
+    dropped = build([example], "cpu")["input_ids"][0].tolist()
+    unconditional = chat_ids("a red circle", "make it blue", 1)
+    assert dropped[: len(unconditional)] == unconditional
+
+
+def test_recipe_chat_step_continues_stage3_with_chat_edits(work, tmp_path):
+    """The embedded model's recipe step ``chat``: stage 3 again, from ``WORKDIR/stage3``, on a mixture with the
+    world's chat edits; it writes a loadable pipeline into ``WORKDIR/chat``, which ``export`` publishes."""
+    import shutil
+
+    from diffusers_starflow2.world import train_world
+
+    shutil.copytree(work / "world", tmp_path / "world")
+    shutil.copytree(work / "pipe", tmp_path / "stage3")
+    assert "chat_edit=" in " ".join(train_world.STAGES["chat"].data(tmp_path))
+    train_world.step_stage(tmp_path, "chat", steps=2)
+    assert train_world.FINAL_STEP == "chat"
+    StarFlow2Pipeline.from_pretrained(tmp_path / "chat")

@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from diffusers_starflow2.training.data import (  # noqa: E402
     CaptionDataset,
+    ChatEditDataset,
     EditDataset,
     InterleavedDataset,
     MixtureSampler,
@@ -78,6 +79,15 @@ def test_all_formats_round_trip(world):
         assert any(isinstance(s, str) for s in segments) and any(isinstance(s, Image.Image) for s in segments)
         assert all(isinstance(s, (str, Image.Image)) for s in segments)
 
+    chats = ChatEditDataset(world / "chat_edit")
+    assert len(chats) == N
+    for i, row in enumerate(chats.rows):
+        item = chats[i]
+        src, tgt = analyze_shape(item["source_image"]).attributes, analyze_shape(item["target_image"]).attributes
+        assert {k for k in src if src[k] != tgt[k]} == {row["edit"]["attribute"]}
+        assert src[row["edit"]["attribute"]] == row["edit"]["from"] and item["prompt"].strip()
+        assert item["kind"] == "chat_edit" and item["instruction"] == row["instruction"]
+
     assert isinstance(open_dataset(world / "caption", "generation"), CaptionDataset)
     assert isinstance(open_dataset(world / "edit", "editing"), EditDataset)
 
@@ -87,6 +97,12 @@ GOOD = {
     "understanding": {"file_name": "a.png", "prompt": "what color is the shape?", "response": "red"},
     "edit": {"source_file_name": "a.png", "instruction": "turn it blue", "target_file_name": "a.png"},
     "interleaved": {"segments": [{"text": "here is a red circle:"}, {"file_name": "a.png"}]},
+    "chat_edit": {
+        "prompt": "a red circle",
+        "source_file_name": "a.png",
+        "instruction": "turn it blue",
+        "target_file_name": "a.png",
+    },
 }
 BAD = [
     ("caption", '{"file_name": "a.png", "text": "x"'),  # bad JSON
@@ -103,6 +119,8 @@ BAD = [
     ("interleaved", '{"segments": [{"text": "a", "file_name": "a.png"}]}'),
     ("interleaved", '{"segments": [{"image": "a.png"}]}'),
     ("interleaved", '{"segments": [{"text": "ok"}, {"file_name": "nope.png"}]}'),
+    ("chat_edit", '{"source_file_name": "a.png", "instruction": "x", "target_file_name": "a.png"}'),
+    ("chat_edit", '{"prompt": "", "source_file_name": "a.png", "instruction": "x", "target_file_name": "a.png"}'),
 ]
 
 

@@ -10,7 +10,11 @@ caption        ``{"file_name": str, "text": str}``
 understanding  ``{"file_name": str, "prompt": str, "response": str}``
 edit           ``{"source_file_name": str, "instruction": str, "target_file_name": str}``
 interleaved    ``{"segments": [{"text": str} | {"file_name": str}, ...]}``
+chat_edit      ``{"prompt": str, "source_file_name": str, "instruction": str, "target_file_name": str}``
 =============  ==================================================================================
+
+A ``chat_edit`` row is a two-turn conversation: the user's ``prompt``, the assistant's answer (the source image),
+the user's ``instruction``, the assistant's answer (the target image) - an edit of an image the assistant drew.
 
 Extra keys are allowed and passed through (e.g. the shapes world's ``"attributes"``). Text values
 must be non-empty; file names must be relative and exist, resolve inside the folder (symlinks included) and
@@ -24,6 +28,7 @@ Readers (``torch.utils.data.Dataset``; images are returned as RGB PIL images):
 * :class:`UnderstandingDataset` -> ``{"kind": "understanding", "image", "prompt", "response"}``
 * :class:`EditDataset`          -> ``{"kind": "edit", "source_image", "instruction", "target_image"}``
 * :class:`InterleavedDataset`   -> ``{"kind": "interleaved", "segments": [str | PIL.Image, ...]}``
+* :class:`ChatEditDataset`      -> ``{"kind": "chat_edit", "prompt", "source_image", "instruction", "target_image"}``
 
 Stage-3 mixtures: ``--mixture "understanding=DIR:0.3,generation=DIR:0.4,editing=DIR:0.2,interleaved=DIR:0.1"``
 is parsed by :func:`parse_mixture`; :func:`mixture` turns it into a reproducible :class:`MixtureSampler`.
@@ -51,6 +56,12 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "understanding": {"file_name": "file", "prompt": "text", "response": "text"},
     "edit": {"source_file_name": "file", "instruction": "text", "target_file_name": "file"},
     "interleaved": {"segments": "segments"},
+    "chat_edit": {
+        "prompt": "text",
+        "source_file_name": "file",
+        "instruction": "text",
+        "target_file_name": "file",
+    },
 }
 KINDS = tuple(SCHEMAS)
 #: Names accepted in a mixture spec (and by :func:`open_dataset`) and the kind they read.
@@ -64,6 +75,8 @@ KIND_ALIASES = {
     "edit": "edit",
     "editing": "edit",
     "interleaved": "interleaved",
+    "chat_edit": "chat_edit",
+    "chat_editing": "chat_edit",
 }
 
 PathLike = Union[str, os.PathLike]
@@ -238,7 +251,26 @@ class InterleavedDataset(_FolderDataset):
         return {"kind": self.kind, "segments": segments}
 
 
-DATASET_CLASSES = {cls.kind: cls for cls in (CaptionDataset, UnderstandingDataset, EditDataset, InterleavedDataset)}
+class ChatEditDataset(_FolderDataset):
+    """Edits inside a chat: ``{"kind", "prompt", "source_image", "instruction", "target_image"}``, where the
+    source image is the assistant's answer to ``prompt`` and the target its answer to ``instruction``."""
+
+    kind = "chat_edit"
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        return {
+            "kind": self.kind,
+            "prompt": row["prompt"],
+            "source_image": self.image(row["source_file_name"]),
+            "instruction": row["instruction"],
+            "target_image": self.image(row["target_file_name"]),
+        }
+
+
+DATASET_CLASSES = {
+    cls.kind: cls for cls in (CaptionDataset, UnderstandingDataset, EditDataset, InterleavedDataset, ChatEditDataset)
+}
 
 
 def open_dataset(folder: PathLike, kind: str) -> _FolderDataset:

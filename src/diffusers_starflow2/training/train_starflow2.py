@@ -126,7 +126,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--caption_column", default="text", help="--dataset_name: the column of the captions")
     p.add_argument("--cache_dir", default=None, help="where 🤗 datasets caches --dataset_name")
     p.add_argument(
-        "--mixture", help='stage 3: "understanding=DIR:0.3,generation=DIR:0.4,editing=DIR:0.2,interleaved=DIR:0.1"'
+        "--mixture",
+        help='stage 3: "understanding=DIR:0.3,generation=DIR:0.4,editing=DIR:0.2,interleaved=DIR:0.1" '
+        "(optionally chat_edit=DIR:w)",
     )
     p.add_argument(
         "--interleaved_layout",
@@ -444,7 +446,8 @@ def conversation(example: dict, drop_text: bool, interleaved_layout: str):
     loss scores each image, and whether the text loss applies.
 
     generation: user caption -> assistant image; understanding: user [image, prompt] -> assistant response;
-    editing: user [source, instruction] -> assistant [target]; interleaved: segments (see ``--interleaved_layout``).
+    editing: user [source, instruction] -> assistant [target]; interleaved: segments (see ``--interleaved_layout``);
+    chat editing: user prompt -> assistant [source] -> user instruction -> assistant [target] (:func:`chat_edit`).
     """
     from diffusers_starflow2.utils.sequence import user_message
 
@@ -472,7 +475,27 @@ def conversation(example: dict, drop_text: bool, interleaved_layout: str):
         images = [s for s in segments if not isinstance(s, str)]
         scored = [i >= split for i, s in enumerate(segments) if not isinstance(s, str)]  # assistant images only
         return messages, images, scored, True
+    if kind == "chat_edit":
+        return chat_edit(example, drop_text)
     raise ValueError(f"unknown example kind {kind!r}")
+
+
+def chat_edit(example: dict, drop_text: bool):
+    """An edit inside a chat, laid out as :class:`StarFlow2InterleavedPipeline` lays out a continued conversation
+    (``pipe([prompt, "<image>"])`` then ``pipe([instruction, "<image>"], state=...)`` renders the same tokens).
+
+    Only the target is scored: the source stands for the image the assistant drew in the earlier turn, in context.
+    Dropping the text empties both user turns, which is the unconditional branch of a chat's guidance: there the
+    earlier answer stays in context and only the requests are gone."""
+    prompt, instruction = ("", "") if drop_text else (example["prompt"], example["instruction"])
+    image_part = {"type": "image"}
+    messages = [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": [image_part]},
+        {"role": "user", "content": instruction},
+        {"role": "assistant", "content": [image_part]},
+    ]
+    return messages, [example["source_image"], example["target_image"]], [False, True], False
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,9 +25,14 @@ Layout written by :func:`write_world` (``file_name`` values are relative to the 
     OUTPUT/edit/images/00000_source.png, 00000_target.png
     OUTPUT/interleaved/metadata.jsonl    {"segments": [{"text": ...} | {"file_name": ...}, ...]}
     OUTPUT/interleaved/images/00000_0.png, 00000_1.png
+    OUTPUT/chat_edit/metadata.jsonl      {"prompt", "source_file_name", "instruction", "target_file_name", "edit"}
+    OUTPUT/chat_edit/images/00000_source.png, 00000_target.png
+
+A ``chat_edit`` item is a two-turn conversation: the user asks for the source image with a caption, the assistant
+draws it, the user asks for an edit and the assistant draws the target (see :func:`make_chat_edit`).
 
 CLI: ``python training/synthetic_world.py --output DIR --num_images N --seed S [--image_size 64]
-[--split train|heldout] [--kinds caption,understanding,edit,interleaved]``
+[--split train|heldout] [--kinds caption,understanding,edit,interleaved,chat_edit]``
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 BACKGROUND = (255, 255, 255)
-KINDS: tuple[str, ...] = ("caption", "understanding", "edit", "interleaved")
+# new kinds go last: an item's random stream is seeded with its kind's index here
+KINDS: tuple[str, ...] = ("caption", "understanding", "edit", "interleaved", "chat_edit")
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
 MAX_OFFSET = 1 / 32  # centre jitter, fraction of the side
@@ -283,6 +289,15 @@ def make_edit(scene: Scene, rng: Rng, split: str = "train", attribute: str | Non
     return target, text, {"attribute": attribute, "from": old, "to": new}
 
 
+def make_chat_edit(scene: Scene, rng: Rng, split: str = "train") -> tuple[str, Scene, str, dict]:
+    """A two-turn chat about ``scene``: ``(request, target, instruction, info)``. The user asks for ``scene`` with a
+    caption (canonical half of the time in train, as :func:`caption`), then asks for the edit that turns the
+    assistant's drawing into ``target`` (:func:`make_edit`, colour with probability 0.6)."""
+    request = caption(scene, rng, split)
+    target, instruction, info = make_edit(scene, rng, split)
+    return request, target, instruction, info
+
+
 def _weighted(rng: Rng, weights: dict[str, float]) -> str:
     names, w = list(weights), np.cumsum(list(weights.values()))
     u = _uniform(rng, 0.0, float(w[-1]))
@@ -333,6 +348,51 @@ def _jsonl(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
 
 
+def _write_pair(folder: Path, i: int, source: Scene, target: Scene, image_size: int) -> dict:
+    """Render an edit's source and target images; their file names as a row fragment."""
+    src, tgt = f"images/{i:05d}_source.png", f"images/{i:05d}_target.png"
+    _save_png(render(source, image_size), folder / src)
+    _save_png(render(target, image_size), folder / tgt)
+    return {"source_file_name": src, "target_file_name": tgt}
+
+
+def _write_document(folder: Path, i: int, rng: np.random.Generator, split: str, image_size: int) -> tuple[list, int]:
+    """One interleaved document; ``j`` numbers its images in order of appearance."""
+    segments, j = [], 0
+    for seg in make_document(rng, split):
+        if isinstance(seg, Scene):
+            name = f"images/{i:05d}_{j}.png"
+            _save_png(render(seg, image_size), folder / name)
+            segments.append({"file_name": name})
+            j += 1
+        else:
+            segments.append({"text": seg})
+    return [{"segments": segments}], j
+
+
+def _write_item(folder: Path, kind: str, i: int, seed: int, split: str, image_size: int) -> tuple[list, int]:
+    """Write item ``i`` of ``kind`` into ``folder``: ``(metadata rows, number of images written)``."""
+    rng = _item_rng(seed, split, kind, i, stream=1)
+    if kind == "interleaved":
+        return _write_document(folder, i, rng, split, image_size)
+    scene = balanced_scene(seed, split, kind, i)
+    if kind == "edit":
+        target, instruction, info = make_edit(scene, rng, split)
+        return [{**_write_pair(folder, i, scene, target, image_size), "instruction": instruction, "edit": info}], 2
+    if kind == "chat_edit":
+        request, target, instruction, info = make_chat_edit(scene, rng, split)
+        row = {"prompt": request, "instruction": instruction, "edit": info}
+        return [{**_write_pair(folder, i, scene, target, image_size), **row}], 2
+    name = f"images/{i:05d}.png"
+    _save_png(render(scene, image_size), folder / name)
+    if kind == "caption":
+        return [{"file_name": name, "text": caption(scene, rng, split), "attributes": scene.attributes}], 1
+    return [
+        {"file_name": name, "prompt": q, "response": a, "attribute": attr}
+        for attr, q, a in questions(scene, rng, split)
+    ], 1
+
+
 def write_world(
     output_dir: str | os.PathLike,
     num_images: int,
@@ -344,7 +404,7 @@ def write_world(
 ) -> dict:
     """Write ``num_images`` items of each kind in ``kinds`` under ``output_dir`` (layout in the module
     docstring): one image per caption / understanding item (3 QA rows each), a source+target pair per
-    edit, and one document (1-2 images) per interleaved item. Images are written first and each
+    edit and per chat edit, and one document (1-2 images) per interleaved item. Images are written first and each
     ``metadata.jsonl`` (then ``world.json``) is written atomically last, so a folder with metadata is
     complete. Re-running into the same folder overwrites files; stale extra images are left alone.
     Returns the ``world.json`` content."""
@@ -364,43 +424,9 @@ def write_world(
         (folder / "images").mkdir(parents=True, exist_ok=True)
         rows, n_files = [], 0
         for i in range(num_images):
-            rng = _item_rng(seed, split, kind, i, stream=1)
-            if kind == "interleaved":
-                segments, j = [], 0  # j numbers the document's images in order of appearance
-                for seg in make_document(rng, split):
-                    if isinstance(seg, Scene):
-                        name = f"images/{i:05d}_{j}.png"
-                        _save_png(render(seg, image_size), folder / name)
-                        segments.append({"file_name": name})
-                        j += 1
-                    else:
-                        segments.append({"text": seg})
-                rows.append({"segments": segments})
-                n_files += j
-            else:
-                scene = balanced_scene(seed, split, kind, i)
-                if kind == "edit":
-                    target, instruction, info = make_edit(scene, rng, split)
-                    src, tgt = f"images/{i:05d}_source.png", f"images/{i:05d}_target.png"
-                    _save_png(render(scene, image_size), folder / src)
-                    _save_png(render(target, image_size), folder / tgt)
-                    rows.append(
-                        {"source_file_name": src, "instruction": instruction, "target_file_name": tgt, "edit": info}
-                    )
-                    n_files += 2
-                else:
-                    name = f"images/{i:05d}.png"
-                    _save_png(render(scene, image_size), folder / name)
-                    n_files += 1
-                    if kind == "caption":
-                        rows.append(
-                            {"file_name": name, "text": caption(scene, rng, split), "attributes": scene.attributes}
-                        )
-                    else:
-                        rows += [
-                            {"file_name": name, "prompt": q, "response": a, "attribute": attr}
-                            for attr, q, a in questions(scene, rng, split)
-                        ]
+            item_rows, item_files = _write_item(folder, kind, i, seed, split, image_size)
+            rows += item_rows
+            n_files += item_files
             bar.update(1)
         write_text_atomic(folder / "metadata.jsonl", _jsonl(rows))
         counts[kind] = {"rows": len(rows), "images": n_files}
@@ -422,7 +448,7 @@ def write_world(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Write the synthetic shapes world (caption / understanding / edit / interleaved folders)."
+        description="Write the synthetic shapes world (caption / understanding / edit / interleaved / chat_edit folders)."
     )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--num_images", type=int, required=True, help="items per kind")

@@ -2,7 +2,7 @@
 
 Steps, run in the order given by ``--steps`` (default: all but ``export``); each writes into ``--workdir`` and reads
 what the earlier steps wrote there. Nothing is skipped: a step given again is run again, so to continue after a
-finished step, name only the remaining ones (e.g. ``--steps stage2 stage3``).
+finished step, name only the remaining ones (e.g. ``--steps stage2 stage3 chat``).
 
 1. ``world``  - the synthetic world at 32 px (train split), see ``diffusers_starflow2/world/synthetic_world.py``;
 2. ``fae``    - the FAE on the world's images, its frozen DINOv2 randomly initialised (no pretrained DINOv2 can be
@@ -11,14 +11,18 @@ finished step, name only the remaining ones (e.g. ``--steps stage2 stage3``).
    world's text (requests, descriptions with questions and answers, edit instructions, documents), then frozen;
 4. ``init``   - a pipeline folder with the trained FAE and LM and a freshly initialised Pretzel;
 5. ``stage1`` / ``stage2`` / ``stage3`` - ``training/train_starflow2.py`` (text->image flow; adapter for understanding;
-   joint training with skips on the mixture of all four data kinds);
-6. ``export`` - only when named: copy ``WORKDIR/stage3`` into ``src/diffusers_starflow2/default_model`` (the embedded
-   default), atomically.
+   joint training with skips on the mixture of the four single-turn data kinds);
+6. ``chat``   - stage 3 continued from ``WORKDIR/stage3`` into ``WORKDIR/chat`` on a mixture that adds edits inside a
+   chat (the world's ``chat_edit`` kind: "draw X" -> image, "make it blue" -> image) to the four kinds, so that
+   the model edits an image it drew earlier in the conversation, not only an image the user gave;
+7. ``export`` - only when named: copy ``WORKDIR/chat`` (the last training step) into
+   ``src/diffusers_starflow2/default_model`` (the embedded default), atomically.
 
-    python training/recipes/train_world.py --workdir runs/world                       # steps world .. stage3
-    python training/recipes/train_world.py --workdir runs/world --steps stage3 export # redo stage 3, then export
+    python training/recipes/train_world.py --workdir runs/world                            # steps world .. chat
+    python training/recipes/train_world.py --workdir runs/world --steps stage3 chat export # redo stages, export
 
-Options: ``--num_images`` (world size, 3000), ``--fae_steps`` (1200), ``--lm_steps`` (1000), ``--threads`` (1).
+Options: ``--num_images`` (world size, 3000), ``--fae_steps`` (1200), ``--lm_steps`` (1000), ``--chat_steps``
+(1000), ``--threads`` (1).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -35,6 +41,7 @@ from .synthetic_world import write_world
 
 IMAGE_SIZE = 32
 SEED = 0
+CHAT_STEPS = 1000
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,52 +241,75 @@ def step_init(work: Path) -> None:
     pipe.save_pretrained(work / "init")
 
 
-STAGES = {
-    # stage: (input folder, data arguments, steps, batch size, learning rate)
-    1: ("init", lambda w: ["--train_data_dir", str(w / "world" / "caption")], 3000, 32, 1e-3),
-    2: ("stage1", lambda w: ["--train_data_dir", str(w / "world" / "understanding")], 1500, 32, 1e-3),
-    3: (
-        "stage2",
-        lambda w: [
-            "--mixture",
-            ",".join(
-                [
-                    f"understanding={w / 'world' / 'understanding'}:0.3",
-                    f"generation={w / 'world' / 'caption'}:0.35",
-                    f"editing={w / 'world' / 'edit'}:0.25",
-                    f"interleaved={w / 'world' / 'interleaved'}:0.1",
-                ]
-            ),
-        ],
-        2000,
-        32,
-        5e-4,
-    ),
+def _stage3_mixture(work: Path, weights: dict) -> list:
+    """``--mixture`` of the world's folders (``weights``: mixture name -> (world folder, weight))."""
+    entries = [f"{name}={work / 'world' / folder}:{weight}" for name, (folder, weight) in weights.items()]
+    return ["--mixture", ",".join(entries)]
+
+
+SINGLE_TURN = {
+    "understanding": ("understanding", 0.3),
+    "generation": ("caption", 0.35),
+    "editing": ("edit", 0.25),
+    "interleaved": ("interleaved", 0.1),
+}
+# The chat step keeps every single-turn kind in the mix (so that it does not forget them) at lower weights, and
+# gives edits inside a chat the largest share: they are the new task.
+WITH_CHAT = {
+    "understanding": ("understanding", 0.2),
+    "generation": ("caption", 0.2),
+    "editing": ("edit", 0.15),
+    "interleaved": ("interleaved", 0.05),
+    "chat_edit": ("chat_edit", 0.4),
 }
 
 
-def step_stage(work: Path, stage: int, steps: int | None = None) -> None:
+@dataclass(frozen=True)
+class Stage:
+    """One run of ``train_starflow2.py``: its stage, the step folder it starts from, its data arguments, steps,
+    batch size, peak learning rate and warm-up steps.  Its output folder is the step's name."""
+
+    stage: int
+    source: str
+    data: Callable[[Path], list]
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int = 100
+
+
+STAGES = {
+    "stage1": Stage(1, "init", lambda w: ["--train_data_dir", str(w / "world" / "caption")], 3000, 32, 1e-3),
+    "stage2": Stage(2, "stage1", lambda w: ["--train_data_dir", str(w / "world" / "understanding")], 1500, 32, 1e-3),
+    "stage3": Stage(3, "stage2", lambda w: _stage3_mixture(w, SINGLE_TURN), 2000, 32, 5e-4),
+    # a fine-tune: a lower peak rate and a short warm-up, starting from the finished stage 3
+    "chat": Stage(3, "stage3", lambda w: _stage3_mixture(w, WITH_CHAT), CHAT_STEPS, 32, 2e-4, 50),
+}
+FINAL_STEP = "chat"  # the folder that export publishes
+
+
+def step_stage(work: Path, name: str, steps: int | None = None) -> None:
     from diffusers_starflow2.training.train_starflow2 import cli
 
-    source, data, default_steps, batch, lr = STAGES[stage]
+    stage = STAGES[name]
     argv = [
         "--stage",
-        str(stage),
+        str(stage.stage),
         "--pretrained_model_name_or_path",
-        str(work / source),
+        str(work / stage.source),
         "--output_dir",
-        str(work / f"stage{stage}"),
-        *data(work),
+        str(work / name),
+        *stage.data(work),
         "--max_train_steps",
-        str(steps or default_steps),
+        str(steps or stage.steps),
         "--train_batch_size",
-        str(batch),
+        str(stage.batch_size),
         "--learning_rate",
-        str(lr),
+        str(stage.learning_rate),
         "--lr_scheduler",
         "cosine",
         "--lr_warmup_steps",
-        "100",
+        str(stage.warmup_steps),
         "--seed",
         str(SEED),
         "--logging_steps",
@@ -288,7 +318,7 @@ def step_stage(work: Path, stage: int, steps: int | None = None) -> None:
         "1000",
     ]
     if cli(argv) != 0:
-        raise RuntimeError(f"stage {stage} failed")
+        raise RuntimeError(f"step {name} failed")
 
 
 def step_export(work: Path) -> None:
@@ -297,7 +327,7 @@ def step_export(work: Path) -> None:
     from diffusers_starflow2.cli import DEFAULT_MODEL
     from diffusers_starflow2.utils.io import save_pretrained_atomic
 
-    save_pretrained_atomic(StarFlow2Pipeline.from_pretrained(work / "stage3"), DEFAULT_MODEL, overwrite=True)
+    save_pretrained_atomic(StarFlow2Pipeline.from_pretrained(work / FINAL_STEP), DEFAULT_MODEL, overwrite=True)
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
     print(f"embedded model: {DEFAULT_MODEL} ({size / 2**20:.1f} MB)")
 
@@ -308,12 +338,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--steps",
         nargs="+",
-        default=["world", "fae", "lm", "init", "stage1", "stage2", "stage3"],
+        default=["world", "fae", "lm", "init", "stage1", "stage2", "stage3", "chat"],
         help="steps to run, in order (add 'export' to replace the embedded default model)",
     )
     parser.add_argument("--num_images", type=int, default=3000)
     parser.add_argument("--fae_steps", type=int, default=1200)
     parser.add_argument("--lm_steps", type=int, default=1000)
+    parser.add_argument("--chat_steps", type=int, default=CHAT_STEPS, help="steps of the chat fine-tune")
     parser.add_argument(
         "--threads",
         type=int,
@@ -334,8 +365,8 @@ def main(argv=None) -> int:
             step_lm(work, args.lm_steps)
         elif name == "init":
             step_init(work)
-        elif name.startswith("stage"):
-            step_stage(work, int(name[5:]))
+        elif name in STAGES:
+            step_stage(work, name, args.chat_steps if name == "chat" else None)
         elif name == "export":
             step_export(work)
         else:
