@@ -327,7 +327,11 @@ def step_export(work: Path) -> None:
     from diffusers_starflow2.cli import DEFAULT_MODEL
     from diffusers_starflow2.utils.io import save_pretrained_atomic
 
-    save_pretrained_atomic(StarFlow2Pipeline.from_pretrained(work / FINAL_STEP), DEFAULT_MODEL, overwrite=True)
+    pipe = StarFlow2Pipeline.from_pretrained(work / FINAL_STEP)
+    for part in (pipe, *pipe.components.values()):  # record the package's name, not this machine's work folder
+        if hasattr(part, "register_to_config"):
+            part.register_to_config(_name_or_path="diffusers_starflow2/default_model")
+    save_pretrained_atomic(pipe, DEFAULT_MODEL, overwrite=True)
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
     print(f"embedded model: {DEFAULT_MODEL} ({size / 2**20:.1f} MB)")
 
