@@ -147,26 +147,33 @@ def test_compiled_decode_is_traced_once_per_shape_not_per_token(model, inputs, h
 
 @pytest.mark.parametrize("num_kv_heads, masked", [(4, False), (4, True), (2, True)])
 def test_cached_attention_operator(num_kv_heads, masked):
-    """The decode attention: the registered operator passes torch's operator checks (schema, fake tensor,
-    aliasing) and equals the fused kernel, grouped-query heads and masks included."""
+    """The decode attention (query heads sharing a key head stacked as rows) equals the fused kernel, grouped-query
+    heads and masks included; the registered operator passes torch's operator checks (schema, fake tensor,
+    aliasing) and reads the buffers only up to ``filled``."""
     from diffusers_starflow2.models.flow_block import cached_attention
 
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 4, 2, 16, generator=g)
-    keys, values = torch.randn(2, 3, num_kv_heads, 9, 16, generator=g)
-    mask = None
+    B, H, T, S, D = 3, 4, 2, 9, 16
+    G = H // num_kv_heads
+    q = torch.randn(B, H, T, D, generator=g)
+    keys, values = torch.randn(2, B, num_kv_heads, S, D, generator=g)
+    mask = rows_mask = None
     if masked:  # causal over 9 slots for queries at positions 5 and 6, and one padded key of sample 1
-        allowed = (torch.arange(9) <= torch.tensor([5, 6])[:, None]).expand(3, 1, 2, 9).clone()
+        allowed = (torch.arange(S) <= torch.tensor([5, 6])[:, None]).expand(B, 1, T, S).clone()
         allowed[1, :, :, 2] = False
         mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
-    torch.library.opcheck(torch.ops.diffusers_starflow2.cached_attention, (q, keys, values, mask, 0.25))
+        rows_mask = mask.repeat(1, num_kv_heads, G, 1).flatten(0, 1)  # (B H_kv, G T, S)
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.25, enable_gqa=num_kv_heads != H)
+    rows = (q.reshape(B * num_kv_heads, G * T, D) * 0.25, keys.flatten(0, 1), values.flatten(0, 1))
+    out = cached_attention(*rows, rows_mask)
+    assert (out.view(B, H, T, D) - expected).abs().max() <= 1e-5
+
+    op = torch.ops.diffusers_starflow2.cached_attention
+    torch.library.opcheck(op, (*rows, rows_mask, torch.tensor(S)))
     # a compiled step's buffers are longer than the filled slots: `filled` cuts them, as a view of the slots would
-    longer = [torch.cat([t, torch.randn(3, num_kv_heads, 5, 16, generator=g)], dim=2) for t in (keys, values)]
-    padded_mask = torch.cat([mask, torch.zeros(3, 1, 2, 5)], dim=-1) if masked else None
-    cut = torch.ops.diffusers_starflow2.cached_attention(q, *longer, padded_mask, 0.25, torch.tensor(9))
-    assert torch.equal(cut, cached_attention(q, keys, values, mask, 0.25))
-    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.25, enable_gqa=num_kv_heads != 4)
-    assert (cached_attention(q, keys, values, mask, 0.25) - expected).abs().max() <= 1e-5
+    longer = [torch.cat([t, torch.randn(t.shape[0], 5, D, generator=g)], dim=1) for t in rows[1:]]
+    longer_mask = torch.cat([rows_mask, torch.zeros(B * num_kv_heads, G * T, 5)], dim=-1) if masked else None
+    assert torch.equal(op(rows[0], *longer, longer_mask, torch.tensor(S)), out)
 
 
 def test_inductor_compiled_decode_step_equals_eager_decoding(model, inputs):
@@ -178,7 +185,7 @@ def test_inductor_compiled_decode_step_equals_eager_decoding(model, inputs):
 
     noise, y, y_null = inputs
     compiled = copy.deepcopy(model)
-    compiled.compile_decode_step(dynamic=False)
+    compiled.compile_decode_step(mode=None, dynamic=False)  # inductor's default mode: a shorter compile
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -264,52 +264,45 @@ class FlowKVCache:
 
 
 def cached_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Attention of a few queries ``q (B, H, T, D)`` over a key/value cache ``(B, H_kv, S, D)`` under the additive
-    ``attn_mask`` ``(T, S)`` or ``(B, 1, T, S)`` (None: every slot); returns ``(B, H, T, D)``.
+    """Attention of scaled queries ``q (R, Q, D)`` over cached keys and values ``(R, S, D)``, one row ``R`` per
+    sample and key head (the query heads sharing a key head stacked as ``Q = G T`` queries), under the additive
+    ``attn_mask`` broadcastable to ``(R, Q, S)`` (None: every slot); returns ``(R, Q, D)``.
 
     Written out: for a few queries over a short cache, two matrix products and a softmax cost less than the fused
-    kernels, which tile for long query blocks.  The query heads sharing a key head are stacked as rows.
+    kernels, which tile for long query blocks.
     """
-    B, H, T, D = q.shape
-    H_kv, S = keys.shape[1], keys.shape[2]
-    G = H // H_kv
-    q = q.reshape(B * H_kv, G * T, D)
-    k, v = keys.flatten(0, 1), values.flatten(0, 1)  # (B H_kv, S, D): views, also of a cache's filled slots
-    if attn_mask is None:
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # (B H_kv, G T, S)
-    else:
-        mask = attn_mask.repeat(1, 1, G, 1) if G > 1 else attn_mask
-        scores = torch.baddbmm(
-            mask.expand(B, H_kv, G * T, S).reshape(B * H_kv, G * T, S), q, k.transpose(1, 2), alpha=scale
-        )
-    out = torch.bmm(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # (B H_kv, G T, D)
-    return out.view(B, H, T, D)
+    keys_t = keys.transpose(1, 2)  # (R, D, S)
+    scores = torch.bmm(q, keys_t) if attn_mask is None else torch.baddbmm(attn_mask, q, keys_t)  # (R, Q, S)
+    return torch.bmm(scores.softmax(-1, dtype=torch.float32).to(values.dtype), values)
 
 
 # The same attention as one opaque operator for compiled decode steps: inductor keeps it a single call (it would
 # otherwise fuse the two matrix products with their neighbours into scalar loops, ~30x slower at decode sizes).  The
 # graph's buffers have a fixed size; ``filled`` (a 0-dim int64 CPU tensor, so that it never specialises the graph)
 # cuts them to the slots written so far, which is all a query may see: the cache is read no further than it is full.
-@torch.library.custom_op("diffusers_starflow2::cached_attention", mutates_args=())
+# Defined with the plain operator registry rather than ``torch.library.custom_op``, whose autograd wrapper costs
+# ~20 us per call (a third of the attention at decode sizes); decoding never needs gradients.
+_LIBRARY = torch.library.Library("diffusers_starflow2", "DEF")
+_LIBRARY.define("cached_attention(Tensor q, Tensor keys, Tensor values, Tensor? attn_mask, Tensor filled) -> Tensor")
+
+
+@torch.library.impl(_LIBRARY, "cached_attention", "CompositeExplicitAutograd")
 def _cached_attention_op(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     attn_mask: Optional[torch.Tensor],
-    scale: float,
-    filled: Optional[torch.Tensor] = None,
+    filled: torch.Tensor,
 ) -> torch.Tensor:
-    if filled is not None:
-        n = int(filled)
-        keys, values = keys[:, :, :n], values[:, :, :n]
-        attn_mask = attn_mask[..., :n] if attn_mask is not None else None
-    return cached_attention(q, keys, values, attn_mask, scale)  # a new tensor: no input is aliased
+    n = int(filled)
+    attn_mask = attn_mask[..., :n] if attn_mask is not None else None
+    return cached_attention(q, keys[:, :n], values[:, :n], attn_mask)  # a new tensor: no input is aliased
 
 
-@_cached_attention_op.register_fake
-def _(q, keys, values, attn_mask, scale, filled=None):
+@torch.library.register_fake("diffusers_starflow2::cached_attention")
+def _(q, keys, values, attn_mask, filled):
     return q.new_empty(q.shape)  # contiguous, as the real output
 
 
@@ -423,12 +416,18 @@ class FlowAttention(nn.Module):
         q, k = qk.transpose(1, 2).split([H, H_kv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
         keys.index_copy_(2, positions, k)
         values.index_copy_(2, positions, v.transpose(1, 2))
-        scale = self.head_dim**-0.5
+        G = H // H_kv
+        q = q.reshape(B * H_kv, G * T, self.head_dim) * self.head_dim**-0.5
+        if attn_mask is not None and attn_mask.ndim == 4:  # (B, 1, T, S) -> (B H_kv, G T, S)
+            attn_mask = attn_mask.repeat(1, H_kv, G, 1).flatten(0, 1)
+        elif attn_mask is not None and G > 1:  # (T, S) -> (G T, S)
+            attn_mask = attn_mask.repeat(G, 1)
+        keys, values = keys.flatten(0, 1), values.flatten(0, 1)  # (B H_kv, S, D), views
         if torch.compiler.is_compiling():  # an opaque call: inductor would fuse it into slow scalar loops
-            out = torch.ops.diffusers_starflow2.cached_attention(q, keys, values, attn_mask, scale, filled)
+            out = torch.ops.diffusers_starflow2.cached_attention(q, keys, values, attn_mask, filled)
         else:
-            out = cached_attention(q, keys, values, attn_mask, scale)
-        return self._project_out(out)
+            out = cached_attention(q, keys, values, attn_mask)
+        return self._project_out(out.view(B, H, T, self.head_dim))
 
     def _project_out(self, out: torch.Tensor) -> torch.Tensor:
         # out: (B, H, T, D) -> (B, T, C)
@@ -918,10 +917,55 @@ class AutoregressiveFlowBlock(nn.Module):
             len(self.layers) > 0 and self.layers[0]._compiled_call_impl is not None
         )
 
-    def compile_decode_step(self, **compile_kwargs) -> None:
+    def compile_decode_step(self, mode: Optional[str] = "max-autotune", **compile_kwargs) -> None:
         """Compile this block's decode step (:meth:`static_decode`: input projection, all layers and the affine
-        parameters of one step as one graph) with ``torch.compile``; opt-in.
+        parameters of one step as one graph) with ``torch.compile``; opt-in, for inference.
 
         The step has static shapes, so it is compiled once per query count and cache size (the first call pays the
-        compile time) and never per token.  ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode``)."""
-        self.static_decode = torch.compile(self.static_decode, **compile_kwargs)
+        compile time) and never per token.  With inductor (the default backend) the weights are frozen into the
+        graph as constants (inductor then packs them for its own GEMM kernels, chosen by ``mode="max-autotune"``;
+        on a GPU that mode also records CUDA graphs) and dynamo does not re-check the modules' attributes at every
+        call (~0.1 ms per token saved); so after changing the weights (``load_state_dict``, fusing or loading an
+        adapter) compile again.  Other ``compile_kwargs`` (``backend``, ``dynamic``, ``options``...) go to
+        ``torch.compile``."""
+        frozen = compile_kwargs.get("backend", "inductor") == "inductor"
+        if frozen:
+            from torch._inductor import list_mode_options
+
+            options = {
+                **list_mode_options(mode or "default"),
+                "guard_filter_fn": _identity_guards_on_modules,
+            }
+            compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
+        elif mode is not None and mode != "max-autotune":
+            compile_kwargs["mode"] = mode
+        compiled = torch.compile(self.static_decode, **compile_kwargs)
+        self.static_decode = _with_frozen_weights(compiled) if frozen else compiled
+
+
+def _identity_guards_on_modules(guard_entries) -> List[bool]:
+    """Dynamo's guards to keep for a compiled decode step: all but those on module attributes (hooks, flags,
+    types: hundreds per block, ~0.1 ms per call), except the identity of each parameter.  Graphs of blocks (and of
+    model copies) share one code object and hold their own frozen weights; the parameters' identities tell them
+    apart."""
+    return [
+        entry.guard_type == "ID_MATCH" or not entry.orig_guard.source.is_unspecialized_nn_module()
+        for entry in guard_entries
+    ]
+
+
+def _with_frozen_weights(compiled: Callable) -> Callable:
+    """``compiled`` with inductor's ``freezing`` on whenever it runs (and so whenever it traces a new shape): the
+    setting is read while dynamo traces, outside the reach of ``torch.compile``'s ``options``, and is not left on
+    for the rest of the process."""
+    from torch._inductor import config as inductor_config
+
+    def call(*args, **kwargs):
+        before = inductor_config.freezing
+        inductor_config.freezing = True
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            inductor_config.freezing = before
+
+    return call

@@ -184,13 +184,13 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
             )
         self.blocks = torch.nn.ModuleList(blocks)
 
-    def compile_decode_step(self, **compile_kwargs) -> None:
+    def compile_decode_step(self, mode: Optional[str] = "max-autotune", **compile_kwargs) -> None:
         """``torch.compile`` the decode step of every flow block (one graph per block, query count and cache size,
-        never one per token); opt-in, see :meth:`AutoregressiveFlowBlock.compile_decode_step`.  On CPU the fastest
-        setting measured is ``mode="max-autotune"`` with ``torch._inductor.config.freezing = True``."""
+        never one per token); opt-in, see :meth:`AutoregressiveFlowBlock.compile_decode_step` (weights frozen into
+        the graphs: compile again after changing them)."""
         for block in self.blocks:
             if not block.is_identity:
-                block.compile_decode_step(**compile_kwargs)
+                block.compile_decode_step(mode, **compile_kwargs)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
