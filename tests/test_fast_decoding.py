@@ -145,6 +145,38 @@ def test_compiled_decode_is_traced_once_per_shape_not_per_token(model, inputs, h
     assert not counters["recompiles"]
 
 
+def test_compiled_blocks_keep_their_graphs_apart(inputs):
+    """Nine blocks and a second compiled copy: every block compiles its own graphs (no recompilation, so no
+    block falls back to eager decoding at dynamo's limit of graphs per code object) and each copy decodes as its
+    eager model does."""
+    import copy
+
+    import torch._dynamo
+
+    noise, y, y_null = inputs
+    torch.manual_seed(3)
+    model = StarFlowTransformerModel(**{**tiny_starflow_config(), "layers_per_block": [1] * 9}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    expected = [sample_starflow(m, noise, y, y_null, 2.0) for m in (model, other)]
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for m in (model, other):
+        m.compile_decode_step(backend="eager", dynamic=False)
+    with torch.no_grad():
+        got = [sample_starflow(m, noise, y, y_null, 2.0) for m in (model, other)]
+    assert not counters["recompiles"]
+    assert counters["stats"]["unique_graphs"] >= 18
+    for x, e in zip(got, expected):
+        assert (x - e).abs().max() <= ATOL
+
+
 @pytest.mark.parametrize("num_kv_heads, masked", [(4, False), (4, True), (2, True)])
 def test_cached_attention_operator(num_kv_heads, masked):
     """The decode attention (query heads sharing a key head stacked as rows) equals the fused kernel, grouped-query

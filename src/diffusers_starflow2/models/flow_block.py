@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -935,12 +936,24 @@ class AutoregressiveFlowBlock(nn.Module):
             options = {
                 **list_mode_options(mode or "default"),
                 "guard_filter_fn": _identity_guards_on_modules,
+                "size_asserts": False,  # checks of each output's strides after every operator call
             }
             compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
         elif mode is not None and mode != "max-autotune":
             compile_kwargs["mode"] = mode
-        compiled = torch.compile(self.static_decode, **compile_kwargs)
+        compiled = torch.compile(_with_own_code(self.static_decode), **compile_kwargs)
         self.static_decode = _with_frozen_weights(compiled) if frozen else compiled
+
+
+def _with_own_code(method: Callable) -> Callable:
+    """``method`` bound to a copy of its function with a code object of its own.  Dynamo keeps compiled graphs per
+    code object, with a limit of 8: blocks sharing ``static_decode``'s code would share one list of graphs (each
+    holding its block's frozen weights, told apart only by guards) and a model of more than a few blocks, or a few
+    compiled models, would hit the limit and fall back to eager decoding."""
+    fn = method.__func__
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return types.MethodType(own, method.__self__)
 
 
 def _identity_guards_on_modules(guard_entries) -> List[bool]:
