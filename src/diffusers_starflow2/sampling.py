@@ -194,8 +194,10 @@ def sample_autoregressive(
         c += made
         if c < N or feed_last:  # the parameters of token c (or the last token enters the caches)
             if last_params is None:  # sequential decoding, or replaced tokens: one call with the final tokens
-                last_params = feed(torch.cat(final, dim=1), c + 1 - made)
-            params = tuple(p[:, made - 1 : made] for p in last_params)
+                last_params = feed(final[0] if made == 1 else torch.cat(final, dim=1), c + 1 - made)
+            if last_params[0].shape[1] > 1:  # a window: the parameters of token c come after the final tokens
+                last_params = tuple(p[:, made - 1 : made] for p in last_params)
+            params = last_params
     return torch.cat(tokens, dim=1)
 
 

@@ -923,12 +923,13 @@ class AutoregressiveFlowBlock(nn.Module):
         parameters of one step as one graph) with ``torch.compile``; opt-in, for inference.
 
         The step has static shapes, so it is compiled once per query count and cache size (the first call pays the
-        compile time) and never per token.  With inductor (the default backend) the weights are frozen into the
-        graph as constants (inductor then packs them for its own GEMM kernels, chosen by ``mode="max-autotune"``;
-        on a GPU that mode also records CUDA graphs) and dynamo does not re-check the modules' attributes at every
-        call (~0.1 ms per token saved); so after changing the weights (``load_state_dict``, fusing or loading an
-        adapter) compile again.  Other ``compile_kwargs`` (``backend``, ``dynamic``, ``options``...) go to
-        ``torch.compile``."""
+        compile time) and never per token.  With inductor (the default backend) and its ``mode`` (``None``: the
+        default mode), the weights are frozen into the graph as constants (inductor then packs them for its own
+        GEMM kernels, chosen by ``mode="max-autotune"``), dynamo does not re-check the modules' attributes at every
+        call (~0.1 ms per token), and on a CPU the graph's kernels are called from C++ (``cpp_wrapper``) while on a
+        GPU ``max-autotune`` records CUDA graphs.  So: compile again after changing the weights
+        (``load_state_dict``, fusing or loading an adapter) or moving the model.  Other ``compile_kwargs``
+        (``backend`` — then ``mode`` is not used —, ``dynamic``, ``options``...) go to ``torch.compile``."""
         frozen = compile_kwargs.get("backend", "inductor") == "inductor"
         if frozen:
             from torch._inductor import list_mode_options
@@ -938,9 +939,10 @@ class AutoregressiveFlowBlock(nn.Module):
                 "guard_filter_fn": _identity_guards_on_modules,
                 "size_asserts": False,  # checks of each output's strides after every operator call
             }
+            if self.proj_in.weight.device.type == "cpu":  # no CUDA graphs; kernels called from C++, not Python
+                options.pop("triton.cudagraphs", None)
+                options["cpp_wrapper"] = True
             compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
-        elif mode is not None and mode != "max-autotune":
-            compile_kwargs["mode"] = mode
         compiled = torch.compile(_with_own_code(self.static_decode), **compile_kwargs)
         self.static_decode = _with_frozen_weights(compiled) if frozen else compiled
 
