@@ -807,7 +807,9 @@ class AutoregressiveFlowBlock(nn.Module):
         included.  The cache then ends after them: calling again at the same ``index`` (Jacobi iterations) rewrites
         those positions."""
         pos = text_length + index
-        if "static_decode" in self.__dict__:  # compiled: the whole step is one graph, positions enter as a tensor
+        if inputs.shape[1] == 1 and "static_decode" in self.__dict__:
+            # compiled: the whole step is one graph, positions enter as tensors.  Only single tokens: Jacobi windows
+            # shrink at the end of a block, and a graph per window length would cost more than it saves.
             positions = torch.arange(pos, pos + inputs.shape[1], device=inputs.device)
             end = pos + inputs.shape[1]
             filled = torch.tensor(end)  # on the CPU: read by the attention operator, never a graph constant
@@ -872,9 +874,10 @@ class AutoregressiveFlowBlock(nn.Module):
         there; the cache then ends after them.
 
         Eager layers attend over the filled slots only (the cache is read from memory at every layer and step).
-        Compiled ones (:meth:`compile_decode_step`, or ``compile_repeated_blocks()`` of the model) attend over the
-        whole buffer, and positions enter as tensors, so every shape is fixed by ``T`` and the cache capacity: they
-        are traced once per ``T`` and cache size, not once per token.
+        Compiled layers (``compile_repeated_blocks()`` of the model) attend over the whole buffer under a mask, and
+        positions enter as tensors, so every shape is fixed by ``T`` and the cache capacity: they are traced once per
+        ``T`` and cache size, not once per token.  (A block's compiled decode step, :meth:`static_decode`, does the
+        same for single tokens.)
         """
         end = start + h.shape[1]
         positions = torch.arange(start, end, device=h.device)
@@ -914,16 +917,14 @@ class AutoregressiveFlowBlock(nn.Module):
 
     @property
     def _static_shapes(self) -> bool:
-        return "static_decode" in self.__dict__ or (
-            len(self.layers) > 0 and self.layers[0]._compiled_call_impl is not None
-        )
+        return len(self.layers) > 0 and self.layers[0]._compiled_call_impl is not None
 
     def compile_decode_step(self, mode: Optional[str] = "max-autotune", **compile_kwargs) -> None:
         """Compile this block's decode step (:meth:`static_decode`: input projection, all layers and the affine
         parameters of one step as one graph) with ``torch.compile``; opt-in, for inference.
 
-        The step has static shapes, so it is compiled once per query count and cache size (the first call pays the
-        compile time) and never per token.  With inductor (the default backend) and its ``mode`` (``None``: the
+        The step has static shapes, so it is compiled once per cache size (the first call pays the compile time) and
+        never per token; it serves exact decoding (one token per step; Jacobi windows stay eager).  With inductor (the default backend) and its ``mode`` (``None``: the
         default mode), the weights are frozen into the graph as constants (inductor then packs them for its own
         GEMM kernels, chosen by ``mode="max-autotune"``), dynamo does not re-check the modules' attributes at every
         call (~0.1 ms per token), and on a CPU the graph's kernels are called from C++ (``cpp_wrapper``) while on a
