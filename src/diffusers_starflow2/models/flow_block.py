@@ -659,6 +659,7 @@ class AutoregressiveFlowBlock(nn.Module):
         self.proj_cond = nn.Linear(cond_dim, channels) if cond_dim > 0 else None
         self.num_kv_heads = self.layers[0].attn.num_kv_heads if num_layers else 0
         self._rope_cache: Dict[tuple, torch.Tensor] = {}  # (height, width, text_length, device) -> rope tables
+        self._compiled_steps: Dict[str, Callable] = {}  # compile_decode_step(): "token" / "window" -> compiled step
 
     @property
     def is_identity(self) -> bool:
@@ -807,13 +808,12 @@ class AutoregressiveFlowBlock(nn.Module):
         included.  The cache then ends after them: calling again at the same ``index`` (Jacobi iterations) rewrites
         those positions."""
         pos = text_length + index
-        if inputs.shape[1] == 1 and "static_decode" in self.__dict__:
-            # compiled: the whole step is one graph, positions enter as tensors.  Only single tokens: Jacobi windows
-            # shrink at the end of a block, and a graph per window length would cost more than it saves.
-            positions = torch.arange(pos, pos + inputs.shape[1], device=inputs.device)
+        compiled = self._compiled_steps.get("token" if inputs.shape[1] == 1 else "window")
+        if compiled is not None:  # the whole step is one graph; positions enter as tensors
             end = pos + inputs.shape[1]
+            positions = torch.arange(pos, end, device=inputs.device)
             filled = torch.tensor(end)  # on the CPU: read by the attention operator, never a graph constant
-            params = self.static_decode(
+            params = compiled(
                 inputs, positions, text_length, rope, key_padding_mask, cond, cache.keys, cache.values, filled
             )
             cache.length = end
@@ -876,8 +876,8 @@ class AutoregressiveFlowBlock(nn.Module):
         Eager layers attend over the filled slots only (the cache is read from memory at every layer and step).
         Compiled layers (``compile_repeated_blocks()`` of the model) attend over the whole buffer under a mask, and
         positions enter as tensors, so every shape is fixed by ``T`` and the cache capacity: they are traced once per
-        ``T`` and cache size, not once per token.  (A block's compiled decode step, :meth:`static_decode`, does the
-        same for single tokens.)
+        ``T`` and cache size, not once per token.  (A block's compiled decode step, :meth:`compile_decode_step`, runs
+        :meth:`static_decode` instead.)
         """
         end = start + h.shape[1]
         positions = torch.arange(start, end, device=h.device)
@@ -921,31 +921,37 @@ class AutoregressiveFlowBlock(nn.Module):
 
     def compile_decode_step(self, mode: Optional[str] = "max-autotune", **compile_kwargs) -> None:
         """Compile this block's decode step (:meth:`static_decode`: input projection, all layers and the affine
-        parameters of one step as one graph) with ``torch.compile``; opt-in, for inference.
+        parameters of a step as one graph) with ``torch.compile``; opt-in, for inference.
 
-        The step has static shapes, so it is compiled once per cache size (the first call pays the compile time) and
-        never per token; it serves exact decoding (one token per step; Jacobi windows stay eager).  With inductor (the default backend) and its ``mode`` (``None``: the
-        default mode), the weights are frozen into the graph as constants (inductor then packs them for its own
-        GEMM kernels, chosen by ``mode="max-autotune"``), dynamo does not re-check the modules' attributes at every
-        call (~0.1 ms per token), and on a CPU the graph's kernels are called from C++ (``cpp_wrapper``) while on a
-        GPU ``max-autotune`` records CUDA graphs.  So: compile again after changing the weights
-        (``load_state_dict``, fusing or loading an adapter) or moving the model.  Other ``compile_kwargs``
-        (``backend`` — then ``mode`` is not used —, ``dynamic``, ``options``...) go to ``torch.compile``."""
+        Two graphs: single tokens (exact decoding) with static shapes, traced once per cache size and never per
+        token, in ``mode``; and Jacobi windows, whose length changes at the end of a block, with dynamic shapes in
+        inductor's default mode (one graph for every window length).  With inductor (the default backend) the
+        weights are frozen into the graphs as constants (inductor then packs them for its own GEMM kernels, chosen
+        by ``mode="max-autotune"``), dynamo does not re-check the modules' attributes at every call (~0.1 ms per
+        token), and on a CPU the graphs' kernels are called from C++ (``cpp_wrapper``) while on a GPU
+        ``max-autotune`` records CUDA graphs.  So: compile again after changing the weights (``load_state_dict``,
+        fusing or loading an adapter) or moving the model.  Other ``compile_kwargs`` (``backend`` — then ``mode``
+        is not used —, ``options``...) go to ``torch.compile``."""
+        compile_kwargs.pop("dynamic", None)
         frozen = compile_kwargs.get("backend", "inductor") == "inductor"
-        if frozen:
-            from torch._inductor import list_mode_options
+        steps = {}
+        for kind, step_mode, dynamic in (("token", mode, False), ("window", None, True)):
+            kwargs = dict(compile_kwargs, dynamic=dynamic)
+            if frozen:
+                from torch._inductor import list_mode_options
 
-            options = {
-                **list_mode_options(mode or "default"),
-                "guard_filter_fn": _identity_guards_on_modules,
-                "size_asserts": False,  # checks of each output's strides after every operator call
-            }
-            if self.proj_in.weight.device.type == "cpu":  # no CUDA graphs; kernels called from C++, not Python
-                options.pop("triton.cudagraphs", None)
-                options["cpp_wrapper"] = True
-            compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
-        compiled = torch.compile(_with_own_code(self.static_decode), **compile_kwargs)
-        self.static_decode = _with_frozen_weights(compiled) if frozen else compiled
+                options = {
+                    **list_mode_options(step_mode or "default"),
+                    "guard_filter_fn": _identity_guards_on_modules,
+                    "size_asserts": False,  # checks of each output's strides after every operator call
+                }
+                if self.proj_in.weight.device.type == "cpu":  # no CUDA graphs; kernels called from C++, not Python
+                    options.pop("triton.cudagraphs", None)
+                    options["cpp_wrapper"] = True
+                kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
+            compiled = torch.compile(_with_own_code(self.static_decode), **kwargs)
+            steps[kind] = _with_frozen_weights(compiled) if frozen else compiled
+        self._compiled_steps = steps
 
 
 def _with_own_code(method: Callable) -> Callable:
