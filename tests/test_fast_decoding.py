@@ -119,6 +119,21 @@ def test_packed_linear_matches_the_module_and_packs_only_within_a_sampling_call(
             assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-4)
 
 
+def sample_twice_counting_graphs(compiled, inputs):
+    """Sample twice (guidance 2.0) with a freshly compiled model, dynamo's counters reset first: both results, the
+    graphs traced by the first call, and the counters."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with torch.no_grad():
+        x = sample_starflow(compiled, *inputs, 2.0)
+        graphs = counters["stats"]["unique_graphs"]
+        again = sample_starflow(compiled, *inputs, 2.0)
+    return x, again, graphs, counters
+
+
 @pytest.mark.parametrize("how, max_graphs", [("compile_repeated_blocks", 3), ("compile_decode_step", 4)])
 def test_compiled_decode_is_traced_once_per_shape_not_per_token(model, inputs, how, max_graphs):
     """The decode path gives the compiled unit (a layer, or a block's whole step) fixed shapes and positions as
@@ -126,20 +141,10 @@ def test_compiled_decode_is_traced_once_per_shape_not_per_token(model, inputs, h
     shallow-block step (per block for ``compile_decode_step``, whose graphs hold each block's own weights)."""
     import copy
 
-    import torch._dynamo
-
-    noise, y, y_null = inputs
     compiled = copy.deepcopy(model)
     getattr(compiled, how)(backend="eager", dynamic=False)  # dynamo's tracing and guards, no inductor
-    torch._dynamo.reset()
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    expected = sample_starflow(model, noise, y, y_null, 2.0)
-    with torch.no_grad():
-        x = sample_starflow(compiled, noise, y, y_null, 2.0)
-        graphs = counters["stats"]["unique_graphs"]
-        sample_starflow(compiled, noise, y, y_null, 2.0)
-    assert (x - expected).abs().max() <= ATOL
+    x, _, graphs, counters = sample_twice_counting_graphs(compiled, inputs)
+    assert (x - sample_starflow(model, *inputs, 2.0)).abs().max() <= ATOL
     assert 1 <= graphs <= max_graphs  # for 64 tokens x 3 blocks
     assert counters["stats"]["unique_graphs"] == graphs  # nothing new on a second call
     assert not counters["recompiles"]
@@ -213,20 +218,11 @@ def test_inductor_compiled_decode_step_equals_eager_decoding(model, inputs):
     graph per block shape, the attention an opaque operator inside the graph."""
     import copy
 
-    import torch._dynamo
-
     noise, y, y_null = inputs
     compiled = copy.deepcopy(model)
-    compiled.compile_decode_step(mode=None, dynamic=False)  # inductor's default mode: a shorter compile
-    torch._dynamo.reset()
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    expected = sample_starflow(model, noise, y, y_null, 2.0)
-    with torch.no_grad():
-        x = sample_starflow(compiled, noise, y, y_null, 2.0)
-        graphs = counters["stats"]["unique_graphs"]
-        again = sample_starflow(compiled, noise, y, y_null, 2.0)
-    assert (x - expected).abs().max() <= ATOL  # inductor's own kernels round differently (~1e-5 here)
+    compiled.compile_decode_step(mode=None)  # inductor's default mode: a shorter compile
+    x, again, graphs, counters = sample_twice_counting_graphs(compiled, inputs)
+    assert (x - sample_starflow(model, *inputs, 2.0)).abs().max() <= ATOL  # inductor's kernels round differently
     assert torch.equal(x, again)
     assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]
     # Jacobi windows (lengths 5 down to 1 at the end of each block): one dynamic-shape graph per block, whatever
