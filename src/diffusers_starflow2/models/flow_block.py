@@ -280,11 +280,11 @@ def cached_attention(
 
 
 # The same attention as one opaque operator for compiled decode steps: inductor keeps it a single call (it would
-# otherwise fuse the two matrix products with their neighbours into scalar loops, ~30x slower at decode sizes).  The
-# graph's buffers have a fixed size; ``filled`` (a 0-dim int64 CPU tensor, so that it never specialises the graph)
-# cuts them to the slots written so far, which is all a query may see: the cache is read no further than it is full.
-# Defined with the plain operator registry rather than ``torch.library.custom_op``, whose autograd wrapper costs
-# ~20 us per call (a third of the attention at decode sizes); decoding never needs gradients.
+# otherwise fuse the two matrix products with their neighbours into scalar loops, an order of magnitude slower at
+# decode sizes).  The graph's buffers have a fixed size; ``filled`` (a 0-dim int64 CPU tensor, so that it never
+# specialises the graph) cuts them to the slots written so far, which is all a query may see: the cache is read no
+# further than it is full.  Defined with the plain operator registry rather than ``torch.library.custom_op``, whose
+# autograd wrapper adds several microseconds to every call; decoding never needs gradients.
 _LIBRARY = torch.library.Library("diffusers_starflow2", "DEF")
 _LIBRARY.define("cached_attention(Tensor q, Tensor keys, Tensor values, Tensor? attn_mask, Tensor filled) -> Tensor")
 
