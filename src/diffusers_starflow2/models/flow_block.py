@@ -353,7 +353,7 @@ class FlowAttention(nn.Module):
         if isinstance(cache, tuple):
             return self.forward_static(x, rope, *cache, attn_mask=key_padding_mask)
         B, T, _ = x.shape
-        q, k, v = self.to_qkv(self.norm(x)).split(self.split_sizes, dim=-1)
+        q, k, v = packed_linear(self.to_qkv, self.norm(x)).split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -384,8 +384,7 @@ class FlowAttention(nn.Module):
             mask = mask | own
             is_causal = False
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
-        out = self.to_out(out.transpose(1, 2).reshape(B, T, -1))
-        return self.norm_post(out) if self.norm_post is not None else out
+        return self._project_out(out)
 
     def forward_static(
         self,
