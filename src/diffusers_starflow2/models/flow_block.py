@@ -400,7 +400,8 @@ class FlowAttention(nn.Module):
 
         ``x (B, T, C)`` sits at sequence ``positions (T,)``; its keys/values are written there into this layer's
         buffers ``keys``/``values (B, H_kv, S, D)`` and the queries attend over all ``S`` slots under the additive
-        ``attn_mask (T, S) or (B, 1, T, S)`` (``-inf`` at future, unwritten and padded slots; None: no mask).
+        ``attn_mask`` of :meth:`AutoregressiveFlowBlock.decode_mask` (``-inf`` at future, unwritten and padded slots;
+        None: no mask).
         ``rope (2, T, 1, D)``.  ``filled`` (compiled steps, a 0-dim int64 CPU tensor): the slots written after this
         step, the only ones attention reads.
         """
@@ -418,10 +419,6 @@ class FlowAttention(nn.Module):
         values.index_copy_(2, positions, v.transpose(1, 2))
         G = H // H_kv
         q = q.reshape(B * H_kv, G * T, self.head_dim) * self.head_dim**-0.5
-        if attn_mask is not None and attn_mask.ndim == 4:  # (B, 1, T, S) -> (B H_kv, G T, S)
-            attn_mask = attn_mask.repeat(1, H_kv, G, 1).flatten(0, 1)
-        elif attn_mask is not None and G > 1:  # (T, S) -> (G T, S)
-            attn_mask = attn_mask.repeat(G, 1)
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)  # (B H_kv, S, D), views
         if torch.compiler.is_compiling():  # an opaque call: inductor would fuse it into slow scalar loops
             out = torch.ops.diffusers_starflow2.cached_attention(q, keys, values, attn_mask, filled)
@@ -846,20 +843,24 @@ class AutoregressiveFlowBlock(nn.Module):
         rope = rope[:, positions, None] if rope is not None else None  # (2, T, 1, D)
         return self.affine(self.run_layers(h, positions, rope, mask, keys, values, filled))
 
-    @staticmethod
     def decode_mask(
-        positions: torch.Tensor, num_slots: int, key_padding_mask: Optional[torch.Tensor], dtype: torch.dtype
+        self, positions: torch.Tensor, num_slots: int, key_padding_mask: Optional[torch.Tensor], dtype: torch.dtype
     ) -> torch.Tensor:
-        """Additive mask of queries at ``positions (T,)`` over ``S`` cache slots, ``(T, S)`` causal, or ``(B, 1, T,
-        S)`` with padded keys hidden (``key_padding_mask (B, >= S)``, True = real; a padded query still sees
-        itself)."""
+        """Additive mask of queries at ``positions (T,)`` over ``S`` cache slots, causal, with padded keys hidden
+        (``key_padding_mask (B, >= S)``, True = real; a padded query still sees itself), in the row layout of
+        :func:`cached_attention`, made once for all layers: ``(G T, S)``, or ``(B H_kv, G T, S)`` with padding
+        (``G`` query heads per key head)."""
         key_positions = torch.arange(num_slots, device=positions.device)
         allowed = key_positions <= positions[:, None]  # (T, S)
         if key_padding_mask is not None:
             allowed = (allowed & key_padding_mask[:, None, None, :num_slots].bool()) | (
                 key_positions == positions[:, None]
-            )
-        return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(~allowed, float("-inf"))
+            )  # (B, 1, T, S)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(~allowed, float("-inf"))
+        G = self.layers[0].attn.num_heads // self.num_kv_heads
+        if mask.ndim == 4:
+            return mask.repeat(1, self.num_kv_heads, G, 1).flatten(0, 1)
+        return mask.repeat(G, 1) if G > 1 else mask
 
     def static_pass(
         self,
@@ -907,8 +908,8 @@ class AutoregressiveFlowBlock(nn.Module):
         values: List[torch.Tensor],
         filled: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """The layers over ``h (B, T, C)`` at ``positions (T,)``: ``rope (2, T, 1, D)``, additive ``mask (B or 1, 1,
-        T, S)`` or ``(T, S)``, one key and one value buffer per layer, ``filled`` (see
+        """The layers over ``h (B, T, C)`` at ``positions (T,)``: ``rope (2, T, 1, D)``, the additive ``mask`` of
+        :meth:`decode_mask`, one key and one value buffer per layer, ``filled`` (see
         :meth:`FlowAttention.forward_static`)."""
         for layer, k, v in zip(self.layers, keys, values):
             h = layer(h, rope, (k, v, positions, filled), key_padding_mask=mask)
@@ -930,15 +931,15 @@ class AutoregressiveFlowBlock(nn.Module):
         token), and on a CPU the graphs' kernels are called from C++ (``cpp_wrapper``) while on a GPU
         ``max-autotune`` records CUDA graphs.  So: compile again after changing the weights (``load_state_dict``,
         fusing or loading an adapter) or moving the model.  Other ``compile_kwargs`` (``backend`` — then ``mode``
-        is not used —, ``options``...) go to ``torch.compile``."""
-        compile_kwargs.pop("dynamic", None)
+        is not used —, ``options``...) go to ``torch.compile``; ``dynamic`` is not taken (it is set per graph)."""
+        from torch._inductor import list_mode_options
+
+        compile_kwargs.pop("dynamic", None)  # set per graph
         frozen = compile_kwargs.get("backend", "inductor") == "inductor"
         steps = {}
         for kind, step_mode, dynamic in (("token", mode, False), ("window", None, True)):
             kwargs = dict(compile_kwargs, dynamic=dynamic)
             if frozen:
-                from torch._inductor import list_mode_options
-
                 options = {
                     **list_mode_options(step_mode or "default"),
                     "guard_filter_fn": _identity_guards_on_modules,
