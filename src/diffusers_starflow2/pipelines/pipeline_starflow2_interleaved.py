@@ -598,6 +598,55 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         )
         return checked
 
+    def _check_conversations(
+        self,
+        prompts: Sequence,
+        states: Sequence[Optional[StarFlow2ConversationState]],
+        generators: Sequence,
+        noise_level: Optional[float],
+        num_denoising_steps: Optional[int],
+        negative_prompt,
+        guidance_scale: float,
+        max_new_tokens: int,
+        max_images: int,
+        temperature: float,
+        top_k: Optional[int],
+        top_p: Optional[float],
+        stop,
+        output_type: str,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+        image_guidance_scale: float,
+    ) -> Tuple[Dict[str, Any], float, int]:
+        """:meth:`check_inputs` for each conversation, with its own state and generator; returns the checked
+        values (of the last conversation: all but its generator are shared), the noise level (a continued
+        conversation samples at its own, checked to be one for all) and the number of denoising steps."""
+        if noise_level is None and isinstance(states[0], StarFlow2ConversationState):
+            noise_level = states[0].noise_level
+        noise_level = self._check_noise_level(noise_level)
+        steps = self._check_denoising_steps(num_denoising_steps)
+        for prompt, state, generator in zip(prompts, states, generators):
+            checked = self.check_inputs(
+                prompt,
+                negative_prompt,
+                guidance_scale,
+                max_new_tokens,
+                max_images,
+                temperature,
+                top_k,
+                top_p,
+                stop,
+                output_type,
+                noise_level,
+                steps,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                generator,
+                image_guidance_scale,
+                state,
+            )
+        return checked, noise_level, steps
+
     def _checked_generate(
         self,
         prompt,
@@ -623,13 +672,12 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         jacobi_max_iterations: Optional[int] = None,
     ) -> Iterator[Segment]:
         self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
-        # a continued conversation samples at its own noise level
-        noise_level = self._check_noise_level(
-            state.noise_level if isinstance(state, StarFlow2ConversationState) and noise_level is None else noise_level
-        )
-        steps = self._check_denoising_steps(num_denoising_steps)
-        checked = self.check_inputs(
-            prompt,
+        checked, noise_level, steps = self._check_conversations(
+            [prompt],
+            [state],
+            [generator],
+            noise_level,
+            num_denoising_steps,
             negative_prompt,
             guidance_scale,
             max_new_tokens,
@@ -639,13 +687,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             top_p,
             stop,
             output_type,
-            noise_level,
-            steps,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
-            generator,
             image_guidance_scale,
-            state,
         )
         segments = self._generate(
             [prompt],
@@ -828,32 +872,25 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 f"{B} conversations (a batch); got {got}"
             )
         validation.check_generator(generator, B)
-        # continued conversations sample at their own noise level (checked to be one level for all)
-        if state is not None and noise_level is None and isinstance(state[0], StarFlow2ConversationState):
-            noise_level = state[0].noise_level
-        noise_level = self._check_noise_level(noise_level)
-        steps = self._check_denoising_steps(num_denoising_steps)
-        for i, prompt in enumerate(prompts):
-            own = generator[i] if isinstance(generator, (list, tuple)) else generator
-            checked = self.check_inputs(
-                prompt,
-                negative_prompt,
-                guidance_scale,
-                max_new_tokens,
-                max_images,
-                temperature,
-                top_k,
-                top_p,
-                stop,
-                output_type,
-                noise_level,
-                steps,
-                None,
-                ["latents"],
-                own,
-                image_guidance_scale,
-                state[i] if state is not None else None,
-            )
+        checked, noise_level, steps = self._check_conversations(
+            prompts,
+            state if state is not None else [None] * B,
+            generator if isinstance(generator, (list, tuple)) else [generator] * B,
+            noise_level,
+            num_denoising_steps,
+            negative_prompt,
+            guidance_scale,
+            max_new_tokens,
+            max_images,
+            temperature,
+            top_k,
+            top_p,
+            stop,
+            output_type,
+            None,
+            ["latents"],
+            image_guidance_scale,
+        )
         result = {}
         segments = [[] for _ in range(B)]
         for i, segment in self._generate(
