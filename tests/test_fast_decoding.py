@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_starflow2 import GuidanceSpec, StarFlowTransformerModel, TarFlowScheduler
+from diffusers_starflow2.models import flow_block
 from diffusers_starflow2.models.flow_block import packed_linear, packed_weights
 from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config
 from diffusers_starflow2.sampling import sample_image_tokens, sample_starflow
@@ -117,6 +118,29 @@ def test_packed_linear_matches_the_module_and_packs_only_within_a_sampling_call(
         assert torch.equal(packed_linear(linear, x), linear(x))  # outside a context: the module itself
         with packed_weights():
             assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-4)
+
+
+def test_packed_weights_routes_the_linears_of_modules_it_is_given_and_restores_them():
+    torch.manual_seed(0)
+    big, small, hooked = torch.nn.Linear(512, 512), torch.nn.Linear(8, 8), torch.nn.Linear(512, 512)
+    calls = []
+    hooked.forward = lambda x: calls.append(1) or F.linear(x, hooked.weight, hooked.bias)  # e.g. an offload hook
+    x = torch.randn(2, 512)
+    with torch.no_grad():
+        with packed_weights(torch.nn.ModuleList([big, small, hooked])):
+            assert "forward" in big.__dict__ and "forward" not in small.__dict__  # small weights stay on MKL
+            assert hooked.forward.__name__ == "<lambda>"  # an instance forward is left alone
+            with packed_weights(big):  # nested: routed once, restored by the outer context only
+                pass
+            assert "forward" in big.__dict__
+            assert torch.allclose(big(x), F.linear(x, big.weight, big.bias), atol=1e-4)
+            if flow_block._ONEDNN:  # oneDNN, not MKL: other rounding
+                assert not torch.equal(big(x), F.linear(x, big.weight, big.bias))
+            hooked(x)
+            with torch.enable_grad():  # autograd: the plain linear, differentiable
+                assert big(x.clone().requires_grad_(True)).requires_grad
+        assert "forward" not in big.__dict__ and calls == [1]
+        assert torch.equal(big(x), F.linear(x, big.weight, big.bias))
 
 
 def sample_twice_counting_graphs(compiled, inputs):

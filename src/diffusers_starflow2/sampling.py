@@ -398,7 +398,7 @@ def sample_image_tokens(
             f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
             f"{guidance.branches} of {noise.shape[0]} samples"
         )
-    with packed_weights():
+    with packed_weights(vlm, transformer):  # the VLM's transformers layers and the Pretzel's other linears
         return sample_autoregressive(
             step_fn,
             params(cache.last_flow_hidden),

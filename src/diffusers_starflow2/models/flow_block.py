@@ -433,17 +433,59 @@ class FlowAttention(nn.Module):
 
 
 @contextlib.contextmanager
-def packed_weights():
+def packed_weights(*modules: nn.Module):
     """Within this context :func:`packed_linear` keeps the oneDNN-packed weights it makes (one packing per layer and
     context); the sampling functions enter it for the duration of a sampling call, during which weights do not
-    change (a packing kept longer could miss an in-place ``.data`` update such as a LoRA fusion)."""
+    change (a packing kept longer could miss an in-place ``.data`` update such as a LoRA fusion).
+
+    The plain ``nn.Linear`` layers inside ``modules`` (code this package does not own, such as the frozen VLM's
+    transformers layers, which call their linears directly) run through :func:`packed_linear` too while the context
+    is open: their ``forward`` is replaced on the instance and restored on exit (layers that already have an
+    instance ``forward``, e.g. an accelerate offload hook, are left alone)."""
     global _PACKED_WEIGHTS
     outer = _PACKED_WEIGHTS
     _PACKED_WEIGHTS = {} if outer is None else outer
+    routed = [
+        layer
+        for module in modules
+        for layer in module.modules()
+        if type(layer) is nn.Linear and "forward" not in layer.__dict__ and layer.weight.numel() >= _MIN_PACKED_WEIGHT
+    ]
+    for layer in routed:
+        layer.forward = types.MethodType(_routed_forward, layer)
     try:
         yield
     finally:
+        for layer in routed:
+            del layer.forward
         _PACKED_WEIGHTS = outer
+
+
+def _packable(linear: nn.Module, x: torch.Tensor) -> bool:
+    return not (
+        _PACKED_WEIGHTS is None
+        or not _ONEDNN
+        or type(linear) is not nn.Linear
+        or x.device.type != "cpu"
+        or linear.weight.dtype != torch.float32
+        or linear.weight.numel() < _MIN_PACKED_WEIGHT
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+    )
+
+
+def _packed_call(linear: nn.Linear, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    packed = _PACKED_WEIGHTS.get(linear)
+    if packed is None:
+        packed = _PACKED_WEIGHTS[linear] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 4)
+    return torch.ops.mkldnn._linear_pointwise(
+        x, packed, linear.bias, activation, [], "none" if activation == "gelu" else ""
+    )
+
+
+def _routed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # the forward of a linear routed by packed_weights(): never the module call itself, which would come back here
+    return _packed_call(self, x) if _packable(self, x) else F.linear(x, self.weight, self.bias)
 
 
 def packed_linear(linear: nn.Module, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
@@ -455,24 +497,10 @@ def packed_linear(linear: nn.Module, x: torch.Tensor, activation: str = "none") 
     (other devices and dtypes, autograd, adapters such as LoRA layers, a compiled graph, which packs weights itself)
     it is the plain module call.
     """
-    if (
-        _PACKED_WEIGHTS is None
-        or not _ONEDNN
-        or type(linear) is not nn.Linear
-        or x.device.type != "cpu"
-        or linear.weight.dtype != torch.float32
-        or linear.weight.numel() < _MIN_PACKED_WEIGHT
-        or torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
-    ):
+    if not _packable(linear, x):
         out = linear(x)
         return F.gelu(out) if activation == "gelu" else out
-    packed = _PACKED_WEIGHTS.get(linear)
-    if packed is None:
-        packed = _PACKED_WEIGHTS[linear] = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 4)
-    return torch.ops.mkldnn._linear_pointwise(
-        x, packed, linear.bias, activation, [], "none" if activation == "gelu" else ""
-    )
+    return _packed_call(linear, x, activation)
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
