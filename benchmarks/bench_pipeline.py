@@ -1,7 +1,7 @@
 """StarFlow2Pipeline text -> image: seconds per image and peak memory, with and without guidance and denoising.
 
     python benchmarks/bench_pipeline.py [--quick] [--configs tiny,mid] [--threads 1] [--repeats 3]
-        [--jacobi-block-size K]
+        [--jacobi-block-size K] [--compile]
 
 Configurations (random weights, built offline):
 
@@ -17,6 +17,11 @@ the image through the Pretzel plus its backward).  Times are medians over the re
 jobs on a shared machine (with one thread, CPU time ~ wall time on an idle machine), so the denoising cost and
 ``positions/s`` (latent positions sampled per CPU second, ``N / CPU s``; guidance runs two branches per position)
 use it.
+
+``--compile`` calls ``pipe.transformer.compile_decode_step()`` (inductor, ``max-autotune``: the shallow flows' decode
+steps and the TARFlow stream's one-position step) before the warm-up call, whose time is reported as the compile
+time (with an empty inductor cache it is mostly compiling; ``TORCHINDUCTOR_CACHE_DIR`` keeps what one worker compiled
+for the next).
 
 Memory is the resident set size (RSS) of the subprocess, which covers torch's CPU allocations (``tracemalloc`` would
 only see Python objects).  Before every timed call the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``,
@@ -131,7 +136,13 @@ def worker(args: argparse.Namespace) -> None:
             jacobi_block_size=args.jacobi_block_size,
         ).images
 
-    if args.warmup:
+    compile_seconds = None
+    if args.compile:
+        start = time.perf_counter()
+        pipe.transformer.compile_decode_step()
+        call(0, 1)
+        compile_seconds = time.perf_counter() - start
+    elif args.warmup:
         call(0, 1)
     results = {}
     for steps in (0, 1):
@@ -159,6 +170,7 @@ def worker(args: argparse.Namespace) -> None:
                 params=params,
                 positions=pipe.transformer.num_latents,
                 image_size=pipe.image_size,
+                compile_seconds=compile_seconds,
                 results=results,
             )
         )
@@ -171,7 +183,13 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(
-    config: str, guidance: float, repeats: int, warmup: bool, threads: int, jacobi_block_size: Optional[int]
+    config: str,
+    guidance: float,
+    repeats: int,
+    warmup: bool,
+    threads: int,
+    jacobi_block_size: Optional[int],
+    compile: bool = False,
 ) -> dict:
     cmd = (
         [
@@ -189,6 +207,7 @@ def run_worker(
         ]
         + (["--warmup"] if warmup else [])
         + (["--jacobi-block-size", str(jacobi_block_size)] if jacobi_block_size else [])
+        + (["--compile"] if compile else [])
     )
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -207,6 +226,9 @@ def main(argv=None) -> None:
         default=None,
         help="Jacobi decoding with this window (default tolerance 1e-3); default exact decoding",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the transformer's decode steps (compile_decode_step) first"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
@@ -221,13 +243,16 @@ def main(argv=None) -> None:
         warmup = not (args.quick and config == "mid")
         for guidance in (args.guidance, 0.0):
             print(f"running {config}, guidance {guidance} ...", file=sys.stderr, flush=True)
-            rows.append(run_worker(config, guidance, repeats, warmup, args.threads, args.jacobi_block_size))
+            rows.append(
+                run_worker(config, guidance, repeats, warmup, args.threads, args.jacobi_block_size, args.compile)
+            )
 
     per_call = all(r["results"]["0"]["per_call_peak"] for r in rows)
     print(
         f"\nStarFlow2Pipeline, CPU, {args.threads} thread(s), prompt {PROMPT!r}, batch 1, random weights; "
         f"peak RSS {'per call (VmHWM reset)' if per_call else 'since process start (ru_maxrss)'}; "
-        f"{f'Jacobi decoding, window {args.jacobi_block_size}' if args.jacobi_block_size else 'exact decoding'}; "
+        f"{f'Jacobi decoding, window {args.jacobi_block_size}' if args.jacobi_block_size else 'exact decoding'}"
+        f"{', compiled decode steps (compile_decode_step)' if args.compile else ''}; "
         f"total benchmark time {time.perf_counter() - start:.0f} s\n"
     )
     print(
@@ -244,6 +269,11 @@ def main(argv=None) -> None:
                 f"{cfg} | {steps} | {res['seconds']:.3f} | {res['cpu_seconds']:.3f} | {res['peak_mb']:.0f} | "
                 f"{res['delta_mb']:.0f} | {r['positions'] / res['cpu_seconds']:.0f} |"
             )
+    if args.compile:
+        print("\n| config | CFG | compile + first call (s) |")
+        print("|---|---|---|")
+        for r in rows:
+            print(f"| {r['config']} | {'on' if r['guidance'] > 0 else 'off'} | {r['compile_seconds']:.1f} |")
     print("\n| config | CFG | one denoising step (CPU s) | share of a 1-step image |")
     print("|---|---|---|---|")
     for r in rows:

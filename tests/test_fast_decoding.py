@@ -351,6 +351,40 @@ def test_jacobi_stop_leaves_the_caches_as_sequential_decoding_does(tiny_pipe, st
     assert cache_jac.length == cache_seq.length and cache_jac.flow.length == cache_seq.flow.length
 
 
+def test_pretzel_compiled_decode_step_equals_eager_decoding():
+    """``PretzelModel.compile_decode_step`` through inductor: the shallow flows' steps and the TARFlow stream's step
+    over one position give the eager latents (prompts of different lengths: padding in both streams; a denoising
+    step: the gradient pass stays eager), one graph per unit and batch size, none per position."""
+    import torch._dynamo
+
+    from diffusers_starflow2 import StarFlow2Pipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+    prompts = ["a red circle", "a big blue square on the right of the image"]
+
+    def run(guidance_scale):
+        return pipe(
+            prompts,
+            guidance_scale=guidance_scale,
+            num_denoising_steps=1,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images
+
+    expected = {scale: run(scale) for scale in (2.0, 0.0)}
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    pipe.transformer.compile_decode_step(mode=None)  # inductor's default mode: a shorter compile
+    first = run(2.0)
+    assert counters["stats"]["unique_graphs"] == 3  # the two shallow flows and the stream
+    assert (first - expected[2.0]).abs().max() <= ATOL
+    assert torch.equal(run(2.0), first) and counters["stats"]["unique_graphs"] == 3
+    assert (run(0.0) - expected[0.0]).abs().max() <= ATOL
+    assert counters["stats"]["unique_graphs"] == 4  # the stream at the batch without the unconditional branch
+
+
 def test_pipeline_transformer_compile_repeated_blocks():
     from diffusers_starflow2 import StarFlow2Pipeline
     from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components

@@ -201,8 +201,11 @@ class FlowKVCache:
     def batch_size(self) -> int:
         return self.keys[0].shape[0] if self.keys else 0
 
-    def _grow(self, needed: int) -> None:
-        new_cap = max(needed, 2 * self.capacity)
+    def reserve(self, length: int) -> None:
+        """Make room for ``length`` positions (at least doubling the buffers when they are too short)."""
+        if length <= self.capacity:
+            return
+        new_cap = max(length, 2 * self.capacity)
         for buffers in (self.keys, self.values):
             for i, buf in enumerate(buffers):
                 pad = list(buf.shape)
@@ -212,8 +215,7 @@ class FlowKVCache:
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # key, value: (B, H_kv, T_new, D)
         end = self.length + key.shape[2]
-        if end > self.capacity:
-            self._grow(end)
+        self.reserve(end)
         keys, values = self.keys[layer], self.values[layer]
         if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
             # Differentiable pass over a cached context (e.g. denoising): keep the buffer out of the autograd graph,
@@ -960,26 +962,35 @@ class AutoregressiveFlowBlock(nn.Module):
         ``max-autotune`` records CUDA graphs.  So: compile again after changing the weights (``load_state_dict``,
         fusing or loading an adapter) or moving the model.  Other ``compile_kwargs`` (``backend`` — then ``mode``
         is not used —, ``options``...) go to ``torch.compile``; ``dynamic`` is not taken (it is set per graph)."""
+        self._compiled_steps = {
+            kind: compile_static_step(self.static_decode, step_mode, dynamic, **compile_kwargs)
+            for kind, step_mode, dynamic in (("token", mode, False), ("window", None, True))
+        }
+
+
+def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: bool, **compile_kwargs) -> Callable:
+    """``torch.compile`` of a bound decode method (:meth:`AutoregressiveFlowBlock.static_decode`, the Pretzel's
+    stream step) as :meth:`AutoregressiveFlowBlock.compile_decode_step` describes it: a code object of its own,
+    with inductor frozen weights, guards on parameter identities only, no stride checks, and on a CPU a C++ wrapper
+    (on a GPU ``mode="max-autotune"`` records CUDA graphs).  A ``dynamic`` in ``compile_kwargs`` is overridden by
+    ``dynamic_shapes``."""
+    compile_kwargs = dict(compile_kwargs, dynamic=dynamic_shapes)
+    frozen = compile_kwargs.get("backend", "inductor") == "inductor"
+    if frozen:
         from torch._inductor import list_mode_options
 
-        compile_kwargs.pop("dynamic", None)  # set per graph
-        frozen = compile_kwargs.get("backend", "inductor") == "inductor"
-        steps = {}
-        for kind, step_mode, dynamic in (("token", mode, False), ("window", None, True)):
-            kwargs = dict(compile_kwargs, dynamic=dynamic)
-            if frozen:
-                options = {
-                    **list_mode_options(step_mode or "default"),
-                    "guard_filter_fn": _identity_guards_on_modules,
-                    "size_asserts": False,  # checks of each output's strides after every operator call
-                }
-                if self.proj_in.weight.device.type == "cpu":  # no CUDA graphs; kernels called from C++, not Python
-                    options.pop("triton.cudagraphs", None)
-                    options["cpp_wrapper"] = True
-                kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
-            compiled = torch.compile(_with_own_code(self.static_decode), **kwargs)
-            steps[kind] = _with_frozen_weights(compiled) if frozen else compiled
-        self._compiled_steps = steps
+        options = {
+            **list_mode_options(mode or "default"),
+            "guard_filter_fn": _identity_guards_on_modules,
+            "size_asserts": False,  # checks of each output's strides after every operator call
+        }
+        device = next(method.__self__.parameters()).device
+        if device.type == "cpu":  # no CUDA graphs; kernels called from C++, not Python
+            options.pop("triton.cudagraphs", None)
+            options["cpp_wrapper"] = True
+        compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
+    compiled = torch.compile(_with_own_code(method), **compile_kwargs)
+    return _with_frozen_weights(compiled) if frozen else compiled
 
 
 def _with_own_code(method: Callable) -> Callable:

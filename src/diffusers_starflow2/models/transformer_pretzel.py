@@ -29,7 +29,16 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .flow_block import LOG_2PI, AutoregressiveFlowBlock, FlowKVCache, bits_per_dim, flow_nll, rope_angles, rope_tables
+from .flow_block import (
+    LOG_2PI,
+    AutoregressiveFlowBlock,
+    FlowKVCache,
+    bits_per_dim,
+    compile_static_step,
+    flow_nll,
+    rope_angles,
+    rope_tables,
+)
 from .vlm_stream import VLMStream, position_ids
 
 # Noise levels live in [0, ~0.3]; the sinusoidal embedding is laid out for diffusion-style timesteps in [0, 1000].
@@ -424,6 +433,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.skip_t = nn.Linear(deep_channels, vlm_hidden_size, bias=False)  # W_t
         nn.init.zeros_(self.skip_v.weight)
         nn.init.zeros_(self.skip_t.weight)
+        self._compiled_stream = None  # compile_decode_step(): the TARFlow stream's step over one new position
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -557,10 +567,61 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         key_padding_mask: torch.Tensor,
     ) -> torch.Tensor:
         """The deep TARFlow stream over new positions: level-independent inputs ``(B, T, C)`` plus the noise-level
-        embedding, 1-D RoPE at ``positions (B, T)``; appends to ``flow_cache``."""
+        embedding, 1-D RoPE at ``positions (B, T)``; appends to ``flow_cache``.  One new position in inference
+        runs the compiled step when there is one (:meth:`compile_decode_step`)."""
         deep = self.deep
+        if (
+            self._compiled_stream is not None
+            and flow_cache is not None
+            and flow_in.shape[1] == 1
+            and not torch.is_grad_enabled()
+        ):
+            start = flow_cache.length
+            flow_cache.reserve(start + 1)
+            # shapes fixed by the buffers: the padding mask covers every slot (slots after the new one are masked
+            # as the future anyway)
+            padding = key_padding_mask.new_zeros(key_padding_mask.shape[0], flow_cache.capacity)
+            padding[:, : key_padding_mask.shape[1]] = key_padding_mask
+            slots = torch.arange(start, start + 1, device=flow_in.device)
+            filled = torch.tensor(start + 1)  # on the CPU: read by the attention operator, never a graph constant
+            h = self._compiled_stream(
+                flow_in, positions, cond, padding, slots, flow_cache.keys, flow_cache.values, filled
+            )
+            flow_cache.length = start + 1
+            return h
         rope = rope_tables(rope_angles(positions[..., None].float(), deep.head_dim))[:, :, None]  # (2, B, 1, T, Dh)
         return deep.transformer(deep.add_cond(flow_in, cond), rope, flow_cache, key_padding_mask=key_padding_mask)
+
+    def static_stream(
+        self,
+        flow_in: torch.Tensor,
+        positions: torch.Tensor,
+        cond: torch.Tensor,
+        key_padding_mask: torch.Tensor,
+        slots: torch.Tensor,
+        keys: List[torch.Tensor],
+        values: List[torch.Tensor],
+        filled: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """:meth:`_flow_stream` with every shape fixed by the inputs ``(B, T, C)`` and the cache buffers
+        ``(B, H_kv, S, D)``: the new positions are written at cache ``slots (T,)`` and attend over all ``S`` slots
+        under the causal mask and ``key_padding_mask (B, S)``; RoPE at ``positions (B, T)``.  ``filled``: see
+        :meth:`~diffusers_starflow2.models.flow_block.FlowAttention.forward_static`."""
+        deep = self.deep
+        rope = rope_tables(rope_angles(positions[..., None].float(), deep.head_dim))[..., None, :]  # (2, B, T, 1, Dh)
+        mask = deep.decode_mask(slots, keys[0].shape[2], key_padding_mask, flow_in.dtype)
+        return deep.run_layers(deep.add_cond(flow_in, cond), slots, rope, mask, keys, values, filled)
+
+    def compile_decode_step(self, mode: Optional[str] = "max-autotune", **compile_kwargs) -> None:
+        """Compile the sampling steps with ``torch.compile``; opt-in, for inference.  Each shallow flow's decode step
+        (:meth:`~diffusers_starflow2.models.flow_block.AutoregressiveFlowBlock.compile_decode_step`) and the deep
+        TARFlow stream's step over one new position (:meth:`static_stream`: the stream's layers as one graph with
+        static shapes, traced once per batch size and cache size, never per position).  The VLM stream stays a
+        transformers call, and Jacobi windows run the stream eagerly.  As there, the weights are frozen into the
+        graphs: compile again after changing them or moving the model.  ``mode`` and ``compile_kwargs`` as there."""
+        for block in self.shallow:
+            block.compile_decode_step(mode, **compile_kwargs)
+        self._compiled_stream = compile_static_step(self.static_stream, mode, False, **compile_kwargs)
 
     def at_noise_level(self, cache: PretzelCache, noise_level: torch.Tensor) -> PretzelCache:
         """The sequence in ``cache`` as the model sees it when its next image is at ``noise_level (B,)``.
