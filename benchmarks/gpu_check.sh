@@ -2,7 +2,7 @@
 # Device checks for a machine with a CUDA GPU (the CI machine has none): the device tests on meta and CUDA (CUDA
 # results compared with the CPU's), exact and Jacobi decoding on CUDA and the flow-decoding benchmark (exact / Jacobi
 # / compiled decode step), the denoising and likelihood benchmarks on CUDA (their tables should match the README's
-# CPU figures), and the four pipelines of the embedded model on CUDA.
+# CPU figures), and the four pipelines of the embedded model on CUDA (with the transformer's compiled decode steps).
 #
 #     bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -50,6 +50,10 @@ pipe = StarFlow2Pipeline.from_pretrained(DEFAULT_MODEL).to("cuda")
 gen = lambda: torch.Generator("cuda").manual_seed(0)
 latents = pipe("a red circle on the left", generator=gen(), output_type="latent").images
 assert latents.device.type == "cuda" and torch.isfinite(latents).all()
+pipe.transformer.compile_decode_step(mode=None)  # the shallow flows' and the TARFlow stream's compiled steps
+compiled = pipe("a red circle on the left", generator=gen(), output_type="latent").images
+print("compiled decode steps vs eager on CUDA:", (compiled - latents).abs().max().item())
+assert (compiled - latents).abs().max() < 1e-3
 image = pipe("a red circle on the left", generator=gen()).images[0]
 print("log_likelihood:", pipe.log_likelihood(image, "a red circle on the left", generator=gen()).tolist())
 edit = StarFlow2EditPipeline.from_pipe(pipe)

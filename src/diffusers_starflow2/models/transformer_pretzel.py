@@ -517,7 +517,9 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         B, T = (input_ids if input_ids is not None else latents).shape[:2]
         if B != cache.batch_size:
             raise ValueError(f"batch of {B} does not match the cache's batch of {cache.batch_size}")
-        device = self.device
+        # The model's (onload) device and compute dtype, as the noise-level embedding of the sequence holds them
+        # (the embedding is never cast layerwise): looking them up on the model walks every module, at every step.
+        device, dtype = cache.cond.device, cache.cond.dtype
         if latent_mask is None:
             latent_mask = torch.full((B, T), input_ids is None, dtype=torch.bool, device=device)
         if attention_mask is None:
@@ -530,14 +532,14 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         vlm_dtype = vlm.vlm.dtype
         embeds = vlm.embed_tokens(input_ids.to(device)) if input_ids is not None else None
         if latents is not None:
-            latents = latents.to(device=device, dtype=self.dtype)
+            latents = latents.to(device=device, dtype=dtype)
             adapted = self.adapter(latents, cache.cond).to(vlm_dtype)
             embeds = adapted if embeds is None else torch.where(latent_mask[..., None], adapted, embeds)
         h, _ = vlm(embeds.to(vlm_dtype), vlm_pos, cache.vlm, attention_mask=full_mask.long())  # (B, T, D)
 
         # TARFlow stream: P_txt(h) at text, proj_in(x~) + W_v h at latents, start input at <|vision_start|>
         deep = self.deep
-        h_flow = h.to(self.dtype)
+        h_flow = h.to(dtype)
         flow_in = deep.proj_txt(h_flow)
         if latents is not None:
             flow_in = torch.where(latent_mask[..., None], deep.proj_in(latents) + self.skip_v(h_flow), flow_in)
