@@ -163,6 +163,20 @@ def test_kv_cache_one_token_at_a_time_equals_full_pass(text_len, num_kv_heads, c
     assert_close(torch.cat(parts, dim=1), full, 1e-5)
 
 
+def test_kv_cache_grows_to_powers_of_two_keeping_what_it_holds():
+    block = make_block()
+    cache = block.new_cache(2, 3, torch.float32, "cpu")
+    k, v = torch.randn(2, 2, 3, 16), torch.randn(2, 2, 3, 16)
+    cache.update(0, k, v)
+    cache.advance(3)
+    fork = cache.fork(3)  # holds exactly its 3 positions
+    for needed, capacity in ((3, 3), (4, 4), (5, 8), (300, 512)):
+        fork.reserve(needed)
+        assert fork.capacity == capacity
+    assert torch.equal(fork.keys[0][:, :, :3], k) and torch.equal(fork.values[0][:, :, :3], v)
+    assert cache.capacity == 3  # the fork's buffers are its own
+
+
 # -- guidance ----------------------------------------------------------------------------------------------------------
 
 

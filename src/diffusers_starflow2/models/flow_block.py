@@ -202,10 +202,12 @@ class FlowKVCache:
         return self.keys[0].shape[0] if self.keys else 0
 
     def reserve(self, length: int) -> None:
-        """Make room for ``length`` positions (at least doubling the buffers when they are too short)."""
+        """Make room for ``length`` positions: buffers too short grow to the next power of two, so that caches of
+        any length (forks of a conversation, stacked batches) share a few capacities, and so a few graphs of a
+        compiled step, whose shapes are the buffers'."""
         if length <= self.capacity:
             return
-        new_cap = max(length, 2 * self.capacity)
+        new_cap = 1 << (length - 1).bit_length()
         for buffers in (self.keys, self.values):
             for i, buf in enumerate(buffers):
                 pad = list(buf.shape)
