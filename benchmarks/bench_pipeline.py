@@ -21,7 +21,8 @@ use it.
 ``--compile`` calls ``pipe.transformer.compile_decode_step()`` (inductor, ``max-autotune``: the shallow flows' decode
 steps and the TARFlow stream's one-position step) before the warm-up call, whose time is reported as the compile
 time (with an empty inductor cache it is mostly compiling; ``TORCHINDUCTOR_CACHE_DIR`` keeps what one worker compiled
-for the next).
+for the next); every timed call is then made again with an eager copy of the transformer, right after, so that the
+two are compared under the same load (peak memory is the compiled call's).
 
 Memory is the resident set size (RSS) of the subprocess, which covers torch's CPU allocations (``tracemalloc`` would
 only see Python objects).  Before every timed call the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``,
@@ -136,8 +137,11 @@ def worker(args: argparse.Namespace) -> None:
             jacobi_block_size=args.jacobi_block_size,
         ).images
 
-    compile_seconds = None
+    compile_seconds, eager = None, None
     if args.compile:
+        import copy
+
+        eager = copy.deepcopy(pipe.transformer)  # timed in turn with the compiled one
         start = time.perf_counter()
         pipe.transformer.compile_decode_step()
         call(0, 1)
@@ -146,7 +150,7 @@ def worker(args: argparse.Namespace) -> None:
         call(0, 1)
     results = {}
     for steps in (0, 1):
-        wall, cpu, peaks = [], [], []
+        wall, cpu, peaks, eager_cpu = [], [], [], []
         for seed in range(args.repeats):
             gc.collect()
             reset_ok = reset_peak()
@@ -155,12 +159,19 @@ def worker(args: argparse.Namespace) -> None:
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
             peaks.append(peak_kb(reset_ok))
+            if eager is not None:  # the same call with the eager transformer, right after
+                compiled, pipe.transformer = pipe.transformer, eager
+                start_cpu = time.process_time()
+                call(seed, steps)
+                eager_cpu.append(time.process_time() - start_cpu)
+                pipe.transformer = compiled
         results[steps] = dict(
             seconds=statistics.median(wall),
             cpu_seconds=statistics.median(cpu),
             peak_mb=max(peaks) / 1024,
             delta_mb=(max(peaks) - built) / 1024,
             per_call_peak=reset_ok,
+            eager_cpu_seconds=statistics.median(eager_cpu) if eager_cpu else None,
         )
     print(
         json.dumps(
@@ -274,6 +285,15 @@ def main(argv=None) -> None:
         print("|---|---|---|")
         for r in rows:
             print(f"| {r['config']} | {'on' if r['guidance'] > 0 else 'off'} | {r['compile_seconds']:.1f} |")
+        print("\nEager and compiled transformer, each call made with both in turn (median CPU s/image):\n")
+        print("| config | CFG | denoise steps | eager | compiled | eager / compiled |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            for steps in ("0", "1"):
+                res = r["results"][steps]
+                e, c = res["eager_cpu_seconds"], res["cpu_seconds"]
+                cfg = "on" if r["guidance"] > 0 else "off"
+                print(f"| {r['config']} | {cfg} | {steps} | {e:.3f} | {c:.3f} | {e / c:.2f}x |")
     print("\n| config | CFG | one denoising step (CPU s) | share of a 1-step image |")
     print("|---|---|---|---|")
     for r in rows:
