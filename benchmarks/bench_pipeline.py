@@ -1,7 +1,8 @@
-"""StarFlow2Pipeline text -> image: seconds per image and peak memory, with and without guidance and denoising.
+"""StarFlow2Pipeline text -> image (or StarFlow2EditPipeline): seconds per image and peak memory, with and without
+guidance and denoising.
 
     python benchmarks/bench_pipeline.py [--quick] [--configs tiny,mid] [--threads 1] [--repeats 3]
-        [--jacobi-block-size K] [--compile]
+        [--jacobi-block-size K] [--compile] [--pipeline text2image|edit]
 
 Configurations (random weights, built offline):
 
@@ -9,6 +10,11 @@ Configurations (random weights, built offline):
 * ``mid``: 16x16x16 latents (256 positions per image) -> 128-px images; VLM: tiny Qwen2.5-VL with 4 layers x 512
   (8 heads, 4 KV heads); Pretzel: deep stream 8 layers x 512, two shallow flows of 2 layers x 256; FAE: DINOv2
   2x64 on 128 px with patch 8 (16x16 grid), 2-layer x 128 feature and pixel decoders, 8-px output patches.
+
+``--pipeline edit`` times ``StarFlow2EditPipeline`` (built with ``from_pipe``) editing a fixed random image with
+the instruction below: with guidance on it runs three branches (text ``w``, image guidance 1.5), off one.  The
+sampling calls pass only the options they use, so the script also runs against an older checkout of the package
+(``PYTHONPATH=<checkout>/src``) for before/after figures.
 
 Each (configuration, guidance) pair runs in its own subprocess, which builds the pipeline, warms up, then times
 ``num_denoising_steps`` 0 and 1 (the difference is the cost of one Tweedie denoising step: a teacher-forced pass of
@@ -48,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import peak_kb, reset_peak, rss_kb  # noqa: E402
 
 PROMPT = "a red circle on the left of a blue square"
+EDIT_PROMPT = "make the circle blue"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,14 +134,26 @@ def worker(args: argparse.Namespace) -> None:
     built = rss_kb()  # weights + runtime, before any call
     params = sum(p.numel() for name in ("vlm", "transformer", "vae") for p in getattr(pipe, name).parameters())
 
+    options = dict(jacobi_block_size=args.jacobi_block_size) if args.jacobi_block_size else {}
+    if args.pipeline == "edit":
+        import numpy as np
+
+        from diffusers_starflow2 import StarFlow2EditPipeline
+
+        pipe = StarFlow2EditPipeline.from_pipe(pipe)
+        image = np.random.default_rng(0).random((pipe.image_size, pipe.image_size, 3)).astype(np.float32)
+        inputs = dict(image=image, prompt=EDIT_PROMPT, image_guidance_scale=1.5 if args.guidance > 0 else 1.0)
+    else:
+        inputs = dict(prompt=PROMPT)
+
     def call(seed: int, steps: int):
         return pipe(
-            PROMPT,
+            **inputs,
             guidance_scale=args.guidance,
             num_denoising_steps=steps,
             output_type="np",
             generator=torch.Generator().manual_seed(seed),
-            jacobi_block_size=args.jacobi_block_size,
+            **options,
         ).images
 
     compile_seconds, eager = None, None
@@ -201,6 +220,7 @@ def run_worker(
     threads: int,
     jacobi_block_size: Optional[int],
     compile: bool = False,
+    pipeline: str = "text2image",
 ) -> dict:
     cmd = (
         [
@@ -219,6 +239,7 @@ def run_worker(
         + (["--warmup"] if warmup else [])
         + (["--jacobi-block-size", str(jacobi_block_size)] if jacobi_block_size else [])
         + (["--compile"] if compile else [])
+        + ["--pipeline", pipeline]
     )
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -240,6 +261,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--compile", action="store_true", help="compile the transformer's decode steps (compile_decode_step) first"
     )
+    parser.add_argument("--pipeline", choices=("text2image", "edit"), default="text2image")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
@@ -255,12 +277,27 @@ def main(argv=None) -> None:
         for guidance in (args.guidance, 0.0):
             print(f"running {config}, guidance {guidance} ...", file=sys.stderr, flush=True)
             rows.append(
-                run_worker(config, guidance, repeats, warmup, args.threads, args.jacobi_block_size, args.compile)
+                run_worker(
+                    config,
+                    guidance,
+                    repeats,
+                    warmup,
+                    args.threads,
+                    args.jacobi_block_size,
+                    args.compile,
+                    args.pipeline,
+                )
             )
 
     per_call = all(r["results"]["0"]["per_call_peak"] for r in rows)
+    if args.pipeline == "edit":
+        pipeline_line = (
+            f"StarFlow2EditPipeline, a random image, instruction {EDIT_PROMPT!r} (image guidance 1.5 with CFG)"
+        )
+    else:
+        pipeline_line = f"StarFlow2Pipeline, prompt {PROMPT!r}"
     print(
-        f"\nStarFlow2Pipeline, CPU, {args.threads} thread(s), prompt {PROMPT!r}, batch 1, random weights; "
+        f"\n{pipeline_line}, CPU, {args.threads} thread(s), batch 1, random weights; "
         f"peak RSS {'per call (VmHWM reset)' if per_call else 'since process start (ru_maxrss)'}; "
         f"{f'Jacobi decoding, window {args.jacobi_block_size}' if args.jacobi_block_size else 'exact decoding'}"
         f"{', compiled decode steps (compile_decode_step)' if args.compile else ''}; "
