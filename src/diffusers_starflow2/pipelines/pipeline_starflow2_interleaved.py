@@ -83,6 +83,25 @@ class StarFlow2InterleavedOutput(BaseOutput):
         return [s for s in self.segments if not isinstance(s, str)]
 
 
+@dataclass
+class _CallOptions:
+    """The checked options of one call, shared by all its conversations (see ``__call__`` for each)."""
+
+    guidance: GuidanceSpec
+    negative_prompt: str
+    max_new_tokens: int
+    max_images: int
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    stop: List[str]
+    noise_level: float
+    num_denoising_steps: int
+    output_type: str
+    callback_on_step_end: Optional[Callable]
+    tensor_inputs: Sequence[str]
+
+
 def _split_placeholders(parts: Sequence) -> List:
     out = []
     for part in parts:
@@ -406,20 +425,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
     def _generate(
         self,
         prompts: List,
-        negative_prompt: str,
-        guidance: GuidanceSpec,
-        max_new_tokens: int,
-        max_images: int,
-        temperature: float,
-        top_k: Optional[int],
-        top_p: Optional[float],
-        stop: Sequence[str],
         generators: List[Optional[torch.Generator]],
-        noise_level: float,
-        num_denoising_steps: int,
-        output_type: str,
-        callback_on_step_end=None,
-        tensor_inputs: Sequence[str] = (),
+        options: _CallOptions,
         states: Optional[List[StarFlow2ConversationState]] = None,
         result: Optional[dict] = None,
     ) -> Iterator[Tuple[int, Segment]]:
@@ -434,20 +441,21 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         image or ends, so images are sampled in as few spans as possible.  Padding is never seen by later
         positions, so each conversation's logits and latents are its own (up to float rounding).
         """
-        branches = guidance.num_branches
+        o = options
+        branches = o.guidance.num_branches
         cache, conversations = self._start(
-            prompts, negative_prompt, branches, generators, noise_level, max_new_tokens, states
+            prompts, o.negative_prompt, branches, generators, o.noise_level, o.max_new_tokens, states
         )
-        processors = _text_processors(temperature, top_k, top_p)
+        processors = _text_processors(o.temperature, o.top_k, o.top_p)
         self._begin_call(
-            guidance.guidance_scale,
-            self.transformer.num_latents + num_denoising_steps,
-            callback_on_step_end,
-            tensor_inputs,
+            o.guidance.guidance_scale,
+            self.transformer.num_latents + o.num_denoising_steps,
+            o.callback_on_step_end,
+            o.tensor_inputs,
         )
         while True:
             for i, c in enumerate(conversations):
-                text = self._advance(cache, c, i, processors, stop, max_images, noise_level)
+                text = self._advance(cache, c, i, processors, o.stop, o.max_images, o.noise_level)
                 if text:
                     yield i, text
             pushes = [c.want if isinstance(c.want, tuple) else None for c in conversations]
@@ -456,13 +464,13 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 for c in conversations:
                     c.want = None if isinstance(c.want, tuple) else c.want
             elif any(c.want == IMAGE_PLACEHOLDER for c in conversations):
-                yield from self._draw_images(cache, conversations, guidance, num_denoising_steps, output_type)
+                yield from self._draw_images(cache, conversations, o.guidance, o.num_denoising_steps, o.output_type)
                 if self.interrupt:
                     break
             else:
                 break
         if result is not None and not self.interrupt:
-            result["states"] = self._states(cache, conversations, branches, noise_level)
+            result["states"] = self._states(cache, conversations, branches, o.noise_level)
         self._end_call()
 
     def _states(
@@ -617,14 +625,15 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         callback_on_step_end,
         callback_on_step_end_tensor_inputs: Sequence[str],
         image_guidance_scale: float,
-    ) -> Tuple[Dict[str, Any], float, int]:
-        """:meth:`check_inputs` for each conversation, with its own state and generator; returns the checked
-        values (of the last conversation: all but its generator are shared), the noise level (a continued
-        conversation samples at its own, checked to be one for all) and the number of denoising steps."""
+    ) -> Tuple[_CallOptions, List[Optional[torch.Generator]]]:
+        """:meth:`check_inputs` for each conversation, with its own state and generator; returns the call's checked
+        options (the noise level: a continued conversation samples at its own, checked to be one for all) and each
+        conversation's generator."""
         if noise_level is None and isinstance(states[0], StarFlow2ConversationState):
             noise_level = states[0].noise_level
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_denoising_steps(num_denoising_steps)
+        checked_generators = []
         for prompt, state, generator in zip(prompts, states, generators):
             checked = self.check_inputs(
                 prompt,
@@ -645,7 +654,23 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 image_guidance_scale,
                 state,
             )
-        return checked, noise_level, steps
+            checked_generators.append(checked["generator"])
+        options = _CallOptions(
+            guidance=checked["guidance"],
+            negative_prompt=negative_prompt or "",
+            max_new_tokens=checked["max_new_tokens"],
+            max_images=checked["max_images"],
+            temperature=checked["temperature"],
+            top_k=checked["top_k"],
+            top_p=checked["top_p"],
+            stop=checked["stop"],
+            noise_level=noise_level,
+            num_denoising_steps=steps,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            tensor_inputs=checked["tensor_inputs"],
+        )
+        return options, checked_generators
 
     def _checked_generate(
         self,
@@ -672,7 +697,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         jacobi_max_iterations: Optional[int] = None,
     ) -> Iterator[Segment]:
         self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
-        checked, noise_level, steps = self._check_conversations(
+        options, generators = self._check_conversations(
             [prompt],
             [state],
             [generator],
@@ -691,25 +716,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             callback_on_step_end_tensor_inputs,
             image_guidance_scale,
         )
-        segments = self._generate(
-            [prompt],
-            negative_prompt or "",
-            checked["guidance"],
-            checked["max_new_tokens"],
-            checked["max_images"],
-            checked["temperature"],
-            checked["top_k"],
-            checked["top_p"],
-            checked["stop"],
-            [checked["generator"]],
-            noise_level,
-            steps,
-            output_type,
-            callback_on_step_end,
-            checked["tensor_inputs"],
-            [state] if state is not None else None,
-            result,
-        )
+        segments = self._generate([prompt], generators, options, [state] if state is not None else None, result)
         return (segment for _, segment in segments)
 
     @torch.no_grad()
@@ -872,7 +879,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 f"{B} conversations (a batch); got {got}"
             )
         validation.check_generator(generator, B)
-        checked, noise_level, steps = self._check_conversations(
+        options, generators = self._check_conversations(
             prompts,
             state if state is not None else [None] * B,
             generator if isinstance(generator, (list, tuple)) else [generator] * B,
@@ -893,23 +900,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         )
         result = {}
         segments = [[] for _ in range(B)]
-        for i, segment in self._generate(
-            list(prompts),
-            negative_prompt or "",
-            checked["guidance"],
-            checked["max_new_tokens"],
-            checked["max_images"],
-            checked["temperature"],
-            checked["top_k"],
-            checked["top_p"],
-            checked["stop"],
-            list(generator) if isinstance(generator, (list, tuple)) else [generator] * B,
-            noise_level,
-            steps,
-            output_type,
-            states=list(state) if state is not None else None,
-            result=result,
-        ):
+        states = list(state) if state is not None else None
+        for i, segment in self._generate(list(prompts), generators, options, states, result):
             segments[i].append(segment)
         return [StarFlow2InterleavedOutput(segments=s, state=state) for s, state in zip(segments, result["states"])]
 
