@@ -655,20 +655,14 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 state,
             )
             checked_generators.append(checked["generator"])
+        shared = ("guidance", "max_new_tokens", "max_images", "temperature", "top_k", "top_p", "stop", "tensor_inputs")
         options = _CallOptions(
-            guidance=checked["guidance"],
+            **{name: checked[name] for name in shared},  # the same for every conversation
             negative_prompt=negative_prompt or "",
-            max_new_tokens=checked["max_new_tokens"],
-            max_images=checked["max_images"],
-            temperature=checked["temperature"],
-            top_k=checked["top_k"],
-            top_p=checked["top_p"],
-            stop=checked["stop"],
             noise_level=noise_level,
             num_denoising_steps=steps,
             output_type=output_type,
             callback_on_step_end=callback_on_step_end,
-            tensor_inputs=checked["tensor_inputs"],
         )
         return options, checked_generators
 
