@@ -354,8 +354,9 @@ def test_jacobi_stop_leaves_the_caches_as_sequential_decoding_does(tiny_pipe, st
 
 def test_pretzel_compiled_decode_step_equals_eager_decoding():
     """``PretzelModel.compile_decode_step`` through inductor: the shallow flows' steps and the TARFlow stream's step
-    over one position give the eager latents (prompts of different lengths: padding in both streams; a denoising
-    step: the gradient pass stays eager), one graph per unit and batch size, none per position."""
+    give the eager latents (prompts of different lengths: padding in both streams; a denoising step: the gradient
+    pass stays eager), exact decoding with one graph per unit and batch size, none per position, and Jacobi windows
+    with one more graph per unit, whatever the window length."""
     import torch._dynamo
 
     from diffusers_starflow2 import StarFlow2Pipeline
@@ -363,17 +364,20 @@ def test_pretzel_compiled_decode_step_equals_eager_decoding():
 
     pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
     prompts = ["a red circle", "a big blue square on the right of the image"]
+    jacobi = dict(jacobi_block_size=5, jacobi_tolerance=0.0)  # windows of 5 down to 1 at the end of a block
 
-    def run(guidance_scale):
+    def run(guidance_scale, **kwargs):
         return pipe(
             prompts,
             guidance_scale=guidance_scale,
             num_denoising_steps=1,
             generator=torch.Generator().manual_seed(0),
             output_type="latent",
+            **kwargs,
         ).images
 
     expected = {scale: run(scale) for scale in (2.0, 0.0)}
+    expected_jacobi = run(2.0, **jacobi)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -384,6 +388,10 @@ def test_pretzel_compiled_decode_step_equals_eager_decoding():
     assert torch.equal(run(2.0), first) and counters["stats"]["unique_graphs"] == 3
     assert (run(0.0) - expected[0.0]).abs().max() <= ATOL
     assert counters["stats"]["unique_graphs"] == 4  # the stream at the batch without the unconditional branch
+    assert (run(2.0, **jacobi) - expected_jacobi).abs().max() <= ATOL
+    assert counters["stats"]["unique_graphs"] == 7  # a window graph for each shallow flow and the stream
+    run(2.0, **jacobi)
+    assert counters["stats"]["unique_graphs"] == 7 and not counters["recompiles"]
 
 
 def test_pipeline_transformer_compile_repeated_blocks():

@@ -964,10 +964,16 @@ class AutoregressiveFlowBlock(nn.Module):
         ``max-autotune`` records CUDA graphs.  So: compile again after changing the weights (``load_state_dict``,
         fusing or loading an adapter) or moving the model.  Other ``compile_kwargs`` (``backend`` — then ``mode``
         is not used —, ``options``...) go to ``torch.compile``; ``dynamic`` is not taken (it is set per graph)."""
-        self._compiled_steps = {
-            kind: compile_static_step(self.static_decode, step_mode, dynamic, **compile_kwargs)
-            for kind, step_mode, dynamic in (("token", mode, False), ("window", None, True))
-        }
+        self._compiled_steps = compile_decode_graphs(self.static_decode, mode, **compile_kwargs)
+
+
+def compile_decode_graphs(method: Callable, mode: Optional[str], **compile_kwargs) -> Dict[str, Callable]:
+    """The two compiled graphs of a static-shape decode method: ``"token"`` (one new position; static shapes, in
+    ``mode``) and ``"window"`` (several, e.g. a Jacobi window; dynamic shapes, inductor's default mode)."""
+    return {
+        kind: compile_static_step(method, step_mode, dynamic, **compile_kwargs)
+        for kind, step_mode, dynamic in (("token", mode, False), ("window", None, True))
+    }
 
 
 def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: bool, **compile_kwargs) -> Callable:

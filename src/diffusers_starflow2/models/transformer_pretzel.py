@@ -18,7 +18,7 @@ visual-only flow blocks map noisy FAE latents ``x`` to ``x~`` before the Pretzel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from .flow_block import (
     AutoregressiveFlowBlock,
     FlowKVCache,
     bits_per_dim,
-    compile_static_step,
+    compile_decode_graphs,
     flow_nll,
     rope_angles,
     rope_tables,
@@ -433,7 +433,8 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.skip_t = nn.Linear(deep_channels, vlm_hidden_size, bias=False)  # W_t
         nn.init.zeros_(self.skip_v.weight)
         nn.init.zeros_(self.skip_t.weight)
-        self._compiled_stream = None  # compile_decode_step(): the TARFlow stream's step over one new position
+        # compile_decode_step(): the TARFlow stream's step over one new position ("token") / an image span's window
+        self._compiled_stream: Dict[str, Callable] = {}
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -549,7 +550,10 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if cache.flow is not None:
             cache.flow_inputs.append(flow_in)
             cache.flow_positions.append(flow_pos)
-        g = self._flow_stream(flow_in, flow_pos, cache.cond, cache.flow, full_mask)
+        # a compiled step takes single positions and the (Jacobi) windows of an image span; longer passes (prompts)
+        # keep the appending path, whose attention is tiled
+        kind = "token" if T == 1 else "window" if input_ids is None else None
+        g = self._flow_stream(flow_in, flow_pos, cache.cond, cache.flow, full_mask, kind)
 
         cache.attention_mask = full_mask
         last_flow_hidden, last_hidden = g[:, -1:], h[:, -1:]
@@ -567,29 +571,24 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         cond: torch.Tensor,
         flow_cache: Optional[FlowKVCache],
         key_padding_mask: torch.Tensor,
+        compiled: Optional[str] = None,
     ) -> torch.Tensor:
         """The deep TARFlow stream over new positions: level-independent inputs ``(B, T, C)`` plus the noise-level
-        embedding, 1-D RoPE at ``positions (B, T)``; appends to ``flow_cache``.  One new position in inference
-        runs the compiled step when there is one (:meth:`compile_decode_step`)."""
+        embedding, 1-D RoPE at ``positions (B, T)``; appends to ``flow_cache``.  In inference it runs the
+        ``compiled`` step (``"token"`` / ``"window"``, see :meth:`compile_decode_step`) when there is one."""
         deep = self.deep
-        if (
-            self._compiled_stream is not None
-            and flow_cache is not None
-            and flow_in.shape[1] == 1
-            and not torch.is_grad_enabled()
-        ):
-            start = flow_cache.length
-            flow_cache.reserve(start + 1)
-            # shapes fixed by the buffers: the padding mask covers every slot (slots after the new one are masked
+        step = self._compiled_stream.get(compiled) if compiled is not None else None
+        if step is not None and flow_cache is not None and not torch.is_grad_enabled():
+            start, end = flow_cache.length, flow_cache.length + flow_in.shape[1]
+            flow_cache.reserve(end)
+            # shapes fixed by the buffers: the padding mask covers every slot (slots after the new ones are masked
             # as the future anyway)
             padding = key_padding_mask.new_zeros(key_padding_mask.shape[0], flow_cache.capacity)
             padding[:, : key_padding_mask.shape[1]] = key_padding_mask
-            slots = torch.arange(start, start + 1, device=flow_in.device)
-            filled = torch.tensor(start + 1)  # on the CPU: read by the attention operator, never a graph constant
-            h = self._compiled_stream(
-                flow_in, positions, cond, padding, slots, flow_cache.keys, flow_cache.values, filled
-            )
-            flow_cache.length = start + 1
+            slots = torch.arange(start, end, device=flow_in.device)
+            filled = torch.tensor(end)  # on the CPU: read by the attention operator, never a graph constant
+            h = step(flow_in, positions, cond, padding, slots, flow_cache.keys, flow_cache.values, filled)
+            flow_cache.length = end
             return h
         rope = rope_tables(rope_angles(positions[..., None].float(), deep.head_dim))[:, :, None]  # (2, B, 1, T, Dh)
         return deep.transformer(deep.add_cond(flow_in, cond), rope, flow_cache, key_padding_mask=key_padding_mask)
@@ -617,13 +616,14 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def compile_decode_step(self, mode: Optional[str] = "max-autotune", **compile_kwargs) -> None:
         """Compile the sampling steps with ``torch.compile``; opt-in, for inference.  Each shallow flow's decode step
         (:meth:`~diffusers_starflow2.models.flow_block.AutoregressiveFlowBlock.compile_decode_step`) and the deep
-        TARFlow stream's step over one new position (:meth:`static_stream`: the stream's layers as one graph with
-        static shapes, traced once per batch size and cache size, never per position).  The VLM stream stays a
-        transformers call, and Jacobi windows run the stream eagerly.  As there, the weights are frozen into the
-        graphs: compile again after changing them or moving the model.  ``mode`` and ``compile_kwargs`` as there."""
+        TARFlow stream's step (:meth:`static_stream`: the stream's layers as one graph): over one new position (text
+        or latent) with static shapes in ``mode``, traced once per batch size and cache size, never per position;
+        over the Jacobi windows of an image span with dynamic shapes in inductor's default mode.  The VLM stream
+        stays a transformers call.  As there, the weights are frozen into the graphs: compile again after changing
+        them or moving the model.  ``mode`` and ``compile_kwargs`` as there."""
         for block in self.shallow:
             block.compile_decode_step(mode, **compile_kwargs)
-        self._compiled_stream = compile_static_step(self.static_stream, mode, False, **compile_kwargs)
+        self._compiled_stream = compile_decode_graphs(self.static_stream, mode, **compile_kwargs)
 
     def at_noise_level(self, cache: PretzelCache, noise_level: torch.Tensor) -> PretzelCache:
         """The sequence in ``cache`` as the model sees it when its next image is at ``noise_level (B,)``.
