@@ -7,6 +7,7 @@ guidance and denoising.
 Configurations (random weights, built offline):
 
 * ``tiny``: ``build_tiny_starflow2_components`` (4x4x4 latents, 32-px images, 2x64 VLM, 2x32 deep stream).
+* ``embedded``: the model shipped in the package (``diffusers_starflow2.cli.DEFAULT_MODEL``, trained; 16 latents).
 * ``mid``: 16x16x16 latents (256 positions per image) -> 128-px images; VLM: tiny Qwen2.5-VL with 4 layers x 512
   (8 heads, 4 KV heads); Pretzel: deep stream 8 layers x 512, two shallow flows of 2 layers x 256; FAE: DINOv2
   2x64 on 128 px with patch 8 (16x16 grid), 2-layer x 128 feature and pixel decoders, 8-px output patches.
@@ -119,6 +120,10 @@ def build_pipeline(config: str):
             vae=vae.eval(),
             scheduler=TarFlowScheduler(),
         )
+    elif config == "embedded":
+        from diffusers_starflow2.cli import DEFAULT_MODEL
+
+        pipe = StarFlow2Pipeline.from_pretrained(DEFAULT_MODEL)
     else:
         raise ValueError(f"unknown configuration {config!r}")
     pipe.set_progress_bar_config(disable=True)
@@ -201,10 +206,42 @@ def worker(args: argparse.Namespace) -> None:
                 positions=pipe.transformer.num_latents,
                 image_size=pipe.image_size,
                 compile_seconds=compile_seconds,
+                weight_bytes=weight_bytes(pipe),
                 results=results,
             )
         )
     )
+
+
+def weight_bytes(pipe) -> dict:
+    """Bytes of weights an image reads: at every latent position the VLM's decoder layers and the Pretzel's deep
+    stream with the projections around it, and the shallow flows' layers once per latent and flow."""
+    transformer = pipe.transformer
+
+    def size(*modules) -> int:
+        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+    deep = transformer.deep
+    per_position = size(
+        pipe.vlm.get_decoder().layers, deep.layers, deep.proj_in, deep.proj_txt, deep.proj_out, transformer.adapter
+    ) + size(transformer.skip_v)
+    per_image = transformer.num_latents * (per_position + size(*(block.layers for block in transformer.shallow)))
+    return dict(per_position=per_position, per_image=per_image)
+
+
+def read_bandwidth() -> float:
+    """GB/s one thread reads (``torch.sum`` over 256 MB, best of 5)."""
+    import torch
+
+    torch.set_num_threads(1)
+    x = torch.ones(64 * 1024 * 1024)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best / 1e9
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,7 +284,7 @@ def run_worker(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid")
+    parser.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid, embedded")
     parser.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the CFG-on rows")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default tiny 3, mid 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -331,6 +368,19 @@ def main(argv=None) -> None:
                 e, c = res["eager_cpu_seconds"], res["cpu_seconds"]
                 cfg = "on" if r["guidance"] > 0 else "off"
                 print(f"| {r['config']} | {cfg} | {steps} | {e:.3f} | {c:.3f} | {e / c:.2f}x |")
+    bandwidth = read_bandwidth()
+    print(
+        f"\nWeight reads (float32 as loaded) against one thread's read bandwidth, {bandwidth:.1f} GB/s "
+        "(torch.sum over 256 MB): the floor of an image bound by reading weights\n"
+    )
+    print("| config | weights read per position (MB) | per image (GB) | floor (s/image) |")
+    print("|---|---|---|---|")
+    for r in rows[::2]:
+        w = r["weight_bytes"]
+        print(
+            f"| {r['config']} | {w['per_position'] / 1e6:.1f} | {w['per_image'] / 1e9:.2f} | "
+            f"{w['per_image'] / 1e9 / bandwidth:.2f} |"
+        )
     print("\n| config | CFG | one denoising step (CPU s) | share of a 1-step image |")
     print("|---|---|---|---|")
     for r in rows:
