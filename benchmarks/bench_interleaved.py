@@ -48,7 +48,7 @@ def run(pipe, prompt: str, text_tokens: int, reencode: bool, seed: int = 0):
             uncond = encode_conversation(tok, [user_message("")], t.num_latents, True, True)
             pipe._run_text(cache, [layout, uncond])
             noise = torch.randn(1, t.num_latents, t.config.latent_channels, generator=gen)
-            tokens, _ = pipe.generate_image(cache, noise, GuidanceSpec(2.0), num_denoising_steps=0)
+            tokens, _ = pipe.generate_image(cache, noise, GuidanceSpec(2.0), num_inference_steps=0)
             pipe._append_ids(cache, [special_id(tok, VISION_END)])
             if reencode:  # composite baseline: rebuild the context, image included, from scratch
                 full = encode_conversation(tok, [user_message(prompt)], t.num_latents, True, True)

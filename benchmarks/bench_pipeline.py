@@ -18,7 +18,7 @@ sampling calls pass only the options they use, so the script also runs against a
 (``PYTHONPATH=<checkout>/src``) for before/after figures.
 
 Each (configuration, guidance) pair runs in its own subprocess, which builds the pipeline, warms up, then times
-``num_denoising_steps`` 0 and 1 (the difference is the cost of one Tweedie denoising step: a teacher-forced pass of
+``num_inference_steps`` 0 and 1 (the difference is the cost of one Tweedie denoising step: a teacher-forced pass of
 the image through the Pretzel plus its backward).  Times are medians over the repeats with intra-op threads fixed by
 ``--threads``; besides wall time the CPU time of the subprocess is reported, which is far less sensitive to other
 jobs on a shared machine (with one thread, CPU time ~ wall time on an idle machine), so the denoising cost and
@@ -155,7 +155,7 @@ def worker(args: argparse.Namespace) -> None:
         return pipe(
             **inputs,
             guidance_scale=args.guidance,
-            num_denoising_steps=steps,
+            num_inference_steps=steps,
             output_type="np",
             generator=torch.Generator().manual_seed(seed),
             **options,

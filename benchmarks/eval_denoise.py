@@ -42,7 +42,7 @@ def denoising_errors(pipe, n: int, steps) -> dict:
     clean, noisy, captions = heldout_batch(pipe, n)
     errors = {0: float((noisy - clean).pow(2).mean())}
     for k in steps:
-        denoised = pipe.denoise_latents(noisy, captions, num_denoising_steps=k)
+        denoised = pipe.denoise_latents(noisy, captions, num_inference_steps=k)
         errors[k] = float((denoised - clean).pow(2).mean())
     return errors
 

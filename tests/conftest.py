@@ -76,7 +76,7 @@ def sample_latents(pipe):
     return pipe(
         "a red circle",
         guidance_scale=1.0,
-        num_denoising_steps=0,
+        num_inference_steps=0,
         output_type="latent",
         generator=torch.Generator().manual_seed(0),
     ).images

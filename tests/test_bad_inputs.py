@@ -18,7 +18,7 @@ from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_compone
 from diffusers_starflow2.utils.validation import MAX_IMAGE_PIXELS, NonFiniteError
 
 PROMPT = "a red circle on the left"
-FAST = dict(num_denoising_steps=0, output_type="latent")
+FAST = dict(num_inference_steps=0, output_type="latent")
 INF, NAN = float("inf"), float("nan")
 
 
@@ -121,9 +121,9 @@ T2I_CASES = [
     (dict(noise_level=-0.1), "noise_level"),
     (dict(noise_level="0.3"), "noise_level"),
     (dict(noise_level=1e300), "noise_level"),
-    (dict(num_denoising_steps=1.0), "num_denoising_steps"),
-    (dict(num_denoising_steps=-1), "num_denoising_steps"),
-    (dict(num_denoising_steps=10**20), "num_denoising_steps"),
+    (dict(num_inference_steps=1.0), "num_inference_steps"),
+    (dict(num_inference_steps=-1), "num_inference_steps"),
+    (dict(num_inference_steps=10**20), "num_inference_steps"),
     (dict(height=64), "height"),
     (dict(width="32"), "width"),
     (dict(height=32.0), "height"),
@@ -339,8 +339,8 @@ CHAT_CASES = [
     (dict(generator=[gen(0), gen(1)]), "generator"),
     (dict(generator=1), "generator"),
     (dict(noise_level=-1.0), "noise_level"),
-    (dict(num_denoising_steps=0.5), "num_denoising_steps"),
-    (dict(num_denoising_steps=5000), "num_denoising_steps"),
+    (dict(num_inference_steps=0.5), "num_inference_steps"),
+    (dict(num_inference_steps=5000), "num_inference_steps"),
     (dict(output_type="gif"), "output_type"),
 ]
 
@@ -400,7 +400,7 @@ V1_CASES = [
     (dict(prompt=["a cat"] * 2, num_images_per_prompt=1000), "num_images_per_prompt"),
     (dict(noise_level=NAN), "noise_level"),
     (dict(noise_level=1e300), "noise_level"),
-    (dict(num_denoising_steps=2.0), "num_denoising_steps"),
+    (dict(num_inference_steps=2.0), "num_inference_steps"),
     (dict(max_sequence_length=0), "max_sequence_length"),
     (dict(max_sequence_length=100000), "max_sequence_length"),
     (dict(output_type="bmp"), "output_type"),
@@ -412,14 +412,14 @@ V1_CASES = [
 
 @pytest.mark.parametrize("kwargs, name", V1_CASES)
 def test_starflow_v1_bad_input(v1, kwargs, name):
-    kwargs = {"prompt": "a photo of a cat", "output_type": "latent", "num_denoising_steps": 0, **kwargs}
+    kwargs = {"prompt": "a photo of a cat", "output_type": "latent", "num_inference_steps": 0, **kwargs}
     assert_refused(lambda: v1(**kwargs), name)
 
 
 def test_starflow_v1_nan_weights_raise(v1):
     with poisoned(v1.transformer.blocks[0].proj_in.weight):
         with pytest.raises(NonFiniteError, match="weights"):
-            v1("a photo of a cat", output_type="latent", num_denoising_steps=0)
+            v1("a photo of a cat", output_type="latent", num_inference_steps=0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def test_nan_from_a_callback_raises(t2i):
 def test_nan_decoder_raises_on_decoded_pixels(edit, source):
     with poisoned(next(edit.vae.pixel_decoder.parameters()), INF):
         with pytest.raises(NonFiniteError, match="decoded pixels"):
-            edit(source, "make it blue", generator=gen(0), num_denoising_steps=0, output_type="np")
+            edit(source, "make it blue", generator=gen(0), num_inference_steps=0, output_type="np")
 
 
 def test_nan_logits_raise_instead_of_empty_text(chat):

@@ -111,8 +111,12 @@ CLI_CASES = [
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--seed", "-1"], "--seed"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--seed", str(2**64)], "--seed"),
     (
+        ["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--num-inference-steps", "-1"],
+        "--num-inference-steps",
+    ),
+    (  # the option's former name reaches the same check
         ["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--denoising-steps", "-1"],
-        "--denoising-steps",
+        "--num-inference-steps",
     ),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--device", "toaster"], "--device"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--device", "cuda:99"], "--device"),

@@ -312,7 +312,7 @@ def test_pipelines_take_the_jacobi_options():
             "a red circle",
             generator=torch.Generator().manual_seed(0),
             output_type="latent",
-            num_denoising_steps=0,
+            num_inference_steps=0,
             **jacobi,
         ).images
 
@@ -325,7 +325,7 @@ def test_pipelines_take_the_jacobi_options():
     edit = StarFlow2EditPipeline.from_pipe(pipe)
     with pytest.raises(ValueError, match="`jacobi_tolerance` must be .*got -1"):
         edit(image, "make it blue", jacobi_block_size=4, jacobi_tolerance=-1)
-    edit(image, "make it blue", num_denoising_steps=0, output_type="latent", jacobi_block_size=4)
+    edit(image, "make it blue", num_inference_steps=0, output_type="latent", jacobi_block_size=4)
     chat = StarFlow2InterleavedPipeline.from_pipe(pipe)
     with pytest.raises(ValueError, match="`jacobi_max_iterations` must be .*got 0"):
         chat("draw <image>", jacobi_block_size=4, jacobi_max_iterations=0)
@@ -370,7 +370,7 @@ def test_pretzel_compiled_decode_step_equals_eager_decoding():
         return pipe(
             prompts,
             guidance_scale=guidance_scale,
-            num_denoising_steps=1,
+            num_inference_steps=1,
             generator=torch.Generator().manual_seed(0),
             output_type="latent",
             **kwargs,
@@ -402,7 +402,7 @@ def test_pipeline_transformer_compile_repeated_blocks():
 
     def run():
         return pipe(
-            "a red circle", generator=torch.Generator().manual_seed(0), output_type="latent", num_denoising_steps=0
+            "a red circle", generator=torch.Generator().manual_seed(0), output_type="latent", num_inference_steps=0
         ).images
 
     expected = run()

@@ -306,7 +306,7 @@ def test_set_timesteps():
     assert sched.timesteps.tolist() == [0.5] and sched.sigmas.tolist() == [0.5, 0.0]
     sched.set_timesteps(0)
     assert len(sched.timesteps) == 0
-    with pytest.raises(ValueError, match="num_denoising_steps"):
+    with pytest.raises(ValueError, match="num_inference_steps"):
         sched.set_timesteps(-1)
 
 

@@ -43,7 +43,7 @@ def gen():
     [
         (
             StarFlow2Pipeline,
-            lambda p: p("a red circle", generator=gen(), num_denoising_steps=1, output_type="pt").images,
+            lambda p: p("a red circle", generator=gen(), num_inference_steps=1, output_type="pt").images,
         ),
         (
             StarFlow2EditPipeline,
@@ -52,7 +52,7 @@ def gen():
                     torch.rand(3, 32, 32, generator=gen()),
                     "make it blue",
                     generator=gen(),
-                    num_denoising_steps=1,
+                    num_inference_steps=1,
                     output_type="pt",
                 ).images
             ),
@@ -81,10 +81,10 @@ def test_starflow_model_cpu_offload_moves_the_transformer(hook_calls):
     pipe = StarFlowPipeline(**build_components())
     pipe.set_progress_bar_config(disable=True)
     pipe.enable_model_cpu_offload(device="cpu")
-    out = pipe("a red cat", generator=gen(), output_type="pt", num_denoising_steps=0).images
+    out = pipe("a red cat", generator=gen(), output_type="pt", num_inference_steps=0).images
     assert hook_calls["StarFlowTransformerModel"] >= 1 and hook_calls["T5EncoderModel"] >= 1, hook_calls
     torch.testing.assert_close(
-        out, expected("a red cat", generator=gen(), output_type="pt", num_denoising_steps=0).images
+        out, expected("a red cat", generator=gen(), output_type="pt", num_inference_steps=0).images
     )
 
 

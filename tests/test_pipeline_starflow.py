@@ -202,7 +202,7 @@ def test_callbacks_and_progress_bar(pipe):
         calls.append((step, float(t), tuple(kwargs["latents"].shape), p.guidance_scale))
         return kwargs
 
-    run(pipe, callback_on_step_end=record, num_denoising_steps=2, noise_level=0.2, guidance_scale=1.5)
+    run(pipe, callback_on_step_end=record, num_inference_steps=2, noise_level=0.2, guidance_scale=1.5)
     # once per latent position of every block, then once per denoising step; ``step`` counts both
     assert [c[0] for c in calls] == list(range(num_tokens + 2))
     assert {c[2] for c in calls[:num_tokens]} == {(1, 1, 4)} and {c[2] for c in calls[num_tokens:]} == {(1, 4, 4, 4)}
@@ -227,7 +227,7 @@ def test_callbacks_and_progress_bar(pipe):
 
     pipe.progress_bar = Bar
     try:
-        run(pipe, num_denoising_steps=2)
+        run(pipe, num_inference_steps=2)
     finally:
         del pipe.progress_bar
     assert ticks["n"] == ticks["total"] == num_tokens + 2  # one tick per token of every block + denoising
@@ -273,8 +273,8 @@ def test_load_in_half_precision(pipe, tmp_path, dtype_arg, dtype):
     loaded = StarFlowPipeline.from_pretrained(tmp_path, **{dtype_arg: dtype})
     assert loaded.transformer.dtype == loaded.text_encoder.dtype == loaded.vae.dtype == dtype
     loaded.set_progress_bar_config(disable=True)
-    # TODO: drop num_denoising_steps=0 once StarFlowTransformerModel.nll_gradient supports half precision
-    images = run(loaded, num_denoising_steps=0)
+    # TODO: drop num_inference_steps=0 once StarFlowTransformerModel.nll_gradient supports half precision
+    images = run(loaded, num_inference_steps=0)
     assert images.shape == (1, SIZE, SIZE, 3) and np.isfinite(images).all()
 
 
@@ -293,7 +293,7 @@ def test_load_in_half_precision(pipe, tmp_path, dtype_arg, dtype):
         (dict(output_type="jpeg"), "output_type"),
         (dict(generator=[torch.Generator(), torch.Generator()]), "generator"),
         (dict(latents=torch.zeros(1, 4, 2 * LATENT, LATENT)), "latents"),
-        (dict(num_denoising_steps=-1), "num_denoising_steps"),
+        (dict(num_inference_steps=-1), "num_inference_steps"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
     ],
@@ -410,7 +410,7 @@ def test_interrupt_stops_cleanly(pipe):
     out = run(pipe, latents=noise, output_type="latent", callback_on_step_end=stop_at_5)
     assert steps == list(range(6)) and not pipe.interrupt  # the flag ends with the call
     # the deep block made 6 tokens, the rest kept their noise; no other block and no denoising step ran
-    full = run(pipe, latents=noise, output_type="latent", num_denoising_steps=0)
+    full = run(pipe, latents=noise, output_type="latent", num_inference_steps=0)
     assert out.shape == full.shape and not torch.allclose(out, full)
     same = (out == noise).all(dim=1).flatten()  # (N,) positions still holding their noise
     assert int(same.sum()) == LATENT**2 - 6 and num_tokens > 6

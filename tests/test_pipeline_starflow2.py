@@ -46,7 +46,7 @@ def gen(seed):
 
 def generate(pipe, prompt=PROMPT, seed=0, **kwargs):
     """Images as a (B, 3, H, W) tensor; no denoising unless asked (it is tested separately)."""
-    kwargs = {"output_type": "pt", "num_denoising_steps": 0, **kwargs}
+    kwargs = {"output_type": "pt", "num_inference_steps": 0, **kwargs}
     generator = [gen(s) for s in seed] if isinstance(seed, list) else gen(seed)
     return pipe(prompt, generator=generator, **kwargs).images
 
@@ -181,14 +181,14 @@ def test_generator_determinism(pipe):
     assert not torch.allclose(a, c, atol=1e-3)
     # the generator only draws the flow's noise: passing that noise as ``latents`` gives the same image
     noise = torch.randn(1, pipe.transformer.num_latents, 4, generator=gen(0))
-    assert torch.equal(pipe(PROMPT, latents=noise, num_denoising_steps=0, output_type="pt").images, a)
+    assert torch.equal(pipe(PROMPT, latents=noise, num_inference_steps=0, output_type="pt").images, a)
 
 
 def test_batch_equals_single_calls(pipe):
     # default guidance and one denoising step: the CFG batch, left padding and the denoiser are all batched
-    both = generate(pipe, [PROMPT, OTHER], seed=[0, 1], num_denoising_steps=1)
-    first = generate(pipe, PROMPT, seed=0, num_denoising_steps=1)
-    second = generate(pipe, OTHER, seed=1, num_denoising_steps=1)
+    both = generate(pipe, [PROMPT, OTHER], seed=[0, 1], num_inference_steps=1)
+    first = generate(pipe, PROMPT, seed=0, num_inference_steps=1)
+    second = generate(pipe, OTHER, seed=1, num_inference_steps=1)
     assert both.shape == (2, 3, 32, 32)
     assert torch.allclose(both[:1], first, atol=1e-4) and torch.allclose(both[1:], second, atol=1e-4)
     assert not torch.allclose(first, second, atol=1e-3)
@@ -240,7 +240,7 @@ def test_callback_runs_once_per_latent_and_can_replace_latents(pipe):
         (dict(guidance_scale=float("nan")), "guidance_scale"),
         (dict(output_type="jpeg"), "output_type"),
         (dict(generator=[gen(0), gen(1)]), "generator"),
-        (dict(num_denoising_steps=-1), "num_denoising_steps"),
+        (dict(num_inference_steps=-1), "num_inference_steps"),
         (dict(latents=torch.zeros(1, 4, 4, 4)), "latents"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(negative_prompt=["a", "b"]), "negative_prompt"),
@@ -266,7 +266,7 @@ def test_output_types(pipe):
     np.testing.assert_allclose(arr, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
     assert np.abs(np.asarray(pil[1]).astype(np.float32) - arr[1] * 255).max() <= 1
     assert torch.allclose(pipe.decode(latent, "pt"), pt, atol=1e-6)
-    assert isinstance(pipe(PROMPT, generator=gen(0), num_denoising_steps=0, return_dict=False)[0], list)
+    assert isinstance(pipe(PROMPT, generator=gen(0), num_inference_steps=0, return_dict=False)[0], list)
 
 
 def test_save_and_load_round_trip(pipe, tmp_path):
@@ -280,7 +280,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
     assert loaded.tokenizer(PROMPT)["input_ids"] == pipe.tokenizer(PROMPT)["input_ids"]
     assert loaded.tokenizer.chat_template == pipe.tokenizer.chat_template
-    assert torch.equal(generate(loaded, num_denoising_steps=1), generate(pipe, num_denoising_steps=1))
+    assert torch.equal(generate(loaded, num_inference_steps=1), generate(pipe, num_inference_steps=1))
 
 
 def test_make_tiny_folder_loads_and_generates(pipe, tiny_dir):
@@ -294,7 +294,7 @@ def test_make_tiny_folder_loads_and_generates(pipe, tiny_dir):
     ]
     loaded = StarFlow2Pipeline.from_pretrained(tiny_dir)
     loaded.set_progress_bar_config(disable=True)
-    image = loaded(PROMPT, generator=gen(0), num_denoising_steps=0).images[0]
+    image = loaded(PROMPT, generator=gen(0), num_inference_steps=0).images[0]
     assert isinstance(image, PIL.Image.Image) and image.size == (32, 32)
     assert torch.equal(generate(loaded), generate(pipe))  # the folder holds build_tiny_starflow2_components(0)
 
@@ -311,7 +311,7 @@ def test_bfloat16_load(tiny_dir):
     loaded = StarFlow2Pipeline.from_pretrained(tiny_dir, dtype=torch.bfloat16)
     loaded.set_progress_bar_config(disable=True)
     assert loaded.transformer.dtype == loaded.vae.dtype == loaded.vlm.dtype == torch.bfloat16
-    images = generate(loaded, num_denoising_steps=1)
+    images = generate(loaded, num_inference_steps=1)
     assert images.shape == (1, 3, 32, 32) and images.dtype == torch.float32 and images.isfinite().all()
 
 
@@ -449,14 +449,14 @@ def test_call_denoises_with_denoise_latents(pipe):
     noisy = generate(pipe, seed=0, output_type="latent")
     assert noisy.shape == (1, 4, 4, 4)
     for steps in (1, 3):
-        denoised = generate(pipe, seed=0, output_type="latent", num_denoising_steps=steps)
-        assert torch.allclose(pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=steps), denoised, atol=1e-6)
+        denoised = generate(pipe, seed=0, output_type="latent", num_inference_steps=steps)
+        assert torch.allclose(pipe.denoise_latents(noisy, PROMPT, num_inference_steps=steps), denoised, atol=1e-6)
         assert not torch.allclose(denoised, noisy, atol=1e-3)
-    assert torch.equal(pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=0), noisy)
+    assert torch.equal(pipe.denoise_latents(noisy, PROMPT, num_inference_steps=0), noisy)
     with pytest.raises(ValueError, match=r"`latents` must be scaled FAE latents of shape \(B, 4, 4, 4\); got"):
         pipe.denoise_latents(noisy[:, :2], PROMPT)
-    with pytest.raises(ValueError, match=r"`num_denoising_steps` must be an integer >= 0.*; got -2"):
-        pipe.denoise_latents(noisy, PROMPT, num_denoising_steps=-2)
+    with pytest.raises(ValueError, match=r"`num_inference_steps` must be an integer >= 0.*; got -2"):
+        pipe.denoise_latents(noisy, PROMPT, num_inference_steps=-2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -471,7 +471,7 @@ def test_callback_counts_latent_positions_then_denoising_steps(pipe):
         calls.append((step, tuple(kwargs["latents"].shape), float(noise_level), p.guidance_scale, p.num_timesteps))
         return {}
 
-    generate(pipe, PROMPT, guidance_scale=1.5, num_denoising_steps=2, callback_on_step_end=record)
+    generate(pipe, PROMPT, guidance_scale=1.5, num_inference_steps=2, callback_on_step_end=record)
     N = pipe.transformer.num_latents
     assert [c[0] for c in calls] == list(range(N + 2))
     assert {c[1] for c in calls[:N]} == {(1, 1, 4)} and {c[1] for c in calls[N:]} == {(1, 4, 4, 4)}
@@ -489,7 +489,7 @@ def test_interrupt_returns_what_was_made(pipe):
 
     noise = torch.randn(1, pipe.transformer.num_latents, 4, generator=gen(6))
     out = pipe(
-        PROMPT, latents=noise, num_denoising_steps=2, output_type="latent", callback_on_step_end=stop_after_4
+        PROMPT, latents=noise, num_inference_steps=2, output_type="latent", callback_on_step_end=stop_after_4
     ).images
     assert len(made) == 4 and not pipe.interrupt
     # the 4 latents made, the rest still noise, no denoising: the shallow inverse of that token sequence

@@ -17,7 +17,7 @@ from diffusers_starflow2.utils.sequence import encode_conversation, user_message
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 PROMPT, NEXT_PROMPT = "make the cat blue", "now make it smaller"
-FAST = dict(num_denoising_steps=0, output_type="latent")
+FAST = dict(num_inference_steps=0, output_type="latent")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_conditional_only_equals_single_branch_by_hand(pipe, source):
         guidance_scale=0.0,
         image_guidance_scale=1.0,
         generator=seeded(0),
-        num_denoising_steps=1,
+        num_inference_steps=1,
         output_type="latent",
     )
     assert isinstance(out, StarFlow2EditPipelineOutput) and out.state.num_branches == 1
@@ -84,7 +84,7 @@ def test_conditional_only_equals_single_branch_by_hand(pipe, source):
     cache = pipe._new_cache(1, 0.3)
     pipe._run_text(cache, [layout], tokens)
     noise = torch.randn(1, N, pipe.transformer.config.latent_channels, generator=generator)
-    expected_tokens, expected = pipe.generate_image(cache, noise, GuidanceSpec(), num_denoising_steps=1)
+    expected_tokens, expected = pipe.generate_image(cache, noise, GuidanceSpec(), num_inference_steps=1)
     torch.testing.assert_close(out.state.image_tokens, expected_tokens, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=0)
     default_negative = pipe(
@@ -93,7 +93,7 @@ def test_conditional_only_equals_single_branch_by_hand(pipe, source):
         guidance_scale=0.0,
         image_guidance_scale=1.0,
         generator=seeded(0),
-        num_denoising_steps=1,
+        num_inference_steps=1,
         output_type="latent",
     )
     torch.testing.assert_close(default_negative.images, out.images, atol=0, rtol=0)
@@ -270,9 +270,9 @@ def test_interrupt_returns_the_partial_image_without_state(pipe, source):
         return {}
 
     out = pipe(
-        source, PROMPT, generator=seeded(0), callback_on_step_end=stop_at_2, num_denoising_steps=1, output_type="latent"
+        source, PROMPT, generator=seeded(0), callback_on_step_end=stop_at_2, num_inference_steps=1, output_type="latent"
     )
-    full = pipe(source, PROMPT, generator=seeded(0), num_denoising_steps=0, output_type="latent")
+    full = pipe(source, PROMPT, generator=seeded(0), num_inference_steps=0, output_type="latent")
     assert steps == [0, 1, 2] and out.state is None and out.images.shape == full.images.shape
     assert full.state is not None and pipe.num_timesteps == pipe.transformer.num_latents
 

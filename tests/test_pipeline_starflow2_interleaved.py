@@ -89,7 +89,7 @@ def test_every_position_passes_each_stream_once(pipe, monkeypatch, guidance_scal
             max_new_tokens=3,
             temperature=1.0,
             guidance_scale=guidance_scale,
-            num_denoising_steps=0,
+            num_inference_steps=0,
             generator=gen(),
             output_type="latent",
         )
@@ -115,7 +115,7 @@ def test_denoising_does_not_touch_the_caches(pipe, monkeypatch):
     pipe(
         ["a red shape", IMAGE_PLACEHOLDER, " done"],
         max_new_tokens=0,
-        num_denoising_steps=2,
+        num_inference_steps=2,
         generator=gen(),
         output_type="latent",
     )
@@ -217,7 +217,7 @@ def test_bad_inputs(pipe, prompt, kwargs, name):
 def test_callback_steps_count_across_images_and_interrupt_ends_the_answer(pipe):
     N = pipe.transformer.num_latents
     steps = []
-    kwargs = dict(max_new_tokens=0, generator=gen(2), output_type="latent", num_denoising_steps=1)
+    kwargs = dict(max_new_tokens=0, generator=gen(2), output_type="latent", num_inference_steps=1)
     out = pipe(
         ["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER],
         callback_on_step_end=lambda p, step, t, kw: steps.append(step) or {},
@@ -245,7 +245,7 @@ SECOND = ["what color is it?", IMAGE_PLACEHOLDER]
 @pytest.fixture(scope="module")
 def first_turn(pipe):
     return pipe(
-        FIRST, max_new_tokens=0, guidance_scale=2.0, num_denoising_steps=0, generator=gen(0), output_type="latent"
+        FIRST, max_new_tokens=0, guidance_scale=2.0, num_inference_steps=0, generator=gen(0), output_type="latent"
     )
 
 
@@ -260,7 +260,7 @@ def test_a_continued_turn_processes_only_its_new_positions(pipe, first_turn):
             max_new_tokens=3,
             temperature=1.0,
             guidance_scale=2.0,
-            num_denoising_steps=0,
+            num_inference_steps=0,
             generator=gen(1),
             output_type="latent",
         )
@@ -288,7 +288,7 @@ def test_a_continued_turn_processes_only_its_new_positions(pipe, first_turn):
             {"role": "assistant", "content": IMAGE_PLACEHOLDER},
         ]
         pipe(
-            history, max_new_tokens=0, guidance_scale=2.0, num_denoising_steps=0, generator=gen(1), output_type="latent"
+            history, max_new_tokens=0, guidance_scale=2.0, num_inference_steps=0, generator=gen(1), output_type="latent"
         )
     finally:
         for h in hooks:
@@ -300,7 +300,7 @@ def test_a_continued_turn_processes_only_its_new_positions(pipe, first_turn):
 def test_continuation_equals_one_teacher_forced_pass_over_both_turns(pipe, monkeypatch):
     tok, t = pipe.tokenizer, pipe.transformer
     N, C = t.num_latents, t.config.latent_channels
-    kwargs = dict(guidance_scale=0.0, num_denoising_steps=0, output_type="latent")
+    kwargs = dict(guidance_scale=0.0, num_inference_steps=0, output_type="latent")
     first = pipe(FIRST, max_new_tokens=0, generator=gen(0), **kwargs)
 
     logits, params, generated = [], [], []
@@ -344,7 +344,7 @@ def test_continuation_equals_one_teacher_forced_pass_over_both_turns(pipe, monke
 
 
 def test_a_state_continues_several_times_and_moves_with_the_pipeline(pipe, first_turn):
-    kwargs = dict(max_new_tokens=2, temperature=1.0, guidance_scale=2.0, num_denoising_steps=0, output_type="latent")
+    kwargs = dict(max_new_tokens=2, temperature=1.0, guidance_scale=2.0, num_inference_steps=0, output_type="latent")
     a = pipe(SECOND, state=first_turn.state, generator=gen(3), **kwargs)
     b = pipe(SECOND, state=first_turn.state, generator=gen(3), **kwargs)
     moved = first_turn.state.to("cpu", torch.float64)  # as if the pipeline had been cast meanwhile
@@ -359,7 +359,7 @@ def test_a_state_continues_several_times_and_moves_with_the_pipeline(pipe, first
 
 def test_bad_states(pipe, first_turn):
     other = StarFlow2InterleavedPipeline(**build_tiny_starflow2_components(seed=1))
-    other_state = other(FIRST, max_new_tokens=0, guidance_scale=0.0, num_denoising_steps=0, output_type="latent").state
+    other_state = other(FIRST, max_new_tokens=0, guidance_scale=0.0, num_inference_steps=0, output_type="latent").state
     context = pipe.vlm.config.get_text_config().max_position_embeddings
     cases = [
         (dict(state="state"), "`state` must be a StarFlow2ConversationState"),
@@ -440,9 +440,9 @@ def assert_batch_equals_alone(pipe, monkeypatch, conversations, seeds, continue_
 @pytest.mark.parametrize("guidance", [dict(guidance_scale=2.0), dict(guidance_scale=2.0, image_guidance_scale=1.5)])
 def test_batched_conversations_equal_each_alone(pipe, monkeypatch, guidance):
     kwargs = dict(
-        max_new_tokens=5, max_images=1, temperature=1.0, num_denoising_steps=1, output_type="latent", **guidance
+        max_new_tokens=5, max_images=1, temperature=1.0, num_inference_steps=1, output_type="latent", **guidance
     )
-    continue_kwargs = dict(max_new_tokens=2, num_denoising_steps=0, output_type="latent", **guidance)
+    continue_kwargs = dict(max_new_tokens=2, num_inference_steps=0, output_type="latent", **guidance)
     alone = assert_batch_equals_alone(pipe, monkeypatch, batch_of_conversations(), range(3), continue_kwargs, **kwargs)
     assert all(out.text for out in alone), "every conversation sampled text"
 
@@ -472,11 +472,11 @@ def test_a_batch_mixes_image_counts_given_images_and_prompt_lengths(pipe, monkey
         max_images=2,
         temperature=1.0,
         guidance_scale=2.0,
-        num_denoising_steps=1,
+        num_inference_steps=1,
         output_type="latent",
         **decoding,
     )
-    continue_kwargs = dict(max_new_tokens=2, guidance_scale=2.0, num_denoising_steps=0, output_type="latent")
+    continue_kwargs = dict(max_new_tokens=2, guidance_scale=2.0, num_inference_steps=0, output_type="latent")
     alone = assert_batch_equals_alone(pipe, monkeypatch, conversations, [0, 1, 2], continue_kwargs, **kwargs)
     assert [len(out.images) for out in alone] == [0, 2, 1]
 
@@ -495,7 +495,7 @@ def test_a_batch_draws_freely_sampled_images_and_stops_each_conversation_on_its_
     conversations = [["tell me"], ["tell me"], ["say it"], ["an answer", IMAGE_PLACEHOLDER, " then text"]]
     seeds = [5, 0, 1, 3]
     kwargs = dict(
-        max_new_tokens=6, max_images=1, temperature=1.0, stop="ray", num_denoising_steps=1, output_type="latent"
+        max_new_tokens=6, max_images=1, temperature=1.0, stop="ray", num_inference_steps=1, output_type="latent"
     )
     with monkeypatch.context() as patched:
         patched.setattr(pipe.transformer, "text_logits", favour_images)
@@ -509,7 +509,7 @@ def test_a_batch_draws_freely_sampled_images_and_stops_each_conversation_on_its_
 
 def test_a_batch_continues_a_list_of_states(pipe, monkeypatch, first_turn):
     """States of different lengths and guidance branches (one of three, continued with two) continue as one batch."""
-    kwargs = dict(num_denoising_steps=0, output_type="latent")
+    kwargs = dict(num_inference_steps=0, output_type="latent")
     states = [
         first_turn.state,
         pipe("a short one", max_new_tokens=4, temperature=1.0, generator=gen(4), **kwargs).state,
@@ -519,8 +519,8 @@ def test_a_batch_continues_a_list_of_states(pipe, monkeypatch, first_turn):
     ]
     assert len({s.num_positions for s in states}) == 3 and [s.num_branches for s in states] == [2, 2, 3]
     turns = [SECOND, ["and now?"], ["once more", IMAGE_PLACEHOLDER, " there"]]
-    kwargs = dict(max_new_tokens=3, temperature=1.0, guidance_scale=2.0, num_denoising_steps=1, output_type="latent")
-    continue_kwargs = dict(max_new_tokens=2, guidance_scale=2.0, num_denoising_steps=0, output_type="latent")
+    kwargs = dict(max_new_tokens=3, temperature=1.0, guidance_scale=2.0, num_inference_steps=1, output_type="latent")
+    continue_kwargs = dict(max_new_tokens=2, guidance_scale=2.0, num_inference_steps=0, output_type="latent")
     assert_batch_equals_alone(pipe, monkeypatch, turns, [6, 7, 8], continue_kwargs, states, **kwargs)
 
 

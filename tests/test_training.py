@@ -107,7 +107,7 @@ def test_stage_trains_intended_parameters_and_saves_pipeline(work, tmp_path, sta
         latents = pipe(
             "a red circle",
             guidance_scale=1.0,
-            num_denoising_steps=0,
+            num_inference_steps=0,
             output_type="latent",
             generator=torch.Generator().manual_seed(0),
         ).images

@@ -226,7 +226,7 @@ def _checked(args) -> None:
     for option, minimum, maximum in (
         ("max_new_tokens", 0, None),
         ("num_images", 1, MAX_NUM_IMAGES),
-        ("denoising_steps", 0, None),
+        ("num_inference_steps", 0, None),
     ):
         if getattr(args, option, None) is not None:
             validation.check_integer(getattr(args, option), "--" + option.replace("_", "-"), minimum, maximum)
@@ -247,7 +247,7 @@ def cmd_generate(args) -> None:
         guidance_scale=args.guidance_scale,
         num_images_per_prompt=args.num_images,
         generator=_generator(args.seed),
-        num_denoising_steps=args.denoising_steps,
+        num_inference_steps=args.num_inference_steps,
     ).images
     for image, path in zip(images, paths):
         _save(image, path)
@@ -412,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text -> image", description="Draw an image from a prompt.")
     p.add_argument("prompt")
     images(p)
-    p.add_argument("--denoising-steps", type=int, help="denoising steps after sampling (default: the model's)")
+    p.add_argument("--num-inference-steps", type=int, help="denoising steps after sampling (default: the model's)")
+    # the option's former name, still accepted
+    p.add_argument("--denoising-steps", type=int, dest="num_inference_steps", help=argparse.SUPPRESS)
     common(p)
     p.set_defaults(func=cmd_generate)
 

@@ -33,6 +33,7 @@ from .pipeline_utils import (
     postprocess_images,
     prepare_noise,
     resolve_callback_tensor_inputs,
+    resolve_num_inference_steps,
 )
 
 logger = logging.get_logger(__name__)
@@ -81,7 +82,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
 
     1. one step per latent position of every flow block, in sampling order (the deep, text-reading block first);
        the callback's ``latents`` is the ``(B, 1, C p p)`` token just made, in its block's scan order.
-    2. ``num_denoising_steps`` denoising steps, which remove the Gaussian noise of standard deviation
+    2. ``num_inference_steps`` denoising steps, which remove the Gaussian noise of standard deviation
        ``noise_level`` that the flow was trained on; the callback's ``latents`` are the whole latents.
     """
 
@@ -175,7 +176,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         output_type: str,
         max_sequence_length: int,
         noise_level: float,
-        num_denoising_steps: int,
+        num_inference_steps: int,
         callback_on_step_end: Optional[Callable],
         callback_on_step_end_tensor_inputs: List[str],
     ) -> List[str]:
@@ -201,7 +202,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         validation.check_images_per_prompt(num_images_per_prompt, len(prompts))
         check_output_type(output_type)
         validation.check_noise_level(noise_level)
-        validation.check_denoising_steps(num_denoising_steps)
+        validation.check_inference_steps(num_inference_steps)
         return resolve_callback_tensor_inputs(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
@@ -287,7 +288,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         latents: Optional[torch.Tensor] = None,
         noise_level: Optional[float] = None,
-        num_denoising_steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[["StarFlowPipeline", int, torch.Tensor, Dict], Dict]] = None,
@@ -296,6 +297,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         jacobi_block_size: Optional[int] = None,
         jacobi_tolerance: float = 1e-3,
         jacobi_max_iterations: Optional[int] = None,
+        **kwargs,
     ):
         r"""Generate images from text.
 
@@ -315,7 +317,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                 it with ``generator``.
             noise_level: standard deviation of the Gaussian noise the flow was trained on and samples carry
                 (default ``scheduler.config.noise_level``, 0.3 for STARFlow); the denoising schedule starts there.
-            num_denoising_steps: Tweedie steps on the flow's own score that remove that noise (default
+            num_inference_steps: Tweedie steps on the flow's own score that remove that noise (default
                 ``scheduler.config.num_denoising_steps``; 1 is STARFlow's self-denoising, 0 keeps the noisy sample).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (skip VAE decoding).
             return_dict: return a :class:`StarFlowPipelineOutput` instead of a tuple.
@@ -335,14 +337,17 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         Returns:
             :class:`StarFlowPipelineOutput`, or a tuple with the images.
         """
+        num_inference_steps = resolve_num_inference_steps(
+            num_inference_steps, kwargs, f"{type(self).__name__}.__call__"
+        )
         jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         if max_sequence_length is None:
             max_sequence_length = self.transformer.config.max_text_length
         noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
-        if num_denoising_steps is None:
-            num_denoising_steps = self.scheduler.config.num_denoising_steps
+        if num_inference_steps is None:
+            num_inference_steps = self.scheduler.config.num_denoising_steps
         validation.check_bool(return_dict, "return_dict")
         tensor_inputs = self.check_inputs(
             prompt,
@@ -354,7 +359,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
             output_type,
             max_sequence_length,
             noise_level,
-            num_denoising_steps,
+            num_inference_steps,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
@@ -371,9 +376,9 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         p = self.transformer.config.patch_size
         num_tokens = (latents.shape[2] // p) * (latents.shape[3] // p)
         num_flow_steps = self._num_flow_ticks(num_tokens)
-        self._begin_call(guidance_scale, num_flow_steps + num_denoising_steps, callback_on_step_end, tensor_inputs)
+        self._begin_call(guidance_scale, num_flow_steps + num_inference_steps, callback_on_step_end, tensor_inputs)
         level = torch.tensor(noise_level, device=device)
-        with self.progress_bar(total=num_flow_steps + num_denoising_steps) as progress_bar:
+        with self.progress_bar(total=num_flow_steps + num_inference_steps) as progress_bar:
 
             def on_token(i, x_i):
                 progress_bar.update()
@@ -402,7 +407,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                     latents,
                     prompt_embeds,
                     noise_level,
-                    num_denoising_steps,
+                    num_inference_steps,
                     scheduler=self.scheduler,
                     callback=on_denoising_step,
                     stop=stop,

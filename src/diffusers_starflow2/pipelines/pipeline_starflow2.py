@@ -34,6 +34,7 @@ from .pipeline_utils import (
     postprocess_images,
     prepare_noise,
     resolve_callback_tensor_inputs,
+    resolve_num_inference_steps,
 )
 
 EXAMPLE_DOC_STRING = """
@@ -320,17 +321,17 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
         return validation.check_noise_level(noise_level)
 
-    def _check_denoising_steps(self, num_denoising_steps: Optional[int]) -> int:
-        """``num_denoising_steps`` or the scheduler's default, checked."""
-        steps = self.scheduler.config.num_denoising_steps if num_denoising_steps is None else num_denoising_steps
-        return validation.check_denoising_steps(steps)
+    def _check_inference_steps(self, num_inference_steps: Optional[int]) -> int:
+        """``num_inference_steps`` or the scheduler's default, checked."""
+        steps = self.scheduler.config.num_denoising_steps if num_inference_steps is None else num_inference_steps
+        return validation.check_inference_steps(steps)
 
     def generate_image(
         self,
         cache: PretzelCache,
         noise: torch.Tensor,
         guidance: GuidanceSpec,
-        num_denoising_steps: int = 1,
+        num_inference_steps: int = 1,
         idle: Optional[torch.Tensor] = None,
     ):
         """Sample one image span in ``cache`` (which ends with ``<|vision_start|>``) and denoise it.
@@ -374,14 +375,14 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         tokens = torch.cat([tokens, noise[:, tokens.shape[1] :].to(tokens.dtype)], dim=1)[rows]  # (B', N, C)
         noise_level = cache.noise_level[rows]
         latents = shallow_reverse(transformer, tokens, noise_level, self.scheduler, **jacobi)
-        if num_denoising_steps > 0 and not self.interrupt:
+        if num_inference_steps > 0 and not self.interrupt:
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
             context.select(rows)
-            latents = self._denoise_in_context(context, latents, num_denoising_steps, float(noise_level[0]))
+            latents = self._denoise_in_context(context, latents, num_inference_steps, float(noise_level[0]))
         return tokens, latents
 
     def _denoise_in_context(
-        self, context: PretzelCache, latents: torch.Tensor, num_denoising_steps: int, noise_level: float
+        self, context: PretzelCache, latents: torch.Tensor, num_inference_steps: int, noise_level: float
     ) -> torch.Tensor:
         """Tweedie denoising of FAE latents ``(B, C, h, w)`` at ``noise_level`` as the next image of ``context``,
         each step conditioned on its own level; every step is a step of the running call."""
@@ -392,7 +393,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
             at_t = transformer.at_noise_level(context, t.expand(x.shape[0]))
             return transformer.image_nll_in_context(vlm, at_t, x) * dims
 
-        with self.progress_bar(total=num_denoising_steps) as progress_bar:
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
 
             def on_step(i, t, x):
                 x = self._step_end(t, x)
@@ -400,7 +401,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
                 return x
 
             return tweedie_denoise(
-                nll, latents, self.scheduler, num_denoising_steps, noise_level, on_step, stop=lambda: self.interrupt
+                nll, latents, self.scheduler, num_inference_steps, noise_level, on_step, stop=lambda: self.interrupt
             )
 
     def decode(self, latents: torch.Tensor, output_type: str):
@@ -424,7 +425,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
     noise is removed by Tweedie denoising and the FAE decodes the latents.
 
     Quality knobs: ``guidance_scale`` (prompt adherence vs diversity; 0 disables guidance), ``noise_level`` (the
-    noise level the flow samples at, default the scheduler's, usually the training level), ``num_denoising_steps``
+    noise level the flow samples at, default the scheduler's, usually the training level), ``num_inference_steps``
     (denoising steps after sampling; 0 returns the noisy sample).
     """
 
@@ -483,25 +484,29 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         latents: torch.Tensor,
         prompt: Union[str, List[str]],
         noise_level: Optional[float] = None,
-        num_denoising_steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
         max_sequence_length: int = 256,
+        **kwargs,
     ) -> torch.Tensor:
         r"""Remove Gaussian noise of level ``noise_level`` from scaled FAE latents under their prompt.
 
         Args:
             latents: ``(B, C, h, w)`` scaled FAE latents carrying noise of std ``noise_level`` (as the flow samples
-                them, before denoising; ``output_type="latent"`` with ``num_denoising_steps=0`` returns these).
+                them, before denoising; ``output_type="latent"`` with ``num_inference_steps=0`` returns these).
             prompt: the caption of each image: one string, or one per image.
             noise_level: the noise level of ``latents`` (default ``scheduler.config.noise_level``).
-            num_denoising_steps: Tweedie steps (default ``scheduler.config.num_denoising_steps``); each step is
+            num_inference_steps: Tweedie steps (default ``scheduler.config.num_denoising_steps``); each step is
                 conditioned on its own level of ``linspace(noise_level, min_noise_level)``, then 0.
             max_sequence_length: maximum number of tokens of a prompt.
         Returns:
             ``(B, C, h, w)`` float32 denoised latents.
         """
+        num_inference_steps = resolve_num_inference_steps(
+            num_inference_steps, kwargs, f"{type(self).__name__}.denoise_latents"
+        )
         latents = self._check_latents(latents)
         noise_level = self._check_noise_level(noise_level)
-        steps = self._check_denoising_steps(num_denoising_steps)
+        steps = self._check_inference_steps(num_inference_steps)
         if steps == 0:
             return latents
         context = self._prompt_context(prompt, latents.shape[0], noise_level, max_sequence_length)
@@ -549,7 +554,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         output_type: str,
         max_sequence_length: int,
         noise_level: float,
-        num_denoising_steps: int,
+        num_inference_steps: int,
         callback_on_step_end: Optional[Callable],
         callback_on_step_end_tensor_inputs: List[str],
     ) -> List[str]:
@@ -560,7 +565,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         check_output_type(output_type)
         validation.check_images_per_prompt(num_images_per_prompt)
         self._check_noise_level(noise_level)
-        self._check_denoising_steps(num_denoising_steps)
+        self._check_inference_steps(num_inference_steps)
         return resolve_callback_tensor_inputs(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
@@ -578,7 +583,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         latents: Optional[torch.Tensor] = None,
         noise_level: Optional[float] = None,
-        num_denoising_steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
@@ -587,6 +592,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         jacobi_block_size: Optional[int] = None,
         jacobi_tolerance: float = 1e-3,
         jacobi_max_iterations: Optional[int] = None,
+        **kwargs,
     ):
         r"""Generate images from text.
 
@@ -599,7 +605,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
             generator: a ``torch.Generator`` or one per image, for reproducible noise.
             latents: ``(B, N, C)`` standard-normal noise of the flow (replaces sampling from ``generator``).
             noise_level: noise level of the flow sample (default ``scheduler.config.noise_level``).
-            num_denoising_steps: Tweedie denoising steps (default ``scheduler.config.num_denoising_steps``).
+            num_inference_steps: Tweedie denoising steps (default ``scheduler.config.num_denoising_steps``).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`StarFlow2PipelineOutput` instead of a tuple.
             callback_on_step_end: ``callback(pipe, step, noise_level, callback_kwargs) -> dict`` called once per
@@ -618,9 +624,12 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
 
         Examples:
         """
+        num_inference_steps = resolve_num_inference_steps(
+            num_inference_steps, kwargs, f"{type(self).__name__}.__call__"
+        )
         self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
         noise_level = self._check_noise_level(noise_level)
-        steps = self._check_denoising_steps(num_denoising_steps)
+        steps = self._check_inference_steps(num_inference_steps)
         tensor_inputs = self.check_inputs(
             prompt,
             negative_prompt,

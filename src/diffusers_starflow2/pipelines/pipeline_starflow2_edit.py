@@ -23,6 +23,7 @@ from .pipeline_utils import (
     check_prompt,
     prepare_noise,
     resolve_callback_tensor_inputs,
+    resolve_num_inference_steps,
 )
 
 EXAMPLE_DOC_STRING = """
@@ -141,7 +142,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         output_type: str,
         max_sequence_length: int,
         noise_level: Optional[float],
-        num_denoising_steps: int,
+        num_inference_steps: int,
         callback_on_step_end: Optional[Callable],
         callback_on_step_end_tensor_inputs: List[str],
         state: Optional[StarFlow2EditState] = None,
@@ -153,7 +154,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         branches = GuidanceSpec(guidance_scale, image_guidance_scale).num_branches
         check_output_type(output_type)
         validation.check_images_per_prompt(num_images_per_prompt)
-        self._check_denoising_steps(num_denoising_steps)
+        self._check_inference_steps(num_inference_steps)
         if state is None:
             if image is None:
                 raise ValueError("`image` is required (the image to edit) unless `state` continues a conversation")
@@ -212,7 +213,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         latents: Optional[torch.Tensor] = None,
         noise_level: Optional[float] = None,
-        num_denoising_steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
@@ -222,6 +223,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         jacobi_block_size: Optional[int] = None,
         jacobi_tolerance: float = 1e-3,
         jacobi_max_iterations: Optional[int] = None,
+        **kwargs,
     ):
         r"""Edit images following instructions, or continue an edit conversation (``state``).
 
@@ -241,7 +243,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             latents: ``(B, N, C)`` standard-normal noise of the flow (replaces drawing it from ``generator``).
             noise_level: noise level of the source image and the flow sample (default
                 ``scheduler.config.noise_level``; with ``state`` it must be the state's, the default).
-            num_denoising_steps: Tweedie denoising steps (default ``scheduler.config.num_denoising_steps``).
+            num_inference_steps: Tweedie denoising steps (default ``scheduler.config.num_denoising_steps``).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`StarFlow2EditPipelineOutput` instead of a tuple ``(images, state)``.
             callback_on_step_end: as in :class:`StarFlow2Pipeline`: once per latent position, then once per
@@ -255,9 +257,12 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
 
         Examples:
         """
+        num_inference_steps = resolve_num_inference_steps(
+            num_inference_steps, kwargs, f"{type(self).__name__}.__call__"
+        )
         validation.check_bool(return_dict, "return_dict")
         self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
-        steps = self._check_denoising_steps(num_denoising_steps)
+        steps = self._check_inference_steps(num_inference_steps)
         tensor_inputs = self.check_inputs(
             prompt,
             negative_prompt,

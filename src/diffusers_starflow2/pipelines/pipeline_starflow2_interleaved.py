@@ -32,7 +32,13 @@ from ..utils.sequence import (
     user_message,
 )
 from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2ConversationState
-from .pipeline_utils import check_guidance_scale, check_output_type, prepare_noise, resolve_callback_tensor_inputs
+from .pipeline_utils import (
+    check_guidance_scale,
+    check_output_type,
+    prepare_noise,
+    resolve_callback_tensor_inputs,
+    resolve_num_inference_steps,
+)
 
 # In the input, this string means "generate an image here".
 IMAGE_PLACEHOLDER = "<image>"
@@ -96,7 +102,7 @@ class _CallOptions:
     top_p: Optional[float]
     stop: List[str]
     noise_level: float
-    num_denoising_steps: int
+    num_inference_steps: int
     output_type: str
     callback_on_step_end: Optional[Callable]
     tensor_inputs: Sequence[str]
@@ -392,7 +398,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         cache: PretzelCache,
         conversations: List[_Conversation],
         guidance: GuidanceSpec,
-        num_denoising_steps: int,
+        num_inference_steps: int,
         output_type: str,
     ) -> Iterator[Tuple[int, Segment]]:
         """Sample the image of every conversation that waits for one, together: ``<|vision_start|>``, the span and
@@ -411,7 +417,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         for i in rows:  # each from its conversation's generator, as when it runs alone
             noise[i] = prepare_noise((1, N, C), conversations[i].generator, self._execution_device)[0]
         tokens, latents = self.generate_image(
-            cache, noise, guidance, num_denoising_steps, idle if bool(idle.any()) else None
+            cache, noise, guidance, num_inference_steps, idle if bool(idle.any()) else None
         )
         if not self.interrupt:  # an interrupted span stays open: the answer ends with it
             push(VISION_END)
@@ -449,7 +455,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         processors = _text_processors(o.temperature, o.top_k, o.top_p)
         self._begin_call(
             o.guidance.guidance_scale,
-            self.transformer.num_latents + o.num_denoising_steps,
+            self.transformer.num_latents + o.num_inference_steps,
             o.callback_on_step_end,
             o.tensor_inputs,
         )
@@ -464,7 +470,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 for c in conversations:
                     c.want = None if isinstance(c.want, tuple) else c.want
             elif any(c.want == IMAGE_PLACEHOLDER for c in conversations):
-                yield from self._draw_images(cache, conversations, o.guidance, o.num_denoising_steps, o.output_type)
+                yield from self._draw_images(cache, conversations, o.guidance, o.num_inference_steps, o.output_type)
                 if self.interrupt:
                     break
             else:
@@ -536,7 +542,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         stop,
         output_type: str,
         noise_level: float,
-        num_denoising_steps: int,
+        num_inference_steps: int,
         callback_on_step_end: Optional[Callable],
         callback_on_step_end_tensor_inputs: Sequence[str],
         generator=None,
@@ -576,7 +582,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         # the pipeline makes one conversation
         checked["generator"] = generator[0] if isinstance(generator, (list, tuple)) else generator
         self._check_noise_level(noise_level)
-        self._check_denoising_steps(num_denoising_steps)
+        self._check_inference_steps(num_inference_steps)
         held = 0
         if state is not None:
             self._check_state(state, checked["guidance"].num_branches)
@@ -612,7 +618,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         states: Sequence[Optional[StarFlow2ConversationState]],
         generators: Sequence,
         noise_level: Optional[float],
-        num_denoising_steps: Optional[int],
+        num_inference_steps: Optional[int],
         negative_prompt,
         guidance_scale: float,
         max_new_tokens: int,
@@ -632,7 +638,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         if noise_level is None and isinstance(states[0], StarFlow2ConversationState):
             noise_level = states[0].noise_level
         noise_level = self._check_noise_level(noise_level)
-        steps = self._check_denoising_steps(num_denoising_steps)
+        steps = self._check_inference_steps(num_inference_steps)
         checked_generators = []
         for prompt, state, generator in zip(prompts, states, generators):
             checked = self.check_inputs(
@@ -660,7 +666,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             **{name: checked[name] for name in shared},  # the same for every conversation
             negative_prompt=negative_prompt or "",
             noise_level=noise_level,
-            num_denoising_steps=steps,
+            num_inference_steps=steps,
             output_type=output_type,
             callback_on_step_end=callback_on_step_end,
         )
@@ -682,7 +688,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         stop: Union[str, Sequence[str], None] = None,
         generator=None,
         noise_level: Optional[float] = None,
-        num_denoising_steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -696,7 +702,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             [state],
             [generator],
             noise_level,
-            num_denoising_steps,
+            num_inference_steps,
             negative_prompt,
             guidance_scale,
             max_new_tokens,
@@ -728,7 +734,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         stop: Union[str, Sequence[str], None] = None,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         noise_level: Optional[float] = None,
-        num_denoising_steps: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[[Any, int, Any, Dict], Dict]] = None,
@@ -739,6 +745,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         jacobi_block_size: Optional[int] = None,
         jacobi_tolerance: float = 1e-3,
         jacobi_max_iterations: Optional[int] = None,
+        **kwargs,
     ):
         r"""Generate interleaved text and images.
 
@@ -761,7 +768,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             stop: string(s) that end text generation (not included in the output).
             generator: one ``torch.Generator`` for image noise and text sampling (for a batch, one per
                 conversation, which makes each conversation's output its output alone, or one shared).
-            noise_level, num_denoising_steps, output_type, callback_on_step_end,
+            noise_level, num_inference_steps, output_type, callback_on_step_end,
                 callback_on_step_end_tensor_inputs: as in :class:`StarFlow2Pipeline` (the callback's step counts
                 latent positions and denoising steps across all images of the answer; an interruption ends the
                 answer with the image being made).
@@ -776,6 +783,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
 
         Examples:
         """
+        num_inference_steps = resolve_num_inference_steps(
+            num_inference_steps, kwargs, f"{type(self).__name__}.__call__"
+        )
         validation.check_callable(callback_on_segment, "callback_on_segment")
         validation.check_bool(return_dict, "return_dict")
         if is_batch(prompt):
@@ -794,7 +804,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 stop,
                 generator,
                 noise_level,
-                num_denoising_steps,
+                num_inference_steps,
                 output_type,
                 callback_on_step_end,
                 callback_on_segment,
@@ -816,7 +826,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             stop,
             generator,
             noise_level,
-            num_denoising_steps,
+            num_inference_steps,
             output_type,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
@@ -847,7 +857,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         stop,
         generator,
         noise_level,
-        num_denoising_steps,
+        num_inference_steps,
         output_type,
         callback_on_step_end,
         callback_on_segment,
@@ -878,7 +888,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             state if state is not None else [None] * B,
             generator if isinstance(generator, (list, tuple)) else [generator] * B,
             noise_level,
-            num_denoising_steps,
+            num_inference_steps,
             negative_prompt,
             guidance_scale,
             max_new_tokens,
@@ -903,4 +913,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         """Like ``__call__`` but yields each segment as soon as it is complete; bad input raises at the call.  (To
         continue the conversation afterwards, call the pipeline with ``callback_on_segment``: its output carries
         the ``state``.)"""
-        return self._checked_generate(prompt, **kwargs)
+        steps = resolve_num_inference_steps(
+            kwargs.pop("num_inference_steps", None),
+            {k: kwargs.pop(k) for k in ("num_denoising_steps",) if k in kwargs},
+            f"{type(self).__name__}.stream",
+        )
+        return self._checked_generate(prompt, num_inference_steps=steps, **kwargs)

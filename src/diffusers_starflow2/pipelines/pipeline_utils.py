@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -56,6 +57,28 @@ def resolve_callback_tensor_inputs(
             f"`callback_on_step_end_tensor_inputs` must be a subset of {list(allowed)}; got unknown {unknown}"
         )
     return list(callback_on_step_end_tensor_inputs or [])
+
+
+def resolve_num_inference_steps(num_inference_steps: Optional[int], kwargs: dict, method: str) -> Optional[int]:
+    """``num_inference_steps``, or the value given under its former name ``num_denoising_steps`` (accepted with a
+    ``FutureWarning`` until 0.2.0).  Other keyword arguments in ``kwargs`` are refused as Python refuses an unknown
+    keyword (``method`` names the function)."""
+    if "num_denoising_steps" in kwargs:
+        former = kwargs.pop("num_denoising_steps")
+        if num_inference_steps is not None:
+            raise ValueError(
+                "`num_denoising_steps` is the former name of `num_inference_steps`; pass only `num_inference_steps`"
+            )
+        warnings.warn(
+            "`num_denoising_steps` is deprecated and will be removed in diffusers-starflow2 0.2.0; pass the same "
+            "value as `num_inference_steps`",
+            FutureWarning,
+            stacklevel=4,  # the caller of a pipeline method (under torch.no_grad)
+        )
+        num_inference_steps = former
+    if kwargs:
+        raise TypeError(f"{method}() got an unexpected keyword argument {next(iter(kwargs))!r}")
+    return num_inference_steps
 
 
 def prepare_noise(

@@ -201,7 +201,7 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         """
         n = self.config.num_denoising_steps if num_inference_steps is None else num_inference_steps
         if n < 0:
-            raise ValueError(f"num_denoising_steps must be >= 0; got {n}")
+            raise ValueError(f"`num_inference_steps` must be >= 0; got {n}")
         start = self.config.noise_level if noise_level is None else noise_level
         levels = torch.linspace(start, self.config.min_noise_level, n) if n > 1 else torch.tensor([start] * n)
         self.timesteps = levels.to(device=device, dtype=torch.float32)

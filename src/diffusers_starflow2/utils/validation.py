@@ -146,7 +146,7 @@ def check_guidance_scale(guidance_scale: Any, name: str = "guidance_scale", mini
     return check_number(guidance_scale, name, minimum=minimum, maximum=MAX_SCALE)
 
 
-def check_denoising_steps(steps: Any, name: str = "num_denoising_steps") -> int:
+def check_inference_steps(steps: Any, name: str = "num_inference_steps") -> int:
     return check_integer(steps, name, minimum=0, maximum=MAX_DENOISING_STEPS)
 
 
