@@ -15,7 +15,7 @@ from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerM
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
 from diffusers_starflow2.pipelines.starflow_assembly import save_starflow_pipeline
 from diffusers_starflow2.sampling import denoise_starflow, sample_starflow
-from diffusers_starflow2.schedulers.scheduling_tarflow import TarFlowScheduler
+from diffusers_starflow2.schedulers.scheduling_tarflow import SCHEDULER_PRESETS, TarFlowScheduler
 
 WORDS = "a an the photo painting of cat dog bird red blue green small big on in chair tree house sky".split()
 VAE_CHANNELS = (8, 16)
@@ -63,7 +63,11 @@ def build_components():
     for block in transformer.blocks:  # the output projection starts at zero (identity flow): make the flow non-trivial
         torch.nn.init.normal_(block.proj_out.weight, std=0.05)
     return dict(
-        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae, scheduler=TarFlowScheduler()
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=TarFlowScheduler.from_preset("starflow"),
     )
 
 
@@ -313,6 +317,8 @@ def test_save_starflow_pipeline_from_local_folders(pipe, components, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["pipe", "t5", "vae"]  # no temporary folders left behind
     loaded = StarFlowPipeline.from_pretrained(out)
     loaded.set_progress_bar_config(disable=True)
+    preset = SCHEDULER_PRESETS["starflow"]  # ml-starflow's sampling
+    assert {k: loaded.scheduler.config[k] for k in preset} == preset
     np.testing.assert_array_equal(run(loaded), run(pipe))
 
     with pytest.raises(ValueError, match="output_dir"):

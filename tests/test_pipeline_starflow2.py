@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusers_starflow2 import GuidanceSpec, StarFlow2Pipeline, VLMStream
+from diffusers_starflow2 import GuidanceSpec, StarFlow2Pipeline, TarFlowScheduler, VLMStream
 from diffusers_starflow2.models.autoencoder_fae import fae_tiny_config
 from diffusers_starflow2.models.transformer_pretzel import pretzel_tiny_config
 from diffusers_starflow2.sampling import sample_image_tokens, shallow_reverse
+from diffusers_starflow2.schedulers.scheduling_tarflow import SCHEDULER_PRESETS
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 PROMPT, OTHER = "a red circle on the left", "blue"
@@ -366,6 +367,11 @@ def test_assemble_round_trip(tmp_path, capsys):
     for name in ("vlm", "transformer", "vae"):
         ours, theirs = getattr(source, name).state_dict(), getattr(loaded, name).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    # without a "scheduler" entry the pipeline samples with the authors' STARFlow2 recipe (annealed guidance)
+    preset = SCHEDULER_PRESETS["starflow2"]
+    assert {k: loaded.scheduler.config[k] for k in preset} == preset
+    assert not torch.equal(generate(loaded), generate(source))  # the tiny pipeline's scheduler guides at full strength
+    source.scheduler = TarFlowScheduler.from_preset("starflow2")
     assert torch.equal(generate(loaded), generate(source))
 
     # a broken .pth (nested like a training checkpoint): every offending key is listed, nothing is written

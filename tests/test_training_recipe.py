@@ -69,18 +69,22 @@ def flow_loss(pipe, args, examples):
     return out["flow_loss"].item(), batch["noise_level"]
 
 
-def test_linear_reweight_is_the_t_weighted_mean_of_per_sample_losses(pipe):
+def test_default_reweight_is_itarflow_linear_the_t_weighted_mean_of_per_sample_losses(pipe):
     examples = [
         {"kind": "caption", "image": image(i), "text": f"a red circle {i}", "position": 10 * i, "source": "caption"}
         for i in range(4)
     ]
-    plain, t = flow_loss(pipe, args_for(1), examples)
+    none = ("--image_loss_reweight", "none")
+    assert args_for(1).image_loss_reweight == "linear"
+    plain, t = flow_loss(pipe, args_for(1, *none), examples)
+    default, t_default = flow_loss(pipe, args_for(1), examples)  # no flag: iTARFlow's --reweight t
     linear, t_linear = flow_loss(pipe, args_for(1, "--image_loss_reweight", "linear"), examples)
-    assert torch.equal(t, t_linear)  # linear reweights the loss, not the noise levels
-    alone = [flow_loss(pipe, args_for(1), [ex])[0] for ex in examples]  # each sample on its own
+    assert torch.equal(t, t_default) and torch.equal(t, t_linear)  # linear reweights the loss, not the noise levels
+    alone = [flow_loss(pipe, args_for(1, *none), [ex])[0] for ex in examples]  # each sample on its own
     assert plain == pytest.approx(sum(alone) / 4, rel=1e-5)
-    assert linear == pytest.approx(sum(ti * li for ti, li in zip(t.tolist(), alone)) / 4, rel=1e-5)
-    assert abs(linear - plain) > 0.1 * abs(plain)
+    # ml-itarflow's Model.get_loss: (loss * t).mean() over the batch
+    assert default == linear == pytest.approx(sum(ti * li for ti, li in zip(t.tolist(), alone)) / 4, rel=1e-5)
+    assert abs(default - plain) > 0.1 * abs(plain)
 
 
 def test_inverse_reweight_draws_noise_levels_with_density_one_over_t(pipe):

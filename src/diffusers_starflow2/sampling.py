@@ -98,7 +98,9 @@ def sample_autoregressive(
     ``params`` predict token 0 (its guidance branches stacked along the batch).  ``step_fn(inputs, j)`` feeds tokens
     ``j - 1 ..`` back as inputs at input positions ``j ..`` and returns the parameters of tokens ``j ..`` (the branches
     share the tokens: they are repeated ``guidance.num_branches`` times); calling it again at a position forgets what
-    an earlier call wrote from there on.  ``feed_last`` also feeds the last token (so it enters the caches).
+    an earlier call wrote from there on.  ``feed_last`` also feeds the last token (so it enters the caches).  Token
+    ``i`` is the ``i``-th of the ``N`` this pass samples for the scheduler's guidance weights
+    (:meth:`~TarFlowScheduler.guidance_ramp`), in either decoding mode.
 
     Sequential decoding (``jacobi_block_size=None``) makes one token per call.  Jacobi decoding keeps a window of
     ``jacobi_block_size`` tokens after the last final one: the first is exact (its parameters are), the others hold
@@ -149,7 +151,7 @@ def sample_autoregressive(
         n = min(W, N - c)  # window: tokens c .. c + n
         fed = n if c + n < N or feed_last else n - 1  # the last token is an input only when fed
         z = noise[:, c : c + n].float()  # (B, n, C)
-        x_c = scheduler.affine_step(z[:, :1], *params, guidance)  # token c: exact
+        x_c = scheduler.affine_step(z[:, :1], *params, guidance, c, N)  # token c: exact
         if callback is not None:
             x_c = callback(c, x_c)
         if stop is not None and stop():
@@ -159,7 +161,7 @@ def sample_autoregressive(
             k = min(guess.shape[1], n - 1)
             x = torch.cat([x_c, guess[:, :k], z[:, 1 + k :]], dim=1)  # (B, n, C)
             mu, sigma = feed(x[:, :fed], c + 1)  # (branches * B, fed, C): tokens c + 1 ..
-            new = scheduler.affine_step(z[:, 1:], mu[:, : n - 1], sigma[:, : n - 1], guidance)  # (B, n - 1, C)
+            new = scheduler.affine_step(z[:, 1:], mu[:, : n - 1], sigma[:, : n - 1], guidance, c + 1, N)  # (B, n-1, C)
             ages = [a + 1 for a in ages[:k]] + [1] * (n - 1 - k)
             moved = (new - x[:, 1:]).abs().amax(dim=(0, 2)).tolist()  # (n - 1,) per token
             made = 1
@@ -174,7 +176,7 @@ def sample_autoregressive(
                     [
                         guess,
                         scheduler.affine_step(
-                            noise[:, c + n : c + n + 1].float(), mu[:, n - 1 :], sigma[:, n - 1 :], guidance
+                            noise[:, c + n : c + n + 1].float(), mu[:, n - 1 :], sigma[:, n - 1 :], guidance, c + n, N
                         ),
                     ],
                     dim=1,
@@ -322,7 +324,7 @@ def sample_starflow(
         negative_encoder_attention_mask,
         guidance,
     )
-    scheduler = scheduler or TarFlowScheduler()
+    scheduler = scheduler or TarFlowScheduler.from_preset("starflow")
     x, grid = model.to_tokens(noise.float())
     made = 0
 
@@ -477,5 +479,6 @@ def denoise_starflow(
     def nll(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model(x, encoder_hidden_states, encoder_attention_mask).loss * x.numel()
 
-    x = tweedie_denoise(nll, latents, scheduler or TarFlowScheduler(), num_steps, noise_level, callback, stop)
+    scheduler = scheduler or TarFlowScheduler.from_preset("starflow")
+    x = tweedie_denoise(nll, latents, scheduler, num_steps, noise_level, callback, stop)
     return x.to(latents.dtype)

@@ -14,7 +14,7 @@ Inputs (all local folders / files, nothing is downloaded):
 * ``--dinov2``: a transformers ``Dinov2Model`` folder; the FAE is built around it with
   ``AutoencoderFAE.from_dinov2_pretrained`` (DINOv2 stays frozen and is not part of ``--weights``).
 * ``--config``: JSON ``{"pretzel": {PretzelModel kwargs}, "fae": {AutoencoderFAE kwargs except dinov2_config},
-  "scheduler": {TarFlowScheduler kwargs, optional}}``.  ``pretzel.vlm_hidden_size`` and
+  "scheduler": {TarFlowScheduler kwargs, optional: they override the "starflow2" preset}}``.  ``pretzel.vlm_hidden_size`` and
   ``pretzel.vision_start_token_id`` default to the VLM's width and the tokenizer's ``<|vision_start|>`` id, and
   are checked against them when given.
 * ``--weights``: ``.safetensors`` or ``.pth`` (loaded ``weights_only``; ``{"model": ...}`` nesting and ``module.``
@@ -226,7 +226,7 @@ def assemble(args: argparse.Namespace) -> StarFlow2Pipeline:
         tokenizer=tokenizer,
         transformer=transformer.eval(),
         vae=vae.eval(),
-        scheduler=TarFlowScheduler(**config.get("scheduler", {})),
+        scheduler=TarFlowScheduler.from_preset("starflow2", **config.get("scheduler", {})),
     )
 
 

@@ -39,7 +39,8 @@ def build_starflow_pipeline(
         vae_dir: a diffusers ``AutoencoderKL`` folder (``config.json`` + weights, e.g. ``sd-vae-ft-ema``) with
             ``latent_channels == transformer.config.in_channels``.
         tokenizer_dir: tokenizer folder (default ``text_encoder_dir``).
-        scheduler: default ``TarFlowScheduler()`` (noise level 0.3, one denoising step).
+        scheduler: default ``TarFlowScheduler.from_preset("starflow")`` (noise level 0.3, one denoising step, constant
+            guidance: ml-starflow's sampling).
     """
     text_encoder = T5EncoderModel.from_pretrained(
         _local_dir(text_encoder_dir, "text_encoder_dir"), local_files_only=True
@@ -63,7 +64,7 @@ def build_starflow_pipeline(
         tokenizer=tokenizer,
         transformer=transformer,
         vae=vae,
-        scheduler=scheduler or TarFlowScheduler(),
+        scheduler=scheduler or TarFlowScheduler.from_preset("starflow"),
     )
 
 

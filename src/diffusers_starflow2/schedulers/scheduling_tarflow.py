@@ -5,7 +5,8 @@ An autoregressive flow samples in a single pass, so this "scheduler" has no diff
 of arithmetic that every sampler, the training scripts and the converters share:
 
 * the inverse-affine step ``x = mu + sigma * z`` (one token or many),
-* the classifier-free guidance rule for Gaussians (STARFlow),
+* the classifier-free guidance rule for Gaussians (STARFlow), at a constant or a linearly annealed weight along the
+  tokens (iTARFlow),
 * noise levels: ``x = z + t * eps`` with a fixed ``t`` or ``t ~ U[t0, t1]`` per sample,
 * the denoising schedule that removes the sampling noise after the flow pass (Tweedie steps on the flow's own
   score, iterated with Euler updates; one step is STARFlow's self-denoising).
@@ -14,7 +15,7 @@ of arithmetic that every sampler, the training scripts and the converters share:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -70,14 +71,38 @@ class TarFlowSchedulerOutput(BaseOutput):
     pred_original_sample: Optional[torch.Tensor] = None
 
 
+# The sampling recipes of the authors' public code, by model family (see the README's design notes for each value).
+SCHEDULER_PRESETS: Dict[str, dict] = {
+    # STARFlow2 trains with iTARFlow's multi-noise recipe (paper §4); sampling as ml-itarflow's evaluate_fid.py:
+    # flow pass at t1 (init_t = args.t1), guidance annealed along the tokens (--annealed_guidance 1), then one
+    # Tweedie step per 0.01 of t1 (steps = int(t1 / 1e-2)) on linspace(t1, t0) followed by 0; t0 = 0.01, t1 = 0.3
+    # as its defaults and its 64-px recipe (STARFlow's latent noise level is 0.3 too).
+    "starflow2": dict(
+        noise_level=0.3, min_noise_level=0.01, max_noise_level=0.3, num_denoising_steps=30, annealed_guidance=True
+    ),
+    # STARFlow (v1) as ml-starflow's sample.py: one fixed level 0.3 (noise_std), one self-denoising step
+    # (self_denoise), constant guidance ('annealed_guidance': False).
+    "starflow": dict(
+        noise_level=0.3, min_noise_level=0.01, max_noise_level=0.3, num_denoising_steps=1, annealed_guidance=False
+    ),
+}
+
+
 class TarFlowScheduler(SchedulerMixin, ConfigMixin):
     r"""Inverse-affine sampling, guidance, noise levels and the denoising schedule of TARFlow-style models.
+
+    :meth:`from_preset` gives the recipe of a model family (``"starflow2"``, ``"starflow"``).
 
     Args:
         noise_level: the noise level ``t`` images are sampled at (STARFlow: 0.3).
         min_noise_level: ``t0``, lower end of the training noise range and last level of the denoising schedule.
         max_noise_level: ``t1``, upper end of the training noise range.
-        num_denoising_steps: default number of denoising steps after sampling (0 disables denoising).
+        num_denoising_steps: default number of denoising steps after sampling (0 disables denoising); 10 as
+            ml-itarflow's sampling during training (the ``"starflow2"`` preset takes its evaluation's 30).
+        annealed_guidance: scale the guidance weights of the ``k``-th of ``n`` sampled tokens by ``k / n``
+            (ml-itarflow's ``annealed_guidance``: ``g = (i + 1) / (T - 1) * guidance``), so guidance grows from
+            almost nothing at the first token to full strength at the last; False (default, so that saved
+            pipelines keep their behaviour) guides every token at full strength.
     """
 
     config_name = "scheduler_config.json"
@@ -89,14 +114,30 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         noise_level: float = 0.3,
         min_noise_level: float = 0.01,
         max_noise_level: float = 0.3,
-        num_denoising_steps: int = 1,
+        num_denoising_steps: int = 10,
+        annealed_guidance: bool = False,
     ):
         if not 0 <= min_noise_level <= max_noise_level:
             raise ValueError(f"need 0 <= min_noise_level <= max_noise_level; got {min_noise_level}, {max_noise_level}")
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0; got {noise_level}")
+        if isinstance(num_denoising_steps, bool) or not isinstance(num_denoising_steps, int) or num_denoising_steps < 0:
+            raise ValueError(f"`num_denoising_steps` must be an int >= 0; got {num_denoising_steps!r}")
+        if not isinstance(annealed_guidance, bool):
+            raise ValueError(f"`annealed_guidance` must be True or False; got {annealed_guidance!r}")
         self.timesteps = torch.tensor([])
         self.sigmas = torch.tensor([])
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TarFlowScheduler":
+        """The scheduler of a model family's published recipe (:data:`SCHEDULER_PRESETS`), with ``overrides``.
+
+        ``"starflow2"``: ml-itarflow's sampling (t in [0.01, 0.3], annealed guidance, 30 denoising steps);
+        ``"starflow"``: ml-starflow's (level 0.3, constant guidance, one self-denoising step).
+        """
+        if name not in SCHEDULER_PRESETS:
+            raise ValueError(f"`name` must be one of {sorted(SCHEDULER_PRESETS)}; got {name!r}")
+        return cls(**{**SCHEDULER_PRESETS[name], **overrides})
 
     # -- the flow step -------------------------------------------------------------------------------------------
 
@@ -106,35 +147,69 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         return noise * sigma + mu
 
     def affine_step(
-        self, noise: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, guidance: Optional[GuidanceSpec] = None
+        self,
+        noise: torch.Tensor,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        guidance: Optional[GuidanceSpec] = None,
+        position: int = 0,
+        num_positions: Optional[int] = None,
     ) -> torch.Tensor:
         """One sampling step of an autoregressive flow: the guided Gaussian of each token, then noise -> data.
 
         ``mu``/``sigma`` stack ``guidance.num_branches`` branches along the batch (``(branches * B, T, C)``);
-        ``noise`` is ``(B, T, C)``; returns ``x (B, T, C)``.
+        ``noise`` is ``(B, T, C)``; returns ``x (B, T, C)``.  The ``T`` tokens are tokens ``position ..`` of the
+        ``num_positions`` a sampling pass makes, which sets their weights under ``annealed_guidance`` (see
+        :meth:`guidance_ramp`; without ``num_positions`` every token is guided at full strength).
         """
-        mu, sigma = self.combine_branches(mu, sigma, guidance or GuidanceSpec())
+        guidance = guidance or GuidanceSpec()
+        ramp = None
+        if num_positions is not None and guidance.num_branches > 1:
+            ramp = self.guidance_ramp(position, noise.shape[1], num_positions, mu.device)
+        mu, sigma = self.combine_branches(mu, sigma, guidance, ramp)
         return self.inverse_affine(noise, mu, sigma)
+
+    def guidance_ramp(self, position: int, count: int, num_positions: int, device=None) -> Optional[torch.Tensor]:
+        r"""The factor ``r`` of the guidance weights of tokens ``position .. position + count - 1`` of a pass that
+        samples ``num_positions`` tokens, ``(1, count, 1)`` float32, or None (``r = 1``) without
+        ``annealed_guidance``.
+
+        The ``k``-th sampled token (``k = position + 1 ..``, 1-based) gets ``r = k / num_positions``: ml-itarflow's
+        ``g = (i + 1) / (T - 1) * guidance`` for token ``i + 1`` of ``T`` (the first is never sampled) and
+        ml-starflow's ``r = (t + 1) / T`` for token ``t`` of ``T`` with a start token.  ``r`` multiplies the text
+        weight ``w`` and the image weight ``s_i - 1``.
+        """
+        if not self.config.annealed_guidance:
+            return None
+        k = torch.arange(position + 1, position + 1 + count, device=device, dtype=torch.float32)
+        return (k / num_positions).view(1, count, 1)
 
     @classmethod
     def combine_branches(
-        cls, mu: torch.Tensor, sigma: torch.Tensor, guidance: GuidanceSpec
+        cls, mu: torch.Tensor, sigma: torch.Tensor, guidance: GuidanceSpec, ramp: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The guidance rule ``guidance`` selects: none, :meth:`guide` or :meth:`guide_text_and_image`."""
+        """The guidance rule ``guidance`` selects: none, :meth:`guide` or :meth:`guide_text_and_image`, with the
+        weights scaled per token by ``ramp`` (:meth:`guidance_ramp`; None: full strength)."""
+        w_text, s_image = guidance.guidance_scale, guidance.image_guidance_scale
+        if ramp is not None:
+            w_text, s_image = w_text * ramp, 1 + (s_image - 1) * ramp
         if guidance.num_branches == 3:
-            return cls.guide_text_and_image(mu, sigma, guidance.guidance_scale, guidance.image_guidance_scale)
+            return cls.guide_text_and_image(mu, sigma, w_text, s_image)
         if guidance.num_branches == 2:
-            return cls.guide(mu, sigma, guidance.guidance_scale)
+            return cls.guide(mu, sigma, w_text)
         return mu, sigma
 
     @staticmethod
-    def guide(mu: torch.Tensor, sigma: torch.Tensor, guidance_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def guide(
+        mu: torch.Tensor, sigma: torch.Tensor, guidance_scale: Union[float, torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         r"""Combine a conditional and an unconditional Gaussian per token (STARFlow's guidance rule).
 
         ``mu`` and ``sigma`` are batches ``[conditional; unconditional]`` of size ``2B``; returns the guided
         ``(mu, sigma)`` of size ``B``.  With ``w`` the scale and ``s = min(sigma_c / sigma_u, 1)^2``:
         ``sigma = sigma_c / sqrt(1 + w - w s)`` and ``mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)``, which is the
         Gaussian of ``p_c^{1+w} / p_u^{w}`` with the unconditional variance capped so the result stays proper.
+        ``guidance_scale`` is a number or a tensor that broadcasts against ``(B, T, C)`` (one weight per token).
         """
         mu_c, mu_u = mu.chunk(2, dim=0)
         sigma_c, sigma_u = sigma.chunk(2, dim=0)
@@ -145,7 +220,11 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def guide_text_and_image(
-        cls, mu: torch.Tensor, sigma: torch.Tensor, guidance_scale: float, image_guidance_scale: float
+        cls,
+        mu: torch.Tensor,
+        sigma: torch.Tensor,
+        guidance_scale: Union[float, torch.Tensor],
+        image_guidance_scale: Union[float, torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         r"""Three-branch guidance for editing (text and image scales, as InstructPix2Pix).
 

@@ -171,13 +171,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--noise_level_max", type=float, default=None, help="t1 (default: the scheduler's)")
     p.add_argument(
         "--image_loss_reweight",
-        nargs="?",
-        const="inverse",
-        default="none",
+        default="linear",
         choices=("none", "inverse", "linear"),
         help="multi-noise weighting of the per-image NLL over noise levels t ~ U[t0, t1]:\n"
-        "'linear' multiplies it by t (iTARFlow's --reweight t: mean of t * NLL);\n"
-        "'inverse' weights it by 1/t (normalised), drawing t with density ∝ 1/t on [t0, t1]",
+        "'linear' (default) multiplies it by t (iTARFlow's --reweight t, used by all its recipes: mean of t * NLL);\n"
+        "'inverse' weights it by 1/t (normalised), drawing t with density ∝ 1/t on [t0, t1];\n"
+        "'none': the plain mean",
     )
     p.add_argument(
         "--latent_sample",

@@ -236,7 +236,8 @@ def step_init(work: Path) -> None:
         tokenizer=tokenizer,
         transformer=transformer,
         vae=AutoencoderFAE.from_pretrained(work / "fae"),
-        scheduler=TarFlowScheduler(noise_level=0.3, min_noise_level=0.05, max_noise_level=0.3),
+        # 3 denoising steps: measured on the embedded model with benchmarks/eval_denoise.py (README, Denoising)
+        scheduler=TarFlowScheduler(noise_level=0.3, min_noise_level=0.05, max_noise_level=0.3, num_denoising_steps=3),
     )
     pipe.save_pretrained(work / "init")
 
@@ -310,6 +311,8 @@ def step_stage(work: Path, name: str, steps: int | None = None) -> None:
         "cosine",
         "--lr_warmup_steps",
         str(stage.warmup_steps),
+        "--image_loss_reweight",  # the embedded model was trained with the plain mean (the default before 'linear')
+        "none",
         "--seed",
         str(SEED),
         "--logging_steps",
