@@ -14,6 +14,10 @@ Measures, on held-out material of the world (fresh jitters and wordings never se
 Prints a markdown table and writes a grid of samples (PNG).
 
     python benchmarks/eval_world.py [--model DIR] [--seeds 2] [--grid benchmarks/world_samples.png]
+                                    [--annealed_guidance]
+
+``--annealed_guidance`` samples with the scheduler's annealed guidance (ml-itarflow's ramp: the ``k``-th of ``N``
+latents guided at ``k/N`` of the scales) instead of the model's scheduler config, for comparison.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from diffusers_starflow2 import (  # noqa: E402
     StarFlow2EditPipeline,
     StarFlow2InterleavedPipeline,
     StarFlow2Pipeline,
+    TarFlowScheduler,
 )
 from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
 from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts  # noqa: E402
@@ -171,21 +176,29 @@ def main(argv=None) -> int:
     parser.add_argument("--bpd", type=int, default=60)
     parser.add_argument("--guidance_scale", type=float, default=2.0)
     parser.add_argument("--grid", default=str(REPO / "benchmarks" / "world_samples.png"))
+    parser.add_argument(
+        "--annealed_guidance", action="store_true", help="sample with annealed guidance (the scheduler's option)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     start = time.time()
-    pipe = StarFlow2Pipeline.from_pretrained(args.model)
+    overrides = {}
+    if args.annealed_guidance:
+        overrides["scheduler"] = TarFlowScheduler.from_pretrained(
+            args.model, subfolder="scheduler", annealed_guidance=True
+        )
+    pipe = StarFlow2Pipeline.from_pretrained(args.model, **overrides)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.image_size
     kept, kept_edits = [], []
     gen_cfg = generation_accuracy(pipe, args.guidance_scale, args.seeds, kept)
     gen_plain = generation_accuracy(pipe, 0.0, args.seeds, [])
-    chat = StarFlow2InterleavedPipeline.from_pretrained(args.model)
+    chat = StarFlow2InterleavedPipeline.from_pretrained(args.model, **overrides)
     chat.set_progress_bar_config(disable=True)
     qa = {w: understanding_accuracy(chat, args.understanding, size, w) for w in ("train", "heldout")}
     chat_edits = {w: chat_edit_success(chat, args.chat_edits, w) for w in ("train", "heldout")}
-    edit = StarFlow2EditPipeline.from_pretrained(args.model)
+    edit = StarFlow2EditPipeline.from_pretrained(args.model, **overrides)
     edit.set_progress_bar_config(disable=True)
     edits = {
         w: edit_success(edit, args.edits, size, kept_edits if w == "train" else [], w) for w in ("train", "heldout")
@@ -195,7 +208,8 @@ def main(argv=None) -> int:
     n = 60 * args.seeds
     print(
         f"model: {args.model}; held-out prompts: 60 x {args.seeds} images; {args.understanding * 3} questions; "
-        f"{args.edits} colour edits; {args.chat_edits} chats; {args.bpd} images for bits/dim; {time.time() - start:.0f} s"
+        f"{args.edits} colour edits; {args.chat_edits} chats; {args.bpd} images for bits/dim; "
+        f"{'annealed' if pipe.scheduler.config.annealed_guidance else 'constant'} guidance; {time.time() - start:.0f} s"
     )
     print("| metric | guidance 2.0 | guidance 0 | target |")
     print("|---|---|---|---|")
