@@ -55,6 +55,7 @@ def test_wheel_ships_the_package_tools_and_the_embedded_model(installed):
         "default_model/transformer/diffusion_pytorch_model.safetensors",
         "default_model/vlm/model.safetensors",
         "default_model/tokenizer/tokenizer.json",
+        "configs/qwen2_5_vl_7b_instruct/config.json",
     ):
         assert f"diffusers_starflow2/{module}" in names, module
 

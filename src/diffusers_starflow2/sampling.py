@@ -20,6 +20,7 @@ they settle.  A flow block's step has static shapes (a compiled one is traced on
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -29,6 +30,7 @@ from .models.transformer_pretzel import PretzelCache, PretzelModel
 from .models.transformer_starflow import StarFlowTransformerModel
 from .models.vlm_stream import VLMStream
 from .schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
+from .utils.torch_utils import has_values
 
 AffineParams = Tuple[torch.Tensor, torch.Tensor]  # (mu, sigma), each (branches * B, K, C), float32
 # step_fn(inputs (B, K, C), index) -> the parameters the inputs predict: inputs sit at input positions index..index+K
@@ -163,7 +165,9 @@ def sample_autoregressive(
             mu, sigma = feed(x[:, :fed], c + 1)  # (branches * B, fed, C): tokens c + 1 ..
             new = scheduler.affine_step(z[:, 1:], mu[:, : n - 1], sigma[:, : n - 1], guidance, c + 1, N)  # (B, n-1, C)
             ages = [a + 1 for a in ages[:k]] + [1] * (n - 1 - k)
-            moved = (new - x[:, 1:]).abs().amax(dim=(0, 2)).tolist()  # (n - 1,) per token
+            moved = (new - x[:, 1:]).abs().amax(dim=(0, 2))  # (n - 1,) per token
+            # without values (meta) no token has converged: only jacobi_max_iterations makes tokens final
+            moved = moved.tolist() if has_values(moved) else [math.inf] * (n - 1)
             made = 1
             for change, age in zip(moved, ages):
                 if change > jacobi_tolerance and age < max_passes:

@@ -29,6 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..utils.torch_utils import has_values
 from .flow_block import (
     LOG_2PI,
     AutoregressiveFlowBlock,
@@ -93,7 +94,7 @@ class PretzelCache:
     attention_mask: torch.Tensor  # (B, T_seen) bool
     vlm_next: torch.Tensor = None  # (B,) next free VLM position of each sample
     flow_next: torch.Tensor = None  # (B,) next free TARFlow position of each sample
-    image_cell: int = 0  # cells of the currently open image span already seen (same for every sample in it)
+    image_cell: torch.Tensor = None  # (B,) cells of the currently open image span already seen in each sample
     last_flow_hidden: Optional[torch.Tensor] = None  # (B, 1, C) TARFlow output of the latest position
     last_hidden: Optional[torch.Tensor] = None  # (B, 1, D) VLM output of the latest position
     # Level-independent TARFlow-stream inputs and position ids of every cached position, kept (as chunks, one per
@@ -194,7 +195,7 @@ class PretzelCache:
                     layer.device, layer.dtype = layer.keys.device, layer.keys.dtype
         if self.flow is not None:
             moved.flow = self.flow.to(device, dtype)
-        for key in ("cond", "attention_mask", "vlm_next", "flow_next", "last_flow_hidden", "last_hidden"):
+        for key in ("cond", "attention_mask", "vlm_next", "flow_next", "image_cell", "last_flow_hidden", "last_hidden"):
             setattr(moved, key, move(getattr(self, key)))
         moved.noise_level = self.noise_level.to(device)
         moved.flow_inputs = [move(t) for t in self.flow_inputs]
@@ -225,7 +226,7 @@ class PretzelCache:
         caches are not modified."""
         import copy
 
-        if any(c.image_cell for c in caches):
+        if any(has_values(c.image_cell) and bool(torch.as_tensor(c.image_cell).any()) for c in caches):
             raise ValueError("caches inside an open image span cannot be stacked")
         length = max(c.length for c in caches)
 
@@ -253,7 +254,7 @@ class PretzelCache:
         out.attention_mask = stacked([c.attention_mask for c in caches], 1)
         out.flow_inputs = [stacked([torch.cat(c.flow_inputs, 1) for c in caches], 1)] if out.flow_inputs else []
         out.flow_positions = [stacked([torch.cat(c.flow_positions, 1) for c in caches], 1)] if out.flow_inputs else []
-        for key in ("cond", "noise_level", "vlm_next", "flow_next", "last_flow_hidden", "last_hidden"):
+        for key in ("cond", "noise_level", "vlm_next", "flow_next", "image_cell", "last_flow_hidden", "last_hidden"):
             setattr(out, key, torch.cat([getattr(c, key) for c in caches]))
         return out
 
@@ -265,6 +266,7 @@ class PretzelCache:
         self.cond, self.noise_level = self.cond[index], self.noise_level[index]
         self.attention_mask = self.attention_mask[index]
         self.vlm_next, self.flow_next = self.vlm_next[index], self.flow_next[index]
+        self.image_cell = self.image_cell[index]
         if self.last_flow_hidden is not None:
             self.last_flow_hidden, self.last_hidden = self.last_flow_hidden[index], self.last_hidden[index]
         self.flow_inputs = [chunk[index] for chunk in self.flow_inputs]
@@ -335,6 +337,17 @@ def pretzel_tiny_config(vlm_hidden_size: int = 64, vision_start_token_id: int = 
         noise_embed_dim=32,
         vision_start_token_id=vision_start_token_id,
     )
+
+
+def scatter_latents(tokens: torch.Tensor, latent_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Intermediate latents ``(M, N, C)`` (or ``(M*N, C)``) placed at the latent positions of ``latent_mask (B, T)``
+    in sequence order (sample-major): returns the ``(B, T, C)`` step input (zeros elsewhere) and the flat positions
+    ``(M*N,)`` of the latents in ``B*T``.  The number of positions comes from ``tokens``' shape, not from the mask's
+    values, so this runs on ``meta`` too."""
+    B, T = latent_mask.shape
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    slots = torch.nonzero_static(latent_mask.reshape(-1), size=flat.shape[0]).squeeze(1).to(flat.device)
+    return flat.new_zeros(B * T, flat.shape[-1]).index_copy(0, slots, flat).view(B, T, -1), slots
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -492,6 +505,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             attention_mask=torch.ones(B, 0, dtype=torch.bool, device=self.device),
             vlm_next=torch.zeros(B, dtype=torch.long, device=self.device),
             flow_next=torch.zeros(B, dtype=torch.long, device=self.device),
+            image_cell=torch.zeros(B, dtype=torch.long, device=self.device),
         )
 
     def step(
@@ -502,6 +516,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         latents: Optional[torch.Tensor] = None,
         latent_mask: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        vlm_grad: bool = True,
     ) -> PretzelStepOutput:
         """Run new positions through the VLM stream, then the TARFlow stream, appending them to both caches.
 
@@ -512,6 +527,8 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             attention_mask: ``(B, T)`` False at padding: left padding of a batch, or every position of a sample that
                 idles in this step (it keeps its ``last_hidden`` / ``last_flow_hidden``; no later position sees
                 padding).
+            vlm_grad: False runs the VLM stream (adapter and VLM) without autograd, where no gradient through it
+                can reach a trainable parameter (see :meth:`vlm_stream_needs_grad`).
         """
         if input_ids is None and latents is None:
             raise ValueError("step needs input_ids or latents")
@@ -531,12 +548,14 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         # VLM stream: text embeddings, adapted latents at latent positions
         vlm_dtype = vlm.vlm.dtype
-        embeds = vlm.embed_tokens(input_ids.to(device)) if input_ids is not None else None
         if latents is not None:
             latents = latents.to(device=device, dtype=dtype)
-            adapted = self.adapter(latents, cache.cond).to(vlm_dtype)
-            embeds = adapted if embeds is None else torch.where(latent_mask[..., None], adapted, embeds)
-        h, _ = vlm(embeds.to(vlm_dtype), vlm_pos, cache.vlm, attention_mask=full_mask.long())  # (B, T, D)
+        with torch.set_grad_enabled(vlm_grad and torch.is_grad_enabled()):
+            embeds = vlm.embed_tokens(input_ids.to(device)) if input_ids is not None else None
+            if latents is not None:
+                adapted = self.adapter(latents, cache.cond).to(vlm_dtype)
+                embeds = adapted if embeds is None else torch.where(latent_mask[..., None], adapted, embeds)
+            h, _ = vlm(embeds.to(vlm_dtype), vlm_pos, cache.vlm, attention_mask=full_mask.long())  # (B, T, D)
 
         # TARFlow stream: P_txt(h) at text, proj_in(x~) + W_v h at latents, start input at <|vision_start|>
         deep = self.deep
@@ -631,10 +650,10 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         The noise level conditions the TARFlow stream at every position (and the shallow flows), so that stream is
         rebuilt from the kept level-independent inputs; the VLM stream, whose only dependence on the level is the
         adapter's reading of context images at the level they really carry, is shared.  ``cache`` is unchanged; at
-        the cache's own level it is returned as is.
+        the cache's own level it is returned as is (where the levels have no values, on ``meta``, it is rebuilt).
         """
         noise_level = noise_level.to(cache.noise_level)
-        if torch.equal(noise_level, cache.noise_level):
+        if has_values(noise_level, cache.noise_level) and torch.equal(noise_level, cache.noise_level):
             return cache
         if cache.flow is None:
             raise ValueError("at_noise_level needs a cache with a flow stream (use_flow_cache=True)")
@@ -682,6 +701,63 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # -- teacher-forced training pass -----------------------------------------------------------------------------
 
+    def vlm_stream_needs_grad(
+        self,
+        vlm: VLMStream,
+        latent_mask: torch.Tensor,
+        image_loss_mask: Optional[torch.Tensor] = None,
+        text_loss_mask: Optional[torch.Tensor] = None,
+        images: Optional[torch.Tensor] = None,
+    ) -> bool:
+        """Whether the teacher-forced pass over this layout must run the VLM stream (the visual adapter and the VLM)
+        with autograd: whether some trainable parameter can receive a non-zero gradient through it.
+
+        Gradient enters the VLM stream only through parameters of its own (a LoRA on the VLM), the adapter's
+        parameters, or the adapter's inputs (the shallow flows' outputs ``x~`` and the noise-level embedding).  With a
+        frozen adapter whose zero-initialised output projection is still zero, the adapter is a constant map and no
+        gradient reaches its inputs.  Otherwise the VLM's outputs ``h`` must also reach the loss: through ``W_v h`` at
+        a scored image's own latents (``skip_v`` non-zero), through ``P_txt(h)`` at the text before a scored image
+        that follows another image of its sample, or through the text head at a scored text position after a latent.
+        Stage 1 from initialisation (skips and adapter output at zero, the adapter frozen) has none of these paths:
+        its VLM stream runs without autograd and no VLM module runs a backward.
+
+        Trainable VLM or adapter parameters always answer True (their gradients stay defined, if zero, on every
+        batch, as optimisers and DDP expect); where a value it needs is not available (``meta`` / fake tensors) the
+        answer is True, which is always correct.
+
+        Args:
+            latent_mask, image_loss_mask, text_loss_mask, images: as in :meth:`forward`.
+        """
+        if not torch.is_grad_enabled():
+            return False
+        if any(p.requires_grad for p in vlm.parameters()) or any(p.requires_grad for p in self.adapter.parameters()):
+            return True
+        inputs = [*self.shallow.parameters(), *self.noise_embed.parameters()]
+        if not any(p.requires_grad for p in inputs) and not (images is not None and images.requires_grad):
+            return False
+        proj_out, skip_v = self.adapter.proj_out.weight, self.skip_v.weight
+        if not has_values(proj_out, skip_v, latent_mask, image_loss_mask, text_loss_mask):
+            return True
+        if not bool(proj_out.any()):
+            return False  # a constant map: nothing flows back into x~ or the noise-level embedding
+        latent_mask = latent_mask.bool()
+        counts = latent_mask.sum(1) // self.num_latents  # (B,) images per sample
+        scored = (
+            image_loss_mask.bool() if image_loss_mask is not None else torch.ones(int(counts.sum()), dtype=torch.bool)
+        )
+        scored = scored.to(latent_mask.device)
+        if bool(scored.any()) and bool(skip_v.any()):
+            return True
+        first = counts.cumsum(0) - counts  # (B,) index of each sample's first image
+        owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)  # (M,)
+        if bool((scored & (torch.arange(len(owner), device=owner.device) > first[owner])).any()):
+            return True  # a scored image after another image of its sample: P_txt(h) of the text between
+        if text_loss_mask is not None:  # logits at position p - 1 predict the token at p
+            after_latent = latent_mask.cumsum(1) > 0
+            if bool((text_loss_mask[:, 1:].bool() & after_latent[:, :-1]).any()):
+                return True
+        return False
+
     def forward(
         self,
         vlm: VLMStream,
@@ -694,9 +770,14 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         text_loss_mask: Optional[torch.Tensor] = None,
         text_loss_weight: float = 1.0,
         image_loss_weight: Optional[torch.Tensor] = None,
+        num_text_targets: Optional[int] = None,
+        vlm_requires_grad: Optional[bool] = None,
         return_dict: bool = True,
     ):
         """One teacher-forced pass over whole interleaved sequences; returns the STARFlow2 losses.
+
+        Every shape follows from the inputs' shapes (and ``num_text_targets``), so the pass also runs on ``meta``
+        and fake tensors; the checks of the layout run where the values exist.
 
         Args:
             input_ids: ``(B, T)`` tokens; latent positions hold any id (e.g. ``<|image_pad|>``).
@@ -708,38 +789,56 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             image_loss_mask: ``(M,)`` which images are scored by the flow loss (default all).
             text_loss_mask: ``(B, T)`` True at tokens predicted by the text loss (from the previous position).
             image_loss_weight: ``(M,)`` multiplies each image's NLL in the flow loss (default 1).
+            num_text_targets: the number of True entries of ``text_loss_mask[:, 1:]``; needed where the mask holds
+                no values (``meta`` / fake tensors), checked against the mask elsewhere (default: counted).
+            vlm_requires_grad: run the VLM stream with autograd; default :meth:`vlm_stream_needs_grad` decides.
         """
         B, T = input_ids.shape
         N = self.num_latents
-        counts = latent_mask.sum(1)
-        if int(counts.sum()) != images.shape[0] * N or bool((counts % N).any()):
-            raise ValueError(
-                f"latent_mask marks {counts.tolist()} latent positions; expected multiples of {N} "
-                f"summing to {images.shape[0]} images x {N}"
-            )
-        owner = torch.repeat_interleave(torch.arange(B, device=counts.device), counts // N)  # (M,) sample of image
+        M = images.shape[0]
+        counts = latent_mask.sum(1)  # (B,)
+        text_targets = text_loss_mask[:, 1:].bool() if text_loss_mask is not None else None
+        if has_values(counts):
+            if int(counts.sum()) != M * N or bool((counts % N).any()):
+                raise ValueError(
+                    f"latent_mask marks {counts.tolist()} latent positions; expected multiples of {N} "
+                    f"summing to {M} images x {N}"
+                )
+        if text_targets is not None and has_values(text_targets):
+            found = int(text_targets.sum())
+            if num_text_targets is not None and num_text_targets != found:
+                raise ValueError(f"num_text_targets={num_text_targets} but text_loss_mask[:, 1:] marks {found}")
+            num_text_targets = found
+        elif text_targets is not None and num_text_targets is None:
+            raise ValueError("num_text_targets is needed with a text_loss_mask that holds no values (meta/fake)")
+        if vlm_requires_grad is None:
+            vlm_requires_grad = self.vlm_stream_needs_grad(vlm, latent_mask, image_loss_mask, text_loss_mask, images)
+
+        owner = torch.repeat_interleave(torch.arange(B, device=counts.device), counts // N, output_size=M)  # (M,)
         tokens, shallow_logdets = self.shallow_forward(images, noise_level.to(images.device)[owner])  # (M, N, C)
-        latents = torch.zeros(B, T, tokens.shape[-1], dtype=tokens.dtype, device=tokens.device)
-        latents[latent_mask] = tokens.reshape(-1, tokens.shape[-1])
+        C = tokens.shape[-1]
+        latents, slots = scatter_latents(tokens, latent_mask)  # (B, T, C); slots (M*N,): never a sample's first
 
         cache = self.new_cache(vlm, noise_level, use_flow_cache=False)
-        out = self.step(vlm, cache, input_ids, latents, latent_mask, attention_mask)
+        out = self.step(vlm, cache, input_ids, latents, latent_mask, attention_mask, vlm_grad=vlm_requires_grad)
         h, g = out.hidden_states, out.flow_hidden_states
 
         # flow: the output at position p predicts the latent at p + 1
-        target = latent_mask[:, 1:]
-        mu, sigma = self.latent_params(g[:, :-1][target])  # (M*N, C)
-        z = ((latents[:, 1:][target].float() - mu) / sigma).view(-1, N, mu.shape[-1])  # (M, N, C)
-        nll = flow_nll(z, [-torch.log(sigma).view(z.shape), *shallow_logdets])
-        scored = image_loss_mask if image_loss_mask is not None else torch.ones_like(nll, dtype=torch.bool)
+        mu, sigma = self.latent_params(g.reshape(B * T, -1)[slots - 1])  # (M*N, C)
+        z = ((tokens.reshape(-1, C).float() - mu) / sigma).view(M, N, C)
+        nll = flow_nll(z, [-torch.log(sigma).view(z.shape), *shallow_logdets])  # (M,)
+        scored = image_loss_mask.to(nll.device).bool() if image_loss_mask is not None else torch.ones_like(nll).bool()
         weighted = nll if image_loss_weight is None else nll * image_loss_weight.to(nll)
-        flow_loss = weighted[scored].mean() if scored.any() else nll.sum() * 0
+        # the mean over scored images; 0 (still a term of the graph) when none is scored
+        flow_loss = torch.where(scored, weighted, 0).sum() / scored.sum().clamp(min=1)
 
         # text: next-token cross-entropy at the requested positions
-        if text_loss_mask is not None and text_loss_mask[:, 1:].any():
-            sel = text_loss_mask[:, 1:].to(h.device)
-            logits = self.text_logits(vlm, h[:, :-1][sel], g[:, :-1][sel])
-            text_loss = F.cross_entropy(logits.float(), input_ids[:, 1:].to(h.device)[sel])
+        if num_text_targets:
+            targets = torch.nonzero_static(text_targets.reshape(-1), size=num_text_targets).squeeze(1)  # (P,)
+            rows = (targets // (T - 1)) * T + targets % (T - 1)  # the predicting positions in (B * T)
+            rows = rows.to(h.device)
+            logits = self.text_logits(vlm, h.reshape(B * T, -1)[rows], g.reshape(B * T, -1)[rows])  # (P, V)
+            text_loss = F.cross_entropy(logits.float(), input_ids.reshape(-1).to(h.device)[rows + 1])
         else:
             logits, text_loss = None, g.sum() * 0
         loss = flow_loss + text_loss_weight * text_loss

@@ -11,10 +11,13 @@ them where it is used to seeing images. Text logits come from the VLM's own LM h
 
 import functools
 import inspect
+from importlib import resources
 
 import torch
 from torch import nn
-from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel, Qwen2_5_VLConfig
+
+from ..utils.torch_utils import has_values
 
 
 @functools.cache
@@ -34,8 +37,8 @@ def position_ids(
     grid: tuple[int, int],
     mrope: bool = True,
     start: torch.LongTensor | None = None,
-    open_cells: int = 0,
-) -> tuple[torch.LongTensor, torch.LongTensor, int]:
+    open_cells: torch.LongTensor | int = 0,
+) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
     """
     Position ids of new positions of interleaved text/image sequences, for the whole batch at once.
 
@@ -52,17 +55,22 @@ def position_ids(
     Padding takes the current position of its sample and advances nothing; a sample that takes only padding in a call
     (idle while others sample an image span) is outside the span.
 
+    Everything is computed with tensor operations (no value is read by Python, so it runs on `meta` and under
+    `torch.compile`); the layout checks (no text inside an image span, the samples taking positions agree on the
+    cells of an open span) run where the values exist.
+
     Args:
         latent_mask (`torch.Tensor` of shape `(B, T)`): True at image-latent positions.
         attention_mask (`torch.Tensor` of shape `(B, T)`): False at padding.
         grid (`tuple[int, int]`): `(grid_h, grid_w)` of every image (the LLM-side grid).
         mrope (`bool`, defaults to `True`): Build 3-axis M-RoPE ids instead of 1-D ids.
         start (`torch.LongTensor` of shape `(B,)`, *optional*): First free position of each sample (default 0).
-        open_cells (`int`, defaults to 0): Cells of an unfinished image already placed (the same in every sample).
+        open_cells (`torch.LongTensor` of shape `(B,)` or `int`, defaults to 0): Cells of an unfinished image
+            already placed in each sample.
 
     Returns:
         `tuple`: ids `(3, B, T)` (`mrope=True`) or `(B, T)`, the next free position of each sample `(B,)`, and the
-        cells of the image left unfinished.
+        cells of the image left unfinished in each sample `(B,)`.
     """
     grid_h, grid_w = grid
     cells = grid_h * grid_w
@@ -70,16 +78,20 @@ def position_ids(
     latent = (latent_mask.bool() & real).long()  # (B, T)
     if start is None:
         start = torch.zeros(latent.shape[0], dtype=torch.long, device=latent.device)
-    cell = (open_cells + latent.cumsum(1) - latent) % cells  # (B, T) grid cell of (or before) each position
+    opened = torch.as_tensor(open_cells, dtype=torch.long, device=latent.device).expand(latent.shape[0])  # (B,)
+    cell = (opened[:, None] + latent.cumsum(1) - latent) % cells  # (B, T) grid cell of (or before) each position
     text = real & ~latent.bool()
-    if bool((text & (cell != 0)).any()):
-        bad = int(cell[text & (cell != 0)][0])
-        raise ValueError(f"a text token arrived inside an image span after {bad} of {cells} latents")
-    after = (open_cells + latent.sum(1)) % cells  # (B,)
-    # a sample that takes only padding (idle while others sample an image) leaves the open span to the others
-    after = after[real.any(1)] if bool(real.any()) else after
-    if bool((after != after[:1]).any()):
-        raise ValueError("every sample taking positions must have the same number of latents in an open span")
+    after = (opened + latent.sum(1)) % cells  # (B,)
+    if has_values(cell, after):
+        inside = text & (cell != 0)
+        if bool(inside.any()):
+            raise ValueError(
+                f"a text token arrived inside an image span after {int(cell[inside][0])} of {cells} latents"
+            )
+        # a sample that takes only padding (idle while others sample an image) leaves the open span to the others
+        taking = after[real.any(1)]
+        if bool((taking != taking[:1]).any()):
+            raise ValueError("every sample taking positions must have the same number of latents in an open span")
 
     if mrope:  # an image advances the text axis once, at its last cell, by its extent
         advance = text.long() + latent * (cell == cells - 1).long() * max(grid_h, grid_w)
@@ -90,7 +102,7 @@ def position_ids(
         ids = torch.stack([base, base + latent * (cell // grid_w), base + latent * (cell % grid_w)])  # (3, B, T)
     else:
         ids = base
-    return ids, start + advance.sum(1), int(after[0]) if len(after) else open_cells
+    return ids, start + advance.sum(1), after
 
 
 class VLMStream(nn.Module):
@@ -173,6 +185,12 @@ class VLMStream(nn.Module):
             # Always run with a cache: besides enabling incremental decoding, transformers only reinterprets
             # non-contiguous position ids as packed sequences when there is neither a cache nor a mask.
             cache = DynamicCache(config=self.decoder.config)
+        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.device.type == "meta":
+            # transformers reads the padding mask's values to decide whether SDPA may skip it; on `meta` there are
+            # none, so it gets the dense (B, 1, T, T_past + T) boolean mask instead (what it would build itself)
+            past = attention_mask.shape[1] - seq_len
+            causal = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=attention_mask.device).tril(past)
+            attention_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
         # Calling the decoder directly (not `vlm.model`) bypasses Qwen2.5-VL's vision-token merging and its stateful
         # `rope_deltas`: positions come from the caller only.
         outputs = self.decoder(
@@ -183,3 +201,14 @@ class VLMStream(nn.Module):
             **{_cache_argument(type(self.decoder)): cache},
         )
         return outputs.last_hidden_state, cache
+
+
+def qwen2_5_vl_7b_config() -> Qwen2_5_VLConfig:
+    """The configuration of STARFlow2's VLM, Qwen2.5-VL-7B-Instruct, as published with its weights (shipped in the
+    package, no hub access): language model width 3584, 28 layers, 28 heads and 4 key/value heads, MLP 18944,
+    vocabulary 152064, RoPE theta 1e6 with M-RoPE sections (16, 24, 24); vision tower depth 32, width 1280, 16 heads,
+    MLP 3420, patch 14, merge 2, output width 3584, full attention in blocks 7, 15, 23, 31.  Build the model on
+    ``torch.device("meta")`` to dry-run the paper's size without allocating it."""
+    folder = resources.files("diffusers_starflow2") / "configs" / "qwen2_5_vl_7b_instruct"
+    with resources.as_file(folder) as path:
+        return Qwen2_5_VLConfig.from_pretrained(path)

@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..loaders.lora import StarFlow2LoraLoaderMixin
 from ..models.autoencoder_fae import AutoencoderFAE
-from ..models.transformer_pretzel import PretzelCache, PretzelModel
+from ..models.transformer_pretzel import PretzelCache, PretzelModel, scatter_latents
 from ..models.vlm_stream import VLMStream
 from ..sampling import jacobi_options, sample_image_tokens, shallow_reverse, tweedie_denoise
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
@@ -174,11 +174,8 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         self._onload_pretzel()
         ids, latent_mask, attention_mask, _ = self._batch(layouts)
         latents = None
-        if latent_mask.any():
-            latents = torch.zeros(
-                *ids.shape, self.transformer.config.latent_channels, device=ids.device, dtype=self.transformer.dtype
-            )
-            latents[latent_mask] = images.reshape(-1, latents.shape[-1]).to(latents.dtype)
+        if any(any(layout.latent_mask) for layout in layouts):
+            latents, _ = scatter_latents(images.to(self.transformer.dtype), latent_mask)
         return self.transformer.step(self.vlm_stream, cache, ids, latents, latent_mask, attention_mask)
 
     # -- conversations ---------------------------------------------------------------------------------------------
@@ -333,6 +330,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         guidance: GuidanceSpec,
         num_inference_steps: int = 1,
         idle: Optional[torch.Tensor] = None,
+        noise_level: Optional[float] = None,
     ):
         """Sample one image span in ``cache`` (which ends with ``<|vision_start|>``) and denoise it.
 
@@ -342,7 +340,8 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         (before it enters the caches) and may replace it.  When the call is interrupted, positions not sampled keep
         their noise (and are not in the caches) and denoising is skipped.  ``idle`` ``(B,)``: True for samples that
         sit the image out on padding positions (see :func:`sample_image_tokens`); only the other samples' tokens
-        and latents are returned.
+        and latents are returned.  ``noise_level``: the level the samples of ``cache`` sit at, as the caller knows it
+        (default: read from the cache, which needs its values: not on ``meta``).
         """
         self._onload_pretzel()
         vlm, transformer = self.vlm_stream, self.transformer
@@ -373,12 +372,13 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
                 **jacobi,
             )
         tokens = torch.cat([tokens, noise[:, tokens.shape[1] :].to(tokens.dtype)], dim=1)[rows]  # (B', N, C)
-        noise_level = cache.noise_level[rows]
-        latents = shallow_reverse(transformer, tokens, noise_level, self.scheduler, **jacobi)
+        levels = cache.noise_level[rows]
+        latents = shallow_reverse(transformer, tokens, levels, self.scheduler, **jacobi)
         if num_inference_steps > 0 and not self.interrupt:
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
             context.select(rows)
-            latents = self._denoise_in_context(context, latents, num_inference_steps, float(noise_level[0]))
+            level = float(levels[0]) if noise_level is None else noise_level
+            latents = self._denoise_in_context(context, latents, num_inference_steps, level)
         return tokens, latents
 
     def _denoise_in_context(

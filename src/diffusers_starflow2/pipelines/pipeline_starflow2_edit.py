@@ -316,7 +316,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             latents,
         )
         self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
-        tokens, image_latents = self.generate_image(cache, noise, guidance, steps)
+        tokens, image_latents = self.generate_image(cache, noise, guidance, steps, noise_level=noise_level)
         new_state = None
         if not self.interrupt:  # an interrupted image is not in the caches as a whole: nothing to continue
             self._append_ids(cache, [special_id(self.tokenizer, VISION_END)])

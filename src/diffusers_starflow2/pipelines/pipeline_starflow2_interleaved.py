@@ -417,7 +417,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         for i in rows:  # each from its conversation's generator, as when it runs alone
             noise[i] = prepare_noise((1, N, C), conversations[i].generator, self._execution_device)[0]
         tokens, latents = self.generate_image(
-            cache, noise, guidance, num_inference_steps, idle if bool(idle.any()) else None
+            cache, noise, guidance, num_inference_steps, idle if len(rows) < len(conversations) else None
         )
         if not self.interrupt:  # an interrupted span stays open: the answer ends with it
             push(VISION_END)

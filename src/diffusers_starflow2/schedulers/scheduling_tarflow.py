@@ -22,6 +22,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from ..utils.torch_utils import has_values
+
 
 @dataclass(frozen=True)
 class GuidanceSpec:
@@ -127,6 +129,7 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`annealed_guidance` must be True or False; got {annealed_guidance!r}")
         self.timesteps = torch.tensor([])
         self.sigmas = torch.tensor([])
+        self._host_sigmas, self._step_index = [0.0], 0
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TarFlowScheduler":
@@ -286,6 +289,10 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = levels.to(device=device, dtype=torch.float32)
         self.sigmas = torch.cat([self.timesteps, self.timesteps.new_zeros(1)])
         self.num_inference_steps = n
+        # the schedule on the host as well: a step reads its levels without a device synchronisation, and on
+        # `meta` (no values) it takes the next level of the schedule
+        self._host_sigmas = levels.float().tolist() + [0.0]
+        self._step_index = 0
 
     def step(
         self,
@@ -304,11 +311,18 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         Returns:
             ``prev_sample = x - (x - x0) / t * (t - t_next)`` with the Tweedie estimate ``x0 = x - t^2 * grad``.
         """
-        t = float(timestep)
-        idx = int(torch.argmin((self.timesteps - t).abs())) if len(self.timesteps) else None
-        if idx is None or abs(float(self.timesteps[idx]) - t) > 1e-6:
-            raise ValueError(f"timestep {t} is not in the schedule; call set_timesteps first")
-        t_next = float(self.sigmas[idx + 1])
+        levels = self._host_sigmas[:-1]  # the schedule's step levels
+        if not isinstance(timestep, torch.Tensor) or has_values(timestep):
+            t = float(timestep)
+            idx = min(range(len(levels)), key=lambda i: abs(levels[i] - t)) if levels else None
+            if idx is None or abs(levels[idx] - t) > 1e-6:
+                raise ValueError(f"timestep {t} is not in the schedule; call set_timesteps first")
+        else:  # no value to read (meta): the step after the previous one
+            idx = self._step_index if self._step_index < len(levels) else None
+            if idx is None:
+                raise ValueError("step called more often than the schedule has steps; call set_timesteps first")
+        self._step_index = idx + 1
+        t, t_next = levels[idx], self._host_sigmas[idx + 1]
         x0 = sample - t * t * model_output
         prev = x0 if t_next == 0 else sample - (sample - x0) / t * (t - t_next)
         if not return_dict:

@@ -1,5 +1,6 @@
 # Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
-"""A complete, randomly initialised tiny STARFlow2 (all five components), built offline for tests and examples."""
+"""Complete, randomly initialised STARFlow2s (all five components), built offline: a tiny one for tests and examples,
+and one at the paper's size for dry runs on the ``meta`` device, memory plans and GPU smoke tests."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ..models.autoencoder_fae import AutoencoderFAE, fae_tiny_config
 from ..models.transformer_pretzel import PretzelModel, pretzel_tiny_config
 from ..schedulers.scheduling_tarflow import TarFlowScheduler
 from ..utils.sequence import VISION_START
-from .tiny_vlm import build_tiny_qwen2_5_vl, build_tiny_tokenizer
+from .tiny_vlm import QWEN2_5_VL_SPECIAL_TOKEN_IDS, build_tiny_qwen2_5_vl, build_tiny_tokenizer
 
 
 def build_tiny_starflow2_components(seed: int = 0, perturb: float = 0.05) -> dict:
@@ -35,6 +36,38 @@ def build_tiny_starflow2_components(seed: int = 0, perturb: float = 0.05) -> dic
     return dict(
         vlm=vlm.eval(),
         tokenizer=tokenizer,
+        transformer=transformer.eval(),
+        vae=vae.eval(),
+        scheduler=TarFlowScheduler(),
+    )
+
+
+def build_paper_starflow2_components(device="meta", dtype: torch.dtype = torch.float32) -> dict:
+    """``vlm``, ``tokenizer``, ``transformer``, ``vae``, ``scheduler`` of STARFlow2 at the paper's size: a
+    Qwen2.5-VL-7B (:func:`~diffusers_starflow2.models.vlm_stream.qwen2_5_vl_7b_config`), the 3.7B-parameter Pretzel
+    of :func:`~diffusers_starflow2.models.transformer_pretzel.pretzel_paper_config` and the DINOv2-g FAE of
+    :func:`~diffusers_starflow2.models.autoencoder_fae.fae_paper_config`, built directly on ``device`` in ``dtype``
+    with their own (random) initialisation.  On ``meta`` (the default) nothing is allocated: every call runs its
+    shapes to the end.  The tokenizer is the tiny byte-level one with its special tokens at Qwen2.5-VL's ids (the
+    real vocabulary is not shipped; any id below 152064 has an embedding row)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ..models.autoencoder_fae import fae_paper_config
+    from ..models.transformer_pretzel import pretzel_paper_config
+    from ..models.vlm_stream import qwen2_5_vl_7b_config
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            vlm = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_7b_config())
+            transformer = PretzelModel(**pretzel_paper_config())
+            vae = AutoencoderFAE(**fae_paper_config())
+    finally:
+        torch.set_default_dtype(previous)
+    return dict(
+        vlm=vlm.eval(),
+        tokenizer=build_tiny_tokenizer(special_token_ids=QWEN2_5_VL_SPECIAL_TOKEN_IDS),
         transformer=transformer.eval(),
         vae=vae.eval(),
         scheduler=TarFlowScheduler(),

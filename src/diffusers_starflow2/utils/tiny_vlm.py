@@ -5,6 +5,8 @@ script get a deterministic tokenizer and randomly initialised models with the re
 special-token layout. The models are meaningless as language models; they exist to exercise code paths.
 """
 
+import json
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -26,6 +28,17 @@ QWEN_SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+
+# The ids Qwen2.5-VL's own tokenizer gives these tokens (its config's bos/eos, vision and image ids among them).
+QWEN2_5_VL_SPECIAL_TOKEN_IDS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
 
 # Qwen2.5-VL's chat template restricted to text and images (no video, no `add_vision_id`): string or
 # `[{"type": "text", "text": ...}, {"type": "image"}]` contents, Qwen's default system prompt, generation prompt.
@@ -61,13 +74,17 @@ _CORPUS = (
 )
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 512, special_token_ids: dict | None = None) -> PreTrainedTokenizerFast:
     """
     Build a small byte-level BPE tokenizer with Qwen's special tokens and chat template.
 
     Args:
         vocab_size (`int`, defaults to 512):
             Target vocabulary size (special tokens and the 256 byte symbols included).
+        special_token_ids (`dict`, *optional*):
+            Ids to give the special tokens instead of 0..6, e.g. [`QWEN2_5_VL_SPECIAL_TOKEN_IDS`]: a small
+            tokenizer whose special tokens sit where a real-size VLM's embedding table expects them (every other
+            token keeps its small id).
 
     Returns:
         [`~transformers.PreTrainedTokenizerFast`]: a deterministic tokenizer that encodes arbitrary text, with
@@ -89,6 +106,8 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tokenizer.train_from_iterator([_CORPUS], trainer)
+    if special_token_ids is not None:
+        tokenizer = _move_special_tokens(tokenizer, special_token_ids)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<|endoftext|>",
@@ -97,6 +116,22 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         chat_template=QWEN_CHAT_TEMPLATE,
         model_max_length=32768,
     )
+
+
+def _move_special_tokens(tokenizer: Tokenizer, ids: dict) -> Tokenizer:
+    """`tokenizer` with each special token at `ids[token]` (in the model's vocabulary and as an added token)."""
+    if set(ids) != set(QWEN_SPECIAL_TOKENS) or len(set(ids.values())) != len(ids):
+        raise ValueError(
+            f"`special_token_ids` must give distinct ids to exactly {list(QWEN_SPECIAL_TOKENS)}, got {ids}."
+        )
+    state = json.loads(tokenizer.to_str())
+    taken = {i for t, i in state["model"]["vocab"].items() if t not in ids}
+    if taken & set(ids.values()):
+        raise ValueError(f"`special_token_ids` {ids} collide with the ids of ordinary tokens (< {max(taken) + 1}).")
+    state["model"]["vocab"] = {t: ids.get(t, i) for t, i in state["model"]["vocab"].items()}
+    for added in state["added_tokens"]:
+        added["id"] = ids[added["content"]]
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def _text_config_kwargs(tokenizer, hidden_size, num_layers, num_heads, num_kv_heads) -> dict:

@@ -21,6 +21,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .torch_utils import has_values
+
 # Largest input image, in pixels (a 4096 x 4096 image).  Bigger ones are refused before they are decoded or resized:
 # every image is resized to the model's (small) image size anyway, and decoding a huge file costs gigabytes.
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -416,7 +418,8 @@ def check_generator(generator: Any, batch_size: int, name: str = "generator") ->
 
 
 def check_finite(tensor: torch.Tensor, name: str, where: str = "") -> torch.Tensor:
-    if not torch.isfinite(tensor).all():
+    """``tensor``, refused if it holds NaN/inf (checked where it has values: not on ``meta``)."""
+    if has_values(tensor) and not torch.isfinite(tensor).all():
         raise ValueError(f"`{name}`{where} holds NaN or inf values")
     return tensor
 
@@ -434,8 +437,9 @@ def check_latents(latents: Any, shape: Sequence[int], name: str = "latents") -> 
 
 
 def check_finite_output(tensor: torch.Tensor, what: str) -> None:
-    """Raise :class:`NonFiniteError` if sampled ``what`` holds NaN/inf (never decode them into a black image)."""
-    if not torch.isfinite(tensor).all():
+    """Raise :class:`NonFiniteError` if sampled ``what`` holds NaN/inf (never decode them into a black image);
+    checked where the tensor has values (not on ``meta``)."""
+    if has_values(tensor) and not torch.isfinite(tensor).all():
         raise NonFiniteError(f"sampling produced NaN or inf {what}; {NON_FINITE_HINT}")
 
 
