@@ -14,6 +14,11 @@ from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 IMAGE = {"type": "image"}
+# the global backward hook sees every module, including those whose outputs are not tensors
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:For backward hooks to be called"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+]
 
 
 def _components(stage, adapter=False, skip_v=False):
