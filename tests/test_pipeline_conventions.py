@@ -86,3 +86,123 @@ def test_num_inference_steps_is_the_denoising_step_count(kind, starflow2_compone
         pipe(**call_inputs(kind, num_inference_steps=1), num_denoising_steps=1)
     with pytest.raises(TypeError, match="unexpected keyword argument 'num_steps'"):
         pipe(**call_inputs(kind), num_steps=1)
+
+
+# -- long texts ------------------------------------------------------------------------------------------------
+
+LONG = "a red circle on the left and a blue square " * 40
+
+
+def first_tokens(tokenizer, text, n):
+    """The text of ``text``'s first ``n`` tokens, read off the tokenizer's offsets (an independent reference)."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return text[: offsets[n - 1][1]], text[offsets[n - 1][1] :]
+
+
+def truncation_warnings(caplog):
+    return [r for r in caplog.records if r.levelname == "WARNING" and "truncated" in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", ["t2i", "edit"])
+@pytest.mark.parametrize("name", ["prompt", "negative_prompt"])
+def test_texts_longer_than_max_sequence_length_are_truncated_with_one_warning(kind, name, starflow2_components, caplog):
+    pipe = make(kind, starflow2_components)
+    limit = 24  # longer than the other branch's text
+    kept, cut = first_tokens(pipe.tokenizer, LONG, limit)
+    run = dict(max_sequence_length=limit, guidance_scale=2.0, num_inference_steps=1)
+    with caplog.at_level("WARNING"):
+        long = pipe(**call_inputs(kind, **run, **{name: LONG})).images
+    (warning,) = truncation_warnings(caplog)  # one warning for the call, denoising included
+    assert f"`{name}`" in warning.getMessage() and cut.strip() in warning.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        short = pipe(**call_inputs(kind, **run, **{name: kept})).images
+    assert not truncation_warnings(caplog)
+    assert torch.equal(long, short)
+    # a limit the model's context cannot hold with the turn's images is still refused
+    too_long = pipe.max_prompt_tokens + 1
+    with pytest.raises(ValueError, match="`max_sequence_length`"):
+        pipe(**call_inputs(kind, max_sequence_length=too_long))
+
+
+def test_edit_limit_leaves_room_for_both_images(starflow2_components):
+    t2i, edit = make("t2i", starflow2_components), make("edit", starflow2_components)
+    assert t2i.max_prompt_tokens - edit.max_prompt_tokens == edit.transformer.num_latents
+
+
+@pytest.mark.parametrize("guidance_scale, refused", [(2.0, True), (0.0, False)])
+def test_interleaved_checks_the_negative_prompt_branch_against_the_context(
+    starflow2_components, guidance_scale, refused
+):
+    pipe = make("chat", starflow2_components)
+    huge = "word " * 5000  # more positions than the 4096 of the tiny model's context
+    inputs = call_inputs("chat", negative_prompt=huge, guidance_scale=guidance_scale)
+    if refused:
+        with pytest.raises(ValueError, match="`negative_prompt` needs up to"):
+            pipe(**inputs)
+    else:  # without guidance there is no negative branch: nothing runs past the context
+        assert len(pipe(**inputs).images) == 1
+    with pytest.raises(ValueError, match="`prompt` needs up to"):
+        pipe(**call_inputs("chat", prompt=[huge, IMAGE_PLACEHOLDER]))
+
+
+@pytest.mark.parametrize("name", ["prompt", "negative_prompt"])
+def test_v1_texts_longer_than_max_sequence_length_are_truncated_with_one_warning(name, caplog):
+    pipe = make("v1", None)
+    long = "a photo of a red cat on the chair in the house " * 20
+    kept = " ".join(long.split()[:5])  # the word-level tiny T5: five words and </s> fill six tokens
+    run = dict(max_sequence_length=6, guidance_scale=2.0, num_inference_steps=1)
+    with caplog.at_level("WARNING"):
+        out_long = pipe(**call_inputs("v1", **run, **{name: long})).images
+    (warning,) = truncation_warnings(caplog)
+    assert f"`{name}`" in warning.getMessage() and "chair in the house" in warning.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        out_kept = pipe(**call_inputs("v1", **run, **{name: kept})).images
+    assert not truncation_warnings(caplog) and not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert torch.equal(out_long, out_kept)
+
+
+# -- STARFlow v1: text features -------------------------------------------------------------------------------
+
+
+def test_v1_encode_prompt_needs_only_the_text_encoder_and_its_embeddings_give_the_same_images():
+    components = build_starflow_components()
+    text_only = StarFlowPipeline(
+        text_encoder=components["text_encoder"], tokenizer=components["tokenizer"], transformer=None, vae=None,
+        scheduler=None,
+    )  # fmt: skip
+    prompt_embeds, negative_prompt_embeds = text_only.encode_prompt("a photo of a cat", "a dog")
+    assert prompt_embeds.shape == negative_prompt_embeds.shape == (1, 8, 32)  # padded to the flow's text length
+
+    no_text = StarFlowPipeline(**{**components, "text_encoder": None, "tokenizer": None})
+    no_text.set_progress_bar_config(disable=True)
+    full = make("v1", None)
+    run = dict(generator=gen(0), output_type="np", num_inference_steps=1, guidance_scale=2.0)
+    from_text = full("a photo of a cat", negative_prompt="a dog", **run).images
+    run["generator"] = gen(0)
+    from_embeds = no_text(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, **run).images
+    np.testing.assert_allclose(from_embeds, from_text, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(prompt="a cat", prompt_embeds=torch.zeros(1, 8, 32)), "prompt"),
+        (dict(negative_prompt="a dog", negative_prompt_embeds=torch.zeros(1, 8, 32)), "negative_prompt"),
+        (dict(prompt=None), "prompt"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(1, 8, 16)), "prompt_embeds"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(1, 9, 32)), "prompt_embeds"),
+        (dict(prompt=None, prompt_embeds=torch.zeros(8, 32)), "prompt_embeds"),
+        (dict(prompt=None, prompt_embeds=torch.full((1, 8, 32), float("nan"))), "prompt_embeds"),
+        (
+            dict(prompt=None, prompt_embeds=torch.zeros(1, 8, 32), negative_prompt_embeds=torch.zeros(2, 8, 32)),
+            "negative_prompt_embeds",
+        ),
+        (dict(negative_prompt_embeds=torch.zeros(1, 6, 32)), "negative_prompt_embeds"),
+    ],
+)
+def test_v1_embeddings_are_checked_like_diffusers(kwargs, name):
+    pipe = make("v1", None)
+    with pytest.raises(ValueError, match=f"`{name}"):
+        pipe(**{**call_inputs("v1"), **kwargs})

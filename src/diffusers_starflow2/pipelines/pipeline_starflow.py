@@ -23,6 +23,7 @@ from ..models.transformer_starflow import StarFlowTransformerModel
 from ..sampling import denoise_starflow, jacobi_options, sample_starflow
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils import validation
+from ..utils.sequence import truncate_text
 from .pipeline_utils import (
     FlowPipelineMixin,
     check_generator,
@@ -106,64 +107,109 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
 
     # -- text ------------------------------------------------------------------------------------------------------
 
-    def _encode(self, texts: List[str], max_sequence_length: int, device) -> torch.Tensor:
-        """T5 features ``(len(texts), max_sequence_length, d_model)`` with padding positions zeroed (as in training)."""
+    def _encode(self, texts: List[str], name: str, max_sequence_length: int, device) -> torch.Tensor:
+        """T5 features ``(len(texts), max_sequence_length, d_model)`` with padding positions zeroed (as in training).
+
+        Texts longer than ``max_sequence_length`` tokens (``</s>`` included) are truncated, with one warning naming
+        what was cut of ``name``."""
+        cut = [truncate_text(self.tokenizer, t, max_sequence_length, add_special_tokens=True)[1] for t in texts]
+        if any(cut):
+            logger.warning(
+                f"The following part of `{name}` was truncated because `max_sequence_length` is set to "
+                f"{max_sequence_length} tokens: {[c for c in cut if c]}"
+            )
         tokens = self.tokenizer(
             texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
         )
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
-        if max(lengths) > max_sequence_length:
-            logger.warning(
-                f"A prompt has {max(lengths)} tokens; only the first {max_sequence_length} are used "
-                f"(max_sequence_length)."
-            )
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         features = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return (features * mask[..., None].to(features.dtype)).to(self.transformer.dtype)
+        features = features * mask[..., None].to(features.dtype)
+        return features.to(self.transformer.dtype) if self.transformer is not None else features
+
+    def _text_length(self, max_sequence_length: Optional[int]) -> int:
+        """``max_sequence_length``, by default the transformer's ``max_text_length`` (without a transformer: the
+        tokenizer's ``model_max_length``, which a converted STARFlow folder sets to it)."""
+        if max_sequence_length is not None:
+            return max_sequence_length
+        if self.transformer is not None:
+            return self.transformer.config.max_text_length
+        length = getattr(self.tokenizer, "model_max_length", None)
+        if length is None or length > 10**6:
+            raise ValueError(
+                "`max_sequence_length` must be given: this pipeline has no transformer and its tokenizer no "
+                "`model_max_length` to take the text length from"
+            )
+        return int(length)
 
     def encode_prompt(
         self,
-        prompt: Union[str, List[str]],
+        prompt: Union[str, List[str], None] = None,
         negative_prompt: Union[str, List[str], None] = None,
         do_classifier_free_guidance: bool = True,
         num_images_per_prompt: int = 1,
         device=None,
         max_sequence_length: Optional[int] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
     ):
-        r"""Encode the prompts and, for guidance, the negative prompts.
+        r"""Encode the prompts and, for guidance, the negative prompts: needs only the text encoder and tokenizer.
 
         Args:
-            prompt: prompt or prompts.
+            prompt: prompt or prompts (or None with ``prompt_embeds``).
             negative_prompt: the unconditional branch of guidance, one for all or one per prompt; ``None`` is the
                 empty prompt ``""`` that STARFlow was trained to drop captions to.
             do_classifier_free_guidance: also encode ``negative_prompt``.
             num_images_per_prompt: repeat each prompt's features this many times (consecutively).
             device: where to put the features (default: the execution device).
-            max_sequence_length: text tokens (default and maximum: the transformer's ``max_text_length``).
+            max_sequence_length: text tokens; longer texts are truncated with a warning (default and maximum: the
+                transformer's ``max_text_length``, see :meth:`_text_length`).
+            prompt_embeds, negative_prompt_embeds: features computed before (``(B, L, d_model)``), used as given
+                instead of encoding ``prompt`` / ``negative_prompt``.
 
         Returns:
-            ``(prompt_embeds, negative_prompt_embeds)``, each ``(B * num_images_per_prompt, L, d_model)`` in the
-            transformer's dtype; ``negative_prompt_embeds`` is ``None`` without guidance.
+            ``(prompt_embeds, negative_prompt_embeds)``, each ``(B * num_images_per_prompt, L, d_model)`` (in the
+            transformer's dtype when there is one); ``negative_prompt_embeds`` is ``None`` without guidance.
         """
         device = device or self._execution_device
-        if max_sequence_length is None:
-            max_sequence_length = self.transformer.config.max_text_length
-        prompts = check_prompt(prompt)
-        prompt_embeds = self._encode(prompts, max_sequence_length, device)
-        negative_prompt_embeds = None
-        if do_classifier_free_guidance:
+        length = self._text_length(max_sequence_length)
+        if prompt_embeds is None:
+            prompt_embeds = self._encode(check_prompt(prompt, tokenizer=self.tokenizer), "prompt", length, device)
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = None
+        elif negative_prompt_embeds is None:
             negatives = check_prompt(
-                "" if negative_prompt is None else negative_prompt, "negative_prompt", allow_empty=True
+                "" if negative_prompt is None else negative_prompt,
+                "negative_prompt",
+                allow_empty=True,
+                tokenizer=self.tokenizer,
             )
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            elif len(negatives) != len(prompts):
-                raise ValueError(f"`negative_prompt` has {len(negatives)} entries for {len(prompts)} prompts")
-            negative_prompt_embeds = self._encode(negatives, max_sequence_length, device)
+            batch_size = prompt_embeds.shape[0]
+            if len(negatives) not in (1, batch_size):
+                raise ValueError(
+                    f"`negative_prompt` has {len(negatives)} entries for {batch_size} prompts; expected 1 or "
+                    f"{batch_size}"
+                )
+            negatives = negatives * batch_size if len(negatives) == 1 else negatives
+            negative_prompt_embeds = self._encode(negatives, "negative_prompt", length, device)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        return prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0), negative_prompt_embeds
+        return prompt_embeds, negative_prompt_embeds
 
     # -- checks and latents ----------------------------------------------------------------------------------------
+
+    def _check_embeds(self, embeds, name: str) -> None:
+        """``(B, L, text_dim)`` finite floating-point features with ``1 <= L <= max_text_length``."""
+        cfg = self.transformer.config
+        if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point() or embeds.ndim != 3:
+            got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"`{name}` must be a floating-point tensor (B, L, {cfg.text_dim}); got {got}")
+        if embeds.shape[-1] != cfg.text_dim or not 1 <= embeds.shape[1] <= cfg.max_text_length:
+            raise ValueError(
+                f"`{name}` must have shape (B, L, {cfg.text_dim}) with 1 <= L <= {cfg.max_text_length} (the "
+                f"transformer's max_text_length); got {tuple(embeds.shape)}"
+            )
+        validation.check_finite(embeds, name)
 
     def check_inputs(
         self,
@@ -179,27 +225,53 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         num_inference_steps: int,
         callback_on_step_end: Optional[Callable],
         callback_on_step_end_tensor_inputs: List[str],
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
     ) -> List[str]:
-        """Validate the call; returns the callback tensor names to pass."""
+        """Validate the call; returns the callback tensor names to pass.  Both guidance branches are checked here:
+        the texts (types, special tokens; longer ones are truncated later, with a warning) or their embeddings
+        (one of a text and its embeddings, of the transformer's text shape, the two branches' shapes equal)."""
         cfg = self.transformer.config
         max_sequence_length = validation.check_integer(
             max_sequence_length, "max_sequence_length", minimum=1, maximum=cfg.max_text_length
         )
-        prompts = check_prompt(prompt, tokenizer=self.tokenizer)
-        negatives = (
-            []
-            if negative_prompt is None
-            else check_prompt(negative_prompt, "negative_prompt", allow_empty=True, tokenizer=self.tokenizer)
-        )
-        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):  # with </s>, as T5 sees them
-            validation.check_token_count(
-                texts, name, self.tokenizer, max_sequence_length, "max_sequence_length", add_special_tokens=True
-            )
+        for text, embeds, name in (
+            (prompt, prompt_embeds, "prompt"),
+            (negative_prompt, negative_prompt_embeds, "negative_prompt"),
+        ):
+            if text is not None and embeds is not None:
+                raise ValueError(f"`{name}` and `{name}_embeds` cannot both be given; pass one of them")
+            if embeds is not None:
+                self._check_embeds(embeds, f"{name}_embeds")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("`prompt` or `prompt_embeds` must be given")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"`negative_prompt_embeds` must have the shape of `prompt_embeds` {tuple(prompt_embeds.shape)}; "
+                    f"got {tuple(negative_prompt_embeds.shape)}"
+                )
+        prompts = check_prompt(prompt, tokenizer=self.tokenizer) if prompt is not None else None
+        num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        if negative_prompt is not None:
+            negatives = check_prompt(negative_prompt, "negative_prompt", allow_empty=True, tokenizer=self.tokenizer)
+            if len(negatives) not in (1, num_prompts):
+                raise ValueError(
+                    f"`negative_prompt` has {len(negatives)} entries for {num_prompts} prompts; expected 1 or "
+                    f"{num_prompts}"
+                )
+        if self.text_encoder is None:  # only embeddings can be used
+            if prompts is not None:
+                raise ValueError("`prompt` needs the pipeline's text_encoder, which is None; pass `prompt_embeds`")
+            if GuidanceSpec(check_guidance_scale(guidance_scale)).num_branches > 1 and negative_prompt_embeds is None:
+                raise ValueError(
+                    "`negative_prompt_embeds` must be given for guidance: the pipeline's text_encoder is None"
+                )
         check_image_size(height, width, self.vae_scale_factor * cfg.patch_size)
         if not cfg.use_rope and (height, width) != (self.default_size,) * 2:
             raise ValueError(f"`height` and `width` must be {self.default_size} for a transformer without RoPE")
         check_guidance_scale(guidance_scale)
-        validation.check_images_per_prompt(num_images_per_prompt, len(prompts))
+        validation.check_images_per_prompt(num_images_per_prompt, num_prompts)
         check_output_type(output_type)
         validation.check_noise_level(noise_level)
         validation.check_inference_steps(num_inference_steps)
@@ -279,7 +351,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        prompt: Union[str, List[str]],
+        prompt: Union[str, List[str], None] = None,
         negative_prompt: Union[str, List[str], None] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
@@ -287,6 +359,8 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         num_images_per_prompt: int = 1,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
         noise_level: Optional[float] = None,
         num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
@@ -302,7 +376,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         r"""Generate images from text.
 
         Args:
-            prompt: prompt or list of prompts.
+            prompt: prompt or list of prompts (or None with ``prompt_embeds``).
             negative_prompt: the unconditional branch of guidance (default ``""``, as in training); ignored when
                 ``guidance_scale == 0``.
             height, width: image size in pixels, multiples of the VAE factor times the patch size (default: the
@@ -326,8 +400,12 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                 the level of the latents the step started from. Returning ``{"latents": ...}`` replaces them.
             callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (a subset of
                 ``_callback_tensor_inputs``).
+            prompt_embeds, negative_prompt_embeds: ``(B, L, d_model)`` text features from :meth:`encode_prompt`
+                (for instance of a pipeline holding only the text encoder), used instead of ``prompt`` /
+                ``negative_prompt``; they give the images the texts give.
             max_sequence_length: text tokens; prompts are padded to it, as in training (default and maximum: the
-                transformer's ``max_text_length``).  A longer prompt is refused with a ``ValueError``.
+                transformer's ``max_text_length``).  A longer prompt is truncated, with a warning naming the cut
+                text.
             jacobi_block_size, jacobi_tolerance, jacobi_max_iterations: the decoding mode of every flow block: exact
                 sequential decoding (``jacobi_block_size=None``, the default) or Jacobi windows, see
                 :func:`~diffusers_starflow2.sampling.sample_autoregressive`.
@@ -362,15 +440,34 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
             num_inference_steps,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            prompt_embeds,
+            negative_prompt_embeds,
         )
-        batch_size = len(check_prompt(prompt)) * num_images_per_prompt
+        num_prompts = len(check_prompt(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        batch_size = num_prompts * num_images_per_prompt
         check_generator(generator, batch_size)
         device = self._execution_device
         guidance = GuidanceSpec(guidance_scale)
 
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt, guidance.num_branches > 1, num_images_per_prompt, device, max_sequence_length
+            prompt,
+            negative_prompt,
+            guidance.num_branches > 1,
+            num_images_per_prompt,
+            device,
+            max_sequence_length,
+            prompt_embeds,
+            negative_prompt_embeds,
         )
+        dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(device, dtype)
+        if negative_prompt_embeds is not None:
+            if negative_prompt_embeds.shape != prompt_embeds.shape:  # one branch from text, the other given
+                raise ValueError(
+                    f"`negative_prompt_embeds` must have the shape of the prompt's features "
+                    f"{tuple(prompt_embeds.shape)}; got {tuple(negative_prompt_embeds.shape)}"
+                )
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype)
         latents = self.prepare_latents(batch_size, height, width, generator, device, latents)
 
         p = self.transformer.config.patch_size

@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..loaders.lora import StarFlow2LoraLoaderMixin
@@ -24,7 +24,7 @@ from ..models.vlm_stream import VLMStream
 from ..sampling import jacobi_options, sample_image_tokens, shallow_reverse, tweedie_denoise
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils import validation
-from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts
+from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts, truncate_text
 from .pipeline_utils import (
     FlowPipelineMixin,
     check_generator,
@@ -36,6 +36,8 @@ from .pipeline_utils import (
     resolve_callback_tensor_inputs,
     resolve_num_inference_steps,
 )
+
+logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -290,15 +292,27 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         eps = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         return self.scheduler.add_noise(latents, eps, noise_level)
 
+    # image spans a first turn holds besides its prompt: the image to generate (the edit pipeline adds its source)
+    _turn_image_spans = 1
+
     @property
     def max_prompt_tokens(self) -> int:
-        """Largest ``max_sequence_length``: the VLM's context minus one image span and the chat template's framing."""
+        """Largest ``max_sequence_length``: the VLM's context minus the image spans of a turn and the chat
+        template's framing."""
         return validation.prompt_token_limit(
-            validation.model_context_length(self.vlm, self.tokenizer), self.transformer.num_latents
+            validation.model_context_length(self.vlm, self.tokenizer),
+            self.transformer.num_latents * self._turn_image_spans,
         )
 
-    def _check_texts(self, prompt, negative_prompt, max_sequence_length: int):
-        """``(prompts, negative prompts)`` as lists; the negative defaults to ``""``; each within the token limit."""
+    def check_prompts(self, prompt, negative_prompt, max_sequence_length: int, num_prompts: Optional[int] = None):
+        """Every guidance branch's text, checked the same way: ``(prompts, negative prompts, max_sequence_length)``.
+
+        ``prompt`` and ``negative_prompt`` (default ``""``) become lists of texts without special tokens; the
+        negative prompt is one for all or one per prompt (``num_prompts``, default ``len(prompts)``).
+        ``max_sequence_length`` must leave room in the VLM's context for a turn's images and the chat template
+        (:attr:`max_prompt_tokens`): then every branch fits.  Longer texts are not refused: :meth:`encode_prompt`
+        truncates them with a warning.
+        """
         limit = validation.check_integer(
             max_sequence_length, "max_sequence_length", minimum=1, maximum=self.max_prompt_tokens
         )
@@ -309,9 +323,28 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
             allow_empty=True,
             tokenizer=self.tokenizer,
         )
-        validation.check_token_count(prompts, "prompt", self.tokenizer, limit, "max_sequence_length")
-        validation.check_token_count(negatives, "negative_prompt", self.tokenizer, limit, "max_sequence_length")
-        return prompts, negatives
+        num_prompts = len(prompts) if num_prompts is None else num_prompts
+        if len(negatives) not in (1, num_prompts):
+            raise ValueError(
+                f"`negative_prompt` has {len(negatives)} entries for {num_prompts} prompts; expected 1 or {num_prompts}"
+            )
+        return prompts, negatives, limit
+
+    def _truncate(self, texts: List[str], name: str, max_sequence_length: int) -> List[str]:
+        """``texts`` cut to ``max_sequence_length`` tokens each, with one warning naming what was cut."""
+        split = [truncate_text(self.tokenizer, text, max_sequence_length) for text in texts]
+        cut = [removed for _, removed in split if removed]
+        if cut:
+            logger.warning(
+                f"The following part of `{name}` was truncated because `max_sequence_length` is set to "
+                f"{max_sequence_length} tokens: {cut}"
+            )
+        return [kept for kept, _ in split]
+
+    def _prompt_texts(self, prompt, negative_prompt, max_sequence_length: int, num_prompts: Optional[int] = None):
+        """:meth:`check_prompts`, then each text truncated to ``max_sequence_length`` tokens (with a warning)."""
+        prompts, negatives, limit = self.check_prompts(prompt, negative_prompt, max_sequence_length, num_prompts)
+        return self._truncate(prompts, "prompt", limit), self._truncate(negatives, "negative_prompt", limit)
 
     def _check_noise_level(self, noise_level: Optional[float]) -> float:
         """``noise_level`` or the scheduler's default, checked."""
@@ -438,12 +471,10 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         max_sequence_length: int = 256,
     ) -> List[TokenLayout]:
         """Token layouts of the conditional batch (each prompt repeated ``num_images_per_prompt`` times), followed
-        by the unconditional batch when guidance is on."""
-        prompts, negatives = self._check_texts(prompt, negative_prompt, max_sequence_length)
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"`negative_prompt` has {len(negatives)} entries for {len(prompts)} prompts")
+        by the unconditional batch when guidance is on.  Texts longer than ``max_sequence_length`` tokens are
+        truncated, with a warning naming what was cut."""
+        prompts, negatives = self._prompt_texts(prompt, negative_prompt, max_sequence_length)
+        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
         n = self.transformer.num_latents
 
         def layout(text: str) -> TokenLayout:
@@ -559,7 +590,8 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         callback_on_step_end_tensor_inputs: List[str],
     ) -> List[str]:
         """Validate the call (the same arguments as :meth:`StarFlowPipeline.check_inputs`); returns the callback
-        tensor names to pass.  Prompts are checked (token limit included) by :meth:`encode_prompt`."""
+        tensor names to pass.  Both guidance branches' texts are checked by :meth:`check_prompts`."""
+        self.check_prompts(prompt, negative_prompt, max_sequence_length)
         self._check_size(height, width)
         check_guidance_scale(guidance_scale)
         check_output_type(output_type)
@@ -646,8 +678,9 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         )
         validation.check_bool(return_dict, "return_dict")
         guidance = GuidanceSpec(guidance_scale)
+        prompts, negatives = self._prompt_texts(prompt, negative_prompt, max_sequence_length)  # cut once, warned once
         layouts = self.encode_prompt(
-            prompt, negative_prompt, guidance.num_branches > 1, num_images_per_prompt, max_sequence_length
+            prompts, negatives, guidance.num_branches > 1, num_images_per_prompt, max_sequence_length
         )
         batch_size = len(layouts) // guidance.num_branches
         validation.check_batch_size(batch_size)
@@ -666,7 +699,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
         _, image_latents = self.generate_image(cache, noise, guidance, 0)
         if not self.interrupt:
-            prompts = [p for p in check_prompt(prompt) for _ in range(num_images_per_prompt)]
+            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
             image_latents = self.denoise_latents(image_latents, prompts, noise_level, steps, max_sequence_length)
         images = self.decode(image_latents, output_type)
         self._end_call()

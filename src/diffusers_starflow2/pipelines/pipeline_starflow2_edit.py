@@ -64,6 +64,15 @@ class StarFlow2EditPipelineOutput(StarFlow2PipelineOutput):
     state: Optional[StarFlow2EditState] = None
 
 
+def _count_images(image) -> int:
+    """How many images ``image`` holds (a list, or a batch array / tensor), before they are checked."""
+    if isinstance(image, (list, tuple)):
+        return len(image)
+    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+        return image.shape[0]
+    return 1
+
+
 def _broadcast(name: str, items: list, size: int) -> list:
     if len(items) not in (1, size):
         raise ValueError(f"`{name}` has {len(items)} entries; expected 1 or {size}")
@@ -87,6 +96,8 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
     Every output carries a :class:`StarFlow2EditState`; ``pipe(prompt=..., state=out.state)`` continues the same
     conversation with a new instruction (see the state for how the guidance branches continue).
     """
+
+    _turn_image_spans = 2  # a first turn holds the source image and the edited one
 
     def first_turn_layout(self, text: str, with_image: bool) -> TokenLayout:
         """A user turn ``[<image>] text``, the assistant header and ``<|vision_start|>``."""
@@ -113,8 +124,9 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         """Token layouts of the guidance branches, stacked: ``image+instruction`` (each prompt repeated
         ``num_images_per_prompt`` times), then ``image+negative`` with text or image guidance, then
         ``no image+negative`` with image guidance (the order of :class:`GuidanceSpec`).  First-turn layouts hold an
-        image slot per image branch; ``next_turn`` layouts continue a conversation after its last image."""
-        prompts, negatives = self._check_texts(prompt, negative_prompt, max_sequence_length)
+        image slot per image branch; ``next_turn`` layouts continue a conversation after its last image.  Texts
+        longer than ``max_sequence_length`` tokens are truncated, with a warning naming what was cut."""
+        prompts, negatives = self._prompt_texts(prompt, negative_prompt, max_sequence_length)
         negatives = _broadcast("negative_prompt", negatives, len(prompts))
 
         def turn(texts: List[str], with_image: bool) -> List[TokenLayout]:
@@ -147,8 +159,9 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         callback_on_step_end_tensor_inputs: List[str],
         state: Optional[StarFlow2EditState] = None,
     ) -> List[str]:
-        """Validate the call; returns the callback tensor names to pass.  Prompts are checked (token limit
-        included) by :meth:`encode_prompt`, images by :meth:`preprocess_image`."""
+        """Validate the call; returns the callback tensor names to pass.  Every guidance branch's text is checked by
+        :meth:`check_prompts` (the negative prompt: one, or one per edited image), images by
+        :meth:`preprocess_image`."""
         check_guidance_scale(guidance_scale)
         check_guidance_scale(image_guidance_scale, "image_guidance_scale", minimum=1)  # 1 = no image guidance
         branches = GuidanceSpec(guidance_scale, image_guidance_scale).num_branches
@@ -166,6 +179,8 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                     f"`noise_level` must be the conversation's {state.noise_level} when continuing "
                     f"a `state`; got {noise_level}"
                 )
+        edits = state.batch_size if state is not None else max(_count_images(image), len(check_prompt(prompt)))
+        self.check_prompts(prompt, negative_prompt, max_sequence_length, edits)
         return resolve_callback_tensor_inputs(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )

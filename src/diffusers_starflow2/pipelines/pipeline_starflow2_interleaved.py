@@ -601,12 +601,25 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         asked = sum(1 for p in answer if isinstance(p, str) and p == IMAGE_PLACEHOLDER)
         if asked > checked["max_images"]:
             raise ValueError(f"`max_images` ({max_images}) is smaller than the {asked} images the prompt asks for")
-        prompt_positions = validation.check_conversation(
-            messages, images, answer, IMAGE_PLACEHOLDER, tokenizer, image_positions
-        )
-        validation.check_context_budget(
-            prompt_positions, checked["max_new_tokens"], checked["max_images"], image_positions, context, held
-        )
+        # every guidance branch must fit: the user turn differs between them, the answer enters all of them
+        branch_positions = {
+            "prompt": validation.check_conversation(
+                messages, images, answer, IMAGE_PLACEHOLDER, tokenizer, image_positions
+            )
+        }
+        branches = checked["guidance"].num_branches
+        if branches > 1:
+            answer_positions = validation.check_conversation(
+                [], [], answer, IMAGE_PLACEHOLDER, tokenizer, image_positions
+            )
+            negative_turn = validation.count_tokens(tokenizer, negative_prompt or "") + validation.CHAT_TEMPLATE_RESERVE
+            # the image branch (three branches) holds the user turn's images and the negative prompt
+            images_in_branch = len(images) * image_positions if branches == 3 else 0
+            branch_positions["negative_prompt"] = negative_turn + images_in_branch + answer_positions
+        for name, positions in branch_positions.items():
+            validation.check_context_budget(
+                positions, checked["max_new_tokens"], checked["max_images"], image_positions, context, held, name
+            )
         checked["tensor_inputs"] = resolve_callback_tensor_inputs(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )

@@ -48,6 +48,9 @@ def build_starflow_pipeline(
     tokenizer = AutoTokenizer.from_pretrained(
         _local_dir(tokenizer_dir or text_encoder_dir, "tokenizer_dir"), local_files_only=True
     )
+    # the text length the flow was trained with: encode_prompt pads to it even in a pipeline holding only the text
+    # encoder and tokenizer
+    tokenizer.model_max_length = transformer.config.max_text_length
     vae = AutoencoderKL.from_pretrained(_local_dir(vae_dir, "vae_dir"), local_files_only=True)
     if text_encoder.config.d_model != transformer.config.text_dim:
         raise ValueError(

@@ -53,8 +53,11 @@ def register_with_diffusers(package) -> None:
     pipeline_loading_utils.ALL_IMPORTABLE_CLASSES.update(methods)
     for name in dir(package):
         obj = getattr(package, name)
-        if isinstance(obj, type) and issubclass(obj, DiffusionPipeline) and not hasattr(diffusers, name):
-            setattr(diffusers, name, obj)
+        if isinstance(obj, type) and issubclass(obj, DiffusionPipeline):
+            # where diffusers' own pipelines are found: `diffusers.X` and `diffusers.pipelines.X`
+            for namespace in (diffusers, diffusers.pipelines):
+                if not hasattr(namespace, name):
+                    setattr(namespace, name, obj)
 
 
 def model_card(

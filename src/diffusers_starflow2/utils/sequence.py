@@ -136,3 +136,29 @@ def encode_next_turn(tokenizer, messages: Sequence[Message], num_latents: int, o
             "turns; conversations cannot be continued with it"
         )
     return TokenLayout(full.input_ids[end:], full.latent_mask[end:], full.assistant_mask[end:])
+
+
+def truncate_text(tokenizer, text: str, max_tokens: int, add_special_tokens: bool = False) -> Tuple[str, str]:
+    """``(kept, cut)``: ``text`` split after its first tokens, so that ``kept`` tokenizes to at most ``max_tokens``
+    tokens (counting the tokenizer's own special tokens, such as T5's ``</s>``, when ``add_special_tokens``).
+
+    ``cut`` is ``""`` when the whole text fits.  The split is made in the text itself, at a token boundary (the
+    tokenizer's offsets), so ``kept`` is a prefix of ``text``, never re-decoded.
+    """
+    special = len(tokenizer("", add_special_tokens=True)["input_ids"]) if add_special_tokens else 0
+    budget = max(max_tokens - special, 0)
+    # verbose=False: a text longer than the tokenizer's model_max_length is what this function is for
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    if len(ids) <= budget:
+        return text, ""
+    while True:
+        end = offsets[budget - 1][1] if budget > 0 else 0
+        kept = text[:end]
+        # a word cut in two may tokenize into more pieces than it was part of: step back until it fits
+        if (
+            budget == 0
+            or len(tokenizer(kept, add_special_tokens=False, verbose=False)["input_ids"]) <= max_tokens - special
+        ):
+            return kept, text[end:]
+        budget -= 1

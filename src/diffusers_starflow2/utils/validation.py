@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -237,20 +237,6 @@ def count_tokens(tokenizer, text: str, add_special_tokens: bool = False) -> int:
     return len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def check_token_count(
-    texts: Iterable[str], name: str, tokenizer, limit: int, limit_name: str, add_special_tokens: bool = False
-) -> None:
-    """Each text has at most ``limit`` tokens (``limit_name`` says where the limit comes from).
-
-    Prompts longer than the limit are refused, never truncated: a cut prompt is a different prompt.
-    """
-    for text in texts:
-        n = count_tokens(tokenizer, text, add_special_tokens)
-        if n > limit:
-            ends = " (with the tokenizer's end token)" if add_special_tokens else ""
-            raise ValueError(f"`{name}` has {n} tokens{ends}, more than {limit_name}={limit}; shorten it")
-
-
 def model_context_length(vlm, tokenizer=None) -> int:
     """Positions the VLM can attend over: its ``max_position_embeddings`` (or the tokenizer's limit)."""
     config = vlm.config.get_text_config() if hasattr(vlm.config, "get_text_config") else vlm.config
@@ -359,16 +345,18 @@ def check_context_budget(
     image_positions: int,
     context_length: int,
     held_positions: int = 0,
+    name: str = "prompt",
 ) -> None:
     """The longest sequence a call may build (``held_positions`` of a conversation continued from a ``state``, the
-    prompt, new tokens, new images) fits in the model's context."""
+    prompt, new tokens, new images) fits in the model's context; ``name`` is the text of the guidance branch checked
+    (``"negative_prompt"`` for the branches whose user turn it is)."""
     needed = held_positions + prompt_positions + max_new_tokens + max_images * image_positions
     if needed > context_length:
         held = f"the conversation `state` holds {held_positions}, " if held_positions else ""
         raise ValueError(
-            f"`prompt` needs up to {needed} positions ({held}{prompt_positions} for the prompt, "
+            f"`{name}` needs up to {needed} positions ({held}{prompt_positions} for the prompt, "
             f"max_new_tokens={max_new_tokens}, max_images={max_images} of {image_positions} positions "
-            f"each), more than the model's context of {context_length}; shorten `prompt`, lower "
+            f"each), more than the model's context of {context_length}; shorten `{name}`, lower "
             f"`max_new_tokens` / `max_images`" + (" or start a new conversation" if held else "")
         )
 
