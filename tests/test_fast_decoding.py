@@ -408,3 +408,79 @@ def test_pipeline_transformer_compile_repeated_blocks():
     expected = run()
     pipe.transformer.compile_repeated_blocks(backend="eager")
     assert (run() - expected).abs().max() <= ATOL
+
+
+def test_whole_image_step_as_one_graph_equals_the_step_in_every_pipeline():
+    """``compile_decode_step(vlm=...)``: exact decoding of an image span runs the whole Pretzel step (adapter, the VLM
+    stream's layers on fixed-size buffers, TARFlow stream, affine parameters) as one graph, once per position: the
+    same latents and text as the eager step (text-to-image with CFG and prompts of different lengths, editing with
+    three branches, interleaved conversations in a batch where some samples idle through another's image), and no
+    new graph for later positions or calls (dynamo's eager backend: its tracing and guards, no inductor)."""
+    import torch._dynamo
+
+    from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2Pipeline
+    from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
+    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+    edit, chat = StarFlow2EditPipeline.from_pipe(pipe), StarFlow2InterleavedPipeline.from_pipe(pipe)
+    for p in (pipe, edit, chat):
+        p.set_progress_bar_config(disable=True)
+    image = torch.rand(3, pipe.image_size, pipe.image_size)
+    conversations = [["words only, no picture in the answer"], ["two shapes", IMAGE_PLACEHOLDER]]
+
+    def run():
+        common = dict(num_inference_steps=1, output_type="latent")
+        text2image = pipe(
+            ["a red circle", "a big blue square on the right"],
+            guidance_scale=2.0,
+            generator=torch.Generator().manual_seed(0),
+            **common,
+        ).images
+        edited = edit(
+            image=image,
+            prompt="make it blue",
+            guidance_scale=2.0,
+            image_guidance_scale=1.5,
+            generator=torch.Generator().manual_seed(1),
+            **common,
+        ).images
+        answers = chat(
+            conversations,
+            max_new_tokens=3,
+            max_images=1,
+            temperature=1.0,
+            guidance_scale=2.0,
+            generator=[torch.Generator().manual_seed(s) for s in (2, 3)],
+            **common,
+        )
+        return text2image, edited, answers
+
+    expected = run()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    pipe.transformer.compile_decode_step(backend="eager", dynamic=False, vlm=pipe.vlm)
+    compiled_vlm, step = pipe.transformer._compiled_stream["image"]
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0].shape[0])  # the batch of the call
+        return step(*args)
+
+    pipe.transformer._compiled_stream["image"] = (compiled_vlm, counting)
+    got = run()
+    N = pipe.transformer.num_latents
+    # every latent of every image: 2 prompts x 2 branches, one image x 3 branches, the batch of 2 conversations x 2
+    assert calls == [4] * N + [3] * N + [4] * N
+    graphs = counters["stats"]["unique_graphs"]
+    for new, old in zip(got[:2], expected[:2]):
+        assert (new - old).abs().max() <= 1e-5
+    for new, old in zip(got[2], expected[2]):
+        assert new.text == old.text and len(new.images) == len(old.images)
+        for x, y in zip(new.images, old.images):
+            assert (x - y).abs().max() <= 1e-5
+    assert len(expected[2][1].images) == 1 and not expected[2][0].images  # the first conversation idled
+    run()
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["recompiles"]
+    assert len(calls) == 6 * N

@@ -26,7 +26,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .models.flow_block import AutoregressiveFlowBlock, packed_weights
-from .models.transformer_pretzel import PretzelCache, PretzelModel
+from .models.transformer_pretzel import PretzelCache, PretzelModel, StaticImageSpan
 from .models.transformer_starflow import StarFlowTransformerModel
 from .models.vlm_stream import VLMStream
 from .schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
@@ -378,7 +378,9 @@ def sample_image_tokens(
     real = None if idle is None else ~idle.to(cache.cond.device).bool().repeat(branches)[:, None]  # (branches * B, 1)
 
     def params(flow_hidden: torch.Tensor) -> AffineParams:
-        mu, sigma = transformer.latent_params(flow_hidden)  # (branches * B, K, C)
+        return guided(*transformer.latent_params(flow_hidden))  # (branches * B, K, C)
+
+    def guided(mu: torch.Tensor, sigma: torch.Tensor) -> AffineParams:
         if real is None:
             return mu, sigma
         return torch.where(real[..., None], mu, 0.0), torch.where(real[..., None], sigma, 1.0)
@@ -404,18 +406,30 @@ def sample_image_tokens(
             f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
             f"{guidance.branches} of {noise.shape[0]} samples"
         )
-    with packed_weights(vlm, transformer):  # the VLM's transformers layers and the Pretzel's other linears
-        return sample_autoregressive(
-            step_fn,
-            params(cache.last_flow_hidden),
-            noise,
-            scheduler,
-            guidance,
-            callback,
-            feed_last=True,
-            stop=stop,
-            **jacobi,
-        )
+    compiled = transformer.image_step_for(vlm) if not jacobi.get("jacobi_block_size") else None
+    static = None
+    if compiled is not None:  # exact decoding, the whole step one compiled graph (compile_decode_step(vlm=...))
+        static = StaticImageSpan(transformer, vlm, cache, noise.shape[1], compiled)
+
+        def static_step_fn(inputs: torch.Tensor, index: int) -> AffineParams:  # positions only advance
+            return guided(*static(inputs, None if real is None else real.expand(-1, inputs.shape[1])))
+
+    try:
+        with packed_weights(vlm, transformer):  # the VLM's transformers layers and the Pretzel's other linears
+            return sample_autoregressive(
+                step_fn if static is None else static_step_fn,
+                params(cache.last_flow_hidden),
+                noise,
+                scheduler,
+                guidance,
+                callback,
+                feed_last=True,
+                stop=stop,
+                **jacobi,
+            )
+    finally:
+        if static is not None:
+            static.close()
 
 
 @torch.no_grad()

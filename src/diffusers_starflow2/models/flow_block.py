@@ -311,6 +311,44 @@ def _(q, keys, values, attn_mask, filled):
     return q.new_empty(q.shape)  # contiguous, as the real output
 
 
+def static_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    filled: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`cached_attention` of a static-shape decode step over whole cache buffers ``(R, S, D)``: in a compiled
+    graph the opaque operator (inductor would fuse it into slow scalar loops), which reads the ``filled`` slots only."""
+    if torch.compiler.is_compiling():
+        return torch.ops.diffusers_starflow2.cached_attention(q, keys, values, attn_mask, filled)
+    return cached_attention(q, keys, values, attn_mask)
+
+
+def static_decode_mask(
+    positions: torch.Tensor,
+    num_slots: int,
+    key_padding_mask: Optional[torch.Tensor],
+    dtype: torch.dtype,
+    num_kv_heads: int,
+    groups: int,
+) -> torch.Tensor:
+    """Additive mask of queries at cache slots ``positions (T,)`` over ``S`` slots, causal, with padded keys hidden
+    (``key_padding_mask (B, >= S)``, True = real; a padded query still sees itself), in the row layout of
+    :func:`cached_attention` for ``num_kv_heads`` key heads of ``groups`` query heads each: ``(G T, S)``, or
+    ``(B H_kv, G T, S)`` with padding."""
+    key_positions = torch.arange(num_slots, device=positions.device)
+    allowed = key_positions <= positions[:, None]  # (T, S)
+    if key_padding_mask is not None:
+        allowed = (allowed & key_padding_mask[:, None, None, :num_slots].bool()) | (
+            key_positions == positions[:, None]
+        )  # (B, 1, T, S)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(~allowed, float("-inf"))
+    if mask.ndim == 4:
+        return mask.repeat(1, num_kv_heads, groups, 1).flatten(0, 1)
+    return mask.repeat(groups, 1) if groups > 1 else mask
+
+
 class FlowAttention(nn.Module):
     """Pre-norm causal self-attention with grouped-query heads, optional QK-norm and post-norm."""
 
@@ -424,10 +462,7 @@ class FlowAttention(nn.Module):
         G = H // H_kv
         q = q.reshape(B * H_kv, G * T, self.head_dim) * self.head_dim**-0.5
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)  # (B H_kv, S, D), views
-        if torch.compiler.is_compiling():  # an opaque call: inductor would fuse it into slow scalar loops
-            out = torch.ops.diffusers_starflow2.cached_attention(q, keys, values, attn_mask, filled)
-        else:
-            out = cached_attention(q, keys, values, attn_mask)
+        out = static_attention(q, keys, values, attn_mask, filled)
         return self._project_out(out.view(B, H, T, self.head_dim))
 
     def _project_out(self, out: torch.Tensor) -> torch.Tensor:
@@ -882,17 +917,8 @@ class AutoregressiveFlowBlock(nn.Module):
         (``key_padding_mask (B, >= S)``, True = real; a padded query still sees itself), in the row layout of
         :func:`cached_attention`, made once for all layers: ``(G T, S)``, or ``(B H_kv, G T, S)`` with padding
         (``G`` query heads per key head)."""
-        key_positions = torch.arange(num_slots, device=positions.device)
-        allowed = key_positions <= positions[:, None]  # (T, S)
-        if key_padding_mask is not None:
-            allowed = (allowed & key_padding_mask[:, None, None, :num_slots].bool()) | (
-                key_positions == positions[:, None]
-            )  # (B, 1, T, S)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(~allowed, float("-inf"))
         G = self.layers[0].attn.num_heads // self.num_kv_heads
-        if mask.ndim == 4:
-            return mask.repeat(1, self.num_kv_heads, G, 1).flatten(0, 1)
-        return mask.repeat(G, 1) if G > 1 else mask
+        return static_decode_mask(positions, num_slots, key_padding_mask, dtype, self.num_kv_heads, G)
 
     def static_pass(
         self,

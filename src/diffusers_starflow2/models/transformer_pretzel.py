@@ -36,6 +36,7 @@ from .flow_block import (
     FlowKVCache,
     bits_per_dim,
     compile_decode_graphs,
+    compile_static_step,
     flow_nll,
     rope_angles,
     rope_tables,
@@ -271,6 +272,80 @@ class PretzelCache:
             self.last_flow_hidden, self.last_hidden = self.last_flow_hidden[index], self.last_hidden[index]
         self.flow_inputs = [chunk[index] for chunk in self.flow_inputs]
         self.flow_positions = [chunk[index] for chunk in self.flow_positions]
+
+
+class StaticImageSpan:
+    """Exact decoding of one image span of ``cache`` on fixed-size buffers, one compiled graph per position.
+
+    The VLM stream's keys/values move from the transformers cache into buffers of the TARFlow cache's capacity
+    (grown to hold the span), so that the whole step (:meth:`PretzelModel.static_image_step`, compiled by
+    :meth:`PretzelModel.compile_decode_step`) has the same shapes at every position; :meth:`close` hands them back.
+    Between calls the cache is what :meth:`PretzelModel.step` would have made of the same latents.
+
+    Args:
+        transformer, vlm: the models; ``step`` the compiled step (:meth:`PretzelModel.image_step_for`).
+        cache: ends with ``<|vision_start|>`` (or inside the span); ``num_positions`` the latents still to come.
+    """
+
+    def __init__(self, transformer, vlm: VLMStream, cache: PretzelCache, num_positions: int, step: Callable):
+        self.vlm, self.cache, self.step = vlm, cache, step
+        cache.flow.reserve(cache.length + num_positions)
+        capacity = cache.flow.capacity
+        self.keys, self.values = vlm.static_buffers(cache.vlm, capacity)
+        self.padding = cache.attention_mask.new_zeros(cache.batch_size, capacity)  # (B, S) True at real slots
+        self.padding[:, : cache.length] = cache.attention_mask
+
+    def __call__(
+        self, latents: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`PretzelModel.step` over new latents ``(B, T, C)`` (``attention_mask (B, T)``: False for samples that
+        sit the span out), then :meth:`PretzelModel.latent_params` of its TARFlow outputs: ``(mu, sigma)``."""
+        cache = self.cache
+        B, T = latents.shape[:2]
+        device = cache.cond.device
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        attention_mask = attention_mask.bool().to(device)
+        vlm_pos, flow_pos = cache.assign_positions(torch.ones_like(attention_mask), attention_mask)
+        start, end = cache.length, cache.length + T
+        self.padding[:, start:end] = attention_mask
+        h, flow_in, g, mu, sigma = self.step(
+            latents.to(device=device, dtype=cache.cond.dtype),
+            cache.cond,
+            vlm_pos,
+            flow_pos,
+            torch.arange(start, end, device=device),
+            self.padding,
+            self.keys,
+            self.values,
+            cache.flow.keys,
+            cache.flow.values,
+            torch.tensor(end),  # on the CPU: read by the attention operator, never a graph constant
+        )
+        cache.flow.length = end
+        cache.flow_inputs.append(flow_in)
+        cache.flow_positions.append(flow_pos)
+        cache.attention_mask = torch.cat([cache.attention_mask, attention_mask], dim=1)
+        idle = ~attention_mask.any(1)  # samples that took only padding still end where they were
+        cache.last_flow_hidden = torch.where(idle[:, None, None], cache.last_flow_hidden, g[:, -1:])
+        cache.last_hidden = torch.where(idle[:, None, None], cache.last_hidden, h[:, -1:])
+        return mu, sigma
+
+    def close(self) -> None:
+        """Return the VLM stream's keys/values to the transformers cache."""
+        self.vlm.write_back(self.cache.vlm, self.keys, self.values, self.cache.length)
+
+
+class _ImageStep(nn.Module):
+    """The Pretzel and the VLM stream as one module, so that a compiled :meth:`PretzelModel.static_image_step` holds
+    both models' weights as module attributes (frozen into the graph by inductor)."""
+
+    def __init__(self, transformer, vlm: VLMStream):
+        super().__init__()
+        self.transformer, self.vlm = transformer, vlm
+
+    def forward(self, *args):
+        return self.transformer.static_image_step(self.vlm, *args)
 
 
 @dataclass
@@ -632,17 +707,65 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         mask = deep.decode_mask(slots, keys[0].shape[2], key_padding_mask, flow_in.dtype)
         return deep.run_layers(deep.add_cond(flow_in, cond), slots, rope, mask, keys, values, filled)
 
-    def compile_decode_step(self, mode: Optional[str] = "max-autotune", **compile_kwargs) -> None:
+    def static_image_step(
+        self,
+        vlm: VLMStream,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        vlm_positions: torch.Tensor,
+        flow_positions: torch.Tensor,
+        slots: torch.Tensor,
+        key_padding_mask: torch.Tensor,
+        vlm_keys: List[torch.Tensor],
+        vlm_values: List[torch.Tensor],
+        flow_keys: List[torch.Tensor],
+        flow_values: List[torch.Tensor],
+        filled: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, ...]:
+        """The whole Pretzel step over new latents ``(B, T, C)`` of an image span with every shape fixed by the inputs
+        and the buffers (:class:`StaticImageSpan` holds them): the visual adapter, the VLM stream's layers
+        (:meth:`~diffusers_starflow2.models.vlm_stream.VLMStream.static_layers`), the TARFlow stream
+        (:meth:`static_stream`) and the affine parameters, as :meth:`step` computes them.  Both streams write their
+        keys/values at cache ``slots (T,)`` of buffers ``(B, H_kv, S, D)`` of one capacity ``S`` and attend under the
+        causal mask and ``key_padding_mask (B, S)``; ``vlm_positions`` ``(3, B, T)`` / ``(B, T)`` and
+        ``flow_positions (B, T)`` are the streams' position ids.  Returns ``h (B, T, D)``, the TARFlow inputs and
+        outputs ``(B, T, C_deep)`` and ``(mu, sigma)`` ``(B, T, C)``."""
+        adapted = self.adapter(latents, cond).to(vlm.vlm.dtype)
+        h = vlm.static_layers(adapted, vlm_positions, slots, key_padding_mask, vlm_keys, vlm_values, filled)
+        flow_in = self.deep.proj_in(latents) + self.skip_v(h.to(latents.dtype))
+        g = self.static_stream(flow_in, flow_positions, cond, key_padding_mask, slots, flow_keys, flow_values, filled)
+        mu, sigma = self.latent_params(g)
+        return h, flow_in, g, mu, sigma
+
+    def compile_decode_step(
+        self, mode: Optional[str] = "max-autotune", vlm: Optional[nn.Module] = None, **compile_kwargs
+    ) -> None:
         """Compile the sampling steps with ``torch.compile``; opt-in, for inference.  Each shallow flow's decode step
         (:meth:`~diffusers_starflow2.models.flow_block.AutoregressiveFlowBlock.compile_decode_step`) and the deep
         TARFlow stream's step (:meth:`static_stream`: the stream's layers as one graph): over one new position (text
         or latent) with static shapes in ``mode``, traced once per batch size and cache size, never per position;
-        over the Jacobi windows of an image span with dynamic shapes in inductor's default mode.  The VLM stream
-        stays a transformers call.  As there, the weights are frozen into the graphs: compile again after changing
-        them or moving the model.  ``mode`` and ``compile_kwargs`` as there."""
+        over the Jacobi windows of an image span with dynamic shapes in inductor's default mode.
+
+        With ``vlm`` (the pipeline's VLM, or its :class:`~diffusers_starflow2.models.vlm_stream.VLMStream`) whose
+        decoder has the static decode path, exact decoding of an image span also runs as one graph per position:
+        the whole step of :meth:`static_image_step` (adapter, VLM layers on fixed-size key/value buffers, TARFlow
+        stream, affine parameters), traced once per batch size and cache capacity; elsewhere (prompts, Jacobi
+        windows) the VLM stream stays a transformers call.  As there, the weights (the VLM's included) are frozen
+        into the graphs: compile again after changing them or moving the models.  ``mode`` and ``compile_kwargs``
+        as there."""
         for block in self.shallow:
             block.compile_decode_step(mode, **compile_kwargs)
         self._compiled_stream = compile_decode_graphs(self.static_stream, mode, **compile_kwargs)
+        if vlm is not None:
+            stream = vlm if isinstance(vlm, VLMStream) else VLMStream(vlm)
+            if stream.supports_static_decode:
+                step = compile_static_step(_ImageStep(self, stream).forward, mode, False, **compile_kwargs)
+                self._compiled_stream["image"] = (stream.vlm, step)  # in a dict: not registered as a submodule
+
+    def image_step_for(self, vlm: VLMStream) -> Optional[Callable]:
+        """The compiled :meth:`static_image_step` of :meth:`compile_decode_step` for ``vlm``'s model, if any."""
+        compiled_vlm, step = self._compiled_stream.get("image", (None, None))
+        return step if compiled_vlm is vlm.vlm else None
 
     def at_noise_level(self, cache: PretzelCache, noise_level: torch.Tensor) -> PretzelCache:
         """The sequence in ``cache`` as the model sees it when its next image is at ``noise_level (B,)``.

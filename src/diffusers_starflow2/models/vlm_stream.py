@@ -18,6 +18,7 @@ from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel, Qwen2_5_VLConfig
 
 from ..utils.torch_utils import has_values
+from .flow_block import static_attention, static_decode_mask
 
 
 @functools.cache
@@ -201,6 +202,102 @@ class VLMStream(nn.Module):
             **{_cache_argument(type(self.decoder)): cache},
         )
         return outputs.last_hidden_state, cache
+
+    # -- static decode path: the decoder's own layers over fixed-size key/value buffers ---------------------------
+
+    @property
+    def supports_static_decode(self) -> bool:
+        """Whether :meth:`static_layers` can run this decoder: Qwen2-style layers (``self_attn.{q,k,v,o}_proj``,
+        ``mlp``, ``input_layernorm`` / ``post_attention_layernorm``, a shared ``rotary_emb`` and final ``norm``), full
+        attention in every layer."""
+        decoder = self.decoder
+        layers = getattr(decoder, "layers", None)
+        if not layers or not all(hasattr(decoder, name) for name in ("rotary_emb", "norm")):
+            return False
+        if any(kind != "full_attention" for kind in getattr(decoder.config, "layer_types", None) or []):
+            return False
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")
+        return all(
+            all(hasattr(layer.self_attn, name) for name in names)
+            and all(hasattr(layer, name) for name in ("mlp", "input_layernorm", "post_attention_layernorm"))
+            for layer in layers
+        )
+
+    def static_buffers(self, cache: Cache, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys and values of every layer of ``cache`` copied into buffers ``(B, H_kv, capacity, D)`` (slots after the
+        cached positions are zero), for :meth:`static_layers`; :meth:`write_back` returns them to the cache."""
+        keys, values = [], []
+        for layer in cache.layers:
+            for cached, buffers in ((layer.keys, keys), (layer.values, values)):
+                B, H, T, D = cached.shape
+                buffer = cached.new_zeros(B, H, capacity, D)
+                buffer[:, :, :T] = cached
+                buffers.append(buffer)
+        return keys, values
+
+    @staticmethod
+    def write_back(cache: Cache, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        """Make ``cache`` hold the first ``length`` slots of :meth:`static_buffers`' buffers (views: a transformers
+        cache grows by concatenation, so later positions never write into them)."""
+        for layer, k, v in zip(cache.layers, keys, values):
+            layer.keys, layer.values = k[:, :, :length], v[:, :, :length]
+
+    def static_layers(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        slots: torch.LongTensor,
+        key_padding_mask: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        filled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The decoder over new positions with every shape fixed by the inputs and the buffers, as one compiled graph
+        traces it: the decoder's own modules (norms, projections, MLPs, rotary embedding), so the same weights and
+        arithmetic as :meth:`forward`, with the attention over whole buffers under a mask.
+
+        Args:
+            inputs_embeds (`torch.Tensor` of shape `(B, T, D)`): New positions.
+            position_ids (`torch.LongTensor`): Their ids, `(3, B, T)` (M-RoPE) or `(B, T)`, see [`position_ids`].
+            slots (`torch.LongTensor` of shape `(T,)`): Buffer slots the new keys/values are written to.
+            key_padding_mask (`torch.Tensor` of shape `(B, S)`): True at real slots (the new ones included).
+            keys, values (`list[torch.Tensor]`): One `(B, H_kv, S, D_h)` buffer per layer (:meth:`static_buffers`).
+            filled (`torch.Tensor`, *optional*): 0-dim int64 CPU tensor, the slots written after this step (the
+                attention reads no further; see `flow_block.static_attention`).
+
+        Returns:
+            `torch.Tensor`: hidden states `(B, T, D)` after the final norm.
+        """
+        decoder = self.decoder
+        config = decoder.config
+        B, T, _ = inputs_embeds.shape
+        H, H_kv = config.num_attention_heads, config.num_key_value_heads
+        cos, sin = decoder.rotary_emb(inputs_embeds, position_ids)  # (B, T, D_h) each
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D_h): shared by the heads
+        mask = static_decode_mask(slots, keys[0].shape[2], key_padding_mask, inputs_embeds.dtype, H_kv, H // H_kv)
+        h = inputs_embeds
+        for layer, k_buf, v_buf in zip(decoder.layers, keys, values):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(B, T, H, attn.head_dim).transpose(1, 2)  # (B, H, T, D_h)
+            k = attn.k_proj(x).view(B, T, H_kv, attn.head_dim).transpose(1, 2)  # (B, H_kv, T, D_h)
+            v = attn.v_proj(x).view(B, T, H_kv, attn.head_dim).transpose(1, 2)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            k_buf.index_copy_(2, slots, k)
+            v_buf.index_copy_(2, slots, v)
+            # query heads sharing a key head (transformers' repeat_kv order) as the rows of one product
+            q = q.reshape(B * H_kv, (H // H_kv) * T, attn.head_dim) * attn.scaling
+            out = static_attention(q, k_buf.flatten(0, 1), v_buf.flatten(0, 1), mask, filled)
+            out = out.view(B, H, T, attn.head_dim).transpose(1, 2).reshape(B, T, H * attn.head_dim)
+            h = h + attn.o_proj(out)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return decoder.norm(h)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # RoPE's rotation in the transformers layout: channel i pairs with channel i + D/2
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
 
 
 def qwen2_5_vl_7b_config() -> Qwen2_5_VLConfig:
