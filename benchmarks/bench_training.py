@@ -2,6 +2,7 @@
 without gradient checkpointing.
 
     python benchmarks/bench_training.py [--configs tiny,mid] [--stages 1,2,3] [--batch_size 4] [--repeats 3]
+        [--checkpointing off,on] [--vlm_grad auto,always]
 
 The configurations are those of ``bench_pipeline.py`` (random weights, built offline): ``tiny`` (16 latents, 32-px
 images) and ``mid`` (256 latents, 128-px images, VLM 4 x 512, deep stream 8 x 512). Each (configuration, stage,
@@ -11,6 +12,11 @@ times whole optimiser steps (batch building, forward, backward, AdamW) on synthe
 stage 2 understanding questions, stage 3 a caption / understanding / edit mixture. ``samples/s`` is the batch size
 over the median step time; ``peak RSS`` is the high-water mark of the process during the timed steps (reset before
 each one, see ``memory.py``), ``+RSS`` that peak minus the RSS after the warm-up step.
+
+``--vlm_grad always`` runs the VLM stream (visual adapter and VLM) of every step with autograd
+(``vlm_requires_grad=True``), as every step did before ``PretzelModel.vlm_stream_needs_grad``; ``auto`` (the
+package's behaviour) lets the model decide from the graph: stage 1 from initialisation runs the VLM stream without
+autograd.  The ``VLM autograd`` column says what the timed steps did.
 """
 
 from __future__ import annotations
@@ -45,10 +51,11 @@ def examples(stage: int, batch_size: int, image_size: int, step: int):
     return out
 
 
-def worker(config: str, stage: int, checkpointing: bool, batch_size: int, repeats: int) -> dict:
+def worker(config: str, stage: int, checkpointing: bool, vlm_grad: str, batch_size: int, repeats: int) -> dict:
     import torch
     from bench_pipeline import build_pipeline
 
+    from diffusers_starflow2.models.vlm_stream import VLMStream
     from diffusers_starflow2.training import train_starflow2 as train
 
     pipe = build_pipeline(config)
@@ -80,8 +87,15 @@ def worker(config: str, stage: int, checkpointing: bool, batch_size: int, repeat
     build = train.BatchBuilder(args, pipe.tokenizer, pipe.vae, pipe.scheduler, transformer.num_latents, torch.float32)
     image_size = transformer.config.sample_size * pipe.vae.config.out_patch_size
 
+    forced = {"vlm_requires_grad": True} if vlm_grad == "always" else {}
+    vlm_autograd = []
+
     def step(i):
-        out = trainer(**build(examples(stage, batch_size, image_size, i), "cpu"))
+        batch = build(examples(stage, batch_size, image_size, i), "cpu")
+        keys = ("latent_mask", "image_loss_mask", "text_loss_mask", "images")
+        decided = transformer.vlm_stream_needs_grad(VLMStream(vlm), *(batch.get(k) for k in keys))
+        vlm_autograd.append(bool(forced) or decided)
+        out = trainer(**batch, **forced)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -100,6 +114,8 @@ def worker(config: str, stage: int, checkpointing: bool, batch_size: int, repeat
         "config": config,
         "stage": stage,
         "checkpointing": checkpointing,
+        "vlm_grad": vlm_grad,
+        "vlm_autograd": "yes" if all(vlm_autograd[1:]) else "no" if not any(vlm_autograd[1:]) else "mixed",
         "batch_size": batch_size,
         "trainable": sum(p.numel() for p in params),
         "seconds": seconds,
@@ -115,6 +131,8 @@ def main(argv=None) -> None:
     parser.add_argument("--stages", default="1,2,3")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checkpointing", default="off,on", help="comma-separated: off, on")
+    parser.add_argument("--vlm_grad", default="auto", help="comma-separated: auto, always (see above)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -122,44 +140,44 @@ def main(argv=None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        config, stage, checkpointing = args.worker.split(":")
-        print(json.dumps(worker(config, int(stage), checkpointing == "1", args.batch_size, args.repeats)))
+        config, stage, checkpointing, vlm_grad = args.worker.split(":")
+        print(json.dumps(worker(config, int(stage), checkpointing == "on", vlm_grad, args.batch_size, args.repeats)))
         return
     rows = []
-    for config in args.configs.split(","):
-        for stage in (int(s) for s in args.stages.split(",")):
-            for checkpointing in (False, True):
-                cmd = [
-                    sys.executable,
-                    os.path.abspath(__file__),
-                    "--worker",
-                    f"{config}:{stage}:{int(checkpointing)}",
-                    "--batch_size",
-                    str(args.batch_size),
-                    "--repeats",
-                    str(args.repeats),
-                    "--threads",
-                    str(args.threads),
-                ]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-                r = rows[-1]
-                print(
-                    f"{config} stage {stage} checkpointing={checkpointing}: {r['samples_per_s']:.2f} samples/s, "
-                    f"peak {r['peak_mb']:.0f} MB",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    settings = [
+        (config, int(stage), checkpointing, vlm_grad)
+        for config in args.configs.split(",")
+        for stage in args.stages.split(",")
+        for checkpointing in args.checkpointing.split(",")
+        for vlm_grad in args.vlm_grad.split(",")
+    ]
+    for _, _, checkpointing, vlm_grad in settings:
+        if checkpointing not in ("off", "on") or vlm_grad not in ("auto", "always"):
+            parser.error(
+                f"--checkpointing takes off/on and --vlm_grad auto/always; got {checkpointing!r}, {vlm_grad!r}"
+            )
+    for config, stage, checkpointing, vlm_grad in settings:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{config}:{stage}:{checkpointing}:{vlm_grad}"]
+        cmd += ["--batch_size", str(args.batch_size), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(
+            f"{config} stage {stage} checkpointing={checkpointing} vlm_grad={vlm_grad}: "
+            f"{r['samples_per_s']:.2f} samples/s, peak {r['peak_mb']:.0f} MB",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
-        "| config | stage | trainable params | gradient checkpointing | batch | s/step | samples/s | peak RSS MB "
-        "| +RSS MB |"
+        "| config | stage | trainable params | gradient checkpointing | VLM autograd | batch | s/step | samples/s "
+        "| peak RSS MB | +RSS MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['config']} | {r['stage']} | {r['trainable'] / 1e6:.2f}M | {'on' if r['checkpointing'] else 'off'} "
-            f"| {r['batch_size']} | {r['seconds']:.3f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} "
-            f"| {r['extra_mb']:.0f} |"
+            f"| {r['vlm_autograd']} ({r['vlm_grad']}) | {r['batch_size']} | {r['seconds']:.3f} "
+            f"| {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} | {r['extra_mb']:.0f} |"
         )
 
 
