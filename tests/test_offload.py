@@ -6,6 +6,7 @@ from collections import Counter
 import accelerate.hooks
 import pytest
 import torch
+from test_low_precision import CALLS
 
 from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline
@@ -39,31 +40,10 @@ def gen():
 
 
 @pytest.mark.parametrize(
-    "cls, call",
-    [
-        (
-            StarFlow2Pipeline,
-            lambda p: p("a red circle", generator=gen(), num_inference_steps=1, output_type="pt").images,
-        ),
-        (
-            StarFlow2EditPipeline,
-            lambda p: (
-                p(
-                    torch.rand(3, 32, 32, generator=gen()),
-                    "make it blue",
-                    generator=gen(),
-                    num_inference_steps=1,
-                    output_type="pt",
-                ).images
-            ),
-        ),
-        (
-            StarFlow2InterleavedPipeline,
-            lambda p: p(["hi", "<image>"], generator=gen(), max_new_tokens=2, output_type="pt").segments[0],
-        ),
-    ],
+    "cls", [StarFlow2Pipeline, StarFlow2EditPipeline, StarFlow2InterleavedPipeline], ids=lambda c: c.__name__
 )
-def test_model_cpu_offload_moves_the_vlm_and_the_pretzel(cls, call, hook_calls):
+def test_model_cpu_offload_moves_the_vlm_and_the_pretzel(cls, hook_calls):
+    call = CALLS[cls]
     expected = call(make(cls, offload=False))
     assert not hook_calls
     out = call(make(cls, offload=True))

@@ -30,7 +30,7 @@ from .models.transformer_pretzel import PretzelCache, PretzelModel, StaticImageS
 from .models.transformer_starflow import StarFlowTransformerModel
 from .models.vlm_stream import VLMStream
 from .schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
-from .utils.torch_utils import has_values
+from .utils.torch_utils import compute_dtype, has_values
 
 AffineParams = Tuple[torch.Tensor, torch.Tensor]  # (mu, sigma), each (branches * B, K, C), float32
 # step_fn(inputs (B, K, C), index) -> the parameters the inputs predict: inputs sit at input positions index..index+K
@@ -242,7 +242,7 @@ def sample_flow_block(
     cond = cond.repeat(branches, 1) if cond is not None else None
     L = text.shape[1] if text is not None else 0
     rope = block.rotary(*grid, L, noise.device)
-    cache = block.new_cache(B * branches, L + N, block.proj_in.weight.dtype, noise.device)
+    cache = block.new_cache(B * branches, L + N, compute_dtype(block), noise.device)
     pad_mask = None
     if text is not None:
         if text_mask is not None:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.torch_utils import compute_dtype
+
 LOG_2PI = math.log(2 * math.pi)
 # softplus(a + INV_SOFTPLUS_1) == 1 at a == 0, so a zero-initialised output projection starts as the identity map.
 INV_SOFTPLUS_1 = 0.541324854612918
@@ -192,6 +194,12 @@ class FlowKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The keys' and values' dtype: the one the layers that write this cache compute in (a decode step casts its
+        inputs to it, so that no weight's storage dtype, e.g. float8 under layerwise casting, decides it)."""
+        return self.keys[0].dtype if self.keys else torch.float32
 
     @property
     def capacity(self) -> int:
@@ -507,6 +515,9 @@ def _packable(linear: nn.Module, x: torch.Tensor) -> bool:
         or type(linear) is not nn.Linear
         or x.device.type != "cpu"
         or linear.weight.dtype != torch.float32
+        or x.dtype != torch.float32
+        or "_diffusers_hook" in linear.__dict__  # diffusers' layerwise casting / group offload: the call casts or
+        or "_hf_hook" in linear.__dict__  # moves the weight (accelerate's offload hooks too)
         or linear.weight.numel() < _MIN_PACKED_WEIGHT
         or torch.is_grad_enabled()
         or torch.compiler.is_compiling()
@@ -825,7 +836,7 @@ class AutoregressiveFlowBlock(nn.Module):
         L = text.shape[1] if text is not None else 0
         x = self.permute(x)
         inputs = torch.cat([self.sos_embed.expand(x.shape[0], -1, -1), x[:, :-1]], dim=1) if self.use_sos else x
-        dtype = self.proj_in.weight.dtype  # the flow arithmetic stays float32; the layers run in the model dtype
+        dtype = compute_dtype(self)  # the flow arithmetic stays float32; the layers run in the compute dtype
         h = self.embed(inputs.to(dtype), cond=cond)
         key_padding_mask = None
         if text is not None:
@@ -852,7 +863,7 @@ class AutoregressiveFlowBlock(nn.Module):
     ) -> None:
         """Fill ``cache`` with the text prefix ``(B, L, text_dim)`` of the token sequence (text-reading blocks);
         ``rope`` and ``key_padding_mask`` cover the whole sequence."""
-        h = self.add_cond(self.proj_txt(text.to(self.proj_in.weight.dtype)), cond)
+        h = self.add_cond(self.proj_txt(text.to(cache.dtype)), cond)
         self.static_pass(h, 0, rope, cache, key_padding_mask)
 
     def decode_step(
@@ -881,7 +892,7 @@ class AutoregressiveFlowBlock(nn.Module):
             )
             cache.length = end
             return params
-        h = self.embed(inputs.to(self.proj_in.weight.dtype), start=index, cond=cond)
+        h = self.embed(inputs.to(cache.dtype), start=index, cond=cond)
         h = self.static_pass(h, pos, rope, cache, key_padding_mask)
         return self.affine(h)
 
@@ -900,7 +911,7 @@ class AutoregressiveFlowBlock(nn.Module):
         """:meth:`decode_step` with every shape fixed by the inputs ``(B, T, C_in)`` and the cache buffers
         ``(B, H_kv, S, D)``: the inputs sit at sequence ``positions (T,)`` and attend over all ``S`` slots under a
         causal (and padding) mask, so that :meth:`compile_decode_step` traces one graph per ``T`` and ``S``."""
-        h = self.proj_in(inputs.to(self.proj_in.weight.dtype))
+        h = self.proj_in(inputs.to(keys[0].dtype))  # the cache's dtype is the compute dtype
         if self.pos_embed is not None:
             h = h + self.permute(self.pos_embed)[positions - text_length]
         h = self.add_cond(h, cond)

@@ -29,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ..utils.torch_utils import has_values
+from ..utils.torch_utils import compute_dtype, has_values
 from .flow_block import (
     LOG_2PI,
     AutoregressiveFlowBlock,
@@ -535,7 +535,9 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def noise_embedding(self, noise_level: torch.Tensor) -> torch.Tensor:
         """``(B,)`` noise levels -> ``(B, E)`` embedding."""
         t = self.noise_proj(noise_level.float() * NOISE_LEVEL_SCALE)
-        return self.noise_embed(t.to(self.noise_embed.linear_1.weight.dtype))
+        # the embedding is never cast layerwise (``_skip_layerwise_casting_patterns``): it computes in its own dtype,
+        # and hands the model's compute dtype on (the step takes it from this embedding)
+        return self.noise_embed(t.to(compute_dtype(self.noise_embed))).to(self.dtype)
 
     # -- shallow flows (visual only) -------------------------------------------------------------------------------
 
@@ -640,7 +642,7 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             flow_in = torch.where(latent_mask[..., None], deep.proj_in(latents) + self.skip_v(h_flow), flow_in)
         if input_ids is not None:
             is_start = (input_ids.to(device) == self.config.vision_start_token_id) & ~latent_mask
-            flow_in = flow_in + is_start[..., None].to(flow_in.dtype) * deep.proj_in(deep.sos_embed)
+            flow_in = flow_in + is_start[..., None].to(flow_in.dtype) * deep.proj_in(deep.sos_embed.to(dtype))
         if cache.flow is not None:
             cache.flow_inputs.append(flow_in)
             cache.flow_positions.append(flow_pos)

@@ -12,3 +12,13 @@ def has_values(*tensors: torch.Tensor) -> bool:
     tensor.  Checks that read values (and the device synchronisation they cost) run only then, so that a model
     built on ``meta`` (``accelerate.init_empty_weights``) or traced for a memory plan runs its shapes to the end."""
     return not any(t.device.type == "meta" or is_fake(t) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype ``module``'s layers compute in, as diffusers defines a model's ``dtype``: the ``compute_dtype`` of
+    layerwise casting (``enable_layerwise_casting``; the weights are then stored in another dtype, e.g. float8) where a
+    layer of ``module`` has it, otherwise the dtype of its floating-point parameters.  It walks every submodule: call
+    it once per pass, not per position (a sampling loop takes the dtype from its KV cache)."""
+    from diffusers.models.modeling_utils import get_parameter_dtype
+
+    return get_parameter_dtype(module)
