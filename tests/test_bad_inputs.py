@@ -77,6 +77,7 @@ def assert_refused(call, name):
         call()
     assert type(info.value) is ValueError or isinstance(info.value, NonFiniteError)
     assert f"`{name}`" in str(info.value), str(info.value)
+    return str(info.value)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -458,7 +458,7 @@ def test_call_denoises_with_denoise_latents(pipe):
         assert torch.allclose(pipe.denoise_latents(noisy, PROMPT, num_inference_steps=steps), denoised, atol=1e-6)
         assert not torch.allclose(denoised, noisy, atol=1e-3)
     assert torch.equal(pipe.denoise_latents(noisy, PROMPT, num_inference_steps=0), noisy)
-    with pytest.raises(ValueError, match=r"`latents` must be scaled FAE latents of shape \(B, 4, 4, 4\); got"):
+    with pytest.raises(ValueError, match=r"`latents` must have shape \(B, 4, 4, 4\); got \(1, 2, 4, 4\)"):
         pipe.denoise_latents(noisy[:, :2], PROMPT)
     with pytest.raises(ValueError, match=r"`num_inference_steps` must be an integer >= 0.*; got -2"):
         pipe.denoise_latents(noisy, PROMPT, num_inference_steps=-2)

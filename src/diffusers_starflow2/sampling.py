@@ -31,6 +31,7 @@ from .models.transformer_starflow import StarFlowTransformerModel
 from .models.vlm_stream import VLMStream
 from .schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from .utils.torch_utils import compute_dtype, has_values
+from .utils.validation import check_jacobi
 
 AffineParams = Tuple[torch.Tensor, torch.Tensor]  # (mu, sigma), each (branches * B, K, C), float32
 # step_fn(inputs (B, K, C), index) -> the parameters the inputs predict: inputs sit at input positions index..index+K
@@ -44,42 +45,12 @@ NLLFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_jacobi(
-    jacobi_block_size: Optional[int], jacobi_tolerance: float, jacobi_max_iterations: Optional[int]
-) -> None:
-    """Raise ``ValueError`` naming the argument, its value and what is accepted."""
-    if jacobi_block_size is not None and (
-        isinstance(jacobi_block_size, bool) or not isinstance(jacobi_block_size, int) or jacobi_block_size < 1
-    ):
-        raise ValueError(
-            f"`jacobi_block_size` must be None (exact sequential decoding) or an int >= 1; got {jacobi_block_size!r}"
-        )
-    if (
-        isinstance(jacobi_tolerance, bool)
-        or not isinstance(jacobi_tolerance, (int, float))
-        or not jacobi_tolerance >= 0
-    ):  # also rejects NaN
-        raise ValueError(f"`jacobi_tolerance` must be a number >= 0; got {jacobi_tolerance!r}")
-    if jacobi_max_iterations is not None and (
-        isinstance(jacobi_max_iterations, bool)
-        or not isinstance(jacobi_max_iterations, int)
-        or jacobi_max_iterations < 1
-    ):
-        raise ValueError(
-            f"`jacobi_max_iterations` must be None (= jacobi_block_size) or an int >= 1; got {jacobi_max_iterations!r}"
-        )
-
-
 def jacobi_options(
     jacobi_block_size: Optional[int] = None, jacobi_tolerance: float = 1e-3, jacobi_max_iterations: Optional[int] = None
 ) -> dict:
-    """The decoding mode of a call, checked: keyword arguments of every sampling function."""
-    check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
-    return dict(
-        jacobi_block_size=jacobi_block_size,
-        jacobi_tolerance=jacobi_tolerance,
-        jacobi_max_iterations=jacobi_max_iterations,
-    )
+    """The decoding mode of a call, checked (:func:`~diffusers_starflow2.utils.validation.check_jacobi`): keyword
+    arguments of every sampling function."""
+    return check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
 
 
 def sample_autoregressive(
@@ -120,7 +91,9 @@ def sample_autoregressive(
     then true the loop ends and returns the tokens made so far, the caches holding the tokens before the last one (as
     in sequential decoding).
     """
-    check_jacobi(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
+    jacobi_block_size, jacobi_tolerance, jacobi_max_iterations = check_jacobi(
+        jacobi_block_size, jacobi_tolerance, jacobi_max_iterations
+    ).values()
     branches = guidance.num_branches
     if params[0].shape[0] != branches * noise.shape[0]:
         raise ValueError(

@@ -209,6 +209,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                 f"`{name}` must have shape (B, L, {cfg.text_dim}) with 1 <= L <= {cfg.max_text_length} (the "
                 f"transformer's max_text_length); got {tuple(embeds.shape)}"
             )
+        validation.check_tensor_values(embeds, name, self._execution_device)
         validation.check_finite(embeds, name)
 
     def check_inputs(
@@ -326,15 +327,24 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         Returns:
             ``(B,)`` float32 bits per dimension of each image's noisy latents.
         """
-        noise_level = self.scheduler.config.noise_level if noise_level is None else noise_level
-        if not noise_level >= 0:
-            raise ValueError(f"`noise_level` must be >= 0; got {noise_level}")
+        noise_level = validation.check_noise_level(
+            self.scheduler.config.noise_level if noise_level is None else noise_level
+        )
+        prompts = check_prompt(prompt, tokenizer=self.tokenizer)
         device = self._execution_device
-        pixels = self.image_processor.preprocess(image).to(device=device, dtype=self.vae.dtype)
-        check_image_size(pixels.shape[2], pixels.shape[3], self.vae_scale_factor * self.transformer.config.patch_size)
+        pixels = [self.image_processor.preprocess(x) for x in validation.image_items(image)]
+        if len({tuple(p.shape) for p in pixels}) > 1:
+            sizes = sorted({f"{p.shape[3]}x{p.shape[2]}" for p in pixels})
+            raise ValueError(f"`image` must hold images of one size; got {', '.join(sizes)}")
+        pixels = torch.cat(pixels).to(device=device, dtype=self.vae.dtype)
+        multiple = self.vae_scale_factor * self.transformer.config.patch_size
+        if pixels.shape[2] % multiple or pixels.shape[3] % multiple:
+            raise ValueError(
+                f"`image` sides must be multiples of {multiple} (the VAE factor times the patch size); got "
+                f"{pixels.shape[3]}x{pixels.shape[2]}"
+            )
         batch_size = pixels.shape[0]
         check_generator(generator, batch_size)
-        prompts = check_prompt(prompt)
         if len(prompts) not in (1, batch_size):
             raise ValueError(f"`prompt` has {len(prompts)} entries for {batch_size} images; expected 1 or {batch_size}")
         latents = self.vae.encode(pixels).latent_dist.mode()

@@ -113,7 +113,9 @@ class StarFlow2ConversationState:
         return self.cache.nbytes + extra
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "StarFlow2ConversationState":
-        """A copy of the state on ``device`` with its floating tensors in ``dtype``."""
+        """A copy of the state on ``device`` (a device of this machine) with its floating tensors in ``dtype`` (a
+        compute dtype: float32, bfloat16, float16, float64)."""
+        device, dtype = validation.check_device(device, "device"), validation.check_dtype(dtype, "dtype")
         image_tokens = self.image_tokens.to(device, dtype) if self.image_tokens is not None else None
         return dataclasses.replace(self, cache=self.cache.to(device, dtype), image_tokens=image_tokens)
 
@@ -500,14 +502,10 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         return cache
 
     def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        t = self.transformer
-        shape = (t.config.latent_channels, *t.grid)
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or tuple(latents.shape[1:]) != shape:
-            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-            raise ValueError(
-                f"`latents` must be scaled FAE latents of shape (B, {shape[0]}, {shape[1]}, {shape[2]}); got {got}"
-            )
-        return latents.to(self._execution_device, torch.float32)
+        """Scaled FAE latents ``(B, C, h, w)`` of the model's grid, checked, as float32 on the execution device."""
+        t, device = self.transformer, self._execution_device
+        latents = validation.check_latents(latents, (None, t.config.latent_channels, *t.grid), device=device)
+        return latents.to(device, torch.float32)
 
     @torch.no_grad()
     def denoise_latents(
@@ -698,6 +696,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         self._run_text(cache, layouts)
         self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
         _, image_latents = self.generate_image(cache, noise, guidance, 0)
+        validation.check_finite_output(image_latents, "image latents")  # before denoise_latents checks them as input
         if not self.interrupt:
             prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
             image_latents = self.denoise_latents(image_latents, prompts, noise_level, steps, max_sequence_length)

@@ -93,7 +93,7 @@ def prepare_noise(
     user-supplied ``latents`` after checking their shape."""
     if latents is None:
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    return check_latents(latents, shape, name).to(device=device, dtype=dtype)
+    return check_latents(latents, shape, name, device).to(device=device, dtype=dtype)
 
 
 def postprocess_images(

@@ -22,6 +22,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from ..utils import validation
 from ..utils.torch_utils import has_values
 
 
@@ -119,14 +120,13 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         num_denoising_steps: int = 10,
         annealed_guidance: bool = False,
     ):
-        if not 0 <= min_noise_level <= max_noise_level:
-            raise ValueError(f"need 0 <= min_noise_level <= max_noise_level; got {min_noise_level}, {max_noise_level}")
-        if noise_level < 0:
-            raise ValueError(f"noise_level must be >= 0; got {noise_level}")
-        if isinstance(num_denoising_steps, bool) or not isinstance(num_denoising_steps, int) or num_denoising_steps < 0:
-            raise ValueError(f"`num_denoising_steps` must be an int >= 0; got {num_denoising_steps!r}")
-        if not isinstance(annealed_guidance, bool):
-            raise ValueError(f"`annealed_guidance` must be True or False; got {annealed_guidance!r}")
+        for value, name in ((noise_level, "noise_level"), (min_noise_level, "min_noise_level")):
+            validation.check_noise_level(value, name)
+        validation.check_number(
+            max_noise_level, "max_noise_level", minimum=min_noise_level, maximum=validation.MAX_SCALE
+        )
+        validation.check_inference_steps(num_denoising_steps, "num_denoising_steps")
+        validation.check_bool(annealed_guidance, "annealed_guidance")
         self.timesteps = torch.tensor([])
         self.sigmas = torch.tensor([])
         self._host_sigmas, self._step_index = [0.0], 0

@@ -37,6 +37,7 @@ Names are kinds or their aliases (:data:`KIND_ALIASES`, e.g. generation -> capti
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -90,23 +91,29 @@ def _check_file(folder: Path, value: Any, key: str) -> str:
     rel = PurePosixPath(value.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts or (len(value) > 1 and value[1] == ":"):
         raise ValueError(f"{key!r} must be a path relative to the dataset folder, got {value!r}")
-    path = folder / rel
+    _check_image_file(folder, folder / rel, key, value)
+    return value
+
+
+def _check_image_file(folder: Path, path: Path, key: str, shown: Any) -> None:
+    """``path`` is a readable image file lying inside ``folder`` once symlinks are resolved."""
     if not path.is_file():
         raise ValueError(f"{key!r}: image file {str(path)!r} does not exist")
     # a symlink (of the file or of a folder on its way) may point anywhere: what is read must lie in the folder
     real, root = os.path.realpath(path), os.path.realpath(folder)
     if os.path.commonpath([real, root]) != root:
-        raise ValueError(f"{key!r}: {value!r} resolves to {real!r}, outside the dataset folder {root!r}")
+        raise ValueError(f"{key!r}: {shown!r} resolves to {real!r}, outside the dataset folder {root!r}")
     _verify_image(path, key)
-    return value
 
 
-def _verify_image(path: Path, key: str) -> None:
+def _verify_image(source: Union[Path, io.BytesIO], key: str, shown: Any = None) -> None:
+    """``source`` (a file, or the bytes of one) opens and verifies as an image."""
+    shown = str(source) if shown is None else shown
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.verify()  # header and integrity (PNG checksums, truncation) without decoding every pixel
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{key!r}: {str(path)!r} is not a readable image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{key!r}: {shown!r} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _check_text(value: Any, key: str) -> str:
@@ -154,6 +161,14 @@ def load_metadata(folder: PathLike, kind: str) -> list[dict]:
     path = folder / METADATA
     if not path.is_file():
         raise ValueError(f"{path}: metadata file not found")
+    return [row for _, row in _numbered_rows(folder, kind)]
+
+
+def _numbered_rows(folder: Path, kind: str) -> list[tuple[int, dict]]:
+    """:func:`load_metadata`'s rows with their line numbers."""
+    path = folder / METADATA
+    if not path.is_file():
+        raise ValueError(f"{path}: metadata file not found")
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -164,10 +179,26 @@ def load_metadata(folder: PathLike, kind: str) -> list[dict]:
                 validate_row(row, kind, folder)
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{lineno}: invalid {kind} row: {e}") from None
-            rows.append(row)
+            rows.append((lineno, row))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def row_texts(row: dict, kind: str) -> Iterator[tuple[str, list[str]]]:
+    """``(key, pieces)`` for each text of a ``kind`` row as training renders it: a text value alone, adjacent text
+    segments of an interleaved row together (the chat template joins them into one text)."""
+    for key, check in SCHEMAS[kind].items():
+        if check == "text":
+            yield key, [row[key]]
+        elif check == "segments":
+            run: list[str] = []
+            for seg in row[key] + [{}]:
+                if "text" in seg:
+                    run.append(seg["text"])
+                elif run:
+                    yield key, run
+                    run = []
 
 
 def _kind(name: str) -> str:
@@ -189,13 +220,21 @@ class _FolderDataset(Dataset):
 
     def __init__(self, folder: PathLike):
         self.folder = Path(folder)
-        self.rows = load_metadata(self.folder, self.kind)
+        numbered = _numbered_rows(self.folder, self.kind)
+        self.lines, self.rows = [n for n, _ in numbered], [row for _, row in numbered]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def image(self, name: str) -> Image.Image:
         return _open_image(self.folder / name)
+
+    def texts(self) -> Iterator[tuple[str, str, list[str]]]:
+        """``(where, key, pieces)`` of every text of the dataset (:func:`row_texts`), ``where`` naming the file and
+        line."""
+        for line, row in zip(self.lines, self.rows):
+            for key, pieces in row_texts(row, self.kind):
+                yield f"{self.folder / METADATA}:{line}", key, pieces
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.folder)!r}, rows={len(self)})"
@@ -386,17 +425,29 @@ def mixture(spec: Union[str, Sequence[MixtureEntry]], seed: int = 0, num_samples
 # 🤗 datasets
 class HubCaptionDataset(Dataset):
     """Image-caption pairs of a 🤗 ``datasets.Dataset`` (a Hub dataset or a local imagefolder):
-    ``{"kind": "caption", "image", "text"}``. A caption column holding lists uses their first entry."""
+    ``{"kind": "caption", "image", "text"}``. A caption column holding lists uses their first entry.
+
+    Every row is checked up front as a ``--train_data_dir`` folder is: non-empty captions, and images that open and
+    verify; for a local ``folder``, image files must lie inside it once symlinks are resolved."""
 
     kind = "caption"
 
-    def __init__(self, dataset, image_column: str = "image", caption_column: str = "text", name: str = "dataset"):
+    def __init__(
+        self,
+        dataset,
+        image_column: str = "image",
+        caption_column: str = "text",
+        name: str = "dataset",
+        folder: PathLike | None = None,
+    ):
         columns = list(dataset.column_names)
         for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
             if column not in columns:
                 raise ValueError(f"{flag} {column!r} is not a column of {name}; its columns: {columns}")
         if len(dataset) == 0:
             raise ValueError(f"{name} has no rows")
+        self.dataset, self.image_column, self.caption_column, self.name = dataset, image_column, caption_column, name
+        self.captions = []
         for i, caption in enumerate(dataset[caption_column]):  # the text column is cheap to check up front
             first = caption[0] if isinstance(caption, (list, tuple)) and caption else caption
             if not isinstance(first, str) or not first.strip():
@@ -404,21 +455,50 @@ class HubCaptionDataset(Dataset):
                     f"{name} row {i}: --caption_column {caption_column!r} must hold non-empty text "
                     f"(or lists of it), got {caption!r}"
                 )
-        self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
+            self.captions.append(first)
+        self._check_images(None if folder is None else Path(folder))
+
+    def _check_images(self, folder: Path | None) -> None:
+        from datasets import Image as ImageFeature
+
+        column = self.image_column
+        encoded = self.dataset
+        if isinstance(self.dataset.features.get(column), ImageFeature):  # the files or bytes, not decoded images
+            encoded = self.dataset.cast_column(column, ImageFeature(decode=False))
+        key = column
+        for i, value in enumerate(encoded[column]):
+            try:
+                if isinstance(value, dict) and value.get("bytes") is not None:
+                    _verify_image(io.BytesIO(value["bytes"]), key, value.get("path") or "its bytes")
+                    continue
+                path = value.get("path") if isinstance(value, dict) else value
+                if not isinstance(path, str) or not path:
+                    raise ValueError(
+                        f"--image_column {column!r} holds {type(value).__name__}, not an image (an Image feature "
+                        "or a path)"
+                    )
+                if folder is not None:
+                    _check_image_file(folder, folder / path, key, path)
+                else:
+                    if not Path(path).is_file():
+                        raise ValueError(f"{key!r}: image file {path!r} does not exist")
+                    _verify_image(Path(path), key)
+            except ValueError as e:
+                raise ValueError(f"{self.name} row {i}: {e}") from None
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def texts(self) -> Iterator[tuple[str, str, list[str]]]:
+        """``(where, key, pieces)`` of every caption, ``where`` naming the row."""
+        for i, caption in enumerate(self.captions):
+            yield f"{self.name} row {i}", self.caption_column, [caption]
 
     def __getitem__(self, i: int) -> dict:
         row = self.dataset[i]
         image, caption = row[self.image_column], row[self.caption_column]
         if isinstance(image, str):
             image = Image.open(image)
-        if not isinstance(image, Image.Image):
-            raise ValueError(
-                f"row {i}: --image_column {self.image_column!r} holds {type(image).__name__}, not an "
-                "image (an Image feature or a path)"
-            )
         caption = caption[0] if isinstance(caption, (list, tuple)) else caption
         return {"kind": self.kind, "image": image.convert("RGB"), "text": caption}
 
@@ -437,4 +517,7 @@ def open_hub_caption_dataset(
     dataset = load_dataset(name, config_name, cache_dir=cache_dir)
     if "train" not in dataset:
         raise ValueError(f"--dataset_name {name!r} has no 'train' split; its splits: {list(dataset)}")
-    return HubCaptionDataset(dataset["train"], image_column, caption_column, name=f"--dataset_name {name!r}")
+    folder = name if Path(name).is_dir() else None  # a local folder: its files must stay inside it
+    return HubCaptionDataset(
+        dataset["train"], image_column, caption_column, name=f"--dataset_name {name!r}", folder=folder
+    )

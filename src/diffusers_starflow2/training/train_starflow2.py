@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..utils import validation
 from ..utils.hub import pipeline_source
 from ..utils.io import publish_into, remove_stale_staging, replace_path, write_json_atomic, write_text_atomic
 from .data import MixtureSampler, mixture, open_dataset, open_hub_caption_dataset, parse_mixture
@@ -367,8 +368,6 @@ def check_args(args: argparse.Namespace) -> None:
                     f"--report_to {args.report_to} needs the {package} package "
                     f"(pip install {package}); accepted: none, tensorboard, wandb, all"
                 )
-    if args.resume_from_checkpoint not in (None, "latest"):
-        resolve_checkpoint(args)  # raises for a missing or incomplete folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -716,37 +715,97 @@ def trainable_parameters(module: nn.Module) -> List[nn.Parameter]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def list_checkpoints(output_dir: Path) -> List[Path]:
-    """The complete ``checkpoint-N`` folders of a run, oldest first; incomplete ones (no ``training_state.json``,
-    written last) are skipped with a warning."""
+# what accelerate's save_state writes for this script's one model, optimizer and LR scheduler (process 0's RNG states)
+CHECKPOINT_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the ``checkpoint-N`` folder ``path`` cannot be resumed, naming the file, or None when it is complete.
+
+    Reads only headers: ``training_state.json`` (written last) parses to a state with its ``global_step``, the
+    weights and the other files accelerate writes are there, every safetensors file's header matches its length,
+    and every torch-saved ``.bin`` is a whole zip archive (a truncated one has lost its directory)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    state_file = path / "training_state.json"
+    if not state_file.is_file():
+        return "no training_state.json: empty, or written by a killed run"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"training_state.json is not valid JSON ({e})"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return "training_state.json holds no integer 'global_step'"
+    if not any((path / name).is_file() for name in CHECKPOINT_WEIGHTS):
+        return f"the model weights are missing ({' or '.join(CHECKPOINT_WEIGHTS)})"
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    if "ema" in state and not (path / EMA_WEIGHT_NAME).is_file():
+        return f"{EMA_WEIGHT_NAME} is missing"
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix == ".bin":
+                with zipfile.ZipFile(file):
+                    pass
+        except Exception as e:  # safetensors raises its own error type; a torch file is refused as a bad zip
+            return (
+                f"{file.name} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            )
+    return None
+
+
+def list_checkpoints(output_dir: Path, warn: bool = True) -> List[Path]:
+    """The complete ``checkpoint-N`` folders of a run (:func:`checkpoint_problem`), oldest first; incomplete ones
+    are skipped, with a warning."""
     found = []
     for path in Path(output_dir).glob("checkpoint-*"):
         if not (path.is_dir() and CHECKPOINT_RE.search(path.name)):
             continue
-        if (path / "training_state.json").is_file():
+        problem = checkpoint_problem(path)
+        if problem is None:
             found.append(path)
-        else:
-            logger.warning(f"skipping {path}: not a complete checkpoint (no training_state.json)")
+        elif warn:
+            logger.warning(f"skipping {path}: not a complete checkpoint ({problem})")
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.search(p.name).group(1)))
 
 
 def resolve_checkpoint(args) -> Optional[Path]:
-    """The folder of ``--resume_from_checkpoint`` (``None`` for ``latest`` when the run has none)."""
+    """The complete checkpoint folder of ``--resume_from_checkpoint``: a ``checkpoint-N`` folder or its name in
+    ``--output_dir``, refused with the file at fault when incomplete; for ``latest`` the newest complete one (newer
+    incomplete ones are skipped with a warning), ``None`` when the run has no checkpoint at all.  A run whose
+    checkpoints are all incomplete is refused: starting it anew would write over them."""
+    flag = f"--resume_from_checkpoint {args.resume_from_checkpoint!r}"
     if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(Path(args.output_dir))
-        return found[-1] if found else None
+        output_dir = Path(args.output_dir)
+        found = list_checkpoints(output_dir)
+        if found:
+            return found[-1]
+        broken = sorted(
+            (p for p in output_dir.glob("checkpoint-*") if p.is_dir() and CHECKPOINT_RE.search(p.name)),
+            key=lambda p: int(CHECKPOINT_RE.search(p.name).group(1)),
+        )
+        if broken:
+            raise ArgumentError(
+                f"{flag}: no complete checkpoint in {str(output_dir)!r}; the newest, {str(broken[-1])!r}, is not "
+                f"complete ({checkpoint_problem(broken[-1])}): resume from a complete copy or move it away"
+            )
+        return None
     for path in (Path(args.resume_from_checkpoint), Path(args.output_dir) / args.resume_from_checkpoint):
         if path.is_dir():
-            if not (path / "training_state.json").is_file():
-                raise ArgumentError(
-                    f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: {str(path)!r} is "
-                    "not a complete checkpoint (no training_state.json: empty, or written by a "
-                    "killed run)"
-                )
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise ArgumentError(f"{flag}: {str(path)!r} is not a complete checkpoint ({problem})")
             return path
     raise ArgumentError(
-        f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: no such checkpoint folder "
-        "(accepted: a checkpoint-N folder, its name inside --output_dir, or 'latest')"
+        f"{flag}: no such checkpoint folder (accepted: a checkpoint-N folder, its name inside --output_dir, or "
+        "'latest')"
     )
 
 
@@ -816,6 +875,27 @@ def open_data(args):
         raise ArgumentError(
             f"--train_data_dir {args.train_data_dir!r} (stage {args.stage} reads {kind} rows): {e}"
         ) from None
+
+
+def check_texts(args, datasets: Dict[str, Dataset], tokenizer) -> None:
+    """Every text of the training data as the model will see it (adjacent text segments joined) and every
+    ``--validation_prompt`` get the pipelines' special-token check
+    (:func:`~diffusers_starflow2.utils.validation.check_special_tokens`), before anything trains: a caption holding
+    ``<|im_end|>`` would train the model on a control token the pipelines refuse."""
+    source = (
+        "--mixture: " if args.stage == 3 else "" if args.dataset_name else f"--train_data_dir {args.train_data_dir!r}: "
+    )
+    for dataset in datasets.values():
+        for where, key, pieces in dataset.texts():
+            try:
+                validation.check_special_tokens(pieces, key, tokenizer)
+            except ValueError as e:
+                raise ArgumentError(f"{source}{where}: {e}") from None
+    for prompt in args.validation_prompts or []:
+        try:
+            validation.check_special_tokens(prompt, "--validation_prompt", tokenizer)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
 
 
 def vision_teacher(args, vlm):
@@ -933,6 +1013,8 @@ def main(args: argparse.Namespace) -> dict:
     from diffusers_starflow2 import StarFlow2Pipeline, TarFlowScheduler
 
     check_args(args)
+    # before anything is written: a missing or incomplete checkpoint is refused with the run's files untouched
+    resume_path = resolve_checkpoint(args) if args.resume_from_checkpoint else None
     if args.stage == 3:  # fail on a bad spec before loading any model
         try:
             entries = parse_mixture(args.mixture)
@@ -972,6 +1054,7 @@ def main(args: argparse.Namespace) -> dict:
     pipe = StarFlow2Pipeline.from_pretrained(args.pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)  # validation sampling inside the training's progress bar
     vlm, tokenizer, transformer, vae = pipe.vlm, pipe.tokenizer, pipe.transformer, pipe.vae
+    check_texts(args, datasets, tokenizer)
     t0 = pipe.scheduler.config.min_noise_level if args.noise_level_min is None else args.noise_level_min
     t1 = pipe.scheduler.config.max_noise_level if args.noise_level_max is None else args.noise_level_max
     if t0 > t1:
@@ -1041,7 +1124,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     global_step = 0
     if args.resume_from_checkpoint:
-        path = resolve_checkpoint(args)
+        path = resume_path
         if path is None:
             logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run")
         else:
@@ -1052,9 +1135,17 @@ def main(args: argparse.Namespace) -> dict:
                     f"--resume_from_checkpoint {str(path)!r} was written by a different setup "
                     f"(checkpoint vs now): {mismatch}"
                 )
-            accelerator.load_state(str(path))
-            if ema is not None:
-                load_ema(ema, path, state)
+            try:
+                accelerator.load_state(str(path))
+                if ema is not None:
+                    load_ema(ema, path, state)
+            except ArgumentError:
+                raise
+            except Exception as e:  # a file whose header was whole but whose data is not, or another model's
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise ArgumentError(
+                    f"--resume_from_checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: {first})"
+                ) from None
             global_step = state["global_step"]
             logger.info(f"resumed from {path} at step {global_step}")
     log_path = output_dir / "train_log.jsonl"
@@ -1204,7 +1295,7 @@ def save_checkpoint(accelerator, args, trainer, ema, output_dir: Path, step: int
         write_json_atomic(tmp / "training_state.json", {"global_step": step, **run_signature, **extra})
         replace_path(tmp, final)
         if args.checkpoints_total_limit:
-            for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
+            for old in list_checkpoints(output_dir, warn=False)[: -args.checkpoints_total_limit]:
                 shutil.rmtree(old)
         logger.info(f"saved {final}")
     accelerator.wait_for_everyone()

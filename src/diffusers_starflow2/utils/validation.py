@@ -8,7 +8,10 @@ works on anything but what was checked.
 
 Special tokens of the tokenizer (``<|im_end|>``, ``<|image_pad|>``, ``</s>``, ...) typed inside a prompt are
 refused rather than escaped: the chat template renders the prompt as text that is tokenized as a whole, so a typed
-control token would become the real one (ending a turn early, or opening an image slot with no image).
+control token would become the real one (ending a turn early, or opening an image slot with no image).  They are
+looked for in the text as the model sees it: segments that are rendered next to each other (the text items of one
+message, the text parts of a forced answer, the rows of training data) are joined first, so a token split across
+two segments (``"what <|im_"`` + ``"end|>"``) is refused like a whole one (:func:`check_special_tokens`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ MAX_SCALE = 1e6
 # memory instead of failing.
 MAX_IMAGES_PER_CALL = 1024
 MAX_DENOISING_STEPS = 1000
+# Largest Jacobi window: far beyond any image's latent positions (a window longer than the image is the image).
+MAX_JACOBI_BLOCK_SIZE = 2**20
+# Floating dtypes a model's activations and caches may take (float8 and the like are storage formats only).
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # PIL modes whose conversion to RGB would clip values (16/32-bit integer, float): refused instead of misread.
 _HIGH_DEPTH_MODES = ("I", "F")
 
@@ -159,13 +166,16 @@ def check_images_per_prompt(
     return check_integer(num_images_per_prompt, name, minimum=1, maximum=max(MAX_IMAGES_PER_CALL // num_prompts, 1))
 
 
-def check_batch_size(batch_size: int) -> None:
-    """All images of one call (prompts x ``num_images_per_prompt``) within MAX_IMAGES_PER_CALL."""
+def check_batch_size(batch_size: int, name: str = "num_images_per_prompt") -> None:
+    """All images of one call within MAX_IMAGES_PER_CALL: those generated (prompts x ``num_images_per_prompt``) or,
+    with ``name="image"``, those given (e.g. to score with ``log_likelihood``)."""
     if batch_size > MAX_IMAGES_PER_CALL:
-        raise ValueError(
-            f"`num_images_per_prompt` times the number of prompts/images is {batch_size}; one call "
-            f"generates at most {MAX_IMAGES_PER_CALL} images"
+        what = (
+            "`num_images_per_prompt` times the number of prompts/images"
+            if name == "num_images_per_prompt"
+            else f"the number of images in `{name}`"
         )
+        raise ValueError(f"{what} is {batch_size}; one call takes at most {MAX_IMAGES_PER_CALL} images")
 
 
 def check_noise_level(noise_level: Any, name: str = "noise_level") -> float:
@@ -175,6 +185,72 @@ def check_noise_level(noise_level: Any, name: str = "noise_level") -> float:
 
 def check_output_type(output_type: Any, choices: Sequence[str] = ("pil", "np", "pt", "latent")) -> str:
     return check_choice(output_type, "output_type", choices)
+
+
+def check_jacobi(
+    jacobi_block_size: Any = None, jacobi_tolerance: Any = 1e-3, jacobi_max_iterations: Any = None
+) -> dict:
+    """The decoding mode of a call: ``jacobi_block_size`` None (exact sequential decoding) or an integer window in
+    ``[1, MAX_JACOBI_BLOCK_SIZE]``, ``jacobi_tolerance`` a finite number in ``[0, MAX_SCALE]``,
+    ``jacobi_max_iterations`` None (the window size) or an integer >= 1.  Returns them as Python numbers, by name."""
+    return dict(
+        jacobi_block_size=check_integer(
+            jacobi_block_size, "jacobi_block_size", minimum=1, maximum=MAX_JACOBI_BLOCK_SIZE, allow_none=True
+        ),
+        jacobi_tolerance=check_number(jacobi_tolerance, "jacobi_tolerance", minimum=0, maximum=MAX_SCALE),
+        jacobi_max_iterations=check_integer(
+            jacobi_max_iterations, "jacobi_max_iterations", minimum=1, maximum=MAX_JACOBI_BLOCK_SIZE, allow_none=True
+        ),
+    )
+
+
+# -- devices and dtypes ----------------------------------------------------------------------------------------------
+
+
+def _usable_devices() -> List[str]:
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    count = torch.accelerator.device_count() if accelerator is not None else 0
+    return ["cpu", "meta"] + [f"{accelerator.type}:{i}" for i in range(count)]
+
+
+def check_device(device: Any, name: str = "device", allow_none: bool = True) -> Optional[torch.device]:
+    """A device this build and machine can use (``cpu``, ``meta``, or an index of the build's accelerator: a
+    string, a ``torch.device`` or an accelerator index), returned as a ``torch.device``."""
+    if device is None and allow_none:
+        return None
+    accepted = f"a device of this machine ({', '.join(_usable_devices())})" + (" or None" if allow_none else "")
+    if isinstance(device, (bool, np.bool_)) or not isinstance(device, (str, torch.device, numbers.Integral)):
+        raise ValueError(f"`{name}` must be {accepted}; got {type(device).__name__} {_describe(device)}")
+    try:
+        parsed = torch.device(int(device) if isinstance(device, numbers.Integral) else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"`{name}` must be {accepted}; got {_describe(device)}") from None
+    if parsed.type not in ("cpu", "meta"):
+        usable = _usable_devices()
+        if f"{parsed.type}:{parsed.index or 0}" not in usable:
+            raise ValueError(f"`{name}` must be {accepted}; got {_describe(device)}, which this machine does not have")
+    return parsed
+
+
+def check_dtype(dtype: Any, name: str = "dtype", allow_none: bool = True) -> Optional[torch.dtype]:
+    """A compute dtype (:data:`COMPUTE_DTYPES`) or None."""
+    if dtype is None and allow_none:
+        return None
+    if not isinstance(dtype, torch.dtype) or dtype not in COMPUTE_DTYPES:
+        accepted = ", ".join(str(d) for d in COMPUTE_DTYPES) + (" or None" if allow_none else "")
+        raise ValueError(f"`{name}` must be a floating-point torch.dtype ({accepted}); got {_describe(dtype)}")
+    return dtype
+
+
+def check_tensor_values(tensor: torch.Tensor, name: str, device: Any = None, where: str = "") -> torch.Tensor:
+    """A given tensor whose values can be read: not on the ``meta`` device (nor a fake tensor), unless ``device``
+    (where it will be used) is ``meta`` too, as in a dry run of a model built on ``meta``."""
+    if not has_values(tensor) and torch.device(device if device is not None else "cpu").type != "meta":
+        raise ValueError(
+            f"`{name}`{where} is a tensor on the {tensor.device.type} device, which holds no values; pass it on "
+            f"a device of this machine ({', '.join(d for d in _usable_devices() if d != 'meta')})"
+        )
+    return tensor
 
 
 # -- text ------------------------------------------------------------------------------------------------------------
@@ -189,8 +265,39 @@ def special_tokens(tokenizer) -> List[str]:
     return sorted((t for t in tokens if t), key=len, reverse=True)
 
 
+def joined_texts(parts: Sequence[Any]) -> List[List[str]]:
+    """The runs of adjacent strings of ``parts`` (anything else, an image, ends a run): the pieces of text that are
+    rendered next to each other, each run then read as one text."""
+    runs, run = [], []
+    for part in parts:
+        if isinstance(part, str):
+            run.append(part)
+        else:
+            runs, run = runs + ([run] if run else []), []
+    return runs + ([run] if run else [])
+
+
+def check_special_tokens(pieces: Union[str, Sequence[str]], name: str, tokenizer, where: str = "") -> None:
+    """Refuse the tokenizer's special tokens in the text as the model sees it: ``pieces``, one text or the adjacent
+    segments that are rendered as one text, joined (so a token split across segments is found too).  The one
+    special-token check of the pipelines' prompts and of the training data."""
+    pieces = [pieces] if isinstance(pieces, str) else list(pieces)
+    text = "".join(pieces)
+    typed = [t for t in special_tokens(tokenizer) if t in text]
+    if not typed:
+        return
+    token = typed[0]
+    whole = any(token in p for p in pieces)
+    across = "" if whole or len(pieces) == 1 else f" where its segments {' + '.join(_describe(p) for p in pieces)} join"
+    raise ValueError(
+        f"`{name}`{where} contains the tokenizer's special token {token!r}{across}, which would act as a control "
+        f"token; special tokens are not accepted in text (remove or rephrase it)"
+    )
+
+
 def check_text(text: Any, name: str, tokenizer=None, allow_empty: bool = False, where: str = "") -> str:
-    """A string, not blank (unless ``allow_empty``), without the tokenizer's special tokens typed in it.
+    """A string, not blank (unless ``allow_empty``), without the tokenizer's special tokens typed in it
+    (:func:`check_special_tokens`).
 
     ``where`` locates the text inside the argument (e.g. ``" item 1"``) in messages.
     """
@@ -199,12 +306,7 @@ def check_text(text: Any, name: str, tokenizer=None, allow_empty: bool = False, 
     if not allow_empty and not text.strip():
         raise ValueError(f"`{name}`{where} must not be empty or blank; got {text!r}")
     if tokenizer is not None:
-        typed = [t for t in special_tokens(tokenizer) if t in text]
-        if typed:
-            raise ValueError(
-                f"`{name}`{where} contains the tokenizer's special token {typed[0]!r}, which would act as a "
-                f"control token; special tokens are not accepted in prompts (remove or rephrase it)"
-            )
+        check_special_tokens(text, name, tokenizer, where)
     return text
 
 
@@ -324,10 +426,15 @@ def check_conversation(
     ``messages`` are rendered chat messages (text items), ``images`` the images inside them, ``answer`` the forced
     beginning of the answer (strings, ``placeholder`` for an image to generate, or images).
     """
-    texts = [item["text"] for m in messages for item in m["content"] if item["type"] == "text"]
-    texts += [p for p in answer if isinstance(p, str) and p != placeholder]
-    for text in texts:
-        check_text(text, name, tokenizer, allow_empty=True)
+    # what the template renders as one text: the text items of a message side by side, the answer's forced text
+    # between its images (and the images to generate)
+    runs = [r for m in messages for r in joined_texts([i["text"] if i["type"] == "text" else i for i in m["content"]])]
+    runs += joined_texts([None if isinstance(p, str) and p == placeholder else p for p in answer])
+    for run in runs:
+        for text in run:
+            check_text(text, name, allow_empty=True)
+        check_special_tokens(run, name, tokenizer)
+    texts = [text for run in runs for text in run]
     answer_images = [p for p in answer if not isinstance(p, str) or p == placeholder]
     for image in list(images) + [p for p in answer_images if not isinstance(p, str)]:
         check_single_image(image, name)
@@ -412,15 +519,23 @@ def check_finite(tensor: torch.Tensor, name: str, where: str = "") -> torch.Tens
     return tensor
 
 
-def check_latents(latents: Any, shape: Sequence[int], name: str = "latents") -> torch.Tensor:
-    """User-supplied noise: a finite floating-point ``torch.Tensor`` (or numpy array) of exactly ``shape``."""
+def check_latents(
+    latents: Any, shape: Sequence[Optional[int]], name: str = "latents", device: Any = None
+) -> torch.Tensor:
+    """User-supplied noise or latents: a finite floating-point ``torch.Tensor`` (or numpy array) of exactly
+    ``shape`` (a ``None`` entry takes any size >= 1, e.g. the batch), holding values unless ``device`` is ``meta``
+    (:func:`check_tensor_values`)."""
     if isinstance(latents, np.ndarray) and np.issubdtype(latents.dtype, np.floating):
         latents = torch.from_numpy(latents)
+    layout = "(" + ", ".join("B" if d is None else str(d) for d in shape) + ")"
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
         kind = f"{type(latents).__name__}" + (f" of {latents.dtype}" if hasattr(latents, "dtype") else "")
-        raise ValueError(f"`{name}` must be a floating-point torch.Tensor of shape {tuple(shape)}; got {kind}")
-    if tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"`{name}` must have shape {tuple(shape)}; got {tuple(latents.shape)}")
+        raise ValueError(f"`{name}` must be a floating-point torch.Tensor of shape {layout}; got {kind}")
+    if latents.ndim != len(shape) or any(
+        (size < 1) if want is None else (size != want) for size, want in zip(latents.shape, shape)
+    ):
+        raise ValueError(f"`{name}` must have shape {layout}; got {tuple(latents.shape)}")
+    check_tensor_values(latents, name, device)
     return check_finite(latents, name)
 
 
@@ -488,6 +603,8 @@ def _array_to_tensor(image: Union[np.ndarray, torch.Tensor], name: str, where: s
         or (np.issubdtype(image.dtype, np.floating) if is_numpy else image.is_floating_point())
     ):
         raise ValueError(f"`{name}`{where} must hold uint8 or floating-point values; got {image.dtype}")
+    if not is_numpy:
+        check_tensor_values(image, name, where=where)  # its values are read here, whatever the model's device
     tensor = torch.from_numpy(np.ascontiguousarray(image)) if is_numpy else image.detach().cpu()
     if is_numpy:
         tensor = tensor.movedim(-1, -3)
@@ -530,6 +647,7 @@ def image_items(image: Any, name: str = "image") -> List[Union[PIL.Image.Image, 
             out.append(_pil_to_rgb(item, name, where))
         else:
             out += list(_array_to_tensor(item, name, where).split(1))
+    check_batch_size(len(out), name)  # batches inside the list count image by image
     return out
 
 
