@@ -206,3 +206,106 @@ def test_v1_embeddings_are_checked_like_diffusers(kwargs, name):
     pipe = make("v1", None)
     with pytest.raises(ValueError, match=f"`{name}"):
         pipe(**{**call_inputs("v1"), **kwargs})
+
+
+# -- callbacks ----------------------------------------------------------------------------------------------------
+
+
+def num_flow_steps(kind, pipe):
+    """The steps of ``callback_on_step_end`` that sample an image: one per flow block that is not an identity (the
+    STARFlow2 TARFlow stream is one block, followed by the shallow blocks)."""
+    if kind == "v1":
+        return sum(not block.is_identity for block in pipe.transformer.blocks)
+    return 1 + sum(not block.is_identity for block in pipe.transformer.shallow)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_callback_gets_the_whole_latents_once_per_flow_block_and_denoising_step(kind, starflow2_components):
+    pipe = make(kind, starflow2_components)
+    assert pipe._callback_tensor_inputs == ["latents"]
+    seen = []
+
+    def record(p, step, noise_level, kwargs):
+        seen.append((step, kwargs["latents"].clone(), p.num_timesteps))
+        return kwargs
+
+    out = images_of(kind, pipe(**call_inputs(kind, num_inference_steps=2, callback_on_step_end=record)))
+    n = num_flow_steps(kind, pipe)
+    assert [s[0] for s in seen] == list(range(n + 2)) and {s[2] for s in seen} == {n + 2} == {pipe.num_timesteps}
+    # STARFlow2: the flow's (B, N, C) tokens in raster order; STARFlow: the (B, C, H, W) latents throughout
+    flow_shape = out.shape if kind == "v1" else (1, pipe.transformer.num_latents, out.shape[1])
+    assert all(s[1].shape == flow_shape for s in seen[:n]) and all(s[1].shape == out.shape for s in seen[n:])
+    assert torch.equal(seen[-1][1], out)
+    # the names asked for are the names passed
+    names = []
+    pipe(**call_inputs(kind, callback_on_step_end=lambda p, i, t, kw: names.append(sorted(kw)) or {},
+                       callback_on_step_end_tensor_inputs=[]))  # fmt: skip
+    assert names == [[]] * n
+
+
+@torch.no_grad()
+def decoded(kind, pipe, latents, output_type="np"):
+    """Images of ``latents`` through the pipeline's decoder (an independent path: the decoder called directly)."""
+    if kind == "v1":
+        vae = pipe.vae
+        pixels = vae.decode(latents / vae.config.scaling_factor + (vae.config.shift_factor or 0)).sample
+        return pipe.image_processor.postprocess(pixels, output_type=output_type)
+    pixels = pipe.vae.decode_latents(latents).clamp(-1, 1)
+    return pipe.image_processor.postprocess(pixels, output_type=output_type)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("steps", [0, 1])
+def test_a_callback_zeroing_the_last_steps_latents_gives_the_decoding_of_zeros(kind, steps, starflow2_components):
+    pipe = make(kind, starflow2_components)
+
+    def zero_last(p, step, noise_level, kwargs):
+        return {"latents": torch.zeros_like(kwargs["latents"])} if step == p.num_timesteps - 1 else kwargs
+
+    inputs = call_inputs(kind, num_inference_steps=steps, callback_on_step_end=zero_last)
+    latents = images_of(kind, pipe(**inputs))
+    assert latents.abs().max() == 0
+    out = pipe(**{**inputs, "generator": gen(0), "output_type": "np"}).images
+    out = np.stack(out) if kind == "chat" else out
+    np.testing.assert_allclose(out, decoded(kind, pipe, torch.zeros_like(latents)), atol=1e-6, rtol=0)
+    plain = pipe(**{**inputs, "generator": gen(0), "output_type": "np", "callback_on_step_end": None}).images
+    assert np.abs(np.stack(plain) - out).max() > 1e-3
+
+
+def test_a_replaced_span_is_what_the_rest_of_the_conversation_sees(starflow2_components):
+    pipe = make("chat", starflow2_components)
+    prompt = ["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER]
+
+    def first_span(replace):
+        return lambda p, step, t, kwargs: {"latents": replace(kwargs["latents"])} if step == 0 else kwargs
+
+    plain = pipe(**call_inputs("chat", prompt=prompt)).images
+    cloned = pipe(**call_inputs("chat", prompt=prompt, callback_on_step_end=first_span(torch.clone))).images
+    zeroed = pipe(**call_inputs("chat", prompt=prompt, callback_on_step_end=first_span(torch.zeros_like))).images
+    # the replacement is fed to both caches again in one pass: the same span gives the same second image
+    torch.testing.assert_close(cloned[1], plain[1], atol=1e-5, rtol=0)
+    # and another span gives another one: the second image is sampled after the span the callback returned
+    assert (zeroed[1] - plain[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_interrupt_skips_the_remaining_steps(kind, starflow2_components):
+    pipe = make(kind, starflow2_components)
+    seen = []
+
+    def stop(p, step, noise_level, kwargs):
+        seen.append(kwargs["latents"])
+        p._interrupt = step == 0
+        return kwargs
+
+    out = images_of(kind, pipe(**call_inputs(kind, num_inference_steps=2, callback_on_step_end=stop)))
+    assert len(seen) == 1 and not pipe.interrupt  # the flag ends with the call
+    expected = seen[0] if kind == "v1" else pipe.transformer.tokens_to_latents(seen[0])
+    assert torch.equal(out, expected)  # the first flow block's latents, no later block nor denoising step
+
+
+def test_a_callback_returning_latents_of_another_shape_is_refused(starflow2_components):
+    pipe = make("t2i", starflow2_components)
+    wrong = lambda p, step, t, kwargs: {"latents": kwargs["latents"][:, :1]}  # noqa: E731
+    with pytest.raises(ValueError, match="`callback_on_step_end` must return `latents` of the shape"):
+        pipe(**call_inputs("t2i", callback_on_step_end=wrong))

@@ -213,12 +213,13 @@ def test_callbacks_and_progress_bar(pipe):
         return kwargs
 
     run(pipe, callback_on_step_end=record, num_inference_steps=2, noise_level=0.2, guidance_scale=1.5)
-    # once per latent position of every block, then once per denoising step; ``step`` counts both
-    assert [c[0] for c in calls] == list(range(num_tokens + 2))
-    assert {c[2] for c in calls[:num_tokens]} == {(1, 1, 4)} and {c[2] for c in calls[num_tokens:]} == {(1, 4, 4, 4)}
-    assert [c[1] for c in calls] == pytest.approx([0.2] * num_tokens + [0.2, 0.01])
+    # once per flow block, then once per denoising step (``step`` counts both), the whole latents each time
+    num_blocks = len(pipe.transformer.blocks)
+    assert [c[0] for c in calls] == list(range(num_blocks + 2))
+    assert {c[2] for c in calls} == {(1, 4, LATENT, LATENT)}
+    assert [c[1] for c in calls] == pytest.approx([0.2] * num_blocks + [0.2, 0.01])
     assert {c[3] for c in calls} == {1.5}
-    assert pipe.num_timesteps == num_tokens + 2
+    assert pipe.num_timesteps == num_blocks + 2
 
     ticks = {}
 
@@ -244,7 +245,7 @@ def test_callbacks_and_progress_bar(pipe):
 
 
 def test_callback_replaces_latents(pipe):
-    last = len(pipe.transformer.blocks) * LATENT**2  # the (only) denoising step
+    last = len(pipe.transformer.blocks)  # the (only) denoising step, after one step per flow block
 
     def zero_last(p, step, t, kwargs):
         return {"latents": torch.zeros_like(kwargs["latents"])} if step == last else {}
@@ -410,19 +411,28 @@ def test_log_likelihood_is_the_flow_density(pipe):
 
 
 def test_interrupt_stops_cleanly(pipe):
-    num_tokens = len(pipe.transformer.blocks) * LATENT**2
-    steps = []
+    from test_pipeline_starflow2 import StopAfter
 
-    def stop_at_5(p, step, t, kwargs):
-        steps.append(step)
-        p._interrupt = step == 5
+    made = []
+
+    def stop_at_0(p, step, t, kwargs):
+        made.append(kwargs["latents"])
+        p._interrupt = step == 0
         return {}
 
     noise = torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))
-    out = run(pipe, latents=noise, output_type="latent", callback_on_step_end=stop_at_5)
-    assert steps == list(range(6)) and not pipe.interrupt  # the flag ends with the call
-    # the deep block made 6 tokens, the rest kept their noise; no other block and no denoising step ran
+    out = run(pipe, latents=noise, output_type="latent", callback_on_step_end=stop_at_0)
+    assert len(made) == 1 and not pipe.interrupt  # the flag ends with the call
+    # the deep block ran, no other block and no denoising step: its latents are the output
     full = run(pipe, latents=noise, output_type="latent", num_inference_steps=0)
-    assert out.shape == full.shape and not torch.allclose(out, full)
+    assert torch.equal(out, made[0]) and not torch.allclose(out, full)
+
+    # interrupted during the deep block: 6 tokens made, the rest keep their noise, no step completed
+    pipe.progress_bar = StopAfter(pipe, 6)
+    try:
+        out = run(pipe, latents=noise, output_type="latent", callback_on_step_end=stop_at_0)
+    finally:
+        del pipe.progress_bar
+    assert len(made) == 1 and out.shape == full.shape
     same = (out == noise).all(dim=1).flatten()  # (N,) positions still holding their noise
-    assert int(same.sum()) == LATENT**2 - 6 and num_tokens > 6
+    assert int(same.sum()) == LATENT**2 - 6

@@ -203,29 +203,33 @@ def test_num_images_per_prompt(pipe):
     assert torch.allclose(images[2:3], generate(pipe, OTHER, seed=2), atol=1e-4)
 
 
-def test_callback_runs_once_per_latent_and_can_replace_latents(pipe):
+def test_callback_sees_each_flow_blocks_whole_latents_and_can_replace_them(pipe):
+    N, C = pipe.transformer.num_latents, pipe.transformer.config.latent_channels
     calls = []
 
     def record(p, step, noise_level, kwargs):
-        calls.append((step, tuple(kwargs["latents"].shape), float(noise_level)))
+        calls.append((step, kwargs["latents"].clone(), float(noise_level)))
         return {}
 
-    generate(pipe, [PROMPT, OTHER], seed=[0, 1], callback_on_step_end=record)
-    N = pipe.transformer.num_latents
-    assert [c[0] for c in calls] == list(range(N))
-    assert {c[1] for c in calls} == {(2, 1, pipe.transformer.config.latent_channels)}
+    noise = torch.randn(2, N, C, generator=gen(4))
+    out = generate(pipe, [PROMPT, OTHER], latents=noise, output_type="latent", callback_on_step_end=record)
+    # the TARFlow stream's span, then each of the two shallow blocks: the whole (B, N, C) latents each time
+    assert [c[0] for c in calls] == [0, 1, 2] and all(c[1].shape == (2, N, C) for c in calls)
     assert all(c[2] == pytest.approx(NOISE_LEVEL) for c in calls)
+    levels = torch.full((2,), NOISE_LEVEL)
+    torch.testing.assert_close(shallow_reverse(pipe.transformer, calls[0][1], levels, pipe.scheduler), out)
+    assert torch.equal(pipe.transformer.tokens_to_latents(calls[-1][1]), out)
 
     def zero(p, step, noise_level, kwargs):
-        return {"latents": torch.zeros_like(kwargs["latents"])}
+        return {"latents": torch.zeros_like(kwargs["latents"])} if step == 0 else {}
 
     plain = generate(pipe, seed=0, output_type="latent")
     zeroed = generate(pipe, seed=0, output_type="latent", callback_on_step_end=zero)
     zeroed_other_seed = generate(pipe, seed=1, output_type="latent", callback_on_step_end=zero)
     assert not torch.allclose(plain, zeroed, atol=1e-3)
     assert torch.equal(zeroed, zeroed_other_seed)  # the noise no longer matters
-    # every x~_i forced to zero: the image is the shallow inverse of an all-zero token sequence
-    expected = shallow_reverse(pipe.transformer, torch.zeros(1, N, 4), torch.full((1,), NOISE_LEVEL), pipe.scheduler)
+    # the span replaced by zeros: the image is the shallow inverse of an all-zero token sequence
+    expected = shallow_reverse(pipe.transformer, torch.zeros(1, N, C), torch.full((1,), NOISE_LEVEL), pipe.scheduler)
     assert torch.allclose(zeroed, expected, atol=1e-5)
 
 
@@ -469,7 +473,7 @@ def test_call_denoises_with_denoise_latents(pipe):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_callback_counts_latent_positions_then_denoising_steps(pipe):
+def test_callback_counts_flow_blocks_then_denoising_steps(pipe):
     calls = []
 
     def record(p, step, noise_level, kwargs):
@@ -477,27 +481,53 @@ def test_callback_counts_latent_positions_then_denoising_steps(pipe):
         return {}
 
     generate(pipe, PROMPT, guidance_scale=1.5, num_inference_steps=2, callback_on_step_end=record)
-    N = pipe.transformer.num_latents
-    assert [c[0] for c in calls] == list(range(N + 2))
-    assert {c[1] for c in calls[:N]} == {(1, 1, 4)} and {c[1] for c in calls[N:]} == {(1, 4, 4, 4)}
-    assert [c[2] for c in calls] == pytest.approx([NOISE_LEVEL] * N + [NOISE_LEVEL, 0.01])
-    assert {(c[3], c[4]) for c in calls} == {(1.5, N + 2)}
+    N, S = pipe.transformer.num_latents, 1 + len(pipe.transformer.shallow)  # the span, then each shallow block
+    assert [c[0] for c in calls] == list(range(S + 2))
+    assert {c[1] for c in calls[:S]} == {(1, N, 4)} and {c[1] for c in calls[S:]} == {(1, 4, 4, 4)}
+    assert [c[2] for c in calls] == pytest.approx([NOISE_LEVEL] * S + [NOISE_LEVEL, 0.01])
+    assert {(c[3], c[4]) for c in calls} == {(1.5, S + 2)}
+
+
+class StopAfter:
+    """A progress bar that interrupts the call after ``n`` latent positions (as a user's other thread would)."""
+
+    def __init__(self, pipe, n):
+        self.pipe, self.n = pipe, n
+
+    def __call__(self, total):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+    def update(self, n=1):
+        self.n -= n
+        self.pipe._interrupt = self.pipe._interrupt or self.n <= 0
 
 
 def test_interrupt_returns_what_was_made(pipe):
     made = []
 
-    def stop_after_4(p, step, noise_level, kwargs):
+    def stop_at_0(p, step, noise_level, kwargs):
         made.append(kwargs["latents"])
-        p._interrupt = step == 3
+        p._interrupt = step == 0
         return {}
 
     noise = torch.randn(1, pipe.transformer.num_latents, 4, generator=gen(6))
-    out = pipe(
-        PROMPT, latents=noise, num_inference_steps=2, output_type="latent", callback_on_step_end=stop_after_4
-    ).images
-    assert len(made) == 4 and not pipe.interrupt
-    # the 4 latents made, the rest still noise, no denoising: the shallow inverse of that token sequence
-    tokens = torch.cat([torch.cat(made, dim=1), noise[:, 4:]], dim=1)
-    expected = shallow_reverse(pipe.transformer, tokens, torch.full((1,), NOISE_LEVEL), pipe.scheduler)
-    assert torch.allclose(out, expected, atol=1e-5)
+    out = pipe(PROMPT, latents=noise, num_inference_steps=2, output_type="latent", callback_on_step_end=stop_at_0)
+    assert len(made) == 1 and not pipe.interrupt
+    # the span made, no shallow block and no denoising step run: the span's latents are the output
+    assert torch.equal(out.images, pipe.transformer.tokens_to_latents(made[0]))
+
+    # interrupted during the span: 4 positions made, the rest still noise, no step completed
+    pipe.progress_bar = StopAfter(pipe, 4)
+    try:
+        out = pipe(PROMPT, latents=noise, num_inference_steps=2, output_type="latent", callback_on_step_end=stop_at_0)
+    finally:
+        del pipe.progress_bar
+    assert len(made) == 1 and not pipe.interrupt
+    tokens = out.images.flatten(2).transpose(1, 2)  # (1, N, C)
+    assert torch.equal(tokens[:, :4], made[0][:, :4]) and torch.equal(tokens[:, 4:], noise[:, 4:])

@@ -133,7 +133,7 @@ def test_three_branch_guidance_batched(pipe, source):
     two = pipe(source, prompts, guidance_scale=2.0, image_guidance_scale=1.0, generator=[seeded(0), seeded(1)], **FAST)
     single = pipe(source, prompts[1], guidance_scale=2.0, image_guidance_scale=1.5, generator=seeded(1), **FAST)
     assert three.images.shape == (2, 4, 4, 4) and (three.state.num_branches, two.state.num_branches) == (3, 2)
-    assert three.state.cache.batch_size == 6 and steps == list(range(pipe.transformer.num_latents))
+    assert three.state.cache.batch_size == 6 and steps == list(range(1 + len(pipe.transformer.shallow)))
     assert (three.images - two.images).abs().max() > 1e-3
     torch.testing.assert_close(three.images[1:], single.images, atol=1e-4, rtol=0)
 
@@ -264,17 +264,17 @@ def test_from_pretrained_loads_a_saved_starflow2_pipeline(pipe, components, sour
 def test_interrupt_returns_the_partial_image_without_state(pipe, source):
     steps = []
 
-    def stop_at_2(p, step, t, kwargs):
+    def stop_at_1(p, step, t, kwargs):
         steps.append(step)
-        p._interrupt = step == 2
+        p._interrupt = step == 1
         return {}
 
     out = pipe(
-        source, PROMPT, generator=seeded(0), callback_on_step_end=stop_at_2, num_inference_steps=1, output_type="latent"
+        source, PROMPT, generator=seeded(0), callback_on_step_end=stop_at_1, num_inference_steps=1, output_type="latent"
     )
     full = pipe(source, PROMPT, generator=seeded(0), num_inference_steps=0, output_type="latent")
-    assert steps == [0, 1, 2] and out.state is None and out.images.shape == full.images.shape
-    assert full.state is not None and pipe.num_timesteps == pipe.transformer.num_latents
+    assert steps == [0, 1] and out.state is None and out.images.shape == full.images.shape
+    assert full.state is not None and pipe.num_timesteps == 1 + len(pipe.transformer.shallow)  # the flow blocks
 
 
 @pytest.mark.parametrize("guidance_scale, image_guidance_scale", [(2.0, 1.5), (0.0, 1.0)])

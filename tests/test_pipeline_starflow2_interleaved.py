@@ -215,7 +215,7 @@ def test_bad_inputs(pipe, prompt, kwargs, name):
 
 
 def test_callback_steps_count_across_images_and_interrupt_ends_the_answer(pipe):
-    N = pipe.transformer.num_latents
+    S = 1 + len(pipe.transformer.shallow)  # the flow blocks of an image
     steps = []
     kwargs = dict(max_new_tokens=0, generator=gen(2), output_type="latent", num_inference_steps=1)
     out = pipe(
@@ -223,15 +223,15 @@ def test_callback_steps_count_across_images_and_interrupt_ends_the_answer(pipe):
         callback_on_step_end=lambda p, step, t, kw: steps.append(step) or {},
         **kwargs,
     )
-    assert len(out.segments) == 2 and steps == list(range(2 * (N + 1)))
-    assert pipe.num_timesteps == N + 1
+    assert len(out.segments) == 2 and steps == list(range(2 * (S + 1)))
+    assert pipe.num_timesteps == S + 1
 
-    def stop_at_5(p, step, t, kw):
-        p._interrupt = step == 5
+    def stop_in_first(p, step, t, kw):
+        p._interrupt = step == 1  # the first image's second flow block
         return {}
 
     stopped = pipe(
-        ["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER], callback_on_step_end=stop_at_5, **kwargs
+        ["two images", IMAGE_PLACEHOLDER, "and", IMAGE_PLACEHOLDER], callback_on_step_end=stop_in_first, **kwargs
     )
     assert len(stopped.segments) == 1 and stopped.segments[0].shape == out.segments[0].shape
 

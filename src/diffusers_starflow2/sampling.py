@@ -280,13 +280,16 @@ def sample_starflow(
     jacobi_block_size: Optional[int] = None,
     jacobi_tolerance: float = 1e-3,
     jacobi_max_iterations: Optional[int] = None,
+    block_callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Noise ``(B, C, H, W)`` -> latents with a STARFlow (v1) stack: the deep block first (guided against
     ``negative_encoder_hidden_states`` when ``guidance_scale > 0``), then the shallow blocks in reverse.
 
     ``callback(i, x_i)`` runs after every token of every block (``i`` counts them all, deep block first;
-    ``x_i (B, 1, C p p)`` is the token just made, in its block's scan order) and may return a replacement; once
-    ``stop()`` is true the remaining tokens and blocks are skipped.
+    ``x_i (B, 1, C p p)`` is the token just made, in its block's scan order) and may return a replacement.
+    ``block_callback(k, latents)`` runs after the ``k``-th block that is not an identity, with the stack's whole
+    latents ``(B, C, H, W)`` at that moment, and may return a replacement that the next blocks invert.  Once
+    ``stop()`` is true the remaining tokens and blocks are skipped (an interrupted block gets no block callback).
 
     ``jacobi_block_size`` (None: exact sequential decoding), ``jacobi_tolerance``, ``jacobi_max_iterations``: Jacobi
     decoding of every block, see :func:`sample_autoregressive`.
@@ -310,10 +313,13 @@ def sample_starflow(
         made += 1
         return callback(made - 1, x_i) if callback is not None else x_i
 
-    for block in reversed(model.blocks):
-        x = sample_flow_block(block, x, grid, scheduler, guidance, text, mask, callback=on_token, stop=stop, **jacobi)
+    blocks = [block for block in reversed(model.blocks) if not block.is_identity]
+    for k, block in enumerate(blocks):
         if stop is not None and stop():
             break
+        x = sample_flow_block(block, x, grid, scheduler, guidance, text, mask, callback=on_token, stop=stop, **jacobi)
+        if block_callback is not None and not (stop is not None and stop()):
+            x = model.to_tokens(block_callback(k, model.to_latents(x, grid)).float())[0]
     return model.to_latents(x, grid).to(noise.dtype)
 
 
@@ -333,12 +339,16 @@ def sample_image_tokens(
     callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
     stop: Optional[Callable[[], bool]] = None,
     idle: Optional[torch.Tensor] = None,
+    span_callback: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     **jacobi,
 ) -> torch.Tensor:
     """Sample one image span ``x~ (B, n, C)`` left to right; every latent enters both caches as it is made.
 
     The cache must end with ``<|vision_start|>`` and hold ``guidance.branches`` stacked along its batch.
-    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).  ``idle`` ``(B,)``: True
+    ``callback``/``stop`` as in :func:`sample_autoregressive` (``n < N`` only when stopped).  ``span_callback(x)``
+    runs once the whole span ``(B, N, C)`` is made (not when stopped) and may return a replacement: both caches are
+    then cut back to ``<|vision_start|>`` and the replacement is fed in one pass, so that every later position sees
+    the span that is returned.  ``idle`` ``(B,)``: True
     for samples that sit the span out (in every branch): they take padding positions, which no later position sees,
     and are given the parameters ``(0, 1)`` so that their tokens stay fixed (and never hold a Jacobi window back);
     their tokens mean nothing.  ``jacobi``: its ``jacobi_block_size``, ``jacobi_tolerance``,
@@ -379,6 +389,7 @@ def sample_image_tokens(
             f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
             f"{guidance.branches} of {noise.shape[0]} samples"
         )
+    start = cache.snapshot()
     compiled = transformer.image_step_for(vlm) if not jacobi.get("jacobi_block_size") else None
     static = None
     if compiled is not None:  # exact decoding, the whole step one compiled graph (compile_decode_step(vlm=...))
@@ -389,7 +400,7 @@ def sample_image_tokens(
 
     try:
         with packed_weights(vlm, transformer):  # the VLM's transformers layers and the Pretzel's other linears
-            return sample_autoregressive(
+            tokens = sample_autoregressive(
                 step_fn if static is None else static_step_fn,
                 params(cache.last_flow_hidden),
                 noise,
@@ -403,17 +414,39 @@ def sample_image_tokens(
     finally:
         if static is not None:
             static.close()
+    if span_callback is None or tokens.shape[1] < noise.shape[1]:
+        return tokens
+    replaced = span_callback(tokens)
+    if replaced is not tokens:
+        cache.restore(start)
+        with packed_weights(vlm, transformer):
+            span_step(replaced.float().repeat(branches, 1, 1))
+    return replaced.float()
 
 
 @torch.no_grad()
 def shallow_reverse(
-    transformer: PretzelModel, tokens: torch.Tensor, noise_level: torch.Tensor, scheduler: TarFlowScheduler, **jacobi
+    transformer: PretzelModel,
+    tokens: torch.Tensor,
+    noise_level: torch.Tensor,
+    scheduler: TarFlowScheduler,
+    block_callback: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+    stop: Optional[Callable[[], bool]] = None,
+    **jacobi,
 ) -> torch.Tensor:
-    """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse);
+    """Intermediate tokens ``x~ (B, N, C)`` -> noisy FAE latents ``(B, C, h, w)`` (shallow blocks in reverse).
+
+    ``block_callback(k, x)`` runs after the ``k``-th shallow block that is not an identity with the tokens
+    ``(B, N, C)`` it made, and may return a replacement; once ``stop()`` is true the remaining blocks are skipped.
     ``jacobi`` as in :func:`sample_flow_block`."""
     cond = transformer.noise_embedding(noise_level)
-    for block in reversed(transformer.shallow):
-        tokens = sample_flow_block(block, tokens, transformer.grid, scheduler, cond=cond, **jacobi)
+    blocks = [block for block in reversed(transformer.shallow) if not block.is_identity]
+    for k, block in enumerate(blocks):
+        if stop is not None and stop():
+            break
+        tokens = sample_flow_block(block, tokens, transformer.grid, scheduler, cond=cond, stop=stop, **jacobi)
+        if block_callback is not None and not (stop is not None and stop()):
+            tokens = block_callback(k, tokens).float()
     return transformer.tokens_to_latents(tokens)
 
 

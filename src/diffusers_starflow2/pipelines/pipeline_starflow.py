@@ -33,6 +33,7 @@ from .pipeline_utils import (
     check_prompt,
     postprocess_images,
     prepare_noise,
+    progress_per_token,
     resolve_callback_tensor_inputs,
     resolve_num_inference_steps,
 )
@@ -81,10 +82,13 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
     Generation has two kinds of steps, which are the unit of ``callback_on_step_end`` and of the progress bar
     (see :class:`FlowPipelineMixin`):
 
-    1. one step per latent position of every flow block, in sampling order (the deep, text-reading block first);
-       the callback's ``latents`` is the ``(B, 1, C p p)`` token just made, in its block's scan order.
+    1. one step per flow block (that is not an identity), in sampling order (the deep, text-reading block first);
     2. ``num_inference_steps`` denoising steps, which remove the Gaussian noise of standard deviation
-       ``noise_level`` that the flow was trained on; the callback's ``latents`` are the whole latents.
+       ``noise_level`` that the flow was trained on.
+
+    After each step the callback's ``latents`` are the image's whole latents ``(B, C, H, W)`` (the VAE's, times its
+    scaling factor), and the latents it returns are those the next steps start from.  The progress bar counts the
+    latent positions of every flow block, then the denoising steps.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -406,8 +410,9 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (skip VAE decoding).
             return_dict: return a :class:`StarFlowPipelineOutput` instead of a tuple.
             callback_on_step_end: ``callback(pipe, step_index, noise_level, callback_kwargs) -> dict`` called after each
-                latent position and each denoising step (see the class docstring); ``noise_level`` is a tensor with
-                the level of the latents the step started from. Returning ``{"latents": ...}`` replaces them.
+                flow block and each denoising step with the whole latents ``(B, C, H, W)`` (see the class
+                docstring); ``noise_level`` is a tensor with the level of the latents the step started from.
+                Returning ``{"latents": ...}`` replaces them from then on; ``pipe._interrupt = True`` stops the call.
             callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (a subset of
                 ``_callback_tensor_inputs``).
             prompt_embeds, negative_prompt_embeds: ``(B, L, d_model)`` text features from :meth:`encode_prompt`
@@ -482,14 +487,10 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
 
         p = self.transformer.config.patch_size
         num_tokens = (latents.shape[2] // p) * (latents.shape[3] // p)
-        num_flow_steps = self._num_flow_ticks(num_tokens)
+        num_flow_steps = sum(not block.is_identity for block in self.transformer.blocks)
         self._begin_call(guidance_scale, num_flow_steps + num_inference_steps, callback_on_step_end, tensor_inputs)
         level = torch.tensor(noise_level, device=device)
-        with self.progress_bar(total=num_flow_steps + num_inference_steps) as progress_bar:
-
-            def on_token(i, x_i):
-                progress_bar.update()
-                return self._step_end(level, x_i)
+        with self.progress_bar(total=self._num_flow_ticks(num_tokens) + num_inference_steps) as progress_bar:
 
             def on_denoising_step(i, t, x):
                 progress_bar.update()
@@ -504,8 +505,9 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
                 negative_prompt_embeds,
                 guidance_scale,
                 scheduler=self.scheduler,
-                callback=on_token,
+                callback=progress_per_token(progress_bar),
                 stop=stop,
+                block_callback=lambda k, x: self._step_end(level, x),
                 **jacobi,
             )
             if not self.interrupt:

@@ -33,6 +33,7 @@ from .pipeline_utils import (
     check_prompt,
     postprocess_images,
     prepare_noise,
+    progress_per_token,
     resolve_callback_tensor_inputs,
     resolve_num_inference_steps,
 )
@@ -163,6 +164,12 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
     def _batch(self, layouts: Sequence[TokenLayout]):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return pad_layouts(layouts, pad, side="left", device=self._execution_device)
+
+    @property
+    def num_flow_steps(self) -> int:
+        """Steps of ``callback_on_step_end`` that sample one image: the Pretzel's TARFlow stream, then each shallow
+        flow block that is not an identity (the denoising steps follow)."""
+        return 1 + sum(not block.is_identity for block in self.transformer.shallow)
 
     def _onload_pretzel(self) -> None:
         """The VLM and the Pretzel run together: both on the execution device (see :meth:`_onload`)."""
@@ -370,13 +377,16 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         """Sample one image span in ``cache`` (which ends with ``<|vision_start|>``) and denoise it.
 
         Returns ``(tokens, latents)``: the intermediate latents ``x~ (B, N, C)`` now in both caches, and the
-        denoised FAE latents ``(B, C, h, w)``.  Every latent position and denoising step is a step of the running
-        call (:class:`FlowPipelineMixin`): its ``callback_on_step_end`` sees the ``(B, 1, C)`` latent just sampled
-        (before it enters the caches) and may replace it.  When the call is interrupted, positions not sampled keep
-        their noise (and are not in the caches) and denoising is skipped.  ``idle`` ``(B,)``: True for samples that
-        sit the image out on padding positions (see :func:`sample_image_tokens`); only the other samples' tokens
-        and latents are returned.  ``noise_level``: the level the samples of ``cache`` sit at, as the caller knows it
-        (default: read from the cache, which needs its values: not on ``meta``).
+        denoised FAE latents ``(B, C, h, w)``.  Each flow block (the Pretzel's TARFlow stream, then the shallow
+        blocks in reverse) and each denoising step is a step of the running call (:class:`FlowPipelineMixin`): its
+        ``callback_on_step_end`` sees the image's whole latents once the step is done, ``(B, N, C)`` in raster
+        order after a flow block and ``(B, C, h, w)`` after a denoising step, and what it returns is used from then
+        on (a replaced span is fed to both caches again, so the rest of a conversation sees it).  When the call is
+        interrupted, positions not sampled keep their noise (and are not in the caches) and the remaining steps are
+        skipped.  ``idle`` ``(B,)``: True for samples that sit the image out on padding positions (see
+        :func:`sample_image_tokens`); only the other samples' tokens and latents are returned (and passed to the
+        callback).  ``noise_level``: the level the samples of ``cache`` sit at, as the caller knows it (default: read
+        from the cache, which needs its values: not on ``meta``).
         """
         self._onload_pretzel()
         vlm, transformer = self.vlm_stream, self.transformer
@@ -386,14 +396,17 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
             rows = rows[~idle.to(rows.device)]
         snap = cache.snapshot()
         level = cache.noise_level[0]
+
+        def on_span(tokens: torch.Tensor) -> torch.Tensor:  # (B, N, C), the idle rows' tokens meaning nothing
+            made = tokens[rows]
+            replaced = self._step_end(level, made)
+            if replaced is made:
+                return tokens
+            return tokens.index_copy(0, rows, replaced.to(tokens.dtype))
+
+        stop = lambda: self.interrupt  # noqa: E731
+        jacobi = getattr(self, "_jacobi", {})  # the running call's decoding mode
         with self.progress_bar(total=N) as progress_bar:
-
-            def on_latent(i, x_i):
-                x_i = self._step_end(level, x_i)
-                progress_bar.update()
-                return x_i
-
-            jacobi = getattr(self, "_jacobi", {})  # the running call's decoding mode
             tokens = sample_image_tokens(
                 transformer,
                 vlm,
@@ -401,19 +414,28 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
                 noise,
                 self.scheduler,
                 guidance,
-                on_latent,
-                stop=lambda: self.interrupt,
+                progress_per_token(progress_bar),
+                stop=stop,
                 idle=idle,
+                span_callback=on_span,
                 **jacobi,
             )
         tokens = torch.cat([tokens, noise[:, tokens.shape[1] :].to(tokens.dtype)], dim=1)[rows]  # (B', N, C)
         levels = cache.noise_level[rows]
-        latents = shallow_reverse(transformer, tokens, levels, self.scheduler, **jacobi)
+        latents = shallow_reverse(
+            transformer,
+            tokens,
+            levels,
+            self.scheduler,
+            block_callback=lambda k, x: self._step_end(level, x),
+            stop=stop,
+            **jacobi,
+        )
         if num_inference_steps > 0 and not self.interrupt:
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
             context.select(rows)
-            level = float(levels[0]) if noise_level is None else noise_level
-            latents = self._denoise_in_context(context, latents, num_inference_steps, level)
+            at = float(levels[0]) if noise_level is None else noise_level
+            latents = self._denoise_in_context(context, latents, num_inference_steps, at)
         return tokens, latents
 
     def _denoise_in_context(
@@ -639,10 +661,10 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`StarFlow2PipelineOutput` instead of a tuple.
             callback_on_step_end: ``callback(pipe, step, noise_level, callback_kwargs) -> dict`` called once per
-                latent position, then once per denoising step (``step`` counts both; see
-                :class:`FlowPipelineMixin`): ``callback_kwargs["latents"]`` is the ``(B, 1, C)`` latent just sampled,
-                or the ``(B, C, h, w)`` latents after a denoising step, and may be replaced by returning
-                ``{"latents": new}``.  Setting ``pipe._interrupt = True`` stops the call.
+                flow block, then once per denoising step (``step`` counts both; see :class:`FlowPipelineMixin`):
+                ``callback_kwargs["latents"]`` holds the image's whole latents, ``(B, N, C)`` after a flow block and
+                ``(B, C, h, w)`` after a denoising step; returning ``{"latents": new}`` replaces them from then on.
+                Setting ``pipe._interrupt = True`` stops the call.
             callback_on_step_end_tensor_inputs: tensors passed to the callback (``["latents"]``).
             max_sequence_length: maximum number of tokens of a prompt.
             jacobi_block_size: None (default) decodes every latent position exactly, one at a time; an int decodes
@@ -694,7 +716,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         )
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts)
-        self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
+        self._begin_call(guidance_scale, self.num_flow_steps + steps, callback_on_step_end, tensor_inputs)
         _, image_latents = self.generate_image(cache, noise, guidance, 0)
         validation.check_finite_output(image_latents, "image latents")  # before denoise_latents checks them as input
         if not self.interrupt:

@@ -261,7 +261,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             num_inference_steps: Tweedie denoising steps (default ``scheduler.config.num_denoising_steps``).
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a :class:`StarFlow2EditPipelineOutput` instead of a tuple ``(images, state)``.
-            callback_on_step_end: as in :class:`StarFlow2Pipeline`: once per latent position, then once per
+            callback_on_step_end: as in :class:`StarFlow2Pipeline`: once per flow block, then once per
                 denoising step (``step`` counts both); ``pipe._interrupt = True`` stops the call (``state`` is then
                 None).
             callback_on_step_end_tensor_inputs: tensors passed to the callback (``["latents"]``).
@@ -330,7 +330,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             torch.float32,
             latents,
         )
-        self._begin_call(guidance_scale, transformer.num_latents + steps, callback_on_step_end, tensor_inputs)
+        self._begin_call(guidance_scale, self.num_flow_steps + steps, callback_on_step_end, tensor_inputs)
         tokens, image_latents = self.generate_image(cache, noise, guidance, steps, noise_level=noise_level)
         new_state = None
         if not self.interrupt:  # an interrupted image is not in the caches as a whole: nothing to continue

@@ -455,7 +455,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         processors = _text_processors(o.temperature, o.top_k, o.top_p)
         self._begin_call(
             o.guidance.guidance_scale,
-            self.transformer.num_latents + o.num_inference_steps,
+            self.num_flow_steps + o.num_inference_steps,
             o.callback_on_step_end,
             o.tensor_inputs,
         )
@@ -783,7 +783,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 conversation, which makes each conversation's output its output alone, or one shared).
             noise_level, num_inference_steps, output_type, callback_on_step_end,
                 callback_on_step_end_tensor_inputs: as in :class:`StarFlow2Pipeline` (the callback's step counts
-                latent positions and denoising steps across all images of the answer; an interruption ends the
+                flow blocks and denoising steps across all images of the answer; an interruption ends the
                 answer with the image being made).
             callback_on_segment: called with each segment as soon as it is complete (streaming).
             jacobi_block_size, jacobi_tolerance, jacobi_max_iterations: as in :class:`StarFlow2Pipeline`, for every

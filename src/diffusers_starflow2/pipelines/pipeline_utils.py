@@ -81,6 +81,16 @@ def resolve_num_inference_steps(num_inference_steps: Optional[int], kwargs: dict
     return num_inference_steps
 
 
+def progress_per_token(progress_bar) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """A sampling loop's per-token callback that only advances ``progress_bar`` (the tokens stay as made)."""
+
+    def on_token(i: int, x_i: torch.Tensor) -> torch.Tensor:
+        progress_bar.update()
+        return x_i
+
+    return on_token
+
+
 def prepare_noise(
     shape: Tuple[int, ...],
     generator: Generator,
@@ -153,14 +163,15 @@ class FlowPipelineMixin(AtomicSaveMixin, StarFlowHubMixin):
     """The call contract every STARFlow pipeline shares (with an atomic ``save_pretrained`` and a ``push_to_hub``
     that writes a model card).
 
-    * ``callback_on_step_end(pipe, step, noise_level, callback_kwargs)`` runs once per latent position while an
-      image is sampled and once per denoising step; ``step`` counts both, in call order, across all images of the
-      call.  ``callback_kwargs["latents"]`` is what the step just made (the latent(s) of the position, or the whole
-      latents after a denoising step); returning ``{"latents": new}`` replaces it.
-    * ``guidance_scale``, ``num_timesteps`` (steps of one image: latent positions plus denoising steps) and
+    * ``callback_on_step_end(pipe, step, noise_level, callback_kwargs)`` runs once per flow block of an image (in
+      sampling order) and once per denoising step; ``step`` counts both, in call order, across all images of the
+      call.  ``callback_kwargs["latents"]`` holds the image's whole latents once the step is done (each pipeline
+      documents their layout); returning ``{"latents": new}`` (same shape) makes ``new`` the latents every later
+      step starts from.  The progress bar counts latent positions, which are finer than these steps.
+    * ``guidance_scale``, ``num_timesteps`` (steps of one image: flow blocks plus denoising steps) and
       ``interrupt`` describe the running call; setting ``pipe._interrupt = True`` in a callback stops the call
-      cleanly: positions not sampled yet keep their noise, the remaining denoising steps are skipped, and what was
-      made is returned.
+      cleanly: the remaining steps are skipped and what was made is returned (set from elsewhere during a flow
+      block, it also stops the block: positions not sampled yet keep their noise).
     """
 
     _guidance_scale: float = 0.0
@@ -225,4 +236,10 @@ class FlowPipelineMixin(AtomicSaveMixin, StarFlowHubMixin):
             return latents
         kwargs = {name: value for name, value in {"latents": latents}.items() if name in self._step_callback_inputs}
         outputs = self._step_callback(self, step, noise_level, kwargs) or {}
-        return outputs.get("latents", latents)
+        replaced = outputs.get("latents", latents)
+        if replaced is not latents and (not isinstance(replaced, torch.Tensor) or replaced.shape != latents.shape):
+            raise ValueError(
+                f"`callback_on_step_end` must return `latents` of the shape it was given {tuple(latents.shape)}; got "
+                f"{tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced).__name__}"
+            )
+        return replaced
