@@ -13,7 +13,7 @@ Measures, on held-out material of the world (fresh jitters and wordings never se
 
 Prints a markdown table and writes a grid of samples (PNG).
 
-    python benchmarks/eval_world.py [--model DIR] [--seeds 2] [--grid benchmarks/world_samples.png]
+    python benchmarks/eval_world.py [--model DIR] [--seeds 2] [--grid docs/images/world_samples.png]
                                     [--annealed_guidance]
 
 ``--annealed_guidance`` samples with the scheduler's annealed guidance (ml-itarflow's ramp: the ``k``-th of ``N``
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("--chat_edits", type=int, default=64, help="held-out chats with a colour edit, per wording")
     parser.add_argument("--bpd", type=int, default=60)
     parser.add_argument("--guidance_scale", type=float, default=2.0)
-    parser.add_argument("--grid", default=str(REPO / "benchmarks" / "world_samples.png"))
+    parser.add_argument("--grid", default=str(REPO / "docs" / "images" / "world_samples.png"))
     parser.add_argument(
         "--annealed_guidance", action="store_true", help="sample with annealed guidance (the scheduler's option)"
     )

@@ -29,7 +29,7 @@ from .pipelines import (
     StarFlowPipelineOutput,
 )
 from .schedulers import GuidanceSpec, TarFlowScheduler, TarFlowSchedulerOutput
-from .utils.hub import register_with_diffusers
+from .utils.hub import EMBEDDED_MODEL, register_with_diffusers
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+from .utils.hub import EMBEDDED_MODEL
+
+DEFAULT_MODEL = Path(EMBEDDED_MODEL)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_NUM_IMAGES = 64

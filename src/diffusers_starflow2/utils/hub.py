@@ -18,6 +18,8 @@ import tempfile
 from typing import Optional
 
 LIBRARY = "diffusers_starflow2"
+# The embedded model: a tiny STARFlow2 (32x32 images) trained on the synthetic shapes world, shipped in the package.
+EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
 INSTALL_LINE = "pip install diffusers-starflow2"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
