@@ -119,6 +119,7 @@ CLI_CASES = [
     ),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--device", "toaster"], "--device"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--device", "cuda:99"], "--device"),
+    (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--device", "meta"], "--device"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{model}", "--dtype", "float8"], "--dtype"),
     (["generate", "a red circle", "--model", "{model}"], "--output"),
     (["generate", "a red circle", "-o", "{tmp}/x.png", "--model", "{nan_model}"], "NaN"),

@@ -88,23 +88,18 @@ def _model_source(path: Optional[str]) -> str:
 
 
 def _device(name: Optional[str]):
-    import torch
+    """``--device`` checked by the pipelines' device check (a device of this machine), ``meta`` excepted: nothing
+    computed there could be written out."""
+    from .utils.validation import check_device
 
     if name is None:
         return None
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, mps)") from None
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
-    }
-    if not available.get(device.type, False):
-        raise CLIError(f"--device {name!r} is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CLIError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        device = check_device(name, "--device", allow_none=False)
+    except ValueError as err:
+        raise CLIError(str(err).replace("`--device`", "--device", 1)) from None
+    if device.type == "meta":
+        raise CLIError(f"--device {name!r} holds no values, so no image could be written; use cpu or an accelerator")
     return device
 
 

@@ -260,6 +260,18 @@ class ArgumentError(ValueError):
     """A bad command-line argument (the message names it)."""
 
 
+def check_flags(args: argparse.Namespace, check, names: Sequence[str], **bounds) -> None:
+    """The shared number check ``check`` (:mod:`~diffusers_starflow2.utils.validation`) of each ``--name``, its
+    refusal an :class:`ArgumentError` naming the flag as typed (a flag left out, None, is not checked)."""
+    for name in names:
+        if getattr(args, name) is None:
+            continue
+        try:
+            check(getattr(args, name), f"--{name}", **bounds)
+        except ValueError as e:
+            raise ArgumentError(str(e).replace(f"`--{name}`", f"--{name}", 1)) from None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Raise :class:`ArgumentError` naming the offending argument, its value and what is accepted."""
     try:  # a pipeline folder or a Hub repo id (loaded through the Hugging Face cache)
@@ -291,25 +303,24 @@ def check_args(args: argparse.Namespace) -> None:
             )
         if args.train_data_dir and not Path(args.train_data_dir).is_dir():
             raise ArgumentError(f"--train_data_dir {args.train_data_dir!r} is not a folder")
-    positive = (
-        "max_train_steps",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "num_validation_images",
+    check_flags(
+        args,
+        validation.check_integer,
+        (
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "num_validation_images",
+        ),
+        minimum=1,
     )
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ArgumentError(f"--{name} must be an integer >= 1; got {getattr(args, name)}")
-    for name in ("checkpointing_steps", "checkpoints_total_limit", "validation_steps", "lora_rank"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ArgumentError(f"--{name} must be an integer >= 1; got {getattr(args, name)}")
-    finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731
-    for name in ("learning_rate", "lora_alpha", "adam_epsilon"):
-        value = getattr(args, name)
-        if value is not None and not (finite(value) and value > 0):
-            raise ArgumentError(f"--{name} must be a finite number > 0; got {value}")
-    for name in (
+    optional_counts = ("checkpointing_steps", "checkpoints_total_limit", "validation_steps", "lora_rank")
+    check_flags(args, validation.check_integer, optional_counts, minimum=1)
+    check_flags(args, validation.check_integer, ("lr_warmup_steps", "num_workers"), minimum=0)
+    positive = ("learning_rate", "lora_alpha", "adam_epsilon")
+    check_flags(args, validation.check_number, positive, minimum=0, exclusive_minimum=True)
+    non_negative = (
         "max_grad_norm",
         "adam_weight_decay",
         "text_loss_weight",
@@ -317,20 +328,21 @@ def check_args(args: argparse.Namespace) -> None:
         "min_learning_rate",
         "noise_level_min",
         "noise_level_max",
-    ):
-        value = getattr(args, name)
-        if value is not None and not (finite(value) and value >= 0):
-            raise ArgumentError(f"--{name} must be a finite number >= 0; got {value}")
-    for name in ("lr_warmup_steps", "num_workers"):
-        if getattr(args, name) < 0:
-            raise ArgumentError(f"--{name} must be an integer >= 0; got {getattr(args, name)}")
-    for name in ("caption_dropout", "adam_beta1", "adam_beta2"):
-        value = getattr(args, name)
-        if not (finite(value) and 0 <= value <= 1) or (name != "caption_dropout" and value == 1):
-            accepted = "[0, 1]" if name == "caption_dropout" else "[0, 1)"
-            raise ArgumentError(f"--{name} must be in {accepted}; got {value}")
-    if not (finite(args.ema_decay) and 0 < args.ema_decay < 1):
-        raise ArgumentError(f"--ema_decay must be in (0, 1); got {args.ema_decay}")
+    )
+    check_flags(args, validation.check_number, non_negative, minimum=0)
+    check_flags(args, validation.check_number, ("caption_dropout",), minimum=0, maximum=1)
+    check_flags(
+        args, validation.check_number, ("adam_beta1", "adam_beta2"), minimum=0, maximum=1, exclusive_maximum=True
+    )
+    check_flags(
+        args,
+        validation.check_number,
+        ("ema_decay",),
+        minimum=0,
+        maximum=1,
+        exclusive_minimum=True,
+        exclusive_maximum=True,
+    )
     if args.min_learning_rate > args.learning_rate:
         raise ArgumentError(
             f"--min_learning_rate ({args.min_learning_rate}) must be <= --learning_rate ({args.learning_rate})"

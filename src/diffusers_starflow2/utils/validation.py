@@ -66,12 +66,12 @@ def _describe(value: Any) -> str:
 # -- numbers ---------------------------------------------------------------------------------------------------------
 
 
-def _range_text(minimum, maximum, exclusive_minimum: bool) -> str:
+def _range_text(minimum, maximum, exclusive_minimum: bool, exclusive_maximum: bool = False) -> str:
     parts = []
     if minimum is not None:
         parts.append(f"{'>' if exclusive_minimum else '>='} {minimum}")
     if maximum is not None:
-        parts.append(f"<= {maximum}")
+        parts.append(f"{'<' if exclusive_maximum else '<='} {maximum}")
     return " and ".join(parts)
 
 
@@ -89,17 +89,19 @@ def check_number(
     maximum: Optional[float] = None,
     exclusive_minimum: bool = False,
     allow_none: bool = False,
+    exclusive_maximum: bool = False,
 ) -> Optional[float]:
     """A finite real number (int, float or numpy scalar; not bool) in range, returned as ``float``."""
     if value is None and allow_none:
         return None
     value = _plain_number(value)
-    bounds = _range_text(minimum, maximum, exclusive_minimum)
+    bounds = _range_text(minimum, maximum, exclusive_minimum, exclusive_maximum)
     accepted = "a finite number" + (f" {bounds}" if bounds else "") + (" or None" if allow_none else "")
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be {accepted}; got {_describe(value)}")
     too_low = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
-    if too_low or (maximum is not None and value > maximum):
+    too_high = maximum is not None and (value >= maximum if exclusive_maximum else value > maximum)
+    if too_low or too_high:
         raise ValueError(f"`{name}` must be {accepted}; got {value}")
     return float(value)
 
