@@ -62,3 +62,59 @@ chat = StarFlow2InterleavedPipeline.from_pipe(pipe)
 print("answer:", chat([image, "what color is the shape?"], max_new_tokens=3, guidance_scale=0.0).text)
 print("gpu_check: the pipelines ran on CUDA")
 PY
+
+# Low precision and offload on CUDA (tiny pipelines): float8 layerwise casting close to bfloat16 (the CPU tests'
+# bounds), model CPU offload and the autoencoder's group offload (block / leaf level, with a CUDA stream) equal to
+# the plain CUDA run; group offload of the autoregressive models and sequential offload refuse with a ValueError.
+python - <<'PY'
+import torch
+
+from diffusers_starflow2 import StarFlow2EditPipeline
+from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+gen = lambda: torch.Generator("cpu").manual_seed(0)
+
+
+def make():
+    pipe = StarFlow2EditPipeline(**build_tiny_starflow2_components(seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe):
+    source = torch.rand(3, 32, 32, generator=gen())
+    return pipe(source, "make it blue", generator=gen(), num_inference_steps=1, output_type="pt").images.float().cpu()
+
+
+bf16 = run(make().to("cuda", torch.bfloat16))
+pipe = make().to("cuda", torch.bfloat16)
+for model in (pipe.transformer, pipe.vae):
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+diff = (run(pipe) - bf16).abs()
+print(f"float8 layerwise casting vs bfloat16 on CUDA: mean {diff.mean():.4f} max {diff.max():.4f}")
+assert diff.mean() < 0.03 and diff.max() < 0.15
+
+plain = run(make().to("cuda"))
+pipe = make()
+pipe.enable_model_cpu_offload(device="cuda")
+print("model CPU offload vs plain CUDA:", (run(pipe) - plain).abs().max().item())
+torch.testing.assert_close(run(pipe), plain, atol=1e-4, rtol=1e-4)
+for kwargs in (dict(offload_type="block_level", num_blocks_per_group=1), dict(offload_type="leaf_level"),
+               dict(offload_type="leaf_level", use_stream=True)):
+    pipe = make()
+    pipe.vlm.to("cuda"), pipe.transformer.to("cuda")
+    pipe.vae.enable_group_offload(torch.device("cuda"), **kwargs)
+    out = run(pipe)
+    print(f"FAE group offload {kwargs} vs plain CUDA:", (out - plain).abs().max().item())
+    torch.testing.assert_close(out, plain, atol=1e-4, rtol=1e-4)
+for refused in (lambda p: p.enable_group_offload(torch.device("cuda")),
+                lambda p: p.transformer.enable_group_offload(torch.device("cuda")),
+                lambda p: p.enable_sequential_cpu_offload(device="cuda")):
+    try:
+        refused(make())
+    except ValueError as e:
+        print("refused:", str(e)[:90], "...")
+    else:
+        raise AssertionError("expected a ValueError")
+print("gpu_check: low precision and offload ran on CUDA")
+PY

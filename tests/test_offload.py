@@ -1,5 +1,6 @@
 """diffusers' memory features: enable_model_cpu_offload() moves every model the pipelines run (its hooks fire, counted
-here), and enable_sequential_cpu_offload() refuses with a ValueError that says why."""
+here), the FAE's enable_group_offload() onloads every layer encode/decode run, and enable_sequential_cpu_offload()
+and the autoregressive models' enable_group_offload() refuse with a ValueError that says why."""
 
 from collections import Counter
 
@@ -74,3 +75,81 @@ def test_sequential_cpu_offload_refuses_and_says_why():
     for pipe in (make(StarFlow2Pipeline, offload=False), StarFlowPipeline(**build_components())):
         with pytest.raises(ValueError, match=r"enable_sequential_cpu_offload\(\).*meta.*enable_model_cpu_offload"):
             pipe.enable_sequential_cpu_offload()
+
+
+@pytest.fixture
+def poisoned_group_offload(monkeypatch):
+    """diffusers' group offloading on the CPU moves nothing (onload and offload device are one), so here an
+    offloaded tensor holds NaN until its group is onloaded: a layer that runs without its hook bringing its weights in
+    spoils the output.  Returns the count of onloads."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    stash, onloads = {}, Counter()
+    offload, onload = ModuleGroup.offload_, ModuleGroup.onload_
+
+    def tensors(group):
+        for module in group.modules:
+            yield from module.parameters()
+            yield from module.buffers()
+        yield from group.parameters or []
+        yield from group.buffers or []
+
+    def poisoned_offload(group):
+        offload(group)
+        for t in tensors(group):
+            if t.is_floating_point() and id(t) not in stash:
+                stash[id(t)] = t.data
+                t.data = torch.full_like(t.data, float("nan"))
+
+    def restoring_onload(group):
+        onloads["groups"] += 1
+        for t in tensors(group):
+            if id(t) in stash:
+                t.data = stash.pop(id(t))
+        onload(group)
+
+    monkeypatch.setattr(ModuleGroup, "offload_", poisoned_offload)
+    monkeypatch.setattr(ModuleGroup, "onload_", restoring_onload)
+    return onloads
+
+
+EDIT = CALLS[StarFlow2EditPipeline]  # encodes the source image and decodes the result: both halves of the FAE
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offload_of_the_autoencoder_onloads_every_layer_it_runs(offload_type, poisoned_group_offload):
+    expected = EDIT(make(StarFlow2EditPipeline, offload=False))
+    pipe = make(StarFlow2EditPipeline, offload=False)
+    pipe.vae.enable_group_offload(torch.device("cpu"), offload_type=offload_type, num_blocks_per_group=1)
+    assert all(p.isnan().all() for p in pipe.vae.decoder.parameters())  # offloaded = poisoned until onloaded
+    torch.testing.assert_close(EDIT(pipe), expected)
+    assert poisoned_group_offload["groups"] > 0
+
+
+def test_poisoned_group_offload_catches_a_layer_run_without_its_hook(poisoned_group_offload, monkeypatch):
+    """The check above can fail: without naming the parts encode/decode call, block-level offloading of the FAE leaves
+    them in the group of the FAE's own forward, which the pipelines never call."""
+    from diffusers_starflow2 import AutoencoderFAE
+
+    monkeypatch.setattr(AutoencoderFAE, "_group_offload_block_modules", None)
+    pipe = make(StarFlow2EditPipeline, offload=False)
+    pipe.vae.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    with pytest.raises(ValueError, match="NaN|inf|finite"):
+        out = EDIT(pipe)
+        assert torch.isfinite(out).all()  # (only reached if the pipeline let NaN through)
+
+
+def test_group_offload_of_the_autoregressive_models_refuses_and_says_why():
+    from test_pipeline_starflow import build_components
+
+    starflow = StarFlowPipeline(**build_components())
+    pipe = make(StarFlow2Pipeline, offload=False)
+    for target in (pipe, starflow):
+        with pytest.raises(
+            ValueError, match=r"enable_group_offload\(\).*per latent position.*enable_model_cpu_offload"
+        ):
+            target.enable_group_offload(torch.device("cpu"))
+    for model in (pipe.transformer, starflow.transformer):
+        with pytest.raises(ValueError, match=rf"{type(model).__name__}.*per latent position.*vae.enable_group_offload"):
+            model.enable_group_offload(torch.device("cpu"))
+        assert not hasattr(model, "_diffusers_hook")  # refused before any hook was attached

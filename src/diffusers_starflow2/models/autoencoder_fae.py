@@ -331,6 +331,8 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["FlowTransformerLayer", "FAEEncoder", "Dinov2Layer", "Dinov2Embeddings"]
+    # enable_group_offload(offload_type="block_level"): encode/decode call these parts, not this model's forward
+    _group_offload_block_modules = ["dinov2", "encoder", "decoder", "pixel_decoder"]
 
     @register_to_config
     def __init__(

@@ -38,6 +38,7 @@ from .flow_block import (
     compile_decode_graphs,
     compile_static_step,
     flow_nll,
+    refuse_group_offload,
     rope_angles,
     rope_tables,
 )
@@ -738,6 +739,9 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         g = self.static_stream(flow_in, flow_positions, cond, key_padding_mask, slots, flow_keys, flow_values, filled)
         mu, sigma = self.latent_params(g)
         return h, flow_in, g, mu, sigma
+
+    def enable_group_offload(self, *args, **kwargs) -> None:
+        refuse_group_offload(self)
 
     def compile_decode_step(
         self, mode: Optional[str] = "max-autotune", vlm: Optional[nn.Module] = None, **compile_kwargs

@@ -16,7 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from .flow_block import LOG_2PI, AutoregressiveFlowBlock, bits_per_dim, flow_nll
+from .flow_block import LOG_2PI, AutoregressiveFlowBlock, bits_per_dim, flow_nll, refuse_group_offload
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -183,6 +183,9 @@ class StarFlowTransformerModel(ModelMixin, ConfigMixin):
                 )
             )
         self.blocks = torch.nn.ModuleList(blocks)
+
+    def enable_group_offload(self, *args, **kwargs) -> None:
+        refuse_group_offload(self)
 
     def compile_decode_step(self, mode: Optional[str] = "max-autotune", **compile_kwargs) -> None:
         """``torch.compile`` the decode step of every flow block (one graph per block, query count and cache size,

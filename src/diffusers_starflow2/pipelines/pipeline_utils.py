@@ -229,6 +229,14 @@ class FlowPipelineMixin(AtomicSaveMixin, StarFlowHubMixin):
             "enable_model_cpu_offload() instead"
         )
 
+    def enable_group_offload(self, *args, **kwargs):
+        raise ValueError(
+            "enable_group_offload() cannot run the STARFlow pipelines: sampling runs the transformer and the text "
+            "model once per latent position through decode steps, not through forward, which the offload hooks "
+            "never see; use enable_model_cpu_offload(), or group-offload only the autoencoder "
+            "(`pipe.vae.enable_group_offload(...)`) with the other models on the device"
+        )
+
     def _step_end(self, noise_level: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """Count one step and run ``callback_on_step_end`` on it; returns ``latents`` or their replacement."""
         step, self._step_index = self._step_index, self._step_index + 1
