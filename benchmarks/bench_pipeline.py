@@ -49,13 +49,14 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import peak_kb, reset_peak, rss_kb  # noqa: E402
 
 PROMPT = "a red circle on the left of a blue square"
 EDIT_PROMPT = "make the circle blue"
+INTERLEAVED_PROMPT = "draw a red circle on the left"
+WEIGHTS = ("float32", "bfloat16", "int8")  # diffusers_starflow2.utils.quantization.WEIGHTS
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,6 +141,11 @@ def worker(args: argparse.Namespace) -> None:
     params = sum(p.numel() for name in ("vlm", "transformer", "vae") for p in getattr(pipe, name).parameters())
 
     options = dict(jacobi_block_size=args.jacobi_block_size) if args.jacobi_block_size else {}
+    if args.weights != "float32":
+        from diffusers_starflow2.utils.quantization import quantize_components
+
+        quantize_components(pipe, args.weights)
+    B = args.batch
     if args.pipeline == "edit":
         import numpy as np
 
@@ -147,48 +153,68 @@ def worker(args: argparse.Namespace) -> None:
 
         pipe = StarFlow2EditPipeline.from_pipe(pipe)
         image = np.random.default_rng(0).random((pipe.image_size, pipe.image_size, 3)).astype(np.float32)
-        inputs = dict(image=image, prompt=EDIT_PROMPT, image_guidance_scale=1.5 if args.guidance > 0 else 1.0)
+        inputs = dict(
+            image=[image] * B if B > 1 else image,
+            prompt=[EDIT_PROMPT] * B if B > 1 else EDIT_PROMPT,
+            image_guidance_scale=1.5 if args.guidance > 0 else 1.0,
+        )
+    elif args.pipeline == "interleaved":
+        from diffusers_starflow2 import StarFlow2InterleavedPipeline
+        from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER
+
+        pipe = StarFlow2InterleavedPipeline.from_pipe(pipe)
+        # one image the answer must draw right away, and the one text token after it
+        conversation = [INTERLEAVED_PROMPT, IMAGE_PLACEHOLDER]
+        inputs = dict(prompt=[conversation] * B if B > 1 else conversation, max_new_tokens=1, max_images=1)
     else:
-        inputs = dict(prompt=PROMPT)
+        inputs = dict(prompt=[PROMPT] * B if B > 1 else PROMPT)
 
     def call(seed: int, steps: int):
+        generator = [torch.Generator().manual_seed(seed + i) for i in range(B)]
         return pipe(
             **inputs,
             guidance_scale=args.guidance,
             num_inference_steps=steps,
             output_type="np",
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator if B > 1 else generator[0],
             **options,
-        ).images
+        )
 
     compile_seconds, eager = None, None
     if args.compile:
         import copy
 
+        from diffusers_starflow2.utils.compile_cache import load_compile_cache, save_compile_cache
+
         eager = copy.deepcopy(pipe.transformer)  # timed in turn with the compiled one
         start = time.perf_counter()
-        pipe.transformer.compile_decode_step()
+        if args.compile_cache:
+            load_compile_cache(args.compile_cache)
+        pipe.transformer.compile_decode_step(vlm=pipe.vlm)  # the documented fast path
         call(0, 1)
         compile_seconds = time.perf_counter() - start
+        if args.compile_cache:
+            save_compile_cache(args.compile_cache)
     elif args.warmup:
         call(0, 1)
     results = {}
-    for steps in (0, 1):
-        wall, cpu, peaks, eager_cpu = [], [], [], []
+    for steps in args.steps:
+        wall, cpu, peaks, eager_cpu, diffs = [], [], [], [], []
         for seed in range(args.repeats):
             gc.collect()
             reset_ok = reset_peak()
             start, start_cpu = time.perf_counter(), time.process_time()
-            call(seed, steps)
+            out = call(seed, steps)
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
             peaks.append(peak_kb(reset_ok))
             if eager is not None:  # the same call with the eager transformer, right after
                 compiled, pipe.transformer = pipe.transformer, eager
                 start_cpu = time.process_time()
-                call(seed, steps)
+                expected = call(seed, steps)
                 eager_cpu.append(time.process_time() - start_cpu)
                 pipe.transformer = compiled
+                diffs.append(max_image_diff(out, expected))
         results[steps] = dict(
             seconds=statistics.median(wall),
             cpu_seconds=statistics.median(cpu),
@@ -196,6 +222,7 @@ def worker(args: argparse.Namespace) -> None:
             delta_mb=(max(peaks) - built) / 1024,
             per_call_peak=reset_ok,
             eager_cpu_seconds=statistics.median(eager_cpu) if eager_cpu else None,
+            max_diff=max(diffs) if diffs else None,
         )
     print(
         json.dumps(
@@ -205,6 +232,9 @@ def worker(args: argparse.Namespace) -> None:
                 params=params,
                 positions=pipe.transformer.num_latents,
                 image_size=pipe.image_size,
+                pipeline=args.pipeline,
+                batch=B,
+                weights=args.weights,
                 compile_seconds=compile_seconds,
                 weight_bytes=weight_bytes(pipe),
                 results=results,
@@ -213,13 +243,31 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
+def max_image_diff(out, expected) -> float:
+    """Max abs difference of two calls' images (pixels in [0, 1]; a batch, or the images of each conversation)."""
+    import numpy as np
+
+    def images(o):
+        o = o if isinstance(o, list) else [o]
+        return np.concatenate([np.asarray(x.images, dtype=np.float32).reshape(-1) for x in o])
+
+    return float(np.abs(images(out) - images(expected)).max())
+
+
 def weight_bytes(pipe) -> dict:
     """Bytes of weights an image reads: at every latent position the VLM's decoder layers and the Pretzel's deep
     stream with the projections around it, and the shallow flows' layers once per latent and flow."""
     transformer = pipe.transformer
 
+    try:
+        from diffusers_starflow2.utils.quantization import stored_nbytes
+    except ImportError:  # an older checkout: plain tensors only
+
+        def stored_nbytes(p):
+            return p.numel() * p.element_size()
+
     def size(*modules) -> int:
-        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        return sum(stored_nbytes(p) for m in modules for p in m.parameters())
 
     deep = transformer.deep
     per_position = size(
@@ -249,44 +297,59 @@ def read_bandwidth() -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(
-    config: str,
-    guidance: float,
-    repeats: int,
-    warmup: bool,
-    threads: int,
-    jacobi_block_size: Optional[int],
-    compile: bool = False,
-    pipeline: str = "text2image",
-) -> dict:
-    cmd = (
-        [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--worker",
-            "--config",
-            config,
-            "--guidance",
-            str(guidance),
-            "--repeats",
-            str(repeats),
-            "--threads",
-            str(threads),
-        ]
-        + (["--warmup"] if warmup else [])
-        + (["--jacobi-block-size", str(jacobi_block_size)] if jacobi_block_size else [])
-        + (["--compile"] if compile else [])
-        + ["--pipeline", pipeline]
-    )
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+def run_worker(args: argparse.Namespace, config: str, guidance: float, **overrides) -> dict:
+    """One worker subprocess; ``overrides`` replace ``args`` fields (``pipeline``, ``batch``, ``weights``,
+    ``repeats``, ``steps``)."""
+    opts = dict(pipeline=args.pipeline, batch=1, weights="float32", repeats=args.repeats, steps=args.steps, warmup=True)
+    opts.update(overrides)
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--config",
+        config,
+        "--guidance",
+        str(guidance),
+        "--repeats",
+        str(opts["repeats"]),
+        "--threads",
+        str(args.threads),
+        "--pipeline",
+        opts["pipeline"],
+        "--batch",
+        str(opts["batch"]),
+        "--weights",
+        opts["weights"],
+        "--steps",
+        ",".join(map(str, opts["steps"])),
+    ]
+    cmd += ["--warmup"] if opts["warmup"] else []
+    cmd += ["--jacobi-block-size", str(args.jacobi_block_size)] if args.jacobi_block_size else []
+    cmd += ["--compile"] if args.compile else []
+    env = dict(os.environ)
+    if args.compile_cache:  # only the saved artifacts carry over: each worker starts on an empty inductor cache
+        import tempfile
+
+        cmd += ["--compile-cache", args.compile_cache]
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def pipeline_line(name: str) -> str:
+    if name == "edit":
+        return f"StarFlow2EditPipeline: a random image, instruction {EDIT_PROMPT!r} (image guidance 1.5 with CFG)"
+    if name == "interleaved":
+        return f"StarFlow2InterleavedPipeline: [{INTERLEAVED_PROMPT!r}, <image>], one text token after the image"
+    return f"StarFlow2Pipeline: prompt {PROMPT!r}"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny, mid, embedded")
     parser.add_argument("--guidance", type=float, default=2.0, help="guidance scale of the CFG-on rows")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default tiny 3, mid 1)")
+    parser.add_argument("--cfg", choices=("both", "on", "off"), default="both", help="rows with CFG on, off or both")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per setting (default tiny 5, mid 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="one timed call per setting, no warm-up for mid")
     parser.add_argument(
@@ -296,97 +359,163 @@ def main(argv=None) -> None:
         help="Jacobi decoding with this window (default tolerance 1e-3); default exact decoding",
     )
     parser.add_argument(
-        "--compile", action="store_true", help="compile the transformer's decode steps (compile_decode_step) first"
+        "--compile",
+        action="store_true",
+        help="the fast path first: pipe.transformer.compile_decode_step(vlm=pipe.vlm)",
     )
-    parser.add_argument("--pipeline", choices=("text2image", "edit"), default="text2image")
+    parser.add_argument(
+        "--compile-cache",
+        default=None,
+        help="folder of the compiled graphs' cache artifacts (with --compile): loaded before compiling, saved after; "
+        "a second process then times a warm compile",
+    )
+    parser.add_argument(
+        "--pipeline", default="text2image", help="comma-separated: text2image, edit, interleaved (one row set each)"
+    )
+    parser.add_argument("--batch", default="1", help="comma-separated images per call (e.g. 1,4,16)")
+    parser.add_argument("--weights", default="float32", help=f"comma-separated weight dtypes of {WEIGHTS}")
+    parser.add_argument("--steps", default="0,1", help="comma-separated denoising steps timed")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.steps = [int(x) for x in str(args.steps).split(",")]
     if args.worker:
+        args.batch = int(args.batch)
         return worker(args)
+    pipelines, weights = args.pipeline.split(","), args.weights.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    for name in pipelines:
+        if name not in ("text2image", "edit", "interleaved"):
+            print(f"bench_pipeline.py: unknown pipeline {name!r} (text2image, edit, interleaved)", file=sys.stderr)
+            sys.exit(2)
+    for dtype in weights:
+        if dtype not in WEIGHTS:
+            print(f"bench_pipeline.py: unknown weights {dtype!r} ({', '.join(WEIGHTS)})", file=sys.stderr)
+            sys.exit(2)
 
     start = time.perf_counter()
     rows = []
+    guidances = {"both": (args.guidance, 0.0), "on": (args.guidance,), "off": (0.0,)}[args.cfg]
     for config in args.configs.split(","):
         repeats = args.repeats or (1 if args.quick else 2 if config == "mid" else 5)
         warmup = not (args.quick and config == "mid")
-        for guidance in (args.guidance, 0.0):
-            print(f"running {config}, guidance {guidance} ...", file=sys.stderr, flush=True)
-            rows.append(
-                run_worker(
-                    config,
-                    guidance,
-                    repeats,
-                    warmup,
-                    args.threads,
-                    args.jacobi_block_size,
-                    args.compile,
-                    args.pipeline,
-                )
-            )
-
-    per_call = all(r["results"]["0"]["per_call_peak"] for r in rows)
-    if args.pipeline == "edit":
-        pipeline_line = (
-            f"StarFlow2EditPipeline, a random image, instruction {EDIT_PROMPT!r} (image guidance 1.5 with CFG)"
+        for name in pipelines:
+            for dtype in weights:
+                for batch in batches:
+                    for guidance in guidances:
+                        print(
+                            f"running {config} {name} {dtype} batch {batch}, guidance {guidance} ...", file=sys.stderr
+                        )
+                        row = run_worker(
+                            args,
+                            config,
+                            guidance,
+                            pipeline=name,
+                            batch=batch,
+                            weights=dtype,
+                            repeats=repeats,
+                            warmup=warmup,
+                        )
+                        rows.append(row)
+    warm = None
+    if args.compile and args.compile_cache:  # the first row again, in a new process, on the saved artifacts
+        first = rows[0]
+        print("running the first row again on the saved compile cache ...", file=sys.stderr)
+        warm = run_worker(
+            args,
+            first["config"],
+            first["guidance"],
+            pipeline=first["pipeline"],
+            batch=first["batch"],
+            weights=first["weights"],
+            repeats=1,
+            steps=[0],
         )
-    else:
-        pipeline_line = f"StarFlow2Pipeline, prompt {PROMPT!r}"
+
+    per_call = all(res["per_call_peak"] for r in rows for res in r["results"].values())
+    print()
+    for name in pipelines:
+        print(pipeline_line(name))
     print(
-        f"\n{pipeline_line}, CPU, {args.threads} thread(s), batch 1, random weights; "
+        f"CPU, {args.threads} thread(s), random weights; "
         f"peak RSS {'per call (VmHWM reset)' if per_call else 'since process start (ru_maxrss)'}; "
         f"{f'Jacobi decoding, window {args.jacobi_block_size}' if args.jacobi_block_size else 'exact decoding'}"
-        f"{', compiled decode steps (compile_decode_step)' if args.compile else ''}; "
+        f"{', compiled (pipe.transformer.compile_decode_step(vlm=pipe.vlm))' if args.compile else ''}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
         f"total benchmark time {time.perf_counter() - start:.0f} s\n"
     )
     print(
-        "| config | params | image | CFG | denoise steps | s/image (wall) | CPU s/image | peak RSS MB | "
-        "+RSS MB | positions/s |"
+        "| config | pipeline | weights | batch | params | image | CFG | denoise steps | s/image (wall) | CPU s/image | "
+        "images/s (wall) | peak RSS MB | +RSS MB | positions/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        for steps in ("0", "1"):
-            res = r["results"][steps]
+        for steps, res in r["results"].items():
             cfg = f"on (w={r['guidance']:g})" if r["guidance"] > 0 else "off"
+            B = r["batch"]
             print(
-                f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['image_size']}px, {r['positions']} latents | "
-                f"{cfg} | {steps} | {res['seconds']:.3f} | {res['cpu_seconds']:.3f} | {res['peak_mb']:.0f} | "
-                f"{res['delta_mb']:.0f} | {r['positions'] / res['cpu_seconds']:.0f} |"
+                f"| {r['config']} | {r['pipeline']} | {r['weights']} | {B} | {r['params'] / 1e6:.1f}M | "
+                f"{r['image_size']}px, {r['positions']} latents | {cfg} | {steps} | {res['seconds'] / B:.3f} | "
+                f"{res['cpu_seconds'] / B:.3f} | {B / res['seconds']:.3f} | {res['peak_mb']:.0f} | "
+                f"{res['delta_mb']:.0f} | {B * r['positions'] / res['cpu_seconds']:.0f} |"
             )
     if args.compile:
-        print("\n| config | CFG | compile + first call (s) |")
-        print("|---|---|---|")
-        for r in rows:
-            print(f"| {r['config']} | {'on' if r['guidance'] > 0 else 'off'} | {r['compile_seconds']:.1f} |")
-        print("\nEager and compiled transformer, each call made with both in turn (median CPU s/image):\n")
-        print("| config | CFG | denoise steps | eager | compiled | eager / compiled |")
+        print("\n| config | pipeline | weights | batch | CFG | compile + first call (s) |")
         print("|---|---|---|---|---|---|")
         for r in rows:
-            for steps in ("0", "1"):
-                res = r["results"][steps]
-                e, c = res["eager_cpu_seconds"], res["cpu_seconds"]
+            cfg = "on" if r["guidance"] > 0 else "off"
+            print(
+                f"| {r['config']} | {r['pipeline']} | {r['weights']} | {r['batch']} | {cfg} | "
+                f"{r['compile_seconds']:.1f} |"
+            )
+        if warm is not None:
+            print(
+                f"\nCompile + first call of the first row: cold {rows[0]['compile_seconds']:.1f} s (empty cache "
+                f"folder), warm {warm['compile_seconds']:.1f} s (a new process on the artifacts saved in "
+                f"{args.compile_cache})"
+            )
+        print("\nEager and compiled, each call made with both in turn (median CPU s/image):\n")
+        print(
+            "| config | pipeline | weights | batch | CFG | denoise steps | eager | compiled | eager / compiled | "
+            "max abs pixel diff |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            for steps, res in r["results"].items():
+                e, c = res["eager_cpu_seconds"] / r["batch"], res["cpu_seconds"] / r["batch"]
                 cfg = "on" if r["guidance"] > 0 else "off"
-                print(f"| {r['config']} | {cfg} | {steps} | {e:.3f} | {c:.3f} | {e / c:.2f}x |")
+                print(
+                    f"| {r['config']} | {r['pipeline']} | {r['weights']} | {r['batch']} | {cfg} | {steps} | "
+                    f"{e:.3f} | {c:.3f} | {e / c:.2f}x | {res['max_diff']:.1e} |"
+                )
     bandwidth = read_bandwidth()
     print(
-        f"\nWeight reads (float32 as loaded) against one thread's read bandwidth, {bandwidth:.1f} GB/s "
-        "(torch.sum over 256 MB): the floor of an image bound by reading weights\n"
+        f"\nWeight reads (as stored: float32, bfloat16 or int8 plus scales) against one thread's read bandwidth, "
+        f"{bandwidth:.1f} GB/s (torch.sum over 256 MB): the floor of an image bound by reading weights (a batch "
+        "shares each read)\n"
     )
-    print("| config | weights read per position (MB) | per image (GB) | floor (s/image) |")
-    print("|---|---|---|---|")
-    for r in rows[::2]:
-        w = r["weight_bytes"]
-        print(
-            f"| {r['config']} | {w['per_position'] / 1e6:.1f} | {w['per_image'] / 1e9:.2f} | "
-            f"{w['per_image'] / 1e9 / bandwidth:.2f} |"
-        )
-    print("\n| config | CFG | one denoising step (CPU s) | share of a 1-step image |")
-    print("|---|---|---|---|")
+    print(
+        "| config | pipeline | weights | batch | CFG | weights read per position (MB) | per image (GB) | "
+        "floor (s/image) | s/image (wall) / floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        t0, t1 = r["results"]["0"]["cpu_seconds"], r["results"]["1"]["cpu_seconds"]
-        cfg = "on" if r["guidance"] > 0 else "off"
-        print(f"| {r['config']} | {cfg} | {t1 - t0:.3f} | {(t1 - t0) / t1:.0%} |")
+        w, B = r["weight_bytes"], r["batch"]
+        floor = w["per_image"] / 1e9 / bandwidth / B
+        first = r["results"][min(r["results"], key=int)]
+        print(
+            f"| {r['config']} | {r['pipeline']} | {r['weights']} | {B} | {'on' if r['guidance'] > 0 else 'off'} | "
+            f"{w['per_position'] / 1e6:.1f} | {w['per_image'] / 1e9 / B:.2f} | {floor:.2f} | "
+            f"{first['seconds'] / B / floor:.2f}x |"
+        )
+    if len(args.steps) > 1 and 0 in args.steps and 1 in args.steps:
+        print("\n| config | pipeline | CFG | one denoising step (CPU s) | share of a 1-step image |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            t0, t1 = r["results"]["0"]["cpu_seconds"], r["results"]["1"]["cpu_seconds"]
+            cfg = "on" if r["guidance"] > 0 else "off"
+            print(f"| {r['config']} | {r['pipeline']} | {cfg} | {t1 - t0:.3f} | {(t1 - t0) / t1:.0%} |")
 
 
 if __name__ == "__main__":
