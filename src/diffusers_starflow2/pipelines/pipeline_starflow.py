@@ -31,6 +31,7 @@ from .pipeline_utils import (
     check_image_size,
     check_output_type,
     check_prompt,
+    ends_call,
     postprocess_images,
     prepare_noise,
     progress_per_token,
@@ -361,6 +362,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         self.maybe_free_model_hooks()
         return out.bits_per_dim.float()
 
+    @ends_call
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -532,5 +534,4 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
             decoded = self.vae.decode(latents, return_dict=False)[0]
             validation.check_finite_output(decoded, "decoded pixels")
             images = postprocess_images(decoded, output_type, self.image_processor)
-        self._end_call()
         return StarFlowPipelineOutput(images=images) if return_dict else (images,)

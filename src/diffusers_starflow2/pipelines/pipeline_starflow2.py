@@ -31,6 +31,7 @@ from .pipeline_utils import (
     check_guidance_scale,
     check_output_type,
     check_prompt,
+    ends_call,
     postprocess_images,
     prepare_noise,
     progress_per_token,
@@ -622,6 +623,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
 
+    @ends_call
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -723,7 +725,6 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
             prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
             image_latents = self.denoise_latents(image_latents, prompts, noise_level, steps, max_sequence_length)
         images = self.decode(image_latents, output_type)
-        self._end_call()
         if not return_dict:
             return (images,)
         return StarFlow2PipelineOutput(images=images)

@@ -21,6 +21,7 @@ from .pipeline_utils import (
     check_guidance_scale,
     check_output_type,
     check_prompt,
+    ends_call,
     prepare_noise,
     resolve_callback_tensor_inputs,
     resolve_num_inference_steps,
@@ -215,6 +216,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
                 f"`max_sequence_length` or start a new conversation"
             )
 
+    @ends_call
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -337,7 +339,6 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             self._append_ids(cache, [special_id(self.tokenizer, VISION_END)])
             new_state = self._conversation_state(cache, batch_size, branches, noise_level, tokens)
         images = self.decode(image_latents, output_type)
-        self._end_call()
         if not return_dict:
             return images, new_state
         return StarFlow2EditPipelineOutput(images=images, state=new_state)

@@ -459,25 +459,27 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             o.callback_on_step_end,
             o.tensor_inputs,
         )
-        while True:
-            for i, c in enumerate(conversations):
-                text = self._advance(cache, c, i, processors, o.stop, o.max_images, o.noise_level)
-                if text:
-                    yield i, text
-            pushes = [c.want if isinstance(c.want, tuple) else None for c in conversations]
-            if any(p is not None for p in pushes):
-                self._push(cache, pushes)
-                for c in conversations:
-                    c.want = None if isinstance(c.want, tuple) else c.want
-            elif any(c.want == IMAGE_PLACEHOLDER for c in conversations):
-                yield from self._draw_images(cache, conversations, o.guidance, o.num_inference_steps, o.output_type)
-                if self.interrupt:
+        try:  # ends the call however it ends: a stream() its consumer stops early, or an error (ends_call's work)
+            while True:
+                for i, c in enumerate(conversations):
+                    text = self._advance(cache, c, i, processors, o.stop, o.max_images, o.noise_level)
+                    if text:
+                        yield i, text
+                pushes = [c.want if isinstance(c.want, tuple) else None for c in conversations]
+                if any(p is not None for p in pushes):
+                    self._push(cache, pushes)
+                    for c in conversations:
+                        c.want = None if isinstance(c.want, tuple) else c.want
+                elif any(c.want == IMAGE_PLACEHOLDER for c in conversations):
+                    yield from self._draw_images(cache, conversations, o.guidance, o.num_inference_steps, o.output_type)
+                    if self.interrupt:
+                        break
+                else:
                     break
-            else:
-                break
-        if result is not None and not self.interrupt:
-            result["states"] = self._states(cache, conversations, branches, o.noise_level)
-        self._end_call()
+            if result is not None and not self.interrupt:
+                result["states"] = self._states(cache, conversations, branches, o.noise_level)
+        finally:
+            self._end_call()
 
     def _states(
         self, cache: PretzelCache, conversations: List[_Conversation], num_branches: int, noise_level: float

@@ -7,6 +7,7 @@ starts with the offending argument's name in backticks, so callers and tests can
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
@@ -136,6 +137,20 @@ def _carry_over(old: str, new: str) -> None:
 def _holds_working_directory(path: str) -> bool:
     cwd = os.getcwd()
     return cwd == path or cwd.startswith(path.rstrip(os.sep) + os.sep)
+
+
+def ends_call(method: Callable) -> Callable:
+    """End a pipeline call's work (:meth:`FlowPipelineMixin._end_call`: offload hooks freed, the step callback
+    detached) however the call ends: returned, raised or interrupted."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._end_call()
+
+    return call
 
 
 class AtomicSaveMixin:
