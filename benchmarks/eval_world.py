@@ -14,7 +14,7 @@ Measures, on held-out material of the world (fresh jitters and wordings never se
 Prints a markdown table and writes a grid of samples (PNG).
 
     python benchmarks/eval_world.py [--model DIR] [--seeds 2] [--grid docs/images/world_samples.png]
-                                    [--annealed_guidance]
+                                    [--annealed_guidance] [--weights float32|bfloat16|int8]
 
 ``--annealed_guidance`` samples with the scheduler's annealed guidance (ml-itarflow's ramp: the ``k``-th of ``N``
 latents guided at ``k/N`` of the scales) instead of the model's scheduler config, for comparison.
@@ -179,11 +179,19 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--annealed_guidance", action="store_true", help="sample with annealed guidance (the scheduler's option)"
     )
+    parser.add_argument(
+        "--weights",
+        choices=("float32", "bfloat16", "int8"),
+        default="float32",
+        help="load the weights as (diffusers_starflow2.utils.quantization.weights_kwargs; int8 needs torchao)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     start = time.time()
-    overrides = {}
+    from diffusers_starflow2.utils.quantization import weights_kwargs
+
+    overrides = weights_kwargs(args.weights)
     if args.annealed_guidance:
         overrides["scheduler"] = TarFlowScheduler.from_pretrained(
             args.model, subfolder="scheduler", annealed_guidance=True
@@ -207,7 +215,7 @@ def main(argv=None) -> int:
 
     n = 60 * args.seeds
     print(
-        f"model: {args.model}; held-out prompts: 60 x {args.seeds} images; {args.understanding * 3} questions; "
+        f"model: {args.model} ({args.weights} weights); held-out prompts: 60 x {args.seeds} images; {args.understanding * 3} questions; "
         f"{args.edits} colour edits; {args.chat_edits} chats; {args.bpd} images for bits/dim; "
         f"{'annealed' if pipe.scheduler.config.annealed_guidance else 'constant'} guidance; {time.time() - start:.0f} s"
     )

@@ -118,3 +118,18 @@ for refused in (lambda p: p.enable_group_offload(torch.device("cuda")),
         raise AssertionError("expected a ValueError")
 print("gpu_check: low precision and offload ran on CUDA")
 PY
+
+# Speed on CUDA (prepared on a CPU machine, not run there): the pipeline tables of the benchmarks page's speed
+# section - the whole one-position step compiled (compile_decode_step(vlm=...); max-autotune records CUDA graphs),
+# float32 / bfloat16 / int8 weights (int8 needs torchao), batches 1 / 4 / 16 with guidance, the edit and
+# interleaved pipelines, cold and warm compiles from two processes (COMPILE_CACHE keeps the artifacts) - then the
+# flow job's exact / Jacobi / compiled tables at Jacobi windows of 8 to 64 (REFERENCE_SRC adds the reference's rows).
+COMPILE_CACHE=${COMPILE_CACHE:-$(mktemp -d)/starflow2-compile-cache}
+python benchmarks/bench_pipeline.py --device cuda --configs mid --cfg on --steps 0 --repeats 3 --compile \
+    --weights float32,bfloat16,int8 --batch 1,4,16 --compile-cache "$COMPILE_CACHE"
+python benchmarks/bench_pipeline.py --device cuda --configs mid --cfg both --steps 0,1 --repeats 3 --compile \
+    --pipeline text2image,edit,interleaved
+for window in 8 16 32 64; do
+    python benchmarks/bench_flow.py --device cuda --rounds 3 --threads 1 --jacobi-block-size "$window" \
+        ${REFERENCE_SRC:+--reference-src "$REFERENCE_SRC"}
+done
