@@ -14,6 +14,7 @@ of arithmetic that every sampler, the training scripts and the converters share:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -285,13 +286,14 @@ class TarFlowScheduler(SchedulerMixin, ConfigMixin):
         if n < 0:
             raise ValueError(f"`num_inference_steps` must be >= 0; got {n}")
         start = self.config.noise_level if noise_level is None else noise_level
-        levels = torch.linspace(start, self.config.min_noise_level, n) if n > 1 else torch.tensor([start] * n)
-        self.timesteps = levels.to(device=device, dtype=torch.float32)
+        # the schedule is made on the host (in Python: under a FakeTensorMode every torch tensor is fake), so that a
+        # step reads its levels without a device synchronisation, and on `meta` (no values) takes the next one
+        end = self.config.min_noise_level
+        levels = [start + (end - start) * i / (n - 1) for i in range(n)] if n > 1 else [start] * n
+        self.timesteps = torch.tensor(levels, dtype=torch.float32, device=device)
         self.sigmas = torch.cat([self.timesteps, self.timesteps.new_zeros(1)])
         self.num_inference_steps = n
-        # the schedule on the host as well: a step reads its levels without a device synchronisation, and on
-        # `meta` (no values) it takes the next level of the schedule
-        self._host_sigmas = levels.float().tolist() + [0.0]
+        self._host_sigmas = [struct.unpack("f", struct.pack("f", t))[0] for t in levels] + [0.0]  # float32 values
         self._step_index = 0
 
     def step(
