@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the shapes world example
+
+from shapes_world.synthetic_world import canonical_caption, random_scene, render  # noqa: E402
+
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
-from diffusers_starflow2.world.synthetic_world import canonical_caption, random_scene, render  # noqa: E402
 
 HELDOUT_SEED = 54321
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
-from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
-from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the shapes world example
+
+from shapes_world.synthetic_world import (  # noqa: E402
     COLORS,
     POSITIONS,
     SHAPES,
@@ -28,6 +29,9 @@ from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
     random_scene,
     render,
 )
+
+from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
+from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
 
 HELDOUT_SEED = 24680
 

@@ -3,7 +3,7 @@
 Measures, on held-out material of the world (fresh jitters and wordings never seen in training):
 
 * prompt adherence of generated images: colour / shape / position accuracy of the drawn shape, read by the
-  deterministic analyser ``diffusers_starflow2.world.shape_analysis`` (guidance on and off);
+  deterministic analyser ``shapes_world.shape_analysis`` (guidance on and off);
 * understanding accuracy: single-word answers to questions about held-out images, asked in the training wording and
   in the held-out wording (paraphrases never seen in training);
 * colour-edit success: the edited image has the requested colour (and keeps its shape), both wordings;
@@ -33,6 +33,18 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the shapes world example
+
+from shapes_world.shape_analysis import analyze_shape  # noqa: E402
+from shapes_world.synthetic_world import (  # noqa: E402
+    all_combinations,
+    canonical_caption,
+    make_edit,
+    questions,
+    random_scene,
+    render,
+)
+
 from diffusers_starflow2 import (  # noqa: E402
     IMAGE_PLACEHOLDER,
     StarFlow2EditPipeline,
@@ -42,15 +54,6 @@ from diffusers_starflow2 import (  # noqa: E402
 )
 from diffusers_starflow2.cli import DEFAULT_MODEL  # noqa: E402
 from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts  # noqa: E402
-from diffusers_starflow2.world.shape_analysis import analyze_shape  # noqa: E402
-from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
-    all_combinations,
-    canonical_caption,
-    make_edit,
-    questions,
-    random_scene,
-    render,
-)
 
 HELDOUT_SEED = 12345
 

@@ -1,11 +1,14 @@
 """Shared test helpers: reference fixtures, the converter CLI module, deterministic seeds."""
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# the shapes world example (examples/shapes_world) makes the training tests' data
+sys.path.insert(0, str(REPO_ROOT / "examples"))
 REFERENCE_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "reference-tarflow"
 REFERENCE_FILES = ("config.json", "reference_model.pth", "io.safetensors")
 # One folder per reference case holding all of REFERENCE_FILES (empty when the fixtures are absent).
@@ -48,9 +51,10 @@ def fresh_accelerate_state():
 
 def write_training_workdir(root: Path, perturb: float = 0.0, num_images: int = 4, kinds=None) -> Path:
     """A tiny pipeline folder ``root/pipe`` and a shapes world ``root/world`` for the training tests."""
+    from shapes_world.synthetic_world import write_world
+
     from diffusers_starflow2 import StarFlow2Pipeline
     from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
-    from diffusers_starflow2.world.synthetic_world import write_world
 
     StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=perturb)).save_pretrained(root / "pipe")
     world_kinds = {} if kinds is None else {"kinds": kinds}  # default: every kind

@@ -3,10 +3,10 @@
 import PIL.Image
 import pytest
 import torch
+from shapes_world.shape_analysis import analyze_shape
 
 from diffusers_starflow2 import StarFlow2InterleavedPipeline, StarFlow2Pipeline
 from diffusers_starflow2.cli import DEFAULT_MODEL, main
-from diffusers_starflow2.world.shape_analysis import analyze_shape
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_repo_id_round_trip_through_the_hub_cache(pushed, tmp_path):
 
 
 def test_training_starts_from_a_repo_id(pushed, tmp_path):
-    from diffusers_starflow2.world.synthetic_world import write_world
+    from shapes_world.synthetic_world import write_world
 
     hf_home = tmp_path / "hf_home"
     cache_layout(pushed / "uploaded", hf_home, REPO_ID)

@@ -307,10 +307,11 @@ def test_the_interleaved_pipeline_edits_as_the_edit_pipeline(components, source,
 def test_editing_inside_a_chat_with_the_embedded_model():
     """Draw, then ask for another colour in the next turn of the same conversation (held-out scenes, the default
     guidance): the answer image takes the requested colour in at least 3 of 4 cases."""
+    from shapes_world.shape_analysis import analyze_shape
+    from shapes_world.synthetic_world import canonical_caption, make_edit, random_scene
+
     from diffusers_starflow2 import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
     from diffusers_starflow2.cli import DEFAULT_MODEL
-    from diffusers_starflow2.world.shape_analysis import analyze_shape
-    from diffusers_starflow2.world.synthetic_world import canonical_caption, make_edit, random_scene
 
     chat = StarFlow2InterleavedPipeline.from_pretrained(DEFAULT_MODEL)
     chat.set_progress_bar_config(disable=True)

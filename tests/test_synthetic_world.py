@@ -12,7 +12,7 @@ from PIL import ImageFilter
 
 REPO = Path(__file__).resolve().parents[1]
 
-from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
+from shapes_world.synthetic_world import (  # noqa: E402
     CAPTION_TEMPLATES,
     COLORS,
     KINDS,
@@ -34,11 +34,9 @@ from diffusers_starflow2.world.synthetic_world import (  # noqa: E402
 
 
 def load_analyser():
-    """``diffusers_starflow2.world.shape_analysis`` loaded from its file: it is self-contained, and this
+    """``shapes_world.shape_analysis`` loaded from its file: it is self-contained, and this
     keeps these tests from paying for the package's (diffusers / transformers) import time."""
-    spec = importlib.util.spec_from_file_location(
-        "_shape_analysis", REPO / "src/diffusers_starflow2/world/shape_analysis.py"
-    )
+    spec = importlib.util.spec_from_file_location("_shape_analysis", REPO / "examples/shapes_world/shape_analysis.py")
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -238,12 +236,12 @@ def test_cli_writes_a_world(tmp_path, capsys):
         "edit": {"images": 6, "rows": 3},
     }
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["caption", "edit", "world.json"]
-    # as a script from the repo root, held-out split
+    # as a module from examples/, held-out split
     out = tmp_path / "s"
     cmd = [
         sys.executable,
         "-m",
-        "diffusers_starflow2.world.synthetic_world",
+        "shapes_world.synthetic_world",
         "--output",
         str(out),
         "--num_images",
@@ -253,6 +251,6 @@ def test_cli_writes_a_world(tmp_path, capsys):
         "--split",
         "heldout",
     ]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    subprocess.run(cmd, cwd=REPO / "examples", check=True, capture_output=True)
     info = json.loads((out / "world.json").read_text())
     assert info["split"] == "heldout" and info["image_size"] == 64 and sorted(info["kinds"]) == sorted(KINDS)

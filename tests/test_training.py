@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 from conftest import write_training_workdir  # noqa: E402
+from shapes_world.synthetic_world import write_world  # noqa: E402
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
 from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
-from diffusers_starflow2.world.synthetic_world import write_world  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -391,7 +391,7 @@ def test_recipe_chat_step_continues_stage3_with_chat_edits(work, tmp_path):
     world's chat edits; it writes a loadable pipeline into ``WORKDIR/chat``, which ``export`` publishes."""
     import shutil
 
-    from diffusers_starflow2.world import train_world
+    from shapes_world import train_world
 
     shutil.copytree(work / "world", tmp_path / "world")
     shutil.copytree(work / "pipe", tmp_path / "stage3")

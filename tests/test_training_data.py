@@ -11,6 +11,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+from shapes_world.synthetic_world import write_world  # noqa: E402
+
 from diffusers_starflow2.training.data import (  # noqa: E402
     CaptionDataset,
     ChatEditDataset,
@@ -23,7 +25,6 @@ from diffusers_starflow2.training.data import (  # noqa: E402
     open_dataset,
     parse_mixture,
 )
-from diffusers_starflow2.world.synthetic_world import write_world  # noqa: E402
 
 N = 10
 
@@ -31,7 +32,7 @@ N = 10
 def _analyser():
     """The shape analyser loaded from its (self-contained) file, skipping the heavy package import."""
     spec = importlib.util.spec_from_file_location(
-        "_shape_analysis_data", REPO / "src/diffusers_starflow2/world/shape_analysis.py"
+        "_shape_analysis_data", REPO / "examples/shapes_world/shape_analysis.py"
     )
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -2,7 +2,7 @@
 """The starflow2 command: generate, edit, describe, chat and convert with a STARFlow2 pipeline.
 
 Without --model the commands use the embedded default model shipped inside the package (a tiny STARFlow2
-trained on the synthetic shapes world, see ``diffusers_starflow2.world.train_world``).  Every failure - a bad
+trained on the synthetic shapes world, see ``examples/shapes_world``).  Every failure - a bad
 argument, an unreadable file, a broken model, NaN/inf produced while sampling - is one line on stderr,
 ``starflow2 <command>: error: ...``, and exit status 2; nothing is written then.
 """

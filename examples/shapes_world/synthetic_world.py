@@ -31,7 +31,7 @@ Layout written by :func:`write_world` (``file_name`` values are relative to the 
 A ``chat_edit`` item is a two-turn conversation: the user asks for the source image with a caption, the assistant
 draws it, the user asks for an edit and the assistant draws the target (see :func:`make_chat_edit`).
 
-CLI: ``python training/synthetic_world.py --output DIR --num_images N --seed S [--image_size 64]
+CLI: ``python -m shapes_world.synthetic_world --output DIR --num_images N --seed S [--image_size 64]
 [--split train|heldout] [--kinds caption,understanding,edit,interleaved,chat_edit]``
 """
 
@@ -52,7 +52,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # The palette and the shape anchors are the analyser's: one definition for drawing and for judging.
-from ..utils.io import write_text_atomic
+from diffusers_starflow2.utils.io import write_text_atomic
+
 from .shape_analysis import ANCHORS, PALETTE
 
 COLORS: tuple[str, ...] = tuple(PALETTE)

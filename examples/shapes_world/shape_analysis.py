@@ -50,7 +50,7 @@ class ShapeReport:
 
     @property
     def attributes(self) -> dict[str, str]:
-        """``{"color", "shape", "position"}``, comparable with ``diffusers_starflow2.world.synthetic_world.Scene.attributes``."""
+        """``{"color", "shape", "position"}``, comparable with ``shapes_world.synthetic_world.Scene.attributes``."""
         return {"color": self.color, "shape": self.shape, "position": self.position}
 
 

@@ -4,7 +4,7 @@ Steps, run in the order given by ``--steps`` (default: all but ``export``); each
 what the earlier steps wrote there. Nothing is skipped: a step given again is run again, so to continue after a
 finished step, name only the remaining ones (e.g. ``--steps stage2 stage3 chat``).
 
-1. ``world``  - the synthetic world at 32 px (train split), see ``diffusers_starflow2/world/synthetic_world.py``;
+1. ``world``  - the synthetic world at 32 px (train split), see ``examples/shapes_world/synthetic_world.py``;
 2. ``fae``    - the FAE on the world's images, its frozen DINOv2 randomly initialised (no pretrained DINOv2 can be
    downloaded here; a random ViT still gives informative features for flat-coloured shapes);
 3. ``lm``     - a small Qwen2.5-VL-architecture language model standing in for the pretrained VLM, trained on the
@@ -18,8 +18,8 @@ finished step, name only the remaining ones (e.g. ``--steps stage2 stage3 chat``
 7. ``export`` - only when named: copy ``WORKDIR/chat`` (the last training step) into
    ``src/diffusers_starflow2/default_model`` (the embedded default), atomically.
 
-    python training/recipes/train_world.py --workdir runs/world                            # steps world .. chat
-    python training/recipes/train_world.py --workdir runs/world --steps stage3 chat export # redo stages, export
+    python -m shapes_world.train_world --workdir runs/world                            # steps world .. chat
+    python -m shapes_world.train_world --workdir runs/world --steps stage3 chat export # redo stages, export
 
 Options: ``--num_images`` (world size, 3000), ``--fae_steps`` (1200), ``--lm_steps`` (1000), ``--chat_steps``
 (1000), ``--threads`` (1).
@@ -36,7 +36,8 @@ from typing import Callable
 
 import torch
 
-from ..training.data import CaptionDataset, EditDataset, InterleavedDataset
+from diffusers_starflow2.training.data import CaptionDataset, EditDataset, InterleavedDataset
+
 from .synthetic_world import write_world
 
 IMAGE_SIZE = 32
@@ -155,7 +156,7 @@ def world_texts(work: Path) -> list:
     """
     import numpy as np
 
-    from diffusers_starflow2.world.synthetic_world import Scene, questions
+    from .synthetic_world import Scene, questions
 
     rng = np.random.default_rng(SEED)
     vs = "<|vision_start|>"
