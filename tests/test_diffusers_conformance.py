@@ -95,6 +95,20 @@ class _StarFlowPipelineTests(PipelineTesterMixin):
         super().setUp()
         torch.set_num_threads(1)  # tiny models: one thread is faster and never oversubscribes a shared machine
 
+    # diffusers' versions compare sliced / xFormers attention against the default; the STARFlow models have neither
+    # (fused scaled_dot_product_attention, one query row per sampled position), so the pipelines refuse both with
+    # the reason instead of accepting them and doing nothing: that refusal is what is checked here.
+    def test_attention_slicing_forward_pass(self):
+        pipe = self.pipeline_class(**self.get_dummy_components())
+        for slice_size in (1, 2, "auto"):
+            with self.assertRaisesRegex(ValueError, "does not apply"):
+                pipe.enable_attention_slicing(slice_size=slice_size)
+
+    def test_xformers_attention_forwardGenerator_pass(self):
+        pipe = self.pipeline_class(**self.get_dummy_components())
+        with self.assertRaisesRegex(ValueError, "does not apply"):
+            pipe.enable_xformers_memory_efficient_attention()
+
 
 class StarFlow2PipelineConformanceTests(_StarFlowPipelineTests, unittest.TestCase):
     pipeline_class = StarFlow2Pipeline
@@ -229,7 +243,46 @@ class StarFlowPipelineConformanceTests(_StarFlowPipelineTests, unittest.TestCase
 # -- models --------------------------------------------------------------------------------------------------------
 
 
-class TestStarFlowTransformerModel(BaseModelTesterConfig, ModelTesterMixin):
+class _KeepsNoModuleInFloat32:
+    """diffusers' ``_keep_in_fp32_modules`` checks skip a model that keeps no module in float32, as ours (their float32
+    arithmetic, the affine parameters and log-determinants, is computed in float32 from weights of any dtype, not
+    stored).  Here they run with one of the model's own submodules declared kept, so diffusers' loading and casting
+    rules are checked on these models all the same; and the models as shipped cast without a warning."""
+
+    @pytest.fixture
+    def kept(self, monkeypatch):
+        model = self.model_class(**self.get_init_dict())
+        assert not model._keep_in_fp32_modules  # as shipped: none
+        name = next(iter(model.named_parameters()))[0].split(".")[-2]  # the module of the first parameter
+        monkeypatch.setattr(self.model_class, "_keep_in_fp32_modules", [name])
+        return name
+
+    def test_keep_in_fp32_modules(self, tmp_path, kept):
+        super().test_keep_in_fp32_modules(tmp_path)
+
+    def test_keep_in_fp32_modules_as_str(self, tmp_path, monkeypatch, kept):
+        super().test_keep_in_fp32_modules_as_str(tmp_path, monkeypatch)
+
+    def test_keep_in_fp32_modules_layerwise_casting(self, kept):
+        super().test_keep_in_fp32_modules_layerwise_casting()
+
+    def test_to_keep_in_fp32_modules_warns(self, caplog, kept):
+        super().test_to_keep_in_fp32_modules_warns(caplog)
+
+    def test_to_a_dtype_does_not_warn(self, caplog):
+        from diffusers.utils import logging
+
+        model = self.model_class(**self.get_init_dict())
+        logging.enable_propagation()
+        try:
+            with caplog.at_level("WARNING", logger="diffusers.models.modeling_utils"):
+                model.to(torch.bfloat16)
+        finally:
+            logging.disable_propagation()
+        assert "kept in float32" not in caplog.text
+
+
+class TestStarFlowTransformerModel(_KeepsNoModuleInFloat32, BaseModelTesterConfig, ModelTesterMixin):
     model_class = StarFlowTransformerModel
 
     def get_init_dict(self):
@@ -263,7 +316,7 @@ class TestStarFlowTransformerModel(BaseModelTesterConfig, ModelTesterMixin):
                 torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
-class TestAutoencoderFAE(BaseModelTesterConfig, ModelTesterMixin):
+class TestAutoencoderFAE(_KeepsNoModuleInFloat32, BaseModelTesterConfig, ModelTesterMixin):
     model_class = AutoencoderFAE
 
     def get_init_dict(self):
@@ -283,7 +336,7 @@ _TOKENIZER = build_tiny_tokenizer()
 _VLM = build_tiny_qwen2_5_vl(_TOKENIZER, seed=0).eval()
 
 
-class TestPretzelModel(BaseModelTesterConfig, ModelTesterMixin):
+class TestPretzelModel(_KeepsNoModuleInFloat32, BaseModelTesterConfig, ModelTesterMixin):
     """The teacher-forced training pass (``forward``) over a text + image sequence with the frozen tiny VLM."""
 
     model_class = PretzelModel

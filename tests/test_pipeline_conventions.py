@@ -309,3 +309,108 @@ def test_a_callback_returning_latents_of_another_shape_is_refused(starflow2_comp
     wrong = lambda p, step, t, kwargs: {"latents": kwargs["latents"][:, :1]}  # noqa: E731
     with pytest.raises(ValueError, match="`callback_on_step_end` must return `latents` of the shape"):
         pipe(**call_inputs("t2i", callback_on_step_end=wrong))
+
+
+# -- low-precision loading and casting: no spurious warnings ------------------------------------------------------
+
+
+@pytest.fixture
+def diffusers_warnings(caplog):
+    """Warnings logged by diffusers' own loggers (which do not propagate to the root logger) and ours."""
+    import logging
+
+    library = logging.getLogger("diffusers")
+    library.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING"):
+            yield caplog
+    finally:
+        library.removeHandler(caplog.handler)
+
+
+@pytest.mark.parametrize("kind", ["t2i", "v1"])
+def test_bf16_loading_and_casting_print_no_spurious_warnings(kind, starflow2_components, tmp_path, diffusers_warnings):
+    import warnings
+
+    pipe = make(kind, starflow2_components)
+    pipe.save_pretrained(tmp_path)
+    cls = type(pipe)
+    diffusers_warnings.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = cls.from_pretrained(tmp_path, dtype=torch.bfloat16)
+        loaded.to("cpu", torch.bfloat16)
+        loaded.to(dtype=torch.bfloat16)
+        old_name = cls.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert loaded.transformer.dtype == old_name.transformer.dtype == torch.bfloat16
+    assert [r.getMessage() for r in diffusers_warnings.records if r.levelno >= 30] == []
+    # only diffusers' own notice that its `from_pretrained` renamed `torch_dtype` to `dtype`
+    assert [str(w.message) for w in caught if "torch_dtype" not in str(w.message)] == []
+
+
+def test_a_model_that_keeps_modules_in_float32_still_warns_when_cast(diffusers_warnings):
+    from diffusers import ConfigMixin, ModelMixin
+
+    class KeepsNorm(ModelMixin, ConfigMixin):
+        _keep_in_fp32_modules = ["norm"]
+
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(4)
+
+    KeepsNorm().to(torch.bfloat16)
+    (record,) = [r for r in diffusers_warnings.records if "kept in float32" in r.getMessage()]
+    assert "['norm']" in record.getMessage()
+
+
+# -- diffusers' memory switches: each works or refuses --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attention_slicing_and_xformers_are_refused_with_the_reason(kind, starflow2_components):
+    pipe = make(kind, starflow2_components)
+    with pytest.raises(ValueError, match=r"`enable_attention_slicing\(1\)` does not apply.*scaled_dot_product"):
+        pipe.enable_attention_slicing(1)
+    with pytest.raises(ValueError, match=r"`enable_attention_slicing\('auto'\)` does not apply"):
+        pipe.enable_attention_slicing()
+    with pytest.raises(ValueError, match=r"`enable_xformers_memory_efficient_attention\(\)` does not apply"):
+        pipe.enable_xformers_memory_efficient_attention()
+    pipe.disable_attention_slicing()  # never on: nothing to undo
+    pipe.disable_xformers_memory_efficient_attention()
+
+
+@pytest.mark.parametrize("kind", ["t2i", "v1"])
+def test_vae_slicing_decodes_one_image_at_a_time(kind, starflow2_components, monkeypatch):
+    pipe = make(kind, starflow2_components)
+    inputs = call_inputs(kind, output_type="np", num_images_per_prompt=2, generator=[gen(0), gen(1)])
+    whole = pipe(**inputs).images
+    decodes = []
+    original = pipe.vae._decode
+    monkeypatch.setattr(pipe.vae, "_decode", lambda z, *a, **k: decodes.append(z.shape[0]) or original(z, *a, **k))
+    pipe.enable_vae_slicing()
+    sliced = pipe(**{**inputs, "generator": [gen(0), gen(1)]}).images
+    assert decodes == [1, 1] and pipe.vae.use_slicing
+    np.testing.assert_allclose(sliced, whole, atol=1e-5, rtol=0)
+    pipe.disable_vae_slicing()
+    decodes.clear()
+    pipe(**{**inputs, "generator": [gen(0), gen(1)]})
+    assert decodes == [2]
+
+
+def test_vae_tiling_tiles_stable_diffusions_vae_and_is_refused_by_the_fae(starflow2_components, monkeypatch):
+    pipe = make("v1", None)
+    tiles = []
+    original = pipe.vae.tiled_decode
+    monkeypatch.setattr(pipe.vae, "tiled_decode", lambda z, *a, **k: tiles.append(z.shape) or original(z, *a, **k))
+    pipe.vae.tile_latent_min_size, pipe.vae.tile_sample_min_size = 2, 4  # tiles smaller than the tiny image
+    pipe.enable_vae_tiling()
+    tiled = pipe(**call_inputs("v1", output_type="np")).images
+    assert len(tiles) == 1 and pipe.vae.use_tiling and np.isfinite(tiled).all()
+    pipe.disable_vae_tiling()
+    pipe(**call_inputs("v1", output_type="np"))
+    assert len(tiles) == 1
+
+    fae = make("t2i", starflow2_components)
+    with pytest.raises(ValueError, match="AutoencoderFAE cannot decode in tiles.*enable_slicing"):
+        fae.enable_vae_tiling()
+    fae.disable_vae_tiling()

@@ -30,7 +30,9 @@ from .pipelines import (
 )
 from .schedulers import GuidanceSpec, TarFlowScheduler, TarFlowSchedulerOutput
 from .utils.hub import EMBEDDED_MODEL, register_with_diffusers
+from .utils.torch_utils import quiet_empty_float32_warning
 
 __version__ = "0.1.0"
 
 register_with_diffusers(sys.modules[__name__])
+quiet_empty_float32_warning()

@@ -410,6 +410,19 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         )
         self.use_slicing = False
 
+    def enable_tiling(self, *args, **kwargs):
+        """Refused (``ValueError``): the FAE's decoders are Transformers attending over the whole latent grid, so a
+        tile decoded alone would give other pixels than the image decoded whole (diffusers' tiling is for
+        convolutional autoencoders, whose receptive field is local).  Use :meth:`enable_slicing` to decode one image
+        at a time."""
+        raise ValueError(
+            "AutoencoderFAE cannot decode in tiles: its decoders attend over the whole latent grid, so tiles would "
+            "change the image; use enable_slicing() (pipe.enable_vae_slicing()) to decode one image at a time"
+        )
+
+    def disable_tiling(self):
+        """Tiling is never on (see :meth:`enable_tiling`): nothing to undo."""
+
     # -- construction from a released DINOv2 -----------------------------------------------------------------------
 
     @staticmethod

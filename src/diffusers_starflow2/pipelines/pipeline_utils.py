@@ -266,3 +266,54 @@ class FlowPipelineMixin(AtomicSaveMixin, StarFlowHubMixin):
                 f"{tuple(replaced.shape) if isinstance(replaced, torch.Tensor) else type(replaced).__name__}"
             )
         return replaced
+
+    # -- diffusers' memory switches ------------------------------------------------------------------------------------
+    # Each one either does what it says or refuses with the reason: none is accepted and then ignored.
+
+    def enable_attention_slicing(self, slice_size: Union[str, int, None] = "auto"):
+        """Refused (``ValueError``), except ``None`` (= :meth:`disable_attention_slicing`).
+
+        Slicing splits an attention matrix over heads to hold less of it at once.  The STARFlow models compute
+        attention with PyTorch's fused ``scaled_dot_product_attention`` kernels, which never hold the whole matrix,
+        and sample an image one position at a time against a KV cache (one query row per position), so there is
+        no matrix to slice.
+        """
+        if slice_size is None:
+            return
+        raise ValueError(
+            f"`enable_attention_slicing({slice_size!r})` does not apply to {type(self).__name__}: its models compute "
+            "attention with torch's fused scaled_dot_product_attention (no full attention matrix is held) and sample "
+            "one position at a time against a KV cache; to use less memory, use enable_model_cpu_offload() or the "
+            "transformer's enable_layerwise_casting()"
+        )
+
+    def disable_attention_slicing(self):
+        """Attention is never sliced (see :meth:`enable_attention_slicing`): nothing to undo."""
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Optional[Callable] = None):
+        """Refused (``ValueError``): the STARFlow models' attention does not call xFormers; PyTorch's
+        ``scaled_dot_product_attention`` picks its own memory-efficient kernel on accelerators."""
+        raise ValueError(
+            f"`enable_xformers_memory_efficient_attention()` does not apply to {type(self).__name__}: its models' "
+            "attention runs torch's scaled_dot_product_attention, which already uses a memory-efficient (or flash) "
+            "kernel where the device has one; there is no xFormers path to switch on"
+        )
+
+    def disable_xformers_memory_efficient_attention(self):
+        """xFormers is never used (see :meth:`enable_xformers_memory_efficient_attention`): nothing to undo."""
+
+    def enable_vae_slicing(self):
+        """Decode (and encode) one image of a batch at a time: ``pipe.vae.enable_slicing()``, as older diffusers
+        pipelines offered it."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        """Decode in overlapping tiles: ``pipe.vae.enable_tiling()`` (STARFlow's ``AutoencoderKL``); the FAE of
+        STARFlow2 refuses it with a ``ValueError`` (see :meth:`AutoencoderFAE.enable_tiling`)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()

@@ -22,3 +22,25 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     from diffusers.models.modeling_utils import get_parameter_dtype
 
     return get_parameter_dtype(module)
+
+
+class _EmptyFloat32ListFilter:
+    """Drops diffusers' ``ModelMixin.to()`` warning "There are modules in X that should be kept in float32: []".
+
+    diffusers (0.42 and its main branch) warns on every cast to a dtype, also for a model that keeps no module in
+    float32 (it reads ``_keep_in_fp32_modules or []`` and then tests for None), so ``pipe.to(torch.bfloat16)`` would
+    print one such warning per model naming nothing to act on.  The warning of a model that does keep modules in
+    float32 (a non-empty list) still shows.
+    """
+
+    def filter(self, record) -> bool:
+        return "that should be kept in float32: []." not in record.getMessage()
+
+
+def quiet_empty_float32_warning() -> None:
+    """Install :class:`_EmptyFloat32ListFilter` on diffusers' modeling logger (once)."""
+    from diffusers.utils import logging
+
+    logger = logging.get_logger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _EmptyFloat32ListFilter) for f in logger.filters):
+        logger.addFilter(_EmptyFloat32ListFilter())
