@@ -133,3 +133,30 @@ for window in 8 16 32 64; do
     python benchmarks/bench_flow.py --device cuda --rounds 3 --threads 1 --jacobi-block-size "$window" \
         ${REFERENCE_SRC:+--reference-src "$REFERENCE_SRC"}
 done
+
+# Attention backends on CUDA: the native flash / efficient / math / cuDNN kernels through set_attention_backend give
+# the default path's likelihoods (bfloat16 for flash), and the decode kernel against the dispatcher on CUDA.
+python - <<'PY'
+import torch
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+from diffusers_starflow2 import StarFlowTransformerModel
+from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config
+
+torch.manual_seed(0)
+model = StarFlowTransformerModel(**tiny_starflow_config()).eval().cuda()
+latents, text = torch.randn(2, 4, 8, 8, device="cuda"), torch.randn(2, 8, 32, device="cuda")
+with torch.no_grad():
+    for dtype, backends in ((torch.float32, ["_native_efficient", "_native_math"]),
+                            (torch.bfloat16, ["_native_flash", "_native_efficient", "_native_cudnn"])):
+        model.to(dtype)
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+        model.reset_attention_backend()
+        reference = model(latents.to(dtype), text.to(dtype)).nll
+        for backend in backends:
+            model.set_attention_backend(backend)
+            diff = (model(latents.to(dtype), text.to(dtype)).nll - reference).abs().max().item()
+            print(f"{backend} ({dtype}) vs native on CUDA: {diff:.2e}")
+            assert diff < (1e-5 if dtype == torch.float32 else 2e-2)
+PY
+python benchmarks/bench_attention.py --device cuda --repeats 500

@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 from ..utils.torch_utils import compute_dtype
@@ -367,8 +369,70 @@ def static_decode_mask(
     return mask.repeat(groups, 1) if groups > 1 else mask
 
 
-class FlowAttention(nn.Module):
-    """Pre-norm causal self-attention with grouped-query heads, optional QK-norm and post-norm."""
+class FlowAttnProcessor:
+    """The full-sequence attention of a :class:`FlowAttention` (training, likelihood, prompts), through diffusers'
+    :func:`~diffusers.models.attention_dispatch.dispatch_attention_fn`: ``set_attention_backend(...)`` on a model
+    sets :attr:`_attention_backend` here (None: diffusers' active backend, by default torch's SDPA).  Masks are
+    boolean ``(B or 1, 1, T, T_k)`` (True = attend), so backends that take no mask (flash) run only unmasked calls:
+    bidirectional or plainly causal ones without padding.  The decode steps keep their own kernel
+    (:func:`cached_attention`)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: "FlowAttention", x, rope, cache, layer_idx, key_padding_mask) -> torch.Tensor:
+        # the arguments of FlowAttention.forward: x: (B, T, C); rope: rope_tables of the new positions, (2, T, head_dim) or per-sample (2, B, 1, T, head_dim);
+        # key_padding_mask: (B, T_k) True = attend
+        B, T, _ = x.shape
+        q, k, v = packed_linear(attn.to_qkv, attn.norm(x)).split(attn.split_sizes, dim=-1)
+        q = q.view(B, T, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if rope is not None:
+            q = apply_rope(q, rope, attn.hf_style_rope).to(x.dtype)
+            k = apply_rope(k, rope, attn.hf_style_rope).to(x.dtype)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, H_kv, T_k, D)
+        if attn.num_kv_heads != attn.num_heads:
+            k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
+            v = v.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=1)
+
+        T_k = k.shape[2]
+        mask, is_causal = None, attn.causal
+        if attn.causal and T == 1 and key_padding_mask is None:
+            is_causal = False  # one new query may see every cached key: no mask at all
+        elif attn.causal and (T < T_k or key_padding_mask is not None):
+            # queries are the last T of T_k positions
+            mask = torch.ones(1, 1, T, T_k, dtype=torch.bool, device=x.device).tril(diagonal=T_k - T)
+            is_causal = False
+        if key_padding_mask is not None:
+            pad = key_padding_mask[:, None, None, :].bool()  # (B, 1, 1, T_k)
+            mask = pad if mask is None else mask & pad
+            # a padded query would see no key at all (NaN); let every query see itself, real ones never see padding
+            own = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(T_k - T).triu(T_k - T)
+            mask = mask | own
+            is_causal = False
+        out = dispatch_attention_fn(
+            q.transpose(1, 2),  # (B, T, H, D): the dispatcher's layout
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=attn.head_dim**-0.5,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        return attn._project_out(out)  # (B, T, H, D) -> (B, T, C)
+
+
+class FlowAttention(nn.Module, AttentionModuleMixin):
+    """Pre-norm causal self-attention with grouped-query heads, optional QK-norm and post-norm; its full-sequence
+    attention runs through :attr:`processor` (a :class:`FlowAttnProcessor`)."""
+
+    _default_processor_cls = FlowAttnProcessor
+    _available_processors = [FlowAttnProcessor]
 
     def __init__(
         self,
@@ -399,6 +463,7 @@ class FlowAttention(nn.Module):
         self.norm_q = RMSNorm(head_dim) if qk_norm else None
         self.norm_k = RMSNorm(head_dim) if qk_norm else None
         self.norm_post = RMSNorm(dim) if post_norm else None
+        self.processor = FlowAttnProcessor()
 
     def forward(
         self,
@@ -408,43 +473,28 @@ class FlowAttention(nn.Module):
         layer_idx: int = 0,
         key_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        # x: (B, T, C); rope: rope_tables of the new positions, (2, T, head_dim) or per-sample (2, B, 1, T, head_dim);
-        # key_padding_mask: (B, T_k) True = attend
+        """Attention of ``x (B, T, C)``: over the whole sequence (training, likelihood, a prompt appended to
+        ``cache``) through :attr:`processor`, which calls diffusers' attention dispatcher; with the static decode
+        tuple ``(keys, values, positions, filled)`` as ``cache``, :meth:`forward_static`."""
         if isinstance(cache, tuple):
             return self.forward_static(x, rope, *cache, attn_mask=key_padding_mask)
-        B, T, _ = x.shape
-        q, k, v = packed_linear(self.to_qkv, self.norm(x)).split(self.split_sizes, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        if rope is not None:
-            q = apply_rope(q, rope, self.hf_style_rope).to(x.dtype)
-            k = apply_rope(k, rope, self.hf_style_rope).to(x.dtype)
-        if cache is not None:
-            k, v = cache.update(layer_idx, k, v)  # (B, H_kv, T_k, D)
-        if self.num_kv_heads != self.num_heads:
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        return self.processor(self, x, rope, cache, layer_idx, key_padding_mask)
 
-        T_k = k.shape[2]
-        mask, is_causal = None, self.causal
-        if self.causal and T == 1 and key_padding_mask is None:
-            is_causal = False  # one new query may see every cached key: no mask at all
-        elif self.causal and (T < T_k or key_padding_mask is not None):
-            # queries are the last T of T_k positions
-            mask = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(diagonal=T_k - T)
-            is_causal = False
-        if key_padding_mask is not None:
-            pad = key_padding_mask[:, None, None, :].bool()  # (B, 1, 1, T_k)
-            mask = pad if mask is None else mask & pad
-            # a padded query would see no key at all (NaN); let every query see itself, real ones never see padding
-            own = torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril(T_k - T).triu(T_k - T)
-            mask = mask | own
-            is_causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.head_dim**-0.5)
-        return self._project_out(out)
+    def set_processor(self, processor: FlowAttnProcessor) -> None:
+        """Only a :class:`FlowAttnProcessor` computes this attention (diffusers' processors expect other
+        arguments); its kernel is chosen with ``set_attention_backend(...)``."""
+        if not isinstance(processor, FlowAttnProcessor):
+            raise ValueError(
+                f"FlowAttention takes a FlowAttnProcessor; got {type(processor).__name__}. Choose the attention "
+                "kernel with set_attention_backend(...)"
+            )
+        super().set_processor(processor)
+
+    def set_attention_slice(self, slice_size: Optional[int]) -> None:
+        raise ValueError(
+            f"attention slicing (slice_size={slice_size!r}) is not available for the flow attention; choose a "
+            "memory-efficient kernel with set_attention_backend(...) (e.g. '_native_efficient', 'flash')"
+        )
 
     def forward_static(
         self,
@@ -481,11 +531,11 @@ class FlowAttention(nn.Module):
         q = q.reshape(B * H_kv, G * T, self.head_dim) * self.head_dim**-0.5
         keys, values = keys.flatten(0, 1), values.flatten(0, 1)  # (B H_kv, S, D), views
         out = static_attention(q, keys, values, attn_mask, filled)
-        return self._project_out(out.view(B, H, T, self.head_dim))
+        return self._project_out(out.view(B, H, T, self.head_dim).transpose(1, 2))
 
     def _project_out(self, out: torch.Tensor) -> torch.Tensor:
-        # out: (B, H, T, D) -> (B, T, C)
-        out = packed_linear(self.to_out, out.transpose(1, 2).flatten(2))
+        # out: (B, T, H, D) -> (B, T, C)
+        out = packed_linear(self.to_out, out.flatten(2))
         return self.norm_post(out) if self.norm_post is not None else out
 
 
@@ -873,8 +923,13 @@ class AutoregressiveFlowBlock(nn.Module):
     ) -> None:
         """Fill ``cache`` with the text prefix ``(B, L, text_dim)`` of the token sequence (text-reading blocks);
         ``rope`` and ``key_padding_mask`` cover the whole sequence."""
-        h = self.add_cond(self.proj_txt(text.to(cache.dtype)), cond)
-        self.static_pass(h, 0, rope, cache, key_padding_mask)
+        h = self.add_cond(self.proj_txt(text.to(cache.dtype)), cond)  # (B, L, C)
+        if self._static_shapes:  # compiled layers: shapes fixed by the cache (see static_pass)
+            self.static_pass(h, 0, rope, cache, key_padding_mask)
+            return
+        L = h.shape[1]  # the whole prefix at once, through the attention dispatcher
+        rope = rope[:, :L] if rope is not None else None
+        self.transformer(h, rope, cache, key_padding_mask[:, :L] if key_padding_mask is not None else None)
 
     def decode_step(
         self,

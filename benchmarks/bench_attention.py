@@ -1,0 +1,85 @@
+"""The attention of one decode step: the flow blocks' own kernel against diffusers' dispatcher.
+
+A decode step attends from a few new queries over the filled slots of a KV cache.  The flow blocks run it with
+:func:`~diffusers_starflow2.models.flow_block.cached_attention` (two batched matrix products and a softmax, the query
+heads sharing a key head stacked as rows); the full-sequence passes go through diffusers'
+``dispatch_attention_fn`` (torch SDPA by default).  This times both on the shapes of a decode step (batch 2 with
+two guidance branches = 4 rows, head_dim 64) for one query and for a Jacobi window, over a few cache lengths, and
+prints the max abs difference of their outputs.
+
+    python benchmarks/bench_attention.py [--threads 1] [--heads 8] [--kv-heads 8] [--repeats 2000] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from diffusers_starflow2.models.flow_block import cached_attention
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Mean time of ``repeats`` calls after a warm-up, in microseconds."""
+    for _ in range(10):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.heads % args.kv_heads:
+        raise SystemExit("bench_attention.py: --heads must be a multiple of --kv-heads")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    B, H, H_kv, D = args.batch, args.heads, args.kv_heads, args.head_dim
+    print(f"{'queries':>8} {'cache':>6} {'own kernel (us)':>16} {'dispatcher (us)':>16} {'max abs diff':>13}")
+    for T in (1, 16):
+        for S in (64, 256, 1024):
+            t_own, t_dispatch, diff = compare(B, H, H_kv, D, T, S, args.repeats, device)
+            print(f"{T:>8} {S:>6} {t_own:>16.1f} {t_dispatch:>16.1f} {diff:>13.1e}")
+
+
+def compare(B: int, H: int, H_kv: int, D: int, T: int, S: int, repeats: int, device: torch.device):
+    """Times (us) of both kernels for ``T`` new queries over ``S`` cached slots, and their max abs difference."""
+    G = H // H_kv
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, H, T, D, generator=g).to(device)
+    k, v = (torch.randn(B, H_kv, S, D, generator=g).to(device) for _ in range(2))
+    mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)  # the new queries are the last T
+    additive = torch.zeros(T, S, device=device).masked_fill(~mask, float("-inf")).repeat(G, 1)  # (G T, S)
+
+    def own():  # the decode step's layout: (B H_kv, G T, D) scaled queries
+        rows = (q * D**-0.5).reshape(B * H_kv, G * T, D)
+        return cached_attention(rows, k.flatten(0, 1), v.flatten(0, 1), None if T == 1 else additive)
+
+    def dispatched():  # (B, T, H, D), the key heads repeated, as the full-sequence path calls it
+        kr, vr = (t.repeat_interleave(G, dim=1) for t in (k, v)) if G > 1 else (k, v)
+        mask_4d = None if T == 1 else mask[None, None]
+        return dispatch_attention_fn(
+            q.transpose(1, 2), kr.transpose(1, 2), vr.transpose(1, 2), attn_mask=mask_4d, scale=D**-0.5
+        )
+
+    diff = (own().view(B, H, T, D) - dispatched().transpose(1, 2)).abs().max().item()
+    return timed(own, repeats, device), timed(dispatched, repeats, device), diff
+
+
+if __name__ == "__main__":
+    main()
