@@ -148,9 +148,17 @@ def frozen_aware(tracker_cls):
     every parameter a forward passes, which torch refuses for a frozen one (that never gets a gradient: nothing to
     track).  And they keep per-module statistics that take a second top-level call of a module for a new training
     iteration and refuse it; the pipelines and the Pretzel call their sub-modules (flows, stream, VLM layers) once
-    per position or step: the module's statistics start again (only the global peak is read here)."""
+    per position or step: the module's statistics start again.  Only the global peak is read here, so the peak is
+    kept without the per-module peaks (whose update walks every tracked module at every operator: minutes at the
+    paper's size)."""
 
     class Tracker(tracker_cls):
+        def _update_peak_stats(self, peak_state):
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+
         def _pre_fw_hook(self, module, inputs):
             if module in self.memory_tracking and not self._mod_tracker.is_bw:
                 name = self._mod_tracker.get_known_fqn(module)

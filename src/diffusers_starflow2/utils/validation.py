@@ -24,7 +24,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .torch_utils import has_values
+from .torch_utils import has_values, is_fake
 
 # Largest input image, in pixels (a 4096 x 4096 image).  Bigger ones are refused before they are decoded or resized:
 # every image is resized to the model's (small) image size anyway, and decoding a huge file costs gigabytes.
@@ -246,8 +246,10 @@ def check_dtype(dtype: Any, name: str = "dtype", allow_none: bool = True) -> Opt
 
 def check_tensor_values(tensor: torch.Tensor, name: str, device: Any = None, where: str = "") -> torch.Tensor:
     """A given tensor whose values can be read: not on the ``meta`` device (nor a fake tensor), unless ``device``
-    (where it will be used) is ``meta`` too, as in a dry run of a model built on ``meta``."""
-    if not has_values(tensor) and torch.device(device if device is not None else "cpu").type != "meta":
+    (where it will be used) is ``meta`` too, as in a dry run of a model built on ``meta``, or it is a fake tensor
+    (a ``FakeTensorMode`` dry run, e.g. a memory plan)."""
+    dry_run = torch.device(device if device is not None else "cpu").type == "meta" or is_fake(tensor)
+    if not has_values(tensor) and not dry_run:
         raise ValueError(
             f"`{name}`{where} is a tensor on the {tensor.device.type} device, which holds no values; pass it on "
             f"a device of this machine ({', '.join(d for d in _usable_devices() if d != 'meta')})"
