@@ -160,3 +160,10 @@ with torch.no_grad():
             assert diff < (1e-5 if dtype == torch.float32 else 2e-2)
 PY
 python benchmarks/bench_attention.py --device cuda --repeats 500
+
+# The paper's size on one GPU (an H200's 141 GB; prepared on a CPU machine, not run there): random weights in bf16
+# (build_paper_starflow2_components), one 256-px text-to-image call with guidance and one stage-1 step with
+# gradient checkpointing (bf16 mixed precision, AdamW), seconds and peak memory, each beside plan_memory.py's
+# prediction of the same row (fake tensors on the CPU: a few minutes each).  `--dry-run` runs the same code on the
+# tiny preset on a CPU (tests/test_plan_memory.py).
+python benchmarks/paper_gpu_smoke.py --device cuda --preset paper

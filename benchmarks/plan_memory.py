@@ -245,7 +245,7 @@ def vlm_grad_decision(components: dict, batch: dict) -> bool:
             module.weight = weight
 
 
-def training_step_fn(components, args, weight_dtype, batch_size, fake_mode=None, fsdp_mesh=None):
+def training_step_fn(components, args, weight_dtype, batch_size, fake_mode=None, fsdp_mesh=None, device="cpu"):
     """``step(i)``: one optimiser step of the training script on a synthetic batch of ``batch_size`` examples.  With
     ``fake_mode`` the (``meta``) components are materialised as fake tensors (sharded first over ``fsdp_mesh``), and
     ``step`` must run under ``fake_mode``."""
@@ -282,7 +282,8 @@ def training_step_fn(components, args, weight_dtype, batch_size, fake_mode=None,
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         trainer = train.PretzelTrainer(transformer, vlm, train_vlm=False)
         optimizer = torch.optim.AdamW(train.trainable_parameters(trainer), lr=1e-4)
-    autocast = torch.autocast("cpu", torch.bfloat16) if weight_dtype == torch.bfloat16 else contextlib.nullcontext()
+    bf16 = weight_dtype == torch.bfloat16
+    autocast = torch.autocast(torch.device(device).type, torch.bfloat16) if bf16 else contextlib.nullcontext()
     keys = ("input_ids", "latent_mask", "attention_mask", "image_loss_mask", "text_loss_mask")
 
     def step(i):
@@ -290,8 +291,10 @@ def training_step_fn(components, args, weight_dtype, batch_size, fake_mode=None,
         # encoding, of fake weights, still gives fake latents; the tracker does not count it, a no-grad pass small
         # next to the step's; the latents count from the forward on)
         with unset_fake_temporarily() if fake_mode is not None else contextlib.nullcontext():
-            batch = build(examples(args.stage, batch_size, image_size, i), "cpu")
-        batch.update({k: layouts[i][k] for k in keys})  # the same tensors, with their values
+            batch = build(examples(args.stage, batch_size, image_size, i), device)
+        batch.update(
+            {k: None if layouts[i][k] is None else layouts[i][k].to(device) for k in keys}
+        )  # the same tensors, with their values
         with autocast:
             out = trainer(**batch, num_text_targets=text_targets[i], vlm_requires_grad=decision)
         out["loss"].backward()

@@ -83,3 +83,21 @@ def test_prediction_matches_the_real_tiny_step(rows):
     )
     assert fake["optimizer_gib"] >= 2 * trainable * 4 / 2**30 * 0.99  # AdamW's two moments in fp32
     assert torch.isfinite(torch.tensor(fake["peak_gib"]))
+
+
+def test_paper_gpu_smoke_dry_run():
+    """gpu_check.sh's paper-size section, its code run on the tiny preset on this CPU (no GPU here)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "paper_gpu_smoke.py")
+    out = subprocess.run(
+        [sys.executable, script, "--dry-run", "--no-plan"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert lines[0].startswith("| tiny on cpu") and len(lines) == 3
+    for line in lines[1:]:
+        seconds, gib = (float(v) for v in line.split("|")[2:4])
+        assert seconds > 0 and gib > 0
+    bad = subprocess.run(
+        [sys.executable, script, "--train_batch_size", "0", "--dry-run"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--train_batch_size: 0" in bad.stderr
