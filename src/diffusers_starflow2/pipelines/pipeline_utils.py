@@ -291,12 +291,13 @@ class FlowPipelineMixin(AtomicSaveMixin, StarFlowHubMixin):
         """Attention is never sliced (see :meth:`enable_attention_slicing`): nothing to undo."""
 
     def enable_xformers_memory_efficient_attention(self, attention_op: Optional[Callable] = None):
-        """Refused (``ValueError``): the STARFlow models' attention does not call xFormers; PyTorch's
-        ``scaled_dot_product_attention`` picks its own memory-efficient kernel on accelerators."""
+        """Refused (``ValueError``): the STARFlow models' attention has no xFormers processor to switch to; its
+        full-sequence passes choose their kernel through diffusers' dispatcher (``set_attention_backend``)."""
         raise ValueError(
             f"`enable_xformers_memory_efficient_attention()` does not apply to {type(self).__name__}: its models' "
-            "attention runs torch's scaled_dot_product_attention, which already uses a memory-efficient (or flash) "
-            "kernel where the device has one; there is no xFormers path to switch on"
+            "attention has no xFormers processor; choose the kernel of the full-sequence passes (prompt prefill, "
+            "likelihood, FAE) with pipe.transformer.set_attention_backend(...): diffusers' attention backends, e.g. "
+            "'flash', '_native_efficient', or 'xformers' where installed"
         )
 
     def disable_xformers_memory_efficient_attention(self):
