@@ -94,3 +94,13 @@ def test_compute_dtype_never_comes_from_the_stored_weights():
     pipe = make(StarFlow2Pipeline, torch.float32, model_dtype=torch.float32, cast_vae=False)
     assert all(p.dtype == torch.float32 for p in pipe.transformer.parameters())
     assert_close_images(CALLS[StarFlow2Pipeline](pipe), reference, 0.01, 0.05)
+
+
+def test_float8_storage_with_model_cpu_offload():
+    """The usual low-memory combination: float8 weights, and each model on the execution device only while it runs."""
+    call = CALLS[StarFlow2Pipeline]
+    expected = call(make(StarFlow2Pipeline, FP8))
+    pipe = make(StarFlow2Pipeline, FP8)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert all(hasattr(pipe.components[name], "_hf_hook") for name in ("vlm", "transformer", "vae"))
+    torch.testing.assert_close(call(pipe), expected)
