@@ -1,8 +1,9 @@
-"""StarFlow2Pipeline text -> image (or StarFlow2EditPipeline): seconds per image and peak memory, with and without
-guidance and denoising.
+"""The STARFlow2 pipelines (text -> image, edit, interleaved): seconds per image, images per second, peak memory
+and the weight-read floor, with and without guidance and denoising, per weight dtype and batch size.
 
     python benchmarks/bench_pipeline.py [--quick] [--configs tiny,mid] [--threads 1] [--repeats 3]
-        [--jacobi-block-size K] [--compile] [--pipeline text2image|edit]
+        [--jacobi-block-size K] [--compile] [--compile-cache DIR] [--pipeline text2image,edit,interleaved]
+        [--weights float32,bfloat16,int8] [--batch 1,4,16] [--cfg both|on|off] [--steps 0,1] [--device cpu]
 
 Configurations (random weights, built offline):
 
@@ -14,7 +15,11 @@ Configurations (random weights, built offline):
   2x64 on 128 px with patch 8 (16x16 grid), 2-layer x 128 feature and pixel decoders, 8-px output patches.
 
 ``--pipeline edit`` times ``StarFlow2EditPipeline`` (built with ``from_pipe``) editing a fixed random image with
-the instruction below: with guidance on it runs three branches (text ``w``, image guidance 1.5), off one.  The
+the instruction below: with guidance on it runs three branches (text ``w``, image guidance 1.5), off one;
+``interleaved`` times ``StarFlow2InterleavedPipeline`` drawing the image a one-turn conversation asks for, then one
+text token.  ``--batch`` sends that many prompts per call (per-image figures divide by it).  ``--weights``:
+``bfloat16`` casts the VLM and the Pretzel, ``int8`` quantises their linears weight-only with torchao, as
+``from_pretrained(..., **diffusers_starflow2.utils.quantization.weights_kwargs(w))`` does for a saved pipeline.  The
 sampling calls pass only the options they use, so the script also runs against an older checkout of the package
 (``PYTHONPATH=<checkout>/src``) for before/after figures.
 
@@ -26,11 +31,15 @@ jobs on a shared machine (with one thread, CPU time ~ wall time on an idle machi
 ``positions/s`` (latent positions sampled per CPU second, ``N / CPU s``; guidance runs two branches per position)
 use it.
 
-``--compile`` calls ``pipe.transformer.compile_decode_step()`` (inductor, ``max-autotune``: the shallow flows' decode
-steps and the TARFlow stream's one-position step) before the warm-up call, whose time is reported as the compile
-time (with an empty inductor cache it is mostly compiling; ``TORCHINDUCTOR_CACHE_DIR`` keeps what one worker compiled
-for the next); every timed call is then made again with an eager copy of the transformer, right after, so that the
-two are compared under the same load (peak memory is the compiled call's).
+``--compile`` takes the fast path, ``pipe.transformer.compile_decode_step(vlm=pipe.vlm)`` (inductor, ``max-autotune``:
+the shallow flows' decode steps and the whole one-position Pretzel step of an image span - adapter, VLM layers on
+static buffers, TARFlow stream, affine parameters - as one graph) before the warm-up call, whose time is reported as
+the compile time (with an empty inductor cache it is mostly compiling; ``TORCHINDUCTOR_CACHE_DIR`` keeps what one
+worker compiled for the next); every timed call is then made again with an eager copy of the transformer, right
+after, so that the two are compared under the same load (peak memory is the compiled call's; the max abs pixel
+difference of the two is printed).  ``--compile-cache DIR`` gives every worker an empty inductor cache and loads /
+saves torch's cache artifacts in ``DIR`` (:mod:`diffusers_starflow2.utils.compile_cache`); the first row then runs
+once more in a new process, so the table shows a cold and a warm compile.
 
 Memory is the resident set size (RSS) of the subprocess, which covers torch's CPU allocations (``tracemalloc`` would
 only see Python objects).  Before every timed call the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``,

@@ -86,3 +86,22 @@ def test_compile_cache_round_trip_and_bad_folders(tmp_path):
     (folder / "torch_compile_artifacts.bin").write_bytes(b"not a cache")
     with pytest.raises(ValueError, match="holds no readable compile cache"):
         load_compile_cache(folder)
+
+
+def test_quantised_linears_are_never_repacked_as_float32():
+    """A torchao weight says float32 but is an int8 tensor subclass: inside a sampling call's ``packed_weights`` the
+    linear layer runs its own (quantised) call, not oneDNN's float32 packing."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import quantize_
+
+    from diffusers_starflow2.models.flow_block import packed_linear, packed_weights
+    from diffusers_starflow2.utils.quantization import int8_weight_only_config
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(512, 512)  # large enough to be packed were it float32
+    quantize_(layer, int8_weight_only_config())
+    x = torch.randn(2, 512)
+    with torch.no_grad():
+        expected = layer(x)
+        with packed_weights(layer):
+            assert torch.equal(layer(x), expected) and torch.equal(packed_linear(layer, x), expected)

@@ -575,6 +575,7 @@ def _packable(linear: nn.Module, x: torch.Tensor) -> bool:
         or type(linear) is not nn.Linear
         or x.device.type != "cpu"
         or linear.weight.dtype != torch.float32
+        or type(linear.weight.data) is not torch.Tensor  # a quantised tensor subclass (torchao) says float32 too
         or x.dtype != torch.float32
         or "_diffusers_hook" in linear.__dict__  # diffusers' layerwise casting / group offload: the call casts or
         or "_hf_hook" in linear.__dict__  # moves the weight (accelerate's offload hooks too)
