@@ -25,8 +25,8 @@ import torch
 
 from diffusers_starflow2 import GuidanceSpec
 from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 from diffusers_starflow2.utils.sequence import VISION_END, VISION_START, encode_conversation, special_id, user_message
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 
 def run(pipe, prompt: str, text_tokens: int, reencode: bool, seed: int = 0):

@@ -78,9 +78,12 @@ def build_pipeline(config: str):
     import torch
 
     from diffusers_starflow2 import AutoencoderFAE, PretzelModel, StarFlow2Pipeline, TarFlowScheduler
+    from diffusers_starflow2.testing_utils import (
+        build_tiny_qwen2_5_vl,
+        build_tiny_starflow2_components,
+        build_tiny_tokenizer,
+    )
     from diffusers_starflow2.utils.sequence import VISION_START
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
-    from diffusers_starflow2.utils.tiny_vlm import build_tiny_qwen2_5_vl, build_tiny_tokenizer
 
     if config == "tiny":
         pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))

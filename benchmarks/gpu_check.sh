@@ -18,7 +18,7 @@ python - <<'PY'
 import torch
 
 from diffusers_starflow2 import StarFlowTransformerModel
-from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config
+from diffusers_starflow2.testing_utils import tiny_starflow_config
 from diffusers_starflow2.sampling import sample_starflow
 
 torch.manual_seed(0)
@@ -70,7 +70,7 @@ python - <<'PY'
 import torch
 
 from diffusers_starflow2 import StarFlow2EditPipeline
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
 gen = lambda: torch.Generator("cpu").manual_seed(0)
 
@@ -141,7 +141,7 @@ import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 from diffusers_starflow2 import StarFlowTransformerModel
-from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config
+from diffusers_starflow2.testing_utils import tiny_starflow_config
 
 torch.manual_seed(0)
 model = StarFlowTransformerModel(**tiny_starflow_config()).eval().cuda()

@@ -65,7 +65,7 @@ class Peak:
 
 def build(preset: str, device: str, dtype):
     if preset == "paper":
-        from diffusers_starflow2.utils.tiny_pipeline import build_paper_starflow2_components
+        from diffusers_starflow2.testing_utils import build_paper_starflow2_components
 
         return build_paper_starflow2_components(device, dtype)
     from plan_memory import build_components

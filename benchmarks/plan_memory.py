@@ -109,7 +109,7 @@ def plan_rows(
 def build_components(preset: str) -> dict:
     """The preset's pipeline components: real weights (tiny, embedded, mid) or on ``meta`` (paper)."""
     if preset == "paper":
-        from diffusers_starflow2.utils.tiny_pipeline import build_paper_starflow2_components
+        from diffusers_starflow2.testing_utils import build_paper_starflow2_components
 
         return build_paper_starflow2_components("meta")
     from bench_pipeline import build_pipeline

@@ -54,7 +54,7 @@ def write_training_workdir(root: Path, perturb: float = 0.0, num_images: int = 4
     from shapes_world.synthetic_world import write_world
 
     from diffusers_starflow2 import StarFlow2Pipeline
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
     StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=perturb)).save_pretrained(root / "pipe")
     world_kinds = {} if kinds is None else {"kinds": kinds}  # default: every kind

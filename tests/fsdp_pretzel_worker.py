@@ -23,8 +23,8 @@ from torch.distributed.fsdp import fully_shard
 
 from diffusers_starflow2 import PretzelModel, StarFlow2Pipeline
 from diffusers_starflow2.models.flow_block import FlowTransformerLayer
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 from diffusers_starflow2.training import train_starflow2 as train
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 GLOBAL_BATCH, STEPS, LR = 4, 2, 1e-2
 

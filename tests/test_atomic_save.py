@@ -9,7 +9,7 @@ import torch
 
 from diffusers_starflow2 import StarFlow2Pipeline
 from diffusers_starflow2.models.autoencoder_fae import AutoencoderFAE
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_killed_save_publishes_nothing(tmp_path):
         import os, signal
         from diffusers_starflow2 import StarFlow2Pipeline
         from diffusers_starflow2.models.autoencoder_fae import AutoencoderFAE
-        from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+        from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
         def killed(self, *args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -8,9 +8,9 @@ import torch
 
 from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline
 from diffusers_starflow2.models import flow_block
-from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerModel, tiny_starflow_config
+from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerModel
 from diffusers_starflow2.sampling import sample_starflow
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components, tiny_starflow_config
 
 MASKED_BACKENDS = ["native", "_native_math"]  # backends that take an attention mask
 UNMASKED_BACKENDS = MASKED_BACKENDS + ["_native_flash"]  # flash refuses masks: bidirectional / plainly causal calls

@@ -5,12 +5,8 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import Dinov2Config, Dinov2Model
 
-from diffusers_starflow2.models.autoencoder_fae import (
-    AutoencoderFAE,
-    fae_paper_config,
-    fae_small_config,
-    fae_tiny_config,
-)
+from diffusers_starflow2.models.autoencoder_fae import AutoencoderFAE, fae_paper_config, fae_small_config
+from diffusers_starflow2.testing_utils import fae_tiny_config
 
 
 def make_model(**overrides) -> AutoencoderFAE:

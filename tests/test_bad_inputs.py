@@ -14,7 +14,7 @@ import torch
 from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline
 from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 from diffusers_starflow2.utils.validation import MAX_IMAGE_PIXELS, NonFiniteError
 
 PROMPT = "a red circle on the left"

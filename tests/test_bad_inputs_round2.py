@@ -356,8 +356,8 @@ def test_training_data_refused_before_training(
 
 
 def test_split_special_token_in_interleaved_rows_refused(tmp_path):
+    from diffusers_starflow2.testing_utils import build_tiny_tokenizer
     from diffusers_starflow2.training.data import open_dataset
-    from diffusers_starflow2.utils.tiny_vlm import build_tiny_tokenizer
 
     folder = tmp_path / "doc"
     folder.mkdir()

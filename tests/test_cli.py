@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusers_starflow2 import StarFlow2Pipeline
 from diffusers_starflow2.cli import CONVERTERS, main
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from diffusers_starflow2 import AutoregressiveFlowBlock, GuidanceSpec, StarFlowTransformerModel, TarFlowScheduler
-from diffusers_starflow2.models.autoencoder_fae import AutoencoderFAE, fae_tiny_config
-from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config
+from diffusers_starflow2.models.autoencoder_fae import AutoencoderFAE
 from diffusers_starflow2.sampling import sample_autoregressive, sample_flow_block
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components, fae_tiny_config, tiny_starflow_config
 
 # meta always (it has no data: any tensor created on the CPU fails the op that meets it); CUDA when there is one
 DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])

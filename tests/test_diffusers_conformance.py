@@ -55,15 +55,18 @@ from diffusers_starflow2 import (  # noqa: E402
     StarFlowPipeline,
     StarFlowTransformerModel,
 )
-from diffusers_starflow2.models.autoencoder_fae import fae_tiny_config  # noqa: E402
-from diffusers_starflow2.models.transformer_pretzel import pretzel_tiny_config  # noqa: E402
-from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config  # noqa: E402
 from diffusers_starflow2.models.vlm_stream import VLMStream  # noqa: E402
 from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER  # noqa: E402
 from diffusers_starflow2.pipelines.pipeline_starflow2 import StarFlow2PipelineOutput  # noqa: E402
+from diffusers_starflow2.testing_utils import (  # noqa: E402
+    build_tiny_qwen2_5_vl,
+    build_tiny_starflow2_components,  # noqa: E402
+    build_tiny_tokenizer,
+    fae_tiny_config,  # noqa: E402
+    pretzel_tiny_config,  # noqa: E402
+    tiny_starflow_config,  # noqa: E402
+)
 from diffusers_starflow2.utils.sequence import VISION_START, encode_conversation, pad_layouts  # noqa: E402
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
-from diffusers_starflow2.utils.tiny_vlm import build_tiny_qwen2_5_vl, build_tiny_tokenizer  # noqa: E402
 
 NO_PROMPT_EMBEDS = (
     "STARFlow2's text encoder is the VLM stream of the one causal Transformer that also generates the image: a "

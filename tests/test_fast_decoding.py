@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from diffusers_starflow2 import GuidanceSpec, StarFlowTransformerModel, TarFlowScheduler
 from diffusers_starflow2.models import flow_block
 from diffusers_starflow2.models.flow_block import packed_linear, packed_weights
-from diffusers_starflow2.models.transformer_starflow import tiny_starflow_config
 from diffusers_starflow2.sampling import sample_image_tokens, sample_starflow
+from diffusers_starflow2.testing_utils import tiny_starflow_config
 
 ATOL = 1e-4  # float tolerance: a window of tokens is one matrix product where sequential decoding makes several
 
@@ -265,7 +265,7 @@ def test_inductor_compiled_decode_step_equals_eager_decoding(model, inputs):
 @pytest.fixture(scope="module")
 def tiny_pipe():
     from diffusers_starflow2 import StarFlow2Pipeline
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
     return StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
 
@@ -303,7 +303,7 @@ def test_pretzel_jacobi_runs_both_streams_and_equals_sequential_decoding(tiny_pi
 
 def test_pipelines_take_the_jacobi_options():
     from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
     pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
 
@@ -360,7 +360,7 @@ def test_pretzel_compiled_decode_step_equals_eager_decoding():
     import torch._dynamo
 
     from diffusers_starflow2 import StarFlow2Pipeline
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
     pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
     prompts = ["a red circle", "a big blue square on the right of the image"]
@@ -396,7 +396,7 @@ def test_pretzel_compiled_decode_step_equals_eager_decoding():
 
 def test_pipeline_transformer_compile_repeated_blocks():
     from diffusers_starflow2 import StarFlow2Pipeline
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
     pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
 
@@ -420,7 +420,7 @@ def test_whole_image_step_as_one_graph_equals_the_step_in_every_pipeline():
 
     from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2Pipeline
     from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
     pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
     edit, chat = StarFlow2EditPipeline.from_pipe(pipe), StarFlow2InterleavedPipeline.from_pipe(pipe)

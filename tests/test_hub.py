@@ -14,7 +14,7 @@ import pytest
 from diffusers.pipelines.pipeline_loading_utils import _get_custom_components_and_folders
 
 from diffusers_starflow2 import StarFlow2Pipeline
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
 REPO_ID = "someone/tiny-starflow2"
 

@@ -7,8 +7,8 @@ from conftest import sample_latents, stage1_argv, write_training_workdir  # noqa
 from peft import LoraConfig, get_peft_model_state_dict
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

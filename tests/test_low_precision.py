@@ -11,7 +11,7 @@ import torch
 
 from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
 FP8, BF16 = torch.float8_e4m3fn, torch.bfloat16
 MEAN_BOUND, MAX_BOUND, BPD_BOUND = 0.03, 0.15, 0.03

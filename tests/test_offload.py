@@ -11,7 +11,7 @@ from test_low_precision import CALLS
 
 from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
 
 @pytest.fixture

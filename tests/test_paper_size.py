@@ -13,10 +13,14 @@ import torch
 
 from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2Pipeline, TarFlowScheduler
 from diffusers_starflow2.models.vlm_stream import VLMStream, qwen2_5_vl_7b_config
+from diffusers_starflow2.testing_utils import (
+    QWEN2_5_VL_SPECIAL_TOKEN_IDS,
+    build_paper_starflow2_components,
+    build_tiny_starflow2_components,
+    build_tiny_tokenizer,
+)
 from diffusers_starflow2.training.train_starflow2 import STAGE_GROUPS
 from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts
-from diffusers_starflow2.utils.tiny_pipeline import build_paper_starflow2_components, build_tiny_starflow2_components
-from diffusers_starflow2.utils.tiny_vlm import QWEN2_5_VL_SPECIAL_TOKEN_IDS, build_tiny_tokenizer
 
 # one Jacobi pass per window of the whole span: every flow block runs its full-size shapes a few times instead of
 # once per position (exact decoding on `meta` takes minutes at this size; the tiny test below runs it)

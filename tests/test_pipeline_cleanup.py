@@ -13,7 +13,7 @@ from diffusers_starflow2 import (
     StarFlow2InterleavedPipeline,
     StarFlow2Pipeline,
 )
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
 
 def gen():

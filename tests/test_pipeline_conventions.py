@@ -18,7 +18,7 @@ from diffusers_starflow2 import (
     StarFlowPipeline,
 )
 from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
 
 def gen(seed=0):

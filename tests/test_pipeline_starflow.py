@@ -11,11 +11,12 @@ from diffusers import AutoencoderKL
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerModel, tiny_starflow_config
+from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerModel
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
 from diffusers_starflow2.pipelines.starflow_assembly import save_starflow_pipeline
 from diffusers_starflow2.sampling import denoise_starflow, sample_starflow
 from diffusers_starflow2.schedulers.scheduling_tarflow import SCHEDULER_PRESETS, TarFlowScheduler
+from diffusers_starflow2.testing_utils import tiny_starflow_config
 
 WORDS = "a an the photo painting of cat dog bird red blue green small big on in chair tree house sky".split()
 VAE_CHANNELS = (8, 16)

@@ -17,11 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 from diffusers_starflow2 import GuidanceSpec, StarFlow2Pipeline, TarFlowScheduler, VLMStream
-from diffusers_starflow2.models.autoencoder_fae import fae_tiny_config
-from diffusers_starflow2.models.transformer_pretzel import pretzel_tiny_config
 from diffusers_starflow2.sampling import sample_image_tokens, shallow_reverse
 from diffusers_starflow2.schedulers.scheduling_tarflow import SCHEDULER_PRESETS
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components, fae_tiny_config, pretzel_tiny_config
 
 PROMPT, OTHER = "a red circle on the left", "blue"
 NOISE_LEVEL = 0.3

@@ -13,8 +13,8 @@ from diffusers_starflow2.pipelines.pipeline_starflow2_edit import (
     StarFlow2EditPipeline,
     StarFlow2EditPipelineOutput,
 )
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 from diffusers_starflow2.utils.sequence import encode_conversation, user_message
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 PROMPT, NEXT_PROMPT = "make the cat blue", "now make it smaller"
 FAST = dict(num_inference_steps=0, output_type="latent")

@@ -7,8 +7,8 @@ import torch
 
 from diffusers_starflow2 import StarFlow2Pipeline
 from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER, StarFlow2InterleavedPipeline
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts, user_message
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def test_json_rows_schema(rows):
 def test_prediction_matches_the_real_tiny_step(rows):
     import torch
 
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
     components = build_tiny_starflow2_components(seed=0)
     row = dict(rows[0], dtype="fp32")

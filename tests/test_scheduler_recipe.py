@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from diffusers_starflow2 import GuidanceSpec, StarFlow2Pipeline, TarFlowScheduler
 from diffusers_starflow2.sampling import sample_autoregressive, sample_image_tokens
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
 ITARFLOW_SRC = os.environ.get("ML_ITARFLOW_SRC")
 

@@ -17,8 +17,8 @@ from conftest import write_training_workdir  # noqa: E402
 from shapes_world.synthetic_world import write_world  # noqa: E402
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -47,7 +47,7 @@ def test_accelerate_fsdp_config_on_cpu_is_refused(tmp_path):
     from shapes_world.synthetic_world import write_world
 
     from diffusers_starflow2 import StarFlow2Pipeline
-    from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+    from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 
     StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0, perturb=0)).save_pretrained(tmp_path / "pipe")
     write_world(tmp_path / "world", num_images=2, seed=0, image_size=32, kinds=["caption"], progress=False)

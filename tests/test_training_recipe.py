@@ -11,10 +11,9 @@ from conftest import stage1_argv
 from shapes_world.synthetic_world import write_world
 
 from diffusers_starflow2 import StarFlow2Pipeline
+from diffusers_starflow2.testing_utils import build_tiny_causal_lm, build_tiny_starflow2_components
 from diffusers_starflow2.training import train_starflow2 as train
 from diffusers_starflow2.utils.sequence import IMAGE_PAD, user_message
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
-from diffusers_starflow2.utils.tiny_vlm import build_tiny_causal_lm
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from diffusers_starflow2.models.vlm_stream import VLMStream, position_ids
-from diffusers_starflow2.utils.tiny_vlm import (
+from diffusers_starflow2.testing_utils import (
     QWEN_SPECIAL_TOKENS,
     build_tiny_causal_lm,
     build_tiny_qwen2_5_vl,

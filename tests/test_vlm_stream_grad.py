@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig
 
 from diffusers_starflow2.models.vlm_stream import VLMStream
+from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 from diffusers_starflow2.training.train_starflow2 import STAGE_GROUPS, vlm_lora_targets
 from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
 
 IMAGE = {"type": "image"}
 # the global backward hook sees every module, including those whose outputs are not tensors

@@ -182,7 +182,7 @@ def world_texts(work: Path) -> list:
 def step_lm(work: Path, steps: int, batch_size: int = 32) -> None:
     from tqdm.auto import tqdm
 
-    from diffusers_starflow2.utils.tiny_vlm import build_tiny_qwen2_5_vl, build_tiny_tokenizer
+    from diffusers_starflow2.testing_utils import build_tiny_qwen2_5_vl, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     vlm = build_tiny_qwen2_5_vl(tokenizer, seed=SEED, **lm_world_config())

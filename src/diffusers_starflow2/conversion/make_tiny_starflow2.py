@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 from diffusers_starflow2 import StarFlow2Pipeline
 from diffusers_starflow2.cli import ArgumentParser, run_main
 from diffusers_starflow2.utils.io import check_output_dir, save_pretrained_atomic
-from diffusers_starflow2.utils.tiny_pipeline import build_tiny_starflow2_components
+
+from ..testing_utils import build_tiny_starflow2_components
 
 PROG = "make_tiny_starflow2.py"
 

@@ -138,33 +138,6 @@ def fae_small_config() -> dict:
     )
 
 
-def fae_tiny_config() -> dict:
-    """A < 1 MB model for tests: image 32, DINOv2 patch 8 -> 4x4x4 latents -> 32-px images."""
-    dinov2 = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mlp_ratio=4,
-        image_size=32,
-        patch_size=8,
-        num_channels=3,
-    )
-    return dict(
-        dinov2_config=dinov2,
-        image_size=32,
-        sample_size=32,
-        latent_channels=4,
-        encoder_num_heads=2,
-        decoder_dim=32,
-        decoder_layers=2,
-        decoder_num_heads=2,
-        pixel_decoder_dim=32,
-        pixel_decoder_layers=2,
-        pixel_decoder_num_heads=2,
-        out_patch_size=8,
-    )
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------------------

@@ -398,23 +398,6 @@ def pretzel_paper_config() -> dict:
     )
 
 
-def pretzel_tiny_config(vlm_hidden_size: int = 64, vision_start_token_id: int = 3) -> dict:
-    """A tiny Pretzel for tests: 4x4 grids of 4-channel latents."""
-    return dict(
-        latent_channels=4,
-        sample_size=4,
-        vlm_hidden_size=vlm_hidden_size,
-        num_shallow_blocks=2,
-        shallow_layers=1,
-        shallow_channels=32,
-        deep_layers=2,
-        deep_channels=32,
-        head_dim=16,
-        noise_embed_dim=32,
-        vision_start_token_id=vision_start_token_id,
-    )
-
-
 def scatter_latents(tokens: torch.Tensor, latent_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Intermediate latents ``(M, N, C)`` (or ``(M*N, C)``) placed at the latent positions of ``latent_mask (B, T)``
     in sequence order (sample-major): returns the ``(B, T, C)`` step input (zeros elsewhere) and the flat positions

@@ -54,27 +54,6 @@ class StarFlowTransformerOutput(BaseOutput):
     block_inputs: Tuple[torch.Tensor, ...] = ()
 
 
-def tiny_starflow_config() -> dict:
-    """A few-hundred-kB model for tests and examples."""
-    return dict(
-        in_channels=4,
-        sample_size=8,
-        patch_size=1,
-        channels=32,
-        layers_per_block=[1, 1, 2],
-        head_dim=16,
-        use_rope=True,
-        use_sos=True,
-        max_text_length=8,
-        text_dim=32,
-        cond_top_only=True,
-        use_softplus=True,
-        final_norm=True,
-        soft_clip=4.0,
-        seq_order="L2R",
-    )
-
-
 class StarFlowTransformerModel(ModelMixin, ConfigMixin):
     r"""STARFlow deep-shallow autoregressive flow on text-encoder features.
 
