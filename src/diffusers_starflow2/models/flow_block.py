@@ -26,7 +26,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
-from ..utils.torch_utils import compute_dtype
+from ..utils.torch_utils import compute_dtype, is_fake
 
 LOG_2PI = math.log(2 * math.pi)
 # softplus(a + INV_SOFTPLUS_1) == 1 at a == 0, so a zero-initialised output projection starts as the identity map.
@@ -582,6 +582,7 @@ def _packable(linear: nn.Module, x: torch.Tensor) -> bool:
         or linear.weight.numel() < _MIN_PACKED_WEIGHT
         or torch.is_grad_enabled()
         or torch.compiler.is_compiling()
+        or is_fake(x)  # a FakeTensorMode dry run (memory plan): oneDNN has no fake kernel
     )
 
 
