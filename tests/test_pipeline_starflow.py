@@ -7,75 +7,31 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerModel
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
 from diffusers_starflow2.pipelines.starflow_assembly import save_starflow_pipeline
 from diffusers_starflow2.sampling import denoise_starflow, sample_starflow
-from diffusers_starflow2.schedulers.scheduling_tarflow import SCHEDULER_PRESETS, TarFlowScheduler
-from diffusers_starflow2.testing_utils import tiny_starflow_config
+from diffusers_starflow2.schedulers.scheduling_tarflow import SCHEDULER_PRESETS
+from diffusers_starflow2.testing_utils import (
+    build_tiny_starflow_components,
+    build_tiny_t5_tokenizer,
+    tiny_starflow_config,
+)
 
-WORDS = "a an the photo painting of cat dog bird red blue green small big on in chair tree house sky".split()
 VAE_CHANNELS = (8, 16)
 FACTOR = 2 ** (len(VAE_CHANNELS) - 1)  # the VAE downsampling factor
 SIZE = 4 * FACTOR  # pixels: 4x4 latents, 16 tokens per flow block
 LATENT = SIZE // FACTOR
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer():
     """A word-level T5-style tokenizer: pad=0, eos=1 appended to every text, unk=2."""
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=tiny_starflow_config()["max_text_length"],  # as build_starflow_pipeline sets it
-    )
+    return build_tiny_t5_tokenizer(tiny_starflow_config()["max_text_length"])
 
 
 def build_components():
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=VAE_CHANNELS,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    ).eval()
-    transformer = StarFlowTransformerModel(**tiny_starflow_config()).eval()
-    for block in transformer.blocks:  # the output projection starts at zero (identity flow): make the flow non-trivial
-        torch.nn.init.normal_(block.proj_out.weight, std=0.05)
-    return dict(
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        vae=vae,
-        scheduler=TarFlowScheduler.from_preset("starflow"),
-    )
+    return build_tiny_starflow_components(seed=0)
 
 
 @pytest.fixture(scope="module")
