@@ -1,7 +1,7 @@
 """The attention of one decode step: the flow blocks' own kernel against diffusers' dispatcher.
 
 A decode step attends from a few new queries over the filled slots of a KV cache.  The flow blocks run it with
-:func:`~diffusers_starflow2.models.flow_block.cached_attention` (two batched matrix products and a softmax, the query
+:func:`~diffusers_starflow2.models.attention.cached_attention` (two batched matrix products and a softmax, the query
 heads sharing a key head stacked as rows); the full-sequence passes go through diffusers'
 ``dispatch_attention_fn`` (torch SDPA by default).  This times both on the shapes of a decode step (batch 2 with
 two guidance branches = 4 rows, head_dim 64) for one query and for a Jacobi window, over a few cache lengths, and
@@ -18,7 +18,7 @@ import time
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from diffusers_starflow2.models.flow_block import cached_attention
+from diffusers_starflow2.models.attention import attention_mask, cached_attention, decode_rows_mask
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -63,8 +63,8 @@ def compare(B: int, H: int, H_kv: int, D: int, T: int, S: int, repeats: int, dev
     g = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(B, H, T, D, generator=g).to(device)
     k, v = (torch.randn(B, H_kv, S, D, generator=g).to(device) for _ in range(2))
-    mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)  # the new queries are the last T
-    additive = torch.zeros(T, S, device=device).masked_fill(~mask, float("-inf")).repeat(G, 1)  # (G T, S)
+    mask = attention_mask(torch.arange(S - T, S, device=device), S)  # (T, S): the new queries are the last T
+    additive = decode_rows_mask(mask, torch.float32, H_kv, G)  # (G T, S)
 
     def own():  # the decode step's layout: (B H_kv, G T, D) scaled queries
         rows = (q * D**-0.5).reshape(B * H_kv, G * T, D)

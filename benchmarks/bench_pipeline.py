@@ -38,7 +38,7 @@ the compile time (with an empty inductor cache it is mostly compiling; ``TORCHIN
 worker compiled for the next); every timed call is then made again with an eager copy of the transformer, right
 after, so that the two are compared under the same load (peak memory is the compiled call's; the max abs pixel
 difference of the two is printed).  ``--compile-cache DIR`` gives every worker an empty inductor cache and loads /
-saves torch's cache artifacts in ``DIR`` (:mod:`diffusers_starflow2.utils.compile_cache`); the first row then runs
+saves torch's cache artifacts in ``DIR`` (:mod:`diffusers_starflow2.utils.compile_utils`); the first row then runs
 once more in a new process, so the table shows a cold and a warm compile.
 
 Memory is the resident set size (RSS) of the subprocess, which covers torch's CPU allocations (``tracemalloc`` would
@@ -203,7 +203,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.compile:
         import copy
 
-        from diffusers_starflow2.utils.compile_cache import load_compile_cache, save_compile_cache
+        from diffusers_starflow2.utils.compile_utils import load_compile_cache, save_compile_cache
 
         eager = copy.deepcopy(pipe.transformer)  # timed in turn with the compiled one
         start = time.perf_counter()

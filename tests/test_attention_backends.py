@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipeline, StarFlow2Pipeline
-from diffusers_starflow2.models import flow_block
+from diffusers_starflow2.models import attention as flow_attention
 from diffusers_starflow2.models.transformer_starflow import StarFlowTransformerModel
 from diffusers_starflow2.sampling import sample_starflow
 from diffusers_starflow2.testing_utils import build_tiny_starflow2_components, tiny_starflow_config
@@ -22,13 +22,13 @@ def dispatched(monkeypatch):
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     calls = []
-    dispatch = flow_block.dispatch_attention_fn
+    dispatch = flow_attention.dispatch_attention_fn
 
     def recording(*args, backend=None, **kwargs):
         calls.append(backend)
         return dispatch(*args, backend=backend, **kwargs)
 
-    monkeypatch.setattr(flow_block, "dispatch_attention_fn", recording)
+    monkeypatch.setattr(flow_attention, "dispatch_attention_fn", recording)
     yield calls
     _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
 
@@ -148,4 +148,4 @@ def test_flow_attention_takes_only_its_own_processor_and_refuses_slicing():
         attention.set_processor(AttnProcessor2_0())
     with pytest.raises(ValueError, match=r"slice_size=2.*set_attention_backend"):
         attention.set_attention_slice(2)
-    attention.set_processor(flow_block.FlowAttnProcessor())  # its own kind is accepted
+    attention.set_processor(flow_attention.FlowAttnProcessor())  # its own kind is accepted

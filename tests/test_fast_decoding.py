@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_starflow2 import GuidanceSpec, StarFlowTransformerModel, TarFlowScheduler
-from diffusers_starflow2.models import flow_block
-from diffusers_starflow2.models.flow_block import packed_linear, packed_weights
 from diffusers_starflow2.sampling import sample_image_tokens, sample_starflow
 from diffusers_starflow2.testing_utils import tiny_starflow_config
+from diffusers_starflow2.utils import torch_utils
+from diffusers_starflow2.utils.torch_utils import packed_linear, packed_weights
 
 ATOL = 1e-4  # float tolerance: a window of tokens is one matrix product where sequential decoding makes several
 
@@ -111,12 +111,12 @@ def test_packed_linear_matches_the_module_and_packs_only_within_a_sampling_call(
     linear = torch.nn.Linear(512, 512)  # large enough to be packed
     x = torch.randn(3, 5, 512)
     with torch.no_grad():
-        with packed_weights():
+        with packed_weights(linear):
             assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-4)
             assert torch.allclose(packed_linear(linear, x, "gelu"), F.gelu(linear(x)), atol=1e-4)
         linear.weight.data.mul_(2)  # an in-place update no version counter sees (e.g. fusing a LoRA)
         assert torch.equal(packed_linear(linear, x), linear(x))  # outside a context: the module itself
-        with packed_weights():
+        with packed_weights(linear):
             assert torch.allclose(packed_linear(linear, x), linear(x), atol=1e-4)
 
 
@@ -125,8 +125,8 @@ def test_packed_weights_routes_the_linears_of_modules_it_is_given_and_restores_t
     big, small, hooked = torch.nn.Linear(512, 512), torch.nn.Linear(8, 8), torch.nn.Linear(512, 512)
     calls = []
     hooked.forward = lambda x: calls.append("hook") or F.linear(x, hooked.weight, hooked.bias)  # e.g. an offload hook
-    packed_call = flow_block._packed_call
-    monkeypatch.setattr(flow_block, "_packed_call", lambda *a: calls.append("packed") or packed_call(*a))
+    packed_call = torch_utils._packed_call
+    monkeypatch.setattr(torch_utils, "_packed_call", lambda *a: calls.append("packed") or packed_call(*a))
     x = torch.randn(2, 512)
     with torch.no_grad():
         with packed_weights(torch.nn.ModuleList([big, small, hooked])):
@@ -136,7 +136,7 @@ def test_packed_weights_routes_the_linears_of_modules_it_is_given_and_restores_t
                 pass
             assert "forward" in big.__dict__
             assert torch.allclose(big(x), F.linear(x, big.weight, big.bias), atol=1e-4)
-            assert calls == (["packed"] if flow_block._ONEDNN else [])  # oneDNN where torch has it
+            assert calls == (["packed"] if torch_utils._ONEDNN else [])  # oneDNN where torch has it
             hooked(x)
             with torch.enable_grad():  # autograd: the plain linear, differentiable
                 assert big(x.clone().requires_grad_(True)).requires_grad
@@ -212,7 +212,7 @@ def test_cached_attention_operator(num_kv_heads, masked):
     """The decode attention (query heads sharing a key head stacked as rows) equals the fused kernel, grouped-query
     heads and masks included; the registered operator passes torch's operator checks (schema, fake tensor,
     aliasing) and reads the buffers only up to ``filled``."""
-    from diffusers_starflow2.models.flow_block import cached_attention
+    from diffusers_starflow2.models.attention import cached_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, T, S, D = 3, 4, 2, 9, 16

@@ -7,7 +7,7 @@ import torch
 
 from diffusers_starflow2 import StarFlow2Pipeline
 from diffusers_starflow2.cli import DEFAULT_MODEL
-from diffusers_starflow2.utils.compile_cache import load_compile_cache, save_compile_cache
+from diffusers_starflow2.utils.compile_utils import load_compile_cache, save_compile_cache
 from diffusers_starflow2.utils.quantization import stored_nbytes, weights_kwargs
 
 # Measured on the embedded model (bits/dim of two random images under a caption; the sampled latents of one prompt,
@@ -94,8 +94,8 @@ def test_quantised_linears_are_never_repacked_as_float32():
     pytest.importorskip("torchao")
     from torchao.quantization import quantize_
 
-    from diffusers_starflow2.models.flow_block import packed_linear, packed_weights
     from diffusers_starflow2.utils.quantization import int8_weight_only_config
+    from diffusers_starflow2.utils.torch_utils import packed_linear, packed_weights
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(512, 512)  # large enough to be packed were it float32

@@ -25,12 +25,12 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .models.flow_block import AutoregressiveFlowBlock, packed_weights
+from .models.flow_block import AutoregressiveFlowBlock
 from .models.transformer_pretzel import PretzelCache, PretzelModel, StaticImageSpan
 from .models.transformer_starflow import StarFlowTransformerModel
 from .models.vlm_stream import VLMStream
 from .schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
-from .utils.torch_utils import compute_dtype, has_values
+from .utils.torch_utils import compute_dtype, has_values, packed_weights
 from .utils.validation import check_jacobi
 
 AffineParams = Tuple[torch.Tensor, torch.Tensor]  # (mu, sigma), each (branches * B, K, C), float32
@@ -229,7 +229,7 @@ def sample_flow_block(
         return block.decode_step(inputs, index, L, rope, cache, pad_mask, cond)
 
     start = block.sos_embed.expand(B, -1, -1) if block.use_sos else z[:, :1]
-    with packed_weights():
+    with packed_weights(block):
         x = sample_autoregressive(
             step_fn,
             step_fn(start.repeat(branches, 1, 1), 0),

@@ -35,7 +35,10 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
-from .flow_block import FlowAttention, FlowTransformerLayer, RMSNorm, rope_angles, rope_positions, rope_tables
+from .attention import FlowAttention
+from .embeddings import rope_angles, rope_positions, rope_tables
+from .flow_block import FlowTransformerLayer
+from .normalization import RMSNorm
 from .transformer_starflow import unpatchify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -29,19 +29,12 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..utils.compile_utils import compile_decode_graphs, compile_static_step
 from ..utils.torch_utils import compute_dtype, has_values
-from .flow_block import (
-    LOG_2PI,
-    AutoregressiveFlowBlock,
-    FlowKVCache,
-    bits_per_dim,
-    compile_decode_graphs,
-    compile_static_step,
-    flow_nll,
-    refuse_group_offload,
-    rope_angles,
-    rope_tables,
-)
+from .embeddings import rope_angles, rope_tables
+from .flow_block import AutoregressiveFlowBlock, FlowKVCache
+from .likelihood import LOG_2PI, bits_per_dim, flow_nll
+from .modeling_utils import refuse_group_offload
 from .vlm_stream import VLMStream, position_ids
 
 # Noise levels live in [0, ~0.3]; the sinusoidal embedding is laid out for diffusion-style timesteps in [0, 1000].
@@ -687,11 +680,10 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """:meth:`_flow_stream` with every shape fixed by the inputs ``(B, T, C)`` and the cache buffers
         ``(B, H_kv, S, D)``: the new positions are written at cache ``slots (T,)`` and attend over all ``S`` slots
         under the causal mask and ``key_padding_mask (B, S)``; RoPE at ``positions (B, T)``.  ``filled``: see
-        :meth:`~diffusers_starflow2.models.flow_block.FlowAttention.forward_static`."""
+        :meth:`~diffusers_starflow2.models.attention.FlowAttention.forward_static`."""
         deep = self.deep
         rope = rope_tables(rope_angles(positions[..., None].float(), deep.head_dim))[..., None, :]  # (2, B, T, 1, Dh)
-        mask = deep.decode_mask(slots, keys[0].shape[2], key_padding_mask, flow_in.dtype)
-        return deep.run_layers(deep.add_cond(flow_in, cond), slots, rope, mask, keys, values, filled)
+        return deep.transformer(deep.add_cond(flow_in, cond), rope, (keys, values), key_padding_mask, slots, filled)
 
     def static_image_step(
         self,

@@ -16,7 +16,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
-from .flow_block import LOG_2PI, AutoregressiveFlowBlock, bits_per_dim, flow_nll, refuse_group_offload
+from .flow_block import AutoregressiveFlowBlock
+from .likelihood import LOG_2PI, bits_per_dim, flow_nll
+from .modeling_utils import refuse_group_offload
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:

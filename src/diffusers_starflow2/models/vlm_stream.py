@@ -18,7 +18,9 @@ from torch import nn
 from transformers import Cache, DynamicCache, PreTrainedModel, Qwen2_5_VLConfig
 
 from ..utils.torch_utils import has_values
-from .flow_block import static_attention, static_decode_mask
+from .attention import attention_mask as build_attention_mask
+from .attention import decode_rows_mask, static_attention
+from .embeddings import apply_rope
 
 
 @functools.cache
@@ -190,8 +192,8 @@ class VLMStream(nn.Module):
             # transformers reads the padding mask's values to decide whether SDPA may skip it; on `meta` there are
             # none, so it gets the dense (B, 1, T, T_past + T) boolean mask instead (what it would build itself)
             past = attention_mask.shape[1] - seq_len
-            causal = torch.ones(seq_len, past + seq_len, dtype=torch.bool, device=attention_mask.device).tril(past)
-            attention_mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
+            positions = torch.arange(past, past + seq_len, device=attention_mask.device)
+            attention_mask = build_attention_mask(positions, past + seq_len, attention_mask)  # (B, 1, T, T_past + T)
         # Calling the decoder directly (not `vlm.model`) bypasses Qwen2.5-VL's vision-token merging and its stateful
         # `rope_deltas`: positions come from the caller only.
         outputs = self.decoder(
@@ -263,7 +265,7 @@ class VLMStream(nn.Module):
             key_padding_mask (`torch.Tensor` of shape `(B, S)`): True at real slots (the new ones included).
             keys, values (`list[torch.Tensor]`): One `(B, H_kv, S, D_h)` buffer per layer (:meth:`static_buffers`).
             filled (`torch.Tensor`, *optional*): 0-dim int64 CPU tensor, the slots written after this step (the
-                attention reads no further; see `flow_block.static_attention`).
+                attention reads no further; see `attention.static_attention`).
 
         Returns:
             `torch.Tensor`: hidden states `(B, T, D)` after the final norm.
@@ -272,9 +274,10 @@ class VLMStream(nn.Module):
         config = decoder.config
         B, T, _ = inputs_embeds.shape
         H, H_kv = config.num_attention_heads, config.num_key_value_heads
-        cos, sin = decoder.rotary_emb(inputs_embeds, position_ids)  # (B, T, D_h) each
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D_h): shared by the heads
-        mask = static_decode_mask(slots, keys[0].shape[2], key_padding_mask, inputs_embeds.dtype, H_kv, H // H_kv)
+        # the decoder's own tables, in transformers' layout (channel i pairs with i + D_h/2): (2, B, 1, T, D_h)
+        rope = torch.stack(decoder.rotary_emb(inputs_embeds, position_ids))[:, :, None]
+        allowed = build_attention_mask(slots, keys[0].shape[2], key_padding_mask)
+        mask = decode_rows_mask(allowed, inputs_embeds.dtype, H_kv, H // H_kv)
         h = inputs_embeds
         for layer, k_buf, v_buf in zip(decoder.layers, keys, values):
             attn = layer.self_attn
@@ -282,7 +285,7 @@ class VLMStream(nn.Module):
             q = attn.q_proj(x).view(B, T, H, attn.head_dim).transpose(1, 2)  # (B, H, T, D_h)
             k = attn.k_proj(x).view(B, T, H_kv, attn.head_dim).transpose(1, 2)  # (B, H_kv, T, D_h)
             v = attn.v_proj(x).view(B, T, H_kv, attn.head_dim).transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            q, k = apply_rope(q, rope, halves=True), apply_rope(k, rope, halves=True)
             k_buf.index_copy_(2, slots, k)
             v_buf.index_copy_(2, slots, v)
             # query heads sharing a key head (transformers' repeat_kv order) as the rows of one product
@@ -292,12 +295,6 @@ class VLMStream(nn.Module):
             h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return decoder.norm(h)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # RoPE's rotation in the transformers layout: channel i pairs with channel i + D/2
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
 
 
 def qwen2_5_vl_7b_config() -> Qwen2_5_VLConfig:

@@ -1,0 +1,149 @@
+# Copyright 2026 The diffusers-starflow2 authors. Apache-2.0.
+"""Compiling decode steps with ``torch.compile``, and keeping the compiled graphs for the next process.
+
+* :func:`compile_decode_graphs` / :func:`compile_static_step`: the graphs of a static-shape decode method
+  (:meth:`~diffusers_starflow2.models.flow_block.AutoregressiveFlowBlock.compile_decode_step`, the Pretzel's
+  stream and image steps): a code object of its own per method, inductor's frozen weights, guards on parameter
+  identities only;
+* :func:`load_compile_cache` / :func:`save_compile_cache`: torch's cache artifacts (inductor's FX graphs and
+  kernels, autotuning results, AOTAutograd entries) saved to and loaded from a folder the user chooses::
+
+    load_compile_cache(folder)                      # before compiling: a second process starts warm
+    pipe.transformer.compile_decode_step(vlm=pipe.vlm)
+    pipe("...")                                     # the first call compiles (or finds the graphs)
+    save_compile_cache(folder)                      # after the first call: everything compiled so far
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .io import PathLike, atomic_write_file
+
+
+def compile_decode_graphs(method: Callable, mode: Optional[str], **compile_kwargs) -> Dict[str, Callable]:
+    """The two compiled graphs of a static-shape decode method: ``"token"`` (one new position; static shapes, in
+    ``mode``) and ``"window"`` (several, e.g. a Jacobi window; dynamic shapes, inductor's default mode)."""
+    return {
+        kind: compile_static_step(method, step_mode, dynamic, **compile_kwargs)
+        for kind, step_mode, dynamic in (("token", mode, False), ("window", None, True))
+    }
+
+
+def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: bool, **compile_kwargs) -> Callable:
+    """``torch.compile`` of a bound decode method (:meth:`AutoregressiveFlowBlock.static_decode`, the Pretzel's
+    stream step) as :meth:`AutoregressiveFlowBlock.compile_decode_step` describes it: a code object of its own,
+    with inductor frozen weights, guards on parameter identities only, no stride checks, and on a CPU a C++ wrapper
+    (on a GPU ``mode="max-autotune"`` records CUDA graphs).  A ``dynamic`` in ``compile_kwargs`` is overridden by
+    ``dynamic_shapes``."""
+    compile_kwargs = dict(compile_kwargs, dynamic=dynamic_shapes)
+    frozen = compile_kwargs.get("backend", "inductor") == "inductor"
+    if frozen:
+        from torch._inductor import list_mode_options
+
+        options = {
+            **list_mode_options(mode or "default"),
+            "guard_filter_fn": _identity_guards_on_modules,
+            "size_asserts": False,  # checks of each output's strides after every operator call
+        }
+        device = next(method.__self__.parameters()).device
+        if device.type == "cpu":  # no CUDA graphs; kernels called from C++, not Python
+            options.pop("triton.cudagraphs", None)
+            options["cpp_wrapper"] = True
+        compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
+    compiled = torch.compile(_with_own_code(method), **compile_kwargs)
+    return _with_frozen_weights(compiled) if frozen else compiled
+
+
+def _with_own_code(method: Callable) -> Callable:
+    """``method`` bound to a copy of its function with a code object of its own.  Dynamo keeps compiled graphs per
+    code object, with a limit of 8: blocks sharing ``static_decode``'s code would share one list of graphs (each
+    holding its block's frozen weights, told apart only by guards) and a model of more than a few blocks, or a few
+    compiled models, would hit the limit and fall back to eager decoding."""
+    fn = method.__func__
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    return types.MethodType(own, method.__self__)
+
+
+def _identity_guards_on_modules(guard_entries) -> List[bool]:
+    """Dynamo's guards to keep for a compiled decode step: all but those on module attributes (hooks, flags,
+    types: hundreds per block, ~0.1 ms per call), except the identity of each parameter.  Graphs of blocks (and of
+    model copies) share one code object and hold their own frozen weights; the parameters' identities tell them
+    apart."""
+    return [
+        entry.guard_type == "ID_MATCH" or not entry.orig_guard.source.is_unspecialized_nn_module()
+        for entry in guard_entries
+    ]
+
+
+def _with_frozen_weights(compiled: Callable) -> Callable:
+    """``compiled`` with inductor's ``freezing`` on whenever it runs (and so whenever it traces a new shape): the
+    setting is read while dynamo traces, outside the reach of ``torch.compile``'s ``options``, and is not left on
+    for the rest of the process."""
+    from torch._inductor import config as inductor_config
+
+    def call(*args, **kwargs):
+        before = inductor_config.freezing
+        inductor_config.freezing = True
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            inductor_config.freezing = before
+
+    return call
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compiled graphs that outlive the process
+# --------------------------------------------------------------------------------------------------------------
+
+ARTIFACTS_NAME = "torch_compile_artifacts.bin"
+
+
+def _artifacts_path(folder: PathLike, name: str) -> str:
+    folder = os.fspath(folder)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"`{name}` must be a folder; got {folder!r}, which is a file")
+    return os.path.join(folder, ARTIFACTS_NAME)
+
+
+def load_compile_cache(folder: PathLike) -> bool:
+    """Load the cache artifacts saved in ``folder`` by :func:`save_compile_cache` into this process's compile caches
+    (``torch.compiler.load_cache_artifacts``), so that compiling the same graphs again finds them.  Returns whether
+    there were any; a folder without artifacts (or not yet made) is a cold start."""
+    path = _artifacts_path(folder, "folder")
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        info = torch.compiler.load_cache_artifacts(data)  # None (and a logged warning) when it cannot read them
+    except Exception as error:
+        info, reason = None, f": {error}"
+    else:
+        reason = ""
+    if info is None:  # a truncated or foreign file: say which one
+        raise ValueError(f"`folder` {os.fspath(folder)!r} holds no readable compile cache ({path}){reason}")
+    return True
+
+
+def save_compile_cache(folder: PathLike) -> Optional[str]:
+    """Save what this process compiled (``torch.compiler.save_cache_artifacts``) to ``folder`` (made if missing,
+    the file written atomically); returns the file's path, or None when nothing was compiled."""
+    path = _artifacts_path(folder, "folder")
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return None
+    data = saved[0]
+    os.makedirs(os.fspath(folder), exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write_file(path, write)
