@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from diffusers.models.attention import AttentionModuleMixin
@@ -20,11 +20,9 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 from ..utils.torch_utils import packed_linear
+from .cache_utils import FlowKVCache
 from .embeddings import apply_rope
 from .normalization import RMSNorm, make_norm
-
-if TYPE_CHECKING:
-    from .flow_block import FlowKVCache
 
 
 def cached_attention(
@@ -207,7 +205,7 @@ class FlowAttention(nn.Module, AttentionModuleMixin):
         self,
         x: torch.Tensor,
         rope: Optional[torch.Tensor] = None,
-        cache: Optional["FlowKVCache"] = None,
+        cache: Optional[FlowKVCache] = None,
         layer_idx: int = 0,
         key_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:

@@ -31,8 +31,9 @@ from torch import nn
 
 from ..utils.compile_utils import compile_decode_graphs, compile_static_step
 from ..utils.torch_utils import compute_dtype, has_values
+from .cache_utils import FlowKVCache
 from .embeddings import rope_angles, rope_tables
-from .flow_block import AutoregressiveFlowBlock, FlowKVCache
+from .flow_block import AutoregressiveFlowBlock
 from .likelihood import LOG_2PI, bits_per_dim, flow_nll
 from .modeling_utils import refuse_group_offload
 from .vlm_stream import VLMStream, position_ids
