@@ -94,11 +94,10 @@ def sample_autoregressive(
     jacobi_block_size, jacobi_tolerance, jacobi_max_iterations = check_jacobi(
         jacobi_block_size, jacobi_tolerance, jacobi_max_iterations
     ).values()
-    branches = guidance.num_branches
-    if params[0].shape[0] != branches * noise.shape[0]:
+    if params[0].shape[0] != guidance.num_rows(noise.shape[0]):
         raise ValueError(
             f"the context holds {params[0].shape[0]} rows for {noise.shape[0]} samples; guidance "
-            f"{guidance.branches} needs {branches * noise.shape[0]}"
+            f"{guidance.branches} needs {guidance.num_rows(noise.shape[0])}"
         )
     N = noise.shape[1]
     W = jacobi_block_size or 1
@@ -112,7 +111,7 @@ def sample_autoregressive(
     def feed(inputs: torch.Tensor, index: int) -> AffineParams:
         nonlocal written
         written = index + inputs.shape[1]
-        return step_fn(inputs.repeat(branches, 1, 1), index)
+        return step_fn(guidance.stack(inputs), index)
 
     def stopped(made: List[torch.Tensor]) -> torch.Tensor:
         # the caches keep the tokens before the last one made, as in sequential decoding: a pass that wrote past it
@@ -211,15 +210,14 @@ def sample_flow_block(
     B, N, _ = noise.shape
     text = text if block.proj_txt is not None else None
     guidance = guidance if text is not None and guidance is not None else GuidanceSpec()
-    branches = guidance.num_branches
-    cond = cond.repeat(branches, 1) if cond is not None else None
+    cond = guidance.stack(cond) if cond is not None else None
     L = text.shape[1] if text is not None else 0
     rope = block.rotary(*grid, L, noise.device)
-    cache = block.new_cache(B * branches, L + N, compute_dtype(block), noise.device)
+    cache = block.new_cache(guidance.num_rows(B), L + N, compute_dtype(block), noise.device)
     pad_mask = None
     if text is not None:
         if text_mask is not None:
-            pad_mask = torch.cat([text_mask.bool(), text_mask.new_ones(B * branches, N).bool()], dim=1)
+            pad_mask = torch.cat([text_mask.bool(), text_mask.new_ones(guidance.num_rows(B), N).bool()], dim=1)
         block.prefill(text, rope, cache, pad_mask, cond)
 
     z = block.permute(noise.float())
@@ -232,7 +230,7 @@ def sample_flow_block(
     with packed_weights(block):
         x = sample_autoregressive(
             step_fn,
-            step_fn(start.repeat(branches, 1, 1), 0),
+            step_fn(guidance.stack(start), 0),
             z[:, first:],
             scheduler,
             guidance,
@@ -356,9 +354,8 @@ def sample_image_tokens(
     caches back to where it starts.
     """
     guidance = guidance or GuidanceSpec()
-    branches = guidance.num_branches
     previous = None  # (index, inputs, cache snapshot before them) of the latest call
-    real = None if idle is None else ~idle.to(cache.cond.device).bool().repeat(branches)[:, None]  # (branches * B, 1)
+    real = None if idle is None else guidance.stack(~idle.to(cache.cond.device).bool())[:, None]  # (branches * B, 1)
 
     def params(flow_hidden: torch.Tensor) -> AffineParams:
         return guided(*transformer.latent_params(flow_hidden))  # (branches * B, K, C)
@@ -384,9 +381,9 @@ def sample_image_tokens(
         previous = (index, inputs, cache.snapshot())
         return params(span_step(inputs).flow_hidden_states)
 
-    if cache.batch_size != branches * noise.shape[0]:
+    if cache.batch_size != guidance.num_rows(noise.shape[0]):
         raise ValueError(
-            f"cache batch {cache.batch_size} does not hold the {branches} guidance branches "
+            f"cache batch {cache.batch_size} does not hold the {guidance.num_branches} guidance branches "
             f"{guidance.branches} of {noise.shape[0]} samples"
         )
     start = cache.snapshot()
@@ -420,7 +417,7 @@ def sample_image_tokens(
     if replaced is not tokens:
         cache.restore(start)
         with packed_weights(vlm, transformer):
-            span_step(replaced.float().repeat(branches, 1, 1))
+            span_step(guidance.stack(replaced.float()))
     return replaced.float()
 
 

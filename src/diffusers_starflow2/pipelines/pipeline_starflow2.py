@@ -204,12 +204,12 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
     def _continue_conversation(
         self,
         state: Union[StarFlow2ConversationState, Sequence[StarFlow2ConversationState]],
-        num_branches: int,
+        guidance: GuidanceSpec,
         layouts: Sequence[TokenLayout],
         images: Optional[torch.Tensor] = None,
     ) -> PretzelCache:
-        """A fork of ``state``'s caches (on the pipeline's device and dtypes), reduced to ``num_branches`` guidance
-        branches, with the next turn's ``layouts`` (one per sample, branch-major) pushed: only these new positions
+        """A fork of ``state``'s caches (on the pipeline's device and dtypes), reduced to the branches of
+        ``guidance`` (the first of the state's), with the next turn's ``layouts`` (one per sample, branch-major) pushed: only these new positions
         run through the streams.  ``state`` may be a list of single-conversation states, continued as one batch:
         their caches side by side (left-padded, :meth:`PretzelCache.stack`), rows branch-major."""
         self._onload_pretzel()
@@ -228,15 +228,13 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
             ):
                 cache = cache.to(device, dtype, vlm_dtype)  # the pipeline moved since the state was made
             cache = cache.fork(cache.snapshot())
-            if num_branches < state.num_branches:
-                cache.select(torch.arange(num_branches * state.batch_size, device=cache.cond.device))
+            if guidance.num_branches < state.num_branches:
+                cache.select(torch.arange(guidance.num_rows(state.batch_size), device=cache.cond.device))
             caches.append(cache)
         cache = caches[0]
         if len(caches) > 1:
             cache = PretzelCache.stack(caches)  # conversation-major: reorder the rows branch-major
-            B = len(caches)
-            order = [i * num_branches + b for b in range(num_branches) for i in range(B)]
-            cache.select(torch.tensor(order, device=cache.cond.device))
+            cache.select(torch.tensor(guidance.branch_major(len(caches)), device=cache.cond.device))
         self._run_text(cache, layouts, images)
         return cache
 
@@ -392,7 +390,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         self._onload_pretzel()
         vlm, transformer = self.vlm_stream, self.transformer
         B, N = noise.shape[:2]
-        rows = torch.arange(B, device=cache.cond.device)
+        rows = torch.arange(cache.batch_size, device=cache.cond.device)[guidance.conditional_rows(B)]
         if idle is not None:
             rows = rows[~idle.to(rows.device)]
         snap = cache.snapshot()
@@ -433,6 +431,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
             **jacobi,
         )
         if num_inference_steps > 0 and not self.interrupt:
+            validation.check_finite_output(latents, "image latents")  # NaN is refused before it is denoised
             context = cache.fork(snap)  # the conditional context before the image, without guidance branches
             context.select(rows)
             at = float(levels[0]) if noise_level is None else noise_level
@@ -609,18 +608,24 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         num_inference_steps: int,
         callback_on_step_end: Optional[Callable],
         callback_on_step_end_tensor_inputs: List[str],
-    ) -> List[str]:
-        """Validate the call (the same arguments as :meth:`StarFlowPipeline.check_inputs`); returns the callback
-        tensor names to pass.  Both guidance branches' texts are checked by :meth:`check_prompts`."""
+    ) -> Dict[str, Any]:
+        """Validate the call (the same arguments as :meth:`StarFlowPipeline.check_inputs`); returns the checked
+        values the call runs with: ``guidance`` (the :class:`GuidanceSpec`), ``noise_level`` and
+        ``num_inference_steps`` (the scheduler's defaults for None),
+        ``tensor_inputs`` (the callback tensor names to pass).  Both guidance branches' texts are checked by
+        :meth:`check_prompts`."""
         self.check_prompts(prompt, negative_prompt, max_sequence_length)
         self._check_size(height, width)
-        check_guidance_scale(guidance_scale)
+        guidance = GuidanceSpec(check_guidance_scale(guidance_scale))
         check_output_type(output_type)
         validation.check_images_per_prompt(num_images_per_prompt)
-        self._check_noise_level(noise_level)
-        self._check_inference_steps(num_inference_steps)
-        return resolve_callback_tensor_inputs(
-            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        return dict(
+            guidance=guidance,
+            noise_level=self._check_noise_level(noise_level),
+            num_inference_steps=self._check_inference_steps(num_inference_steps),
+            tensor_inputs=resolve_callback_tensor_inputs(
+                callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+            ),
         )
 
     @ends_call
@@ -682,9 +687,7 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
             num_inference_steps, kwargs, f"{type(self).__name__}.__call__"
         )
         self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
-        noise_level = self._check_noise_level(noise_level)
-        steps = self._check_inference_steps(num_inference_steps)
-        tensor_inputs = self.check_inputs(
+        checked = self.check_inputs(
             prompt,
             negative_prompt,
             height,
@@ -694,12 +697,12 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
             output_type,
             max_sequence_length,
             noise_level,
-            steps,
+            num_inference_steps,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
+        guidance, noise_level, steps = checked["guidance"], checked["noise_level"], checked["num_inference_steps"]
         validation.check_bool(return_dict, "return_dict")
-        guidance = GuidanceSpec(guidance_scale)
         prompts, negatives = self._prompt_texts(prompt, negative_prompt, max_sequence_length)  # cut once, warned once
         layouts = self.encode_prompt(
             prompts, negatives, guidance.num_branches > 1, num_images_per_prompt, max_sequence_length
@@ -718,12 +721,9 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         )
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts)
-        self._begin_call(guidance_scale, self.num_flow_steps + steps, callback_on_step_end, tensor_inputs)
-        _, image_latents = self.generate_image(cache, noise, guidance, 0)
-        validation.check_finite_output(image_latents, "image latents")  # before denoise_latents checks them as input
-        if not self.interrupt:
-            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-            image_latents = self.denoise_latents(image_latents, prompts, noise_level, steps, max_sequence_length)
+        self._begin_call(guidance_scale, self.num_flow_steps + steps, callback_on_step_end, checked["tensor_inputs"])
+        # denoised in the conditional context the image was sampled in (the prompt's, forked before the image)
+        _, image_latents = self.generate_image(cache, noise, guidance, steps, noise_level=noise_level)
         images = self.decode(image_latents, output_type)
         if not return_dict:
             return (images,)

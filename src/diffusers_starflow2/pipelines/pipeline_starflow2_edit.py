@@ -159,32 +159,37 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         callback_on_step_end: Optional[Callable],
         callback_on_step_end_tensor_inputs: List[str],
         state: Optional[StarFlow2EditState] = None,
-    ) -> List[str]:
-        """Validate the call; returns the callback tensor names to pass.  Every guidance branch's text is checked by
-        :meth:`check_prompts` (the negative prompt: one, or one per edited image), images by
-        :meth:`preprocess_image`."""
-        check_guidance_scale(guidance_scale)
-        check_guidance_scale(image_guidance_scale, "image_guidance_scale", minimum=1)  # 1 = no image guidance
-        branches = GuidanceSpec(guidance_scale, image_guidance_scale).num_branches
+    ) -> Dict[str, Any]:
+        """Validate the call; returns the checked values the call runs with: ``guidance`` (the
+        :class:`GuidanceSpec`), ``noise_level`` (the state's when continuing one, else the given one or the
+        scheduler's), ``num_inference_steps`` and ``tensor_inputs`` (the callback tensor names to pass).  Every
+        guidance branch's text is checked by :meth:`check_prompts` (the negative prompt: one, or one per edited
+        image), images by :meth:`preprocess_image`."""
+        guidance = GuidanceSpec(
+            check_guidance_scale(guidance_scale),
+            check_guidance_scale(image_guidance_scale, "image_guidance_scale", minimum=1),  # 1 = no image guidance
+        )
         check_output_type(output_type)
         validation.check_images_per_prompt(num_images_per_prompt)
-        self._check_inference_steps(num_inference_steps)
+        steps = self._check_inference_steps(num_inference_steps)
         if state is None:
             if image is None:
                 raise ValueError("`image` is required (the image to edit) unless `state` continues a conversation")
-            self._check_noise_level(noise_level)
+            noise_level = self._check_noise_level(noise_level)
         else:
-            self._check_edit_state(state, image, num_images_per_prompt, branches, max_sequence_length)
+            self._check_edit_state(state, image, num_images_per_prompt, guidance.num_branches, max_sequence_length)
             if noise_level is not None and noise_level != state.noise_level:
                 raise ValueError(
                     f"`noise_level` must be the conversation's {state.noise_level} when continuing "
                     f"a `state`; got {noise_level}"
                 )
+            noise_level = state.noise_level
         edits = state.batch_size if state is not None else max(_count_images(image), len(check_prompt(prompt)))
         self.check_prompts(prompt, negative_prompt, max_sequence_length, edits)
-        return resolve_callback_tensor_inputs(
+        tensor_inputs = resolve_callback_tensor_inputs(
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
+        return dict(guidance=guidance, noise_level=noise_level, num_inference_steps=steps, tensor_inputs=tensor_inputs)
 
     def _check_edit_state(
         self, state, image, num_images_per_prompt: int, branches: int, max_sequence_length: int = 256
@@ -279,8 +284,7 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
         )
         validation.check_bool(return_dict, "return_dict")
         self._jacobi = jacobi_options(jacobi_block_size, jacobi_tolerance, jacobi_max_iterations)
-        steps = self._check_inference_steps(num_inference_steps)
-        tensor_inputs = self.check_inputs(
+        checked = self.check_inputs(
             prompt,
             negative_prompt,
             image,
@@ -290,17 +294,16 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             output_type,
             max_sequence_length,
             noise_level,
-            steps,
+            num_inference_steps,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
             state,
         )
-        guidance = GuidanceSpec(guidance_scale, image_guidance_scale)
-        branches = guidance.num_branches
+        guidance, noise_level, steps = checked["guidance"], checked["noise_level"], checked["num_inference_steps"]
+        do_guidance, do_image_guidance = guidance.num_branches > 1, "image" in guidance.branches
         transformer = self.transformer
 
         if state is None:
-            noise_level = self._check_noise_level(noise_level)
             images = self.preprocess_image(image)
             pairs = max(len(images), len(check_prompt(prompt)))
             prompts = _broadcast("prompt", check_prompt(prompt), pairs)
@@ -312,18 +315,20 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             images = images.expand(pairs, -1, -1, -1).repeat_interleave(num_images_per_prompt, dim=0)
             source = self.encode_image(images, noise_level, generator)
             layouts = self.encode_prompt(
-                prompts, negative_prompt, branches > 1, num_images_per_prompt, max_sequence_length, branches == 3
+                prompts, negative_prompt, do_guidance, num_images_per_prompt, max_sequence_length, do_image_guidance
             )
             cache = self._new_cache(len(layouts), noise_level)
-            self._run_text(cache, layouts, source.repeat(min(branches, 2), 1, 1))  # the branches with an image
+            # the source image enters every branch but the unconditional one of image guidance
+            with_image = guidance.image_branches(source_in_unconditional=True)
+            self._run_text(cache, layouts, source.repeat(len(with_image), 1, 1))
         else:
-            noise_level, batch_size = state.noise_level, state.batch_size
+            batch_size = state.batch_size
             prompts = _broadcast("prompt", check_prompt(prompt), batch_size)
             check_generator(generator, batch_size)
             layouts = self.encode_prompt(
-                prompts, negative_prompt, branches > 1, 1, max_sequence_length, branches == 3, next_turn=True
+                prompts, negative_prompt, do_guidance, 1, max_sequence_length, do_image_guidance, next_turn=True
             )
-            cache = self._continue_conversation(state, branches, layouts)
+            cache = self._continue_conversation(state, guidance, layouts)
 
         noise = prepare_noise(
             (batch_size, transformer.num_latents, transformer.config.latent_channels),
@@ -332,12 +337,12 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             torch.float32,
             latents,
         )
-        self._begin_call(guidance_scale, self.num_flow_steps + steps, callback_on_step_end, tensor_inputs)
+        self._begin_call(guidance_scale, self.num_flow_steps + steps, callback_on_step_end, checked["tensor_inputs"])
         tokens, image_latents = self.generate_image(cache, noise, guidance, steps, noise_level=noise_level)
         new_state = None
         if not self.interrupt:  # an interrupted image is not in the caches as a whole: nothing to continue
             self._append_ids(cache, [special_id(self.tokenizer, VISION_END)])
-            new_state = self._conversation_state(cache, batch_size, branches, noise_level, tokens)
+            new_state = self._conversation_state(cache, batch_size, guidance.num_branches, noise_level, tokens)
         images = self.decode(image_latents, output_type)
         if not return_dict:
             return images, new_state

@@ -284,7 +284,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         self,
         prompts: List,
         negative_prompt: str,
-        num_branches: int,
+        guidance: GuidanceSpec,
         generators: List[Optional[torch.Generator]],
         noise_level: float,
         max_new_tokens: int,
@@ -293,25 +293,28 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         """The caches holding every conversation's prompt (left-padded; rows branch-major: ``[branch 0 of each
         conversation; branch 1 ...]``), each prompt the next turn of its conversation's state when ``states`` (one
         per conversation) are given, and where each conversation stands: its answer still to come."""
-        B, branches = len(prompts), num_branches
         parsed = [self._parse(p) for p in prompts]
-        per_conversation = [
-            self.encode_prompt(messages, negative_prompt, branches > 1, 1, branches == 3, states is not None)
+        with_image_branch = "image" in guidance.branches
+        per_conversation = [  # conversation-major: each conversation's branches together
+            layout
             for messages, _, _ in parsed
+            for layout in self.encode_prompt(
+                messages, negative_prompt, guidance.num_branches > 1, 1, with_image_branch, states is not None
+            )
         ]
-        layouts = [per_conversation[i][b] for b in range(branches) for i in range(B)]
+        layouts = [per_conversation[j] for j in guidance.branch_major(len(prompts))]
         given = [
             [self.encode_image(self.preprocess_image(img, "prompt"), noise_level, generators[i]) for img in images]
             for i, (_, images, _) in enumerate(parsed)
         ]
-        # the conditional branch, and the image branch with image guidance, hold the user turns' images
-        images = [x for b in range(min(branches, 2)) if b == 0 or branches == 3 for row in given for x in row]
+        # the user turns' images enter the conditional branch and the image branch, not the unconditional one
+        images = [x for _ in guidance.image_branches(source_in_unconditional=False) for row in given for x in row]
         images = torch.cat(images) if images else None
         if states is None:
             cache = self._new_cache(len(layouts), noise_level)
             self._run_text(cache, layouts, images)
         else:
-            cache = self._continue_conversation(states, branches, layouts, images)
+            cache = self._continue_conversation(states, guidance, layouts, images)
         conversations = [
             _Conversation(
                 _plan(answer), generators[i], max_new_tokens, states[i].image_tokens if states is not None else None
@@ -338,16 +341,14 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             conversation.last_image = tokens[-1:]
         return TokenLayout(ids, latent_mask), torch.cat(images) if images else None
 
-    def _push(self, cache: PretzelCache, pushes: List[Optional[_Push]]) -> None:
+    def _push(self, cache: PretzelCache, pushes: List[Optional[_Push]], guidance: GuidanceSpec) -> None:
         """One left-padded step of each conversation's push in every branch; conversations without one (None) take
         padding positions (no step when no conversation has anything to push)."""
-        B = len(pushes)
-        branches = cache.batch_size // B
         empty = TokenLayout([], [])
-        layouts = [p[0] if p is not None else empty for _ in range(branches) for p in pushes]
+        layouts = guidance.stack([p[0] if p is not None else empty for p in pushes])
         if not any(len(layout) for layout in layouts):
             return
-        images = [p[1] for _ in range(branches) for p in pushes if p is not None and p[1] is not None]
+        images = guidance.stack([p[1] for p in pushes if p is not None and p[1] is not None])
         self._run_text(cache, layouts, torch.cat(images) if images else None)
 
     def _advance(
@@ -409,7 +410,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
 
         def push(token: str) -> None:
             one = (TokenLayout([special_id(tokenizer, token)], [False]), None)
-            self._push(cache, [one if i in rows else None for i in range(len(conversations))])
+            self._push(cache, [one if i in rows else None for i in range(len(conversations))], guidance)
 
         push(VISION_START)
         N, C = transformer.num_latents, transformer.config.latent_channels
@@ -448,9 +449,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         positions, so each conversation's logits and latents are its own (up to float rounding).
         """
         o = options
-        branches = o.guidance.num_branches
         cache, conversations = self._start(
-            prompts, o.negative_prompt, branches, generators, o.noise_level, o.max_new_tokens, states
+            prompts, o.negative_prompt, o.guidance, generators, o.noise_level, o.max_new_tokens, states
         )
         processors = _text_processors(o.temperature, o.top_k, o.top_p)
         self._begin_call(
@@ -467,7 +467,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                         yield i, text
                 pushes = [c.want if isinstance(c.want, tuple) else None for c in conversations]
                 if any(p is not None for p in pushes):
-                    self._push(cache, pushes)
+                    self._push(cache, pushes, o.guidance)
                     for c in conversations:
                         c.want = None if isinstance(c.want, tuple) else c.want
                 elif any(c.want == IMAGE_PLACEHOLDER for c in conversations):
@@ -477,12 +477,12 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 else:
                     break
             if result is not None and not self.interrupt:
-                result["states"] = self._states(cache, conversations, branches, o.noise_level)
+                result["states"] = self._states(cache, conversations, o.guidance, o.noise_level)
         finally:
             self._end_call()
 
     def _states(
-        self, cache: PretzelCache, conversations: List[_Conversation], num_branches: int, noise_level: float
+        self, cache: PretzelCache, conversations: List[_Conversation], guidance: GuidanceSpec, noise_level: float
     ) -> List[StarFlow2ConversationState]:
         """Each conversation's state: its rows of the caches (a single conversation keeps the caches)."""
         B = len(conversations)
@@ -491,8 +491,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             own = cache
             if B > 1:
                 own = cache.fork(cache.snapshot())
-                own.select(torch.tensor([b * B + i for b in range(num_branches)], device=cache.cond.device))
-            states.append(self._conversation_state(own, 1, num_branches, noise_level, c.last_image))
+                own.select(torch.tensor(guidance.sample_rows(i, B), device=cache.cond.device))
+            states.append(self._conversation_state(own, 1, guidance.num_branches, noise_level, c.last_image))
         return states
 
     # -- public API ----------------------------------------------------------------------------------------------------
@@ -543,8 +543,8 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         top_p: Optional[float],
         stop,
         output_type: str,
-        noise_level: float,
-        num_inference_steps: int,
+        noise_level: Optional[float],
+        num_inference_steps: Optional[int],
         callback_on_step_end: Optional[Callable],
         callback_on_step_end_tensor_inputs: Sequence[str],
         generator=None,
@@ -553,8 +553,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
     ) -> Dict[str, Any]:
         """Validate the call, the whole prompt included (texts and their special tokens, images, and the context
         budget of the conversation held by ``state`` + prompt + answer) before anything runs.  Returns the checked
-        values: the numbers as Python numbers, ``guidance`` the :class:`GuidanceSpec`, ``stop`` as a list,
-        ``generator`` as one generator, ``tensor_inputs`` the callback tensor names to pass."""
+        values: the numbers as Python numbers (``noise_level``: the state's for None when continuing one, else the
+        scheduler's; ``num_inference_steps``: the scheduler's for None), ``guidance`` the :class:`GuidanceSpec`,
+        ``stop`` as a list, ``generator`` as one generator, ``tensor_inputs`` the callback tensor names to pass."""
         checked = dict(
             guidance=GuidanceSpec(
                 check_guidance_scale(guidance_scale),
@@ -583,8 +584,10 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         validation.check_generator(generator, 1)
         # the pipeline makes one conversation
         checked["generator"] = generator[0] if isinstance(generator, (list, tuple)) else generator
-        self._check_noise_level(noise_level)
-        self._check_inference_steps(num_inference_steps)
+        if noise_level is None and isinstance(state, StarFlow2ConversationState):  # else refused below
+            noise_level = state.noise_level
+        checked["noise_level"] = noise_level = self._check_noise_level(noise_level)
+        checked["num_inference_steps"] = self._check_inference_steps(num_inference_steps)
         held = 0
         if state is not None:
             self._check_state(state, checked["guidance"].num_branches)
@@ -609,14 +612,16 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 messages, images, answer, IMAGE_PLACEHOLDER, tokenizer, image_positions
             )
         }
-        branches = checked["guidance"].num_branches
-        if branches > 1:
+        guidance = checked["guidance"]
+        if guidance.num_branches > 1:
             answer_positions = validation.check_conversation(
                 [], [], answer, IMAGE_PLACEHOLDER, tokenizer, image_positions
             )
             negative_turn = validation.count_tokens(tokenizer, negative_prompt or "") + validation.CHAT_TEMPLATE_RESERVE
-            # the image branch (three branches) holds the user turn's images and the negative prompt
-            images_in_branch = len(images) * image_positions if branches == 3 else 0
+            # a branch besides the conditional one that holds the user turn's images (the image branch) holds the
+            # negative prompt with them
+            with_images = any(b > 0 for b in guidance.image_branches(source_in_unconditional=False))
+            images_in_branch = len(images) * image_positions if with_images else 0
             branch_positions["negative_prompt"] = negative_turn + images_in_branch + answer_positions
         for name, positions in branch_positions.items():
             validation.check_context_budget(
@@ -651,9 +656,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         options (the noise level: a continued conversation samples at its own, checked to be one for all) and each
         conversation's generator."""
         if noise_level is None and isinstance(states[0], StarFlow2ConversationState):
-            noise_level = states[0].noise_level
-        noise_level = self._check_noise_level(noise_level)
-        steps = self._check_inference_steps(num_inference_steps)
+            noise_level = states[0].noise_level  # a batch samples at one level: its first conversation's
         checked_generators = []
         for prompt, state, generator in zip(prompts, states, generators):
             checked = self.check_inputs(
@@ -668,7 +671,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 stop,
                 output_type,
                 noise_level,
-                steps,
+                num_inference_steps,
                 callback_on_step_end,
                 callback_on_step_end_tensor_inputs,
                 generator,
@@ -676,12 +679,21 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
                 state,
             )
             checked_generators.append(checked["generator"])
-        shared = ("guidance", "max_new_tokens", "max_images", "temperature", "top_k", "top_p", "stop", "tensor_inputs")
+        shared = (
+            "guidance",
+            "max_new_tokens",
+            "max_images",
+            "temperature",
+            "top_k",
+            "top_p",
+            "stop",
+            "noise_level",
+            "num_inference_steps",
+            "tensor_inputs",
+        )
         options = _CallOptions(
             **{name: checked[name] for name in shared},  # the same for every conversation
             negative_prompt=negative_prompt or "",
-            noise_level=noise_level,
-            num_inference_steps=steps,
             output_type=output_type,
             callback_on_step_end=callback_on_step_end,
         )

@@ -62,6 +62,54 @@ class GuidanceSpec:
     def num_branches(self) -> int:
         return len(self.branches)
 
+    # -- the row layout: branch-major, ``batch_size`` samples per branch ------------------------------------------
+
+    def num_rows(self, batch_size: int) -> int:
+        """Rows of a batch of ``batch_size`` samples under guidance: ``num_branches * batch_size``."""
+        return self.num_branches * batch_size
+
+    def rows(self, branch: Union[int, str], batch_size: int) -> slice:
+        """The batch rows of ``branch`` (its index or name in :attr:`branches`): ``branch * B .. (branch + 1) * B``."""
+        index = self.branches.index(branch) if isinstance(branch, str) else branch
+        return slice(index * batch_size, (index + 1) * batch_size)
+
+    def conditional_rows(self, batch_size: int) -> slice:
+        """The rows of the conditional branch (the first): what a sample is, without its guidance contexts."""
+        return self.rows(0, batch_size)
+
+    def sample_rows(self, sample: int, batch_size: int) -> List[int]:
+        """The rows of sample ``sample`` in every branch, in branch order."""
+        return [b * batch_size + sample for b in range(self.num_branches)]
+
+    def branch_major(self, batch_size: int) -> List[int]:
+        """The order that makes sample-major rows (each sample's branches together, ``i * num_branches + b``)
+        branch-major: row ``b * B + i`` of the result is row ``i * num_branches + b``."""
+        n = self.num_branches
+        return [i * n + b for b in range(n) for i in range(batch_size)]
+
+    def stack(self, x):
+        """What every branch shares (the tokens being sampled, a noise embedding, a list of per-sample items),
+        repeated along the batch once per branch: ``(B, ...) -> (num_branches * B, ...)``."""
+        if isinstance(x, torch.Tensor):
+            return x.repeat(self.num_branches, *([1] * (x.ndim - 1)))
+        return list(x) * self.num_branches
+
+    def image_branches(self, source_in_unconditional: bool) -> Tuple[int, ...]:
+        """The branches whose context holds the user's images (an edit's source image), by index.
+
+        The conditional branch always holds them, and so does the image branch of image guidance (it drops only the
+        text); the unconditional branch of three-branch guidance never does (the image branch is guided against
+        it).  The unconditional branch of text-only (two-branch) guidance is where the pipelines differ, and
+        ``source_in_unconditional`` says which they are: editing keeps the source image there (True: text guidance
+        contrasts the instruction with the negative prompt on the same image, so this branch is in effect the image
+        branch), the interleaved pipeline replaces the whole user turn, images included, by the negative prompt
+        (False: text guidance contrasts the user's request with nothing).
+        """
+        keep = {"conditional", "image"}
+        if source_in_unconditional and self.num_branches == 2:
+            keep.add("unconditional")
+        return tuple(i for i, name in enumerate(self.branches) if name in keep)
+
 
 @dataclass
 class TarFlowSchedulerOutput(BaseOutput):
