@@ -57,9 +57,11 @@ def worker(config: str, stage: int, checkpointing: bool, vlm_grad: str, batch_si
 
     from diffusers_starflow2.models.vlm_stream import VLMStream
     from diffusers_starflow2.training import train_starflow2 as train
+    from diffusers_starflow2.training.args import parse_args
+    from diffusers_starflow2.training.batches import BatchBuilder
 
     pipe = build_pipeline(config)
-    args = train.parse_args(
+    args = parse_args(
         [
             "--stage",
             str(stage),
@@ -84,7 +86,7 @@ def worker(config: str, stage: int, checkpointing: bool, vlm_grad: str, batch_si
     trainer = train.PretzelTrainer(transformer, vlm, train_vlm=False)
     params = train.trainable_parameters(trainer)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    build = train.BatchBuilder(args, pipe.tokenizer, pipe.vae, pipe.scheduler, transformer.num_latents, torch.float32)
+    build = BatchBuilder(args, pipe.tokenizer, pipe.vae, pipe.scheduler, transformer.num_latents, torch.float32)
     image_size = transformer.config.sample_size * pipe.vae.config.out_patch_size
 
     forced = {"vlm_requires_grad": True} if vlm_grad == "always" else {}

@@ -11,8 +11,8 @@ shipped Qwen2.5-VL-7B configuration, the 3.7B Pretzel of ``pretzel_paper_config`
 Rows.  ``sample``: one ``StarFlow2Pipeline`` text-to-image call (the scheduler's default denoising steps, exact
 decoding, ``output_type="pt"``: the FAE decode included) in fp32 and bf16 (all weights cast), batch 1 and 4,
 guidance off (``guidance_scale=0``) and on (2.0, two branches), one GPU.  ``stage1/2/3``: two optimiser steps of
-``training/train_starflow2.py`` (its ``configure_trainable``, ``PretzelTrainer`` and ``BatchBuilder``: FAE encoding
-and noising inside the step; AdamW; ``--mixed_precision bf16``: the frozen VLM and FAE in bf16, the Pretzel's
+``training/train_starflow2.py`` (its ``configure_trainable`` and ``PretzelTrainer``, the ``BatchBuilder`` of
+``training.batches``: FAE encoding and noising inside the step; AdamW; ``--mixed_precision bf16``: the frozen VLM and FAE in bf16, the Pretzel's
 parameters, gradients and AdamW state in fp32, the forward under bf16 autocast), with gradient checkpointing off and
 on (the VLM's too where gradient runs through it), per GPU ``--train_batch_size`` examples:
 
@@ -207,9 +207,10 @@ def training_setup(components: dict, stage: int, checkpointing: bool, mixed: boo
     import torch
 
     from diffusers_starflow2.training import train_starflow2 as train
+    from diffusers_starflow2.training.args import parse_args
 
     args = ["--stage", str(stage), "--pretrained_model_name_or_path", "-", "--output_dir", "-"]
-    args = train.parse_args(args + ["--max_train_steps", "1", "--caption_dropout", "0"])
+    args = parse_args(args + ["--max_train_steps", "1", "--caption_dropout", "0"])
     transformer, vlm, vae = components["transformer"], components["vlm"], components["vae"]
     weight_dtype = torch.bfloat16 if mixed else torch.float32
     vlm.to(weight_dtype)
@@ -257,6 +258,7 @@ def training_step_fn(components, args, weight_dtype, batch_size, fake_mode=None,
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from diffusers_starflow2.training import train_starflow2 as train
+    from diffusers_starflow2.training.batches import BatchBuilder
 
     transformer, vlm, vae = components["transformer"], components["vlm"], components["vae"]
     N = transformer.num_latents
@@ -264,7 +266,7 @@ def training_step_fn(components, args, weight_dtype, batch_size, fake_mode=None,
     tokenizer, scheduler = components["tokenizer"], components["scheduler"]
     # the layouts of the batches, with values (the model's layout decisions and num_text_targets read them), built
     # before the models go fake; in the step the builder then encodes the images as the training script does
-    layout = train.BatchBuilder(args, tokenizer, LayoutOnly(transformer), scheduler, N, weight_dtype)
+    layout = BatchBuilder(args, tokenizer, LayoutOnly(transformer), scheduler, N, weight_dtype)
     layouts = [layout(examples(args.stage, batch_size, image_size, i), "cpu") for i in range(2)]
     text_targets = [None if b["text_loss_mask"] is None else int(b["text_loss_mask"][:, 1:].sum()) for b in layouts]
     decision = vlm_grad_decision(components, layouts[0])
@@ -281,7 +283,7 @@ def training_step_fn(components, args, weight_dtype, batch_size, fake_mode=None,
                     fully_shard(module, mesh=fsdp_mesh, mp_policy=policy)
             fully_shard(transformer, mesh=fsdp_mesh, mp_policy=policy)
         materialise_fake(components, fake_mode)
-    build = train.BatchBuilder(args, tokenizer, vae, scheduler, N, weight_dtype)
+    build = BatchBuilder(args, tokenizer, vae, scheduler, N, weight_dtype)
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         trainer = train.PretzelTrainer(transformer, vlm, train_vlm=False)
         optimizer = torch.optim.AdamW(train.trainable_parameters(trainer), lr=1e-4)

@@ -25,13 +25,15 @@ from diffusers_starflow2 import PretzelModel, StarFlow2Pipeline
 from diffusers_starflow2.models.flow_block import FlowTransformerLayer
 from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
 from diffusers_starflow2.training import train_starflow2 as train
+from diffusers_starflow2.training.args import parse_args
+from diffusers_starflow2.training.batches import BatchBuilder
 
 GLOBAL_BATCH, STEPS, LR = 4, 2, 1e-2
 
 
 def setup():
     components = build_tiny_starflow2_components(seed=0, perturb=0.05)
-    args = train.parse_args(
+    args = parse_args(
         [
             "--stage",
             "1",
@@ -50,7 +52,7 @@ def setup():
     transformer = components["transformer"]
     train.configure_trainable(args, transformer, components["vlm"])
     transformer.train()
-    build = train.BatchBuilder(
+    build = BatchBuilder(
         args,
         components["tokenizer"],
         components["vae"],

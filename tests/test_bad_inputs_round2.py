@@ -19,6 +19,9 @@ from test_bad_inputs import assert_refused, chat, components, edit, gen, t2i, v1
 
 from diffusers_starflow2 import TarFlowScheduler
 from diffusers_starflow2.training import train_starflow2 as train
+from diffusers_starflow2.training.args import ArgumentError, parse_args
+from diffusers_starflow2.training.batches import check_texts
+from diffusers_starflow2.training.checkpointing import list_checkpoints
 from diffusers_starflow2.utils.validation import MAX_IMAGES_PER_CALL
 
 INF, NAN = float("inf"), float("nan")
@@ -368,12 +371,12 @@ def test_split_special_token_in_interleaved_rows_refused(tmp_path):
         {"segments": [{"text": "a <|im_"}, {"text": "end|> b"}, {"file_name": "a.png"}]},
     ]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = train.parse_args(
+    args = parse_args(
         ["--stage", "3", "--pretrained_model_name_or_path", "-", "--output_dir", "-", "--max_train_steps", "1"]
         + ["--mixture", f"interleaved={folder}:1"]
     )
-    with pytest.raises(train.ArgumentError) as err:
-        train.check_texts(args, {"interleaved": open_dataset(folder, "interleaved")}, build_tiny_tokenizer())
+    with pytest.raises(ArgumentError) as err:
+        check_texts(args, {"interleaved": open_dataset(folder, "interleaved")}, build_tiny_tokenizer())
     message = str(err.value)
     assert (
         message.startswith("--mixture: ") and f"{folder / 'metadata.jsonl'}:3:" in message and "`segments`" in message
@@ -390,7 +393,7 @@ def test_dataset_name_folder_trains_when_its_files_are_good(work, tmp_path, fres
     (folder / "inside.png").symlink_to(folder / "a.png")  # a link that stays inside is fine
     with open(folder / "metadata.jsonl", "a") as f:
         f.write(json.dumps({"file_name": "inside.png", "text": "the same square"}) + "\n")
-    result = train.main(train.parse_args(_data_argv(work, tmp_path / "out", "--dataset_name", folder)))
+    result = train.main(parse_args(_data_argv(work, tmp_path / "out", "--dataset_name", folder)))
     assert result["global_step"] == 1
 
 
@@ -403,7 +406,7 @@ def finished_run(work, tmp_path_factory):
     from accelerate.state import AcceleratorState, GradientState
 
     out = tmp_path_factory.mktemp("resume") / "run"
-    train.main(train.parse_args(stage1_argv(work, out, 2, "--checkpointing_steps", "1")))
+    train.main(parse_args(stage1_argv(work, out, 2, "--checkpointing_steps", "1")))
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     return out
@@ -454,7 +457,7 @@ def test_resume_latest_skips_to_the_newest_complete_checkpoint(
     _truncate(out / "checkpoint-2" / "model.safetensors")
     kept, broken = _snapshot(out / "checkpoint-1"), _snapshot(out / "checkpoint-2")
     with caplog.at_level(logging.WARNING, logger="train_starflow2"):
-        result = train.main(train.parse_args(stage1_argv(work, out, 2, "--resume_from_checkpoint", "latest")))
+        result = train.main(parse_args(stage1_argv(work, out, 2, "--resume_from_checkpoint", "latest")))
     assert "skipping" in caplog.text and "checkpoint-2" in caplog.text and "model.safetensors" in caplog.text
     assert [h["step"] for h in result["history"]] == [2]  # resumed from checkpoint-1
     assert _snapshot(out / "checkpoint-1") == kept and _snapshot(out / "checkpoint-2") == broken  # left as found
@@ -474,4 +477,4 @@ def test_resume_latest_refuses_when_no_checkpoint_is_complete(work, finished_run
 def test_checkpoints_of_a_finished_run_are_complete(finished_run):
     names = sorted(os.listdir(finished_run / "checkpoint-2"))
     assert "model.safetensors" in names and "optimizer.bin" in names, names
-    assert [p.name for p in train.list_checkpoints(finished_run)] == ["checkpoint-1", "checkpoint-2"]
+    assert [p.name for p in list_checkpoints(finished_run)] == ["checkpoint-1", "checkpoint-2"]

@@ -9,6 +9,8 @@ from peft import LoraConfig, get_peft_model_state_dict
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.testing_utils import build_tiny_starflow2_components  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
+from diffusers_starflow2.training.args import ArgumentError, parse_args  # noqa: E402
+from diffusers_starflow2.training.lora import vlm_lora_targets  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -26,7 +28,7 @@ def add_random_lora(components, vlm=True):
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_qkv", "to_out", "fc1", "fc2"]))
     models = [transformer]
     if vlm:
-        targets = train.vlm_lora_targets(components["vlm"])
+        targets = vlm_lora_targets(components["vlm"])
         components["vlm"].add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
         models.append(components["vlm"])
     with torch.no_grad():
@@ -104,7 +106,7 @@ def test_lora_training_writes_a_loadable_file(work, tmp_path):
         "--lora_vlm",
         "--save_fused",
     )
-    train.main(train.parse_args(argv))
+    train.main(parse_args(argv))
     lora_file = out / "pytorch_lora_weights.safetensors"
     assert lora_file.is_file()
     state_dict = StarFlow2Pipeline.lora_state_dict(out)
@@ -131,5 +133,5 @@ def test_lora_arguments(work, tmp_path):
         (["--save_fused"], "--save_fused"),
         (["--lora_rank", "4", "--lora_target_modules", "nope"], "--lora_target_modules"),
     ):
-        with pytest.raises(train.ArgumentError, match=match):
-            train.main(train.parse_args(common + extra))
+        with pytest.raises(ArgumentError, match=match):
+            train.main(parse_args(common + extra))

@@ -19,6 +19,8 @@ from shapes_world.synthetic_world import write_world  # noqa: E402
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.testing_utils import build_tiny_starflow2_components  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
+from diffusers_starflow2.training.args import ArgumentError, parse_args  # noqa: E402
+from diffusers_starflow2.training.batches import BatchBuilder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -61,7 +63,7 @@ def run(work, out, stage, *extra, steps=2, batch=2, lr=1e-3):
         *data_args(work, stage),
         *extra,
     ]
-    return train.main(train.parse_args(argv))
+    return train.main(parse_args(argv))
 
 
 def weights(folder, component):
@@ -143,7 +145,7 @@ def test_stage1_flow_nll_falls(work, tmp_path):
         "--latent_sample",
         "mean",
     ]  # the untrained tiny FAE's posterior std is ~1: its samples are pure noise
-    history = train.main(train.parse_args(argv))["history"]
+    history = train.main(parse_args(argv))["history"]
     bpd = [h["bits_per_dim"] for h in history]
     first, last = sum(bpd[:5]) / 5, sum(bpd[-5:]) / 5
     assert last < first - 1.0, f"bits/dim did not fall: {first:.3f} -> {last:.3f}"
@@ -168,7 +170,7 @@ def test_resume_is_exact(work, tmp_path):
     assert logged == [1, 2, 3, 4, 5, 6]
 
     # resuming with another batch size would silently read other data: refused
-    with pytest.raises(train.ArgumentError, match="--resume_from_checkpoint"):
+    with pytest.raises(ArgumentError, match="--resume_from_checkpoint"):
         run(work, tmp_path / "split", 1, "--resume_from_checkpoint", "latest", steps=8, batch=3)
 
 
@@ -210,8 +212,8 @@ def test_bad_arguments_name_the_argument(work, tmp_path, argv, match):
     argv = [a.replace("WORLD", str(work / "world")) for a in argv]
     if "--pretrained_model_name_or_path" not in argv:
         argv += ["--pretrained_model_name_or_path", str(work / "pipe")]
-    args = train.parse_args(argv + ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"])
-    with pytest.raises(train.ArgumentError, match=match):
+    args = parse_args(argv + ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "1"])
+    with pytest.raises(ArgumentError, match=match):
         train.main(args)
 
 
@@ -282,7 +284,7 @@ def test_batches_use_the_pipeline_layouts_and_per_sample_randomness():
     components = build_tiny_starflow2_components(seed=0, perturb=0)
     pipe = StarFlow2Pipeline(**components)
     tok, N = pipe.tokenizer, pipe.transformer.num_latents
-    args = train.parse_args(
+    args = parse_args(
         [
             "--stage",
             "3",
@@ -298,7 +300,7 @@ def test_batches_use_the_pipeline_layouts_and_per_sample_randomness():
             "0",
         ]
     )
-    build = train.BatchBuilder(args, tok, pipe.vae, pipe.scheduler, N, torch.float32)
+    build = BatchBuilder(args, tok, pipe.vae, pipe.scheduler, N, torch.float32)
     img = lambda: torch.rand(3, 32, 32) * 2 - 1  # noqa: E731
     examples = [
         {"kind": "caption", "image": img(), "text": "a red circle"},
@@ -351,11 +353,11 @@ def test_chat_edits_are_laid_out_as_a_continued_chat():
 
     pipe = StarFlow2InterleavedPipeline(**build_tiny_starflow2_components(seed=0, perturb=0))
     tok, N = pipe.tokenizer, pipe.transformer.num_latents
-    args = train.parse_args(
+    args = parse_args(
         ["--stage", "3", "--pretrained_model_name_or_path", "-", "--output_dir", "-", "--mixture", "-"]
         + ["--max_train_steps", "1", "--caption_dropout", "0"]
     )
-    build = train.BatchBuilder(args, tok, pipe.vae, pipe.scheduler, N, torch.float32)
+    build = BatchBuilder(args, tok, pipe.vae, pipe.scheduler, N, torch.float32)
     example = {
         "kind": "chat_edit",
         "prompt": "a red circle",

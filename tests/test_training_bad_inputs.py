@@ -16,6 +16,7 @@ from conftest import stage1_argv, write_training_workdir  # noqa: E402
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
+from diffusers_starflow2.training.args import ArgumentError, parse_args  # noqa: E402
 from diffusers_starflow2.training.data import load_metadata  # noqa: E402
 
 # -- the data loader ------------------------------------------------------------------------------------------------
@@ -165,10 +166,10 @@ def test_training_arguments_bad_values(work, tmp_path, extra, message):
         "1",
         *extra,
     ]
-    args = train.parse_args([a.replace("WORLD", str(work / "world")) for a in argv])
+    args = parse_args([a.replace("WORLD", str(work / "world")) for a in argv])
     with pytest.raises(ValueError) as err:
         train.main(args)
-    assert isinstance(err.value, train.ArgumentError) and message in str(err.value)
+    assert isinstance(err.value, ArgumentError) and message in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +186,7 @@ def test_training_arguments_bad_values(work, tmp_path, extra, message):
 def test_parser_refuses_unknown_choices_with_exit_2(argv, capsys):
     base = ["--stage", "1", "--pretrained_model_name_or_path", "-", "--output_dir", "-", "--max_train_steps", "1"]
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(base + argv)
+        parse_args(base + argv)
     assert exit_info.value.code == 2 and argv[0] in capsys.readouterr().err
 
 
@@ -203,7 +204,7 @@ def run(work, out, *extra, steps):
         "2",
         *extra,
     )
-    return train.main(train.parse_args(argv))
+    return train.main(parse_args(argv))
 
 
 def test_incomplete_checkpoints_resume_logs_and_leftovers(work, tmp_path, caplog):
@@ -214,7 +215,7 @@ def test_incomplete_checkpoints_resume_logs_and_leftovers(work, tmp_path, caplog
 
     (out / "checkpoint-4").mkdir()  # empty: a killed copy, or a hand-made folder
     with pytest.raises(
-        train.ArgumentError,
+        ArgumentError,
         match=r"--resume_from_checkpoint 'checkpoint-4': .* is not a complete "
         r"checkpoint \(no training_state.json",
     ):

@@ -14,9 +14,12 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 REPO = Path(__file__).resolve().parents[1]
 
 from conftest import sample_latents, write_training_workdir  # noqa: E402
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE  # noqa: E402
 
 from diffusers_starflow2 import StarFlow2Pipeline  # noqa: E402
 from diffusers_starflow2.training import train_starflow2 as train  # noqa: E402
+from diffusers_starflow2.training.args import ArgumentError, parse_args  # noqa: E402
+from diffusers_starflow2.training.checkpointing import EMA_WEIGHT_NAME  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def lora_run(work, out, *extra, steps=4):
         "1",
         *extra,
     ]
-    return train.main(train.parse_args(argv))
+    return train.main(parse_args(argv))
 
 
 def test_stage1_lora_with_imagefolder_validation_ema_checkpoints_and_resume(work, tmp_path):
@@ -66,7 +69,7 @@ def test_stage1_lora_with_imagefolder_validation_ema_checkpoints_and_resume(work
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["final_prompt0_0.png", "step-2_prompt0_0.png"]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]  # --checkpoints_total_limit 1
     # the EMA is kept as safetensors, not as a pickle that resuming would have to unpickle
-    assert (out / "checkpoint-4" / train.EMA_WEIGHT_NAME).is_file()
+    assert (out / "checkpoint-4" / EMA_WEIGHT_NAME).is_file()
     assert not list((out / "checkpoint-4").glob("custom_checkpoint_*"))
 
     pipe = StarFlow2Pipeline.from_pretrained(work / "pipe")
@@ -77,7 +80,7 @@ def test_stage1_lora_with_imagefolder_validation_ema_checkpoints_and_resume(work
     pipe.load_lora_weights(out, adapter_name="final")  # the EMA weights
     final_lora = sample_latents(pipe)
     assert (final_lora - base).abs().max() > 1e-4
-    ckpt, final = load_file(out / "checkpoint-4" / train.LORA_WEIGHT_NAME), load_file(out / train.LORA_WEIGHT_NAME)
+    ckpt, final = load_file(out / "checkpoint-4" / LORA_WEIGHT_NAME_SAFE), load_file(out / LORA_WEIGHT_NAME_SAFE)
     assert ckpt.keys() == final.keys() and any(not torch.equal(ckpt[k], final[k]) for k in ckpt)  # live vs EMA
 
     # stop after 2 steps, resume to 4: the same losses and the same final (EMA) LoRA file
@@ -86,7 +89,7 @@ def test_stage1_lora_with_imagefolder_validation_ema_checkpoints_and_resume(work
     assert [h["step"] for h in resumed["history"]] == [3, 4]
     for a, b in zip(full["history"][2:], resumed["history"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 and abs(a["bits_per_dim"] - b["bits_per_dim"]) <= 1e-6
-    split = load_file(tmp_path / "split" / train.LORA_WEIGHT_NAME)
+    split = load_file(tmp_path / "split" / LORA_WEIGHT_NAME_SAFE)
     assert max((split[k] - final[k]).abs().max().item() for k in final) <= 1e-6
     logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4]
@@ -96,8 +99,8 @@ def test_ema_is_what_the_final_save_holds(work, tmp_path):
     # decay 0.5, two steps from w0: ema = 0.25 w0 + 0.25 w1 + 0.5 w2 — differs from the live weights w2 of the
     # checkpoint and from w0, and lies between them
     lora_run(work, tmp_path / "ema", steps=2)
-    live = load_file(tmp_path / "ema" / "checkpoint-2" / train.LORA_WEIGHT_NAME)
-    ema = load_file(tmp_path / "ema" / train.LORA_WEIGHT_NAME)
+    live = load_file(tmp_path / "ema" / "checkpoint-2" / LORA_WEIGHT_NAME_SAFE)
+    ema = load_file(tmp_path / "ema" / LORA_WEIGHT_NAME_SAFE)
     assert any((live[k] - ema[k]).abs().max() > 1e-6 for k in live)
 
 
@@ -157,11 +160,11 @@ def test_image_and_caption_columns(work, tmp_path):
         "--train_batch_size",
         "2",
     ]
-    with pytest.raises(train.ArgumentError, match="--caption_column 'text' is not a column"):
-        train.main(train.parse_args(common))
-    with pytest.raises(train.ArgumentError, match="--image_column 'picture' is not a column"):
-        train.main(train.parse_args(common + ["--caption_column", "caption", "--image_column", "picture"]))
-    result = train.main(train.parse_args(common + ["--caption_column", "caption"]))
+    with pytest.raises(ArgumentError, match="--caption_column 'text' is not a column"):
+        train.main(parse_args(common))
+    with pytest.raises(ArgumentError, match="--image_column 'picture' is not a column"):
+        train.main(parse_args(common + ["--caption_column", "caption", "--image_column", "picture"]))
+    result = train.main(parse_args(common + ["--caption_column", "caption"]))
     assert result["global_step"] == 1 and "bits_per_dim" in result["history"][0]
 
 
@@ -180,7 +183,7 @@ def test_training_docs_name_every_option_and_no_other():
 
     argparse.ArgumentParser.parse_args = record
     try:
-        train.parse_args(
+        parse_args(
             ["--stage", "1", "--pretrained_model_name_or_path", "-", "--output_dir", "-", "--max_train_steps", "1"]
         )
     finally:

@@ -13,6 +13,8 @@ from shapes_world.synthetic_world import write_world
 from diffusers_starflow2 import StarFlow2Pipeline
 from diffusers_starflow2.testing_utils import build_tiny_causal_lm, build_tiny_starflow2_components
 from diffusers_starflow2.training import train_starflow2 as train
+from diffusers_starflow2.training.args import parse_args
+from diffusers_starflow2.training.batches import BatchBuilder
 from diffusers_starflow2.utils.sequence import IMAGE_PAD, user_message
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -39,7 +41,7 @@ def image(seed):
 
 
 def args_for(stage, *extra):
-    return train.parse_args(
+    return parse_args(
         [
             "--stage",
             str(stage),
@@ -59,9 +61,7 @@ def args_for(stage, *extra):
 
 
 def flow_loss(pipe, args, examples):
-    build = train.BatchBuilder(
-        args, pipe.tokenizer, pipe.vae, pipe.scheduler, pipe.transformer.num_latents, torch.float32
-    )
+    build = BatchBuilder(args, pipe.tokenizer, pipe.vae, pipe.scheduler, pipe.transformer.num_latents, torch.float32)
     batch = build(examples, "cpu")
     with torch.no_grad():
         out = train.PretzelTrainer(pipe.transformer, pipe.vlm, train_vlm=False)(**batch)
@@ -87,7 +87,7 @@ def test_default_reweight_is_itarflow_linear_the_t_weighted_mean_of_per_sample_l
 
 
 def test_inverse_reweight_draws_noise_levels_with_density_one_over_t(pipe):
-    build = train.BatchBuilder(
+    build = BatchBuilder(
         args_for(1, "--image_loss_reweight", "inverse"),
         pipe.tokenizer,
         pipe.vae,
@@ -124,7 +124,7 @@ def test_paper_recipe_sets_appendix_c_optimiser_and_explicit_flags_win(work, tmp
         "--learning_rate",
         "1e-3",
     )
-    history = train.main(train.parse_args(argv))["history"]
+    history = train.main(parse_args(argv))["history"]
     expected = [1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)]
     assert [h["lr"] for h in history] == pytest.approx(expected, rel=1e-6)
 
@@ -142,7 +142,7 @@ def understanding(i):
 
 def test_distillation_teacher_sees_the_image_through_the_vlm_vision_tower(pipe):
     args = args_for(2, "--distill_from_vlm_vision")
-    build = train.BatchBuilder(
+    build = BatchBuilder(
         args, pipe.tokenizer, pipe.vae, pipe.scheduler, pipe.transformer.num_latents, torch.float32, teacher=pipe.vlm
     )
     examples = [understanding(0), understanding(1)]
@@ -207,7 +207,7 @@ def test_distillation_trains_and_is_skipped_without_a_vision_tower(work, tmp_pat
         "--distill_from_vlm_vision",
     ]
     history = train.main(
-        train.parse_args(
+        parse_args(
             common + ["--pretrained_model_name_or_path", str(work / "pipe"), "--output_dir", str(tmp_path / "a")]
         )
     )["history"]
@@ -216,7 +216,7 @@ def test_distillation_trains_and_is_skipped_without_a_vision_tower(work, tmp_pat
     )
     with caplog.at_level(logging.WARNING, logger="train_starflow2"):
         history = train.main(
-            train.parse_args(
+            parse_args(
                 common
                 + ["--pretrained_model_name_or_path", str(work / "text-only"), "--output_dir", str(tmp_path / "b")]
             )

@@ -10,7 +10,8 @@ from peft import LoraConfig
 
 from diffusers_starflow2.models.vlm_stream import VLMStream
 from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
-from diffusers_starflow2.training.train_starflow2 import STAGE_GROUPS, vlm_lora_targets
+from diffusers_starflow2.training.lora import vlm_lora_targets
+from diffusers_starflow2.training.train_starflow2 import STAGE_GROUPS
 from diffusers_starflow2.utils.sequence import encode_conversation, pad_layouts
 
 IMAGE = {"type": "image"}
