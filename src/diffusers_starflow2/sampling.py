@@ -25,8 +25,9 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .models.cache_utils import PretzelCache, StaticImageSpan
 from .models.flow_block import AutoregressiveFlowBlock
-from .models.transformer_pretzel import PretzelCache, PretzelModel, StaticImageSpan
+from .models.transformer_pretzel import PretzelModel
 from .models.transformer_starflow import StarFlowTransformerModel
 from .models.vlm_stream import VLMStream
 from .schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler

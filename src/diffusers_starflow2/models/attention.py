@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from diffusers.models.attention import AttentionModuleMixin
@@ -20,9 +20,11 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 from ..utils.torch_utils import packed_linear
-from .cache_utils import FlowKVCache
 from .embeddings import apply_rope
 from .normalization import RMSNorm, make_norm
+
+if TYPE_CHECKING:  # cache_utils imports the VLM stream, which imports this module
+    from .cache_utils import FlowKVCache
 
 
 def cached_attention(

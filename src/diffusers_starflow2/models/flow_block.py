@@ -399,14 +399,11 @@ class AutoregressiveFlowBlock(nn.Module):
         pos = text_length + index
         compiled = self._compiled_steps.get("token" if inputs.shape[1] == 1 else "window")
         if compiled is not None:  # the whole step is one graph; positions enter as tensors
-            end = pos + inputs.shape[1]
-            positions = torch.arange(pos, end, device=inputs.device)
-            filled = torch.tensor(end)  # on the CPU: read by the attention operator, never a graph constant
-            params = compiled(
+            positions = cache.claim_slots(pos, inputs.shape[1], inputs.device)
+            filled = torch.tensor(cache.length)  # on the CPU: read by the attention operator, never a graph constant
+            return compiled(
                 inputs, positions, text_length, rope, key_padding_mask, cond, cache.keys, cache.values, filled
             )
-            cache.length = end
-            return params
         h = self.embed(inputs.to(cache.dtype), start=index, cond=cond)
         return self.affine(self._transformer_in_cache(h, pos, rope, cache, key_padding_mask))
 
@@ -445,17 +442,15 @@ class AutoregressiveFlowBlock(nn.Module):
         slots only (``filled``), and positions enter as tensors, so every shape is fixed by ``T`` and the cache
         capacity: they are traced once per ``T`` and cache size, not once per token.
         """
-        end = start + h.shape[1]
-        slots = torch.arange(start, end, device=h.device)
+        slots = cache.claim_slots(start, h.shape[1], h.device)
+        end = cache.length
         buffers, filled = (cache.keys, cache.values), None
         if self._static_shapes:
             rope, filled = rope[:, slots, None] if rope is not None else None, torch.tensor(end)  # (2, T, 1, D)
         else:  # the filled slots only
             rope = rope[:, start:end, None] if rope is not None else None
             buffers = ([k[:, :, :end] for k in cache.keys], [v[:, :, :end] for v in cache.values])
-        h = self.transformer(h, rope, buffers, key_padding_mask, slots, filled)
-        cache.length = end
-        return h
+        return self.transformer(h, rope, buffers, key_padding_mask, slots, filled)
 
     @property
     def _static_shapes(self) -> bool:

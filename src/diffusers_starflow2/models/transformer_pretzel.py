@@ -13,12 +13,15 @@ The Pretzel runs two causal streams over one interleaved sequence of text tokens
 
 ``W_v`` and ``W_t`` are zero-initialised, so at initialisation the text logits are exactly the VLM's.  Shallow,
 visual-only flow blocks map noisy FAE latents ``x`` to ``x~`` before the Pretzel sees them.
+
+This file is over 600 lines because it is one class: the model's step, its static-shape (compiled) variants and its
+loss read the same parameters; its caches are :mod:`.cache_utils`, its visual adapter :mod:`.adapter`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +34,13 @@ from torch import nn
 
 from ..utils.compile_utils import compile_decode_graphs, compile_static_step
 from ..utils.torch_utils import compute_dtype, has_values
-from .cache_utils import FlowKVCache
+from .adapter import VisualAdapter
+from .cache_utils import FlowKVCache, PretzelCache
 from .embeddings import rope_angles, rope_tables
 from .flow_block import AutoregressiveFlowBlock
 from .likelihood import LOG_2PI, bits_per_dim, flow_nll
 from .modeling_utils import refuse_group_offload
-from .vlm_stream import VLMStream, position_ids
+from .vlm_stream import VLMStream
 
 # Noise levels live in [0, ~0.3]; the sinusoidal embedding is laid out for diffusion-style timesteps in [0, 1000].
 NOISE_LEVEL_SCALE = 1000.0
@@ -45,290 +49,6 @@ NOISE_LEVEL_SCALE = 1000.0
 # --------------------------------------------------------------------------------------------------------------
 # Small parts
 # --------------------------------------------------------------------------------------------------------------
-
-
-class VisualAdapter(nn.Module):
-    """``A(x~, t)``: maps latents into the VLM's embedding space (MLP, then LayerNorm modulated by the noise level).
-
-    The output projection is zero-initialised, so before stage 2 latents enter the VLM as zero embeddings.
-    """
-
-    def __init__(self, in_channels: int, hidden_size: int, cond_dim: int):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_channels, hidden_size), nn.GELU(approximate="tanh"), nn.Linear(hidden_size, hidden_size)
-        )
-        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.film = nn.Linear(cond_dim, 2 * hidden_size)
-        self.proj_out = nn.Linear(hidden_size, hidden_size)
-        for layer in (self.film, self.proj_out):  # identity modulation, zero output
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        # latents: (B, T, C); cond: (B, E) -> (B, T, D)
-        scale, shift = self.film(F.silu(cond))[:, None].chunk(2, dim=-1)
-        return self.proj_out(self.norm(self.mlp(latents)) * (1 + scale) + shift)
-
-
-@dataclass
-class PretzelCache:
-    """Both streams' KV caches plus the position cursors of an interleaved sequence being generated.
-
-    ``vlm`` is a transformers ``Cache``; ``flow`` the deep block's :class:`FlowKVCache` (None for one-shot
-    teacher-forced passes).  Position ids are assigned per sample as positions arrive: the VLM gets its own scheme
-    (Qwen2.5-VL M-RoPE for image grids), the TARFlow stream one index per real position; left padding gets no
-    position.  ``cond`` is the noise-level embedding of each sample.
-    """
-
-    vlm: object
-    flow: Optional[FlowKVCache]
-    cond: torch.Tensor  # (B, E)
-    noise_level: torch.Tensor  # (B,)
-    grid: Tuple[int, int]
-    mrope: bool
-    attention_mask: torch.Tensor  # (B, T_seen) bool
-    vlm_next: torch.Tensor = None  # (B,) next free VLM position of each sample
-    flow_next: torch.Tensor = None  # (B,) next free TARFlow position of each sample
-    image_cell: torch.Tensor = None  # (B,) cells of the currently open image span already seen in each sample
-    last_flow_hidden: Optional[torch.Tensor] = None  # (B, 1, C) TARFlow output of the latest position
-    last_hidden: Optional[torch.Tensor] = None  # (B, 1, D) VLM output of the latest position
-    # Level-independent TARFlow-stream inputs and position ids of every cached position, kept (as chunks, one per
-    # step) so that the stream can be rebuilt at another noise level without running the VLM again.
-    flow_inputs: List[torch.Tensor] = field(default_factory=list)  # [(B, T_k, C)]
-    flow_positions: List[torch.Tensor] = field(default_factory=list)  # [(B, T_k)]
-
-    @property
-    def batch_size(self) -> int:
-        return self.cond.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
-
-    def assign_positions(self, latent_mask: torch.Tensor, attention_mask: torch.Tensor):
-        """Position ids of new positions; advances the cursors.
-
-        Returns VLM ids ``(3, B, T)`` (M-RoPE) or ``(B, T)``, and TARFlow ids ``(B, T)`` (one per real position).
-        """
-        vlm_ids, self.vlm_next, self.image_cell = position_ids(
-            latent_mask, attention_mask, self.grid, self.mrope, self.vlm_next, self.image_cell
-        )
-        real = attention_mask.long()
-        flow_ids = self.flow_next[:, None] + real.cumsum(1) - real  # padding takes the current position
-        self.flow_next = self.flow_next + real.sum(1)
-        return vlm_ids, flow_ids
-
-    def snapshot(self) -> dict:
-        return dict(
-            length=self.length,
-            flow_length=self.flow.length if self.flow is not None else 0,
-            vlm_next=self.vlm_next,
-            flow_next=self.flow_next,
-            image_cell=self.image_cell,
-            last_flow_hidden=self.last_flow_hidden,
-            last_hidden=self.last_hidden,
-            num_flow_chunks=len(self.flow_inputs),
-        )
-
-    def restore(self, snap: dict) -> None:
-        """Forget every position added since ``snap`` (both caches are cropped, nothing is recomputed)."""
-        removed = self.length - snap["length"]
-        if removed:  # a negative count removes positions in every transformers version
-            self.vlm.crop(-removed)
-        if self.flow is not None:
-            self.flow.crop(snap["flow_length"])
-        self.attention_mask = self.attention_mask[:, : snap["length"]]
-        for key in ("vlm_next", "flow_next", "image_cell", "last_flow_hidden", "last_hidden"):
-            setattr(self, key, snap[key])
-        del self.flow_inputs[snap["num_flow_chunks"] :], self.flow_positions[snap["num_flow_chunks"] :]
-
-    def fork(self, snap: dict, copy_flow: bool = True) -> "PretzelCache":
-        """An independent cache of the sequence as it was at ``snap`` (both streams' keys/values are shared or
-        copied up to that length; this cache is not modified).  ``copy_flow=False`` leaves the TARFlow cache out
-        (None), for a caller that rebuilds it."""
-        import copy
-
-        vlm = copy.copy(self.vlm)
-        vlm.layers = [copy.copy(layer) for layer in self.vlm.layers]
-        for layer in vlm.layers:  # transformers caches grow by concatenation, so views of the prefix stay valid
-            if getattr(layer, "keys", None) is not None:
-                layer.keys = layer.keys[..., : snap["length"], :]
-                layer.values = layer.values[..., : snap["length"], :]
-        fork = copy.copy(self)
-        fork.vlm = vlm
-        fork.flow = self.flow.fork(snap["flow_length"]) if self.flow is not None and copy_flow else None
-        fork.attention_mask = self.attention_mask[:, : snap["length"]]
-        fork.vlm_next, fork.flow_next = snap["vlm_next"], snap["flow_next"]
-        fork.image_cell, fork.last_flow_hidden, fork.last_hidden = (
-            snap["image_cell"],
-            snap["last_flow_hidden"],
-            snap["last_hidden"],
-        )
-        fork.flow_inputs = self.flow_inputs[: snap["num_flow_chunks"]]
-        fork.flow_positions = self.flow_positions[: snap["num_flow_chunks"]]
-        return fork
-
-    def to(
-        self, device=None, dtype: Optional[torch.dtype] = None, vlm_dtype: Optional[torch.dtype] = None
-    ) -> "PretzelCache":
-        """A copy on ``device`` whose floating tensors are ``dtype`` (the VLM's keys/values ``vlm_dtype``, default
-        ``dtype``); noise levels stay float32.  This cache is not modified."""
-        import copy
-
-        def move(t, to_dtype=dtype):
-            if t is None:
-                return None
-            return t.to(device=device, dtype=to_dtype if t.is_floating_point() else None)
-
-        moved = copy.copy(self)
-        moved.vlm = copy.copy(self.vlm)
-        moved.vlm.layers = [copy.copy(layer) for layer in self.vlm.layers]
-        for layer in moved.vlm.layers:
-            if getattr(layer, "keys", None) is not None:
-                layer.keys, layer.values = move(layer.keys, vlm_dtype or dtype), move(layer.values, vlm_dtype or dtype)
-                if hasattr(layer, "device"):
-                    layer.device, layer.dtype = layer.keys.device, layer.keys.dtype
-        if self.flow is not None:
-            moved.flow = self.flow.to(device, dtype)
-        for key in ("cond", "attention_mask", "vlm_next", "flow_next", "image_cell", "last_flow_hidden", "last_hidden"):
-            setattr(moved, key, move(getattr(self, key)))
-        moved.noise_level = self.noise_level.to(device)
-        moved.flow_inputs = [move(t) for t in self.flow_inputs]
-        moved.flow_positions = [move(t) for t in self.flow_positions]
-        return moved
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the sequence held: both streams' keys/values and the kept TARFlow inputs (the flow cache's
-        pre-allocated room for positions to come is not counted)."""
-        tensors = [
-            t for layer in self.vlm.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-        ]
-        tensors += [
-            *self.flow_inputs,
-            *self.flow_positions,
-            self.attention_mask,
-            self.last_hidden,
-            self.last_flow_hidden,
-        ]
-        flow = self.flow.nbytes if self.flow is not None else 0
-        return flow + sum(t.nelement() * t.element_size() for t in tensors if t is not None)
-
-    @staticmethod
-    def stack(caches: Sequence["PretzelCache"]) -> "PretzelCache":
-        """The samples of ``caches`` (made by one model, each outside any image span) side by side along the batch,
-        each sequence left-padded to the longest: padding takes no position and no later position sees it.  The
-        caches are not modified."""
-        import copy
-
-        if any(has_values(c.image_cell) and bool(torch.as_tensor(c.image_cell).any()) for c in caches):
-            raise ValueError("caches inside an open image span cannot be stacked")
-        length = max(c.length for c in caches)
-
-        def stacked(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-            """``tensors`` (one per cache, each holding its cache's positions along ``dim``) left-padded, stacked."""
-            rows = []
-            for c, t in zip(caches, tensors):
-                shape = list(t.shape)
-                shape[dim] = length - c.length
-                rows.append(torch.cat([t.new_zeros(shape), t], dim))
-            return torch.cat(rows)
-
-        out = copy.copy(caches[0])
-        out.vlm = copy.copy(out.vlm)
-        out.vlm.layers = [copy.copy(layer) for layer in out.vlm.layers]
-        for k, layer in enumerate(out.vlm.layers):
-            layer.keys = stacked([c.vlm.layers[k].keys for c in caches], -2)  # (B, H, T, Dh)
-            layer.values = stacked([c.vlm.layers[k].values for c in caches], -2)
-        if out.flow is not None:
-            out.flow = out.flow.fork(0)
-            layers = range(len(out.flow.keys))
-            out.flow.keys = [stacked([c.flow.keys[k][:, :, : c.length] for c in caches], 2) for k in layers]
-            out.flow.values = [stacked([c.flow.values[k][:, :, : c.length] for c in caches], 2) for k in layers]
-            out.flow.length = length
-        out.attention_mask = stacked([c.attention_mask for c in caches], 1)
-        out.flow_inputs = [stacked([torch.cat(c.flow_inputs, 1) for c in caches], 1)] if out.flow_inputs else []
-        out.flow_positions = [stacked([torch.cat(c.flow_positions, 1) for c in caches], 1)] if out.flow_inputs else []
-        for key in ("cond", "noise_level", "vlm_next", "flow_next", "image_cell", "last_flow_hidden", "last_hidden"):
-            setattr(out, key, torch.cat([getattr(c, key) for c in caches]))
-        return out
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only the samples ``index`` (e.g. drop the unconditional branch of a CFG batch)."""
-        self.vlm.batch_select_indices(index)
-        if self.flow is not None:
-            self.flow.select_batch(index)
-        self.cond, self.noise_level = self.cond[index], self.noise_level[index]
-        self.attention_mask = self.attention_mask[index]
-        self.vlm_next, self.flow_next = self.vlm_next[index], self.flow_next[index]
-        self.image_cell = self.image_cell[index]
-        if self.last_flow_hidden is not None:
-            self.last_flow_hidden, self.last_hidden = self.last_flow_hidden[index], self.last_hidden[index]
-        self.flow_inputs = [chunk[index] for chunk in self.flow_inputs]
-        self.flow_positions = [chunk[index] for chunk in self.flow_positions]
-
-
-class StaticImageSpan:
-    """Exact decoding of one image span of ``cache`` on fixed-size buffers, one compiled graph per position.
-
-    The VLM stream's keys/values move from the transformers cache into buffers of the TARFlow cache's capacity
-    (grown to hold the span), so that the whole step (:meth:`PretzelModel.static_image_step`, compiled by
-    :meth:`PretzelModel.compile_decode_step`) has the same shapes at every position; :meth:`close` hands them back.
-    Between calls the cache is what :meth:`PretzelModel.step` would have made of the same latents.
-
-    Args:
-        transformer, vlm: the models; ``step`` the compiled step (:meth:`PretzelModel.image_step_for`).
-        cache: ends with ``<|vision_start|>`` (or inside the span); ``num_positions`` the latents still to come.
-    """
-
-    def __init__(self, transformer, vlm: VLMStream, cache: PretzelCache, num_positions: int, step: Callable):
-        self.vlm, self.cache, self.step = vlm, cache, step
-        cache.flow.reserve(cache.length + num_positions)
-        capacity = cache.flow.capacity
-        self.keys, self.values = vlm.static_buffers(cache.vlm, capacity)
-        self.padding = cache.attention_mask.new_zeros(cache.batch_size, capacity)  # (B, S) True at real slots
-        self.padding[:, : cache.length] = cache.attention_mask
-
-    def __call__(
-        self, latents: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`PretzelModel.step` over new latents ``(B, T, C)`` (``attention_mask (B, T)``: False for samples that
-        sit the span out), then :meth:`PretzelModel.latent_params` of its TARFlow outputs: ``(mu, sigma)``."""
-        cache = self.cache
-        B, T = latents.shape[:2]
-        device = cache.cond.device
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-        attention_mask = attention_mask.bool().to(device)
-        vlm_pos, flow_pos = cache.assign_positions(torch.ones_like(attention_mask), attention_mask)
-        start, end = cache.length, cache.length + T
-        self.padding[:, start:end] = attention_mask
-        h, flow_in, g, mu, sigma = self.step(
-            latents.to(device=device, dtype=cache.cond.dtype),
-            cache.cond,
-            vlm_pos,
-            flow_pos,
-            torch.arange(start, end, device=device),
-            self.padding,
-            self.keys,
-            self.values,
-            cache.flow.keys,
-            cache.flow.values,
-            torch.tensor(end),  # on the CPU: read by the attention operator, never a graph constant
-        )
-        cache.flow.length = end
-        cache.flow_inputs.append(flow_in)
-        cache.flow_positions.append(flow_pos)
-        cache.attention_mask = torch.cat([cache.attention_mask, attention_mask], dim=1)
-        idle = ~attention_mask.any(1)  # samples that took only padding still end where they were
-        cache.last_flow_hidden = torch.where(idle[:, None, None], cache.last_flow_hidden, g[:, -1:])
-        cache.last_hidden = torch.where(idle[:, None, None], cache.last_hidden, h[:, -1:])
-        return mu, sigma
-
-    def close(self) -> None:
-        """Return the VLM stream's keys/values to the transformers cache."""
-        self.vlm.write_back(self.cache.vlm, self.keys, self.values, self.cache.length)
 
 
 class _ImageStep(nn.Module):
@@ -653,17 +373,15 @@ class PretzelModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         deep = self.deep
         step = self._compiled_stream.get(compiled) if compiled is not None else None
         if step is not None and flow_cache is not None and not torch.is_grad_enabled():
-            start, end = flow_cache.length, flow_cache.length + flow_in.shape[1]
-            flow_cache.reserve(end)
+            slots = flow_cache.claim_slots(flow_cache.length, flow_in.shape[1], flow_in.device)
             # shapes fixed by the buffers: the padding mask covers every slot (slots after the new ones are masked
             # as the future anyway)
             padding = key_padding_mask.new_zeros(key_padding_mask.shape[0], flow_cache.capacity)
             padding[:, : key_padding_mask.shape[1]] = key_padding_mask
-            slots = torch.arange(start, end, device=flow_in.device)
-            filled = torch.tensor(end)  # on the CPU: read by the attention operator, never a graph constant
-            h = step(flow_in, positions, cond, padding, slots, flow_cache.keys, flow_cache.values, filled)
-            flow_cache.length = end
-            return h
+            filled = torch.tensor(
+                flow_cache.length
+            )  # on the CPU: read by the attention operator, never a graph constant
+            return step(flow_in, positions, cond, padding, slots, flow_cache.keys, flow_cache.values, filled)
         rope = rope_tables(rope_angles(positions[..., None].float(), deep.head_dim))[:, :, None]  # (2, B, 1, T, Dh)
         return deep.transformer(deep.add_cond(flow_in, cond), rope, flow_cache, key_padding_mask=key_padding_mask)
 

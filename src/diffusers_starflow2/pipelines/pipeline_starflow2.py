@@ -19,7 +19,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..loaders.lora import StarFlow2LoraLoaderMixin
 from ..models.autoencoder_fae import AutoencoderFAE
-from ..models.transformer_pretzel import PretzelCache, PretzelModel, scatter_latents
+from ..models.cache_utils import PretzelCache
+from ..models.transformer_pretzel import PretzelModel, scatter_latents
 from ..models.vlm_stream import VLMStream
 from ..sampling import jacobi_options, sample_image_tokens, shallow_reverse, tweedie_denoise
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler

@@ -17,7 +17,7 @@ import torch
 from diffusers.utils import BaseOutput, replace_example_docstring
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from ..models.transformer_pretzel import PretzelCache
+from ..models.cache_utils import PretzelCache
 from ..sampling import jacobi_options
 from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils import validation
