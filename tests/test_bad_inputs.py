@@ -15,7 +15,8 @@ from diffusers_starflow2 import StarFlow2EditPipeline, StarFlow2InterleavedPipel
 from diffusers_starflow2.pipelines import IMAGE_PLACEHOLDER
 from diffusers_starflow2.pipelines.pipeline_starflow import StarFlowPipeline
 from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
-from diffusers_starflow2.utils.validation import MAX_IMAGE_PIXELS, NonFiniteError
+from diffusers_starflow2.utils.image_processing import MAX_IMAGE_PIXELS
+from diffusers_starflow2.utils.validation import NonFiniteError
 
 PROMPT = "a red circle on the left"
 FAST = dict(num_inference_steps=0, output_type="latent")

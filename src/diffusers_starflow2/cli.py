@@ -196,7 +196,7 @@ def _open_image(path: str, option: str = "image"):
     """Open a local image file as RGB, refusing files too large to decode safely."""
     import PIL.Image
 
-    from .utils.validation import check_image_pixels
+    from .utils.image_processing import check_image_pixels
 
     if not Path(path).is_file():
         raise CLIError(f"{option} {path!r} does not exist or is not a file")
@@ -213,6 +213,7 @@ def _open_image(path: str, option: str = "image"):
 def _checked(args) -> None:
     """The numbers every command shares, checked before anything is loaded."""
     from .utils import validation
+    from .utils.chat import check_text
 
     validation.check_seed(args.seed, "--seed")
     for option, minimum in (("guidance_scale", 0), ("image_guidance_scale", 1)):
@@ -229,7 +230,7 @@ def _checked(args) -> None:
             validation.check_integer(getattr(args, option), "--" + option.replace("_", "-"), minimum, maximum)
     for option in ("prompt", "instruction", "question"):
         if getattr(args, option, None) is not None:  # chat without a prompt reads its turns from stdin
-            validation.check_text(getattr(args, option), option)
+            check_text(getattr(args, option), option)
 
 
 # -- commands --------------------------------------------------------------------------------------------------------

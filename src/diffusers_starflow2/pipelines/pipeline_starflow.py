@@ -23,14 +23,14 @@ from ..models.transformer_starflow import StarFlowTransformerModel
 from ..sampling import denoise_starflow, jacobi_options, sample_starflow
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils import validation
+from ..utils.chat import check_prompt
+from ..utils.image_processing import check_image_size, image_items
 from ..utils.sequence import truncate_text
 from .pipeline_utils import (
     FlowPipelineMixin,
     check_generator,
     check_guidance_scale,
-    check_image_size,
     check_output_type,
-    check_prompt,
     ends_call,
     postprocess_images,
     prepare_noise,
@@ -337,7 +337,7 @@ class StarFlowPipeline(FlowPipelineMixin, DiffusionPipeline):
         )
         prompts = check_prompt(prompt, tokenizer=self.tokenizer)
         device = self._execution_device
-        pixels = [self.image_processor.preprocess(x) for x in validation.image_items(image)]
+        pixels = [self.image_processor.preprocess(x) for x in image_items(image)]
         if len({tuple(p.shape) for p in pixels}) > 1:
             sizes = sorted({f"{p.shape[3]}x{p.shape[2]}" for p in pixels})
             raise ValueError(f"`image` must hold images of one size; got {', '.join(sizes)}")

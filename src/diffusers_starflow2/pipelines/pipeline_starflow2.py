@@ -25,13 +25,14 @@ from ..models.vlm_stream import VLMStream
 from ..sampling import jacobi_options, sample_image_tokens, shallow_reverse, tweedie_denoise
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils import validation
+from ..utils.chat import check_conversation_state, check_prompt, model_context_length, prompt_token_limit
+from ..utils.image_processing import image_items
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts, truncate_text
 from .pipeline_utils import (
     FlowPipelineMixin,
     check_generator,
     check_guidance_scale,
     check_output_type,
-    check_prompt,
     ends_call,
     postprocess_images,
     prepare_noise,
@@ -200,7 +201,7 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         self.transformer.step(self.vlm_stream, cache, input_ids=input_ids)
 
     def _check_state(self, state, num_branches: int) -> None:
-        validation.check_conversation_state(state, StarFlow2ConversationState, self.transformer, num_branches)
+        check_conversation_state(state, StarFlow2ConversationState, self.transformer, num_branches)
 
     def _continue_conversation(
         self,
@@ -262,12 +263,12 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
 
         Accepts PIL images (converted to RGB), numpy ``(H, W, 3)`` / ``(B, H, W, 3)`` arrays (uint8, or float in
         ``[0, 1]``), torch ``(3, H, W)`` / ``(B, 3, H, W)`` tensors (uint8, or float in ``[0, 1]`` or ``[-1, 1]``),
-        or a list of one kind (see :func:`~diffusers_starflow2.utils.validation.image_items`); anything else
+        or a list of one kind (see :func:`~diffusers_starflow2.utils.image_processing.image_items`); anything else
         is refused.  Other sizes are resized (a rectangular image is squashed).
         """
         size = self.image_size
         return torch.cat(
-            [self.image_processor.preprocess(x, height=size, width=size) for x in validation.image_items(image, name)]
+            [self.image_processor.preprocess(x, height=size, width=size) for x in image_items(image, name)]
         )
 
     def encode_image(
@@ -308,8 +309,8 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
     def max_prompt_tokens(self) -> int:
         """Largest ``max_sequence_length``: the VLM's context minus the image spans of a turn and the chat
         template's framing."""
-        return validation.prompt_token_limit(
-            validation.model_context_length(self.vlm, self.tokenizer),
+        return prompt_token_limit(
+            model_context_length(self.vlm, self.tokenizer),
             self.transformer.num_latents * self._turn_image_spans,
         )
 

@@ -14,13 +14,13 @@ from diffusers.utils import replace_example_docstring
 from ..sampling import jacobi_options
 from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils import validation
+from ..utils.chat import CHAT_TEMPLATE_RESERVE, check_prompt, model_context_length
 from ..utils.sequence import VISION_END, TokenLayout, encode_conversation, encode_next_turn, special_id, user_message
 from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2ConversationState, StarFlow2PipelineOutput
 from .pipeline_utils import (
     check_generator,
     check_guidance_scale,
     check_output_type,
-    check_prompt,
     ends_call,
     prepare_noise,
     resolve_callback_tensor_inputs,
@@ -206,12 +206,12 @@ class StarFlow2EditPipeline(StarFlow2BasePipeline):
             raise ValueError("`state` holds a conversation without an image: there is nothing to edit")
         # every turn grows the conversation: refuse the one that would run past the VLM's context
         used = state.num_positions
-        context = validation.model_context_length(self.vlm, self.tokenizer)
+        context = model_context_length(self.vlm, self.tokenizer)
         needed = (
             used
             + validation.check_integer(max_sequence_length, "max_sequence_length", minimum=1)
             + state.num_latents
-            + validation.CHAT_TEMPLATE_RESERVE
+            + CHAT_TEMPLATE_RESERVE
         )
         if needed > context:
             raise ValueError(

@@ -21,6 +21,17 @@ from ..models.cache_utils import PretzelCache
 from ..sampling import jacobi_options
 from ..schedulers.scheduling_tarflow import GuidanceSpec
 from ..utils import validation
+from ..utils.chat import (
+    CHAT_TEMPLATE_RESERVE,
+    check_context_budget,
+    check_conversation,
+    check_messages,
+    check_stop,
+    check_text,
+    count_tokens,
+    is_chat,
+    model_context_length,
+)
 from ..utils.sequence import (
     IMAGE_PAD,
     VISION_END,
@@ -221,9 +232,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             raise ValueError(
                 f"`prompt` must be a string, a list of segments or chat messages; got {type(prompt).__name__}"
             )
-        if validation.is_chat(prompt):
+        if is_chat(prompt):
             messages, images, answer = [], [], []
-            for i, message in enumerate(validation.check_messages(prompt)):
+            for i, message in enumerate(check_messages(prompt)):
                 content = message.get("content")
                 items = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
                 parts = [item.get("image") if item.get("type") == "image" else item.get("text") for item in items]
@@ -564,7 +575,7 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         )  # 1 = no image guidance
         check_output_type(output_type)
         tokenizer, num_latents = self.tokenizer, self.transformer.num_latents
-        context = validation.model_context_length(self.vlm, tokenizer)
+        context = model_context_length(self.vlm, tokenizer)
         image_positions = num_latents + 2  # <|vision_start|>, the latents, <|vision_end|>
         checked["max_new_tokens"] = validation.check_integer(
             max_new_tokens, "max_new_tokens", minimum=0, maximum=context
@@ -578,9 +589,9 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
         checked["top_p"] = validation.check_number(
             top_p, "top_p", minimum=0, maximum=1, exclusive_minimum=True, allow_none=True
         )
-        checked["stop"] = validation.check_stop(stop)
+        checked["stop"] = check_stop(stop)
         if negative_prompt is not None:
-            validation.check_text(negative_prompt, "negative_prompt", tokenizer, allow_empty=True)
+            check_text(negative_prompt, "negative_prompt", tokenizer, allow_empty=True)
         validation.check_generator(generator, 1)
         # the pipeline makes one conversation
         checked["generator"] = generator[0] if isinstance(generator, (list, tuple)) else generator
@@ -608,23 +619,19 @@ class StarFlow2InterleavedPipeline(StarFlow2BasePipeline):
             raise ValueError(f"`max_images` ({max_images}) is smaller than the {asked} images the prompt asks for")
         # every guidance branch must fit: the user turn differs between them, the answer enters all of them
         branch_positions = {
-            "prompt": validation.check_conversation(
-                messages, images, answer, IMAGE_PLACEHOLDER, tokenizer, image_positions
-            )
+            "prompt": check_conversation(messages, images, answer, IMAGE_PLACEHOLDER, tokenizer, image_positions)
         }
         guidance = checked["guidance"]
         if guidance.num_branches > 1:
-            answer_positions = validation.check_conversation(
-                [], [], answer, IMAGE_PLACEHOLDER, tokenizer, image_positions
-            )
-            negative_turn = validation.count_tokens(tokenizer, negative_prompt or "") + validation.CHAT_TEMPLATE_RESERVE
+            answer_positions = check_conversation([], [], answer, IMAGE_PLACEHOLDER, tokenizer, image_positions)
+            negative_turn = count_tokens(tokenizer, negative_prompt or "") + CHAT_TEMPLATE_RESERVE
             # a branch besides the conditional one that holds the user turn's images (the image branch) holds the
             # negative prompt with them
             with_images = any(b > 0 for b in guidance.image_branches(source_in_unconditional=False))
             images_in_branch = len(images) * image_positions if with_images else 0
             branch_positions["negative_prompt"] = negative_turn + images_in_branch + answer_positions
         for name, positions in branch_positions.items():
-            validation.check_context_budget(
+            check_context_budget(
                 positions, checked["max_new_tokens"], checked["max_images"], image_positions, context, held, name
             )
         checked["tensor_inputs"] = resolve_callback_tensor_inputs(

@@ -26,11 +26,9 @@ from ..utils.validation import (  # noqa: F401
     check_callable,
     check_generator,
     check_guidance_scale,
-    check_image_size,
     check_latents,
     check_names,
     check_output_type,
-    check_prompt,
 )
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

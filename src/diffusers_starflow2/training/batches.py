@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..utils import validation
+from ..utils.chat import check_special_tokens
 from .args import STAGE_DATA_KIND, ArgumentError
 from .data import MixtureSampler, mixture, open_dataset, open_hub_caption_dataset
 
@@ -50,7 +50,7 @@ def open_data(args):
 def check_texts(args, datasets: Dict[str, Dataset], tokenizer) -> None:
     """Every text of the training data as the model will see it (adjacent text segments joined) and every
     ``--validation_prompt`` get the pipelines' special-token check
-    (:func:`~diffusers_starflow2.utils.validation.check_special_tokens`), before anything trains: a caption holding
+    (:func:`~diffusers_starflow2.utils.chat.check_special_tokens`), before anything trains: a caption holding
     ``<|im_end|>`` would train the model on a control token the pipelines refuse."""
     source = (
         "--mixture: " if args.stage == 3 else "" if args.dataset_name else f"--train_data_dir {args.train_data_dir!r}: "
@@ -58,12 +58,12 @@ def check_texts(args, datasets: Dict[str, Dataset], tokenizer) -> None:
     for dataset in datasets.values():
         for where, key, pieces in dataset.texts():
             try:
-                validation.check_special_tokens(pieces, key, tokenizer)
+                check_special_tokens(pieces, key, tokenizer)
             except ValueError as e:
                 raise ArgumentError(f"{source}{where}: {e}") from None
     for prompt in args.validation_prompts or []:
         try:
-            validation.check_special_tokens(prompt, "--validation_prompt", tokenizer)
+            check_special_tokens(prompt, "--validation_prompt", tokenizer)
         except ValueError as e:
             raise ArgumentError(str(e)) from None
 
