@@ -336,8 +336,7 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         resize_mode: str = "bicubic",
     ):
         super().__init__()
-        dinov2_kwargs = {k: v for k, v in (dinov2_config or dinov2_giant_config()).items() if k in DINOV2_ARCH_KEYS}
-        dino_cfg = Dinov2Config(**dinov2_kwargs)
+        dino_cfg = Dinov2Config(**self._dinov2_arch(dinov2_config or dinov2_giant_config()))
         patch = dino_cfg.patch_size if isinstance(dino_cfg.patch_size, int) else dino_cfg.patch_size[0]
         if image_size % patch:
             raise ValueError(f"image_size ({image_size}) must be a multiple of the DINOv2 patch_size ({patch})")
@@ -387,10 +386,8 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         self.use_slicing = False
 
     def enable_tiling(self, *args, **kwargs):
-        """Refused (``ValueError``): the FAE's decoders are Transformers attending over the whole latent grid, so a
-        tile decoded alone would give other pixels than the image decoded whole (diffusers' tiling is for
-        convolutional autoencoders, whose receptive field is local).  Use :meth:`enable_slicing` to decode one image
-        at a time."""
+        """Refused (``ValueError``, see its message): diffusers' tiling is for convolutional autoencoders, whose
+        receptive field is local; use :meth:`enable_slicing` to decode one image at a time."""
         raise ValueError(
             "AutoencoderFAE cannot decode in tiles: its decoders attend over the whole latent grid, so tiles would "
             "change the image; use enable_slicing() (pipe.enable_vae_slicing()) to decode one image at a time"
@@ -402,8 +399,8 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
     # -- construction from a released DINOv2 -----------------------------------------------------------------------
 
     @staticmethod
-    def _dinov2_arch(config: Dinov2Config) -> dict:
-        return {k: v for k, v in config.to_dict().items() if k in DINOV2_ARCH_KEYS}
+    def _dinov2_arch(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k in DINOV2_ARCH_KEYS}  # the fields that shape the state dict
 
     @classmethod
     def from_dinov2_pretrained(cls, dinov2_path: Union[str, os.PathLike], **config) -> "AutoencoderFAE":
@@ -418,14 +415,14 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
                 "from_dinov2_pretrained takes the DINOv2 architecture from dinov2_path; do not pass dinov2_config"
             )
         dinov2 = Dinov2Model.from_pretrained(dinov2_path)
-        model = cls(dinov2_config=cls._dinov2_arch(dinov2.config), **config)
+        model = cls(dinov2_config=cls._dinov2_arch(dinov2.config.to_dict()), **config)
         model.dinov2.load_state_dict(dinov2.state_dict())
         return model
 
     def load_dinov2_weights(self, dinov2_path: Union[str, os.PathLike]) -> None:
         """Replace the DINOv2 weights with those of a LOCAL transformers checkpoint of the same architecture."""
         dinov2 = Dinov2Model.from_pretrained(dinov2_path)
-        ours, theirs = self._dinov2_arch(self.dinov2.config), self._dinov2_arch(dinov2.config)
+        ours, theirs = (self._dinov2_arch(c.to_dict()) for c in (self.dinov2.config, dinov2.config))
         diff = {k: (ours.get(k), theirs.get(k)) for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)}
         if diff:
             raise ValueError(f"DINOv2 checkpoint at {dinov2_path} does not match this model's dinov2_config: {diff}")
@@ -470,8 +467,7 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
 
     # -- encode ------------------------------------------------------------------------------------------------------
 
-    def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        features, grid = self.extract_features(images)
+    def _moments(self, features: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         moments = self.encoder(features, grid)  # (B, N, 2C)
         return moments.transpose(1, 2).unflatten(2, grid)  # (B, 2C, h, w): [mean; logvar] along channels
 
@@ -486,9 +482,9 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         """
         self._check_images(x, "x")
         if self.use_slicing and x.shape[0] > 1:
-            moments = torch.cat([self._encode(s) for s in x.split(1)])
+            moments = torch.cat([self._moments(*self.extract_features(s)) for s in x.split(1)])
         else:
-            moments = self._encode(x)
+            moments = self._moments(*self.extract_features(x))
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -577,7 +573,7 @@ class AutoencoderFAE(ModelMixin, AutoencoderMixin, ConfigMixin):
         """
         self._check_images(images, "images")
         features, grid = self.extract_features(images)  # (B, N, D), no grad
-        posterior = DiagonalGaussianDistribution(self.encoder(features, grid).transpose(1, 2).unflatten(2, grid))
+        posterior = DiagonalGaussianDistribution(self._moments(features, grid))
         z = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, C, h, w)
         rebuilt = self.decode_features(z)  # (B, N, D)
 
