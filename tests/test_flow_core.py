@@ -419,3 +419,11 @@ def test_gradient_checkpointing_gives_same_gradients():
     for a, b in zip(reference, checkpointed):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
     assert any(g.abs().max() > 0 for g in reference[:-1])
+
+
+def test_kv_cache_claims_the_slots_a_static_step_writes_and_keeps_its_length():
+    cache = make_block().new_cache(2, 4, torch.float32, "cpu")
+    slots = cache.claim_slots(0, 3)
+    assert slots.tolist() == [0, 1, 2] and cache.length == 3
+    assert cache.claim_slots(3, 3).tolist() == [3, 4, 5] and cache.length == 6 and cache.capacity == 8  # grew
+    assert cache.claim_slots(3, 1).tolist() == [3] and cache.length == 4  # a Jacobi iteration rewinds to its window

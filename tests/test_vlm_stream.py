@@ -2,8 +2,9 @@ import string
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, DynamicCache
 
+from diffusers_starflow2.models.cache_utils import copy_transformers_cache
 from diffusers_starflow2.models.vlm_stream import VLMStream, position_ids
 from diffusers_starflow2.testing_utils import (
     QWEN_SPECIAL_TOKENS,
@@ -208,3 +209,15 @@ def test_save_load_round_trip(vlm, tmp_path):
     loaded = type(vlm).from_pretrained(tmp_path).eval()
     input_ids = torch.randint(0, vlm.config.get_text_config().vocab_size, (1, 9))
     assert torch.equal(loaded(input_ids=input_ids).logits, vlm(input_ids=input_ids).logits)
+
+
+def test_copy_transformers_cache_leaves_the_original_as_it_was():
+    cache = DynamicCache()
+    keys, values = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    cache.update(keys, values, 0)
+    prefix = copy_transformers_cache(cache, lambda i, k, v: (k[..., :3, :], v[..., :3, :]))
+    prefix.update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4), 0)  # the copy grows on its own
+    assert prefix.get_seq_length() == 4 and cache.get_seq_length() == 5
+    assert torch.equal(cache.layers[0].keys, keys) and torch.equal(prefix.layers[0].keys[..., :3, :], keys[..., :3, :])
+    moved = copy_transformers_cache(cache, lambda i, k, v: (k.double(), v.double()))
+    assert moved.layers[0].dtype == torch.float64 and cache.layers[0].keys.dtype == torch.float32
