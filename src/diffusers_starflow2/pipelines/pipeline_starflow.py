@@ -26,11 +26,9 @@ from ..utils import validation
 from ..utils.chat import check_prompt
 from ..utils.image_processing import check_image_size, image_items
 from ..utils.sequence import truncate_text
+from ..utils.validation import check_generator, check_guidance_scale, check_output_type
 from .pipeline_utils import (
     FlowPipelineMixin,
-    check_generator,
-    check_guidance_scale,
-    check_output_type,
     ends_call,
     postprocess_images,
     prepare_noise,

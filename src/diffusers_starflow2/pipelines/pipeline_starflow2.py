@@ -28,11 +28,9 @@ from ..utils import validation
 from ..utils.chat import check_conversation_state, check_prompt, model_context_length, prompt_token_limit
 from ..utils.image_processing import image_items
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts, truncate_text
+from ..utils.validation import check_generator, check_guidance_scale, check_output_type
 from .pipeline_utils import (
     FlowPipelineMixin,
-    check_generator,
-    check_guidance_scale,
-    check_output_type,
     ends_call,
     postprocess_images,
     prepare_noise,

@@ -42,10 +42,9 @@ from ..utils.sequence import (
     special_id,
     user_message,
 )
+from ..utils.validation import check_guidance_scale, check_output_type
 from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2ConversationState
 from .pipeline_utils import (
-    check_guidance_scale,
-    check_output_type,
     prepare_noise,
     resolve_callback_tensor_inputs,
     resolve_num_inference_steps,

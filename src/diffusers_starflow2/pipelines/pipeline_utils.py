@@ -20,16 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..utils.hub import StarFlowHubMixin
 from ..utils.io import atomic_output_dir
-
-# the checks live in one module; they are re-exported here for the pipelines
-from ..utils.validation import (  # noqa: F401
-    check_callable,
-    check_generator,
-    check_guidance_scale,
-    check_latents,
-    check_names,
-    check_output_type,
-)
+from ..utils.validation import check_callable, check_latents, check_names, check_output_type
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
