@@ -54,35 +54,16 @@ def examples(stage: int, batch_size: int, image_size: int, step: int):
 def worker(config: str, stage: int, checkpointing: bool, vlm_grad: str, batch_size: int, repeats: int) -> dict:
     import torch
     from bench_pipeline import build_pipeline
+    from plan_memory import training_setup
 
     from diffusers_starflow2.models.vlm_stream import VLMStream
     from diffusers_starflow2.training import train_starflow2 as train
-    from diffusers_starflow2.training.args import parse_args
     from diffusers_starflow2.training.batches import BatchBuilder
 
     pipe = build_pipeline(config)
-    args = parse_args(
-        [
-            "--stage",
-            str(stage),
-            "--pretrained_model_name_or_path",
-            "-",
-            "--output_dir",
-            "-",
-            "--max_train_steps",
-            "1",
-            "--caption_dropout",
-            "0.1",
-        ]
-    )
     transformer, vlm = pipe.transformer, pipe.vlm
-    train.configure_trainable(args, transformer, vlm)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-        if stage >= 2:
-            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    transformer.train()
-    vlm.train(checkpointing and stage >= 2)
+    components = {"transformer": transformer, "vlm": vlm, "vae": pipe.vae}
+    args, _ = training_setup(components, stage, checkpointing, mixed=False, caption_dropout=0.1)
     trainer = train.PretzelTrainer(transformer, vlm, train_vlm=False)
     params = train.trainable_parameters(trainer)
     optimizer = torch.optim.AdamW(params, lr=1e-4)

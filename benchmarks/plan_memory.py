@@ -202,15 +202,16 @@ def breakdown(snapshot: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def training_setup(components: dict, stage: int, checkpointing: bool, mixed: bool):
-    """What ``train_starflow2.main`` sets up before its loop (one process), minus the data and accelerate."""
+def training_setup(components: dict, stage: int, checkpointing: bool, mixed: bool, caption_dropout: float = 0.0):
+    """What ``train_starflow2.main`` sets up before its loop (one process), minus the data and accelerate: returns
+    the parsed training arguments and the weight dtype.  ``bench_training.py`` times its steps on the same set-up."""
     import torch
 
     from diffusers_starflow2.training import train_starflow2 as train
     from diffusers_starflow2.training.args import parse_args
 
     args = ["--stage", str(stage), "--pretrained_model_name_or_path", "-", "--output_dir", "-"]
-    args = parse_args(args + ["--max_train_steps", "1", "--caption_dropout", "0"])
+    args = parse_args(args + ["--max_train_steps", "1", "--caption_dropout", str(caption_dropout)])
     transformer, vlm, vae = components["transformer"], components["vlm"], components["vae"]
     weight_dtype = torch.bfloat16 if mixed else torch.float32
     vlm.to(weight_dtype)
