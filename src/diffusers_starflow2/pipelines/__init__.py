@@ -1,4 +1,5 @@
+from .conversation import IMAGE_PLACEHOLDER, StarFlow2ConversationState
 from .pipeline_starflow import StarFlowPipeline, StarFlowPipelineOutput
-from .pipeline_starflow2 import StarFlow2ConversationState, StarFlow2Pipeline, StarFlow2PipelineOutput
+from .pipeline_starflow2 import StarFlow2Pipeline, StarFlow2PipelineOutput
 from .pipeline_starflow2_edit import StarFlow2EditPipeline, StarFlow2EditPipelineOutput, StarFlow2EditState
-from .pipeline_starflow2_interleaved import IMAGE_PLACEHOLDER, StarFlow2InterleavedOutput, StarFlow2InterleavedPipeline
+from .pipeline_starflow2_interleaved import StarFlow2InterleavedOutput, StarFlow2InterleavedPipeline

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -25,10 +23,11 @@ from ..models.vlm_stream import VLMStream
 from ..sampling import jacobi_options, sample_image_tokens, shallow_reverse, tweedie_denoise
 from ..schedulers.scheduling_tarflow import GuidanceSpec, TarFlowScheduler
 from ..utils import validation
-from ..utils.chat import check_conversation_state, check_prompt, model_context_length, prompt_token_limit
+from ..utils.chat import check_prompt, model_context_length, prompt_token_limit
 from ..utils.image_processing import image_items
 from ..utils.sequence import TokenLayout, encode_conversation, pad_layouts, truncate_text
 from ..utils.validation import check_generator, check_guidance_scale, check_output_type
+from .conversation import ConversationMixin
 from .pipeline_utils import (
     FlowPipelineMixin,
     ends_call,
@@ -66,64 +65,9 @@ class StarFlow2PipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
-@dataclass
-class StarFlow2ConversationState:
-    r"""Where a conversation stands after a call: enough to continue it with another user turn, re-encoding nothing.
-
-    The guidance branches are stacked along the batch in :class:`GuidanceSpec` order (the first ``num_branches`` of
-    ``[conditional; image; unconditional]``, ``batch_size`` conversations each), and each keeps its own context
-    across turns: a new user turn enters the conditional branch as given, the other branches as the negative prompt
-    (the image branch with the turn's images, the unconditional one without); everything the assistant produces
-    enters every branch.  Images in the context are the intermediate latents ``x~`` at ``noise_level`` as sampled
-    (not the denoised outputs), which is what the model was trained on.
-
-    The caches end with the last answer (its ``<|im_end|>`` comes with the next turn, as the chat template renders
-    it).  A state is never modified: each call continuing it works on a fork, so one state can be continued several
-    times.  It follows the pipeline to its device and dtype when continued; :meth:`to` moves it explicitly.
-
-    Args:
-        cache: both streams' KV caches of all branches.
-        batch_size: conversations per branch ``B``.
-        num_branches: guidance branches held in ``cache`` (1, 2 or 3); later turns may use fewer, not more (the
-            first ones: a two-branch turn of a three-branch conversation contrasts with the image branch, as the
-            edit pipeline's two-branch guidance does).
-        noise_level: the noise level of every image in the conversation (later turns sample at it).
-        num_latents: latent positions ``N`` of an image span.
-        image_tokens: ``(B, N, C)`` the intermediate latents ``x~`` of the conversation's last image (None if it
-            holds none).
-        model: a weak reference to the transformer that made the caches: a state only continues on it (any
-            pipeline sharing it, at any device or dtype).
-    """
-
-    cache: PretzelCache
-    batch_size: int
-    num_branches: int
-    noise_level: float
-    num_latents: int
-    image_tokens: Optional[torch.Tensor] = None
-    model: Optional[weakref.ref] = None
-
-    @property
-    def num_positions(self) -> int:
-        """Positions of the conversation held per branch (padding of a batch included)."""
-        return self.cache.length
-
-    @property
-    def nbytes(self) -> int:
-        """Memory the state holds, in bytes (both streams' caches of every branch)."""
-        extra = self.image_tokens.nelement() * self.image_tokens.element_size() if self.image_tokens is not None else 0
-        return self.cache.nbytes + extra
-
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "StarFlow2ConversationState":
-        """A copy of the state on ``device`` (a device of this machine) with its floating tensors in ``dtype`` (a
-        compute dtype: float32, bfloat16, float16, float64)."""
-        device, dtype = validation.check_device(device, "device"), validation.check_dtype(dtype, "dtype")
-        image_tokens = self.image_tokens.to(device, dtype) if self.image_tokens is not None else None
-        return dataclasses.replace(self, cache=self.cache.to(device, dtype), image_tokens=image_tokens)
-
-
-class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraLoaderMixin):
-    """Components, the image-generation core and LoRA loading shared by the STARFlow2 pipelines.
+class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraLoaderMixin, ConversationMixin):
+    """Components, the image-generation core, conversations (:class:`ConversationMixin`) and LoRA loading shared by
+    the STARFlow2 pipelines.
 
     Components:
         vlm: the frozen VLM (``Qwen2_5_VLForConditionalGeneration`` or any transformers causal LM).
@@ -189,72 +133,6 @@ class StarFlow2BasePipeline(FlowPipelineMixin, DiffusionPipeline, StarFlow2LoraL
         if any(any(layout.latent_mask) for layout in layouts):
             latents, _ = scatter_latents(images.to(self.transformer.dtype), latent_mask)
         return self.transformer.step(self.vlm_stream, cache, ids, latents, latent_mask, attention_mask)
-
-    # -- conversations ---------------------------------------------------------------------------------------------
-
-    def _append_ids(self, cache: PretzelCache, ids: List[int]) -> None:
-        """The same tokens at the end of every sample of ``cache``."""
-        self._onload_pretzel()  # decoding an image onloads the FAE, which offloads the Pretzel
-        input_ids = torch.tensor([ids] * cache.batch_size, device=self._execution_device)
-        self.transformer.step(self.vlm_stream, cache, input_ids=input_ids)
-
-    def _check_state(self, state, num_branches: int) -> None:
-        check_conversation_state(state, StarFlow2ConversationState, self.transformer, num_branches)
-
-    def _continue_conversation(
-        self,
-        state: Union[StarFlow2ConversationState, Sequence[StarFlow2ConversationState]],
-        guidance: GuidanceSpec,
-        layouts: Sequence[TokenLayout],
-        images: Optional[torch.Tensor] = None,
-    ) -> PretzelCache:
-        """A fork of ``state``'s caches (on the pipeline's device and dtypes), reduced to the branches of
-        ``guidance`` (the first of the state's), with the next turn's ``layouts`` (one per sample, branch-major) pushed: only these new positions
-        run through the streams.  ``state`` may be a list of single-conversation states, continued as one batch:
-        their caches side by side (left-padded, :meth:`PretzelCache.stack`), rows branch-major."""
-        self._onload_pretzel()
-        states = [state] if isinstance(state, StarFlow2ConversationState) else list(state)
-        device, dtype, vlm_dtype = self._execution_device, self.transformer.dtype, self.vlm.dtype
-        caches = []
-        for state in states:
-            cache = state.cache
-            if (
-                cache.cond.device != torch.device(device)
-                or cache.cond.dtype != dtype
-                or any(
-                    getattr(layer, "keys", None) is not None and layer.keys.dtype != vlm_dtype
-                    for layer in cache.vlm.layers
-                )
-            ):
-                cache = cache.to(device, dtype, vlm_dtype)  # the pipeline moved since the state was made
-            cache = cache.fork(cache.snapshot())
-            if guidance.num_branches < state.num_branches:
-                cache.select(torch.arange(guidance.num_rows(state.batch_size), device=cache.cond.device))
-            caches.append(cache)
-        cache = caches[0]
-        if len(caches) > 1:
-            cache = PretzelCache.stack(caches)  # conversation-major: reorder the rows branch-major
-            cache.select(torch.tensor(guidance.branch_major(len(caches)), device=cache.cond.device))
-        self._run_text(cache, layouts, images)
-        return cache
-
-    def _conversation_state(
-        self,
-        cache: PretzelCache,
-        batch_size: int,
-        num_branches: int,
-        noise_level: float,
-        image_tokens: Optional[torch.Tensor],
-    ) -> StarFlow2ConversationState:
-        return StarFlow2ConversationState(
-            cache=cache,
-            batch_size=batch_size,
-            num_branches=num_branches,
-            noise_level=float(noise_level),
-            num_latents=self.transformer.num_latents,
-            image_tokens=image_tokens,
-            model=weakref.ref(self.transformer),
-        )
 
     def preprocess_image(self, image, name: str = "image") -> torch.Tensor:
         """Source images -> ``(M, 3, S, S)`` in ``[-1, 1]`` at the model's image size ``S``.

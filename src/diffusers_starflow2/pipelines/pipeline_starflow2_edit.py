@@ -17,7 +17,8 @@ from ..utils import validation
 from ..utils.chat import CHAT_TEMPLATE_RESERVE, check_prompt, model_context_length
 from ..utils.sequence import VISION_END, TokenLayout, encode_conversation, encode_next_turn, special_id, user_message
 from ..utils.validation import check_generator, check_guidance_scale, check_output_type
-from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2ConversationState, StarFlow2PipelineOutput
+from .conversation import StarFlow2ConversationState
+from .pipeline_starflow2 import StarFlow2BasePipeline, StarFlow2PipelineOutput
 from .pipeline_utils import (
     ends_call,
     prepare_noise,
