@@ -1,5 +1,6 @@
 """The documentation builds and its links resolve (its Python snippets run as tests through pytest-markdown-docs)."""
 
+import importlib
 import re
 import shutil
 import subprocess
@@ -34,6 +35,19 @@ def test_relative_links_resolve(page):
         if "://" in target or target.startswith("mailto:"):
             continue
         assert (ROOT / page).parent.joinpath(target).exists(), f"{page} links to {target}, which does not exist"
+
+
+def test_module_map_names_live_where_it_says():
+    # docs/models.md, "Where each concept lives": each `name` of a row is defined in (not imported into) its module
+    text = (ROOT / "docs" / "models.md").read_text().split("## Where each concept lives", 1)[1]
+    rows = re.findall(r"^\| `((?:models|utils)/\w+)\.py` \| (.*) \|$", text, flags=re.M)
+    assert len(rows) >= 20, rows
+    for path, holds in rows:
+        module = importlib.import_module("diffusers_starflow2." + path.replace("/", "."))
+        names = re.findall(r"`(\w+)`", holds)
+        assert names, path
+        for name in names:
+            assert getattr(getattr(module, name, None), "__module__", None) == module.__name__, (path, name)
 
 
 def test_readme_is_short():
