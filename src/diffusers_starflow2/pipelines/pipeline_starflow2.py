@@ -401,12 +401,6 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         self._run_text(cache, layouts)
         return cache
 
-    def _check_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled FAE latents ``(B, C, h, w)`` of the model's grid, checked, as float32 on the execution device."""
-        t, device = self.transformer, self._execution_device
-        latents = validation.check_latents(latents, (None, t.config.latent_channels, *t.grid), device=device)
-        return latents.to(device, torch.float32)
-
     @torch.no_grad()
     def denoise_latents(
         self,
@@ -433,7 +427,9 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         num_inference_steps = resolve_num_inference_steps(
             num_inference_steps, kwargs, f"{type(self).__name__}.denoise_latents"
         )
-        latents = self._check_latents(latents)
+        t, device = self.transformer, self._execution_device  # scaled FAE latents of the model's grid, float32
+        latents = validation.check_latents(latents, (None, t.config.latent_channels, *t.grid), device=device)
+        latents = latents.to(device, torch.float32)
         noise_level = self._check_noise_level(noise_level)
         steps = self._check_inference_steps(num_inference_steps)
         if steps == 0:
@@ -588,15 +584,8 @@ class StarFlow2Pipeline(StarFlow2BasePipeline):
         batch_size = len(layouts) // guidance.num_branches
         validation.check_batch_size(batch_size)
         check_generator(generator, batch_size)
-
-        transformer = self.transformer
-        noise = prepare_noise(
-            (batch_size, transformer.num_latents, transformer.config.latent_channels),
-            generator,
-            self._execution_device,
-            torch.float32,
-            latents,
-        )
+        shape = (batch_size, self.transformer.num_latents, self.transformer.config.latent_channels)
+        noise = prepare_noise(shape, generator, self._execution_device, torch.float32, latents)  # latents checked
         cache = self._new_cache(len(layouts), noise_level)
         self._run_text(cache, layouts)
         self._begin_call(guidance_scale, self.num_flow_steps + steps, callback_on_step_end, checked["tensor_inputs"])
