@@ -33,28 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import peak_kb, reset_peak, rss_kb  # noqa: E402
 
 
-def examples(stage: int, batch_size: int, image_size: int, step: int):
-    import torch
-
-    gen = torch.Generator().manual_seed(step)
-    image = lambda: torch.rand(3, image_size, image_size, generator=gen) * 2 - 1  # noqa: E731
-    kinds = {1: ["caption"], 2: ["understanding"], 3: ["caption", "understanding", "edit"]}[stage]
-    out = []
-    for i in range(batch_size):
-        kind = kinds[i % len(kinds)]
-        ex = {
-            "caption": {"image": image(), "text": "a red circle on the left of a blue square"},
-            "understanding": {"image": image(), "prompt": "what color is the shape?", "response": "red"},
-            "edit": {"source_image": image(), "instruction": "make it blue", "target_image": image()},
-        }[kind]
-        out.append({"kind": kind, **ex, "position": step * batch_size + i, "source": kind})
-    return out
-
-
 def worker(config: str, stage: int, checkpointing: bool, vlm_grad: str, batch_size: int, repeats: int) -> dict:
     import torch
     from bench_pipeline import build_pipeline
-    from plan_memory import training_setup
+    from plan_memory import examples, training_setup
 
     from diffusers_starflow2.models.vlm_stream import VLMStream
     from diffusers_starflow2.training import train_starflow2 as train

@@ -250,12 +250,31 @@ def vlm_grad_decision(components: dict, batch: dict) -> bool:
             module.weight = weight
 
 
+def examples(stage: int, batch_size: int, image_size: int, step: int):
+    """A synthetic batch of the stage's example kinds (captions; understanding; captions, understanding and edits),
+    the same for every ``step`` seed; ``bench_training.py`` times steps on it."""
+    import torch
+
+    gen = torch.Generator().manual_seed(step)
+    image = lambda: torch.rand(3, image_size, image_size, generator=gen) * 2 - 1  # noqa: E731
+    kinds = {1: ["caption"], 2: ["understanding"], 3: ["caption", "understanding", "edit"]}[stage]
+    out = []
+    for i in range(batch_size):
+        kind = kinds[i % len(kinds)]
+        ex = {
+            "caption": {"image": image(), "text": "a red circle on the left of a blue square"},
+            "understanding": {"image": image(), "prompt": "what color is the shape?", "response": "red"},
+            "edit": {"source_image": image(), "instruction": "make it blue", "target_image": image()},
+        }[kind]
+        out.append({"kind": kind, **ex, "position": step * batch_size + i, "source": kind})
+    return out
+
+
 def training_step_fn(components, args, weight_dtype, batch_size, fake_mode=None, fsdp_mesh=None, device="cpu"):
     """``step(i)``: one optimiser step of the training script on a synthetic batch of ``batch_size`` examples.  With
     ``fake_mode`` the (``meta``) components are materialised as fake tensors (sharded first over ``fsdp_mesh``), and
     ``step`` must run under ``fake_mode``."""
     import torch
-    from bench_training import examples
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from diffusers_starflow2.training import train_starflow2 as train

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 
 from diffusers_starflow2.models.cache_utils import copy_transformers_cache
-from diffusers_starflow2.models.vlm_stream import VLMStream, position_ids
+from diffusers_starflow2.models.embeddings import position_ids
+from diffusers_starflow2.models.vlm_stream import VLMStream
 from diffusers_starflow2.testing_utils import (
     QWEN_SPECIAL_TOKENS,
     build_tiny_causal_lm,

@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from ..utils.torch_utils import has_values
-from .vlm_stream import VLMStream, position_ids
+from .embeddings import position_ids
 
 
 class FlowKVCache:
@@ -357,7 +357,7 @@ class StaticImageSpan:
         cache: ends with ``<|vision_start|>`` (or inside the span); ``num_positions`` the latents still to come.
     """
 
-    def __init__(self, transformer, vlm: VLMStream, cache: PretzelCache, num_positions: int, step: Callable):
+    def __init__(self, transformer, vlm, cache: PretzelCache, num_positions: int, step: Callable):
         self.vlm, self.cache, self.step = vlm, cache, step
         cache.flow.reserve(cache.length + num_positions)
         capacity = cache.flow.capacity

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from ..utils.torch_utils import has_values
+
 ROPE_THETA = 10000
 # Number of rotary frequencies given to the text axis of 3-axis positions (the reference's fixed split).
 TEXT_AXIS_FREQS = 8
@@ -108,3 +110,81 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor, halves: bool = False) -> tor
     adjacent channels, or with ``halves`` channel ``i`` with ``i + D/2`` (the tables laid out to match)."""
     cos, sin = rope[0], rope[1]
     return x * cos + (_rotate_halves(x) if halves else _rotate_pairs(x)) * sin
+
+
+# Model types whose language model uses Qwen's 3-axis multimodal RoPE and assigns image positions as below.
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def position_ids(
+    latent_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    grid: tuple[int, int],
+    mrope: bool = True,
+    start: torch.LongTensor | None = None,
+    open_cells: torch.LongTensor | int = 0,
+) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
+    """
+    Position ids of new positions of interleaved text/image sequences, for the whole batch at once.
+
+    Every image is a run of `grid_h * grid_w` latent positions in raster order (a run may be split over calls:
+    `open_cells` says how much of the current one came before). `<|vision_start|>` / `<|vision_end|>` are text.
+
+    With `mrope=True` this reproduces Qwen2.5-VL's `get_rope_index` for still images:
+
+    - a text token at position `p` gets `(p, p, p)`; the next token gets `p + 1`;
+    - an image starting at `p` (the position right after `<|vision_start|>`) gets `(p, p + row, p + col)` for each
+      grid cell, and the token after the image continues at `p + max(grid_h, grid_w)` (= max id + 1).
+
+    With `mrope=False` (plain causal LMs) every position, image cells included, takes the next 1-D position.
+    Padding takes the current position of its sample and advances nothing; a sample that takes only padding in a call
+    (idle while others sample an image span) is outside the span.
+
+    Everything is computed with tensor operations (no value is read by Python, so it runs on `meta` and under
+    `torch.compile`); the layout checks (no text inside an image span, the samples taking positions agree on the
+    cells of an open span) run where the values exist.
+
+    Args:
+        latent_mask (`torch.Tensor` of shape `(B, T)`): True at image-latent positions.
+        attention_mask (`torch.Tensor` of shape `(B, T)`): False at padding.
+        grid (`tuple[int, int]`): `(grid_h, grid_w)` of every image (the LLM-side grid).
+        mrope (`bool`, defaults to `True`): Build 3-axis M-RoPE ids instead of 1-D ids.
+        start (`torch.LongTensor` of shape `(B,)`, *optional*): First free position of each sample (default 0).
+        open_cells (`torch.LongTensor` of shape `(B,)` or `int`, defaults to 0): Cells of an unfinished image
+            already placed in each sample.
+
+    Returns:
+        `tuple`: ids `(3, B, T)` (`mrope=True`) or `(B, T)`, the next free position of each sample `(B,)`, and the
+        cells of the image left unfinished in each sample `(B,)`.
+    """
+    grid_h, grid_w = grid
+    cells = grid_h * grid_w
+    real = attention_mask.bool()
+    latent = (latent_mask.bool() & real).long()  # (B, T)
+    if start is None:
+        start = torch.zeros(latent.shape[0], dtype=torch.long, device=latent.device)
+    opened = torch.as_tensor(open_cells, dtype=torch.long, device=latent.device).expand(latent.shape[0])  # (B,)
+    cell = (opened[:, None] + latent.cumsum(1) - latent) % cells  # (B, T) grid cell of (or before) each position
+    text = real & ~latent.bool()
+    after = (opened + latent.sum(1)) % cells  # (B,)
+    if has_values(cell, after):
+        inside = text & (cell != 0)
+        if bool(inside.any()):
+            raise ValueError(
+                f"a text token arrived inside an image span after {int(cell[inside][0])} of {cells} latents"
+            )
+        # a sample that takes only padding (idle while others sample an image) leaves the open span to the others
+        taking = after[real.any(1)]
+        if bool((taking != taking[:1]).any()):
+            raise ValueError("every sample taking positions must have the same number of latents in an open span")
+
+    if mrope:  # an image advances the text axis once, at its last cell, by its extent
+        advance = text.long() + latent * (cell == cells - 1).long() * max(grid_h, grid_w)
+    else:
+        advance = real.long()
+    base = start[:, None] + advance.cumsum(1) - advance  # (B, T) position before each one advances
+    if mrope:
+        ids = torch.stack([base, base + latent * (cell // grid_w), base + latent * (cell % grid_w)])  # (3, B, T)
+    else:
+        ids = base
+    return ids, start + advance.sum(1), after
