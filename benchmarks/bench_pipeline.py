@@ -199,21 +199,24 @@ def worker(args: argparse.Namespace) -> None:
             **options,
         )
 
-    compile_seconds, eager = None, None
+    compile_seconds, eager, graph_cache = None, None, None
     if args.compile:
         import copy
+
+        from torch._dynamo.utils import counters
 
         from diffusers_starflow2.utils.compile_utils import load_compile_cache, save_compile_cache
 
         eager = copy.deepcopy(pipe.transformer)  # timed in turn with the compiled one
         start = time.perf_counter()
-        if args.compile_cache:
-            load_compile_cache(args.compile_cache)
+        loaded = load_compile_cache(args.compile_cache) if args.compile_cache else None
         pipe.transformer.compile_decode_step(vlm=pipe.vlm)  # the documented fast path
         call(0, 1)
         compile_seconds = time.perf_counter() - start
-        if args.compile_cache:
-            save_compile_cache(args.compile_cache)
+        saved = save_compile_cache(args.compile_cache) if args.compile_cache else None
+        # inductor's FX graph cache: graphs found (hit), compiled (miss) or not cacheable (bypass)
+        graph_cache = {k: counters["inductor"][f"fxgraph_cache_{k}"] for k in ("hit", "miss", "bypass")}
+        graph_cache.update(loaded=loaded, saved=saved is not None)
     elif args.warmup:
         call(0, 1)
     results = {}
@@ -256,6 +259,7 @@ def worker(args: argparse.Namespace) -> None:
                 batch=B,
                 weights=args.weights,
                 compile_seconds=compile_seconds,
+                graph_cache=graph_cache,
                 weight_bytes=weight_bytes(pipe),
                 results=results,
             )
@@ -502,10 +506,17 @@ def main(argv=None) -> None:
                 f"{r['compile_seconds']:.1f} |"
             )
         if warm is not None:
+
+            def graphs(row):
+                c = row["graph_cache"]
+                return f"FX graph cache: {c['hit']} found, {c['miss']} compiled, {c['bypass']} not cacheable"
+
+            cold_cache = rows[0]["graph_cache"]
+            where = "the artifacts" if cold_cache["saved"] else "nothing (no artifacts were saved)"
             print(
                 f"\nCompile + first call of the first row: cold {rows[0]['compile_seconds']:.1f} s (empty cache "
-                f"folder), warm {warm['compile_seconds']:.1f} s (a new process on the artifacts saved in "
-                f"{args.compile_cache})"
+                f"folder; {graphs(rows[0])}), warm {warm['compile_seconds']:.1f} s (a new process on {where} in "
+                f"{args.compile_cache}, loaded: {'yes' if warm['graph_cache']['loaded'] else 'no'}; {graphs(warm)})"
             )
         print("\nEager and compiled, each call made with both in turn (median CPU s/image):\n")
         print(

@@ -262,6 +262,35 @@ def test_inductor_compiled_decode_step_equals_eager_decoding(model, inputs):
     assert counters["stats"]["unique_graphs"] == graphs + window_graphs and not counters["recompiles"]
 
 
+def test_compiled_decode_graphs_are_found_again_by_the_graph_cache(model, inputs, tmp_path, monkeypatch):
+    """On a CPU the compiled decode graphs (frozen weights) are kept by inductor's FX graph cache, which the compile
+    cache's artifacts carry to the next process: the same model compiled again after dynamo's reset finds every
+    graph there (no miss, no bypass); a model with other weights is compiled afresh (the cache never serves another
+    model's weights) and decodes as its eager copy does."""
+    import copy
+
+    import torch._dynamo
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # an empty cache of this test's own
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    counters = torch._dynamo.utils.counters
+    seen = []
+    for m in (model, model, other):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = copy.deepcopy(m)
+        compiled.compile_decode_step(mode=None)
+        with torch.no_grad():
+            x = sample_starflow(compiled, *inputs, 2.0)
+        assert (x - sample_starflow(m, *inputs, 2.0)).abs().max() <= ATOL
+        seen.append(tuple(counters["inductor"][f"fxgraph_cache_{k}"] for k in ("miss", "hit", "bypass")))
+    graphs = seen[0][0]
+    assert graphs >= 2 and seen == [(graphs, 0, 0), (0, graphs, 0), (graphs, 0, 0)], seen
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe():
     from diffusers_starflow2 import StarFlow2Pipeline

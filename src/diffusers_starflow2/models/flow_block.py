@@ -463,9 +463,10 @@ class AutoregressiveFlowBlock(nn.Module):
         Two graphs: single tokens (exact decoding) with static shapes, traced once per cache size and never per
         token, in ``mode``; and Jacobi windows, whose length changes at the end of a block, with dynamic shapes in
         inductor's default mode (one graph for every window length).  With inductor (the default backend) the
-        weights are frozen into the graphs as constants (inductor then packs them for its own GEMM kernels, chosen
-        by ``mode="max-autotune"``), dynamo does not re-check the modules' attributes at every call (~0.1 ms per
-        token), and on a CPU the graphs' kernels are called from C++ (``cpp_wrapper``) while on a GPU
+        weights are frozen into the graphs as constants (``mode="max-autotune"`` picks the GEMM kernels), dynamo
+        does not re-check the modules' attributes at every call (~0.1 ms per token), and on a CPU the graphs'
+        kernels are called from C++ (``cpp_wrapper``) and the graphs are kept by inductor's FX graph cache for the
+        next process (:func:`~diffusers_starflow2.utils.compile_utils.compile_static_step`) while on a GPU
         ``max-autotune`` records CUDA graphs.  So: compile again after changing the weights (``load_state_dict``,
         fusing or loading an adapter) or moving the model.  Other ``compile_kwargs`` (``backend`` — then ``mode``
         is not used —, ``options``...) go to ``torch.compile``; ``dynamic`` is not taken (it is set per graph)."""

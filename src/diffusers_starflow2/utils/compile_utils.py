@@ -38,7 +38,9 @@ def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: b
     """``torch.compile`` of a bound decode method (:meth:`AutoregressiveFlowBlock.static_decode`, the Pretzel's
     stream step) as :meth:`AutoregressiveFlowBlock.compile_decode_step` describes it: a code object of its own,
     with inductor frozen weights, guards on parameter identities only, no stride checks, and on a CPU a C++ wrapper
-    (on a GPU ``mode="max-autotune"`` records CUDA graphs).  A ``dynamic`` in ``compile_kwargs`` is overridden by
+    and the weights left unpacked, so that the graphs can be cached (on a GPU ``mode="max-autotune"`` records CUDA
+    graphs).  ``options={"cpp.weight_prepack": True}`` lets inductor repack the weights for oneDNN and its C++ GEMM
+    template, which is faster on some CPUs, at the price of compiling again in every process.  A ``dynamic`` in ``compile_kwargs`` is overridden by
     ``dynamic_shapes``."""
     compile_kwargs = dict(compile_kwargs, dynamic=dynamic_shapes)
     frozen = compile_kwargs.get("backend", "inductor") == "inductor"
@@ -54,6 +56,9 @@ def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: b
         if device.type == "cpu":  # no CUDA graphs; kernels called from C++, not Python
             options.pop("triton.cudagraphs", None)
             options["cpp_wrapper"] = True
+            # weights frozen as they are, not repacked by oneDNN: inductor's FX graph cache cannot pickle oneDNN
+            # tensors and would recompile every graph in every process (see load_compile_cache)
+            options["cpp.weight_prepack"] = False
         compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
     compiled = torch.compile(_with_own_code(method), **compile_kwargs)
     return _with_frozen_weights(compiled) if frozen else compiled
