@@ -34,12 +34,14 @@ use it.
 ``--compile`` takes the fast path, ``pipe.transformer.compile_decode_step(vlm=pipe.vlm)`` (inductor, ``max-autotune``:
 the shallow flows' decode steps and the whole one-position Pretzel step of an image span - adapter, VLM layers on
 static buffers, TARFlow stream, affine parameters - as one graph) before the warm-up call, whose time is reported as
-the compile time (with an empty inductor cache it is mostly compiling; ``TORCHINDUCTOR_CACHE_DIR`` keeps what one
-worker compiled for the next); every timed call is then made again with an eager copy of the transformer, right
-after, so that the two are compared under the same load (peak memory is the compiled call's; the max abs pixel
-difference of the two is printed).  ``--compile-cache DIR`` gives every worker an empty inductor cache and loads /
-saves torch's cache artifacts in ``DIR`` (:mod:`diffusers_starflow2.utils.compile_utils`); the first row then runs
-once more in a new process, so the table shows a cold and a warm compile.
+the compile time (inductor's FX graph cache, ``TORCHINDUCTOR_CACHE_DIR``, keeps what one worker compiled for the
+next); every timed call is then made again with an eager copy of the transformer, right after, so that the two are
+compared under the same load (peak memory is the compiled call's; the max abs pixel difference of the two is
+printed).  ``--compile-cache DIR`` (an empty or new folder) makes ``DIR/inductor`` the workers' inductor cache and
+loads / saves torch's cache artifacts in ``DIR`` (:mod:`diffusers_starflow2.utils.compile_utils`); the first row then
+runs twice more, each in a new process: on the same inductor cache (a second process on the same machine) and on the
+artifacts alone, with an empty inductor cache (another machine), so the table shows a cold and two warm compiles
+with the FX graph cache's hits and misses.
 
 Memory is the resident set size (RSS) of the subprocess, which covers torch's CPU allocations (``tracemalloc`` would
 only see Python objects).  Before every timed call the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``,
@@ -213,10 +215,11 @@ def worker(args: argparse.Namespace) -> None:
         pipe.transformer.compile_decode_step(vlm=pipe.vlm)  # the documented fast path
         call(0, 1)
         compile_seconds = time.perf_counter() - start
-        saved = save_compile_cache(args.compile_cache) if args.compile_cache else None
+        if args.compile_cache:
+            save_compile_cache(args.compile_cache)
         # inductor's FX graph cache: graphs found (hit), compiled (miss) or not cacheable (bypass)
         graph_cache = {k: counters["inductor"][f"fxgraph_cache_{k}"] for k in ("hit", "miss", "bypass")}
-        graph_cache.update(loaded=loaded, saved=saved is not None)
+        graph_cache["loaded"] = loaded
     elif args.warmup:
         call(0, 1)
     results = {}
@@ -330,9 +333,10 @@ def read_bandwidth(threads: int = 1, device: str = "cpu") -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def run_worker(args: argparse.Namespace, config: str, guidance: float, **overrides) -> dict:
+def run_worker(args: argparse.Namespace, config: str, guidance: float, inductor_cache=None, **overrides) -> dict:
     """One worker subprocess; ``overrides`` replace ``args`` fields (``pipeline``, ``batch``, ``weights``,
-    ``repeats``, ``steps``)."""
+    ``repeats``, ``steps``).  With ``--compile-cache DIR`` the worker's inductor cache is ``inductor_cache``
+    (default ``DIR/inductor``, kept from worker to worker as on one machine)."""
     opts = dict(pipeline=args.pipeline, batch=1, weights="float32", repeats=args.repeats, steps=args.steps, warmup=True)
     opts.update(overrides)
     cmd = [
@@ -362,11 +366,9 @@ def run_worker(args: argparse.Namespace, config: str, guidance: float, **overrid
     cmd += ["--jacobi-block-size", str(args.jacobi_block_size)] if args.jacobi_block_size else []
     cmd += ["--compile"] if args.compile else []
     env = dict(os.environ)
-    if args.compile_cache:  # only the saved artifacts carry over: each worker starts on an empty inductor cache
-        import tempfile
-
+    if args.compile_cache:
         cmd += ["--compile-cache", args.compile_cache]
-        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+        env["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache or os.path.join(args.compile_cache, "inductor")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -401,8 +403,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--compile-cache",
         default=None,
-        help="folder of the compiled graphs' cache artifacts (with --compile): loaded before compiling, saved after; "
-        "a second process then times a warm compile",
+        help="an empty or new folder for the compiled graphs (with --compile): the workers' inductor cache "
+        "(DIR/inductor) and torch's cache artifacts (loaded before compiling, saved after); the first row then runs "
+        "twice more, warm: on the same inductor cache, and on the artifacts alone (an empty inductor cache)",
     )
     parser.add_argument(
         "--pipeline", default="text2image", help="comma-separated: text2image, edit, interleaved (one row set each)"
@@ -429,6 +432,13 @@ def main(argv=None) -> None:
         if dtype not in WEIGHTS:
             print(f"bench_pipeline.py: unknown weights {dtype!r} ({', '.join(WEIGHTS)})", file=sys.stderr)
             sys.exit(2)
+    if args.compile_cache and os.path.exists(args.compile_cache) and os.listdir(args.compile_cache):
+        print(
+            f"bench_pipeline.py: --compile-cache {args.compile_cache!r} is not empty (a cold start needs an empty or "
+            "new folder)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
     start = time.perf_counter()
     rows = []
@@ -454,20 +464,24 @@ def main(argv=None) -> None:
                             warmup=warmup,
                         )
                         rows.append(row)
-    warm = None
-    if args.compile and args.compile_cache:  # the first row again, in a new process, on the saved artifacts
+    warm = {}
+    if args.compile and args.compile_cache:  # the first row again in new processes: same machine, another machine
+        import tempfile
+
         first = rows[0]
-        print("running the first row again on the saved compile cache ...", file=sys.stderr)
-        warm = run_worker(
-            args,
-            first["config"],
-            first["guidance"],
-            pipeline=first["pipeline"],
-            batch=first["batch"],
-            weights=first["weights"],
-            repeats=1,
-            steps=[0],
-        )
+        for where, inductor_cache in (("the same inductor cache", None), ("the artifacts alone", tempfile.mkdtemp())):
+            print(f"running the first row again on {where} ...", file=sys.stderr)
+            warm[where] = run_worker(
+                args,
+                first["config"],
+                first["guidance"],
+                inductor_cache=inductor_cache,
+                pipeline=first["pipeline"],
+                batch=first["batch"],
+                weights=first["weights"],
+                repeats=1,
+                steps=[0],
+            )
 
     per_call = all(res["per_call_peak"] for r in rows for res in r["results"].values())
     print()
@@ -505,19 +519,21 @@ def main(argv=None) -> None:
                 f"| {r['config']} | {r['pipeline']} | {r['weights']} | {r['batch']} | {cfg} | "
                 f"{r['compile_seconds']:.1f} |"
             )
-        if warm is not None:
-
-            def graphs(row):
-                c = row["graph_cache"]
-                return f"FX graph cache: {c['hit']} found, {c['miss']} compiled, {c['bypass']} not cacheable"
-
-            cold_cache = rows[0]["graph_cache"]
-            where = "the artifacts" if cold_cache["saved"] else "nothing (no artifacts were saved)"
+        if warm:
             print(
-                f"\nCompile + first call of the first row: cold {rows[0]['compile_seconds']:.1f} s (empty cache "
-                f"folder; {graphs(rows[0])}), warm {warm['compile_seconds']:.1f} s (a new process on {where} in "
-                f"{args.compile_cache}, loaded: {'yes' if warm['graph_cache']['loaded'] else 'no'}; {graphs(warm)})"
+                f"\nCompile + first call of the first row, one new process each (--compile-cache {args.compile_cache}):\n"
             )
+            print(
+                "| start | compile + first call (s) | artifacts loaded | FX graphs found | compiled | not cacheable |"
+            )
+            print("|---|---|---|---|---|---|")
+            starts = {"cold (empty folder)": rows[0], **{f"warm: {k}": v for k, v in warm.items()}}
+            for name, row in starts.items():
+                c = row["graph_cache"]
+                print(
+                    f"| {name} | {row['compile_seconds']:.1f} | {'yes' if c['loaded'] else 'no'} | {c['hit']} | "
+                    f"{c['miss']} | {c['bypass']} |"
+                )
         print("\nEager and compiled, each call made with both in turn (median CPU s/image):\n")
         print(
             "| config | pipeline | weights | batch | CFG | denoise steps | eager | compiled | eager / compiled | "
