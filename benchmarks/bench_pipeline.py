@@ -212,7 +212,8 @@ def worker(args: argparse.Namespace) -> None:
         eager = copy.deepcopy(pipe.transformer)  # timed in turn with the compiled one
         start = time.perf_counter()
         loaded = load_compile_cache(args.compile_cache) if args.compile_cache else None
-        pipe.transformer.compile_decode_step(vlm=pipe.vlm)  # the documented fast path
+        prepack = {"options": {"cpp.weight_prepack": True}} if args.weight_prepack else {}
+        pipe.transformer.compile_decode_step(vlm=pipe.vlm, **prepack)  # the documented fast path
         call(0, 1)
         compile_seconds = time.perf_counter() - start
         if args.compile_cache:
@@ -365,6 +366,7 @@ def run_worker(args: argparse.Namespace, config: str, guidance: float, inductor_
     cmd += ["--warmup"] if opts["warmup"] else []
     cmd += ["--jacobi-block-size", str(args.jacobi_block_size)] if args.jacobi_block_size else []
     cmd += ["--compile"] if args.compile else []
+    cmd += ["--weight-prepack"] if args.weight_prepack else []
     env = dict(os.environ)
     if args.compile_cache:
         cmd += ["--compile-cache", args.compile_cache]
@@ -399,6 +401,12 @@ def main(argv=None) -> None:
         "--compile",
         action="store_true",
         help="the fast path first: pipe.transformer.compile_decode_step(vlm=pipe.vlm)",
+    )
+    parser.add_argument(
+        "--weight-prepack",
+        action="store_true",
+        help="with --compile on a CPU: options={'cpp.weight_prepack': True} (oneDNN-packed weights and inductor's "
+        "C++ GEMM template; not kept by the FX graph cache)",
     )
     parser.add_argument(
         "--compile-cache",
