@@ -1,0 +1,106 @@
+"""The GEMMs of a decode step at a few rows: how fast each way of running them reads the weights, per weight dtype.
+
+A decode step multiplies a few rows (a batch times the guidance branches) by every weight matrix once, so its speed
+is the rate at which the weights are read.  This script times a chain of linear layers with the mid model's shapes
+(512 -> 2048 -> 512, 512 -> 512, 512 -> 1536; 48 distinct matrices, 143 MB of float32, more than any L2 cache) at
+``--rows`` rows, each way in a fresh compile:
+
+* ``eager``: ``F.linear`` (oneDNN / MKL);
+* ``compiled, unpacked``: ``torch.compile`` with inductor's frozen weights as they are (``cpp.weight_prepack`` off,
+  the default of :meth:`PretzelModel.compile_decode_step` on a CPU: the graphs are kept by the FX graph cache);
+* ``compiled, packed``: frozen weights repacked by oneDNN and inductor's C++ GEMM template chosen by autotuning
+  (``mode="max-autotune"``, ``cpp.weight_prepack`` on: faster on some CPUs, not kept by the FX graph cache).
+
+Next to them, ``torch.sum`` over the same weights: the read bandwidth the floor of ``bench_pipeline.py`` assumes.
+Which compiled variant wins depends on the CPU; run this to choose ``options={"cpp.weight_prepack": ...}``.
+
+    python benchmarks/bench_gemm.py [--rows 2] [--threads 1] [--dtypes float32,bfloat16] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(2048, 512), (512, 2048), (512, 512), (1536, 512)] * 12  # (out, in) of the mid model's layers
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LinearChain(torch.nn.Module):
+    """Every layer applied to the (sliced) input, outputs reduced to one number: each weight is read once."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(i, o, bias=False, dtype=dtype) for o, i in SHAPES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (rows, 2048)
+        return torch.stack([F.linear(x[:, : layer.in_features], layer.weight).sum() for layer in self.layers]).sum()
+
+
+def seconds_per_call(fn, x: torch.Tensor, repeats: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):  # compiles, then warms up
+            fn(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(x)
+    return (time.perf_counter() - start) / repeats
+
+
+def compiled(model: torch.nn.Module, packed: bool):
+    from torch._inductor import config as inductor_config
+
+    options = {"cpp.weight_prepack": packed, "freezing": True}
+    if packed:
+        options["max_autotune"] = True
+    fn = torch.compile(model, options=options)
+
+    def call(x):
+        before = inductor_config.freezing  # read while dynamo traces, outside the reach of options
+        inductor_config.freezing = True
+        try:
+            return fn(x)
+        finally:
+            inductor_config.freezing = before
+
+    return call
+
+
+def ways(model: torch.nn.Module) -> dict:
+    """The ways of running ``model``'s GEMMs, each built right before it runs."""
+    weights = list(model.parameters())
+    return {
+        "torch.sum of the weights": lambda: lambda _x: [w.sum() for w in weights],
+        "eager F.linear": lambda: model,
+        "compiled, unpacked (default)": lambda: compiled(model, packed=False),
+        "compiled, packed (cpp.weight_prepack)": lambda: compiled(model, packed=True),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2, help="rows per GEMM (batch x guidance branches)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated of {tuple(DTYPES)}")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"{len(SHAPES)} linear layers, {args.rows} rows, {args.threads} thread(s), torch {torch.__version__}\n")
+    print("| weights | MB | way | ms per pass | GB/s of weights |")
+    print("|---|---|---|---|---|")
+    for name in args.dtypes.split(","):
+        torch.manual_seed(0)
+        model = LinearChain(DTYPES[name]).eval()
+        x = torch.randn(args.rows, 2048, dtype=DTYPES[name])
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for way, build in ways(model).items():
+            torch._dynamo.reset()  # a fresh compile for each way
+            t = seconds_per_call(build(), x, args.repeats)
+            print(f"| {name} | {nbytes / 1e6:.0f} | {way} | {t * 1e3:.2f} | {nbytes / t / 1e9:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
