@@ -265,8 +265,8 @@ def test_inductor_compiled_decode_step_equals_eager_decoding(model, inputs):
 def test_compiled_decode_graphs_are_found_again_by_the_graph_cache(model, inputs, tmp_path, monkeypatch):
     """On a CPU the compiled decode graphs (frozen weights) are kept by inductor's FX graph cache, which the compile
     cache's artifacts carry to the next process: the same model compiled again after dynamo's reset finds every
-    graph there (no miss, no bypass); a model with other weights is compiled afresh (the cache never serves another
-    model's weights) and decodes as its eager copy does."""
+    graph there (no miss, no bypass); a model with other weights decodes as its own eager copy does, never with the
+    cached graphs' weights (a graph found by its shapes reads the weights of the model that compiles it)."""
     import copy
 
     import torch._dynamo
@@ -277,7 +277,7 @@ def test_compiled_decode_graphs_are_found_again_by_the_graph_cache(model, inputs
         for p in other.parameters():
             p.mul_(0.5)
     counters = torch._dynamo.utils.counters
-    seen = []
+    seen, got = [], []
     for m in (model, model, other):
         torch._dynamo.reset()
         counters.clear()
@@ -286,9 +286,12 @@ def test_compiled_decode_graphs_are_found_again_by_the_graph_cache(model, inputs
         with torch.no_grad():
             x = sample_starflow(compiled, *inputs, 2.0)
         assert (x - sample_starflow(m, *inputs, 2.0)).abs().max() <= ATOL
+        got.append(x)
         seen.append(tuple(counters["inductor"][f"fxgraph_cache_{k}"] for k in ("miss", "hit", "bypass")))
     graphs = seen[0][0]
-    assert graphs >= 2 and seen == [(graphs, 0, 0), (0, graphs, 0), (graphs, 0, 0)], seen
+    assert graphs >= 2 and seen[:2] == [(graphs, 0, 0), (0, graphs, 0)], seen
+    assert sum(seen[2][:2]) == graphs and seen[2][2] == 0, seen  # found or compiled, never bypassed
+    assert (got[2] - got[0]).abs().max() > 1e-2  # stale weights would fail the comparison with its eager copy
 
 
 @pytest.fixture(scope="module")
