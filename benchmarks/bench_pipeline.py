@@ -19,8 +19,9 @@ the instruction below: with guidance on it runs three branches (text ``w``, imag
 ``interleaved`` times ``StarFlow2InterleavedPipeline`` drawing the image a one-turn conversation asks for, then one
 text token.  ``--batch`` sends that many prompts per call (per-image figures divide by it).  ``--weights``:
 ``bfloat16`` casts the VLM and the Pretzel, ``int8`` quantises their linears weight-only with torchao, as
-``from_pretrained(..., **diffusers_starflow2.utils.quantization.weights_kwargs(w))`` does for a saved pipeline.  The
-sampling calls pass only the options they use, so the script also runs against an older checkout of the package
+``from_pretrained(..., **diffusers_starflow2.utils.quantization.weights_kwargs(w))`` does for a saved pipeline; for
+text-to-image the worker also prints the max abs difference of the first timed call's latents to the same call with
+the float32 weights (kept from before quantising, eager).  The sampling calls pass only the options they use, so the script also runs against an older checkout of the package
 (``PYTHONPATH=<checkout>/src``) for before/after figures.
 
 Each (configuration, guidance) pair runs in its own subprocess, which builds the pipeline, warms up, then times
@@ -162,9 +163,14 @@ def worker(args: argparse.Namespace) -> None:
     params = sum(p.numel() for name in ("vlm", "transformer", "vae") for p in getattr(pipe, name).parameters())
 
     options = dict(jacobi_block_size=args.jacobi_block_size) if args.jacobi_block_size else {}
+    float32_models = None  # the VLM and transformer before quantising: the latents' reference
     if args.weights != "float32":
+        import copy
+
         from diffusers_starflow2.utils.quantization import quantize_components
 
+        if args.pipeline == "text2image":
+            float32_models = copy.deepcopy(pipe.vlm), copy.deepcopy(pipe.transformer)
         quantize_components(pipe, args.weights)
     B = args.batch
     if args.pipeline == "edit":
@@ -190,13 +196,13 @@ def worker(args: argparse.Namespace) -> None:
     else:
         inputs = dict(prompt=[PROMPT] * B if B > 1 else PROMPT)
 
-    def call(seed: int, steps: int):
+    def call(seed: int, steps: int, output_type: str = "np"):
         generator = [torch.Generator().manual_seed(seed + i) for i in range(B)]
         return pipe(
             **inputs,
             guidance_scale=args.guidance,
             num_inference_steps=steps,
-            output_type="np",
+            output_type=output_type,
             generator=generator if B > 1 else generator[0],
             **options,
         )
@@ -251,10 +257,17 @@ def worker(args: argparse.Namespace) -> None:
             eager_cpu_seconds=statistics.median(eager_cpu) if eager_cpu else None,
             max_diff=max(diffs) if diffs else None,
         )
+    latent_diff = None
+    if float32_models is not None:  # quality measured, not assumed: the same call's latents with float32 weights
+        latents = call(0, args.steps[0], "latent").images.float()
+        quantised, (pipe.vlm, pipe.transformer) = (pipe.vlm, pipe.transformer), float32_models
+        latent_diff = (latents - call(0, args.steps[0], "latent").images.float()).abs().max().item()
+        pipe.vlm, pipe.transformer = quantised
     print(
         json.dumps(
             dict(
                 config=args.config,
+                latent_diff=latent_diff,
                 guidance=args.guidance,
                 params=params,
                 positions=pipe.transformer.num_latents,
@@ -576,6 +589,19 @@ def main(argv=None) -> None:
             f"{w['per_position'] / 1e6:.1f} | {w['per_image'] / 1e9 / B:.2f} | {floor:.2f} | "
             f"{first['seconds'] / B / floor:.2f}x | {first['cpu_seconds'] / B / floor:.2f}x |"
         )
+    quality = [r for r in rows if r.get("latent_diff") is not None]
+    if quality:
+        print(
+            f"\nQuality of the weight dtypes: the latents of the first timed call (seed 0, {args.steps[0]} denoising "
+            "steps) against the same call with the float32 weights (eager)\n"
+        )
+        print("| config | pipeline | weights | batch | CFG | max abs latent diff to float32 |")
+        print("|---|---|---|---|---|---|")
+        for r in quality:
+            print(
+                f"| {r['config']} | {r['pipeline']} | {r['weights']} | {r['batch']} | "
+                f"{'on' if r['guidance'] > 0 else 'off'} | {r['latent_diff']:.3g} |"
+            )
     if len(args.steps) > 1 and 0 in args.steps and 1 in args.steps:
         print("\n| config | pipeline | CFG | one denoising step (CPU s) | share of a 1-step image |")
         print("|---|---|---|---|---|")
