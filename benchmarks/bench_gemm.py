@@ -6,10 +6,11 @@ is the rate at which the weights are read.  This script times a chain of linear 
 ``--rows`` rows, each way in a fresh compile:
 
 * ``eager``: ``F.linear`` (oneDNN / MKL);
-* ``compiled, unpacked``: ``torch.compile`` with inductor's frozen weights as they are (``cpp.weight_prepack`` off,
-  the default of :meth:`PretzelModel.compile_decode_step` on a CPU: the graphs are kept by the FX graph cache);
-* ``compiled, packed``: frozen weights repacked by oneDNN and inductor's C++ GEMM template chosen by autotuning
-  (``mode="max-autotune"``, ``cpp.weight_prepack`` on: faster on some CPUs, not kept by the FX graph cache).
+* ``compiled, unpacked``: compiled as :meth:`PretzelModel.compile_decode_step` compiles a step (``compile_static_step``:
+  inductor's frozen weights, ``mode="max-autotune"``) with the weights as they are (``cpp.weight_prepack`` off, the
+  default on a CPU: the graphs are kept by the FX graph cache);
+* ``compiled, packed``: the same with the weights repacked by oneDNN, so that autotuning may pick inductor's C++ GEMM
+  template (``cpp.weight_prepack`` on: faster on some CPUs, not kept by the FX graph cache).
 
 Next to them, ``torch.sum`` over the same weights: the read bandwidth the floor of ``bench_pipeline.py`` assumes.
 Which compiled variant wins depends on the CPU; run this to choose ``options={"cpp.weight_prepack": ...}``.
@@ -24,6 +25,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from diffusers_starflow2.utils.compile_utils import compile_static_step
 
 SHAPES = [(2048, 512), (512, 2048), (512, 512), (1536, 512)] * 12  # (out, in) of the mid model's layers
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -51,22 +54,9 @@ def seconds_per_call(fn, x: torch.Tensor, repeats: int) -> float:
 
 
 def compiled(model: torch.nn.Module, packed: bool):
-    from torch._inductor import config as inductor_config
-
-    options = {"cpp.weight_prepack": packed, "freezing": True}
-    if packed:
-        options["max_autotune"] = True
-    fn = torch.compile(model, options=options)
-
-    def call(x):
-        before = inductor_config.freezing  # read while dynamo traces, outside the reach of options
-        inductor_config.freezing = True
-        try:
-            return fn(x)
-        finally:
-            inductor_config.freezing = before
-
-    return call
+    """``model`` compiled as the decode steps are (:func:`compile_static_step`: frozen weights, ``max-autotune``, C++
+    wrapper), with the weights unpacked (the default) or packed for oneDNN."""
+    return compile_static_step(model.forward, "max-autotune", False, options={"cpp.weight_prepack": packed})
 
 
 def ways(model: torch.nn.Module) -> dict:

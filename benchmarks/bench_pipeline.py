@@ -21,8 +21,8 @@ text token.  ``--batch`` sends that many prompts per call (per-image figures div
 ``bfloat16`` casts the VLM and the Pretzel, ``int8`` quantises their linears weight-only with torchao, as
 ``from_pretrained(..., **diffusers_starflow2.utils.quantization.weights_kwargs(w))`` does for a saved pipeline; for
 text-to-image the worker also prints the max abs difference of the first timed call's latents to the same call with
-the float32 weights (kept from before quantising, eager).  The sampling calls pass only the options they use, so the script also runs against an older checkout of the package
-(``PYTHONPATH=<checkout>/src``) for before/after figures.
+the float32 weights (kept from before quantising, eager).  The sampling calls pass only the options they use, so the
+script also runs against an older checkout of the package (``PYTHONPATH=<checkout>/src``) for before/after figures.
 
 Each (configuration, guidance) pair runs in its own subprocess, which builds the pipeline, warms up, then times
 ``num_inference_steps`` 0 and 1 (the difference is the cost of one Tweedie denoising step: a teacher-forced pass of
@@ -55,6 +55,7 @@ allocator keeps from earlier calls.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -165,8 +166,6 @@ def worker(args: argparse.Namespace) -> None:
     options = dict(jacobi_block_size=args.jacobi_block_size) if args.jacobi_block_size else {}
     float32_models = None  # the VLM and transformer before quantising: the latents' reference
     if args.weights != "float32":
-        import copy
-
         from diffusers_starflow2.utils.quantization import quantize_components
 
         if args.pipeline == "text2image":
@@ -209,8 +208,6 @@ def worker(args: argparse.Namespace) -> None:
 
     compile_seconds, eager, graph_cache = None, None, None
     if args.compile:
-        import copy
-
         from torch._dynamo.utils import counters
 
         from diffusers_starflow2.utils.compile_utils import load_compile_cache, save_compile_cache
@@ -453,9 +450,10 @@ def main(argv=None) -> None:
         if dtype not in WEIGHTS:
             print(f"bench_pipeline.py: unknown weights {dtype!r} ({', '.join(WEIGHTS)})", file=sys.stderr)
             sys.exit(2)
-    if args.compile_cache and os.path.exists(args.compile_cache) and os.listdir(args.compile_cache):
+    cache = args.compile_cache
+    if cache and os.path.exists(cache) and (not os.path.isdir(cache) or os.listdir(cache)):
         print(
-            f"bench_pipeline.py: --compile-cache {args.compile_cache!r} is not empty (a cold start needs an empty or "
+            f"bench_pipeline.py: --compile-cache {cache!r} is not an empty folder (a cold start needs an empty or "
             "new folder)",
             file=sys.stderr,
         )
@@ -487,10 +485,9 @@ def main(argv=None) -> None:
                         rows.append(row)
     warm = {}
     if args.compile and args.compile_cache:  # the first row again in new processes: same machine, another machine
-        import tempfile
-
         first = rows[0]
-        for where, inductor_cache in (("the same inductor cache", None), ("the artifacts alone", tempfile.mkdtemp())):
+        empty = os.path.join(args.compile_cache, "inductor-empty")  # a new folder: as on another machine
+        for where, inductor_cache in (("the same inductor cache", None), ("the artifacts alone", empty)):
             print(f"running the first row again on {where} ...", file=sys.stderr)
             warm[where] = run_worker(
                 args,
@@ -541,9 +538,7 @@ def main(argv=None) -> None:
                 f"{r['compile_seconds']:.1f} |"
             )
         if warm:
-            print(
-                f"\nCompile + first call of the first row, one new process each (--compile-cache {args.compile_cache}):\n"
-            )
+            print(f"\nCompile + first call of the first row, one new process each (--compile-cache {cache}):\n")
             print(
                 "| start | compile + first call (s) | artifacts loaded | FX graphs found | compiled | not cacheable |"
             )

@@ -40,8 +40,8 @@ def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: b
     with inductor frozen weights, guards on parameter identities only, no stride checks, and on a CPU a C++ wrapper
     and the weights left unpacked, so that the graphs can be cached (on a GPU ``mode="max-autotune"`` records CUDA
     graphs).  ``options={"cpp.weight_prepack": True}`` lets inductor repack the weights for oneDNN and its C++ GEMM
-    template, which is faster on some CPUs, at the price of compiling again in every process.  A ``dynamic`` in ``compile_kwargs`` is overridden by
-    ``dynamic_shapes``."""
+    template, which is faster on some CPUs, at the price of compiling again in every process.  A ``dynamic`` in
+    ``compile_kwargs`` is overridden by ``dynamic_shapes``."""
     compile_kwargs = dict(compile_kwargs, dynamic=dynamic_shapes)
     frozen = compile_kwargs.get("backend", "inductor") == "inductor"
     if frozen:
