@@ -236,6 +236,12 @@ def test_cached_attention_operator(num_kv_heads, masked):
     longer = [torch.cat([t, torch.randn(t.shape[0], 5, D, generator=g)], dim=1) for t in rows[1:]]
     longer_mask = torch.cat([rows_mask, torch.zeros(B * num_kv_heads, G * T, 5)], dim=-1) if masked else None
     assert torch.equal(op(rows[0], *longer, longer_mask, torch.tensor(S)), out)
+    # bfloat16 buffers: attended in float32, returned in bfloat16 (one rounding of the float32 result)
+    low = [t.bfloat16() for t in (rows[0], *longer)] + [longer_mask.bfloat16() if masked else None]
+    out_low = op(*low, torch.tensor(S))
+    assert out_low.dtype == torch.bfloat16
+    exact = cached_attention(low[0].float(), low[1][:, :S].float(), low[2][:, :S].float(), rows_mask)
+    assert torch.equal(out_low, exact.bfloat16())
 
 
 def test_inductor_compiled_decode_step_equals_eager_decoding(model, inputs):

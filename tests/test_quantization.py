@@ -8,7 +8,7 @@ import torch
 from diffusers_starflow2 import StarFlow2Pipeline
 from diffusers_starflow2.cli import DEFAULT_MODEL
 from diffusers_starflow2.utils.compile_utils import load_compile_cache, save_compile_cache
-from diffusers_starflow2.utils.quantization import stored_nbytes, weights_kwargs
+from diffusers_starflow2.utils.quantization import int8_weight_only_config, stored_nbytes, weights_kwargs
 
 # Measured on the embedded model (bits/dim of two random images under a caption; the sampled latents of one prompt,
 # mean / max abs difference): bfloat16 0.0003 / 0.013 bits/dim, latents 0.003 / 0.023; int8 0.013 / 0.045 bits/dim,
@@ -105,3 +105,68 @@ def test_quantised_linears_are_never_repacked_as_float32():
         expected = layer(x)
         with packed_weights(layer):
             assert torch.equal(layer(x), expected) and torch.equal(packed_linear(layer, x), expected)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+def test_compiled_token_steps_read_few_row_linears_as_stored(weights, monkeypatch, tmp_path):
+    """A compiled CPU token step traces the bfloat16 and int8 linears of a few rows as reductions over the weight as
+    stored: the frozen constants keep the layer's dtype (torchao's int8 values, not the float32 matrix inductor's
+    freezing would fold their dequantisation into), no GEMM call is left, and the output is the eager layer's.
+    float32 layers, and layers at more rows than ``FEW_ROWS``, keep the GEMM."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from diffusers_starflow2.utils.compile_utils import FEW_ROWS, compile_static_step
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled here, not found in a cache
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 32)).to(dtype)
+    if weights == "int8":
+        from torchao.quantization import quantize_
+
+        quantize_(mlp, int8_weight_only_config())
+    stored = torch.int8 if weights == "int8" else dtype
+    for rows in (2, FEW_ROWS, FEW_ROWS + 1):
+        x = torch.randn(rows, 64, dtype=dtype)
+        step = compile_static_step(mlp.forward, None, False)
+        with torch.no_grad():
+            out, (code,) = run_and_get_code(step, x)
+            expected = mlp(x)
+        tol = 2e-2 if weights == "bfloat16" else 1e-5  # bfloat16 outputs: one rounding of the float32 sums
+        assert (out.float() - expected.float()).abs().max() <= tol * expected.float().abs().max()
+        matrices = re.findall(r"_frozen_param\d+ device\(type='cpu'\) (torch\.\w+) \((?:96, 64|32, 96)\)", code)
+        calls_gemm = "_mm_out" in code or "addmm" in code
+        if weights != "float32" and rows <= FEW_ROWS:
+            assert matrices == [str(stored)] * 2 and not calls_gemm, (matrices, rows)
+        else:
+            assert calls_gemm, rows
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_compiled_whole_step_in_lower_precision_equals_its_eager_step(weights):
+    """The compiled whole image step with bfloat16 or int8 weights (its linears as reductions over the stored
+    weights, the bfloat16 caches attended in float32) gives the latents of the same weights' eager step: to float32
+    rounding for int8, to a few bfloat16 roundings for bfloat16."""
+    from diffusers_starflow2.testing_utils import build_tiny_starflow2_components
+    from diffusers_starflow2.utils.quantization import quantize_components
+
+    pipe = StarFlow2Pipeline(**build_tiny_starflow2_components(seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    quantize_components(pipe, weights)
+
+    def run():
+        return pipe(
+            ["a red circle", "a big blue square on the right"],
+            guidance_scale=2.0,
+            num_inference_steps=0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+        ).images.float()
+
+    expected = run()
+    pipe.transformer.compile_decode_step(mode=None, vlm=pipe.vlm)
+    got = run()
+    tol = 1e-4 if weights == "int8" else 0.05 * expected.abs().max().item()
+    assert torch.isfinite(got).all() and (got - expected).abs().max() <= tol

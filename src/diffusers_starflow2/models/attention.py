@@ -62,7 +62,14 @@ def _cached_attention_op(
 ) -> torch.Tensor:
     n = int(filled)
     attn_mask = attn_mask[..., :n] if attn_mask is not None else None
-    return cached_attention(q, keys[:, :n], values[:, :n], attn_mask)  # a new tensor: no input is aliased
+    keys, values = keys[:, :n], values[:, :n]
+    if q.dtype != torch.float32 and q.device.type == "cpu":
+        # bfloat16 caches attended in float32: the CPU's bfloat16 bmm at these sizes is ~3x slower than the casts
+        # and float32 products together (benchmarks/bench_pipeline.py --weights bfloat16 --compile)
+        mask = attn_mask.float() if attn_mask is not None else None
+        out = cached_attention(q.float(), keys.float(), values.float(), mask)
+        return out.to(q.dtype)
+    return cached_attention(q, keys, values, attn_mask)  # a new tensor: no input is aliased
 
 
 @torch.library.register_fake("diffusers_starflow2::cached_attention")

@@ -94,8 +94,9 @@ _PAIR_SIGN = torch.tensor([-1.0, 1.0])
 
 
 def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...); flip + sign, no concatenation
-    pairs = x.unflatten(-1, (-1, 2)).flip(-1)
+    # (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...); flip + sign, no concatenation.  reshape, not unflatten:
+    # dynamo cannot trace Tensor.unflatten's Python body under a torch function mode (compile_utils.FewRowLinears)
+    pairs = x.reshape(*x.shape[:-1], -1, 2).flip(-1)
     return (pairs * _PAIR_SIGN.to(device=x.device, dtype=x.dtype)).flatten(-2)
 
 

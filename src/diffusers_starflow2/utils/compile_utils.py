@@ -16,11 +16,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .io import PathLike, atomic_write_file
 
@@ -39,8 +42,9 @@ def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: b
     stream step) as :meth:`AutoregressiveFlowBlock.compile_decode_step` describes it: a code object of its own,
     with inductor frozen weights, guards on parameter identities only, no stride checks, and on a CPU a C++ wrapper
     and the weights left unpacked, so that the graphs can be cached (on a GPU ``mode="max-autotune"`` records CUDA
-    graphs).  ``options={"cpp.weight_prepack": True}`` lets inductor repack the weights for oneDNN and its C++ GEMM
-    template, which is faster on some CPUs, at the price of compiling again in every process.  A ``dynamic`` in
+    graphs), and the bfloat16 / int8 linears of token steps traced as :class:`FewRowLinears` writes them.
+    ``options={"cpp.weight_prepack": True}`` lets inductor repack the weights for oneDNN and its C++ GEMM
+    template instead, which is faster on some CPUs, at the price of compiling again in every process.  A ``dynamic`` in
     ``compile_kwargs`` is overridden by ``dynamic_shapes``."""
     compile_kwargs = dict(compile_kwargs, dynamic=dynamic_shapes)
     frozen = compile_kwargs.get("backend", "inductor") == "inductor"
@@ -61,7 +65,11 @@ def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: b
             options["cpp.weight_prepack"] = False
         compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
     compiled = torch.compile(_with_own_code(method), **compile_kwargs)
-    return _with_frozen_weights(compiled) if frozen else compiled
+    if not frozen:
+        return compiled
+    # FewRowLinears: CPU token steps whose weights stay unpacked
+    unpacked = not compile_kwargs["options"].get("cpp.weight_prepack")
+    return _with_frozen_weights(compiled, few_rows=device.type == "cpu" and not dynamic_shapes and unpacked)
 
 
 def _with_own_code(method: Callable) -> Callable:
@@ -86,21 +94,74 @@ def _identity_guards_on_modules(guard_entries) -> List[bool]:
     ]
 
 
-def _with_frozen_weights(compiled: Callable) -> Callable:
+def _with_frozen_weights(compiled: Callable, few_rows: bool) -> Callable:
     """``compiled`` with inductor's ``freezing`` on whenever it runs (and so whenever it traces a new shape): the
     setting is read while dynamo traces, outside the reach of ``torch.compile``'s ``options``, and is not left on
-    for the rest of the process."""
+    for the rest of the process.  With ``few_rows``, its linears trace as :class:`FewRowLinears` writes them."""
     from torch._inductor import config as inductor_config
 
     def call(*args, **kwargs):
         before = inductor_config.freezing
         inductor_config.freezing = True
         try:
-            return compiled(*args, **kwargs)
+            with FewRowLinears() if few_rows else contextlib.nullcontext():
+                return compiled(*args, **kwargs)
         finally:
             inductor_config.freezing = before
 
     return call
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linears of a few rows as fused reductions
+# --------------------------------------------------------------------------------------------------------------
+
+# Rows up to which a decode step's bfloat16 / int8 linears read their weights through reductions: a decode step's
+# batch times its guidance branches (2 for one image with CFG, 8 for four)
+FEW_ROWS = 8
+
+
+class FewRowLinears(TorchFunctionMode):
+    """Traces ``F.linear`` with bfloat16 / float16 weights or torchao's int8 weight-only ``Int8Tensor``, of inputs
+    with at most :data:`FEW_ROWS` rows and static shapes, as one float32 reduction per output row,
+    ``y[m, n] = sum_k x[m, k] w[n, k]`` (rows unrolled), so that inductor emits one vectorised loop that reads the
+    weight once as stored: bfloat16 as bfloat16, int8 as its int8 values and per-row scales.  The ATen kernels it
+    replaces read bfloat16 no faster than float32 on a CPU, and inductor's freezing folds a plain dequantisation of
+    int8 constants into float32 matrices, read at four times the bytes.  float32 weights keep the GEMM, which reads
+    them at the machine's rate (``benchmarks/bench_gemm.py``).  Only entered around compiled CPU token steps (see
+    :func:`compile_static_step`); eager calls keep ``F.linear``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            stored_narrow = hasattr(weight, "qdata") or weight.dtype in (torch.bfloat16, torch.float16)
+            if stored_narrow and isinstance(rows, int) and 0 < rows <= FEW_ROWS and not torch.is_grad_enabled():
+                return _reduction_linear(x, weight, bias, rows)
+        return func(*args, **kwargs)
+
+
+def _reduction_linear(x: torch.Tensor, weight: torch.Tensor, bias, rows: int) -> torch.Tensor:
+    qdata = getattr(weight, "qdata", None)  # torchao's Int8Tensor: int8 (N, K) values, (N, 1) scales
+    if qdata is not None:
+        # dequantised inside the reduction's loop; inductor's freezing never folds this operator into a float32
+        # constant (it would fold a plain conversion)
+        from torch.ao.quantization.fx import _decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+
+        scale = weight.scale.reshape(-1).float()
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        weight = torch.ops.quantized_decomposed.dequantize_per_channel(qdata, scale, zero, 0, -128, 127, torch.int8)
+    # (M, K) as a buffer of its own: inductor would otherwise inline the input's producers (a norm, a GELU) into
+    # the reduction and recompute them for every output row
+    from torch._inductor.inductor_prims import force_stride_order
+
+    flat = force_stride_order(x.reshape(rows, x.shape[-1]).float(), (x.shape[-1], 1))
+    out = torch.stack([(flat[m] * weight).sum(-1) for m in range(rows)])  # (M, N), one pass over the weight
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 # --------------------------------------------------------------------------------------------------------------
