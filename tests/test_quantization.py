@@ -112,12 +112,12 @@ def test_compiled_token_steps_read_few_row_linears_as_stored(weights, monkeypatc
     """A compiled CPU token step traces the bfloat16 and int8 linears of a few rows as reductions over the weight as
     stored: the frozen constants keep the layer's dtype (torchao's int8 values, not the float32 matrix inductor's
     freezing would fold their dequantisation into), no GEMM call is left, and the output is the eager layer's.
-    float32 layers, and layers at more rows than ``FEW_ROWS``, keep the GEMM."""
+    float32 layers, and layers at more rows than ``REDUCTION_ROWS`` gives their dtype, keep the GEMM."""
     import re
 
     from torch._inductor.utils import run_and_get_code
 
-    from diffusers_starflow2.utils.compile_utils import FEW_ROWS, compile_static_step
+    from diffusers_starflow2.utils.compile_utils import REDUCTION_ROWS, compile_static_step
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled here, not found in a cache
     torch.manual_seed(0)
@@ -128,7 +128,8 @@ def test_compiled_token_steps_read_few_row_linears_as_stored(weights, monkeypatc
 
         quantize_(mlp, int8_weight_only_config())
     stored = torch.int8 if weights == "int8" else dtype
-    for rows in (2, FEW_ROWS, FEW_ROWS + 1):
+    limit = REDUCTION_ROWS.get(stored, 0)
+    for rows in sorted({2, max(limit, 2), limit + 1}):  # float32 (no reductions): rows 1 and 2
         x = torch.randn(rows, 64, dtype=dtype)
         step = compile_static_step(mlp.forward, None, False)
         with torch.no_grad():
@@ -138,7 +139,7 @@ def test_compiled_token_steps_read_few_row_linears_as_stored(weights, monkeypatc
         assert (out.float() - expected.float()).abs().max() <= tol * expected.float().abs().max()
         matrices = re.findall(r"_frozen_param\d+ device\(type='cpu'\) (torch\.\w+) \((?:96, 64|32, 96)\)", code)
         calls_gemm = "_mm_out" in code or "addmm" in code
-        if weights != "float32" and rows <= FEW_ROWS:
+        if rows <= limit:
             assert matrices == [str(stored)] * 2 and not calls_gemm, (matrices, rows)
         else:
             assert calls_gemm, rows

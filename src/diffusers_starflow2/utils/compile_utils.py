@@ -116,20 +116,21 @@ def _with_frozen_weights(compiled: Callable, few_rows: bool) -> Callable:
 # Linears of a few rows as fused reductions
 # --------------------------------------------------------------------------------------------------------------
 
-# Rows up to which a decode step's bfloat16 / int8 linears read their weights through reductions: a decode step's
-# batch times its guidance branches (2 for one image with CFG, 8 for four)
-FEW_ROWS = 8
+# Rows (a decode step's batch times its guidance branches: 2 for one image with CFG) up to which a stored weight
+# dtype reads through reductions.  Measured (one thread, a chain of the mid model's layers): bfloat16 reductions beat
+# its GEMM at 2 rows, tie at 4 and lose at 8; int8 reductions beat the GEMM over the dequantised float32 weights at
+# 2 to 8 rows.  float32 keeps the GEMM, which reads it at the machine's rate.
+REDUCTION_ROWS = {torch.bfloat16: 4, torch.int8: 8}
 
 
 class FewRowLinears(TorchFunctionMode):
-    """Traces ``F.linear`` with bfloat16 / float16 weights or torchao's int8 weight-only ``Int8Tensor``, of inputs
-    with at most :data:`FEW_ROWS` rows and static shapes, as one float32 reduction per output row,
-    ``y[m, n] = sum_k x[m, k] w[n, k]`` (rows unrolled), so that inductor emits one vectorised loop that reads the
-    weight once as stored: bfloat16 as bfloat16, int8 as its int8 values and per-row scales.  The ATen kernels it
-    replaces read bfloat16 no faster than float32 on a CPU, and inductor's freezing folds a plain dequantisation of
-    int8 constants into float32 matrices, read at four times the bytes.  float32 weights keep the GEMM, which reads
-    them at the machine's rate (``benchmarks/bench_gemm.py``).  Only entered around compiled CPU token steps (see
-    :func:`compile_static_step`); eager calls keep ``F.linear``."""
+    """Traces ``F.linear`` with bfloat16 weights or torchao's int8 weight-only ``Int8Tensor``, of inputs with static
+    shapes and at most :data:`REDUCTION_ROWS` rows for the weight's stored dtype, as one float32 reduction per output
+    row, ``y[m, n] = sum_k x[m, k] w[n, k]`` (rows unrolled), so that inductor emits one vectorised loop that reads
+    the weight once as stored: bfloat16 as bfloat16, int8 as its int8 values and per-row scales.  The ATen kernels
+    it replaces read bfloat16 no faster than float32 on a CPU, and inductor's freezing folds a plain dequantisation
+    of int8 constants into float32 matrices, read at four times the bytes.  Only entered around compiled CPU token
+    steps (see :func:`compile_static_step`); eager calls keep ``F.linear``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -137,8 +138,8 @@ class FewRowLinears(TorchFunctionMode):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            stored_narrow = hasattr(weight, "qdata") or weight.dtype in (torch.bfloat16, torch.float16)
-            if stored_narrow and isinstance(rows, int) and 0 < rows <= FEW_ROWS and not torch.is_grad_enabled():
+            stored = weight.qdata.dtype if hasattr(weight, "qdata") else weight.dtype
+            if isinstance(rows, int) and 0 < rows <= REDUCTION_ROWS.get(stored, 0) and not torch.is_grad_enabled():
                 return _reduction_linear(x, weight, bias, rows)
         return func(*args, **kwargs)
 
