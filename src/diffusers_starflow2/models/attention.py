@@ -35,8 +35,13 @@ def cached_attention(
     ``attn_mask`` broadcastable to ``(R, Q, S)`` (None: every slot); returns ``(R, Q, D)``.
 
     Written out: for a few queries over a short cache, two matrix products and a softmax cost less than the fused
-    kernels, which tile for long query blocks.
+    kernels, which tile for long query blocks.  On a CPU, lower-precision caches are attended in float32 (returned
+    in their dtype): the CPU's bfloat16 ``bmm`` at these sizes is ~3x slower than the casts and the float32 products
+    together (``benchmarks/bench_pipeline.py --weights bfloat16 --compile``).
     """
+    if q.dtype != torch.float32 and q.device.type == "cpu":
+        mask = attn_mask.float() if attn_mask is not None else None
+        return cached_attention(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     keys_t = keys.transpose(1, 2)  # (R, D, S)
     scores = torch.bmm(q, keys_t) if attn_mask is None else torch.baddbmm(attn_mask, q, keys_t)  # (R, Q, S)
     return torch.bmm(scores.softmax(-1, dtype=torch.float32).to(values.dtype), values)
@@ -62,14 +67,7 @@ def _cached_attention_op(
 ) -> torch.Tensor:
     n = int(filled)
     attn_mask = attn_mask[..., :n] if attn_mask is not None else None
-    keys, values = keys[:, :n], values[:, :n]
-    if q.dtype != torch.float32 and q.device.type == "cpu":
-        # bfloat16 caches attended in float32: the CPU's bfloat16 bmm at these sizes is ~3x slower than the casts
-        # and float32 products together (benchmarks/bench_pipeline.py --weights bfloat16 --compile)
-        mask = attn_mask.float() if attn_mask is not None else None
-        out = cached_attention(q.float(), keys.float(), values.float(), mask)
-        return out.to(q.dtype)
-    return cached_attention(q, keys, values, attn_mask)  # a new tensor: no input is aliased
+    return cached_attention(q, keys[:, :n], values[:, :n], attn_mask)  # a new tensor: no input is aliased
 
 
 @torch.library.register_fake("diffusers_starflow2::cached_attention")
