@@ -64,12 +64,11 @@ def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: b
             # tensors and would recompile every graph in every process (see load_compile_cache)
             options["cpp.weight_prepack"] = False
         compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
+        # FewRowLinears around CPU token steps whose weights stay unpacked
+        cpu_unpacked = device.type == "cpu" and not compile_kwargs["options"]["cpp.weight_prepack"]
+        few_rows = cpu_unpacked and not dynamic_shapes
     compiled = torch.compile(_with_own_code(method), **compile_kwargs)
-    if not frozen:
-        return compiled
-    # FewRowLinears: CPU token steps whose weights stay unpacked
-    unpacked = not compile_kwargs["options"].get("cpp.weight_prepack")
-    return _with_frozen_weights(compiled, few_rows=device.type == "cpu" and not dynamic_shapes and unpacked)
+    return _with_frozen_weights(compiled, few_rows) if frozen else compiled
 
 
 def _with_own_code(method: Callable) -> Callable:
