@@ -212,7 +212,7 @@ def test_cached_attention_operator(num_kv_heads, masked):
     """The decode attention (query heads sharing a key head stacked as rows) equals the fused kernel, grouped-query
     heads and masks included; the registered operator passes torch's operator checks (schema, fake tensor,
     aliasing) and reads the buffers only up to ``filled``."""
-    from diffusers_starflow2.models.attention import cached_attention
+    from diffusers_starflow2.models.attention import _cached_attention_op, cached_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, T, S, D = 3, 4, 2, 9, 16
@@ -230,9 +230,10 @@ def test_cached_attention_operator(num_kv_heads, masked):
     out = cached_attention(*rows, rows_mask)
     assert (out.view(B, H, T, D) - expected).abs().max() <= 1e-5
 
-    op = torch.ops.diffusers_starflow2.cached_attention
-    torch.library.opcheck(op, (*rows, rows_mask, torch.tensor(S)))
-    # a compiled step's buffers are longer than the filled slots: `filled` cuts them, as a view of the slots would
+    torch.library.opcheck(torch.ops.diffusers_starflow2.cached_attention, (*rows, rows_mask, torch.tensor(S)))
+    # the operator's Python body (its CPU kernel is tested below): a compiled step's buffers are longer than the
+    # filled slots, and `filled` cuts them, as a view of the slots would
+    op = _cached_attention_op
     longer = [torch.cat([t, torch.randn(t.shape[0], 5, D, generator=g)], dim=1) for t in rows[1:]]
     longer_mask = torch.cat([rows_mask, torch.zeros(B * num_kv_heads, G * T, 5)], dim=-1) if masked else None
     assert torch.equal(op(rows[0], *longer, longer_mask, torch.tensor(S)), out)
@@ -242,6 +243,62 @@ def test_cached_attention_operator(num_kv_heads, masked):
     assert out_low.dtype == torch.bfloat16
     exact = cached_attention(low[0].float(), low[1][:, :S].float(), low[2][:, :S].float(), rows_mask)
     assert torch.equal(out_low, exact.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("queries, mask_layout", [(1, None), (2, "shared"), (6, "per row")])
+def test_cpu_kernel_of_cached_attention_equals_its_python_body(dtype, queries, mask_layout):
+    """The C++ CPU kernel that compiled CPU steps load (``utils/cpu_kernels.py``) gives the operator's Python body:
+    float32 to 1e-6, lower-precision caches (read as stored, accumulated in float32) to one rounding of the float32
+    result, other dtypes through the same ATen arithmetic; over longer buffers cut at ``filled``, a shared ``(Q, S)``
+    or a per-row mask with ``-inf`` slots, strided rows, one and two threads; a NaN in a row's query, keys or values
+    makes that row's output non-finite and leaves the others finite, as in the Python body."""
+    from diffusers_starflow2.models.attention import _cached_attention_op
+    from diffusers_starflow2.utils.cpu_kernels import load_cpu_kernels
+
+    assert load_cpu_kernels()  # this machine has the compiler inductor needs
+    op = torch.ops.diffusers_starflow2.cached_attention
+    g = torch.Generator().manual_seed(0)
+    R, S, D, filled = 6, 40, 64, torch.tensor(29)
+    q = (torch.randn(R, queries, D, generator=g) / 8).to(dtype)
+    # rows of a longer (R, S + 3, D) buffer: strided between rows, each row contiguous
+    keys, values = torch.randn(2, R, S + 3, D, generator=g)[:, :, :S].to(dtype)
+    mask = None
+    if mask_layout is not None:
+        mask = torch.zeros((R, queries, S) if mask_layout == "per row" else (queries, S))
+        mask[..., 3] = float("-inf")
+        mask[..., 11:17] = torch.randn(mask[..., 11:17].shape, generator=g)
+        mask = mask.to(dtype)
+    expected = _cached_attention_op(q, keys, values, mask, filled)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            out = op(q, keys, values, mask, filled)
+        finally:
+            torch.set_num_threads(1)
+        assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+        if dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+        else:  # both round a float32 result (equal to 1e-6, the float32 bound) once
+            ulp = expected.float().abs() * (2**-7 if dtype == torch.bfloat16 else 2**-10)
+            assert ((out.float() - expected.float()).abs() <= ulp + 1e-6).all()
+    for which in range(3):
+        broken = [t.clone() for t in (q, keys, values)]
+        broken[which][1, 0, 5] = float("nan")
+        out = op(*broken, mask, filled)
+        assert not torch.isfinite(out[1]).all() and torch.isfinite(out[[0, 2, 3, 4, 5]]).all()
+
+
+def test_compiled_cpu_steps_load_the_cpu_kernels(model, monkeypatch):
+    """Compiling a CPU decode step loads the package's C++ kernels (the attention operator its graphs call)."""
+    import copy
+
+    from diffusers_starflow2.utils import compile_utils
+
+    calls = []
+    monkeypatch.setattr(compile_utils, "load_cpu_kernels", lambda: calls.append("loaded") or True)
+    copy.deepcopy(model).compile_decode_step(mode=None)
+    assert calls
 
 
 def test_inductor_compiled_decode_step_equals_eager_decoding(model, inputs):

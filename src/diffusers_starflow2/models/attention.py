@@ -52,7 +52,9 @@ def cached_attention(
 # decode sizes).  The graph's buffers have a fixed size; ``filled`` (a 0-dim int64 CPU tensor, so that it never
 # specialises the graph) cuts them to the slots written so far, which is all a query may see: the cache is read no
 # further than it is full.  Defined with the plain operator registry rather than ``torch.library.custom_op``, whose
-# autograd wrapper adds several microseconds to every call; decoding never needs gradients.
+# autograd wrapper adds several microseconds to every call; decoding never needs gradients.  The Python body below
+# is the reference; compiled CPU steps load a C++ kernel for CPU tensors (``cached_attention_cpu.cpp``, built by
+# ``utils/cpu_kernels.py``), which reads the filled slots once, bfloat16 as stored, with no Python in the call.
 _LIBRARY = torch.library.Library("diffusers_starflow2", "DEF")
 _LIBRARY.define("cached_attention(Tensor q, Tensor keys, Tensor values, Tensor? attn_mask, Tensor filled) -> Tensor")
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .cpu_kernels import load_cpu_kernels
 from .io import PathLike, atomic_write_file
 
 
@@ -60,6 +61,7 @@ def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: b
         if device.type == "cpu":  # no CUDA graphs; kernels called from C++, not Python
             options.pop("triton.cudagraphs", None)
             options["cpp_wrapper"] = True
+            load_cpu_kernels()  # the package's operators in the graphs (the cached attention) run in C++ too
             # weights frozen as they are, not repacked by oneDNN: inductor's FX graph cache cannot pickle oneDNN
             # tensors and would recompile every graph in every process (see load_compile_cache)
             options["cpp.weight_prepack"] = False
