@@ -246,11 +246,12 @@ def test_cached_attention_operator(num_kv_heads, masked):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("queries, mask_layout", [(1, None), (2, "shared"), (6, "per row")])
+@pytest.mark.parametrize("queries, mask_layout", [(1, None), (2, "shared"), (4, "per row"), (6, "per row")])
 def test_cpu_kernel_of_cached_attention_equals_its_python_body(dtype, queries, mask_layout):
     """The C++ CPU kernel that compiled CPU steps load (``utils/cpu_kernels.py``) gives the operator's Python body:
     float32 to 1e-6, lower-precision caches (read as stored, accumulated in float32) to one rounding of the float32
-    result, other dtypes through the same ATen arithmetic; over longer buffers cut at ``filled``, a shared ``(Q, S)``
+    result, more queries per row and other dtypes through the same ATen arithmetic; over longer buffers cut at
+    ``filled``, a shared ``(Q, S)``
     or a per-row mask with ``-inf`` slots, strided rows, one and two threads; a NaN in a row's query, keys or values
     makes that row's output non-finite and leaves the others finite, as in the Python body."""
     from diffusers_starflow2.models.attention import _cached_attention_op

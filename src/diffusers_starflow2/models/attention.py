@@ -39,7 +39,7 @@ def cached_attention(
     in their dtype): the CPU's bfloat16 ``bmm`` at these sizes is ~3x slower than the casts and the float32 products
     together (``benchmarks/bench_pipeline.py --weights bfloat16 --compile``).
     """
-    if q.dtype != torch.float32 and q.device.type == "cpu":
+    if q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
         mask = attn_mask.float() if attn_mask is not None else None
         return cached_attention(q.float(), keys.float(), values.float(), mask).to(q.dtype)
     keys_t = keys.transpose(1, 2)  # (R, D, S)
