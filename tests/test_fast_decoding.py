@@ -250,39 +250,40 @@ def test_cached_attention_operator(num_kv_heads, masked):
 def test_cpu_kernel_of_cached_attention_equals_its_python_body(dtype, queries, mask_layout):
     """The C++ CPU kernel that compiled CPU steps load (``utils/cpu_kernels.py``) gives the operator's Python body:
     float32 to 1e-6, lower-precision caches (read as stored, accumulated in float32) to one rounding of the float32
-    result, more queries per row and other dtypes through the same ATen arithmetic; over longer buffers cut at
-    ``filled``, a shared ``(Q, S)``
-    or a per-row mask with ``-inf`` slots, strided rows, one and two threads; a NaN in a row's query, keys or values
-    makes that row's output non-finite and leaves the others finite, as in the Python body."""
+    result, more queries per row and other dtypes through the same ATen arithmetic; head sizes of 64, 128 (compiled
+    for) and others, over longer buffers cut at ``filled`` (not a multiple of the kernel's four keys per step), a
+    shared ``(Q, S)`` or a per-row mask with ``-inf`` slots, strided rows, one and two threads; a NaN in a row's
+    query, keys or values makes that row's output non-finite and leaves the others finite, as in the Python body."""
     from diffusers_starflow2.models.attention import _cached_attention_op
     from diffusers_starflow2.utils.cpu_kernels import load_cpu_kernels
 
     assert load_cpu_kernels()  # this machine has the compiler inductor needs
     op = torch.ops.diffusers_starflow2.cached_attention
     g = torch.Generator().manual_seed(0)
-    R, S, D, filled = 6, 40, 64, torch.tensor(29)
-    q = (torch.randn(R, queries, D, generator=g) / 8).to(dtype)
-    # rows of a longer (R, S + 3, D) buffer: strided between rows, each row contiguous
-    keys, values = torch.randn(2, R, S + 3, D, generator=g)[:, :, :S].to(dtype)
-    mask = None
-    if mask_layout is not None:
-        mask = torch.zeros((R, queries, S) if mask_layout == "per row" else (queries, S))
-        mask[..., 3] = float("-inf")
-        mask[..., 11:17] = torch.randn(mask[..., 11:17].shape, generator=g)
-        mask = mask.to(dtype)
-    expected = _cached_attention_op(q, keys, values, mask, filled)
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        try:
-            out = op(q, keys, values, mask, filled)
-        finally:
-            torch.set_num_threads(1)
-        assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
-        if dtype in (torch.float32, torch.float64):
-            torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
-        else:  # both round a float32 result (equal to 1e-6, the float32 bound) once
-            ulp = expected.float().abs() * (2**-7 if dtype == torch.bfloat16 else 2**-10)
-            assert ((out.float() - expected.float()).abs() <= ulp + 1e-6).all()
+    R, S, filled = 6, 40, torch.tensor(29)
+    for D in (64, 128, 48):
+        q = (torch.randn(R, queries, D, generator=g) / 8).to(dtype)
+        # rows of a longer (R, S + 3, D) buffer: strided between rows, each row contiguous
+        keys, values = torch.randn(2, R, S + 3, D, generator=g)[:, :, :S].to(dtype)
+        mask = None
+        if mask_layout is not None:
+            mask = torch.zeros((R, queries, S) if mask_layout == "per row" else (queries, S))
+            mask[..., 3] = float("-inf")
+            mask[..., 11:17] = torch.randn(mask[..., 11:17].shape, generator=g)
+            mask = mask.to(dtype)
+        expected = _cached_attention_op(q, keys, values, mask, filled)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                out = op(q, keys, values, mask, filled)
+            finally:
+                torch.set_num_threads(1)
+            assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+            if dtype in (torch.float32, torch.float64):
+                torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+            else:  # both round a float32 result (equal to 1e-6, the float32 bound) once
+                ulp = expected.float().abs() * (2**-7 if dtype == torch.bfloat16 else 2**-10)
+                assert ((out.float() - expected.float()).abs() <= ulp + 1e-6).all()
     for which in range(3):
         broken = [t.clone() for t in (q, keys, values)]
         broken[which][1, 0, 5] = float("nan")

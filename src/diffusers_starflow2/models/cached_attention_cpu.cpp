@@ -21,10 +21,13 @@ namespace {
 // and exp of it is 0 all the same.
 constexpr float kMasked = -FLT_MAX / 2;
 
-template <typename T>
+// One row r at a time (parallel over rows): scores of each query over the filled keys, four keys per step (four
+// independent dot products keep the vector units busy and amortise the reductions), the keys a few steps ahead
+// prefetched; softmax; then each value row read once for all queries.  DC: the head size at compile time (0: any).
+template <typename T, int64_t DC>
 void attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor* mask,
             int64_t filled, at::Tensor& out) {
-  const int64_t R = q.size(0), Q = q.size(1), D = q.size(2);
+  const int64_t R = q.size(0), Q = q.size(1), D = DC ? DC : q.size(2);
   const T* qp = q.const_data_ptr<T>();
   const T* kp = keys.const_data_ptr<T>();
   const T* vp = values.const_data_ptr<T>();
@@ -39,32 +42,48 @@ void attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t i = 0; i < Q; ++i)
         for (int64_t d = 0; d < D; ++d) qf[i * D + d] = static_cast<float>(qp[r * qr + i * qq + d]);
-      // scores (Q, filled): each key row read once for all queries
-      for (int64_t s = 0; s < filled; ++s) {
-        const T* key = kp + r * kr + s * ks;
-        for (int64_t i = 0; i < Q; ++i) {
-          const float* qi = qf.data() + i * D;
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qi[d] * static_cast<float>(key[d]);
-          const float m = mp ? std::max(mp[r * mr + i * mq + s * ms], kMasked) : 0.f;
-          scores[i * filled + s] = dot + m;
+      const T* key_row = kp + r * kr;
+      for (int64_t i = 0; i < Q; ++i) {
+        const float* qi = qf.data() + i * D;
+        float* sc = scores.data() + i * filled;  // (filled,)
+        int64_t s = 0;
+        for (; s + 4 <= filled; s += 4) {
+          const T* k0 = key_row + s * ks;
+          const T *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
+          for (int64_t ahead = 8; ahead < 12; ++ahead) __builtin_prefetch(k0 + ahead * ks);
+          float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+          for (int64_t d = 0; d < D; ++d) {
+            const float x = qi[d];
+            a0 += x * static_cast<float>(k0[d]);
+            a1 += x * static_cast<float>(k1[d]);
+            a2 += x * static_cast<float>(k2[d]);
+            a3 += x * static_cast<float>(k3[d]);
+          }
+          sc[s] = a0, sc[s + 1] = a1, sc[s + 2] = a2, sc[s + 3] = a3;
         }
-      }
-      for (int64_t i = 0; i < Q; ++i) {  // softmax over the filled slots
-        float* sc = scores.data() + i * filled;
-        float top = kMasked;
-        for (int64_t s = 0; s < filled; ++s) top = std::max(top, sc[s]);
+        for (; s < filled; ++s) {
+          const T* k0 = key_row + s * ks;
+          float a0 = 0.f;
+          for (int64_t d = 0; d < D; ++d) a0 += qi[d] * static_cast<float>(k0[d]);
+          sc[s] = a0;
+        }
+        if (mp)
+          for (s = 0; s < filled; ++s) sc[s] += std::max(mp[r * mr + i * mq + s * ms], kMasked);
+        float top = kMasked;  // softmax over the filled slots
+        for (s = 0; s < filled; ++s) top = std::max(top, sc[s]);
         float sum = 0.f;
-        for (int64_t s = 0; s < filled; ++s) {
+        for (s = 0; s < filled; ++s) {
           sc[s] = std::exp(sc[s] - top);
           sum += sc[s];
         }
         const float inv = 1.f / sum;
-        for (int64_t s = 0; s < filled; ++s) sc[s] *= inv;
+        for (s = 0; s < filled; ++s) sc[s] *= inv;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);  // outputs (Q, D): each value row read once for all queries
+      std::fill(acc.begin(), acc.end(), 0.f);  // outputs (Q, D)
+      const T* value_row = vp + r * vr;
       for (int64_t s = 0; s < filled; ++s) {
-        const T* value = vp + r * vr + s * vs;
+        const T* value = value_row + s * vs;
+        __builtin_prefetch(value + 8 * vs);
         for (int64_t i = 0; i < Q; ++i) {
           const float p = scores[i * filled + s];
           float* a = acc.data() + i * D;
@@ -75,6 +94,17 @@ void attend(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& value
         for (int64_t d = 0; d < D; ++d) op[(r * Q + i) * D + d] = static_cast<T>(acc[i * D + d]);
     }
   });
+}
+
+template <typename T>
+void attend_any_head_size(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                          const at::Tensor* mask, int64_t filled, at::Tensor& out) {
+  if (q.size(2) == 64)
+    attend<T, 64>(q, keys, values, mask, filled, out);
+  else if (q.size(2) == 128)
+    attend<T, 128>(q, keys, values, mask, filled, out);
+  else
+    attend<T, 0>(q, keys, values, mask, filled, out);
 }
 
 // q (R, Q, D), keys / values (R, S, D), attn_mask broadcastable to (R, Q, >= filled) or None, filled a 0-dim int64
@@ -105,11 +135,11 @@ at::Tensor cached_attention_cpu(const at::Tensor& q, const at::Tensor& keys, con
   auto out = at::empty(q.sizes(), q.options());
   const at::Tensor* m = attn_mask.has_value() ? &mask : nullptr;
   if (dtype == at::kFloat)
-    attend<float>(qc, kc, vc, m, n, out);
+    attend_any_head_size<float>(qc, kc, vc, m, n, out);
   else if (dtype == at::kBFloat16)
-    attend<c10::BFloat16>(qc, kc, vc, m, n, out);
+    attend_any_head_size<c10::BFloat16>(qc, kc, vc, m, n, out);
   else
-    attend<c10::Half>(qc, kc, vc, m, n, out);
+    attend_any_head_size<c10::Half>(qc, kc, vc, m, n, out);
   return out;
 }
 
