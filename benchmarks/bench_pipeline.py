@@ -228,7 +228,7 @@ def worker(args: argparse.Namespace) -> None:
         call(0, 1)
     results = {}
     for steps in args.steps:
-        wall, cpu, peaks, eager_cpu, diffs = [], [], [], [], []
+        wall, cpu, peaks, eager_cpu, diffs, probes = [], [], [], [], [], []
         for seed in range(args.repeats):
             gc.collect()
             reset_ok = reset_peak()
@@ -238,6 +238,7 @@ def worker(args: argparse.Namespace) -> None:
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
             peaks.append(peak_kb(reset_ok))
+            probes.append(read_bandwidth(args.threads, args.device))  # the machine's rate at the moment of the call
             if eager is not None:  # the same call with the eager transformer, right after
                 compiled, pipe.transformer = pipe.transformer, eager
                 start_cpu = time.process_time()
@@ -252,6 +253,7 @@ def worker(args: argparse.Namespace) -> None:
             delta_mb=(max(peaks) - built) / 1024,
             per_call_peak=reset_ok,
             eager_cpu_seconds=statistics.median(eager_cpu) if eager_cpu else None,
+            bandwidth=statistics.median(probes),
             max_diff=max(diffs) if diffs else None,
         )
     latent_diff = None
@@ -568,13 +570,15 @@ def main(argv=None) -> None:
     print(
         f"\nWeight reads (as stored: float32, bfloat16 or int8 plus scales) against the read bandwidth of "
         f"{args.threads} thread(s) ({args.device}), {bandwidth:.1f} GB/s (torch.sum over 256 MB or 1 GB): the floor "
-        "of an image bound by reading weights (a batch shares each read)\n"
+        "of an image bound by reading weights (a batch shares each read); on a shared machine whose rate moves, the "
+        "last columns put each image beside the floor at the rate probed right after each of its timed calls\n"
     )
     print(
         "| config | pipeline | weights | batch | CFG | weights read per position (MB) | per image (GB) | "
-        "floor (s/image) | s/image (wall) / floor | CPU s/image / floor |"
+        "floor (s/image) | s/image (wall) / floor | CPU s/image / floor | probe at the calls (GB/s) | "
+        "CPU s/image / floor at the calls |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         w, B = r["weight_bytes"], r["batch"]
         floor = w["per_image"] / 1e9 / bandwidth / B
@@ -582,7 +586,8 @@ def main(argv=None) -> None:
         print(
             f"| {r['config']} | {r['pipeline']} | {r['weights']} | {B} | {'on' if r['guidance'] > 0 else 'off'} | "
             f"{w['per_position'] / 1e6:.1f} | {w['per_image'] / 1e9 / B:.2f} | {floor:.2f} | "
-            f"{first['seconds'] / B / floor:.2f}x | {first['cpu_seconds'] / B / floor:.2f}x |"
+            f"{first['seconds'] / B / floor:.2f}x | {first['cpu_seconds'] / B / floor:.2f}x | "
+            f"{first['bandwidth']:.1f} | {first['cpu_seconds'] / B / (floor * bandwidth / first['bandwidth']):.2f}x |"
         )
     quality = [r for r in rows if r.get("latent_diff") is not None]
     if quality:
