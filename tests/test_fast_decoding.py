@@ -291,6 +291,23 @@ def test_cpu_kernel_of_cached_attention_equals_its_python_body(dtype, queries, m
         assert not torch.isfinite(out[1]).all() and torch.isfinite(out[[0, 2, 3, 4, 5]]).all()
 
 
+def test_cpu_kernels_that_cannot_be_built_leave_the_python_body(monkeypatch):
+    """A machine whose compiler fails keeps the operator's Python body: the loader warns with the reason and says
+    it did not load (the compiled steps then call the Python body, as before the kernel existed)."""
+    import torch.utils.cpp_extension
+
+    from diffusers_starflow2.utils import cpu_kernels
+
+    def no_compiler(**kwargs):
+        raise OSError("c++: command not found")
+
+    warnings = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cpu_kernels.logger, "warning", warnings.append)
+    assert cpu_kernels.load_cpu_kernels.__wrapped__() is False  # the uncached body: a fresh attempt
+    assert len(warnings) == 1 and "c++: command not found" in warnings[0]
+
+
 def test_compiled_cpu_steps_load_the_cpu_kernels(model, monkeypatch):
     """Compiling a CPU decode step loads the package's C++ kernels (the attention operator its graphs call)."""
     import copy
