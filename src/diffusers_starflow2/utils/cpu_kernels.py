@@ -8,9 +8,9 @@ registry beside the operators' Python implementations, which they replace on CPU
 Compiled CPU decode steps load them (:func:`~diffusers_starflow2.utils.compile_utils.compile_static_step`); eager
 decoding never calls the operators.  The build uses the vector instructions and macros inductor picks for its own
 kernels on this CPU and lands in torch's extension folder (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), under a name per instruction set: the first process on a machine compiles (about
-10 s), later ones load the library.  Where the build fails (no C++ compiler; inductor needs one too), the operators
-keep their Python implementations and a warning says why.
+``~/.cache/torch_extensions``), under a name per instruction set: the first process on a machine compiles (10–20 s
+on the 2-core CI machine), later ones load the library (about a second).  Where the build fails (no C++ compiler;
+inductor needs one too), the operators keep their Python implementations and a warning says why.
 """
 
 from __future__ import annotations
