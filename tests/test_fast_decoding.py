@@ -291,6 +291,50 @@ def test_cpu_kernel_of_cached_attention_equals_its_python_body(dtype, queries, m
         assert not torch.isfinite(out[1]).all() and torch.isfinite(out[[0, 2, 3, 4, 5]]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_of_few_row_linear_equals_its_python_body(dtype):
+    """The C++ CPU kernel of the few-row linear (``models/few_row_linear_cpu.cpp``) gives the operator's Python body,
+    ``F.linear``: float32 to float32 rounding of the sums, bfloat16 to one rounding of the float32 result; 1 to 8
+    rows (compiled for each) of inputs with leading dimensions and strides, widths that are not multiples of the
+    vector or of the four weight rows per step, with and without bias, one and two threads; more rows and mixed
+    dtypes go to ATen's linear; a NaN in a row of the input makes that row non-finite and leaves the others
+    finite."""
+    from diffusers_starflow2.utils.compile_utils import _few_row_linear_op
+    from diffusers_starflow2.utils.cpu_kernels import load_cpu_kernels
+
+    assert load_cpu_kernels()  # this machine has the compiler inductor needs
+    op = torch.ops.diffusers_starflow2.few_row_linear
+    g = torch.Generator().manual_seed(0)
+    for K, N in ((512, 96), (40, 10), (2048, 7)):
+        weight = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+        bias = torch.randn(N, generator=g).to(dtype)
+        for rows in range(1, 10):
+            # (rows, 1, K) rows of a wider buffer: strided, each row contiguous
+            x = torch.randn(rows, 1, K + 5, generator=g)[..., :K].to(dtype)
+            for b in (bias, None):
+                expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    try:
+                        out = op(x, weight, b)
+                    finally:
+                        torch.set_num_threads(1)
+                    assert out.dtype == dtype and out.shape == (rows, 1, N)
+                    if dtype == torch.float32:
+                        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+                    else:
+                        ulp = expected.abs() * 2**-7
+                        assert ((out.float() - expected).abs() <= ulp + 1e-5).all(), (K, N, rows)
+                    assert torch.equal(_few_row_linear_op(x, weight, b), F.linear(x, weight, b))
+    for call in (F.linear, op):  # a float64 input of this weight: ATen's answer (an error), as the Python body's
+        with pytest.raises(RuntimeError):
+            call(x.double(), weight, bias)
+    broken = torch.randn(3, K, generator=g).to(dtype)
+    broken[1, 5] = float("nan")
+    out = op(broken, weight, bias)
+    assert not torch.isfinite(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+
+
 def test_cpu_kernels_that_cannot_be_built_leave_the_python_body(monkeypatch):
     """A machine whose compiler fails keeps the operator's Python body: the loader warns with the reason and says
     it did not load (the compiled steps then call the Python body, as before the kernel existed)."""

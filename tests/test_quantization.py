@@ -109,10 +109,11 @@ def test_quantised_linears_are_never_repacked_as_float32():
 
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
 def test_compiled_token_steps_read_few_row_linears_as_stored(weights, monkeypatch, tmp_path):
-    """A compiled CPU token step traces the bfloat16 and int8 linears of a few rows as reductions over the weight as
-    stored: the frozen constants keep the layer's dtype (torchao's int8 values, not the float32 matrix inductor's
-    freezing would fold their dequantisation into), no GEMM call is left, and the output is the eager layer's.
-    float32 layers, and layers at more rows than ``REDUCTION_ROWS`` gives their dtype, keep the GEMM."""
+    """A compiled CPU token step traces the linears of a few rows as one pass over the weight as stored: float32 and
+    bfloat16 layers call the few-row operator, int8 layers become reductions; the frozen constants keep the layer's
+    dtype (torchao's int8 values, not the float32 matrix inductor's freezing would fold their dequantisation into),
+    no GEMM call is left, and the output is the eager layer's.  Layers at more rows than ``REDUCTION_ROWS`` gives
+    their dtype keep the GEMM."""
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -129,7 +130,7 @@ def test_compiled_token_steps_read_few_row_linears_as_stored(weights, monkeypatc
         quantize_(mlp, int8_weight_only_config())
     stored = torch.int8 if weights == "int8" else dtype
     limit = REDUCTION_ROWS.get(stored, 0)
-    for rows in sorted({2, max(limit, 2), limit + 1}):  # float32 (no reductions): rows 1 and 2
+    for rows in sorted({2, limit, limit + 1}):
         x = torch.randn(rows, 64, dtype=dtype)
         step = compile_static_step(mlp.forward, None, False)
         with torch.no_grad():
@@ -139,10 +140,12 @@ def test_compiled_token_steps_read_few_row_linears_as_stored(weights, monkeypatc
         assert (out.float() - expected.float()).abs().max() <= tol * expected.float().abs().max()
         matrices = re.findall(r"_frozen_param\d+ device\(type='cpu'\) (torch\.\w+) \((?:96, 64|32, 96)\)", code)
         calls_gemm = "_mm_out" in code or "addmm" in code
+        calls_operator = "diffusers_starflow2::few_row_linear" in code
         if rows <= limit:
             assert matrices == [str(stored)] * 2 and not calls_gemm, (matrices, rows)
+            assert calls_operator == (weights != "int8"), rows
         else:
-            assert calls_gemm, rows
+            assert calls_gemm and not calls_operator, rows
 
 
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])

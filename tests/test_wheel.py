@@ -54,6 +54,7 @@ def test_wheel_ships_the_package_tools_and_the_embedded_model(installed):
         "default_model/tokenizer/tokenizer.json",
         "configs/qwen2_5_vl_7b_instruct/config.json",
         "models/cached_attention_cpu.cpp",  # built on the user's machine by utils/cpu_kernels.py
+        "models/few_row_linear_cpu.cpp",
     ):
         assert f"diffusers_starflow2/{module}" in names, module
     # the shapes world that made the embedded model is an example, not part of the product

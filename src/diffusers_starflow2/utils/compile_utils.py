@@ -43,7 +43,7 @@ def compile_static_step(method: Callable, mode: Optional[str], dynamic_shapes: b
     stream step) as :meth:`AutoregressiveFlowBlock.compile_decode_step` describes it: a code object of its own,
     with inductor frozen weights, guards on parameter identities only, no stride checks, and on a CPU a C++ wrapper
     and the weights left unpacked, so that the graphs can be cached (on a GPU ``mode="max-autotune"`` records CUDA
-    graphs), and the bfloat16 / int8 linears of token steps traced as :class:`FewRowLinears` writes them.
+    graphs), and the float32 / bfloat16 / int8 linears of token steps traced as :class:`FewRowLinears` writes them.
     ``options={"cpp.weight_prepack": True}`` lets inductor repack the weights for oneDNN and its C++ GEMM
     template instead, which is faster on some CPUs, at the price of compiling again in every process.  A ``dynamic`` in
     ``compile_kwargs`` is overridden by ``dynamic_shapes``."""
@@ -118,20 +118,27 @@ def _with_frozen_weights(compiled: Callable, few_rows: bool) -> Callable:
 # --------------------------------------------------------------------------------------------------------------
 
 # Rows (a decode step's batch times its guidance branches: 2 for one image with CFG) up to which a stored weight
-# dtype reads through reductions.  Measured (one thread, a chain of the mid model's layers): bfloat16 reductions beat
-# its GEMM at 2 rows, tie at 4 and lose at 8; int8 reductions beat the GEMM over the dequantised float32 weights at
-# 2 to 8 rows.  float32 keeps the GEMM, which reads it at the machine's rate.
-REDUCTION_ROWS = {torch.bfloat16: 4, torch.int8: 8}
+# dtype reads through the few-row paths of FewRowLinears.  Measured (one thread, benchmarks/bench_gemm.py
+# --dependent): float32 and bfloat16 through the operator's C++ loop read at or above their GEMM's rate at 1 to 8
+# rows; int8 reductions beat the GEMM over the dequantised float32 weights at 2 to 8 rows.
+REDUCTION_ROWS = {torch.float32: 8, torch.bfloat16: 8, torch.int8: 8}
 
 
 class FewRowLinears(TorchFunctionMode):
-    """Traces ``F.linear`` with bfloat16 weights or torchao's int8 weight-only ``Int8Tensor``, of inputs with static
-    shapes and at most :data:`REDUCTION_ROWS` rows for the weight's stored dtype, as one float32 reduction per output
-    row, ``y[m, n] = sum_k x[m, k] w[n, k]`` (rows unrolled), so that inductor emits one vectorised loop that reads
-    the weight once as stored: bfloat16 as bfloat16, int8 as its int8 values and per-row scales.  The ATen kernels
-    it replaces read bfloat16 no faster than float32 on a CPU, and inductor's freezing folds a plain dequantisation
-    of int8 constants into float32 matrices, read at four times the bytes.  Only entered around compiled CPU token
-    steps (see :func:`compile_static_step`); eager calls keep ``F.linear``."""
+    """Traces ``F.linear`` of inputs with static shapes and at most :data:`REDUCTION_ROWS` rows for the weight's
+    stored dtype as a pass over the weight as stored:
+
+    * float32 and bfloat16 weights: the operator ``diffusers_starflow2::few_row_linear``, whose CPU kernel
+      (``models/few_row_linear_cpu.cpp``) reads every weight row once for all rows of the input (its Python body,
+      where the kernel could not be built, is ``F.linear``);
+    * torchao's int8 weight-only ``Int8Tensor``: one float32 reduction per output row, ``y[m, n] = sum_k x[m, k]
+      w[n, k]`` (rows unrolled), which inductor emits as one vectorised loop reading the int8 values and per-row
+      scales (inductor's freezing folds a plain dequantisation of int8 constants into float32 matrices, read at four
+      times the bytes).
+
+    In a step whose layers feed each other, the BLAS GEMMs read bfloat16 no faster than float32 at these sizes, and
+    inductor's own reductions of bfloat16 at about two thirds of the kernel's rate.  Only entered around compiled
+    CPU token steps (see :func:`compile_static_step`); eager calls keep ``F.linear``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -141,7 +148,10 @@ class FewRowLinears(TorchFunctionMode):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             stored = weight.qdata.dtype if hasattr(weight, "qdata") else weight.dtype
             if isinstance(rows, int) and 0 < rows <= REDUCTION_ROWS.get(stored, 0) and not torch.is_grad_enabled():
-                return _reduction_linear(x, weight, bias, rows)
+                if stored == torch.int8:
+                    return _reduction_linear(x, weight, bias, rows)
+                if x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype):
+                    return torch.ops.diffusers_starflow2.few_row_linear(x, weight, bias)
         return func(*args, **kwargs)
 
 
@@ -164,6 +174,22 @@ def _reduction_linear(x: torch.Tensor, weight: torch.Tensor, bias, rows: int) ->
     if bias is not None:
         out = out + bias
     return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+# The few-row linear as an operator: a C++ CPU kernel (built by utils/cpu_kernels.py) replaces this Python body for
+# CPU tensors once loaded; compiled graphs call it as an external kernel.
+_LIBRARY = torch.library.Library("diffusers_starflow2", "FRAGMENT")
+_LIBRARY.define("few_row_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
+@torch.library.impl(_LIBRARY, "few_row_linear", "CompositeExplicitAutograd")
+def _few_row_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+@torch.library.register_fake("diffusers_starflow2::few_row_linear")
+def _few_row_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 registry beside the operators' Python implementations, which they replace on CPU tensors.
 
 * ``diffusers_starflow2::cached_attention`` (defined in ``models/attention.py``): ``models/cached_attention_cpu.cpp``,
-  one pass over the filled cache slots accumulated in float32 (also for bfloat16 caches, read as stored).
+  one pass over the filled cache slots accumulated in float32 (also for bfloat16 caches, read as stored);
+* ``diffusers_starflow2::few_row_linear`` (defined in ``utils/compile_utils.py``): ``models/few_row_linear_cpu.cpp``,
+  the linears of a few rows, float32 or bfloat16 weights read once as stored.
 
 Compiled CPU decode steps load them (:func:`~diffusers_starflow2.utils.compile_utils.compile_static_step`); eager
 decoding never calls the operators.  The build uses the vector instructions and macros inductor picks for its own
@@ -24,7 +26,7 @@ from diffusers.utils import logging
 logger = logging.get_logger(__name__)
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = [os.path.join(_PACKAGE, "models", "cached_attention_cpu.cpp")]
+SOURCES = [os.path.join(_PACKAGE, "models", name) for name in ("cached_attention_cpu.cpp", "few_row_linear_cpu.cpp")]
 
 
 def _build_flags():
