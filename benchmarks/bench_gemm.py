@@ -10,8 +10,8 @@ is the rate at which the weights are read.  This script times a chain of linear 
   inductor's frozen weights, ``mode="max-autotune"``) with the weights as they are (``cpp.weight_prepack`` off, the
   default on a CPU: the graphs are kept by the FX graph cache), so up to ``REDUCTION_ROWS`` rows through the
   few-row operator (``compile_utils.FewRowLinears``);
-* ``compiled, inductor's reductions`` (bfloat16) / ``compiled, GEMM`` (float32): the same with the few-row
-  operator left out, what such a step ran before it;
+* ``compiled, without the few-row operator``: the same with the chain's linears traced as inductor's reductions
+  (bfloat16) or the GEMM (float32), what such a step ran before the operator;
 * ``compiled, packed``: the same with the weights repacked by oneDNN, so that autotuning may pick inductor's C++ GEMM
   template (``cpp.weight_prepack`` on: faster on some CPUs, not kept by the FX graph cache).
 
